@@ -1,0 +1,873 @@
+//! Configuration: `intragate.toml` plus the policy files in `policies/`.
+//!
+//! Every error names the file and the line, so `intragate check` can point an
+//! administrator at the mistake. Loading does I/O (reads files); everything it
+//! produces is plain data handed to the core.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::core::bans::BanConfig;
+use crate::core::policy::{GroupMatch, Policy, PolicySet};
+
+/// Where the daemon looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/intragate/intragate.toml";
+/// Default state directory (certificate, leases).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/intragate";
+
+/// A configuration error with its location.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// File the error is in.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// All errors found while loading (we report every one, not only the first).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---------------------------------------------------------------------------
+// Raw file format (serde). `deny_unknown_fields` so a typo is an error, not a
+// silently ignored setting.
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    gateway: RawGateway,
+    #[serde(default)]
+    network: RawNetwork,
+    #[serde(default)]
+    sessions: RawSessions,
+    #[serde(default)]
+    security: RawSecurity,
+    #[serde(default)]
+    pool: Vec<Spanned<RawPool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGateway {
+    listen: Option<Spanned<String>>,
+    domain: Option<Spanned<String>>,
+    state_dir: Option<String>,
+    users_file: Option<String>,
+    policies_dir: Option<String>,
+    dns_dir: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    tun_name: Option<Spanned<String>>,
+    mtu: Option<Spanned<u16>>,
+    ctl_socket: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNetwork {
+    internal: Option<Vec<Spanned<String>>>,
+    dns: Option<Vec<Spanned<String>>>,
+    client_to_client: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSessions {
+    max_per_user: Option<Spanned<u32>>,
+    dpd: Option<Spanned<u64>>,
+    keepalive: Option<Spanned<u64>>,
+    reconnect_window: Option<u64>,
+    max_sessions: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecurity {
+    ban_max_score: Option<u32>,
+    ban_wrong_password_points: Option<u32>,
+    ban_time: Option<u64>,
+    ban_reset_after: Option<u64>,
+    max_unauthenticated_per_ip: Option<usize>,
+    max_unauthenticated: Option<usize>,
+    handshake_timeout: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    name: Spanned<String>,
+    cidr: Spanned<String>,
+    quarantine: Option<u64>,
+    #[serde(default)]
+    exclude: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicyFile {
+    #[serde(default)]
+    policy: Vec<Spanned<RawPolicy>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    name: Spanned<String>,
+    #[serde(default)]
+    groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    users: Vec<Spanned<String>>,
+    pool: Option<Spanned<String>>,
+    client_to_client: Option<bool>,
+    routes: Option<Vec<Spanned<String>>>,
+    max_sessions_per_user: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------
+// Validated configuration.
+// ---------------------------------------------------------------------------
+
+/// One intranet IP pool as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSpec {
+    /// Name policies refer to.
+    pub name: String,
+    /// The CIDR handed out from.
+    pub cidr: IpNetwork,
+    /// How long a released address is kept from other users.
+    pub quarantine: Duration,
+    /// Addresses never handed out.
+    pub exclude: Vec<IpAddr>,
+}
+
+/// The validated configuration of a gateway.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (None: built-in defaults).
+    pub source: Option<PathBuf>,
+    /// TLS listen address.
+    pub listen: SocketAddr,
+    /// DNS domain users are registered under and pushed as default domain.
+    pub domain: String,
+    /// State directory (certificate, leases).
+    pub state_dir: PathBuf,
+    /// Local user database.
+    pub users_file: PathBuf,
+    /// Directory of policy files.
+    pub policies_dir: PathBuf,
+    /// Directory of zone files.
+    pub dns_dir: PathBuf,
+    /// PEM certificate chain (None: generated self-signed in the state dir).
+    pub cert: Option<PathBuf>,
+    /// PEM private key matching `cert`.
+    pub key: Option<PathBuf>,
+    /// Name of the gateway's TUN device.
+    pub tun_name: String,
+    /// Tunnel MTU pushed to clients and set on the TUN device.
+    pub mtu: u16,
+    /// Admin control socket.
+    pub ctl_socket: PathBuf,
+    /// Internal networks: routes pushed to clients, sources allowed inbound.
+    pub internal: Vec<IpNetwork>,
+    /// DNS servers pushed to clients.
+    pub dns: Vec<IpAddr>,
+    /// Default for user-to-user traffic (policies may override).
+    pub client_to_client: bool,
+    /// Default session limit per user (policies may override).
+    pub max_sessions_per_user: u32,
+    /// Dead peer detection interval pushed to clients.
+    pub dpd: Duration,
+    /// Keepalive interval pushed to clients.
+    pub keepalive: Duration,
+    /// How long a dropped tunnel may come back with its cookie.
+    pub reconnect_window: Duration,
+    /// Hard cap on sessions in the gateway.
+    pub max_sessions: usize,
+    /// Ban points.
+    pub bans: BanConfig,
+    /// Unauthenticated connections allowed per client address at once.
+    pub max_unauthenticated_per_ip: usize,
+    /// Unauthenticated connections allowed in all at once.
+    pub max_unauthenticated: usize,
+    /// Time allowed for TLS handshake plus authentication on one connection.
+    pub handshake_timeout: Duration,
+    /// Pools in configuration order.
+    pub pools: Vec<PoolSpec>,
+    /// Policies, first match wins.
+    pub policies: PolicySet,
+}
+
+/// Environment-variable / command-line overrides of common settings.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Listen address.
+    pub listen: Option<String>,
+    /// DNS domain.
+    pub domain: Option<String>,
+    /// Replace the pool list with one pool `default` of this CIDR.
+    pub pool: Option<String>,
+    /// State directory.
+    pub state_dir: Option<String>,
+}
+
+const DEFAULT_MTU: u16 = 1400;
+const DEFAULT_POOL: &str = "198.18.128.0/20";
+const DEFAULT_DOMAIN: &str = "vpn.internal";
+/// Quarantine default: five minutes, well above the DNS TTL (60 s).
+const DEFAULT_QUARANTINE: Duration = Duration::from_secs(300);
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.get(..offset.min(text.len()))
+        .map(|s| s.bytes().filter(|b| *b == b'\n').count() + 1)
+        .unwrap_or(1)
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn err_at(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            line: Some(line_of(self.text, span.start)),
+            message: message.into(),
+        });
+    }
+    fn net(&mut self, s: &Spanned<String>, what: &str) -> Option<IpNetwork> {
+        match s.get_ref().parse::<IpNetwork>() {
+            Ok(n) => Some(n),
+            Err(e) => {
+                self.err_at(
+                    s.span(),
+                    format!("{what}: '{}' is not a CIDR ({e})", s.get_ref()),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Resolve `p` relative to the directory of the config file.
+fn rel(base: &Path, p: &str) -> PathBuf {
+    let p = PathBuf::from(p);
+    if p.is_absolute() {
+        p
+    } else {
+        base.join(p)
+    }
+}
+
+impl Config {
+    /// Load a config file (or the built-in defaults when `path` is None),
+    /// apply overrides, then load and validate the policy files.
+    pub fn load(path: Option<&Path>, ov: &Overrides) -> Result<Config, ConfigErrors> {
+        let (file, text) = match path {
+            Some(p) => match std::fs::read_to_string(p) {
+                Ok(t) => (p.to_path_buf(), t),
+                Err(e) => {
+                    return Err(ConfigErrors(vec![ConfigError {
+                        file: p.to_path_buf(),
+                        line: None,
+                        message: format!("cannot read: {e}"),
+                    }]))
+                }
+            },
+            None => (PathBuf::from("<built-in defaults>"), String::new()),
+        };
+        Self::from_str_at(&file, &text, path.is_some(), ov)
+    }
+
+    /// Parse config text as if it came from `file`.
+    pub fn from_str_at(
+        file: &Path,
+        text: &str,
+        from_file: bool,
+        ov: &Overrides,
+    ) -> Result<Config, ConfigErrors> {
+        let mut cx = Ctx {
+            file,
+            text,
+            errors: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(r) => r,
+            Err(e) => {
+                let line = e.span().map(|s| line_of(text, s.start));
+                return Err(ConfigErrors(vec![ConfigError {
+                    file: file.to_path_buf(),
+                    line,
+                    message: e.message().to_string(),
+                }]));
+            }
+        };
+        let base = if from_file {
+            file.parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."))
+        } else {
+            PathBuf::from("/etc/intragate")
+        };
+        let g = &raw.gateway;
+
+        let listen_s = ov
+            .listen
+            .clone()
+            .or_else(|| g.listen.as_ref().map(|s| s.get_ref().clone()))
+            .unwrap_or_else(|| "0.0.0.0:443".into());
+        let listen = match listen_s.parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                let span = g.listen.as_ref().map(|s| s.span()).unwrap_or(0..0);
+                cx.err_at(
+                    span,
+                    format!("listen: '{listen_s}' is not ADDRESS:PORT (e.g. 0.0.0.0:443)"),
+                );
+                SocketAddr::from(([0, 0, 0, 0], 443))
+            }
+        };
+
+        let domain = ov
+            .domain
+            .clone()
+            .or_else(|| g.domain.as_ref().map(|s| s.get_ref().clone()))
+            .unwrap_or_else(|| DEFAULT_DOMAIN.into())
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if !valid_domain(&domain) {
+            let span = g.domain.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            cx.err_at(
+                span,
+                format!("domain: '{domain}' is not a valid DNS name (letters, digits, '-', dots)"),
+            );
+        }
+
+        let state_dir = PathBuf::from(
+            ov.state_dir
+                .clone()
+                .or_else(|| g.state_dir.clone())
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+        );
+        let state_dir = if state_dir.is_absolute() {
+            state_dir
+        } else {
+            base.join(state_dir)
+        };
+
+        let tun_name = g
+            .tun_name
+            .as_ref()
+            .map(|s| s.get_ref().clone())
+            .unwrap_or_else(|| "intragate0".into());
+        if tun_name.is_empty()
+            || tun_name.len() > 15
+            || !tun_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            let span = g.tun_name.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            cx.err_at(
+                span,
+                "tun_name: 1 to 15 characters of letters, digits, '-', '_', '.'",
+            );
+        }
+        let mtu = g.mtu.as_ref().map(|s| *s.get_ref()).unwrap_or(DEFAULT_MTU);
+        if !(576..=9000).contains(&mtu) {
+            let span = g.mtu.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            cx.err_at(span, format!("mtu: {mtu} is outside 576..=9000"));
+        }
+
+        let mut internal = Vec::new();
+        if let Some(list) = &raw.network.internal {
+            for s in list {
+                if let Some(n) = cx.net(s, "network.internal") {
+                    internal.push(n);
+                }
+            }
+        }
+        let mut dns = Vec::new();
+        if let Some(list) = &raw.network.dns {
+            for s in list {
+                match s.get_ref().parse::<IpAddr>() {
+                    Ok(a) => dns.push(a),
+                    Err(_) => cx.err_at(
+                        s.span(),
+                        format!("network.dns: '{}' is not an IP address", s.get_ref()),
+                    ),
+                }
+            }
+        }
+
+        let se = &raw.sessions;
+        let max_per_user = se.max_per_user.as_ref().map(|s| *s.get_ref()).unwrap_or(1);
+        if max_per_user == 0 {
+            if let Some(s) = &se.max_per_user {
+                cx.err_at(s.span(), "sessions.max_per_user must be at least 1");
+            }
+        }
+        let dpd = se.dpd.as_ref().map(|s| *s.get_ref()).unwrap_or(30);
+        let keepalive = se.keepalive.as_ref().map(|s| *s.get_ref()).unwrap_or(20);
+        if dpd == 0 {
+            if let Some(s) = &se.dpd {
+                cx.err_at(s.span(), "sessions.dpd must be at least 1 second");
+            }
+        }
+        if keepalive == 0 {
+            if let Some(s) = &se.keepalive {
+                cx.err_at(s.span(), "sessions.keepalive must be at least 1 second");
+            }
+        }
+
+        let sec = &raw.security;
+        let defaults = BanConfig::default();
+        let bans = BanConfig {
+            max_score: sec.ban_max_score.unwrap_or(defaults.max_score),
+            wrong_password_points: sec
+                .ban_wrong_password_points
+                .unwrap_or(defaults.wrong_password_points),
+            ban_time: sec
+                .ban_time
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.ban_time),
+            reset_after: sec
+                .ban_reset_after
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.reset_after),
+            ..defaults
+        };
+
+        // Pools.
+        let mut pools = Vec::new();
+        if let Some(cidr) = &ov.pool {
+            match cidr.parse::<IpNetwork>() {
+                Ok(n) => pools.push(PoolSpec {
+                    name: "default".into(),
+                    cidr: n,
+                    quarantine: DEFAULT_QUARANTINE,
+                    exclude: vec![],
+                }),
+                Err(e) => cx.errors.push(ConfigError {
+                    file: PathBuf::from("<environment INTRAGATE_POOL>"),
+                    line: None,
+                    message: format!("'{cidr}' is not a CIDR ({e})"),
+                }),
+            }
+        } else {
+            for p in &raw.pool {
+                let p = p.get_ref();
+                let Some(cidr) = cx.net(&p.cidr, "pool.cidr") else {
+                    continue;
+                };
+                if pools.iter().any(|q: &PoolSpec| q.name == *p.name.get_ref()) {
+                    cx.err_at(
+                        p.name.span(),
+                        format!("pool '{}' is defined twice", p.name.get_ref()),
+                    );
+                    continue;
+                }
+                if let Some(other) = pools.iter().find(|q: &&PoolSpec| overlaps(q.cidr, cidr)) {
+                    cx.err_at(
+                        p.cidr.span(),
+                        format!("pool '{}' overlaps pool '{}'", p.name.get_ref(), other.name),
+                    );
+                    continue;
+                }
+                let mut exclude = Vec::new();
+                for e in &p.exclude {
+                    match e.get_ref().parse::<IpAddr>() {
+                        Ok(a) if cidr.contains(a) => exclude.push(a),
+                        Ok(a) => cx.err_at(e.span(), format!("exclude: {a} is not inside {cidr}")),
+                        Err(_) => cx.err_at(
+                            e.span(),
+                            format!("exclude: '{}' is not an IP address", e.get_ref()),
+                        ),
+                    }
+                }
+                pools.push(PoolSpec {
+                    name: p.name.get_ref().clone(),
+                    cidr,
+                    quarantine: p
+                        .quarantine
+                        .map(Duration::from_secs)
+                        .unwrap_or(DEFAULT_QUARANTINE),
+                    exclude,
+                });
+            }
+            if pools.is_empty() {
+                pools.push(PoolSpec {
+                    name: "default".into(),
+                    cidr: DEFAULT_POOL.parse().unwrap_or_else(|_| {
+                        IpNetwork::V4(ipnetwork::Ipv4Network::from(std::net::Ipv4Addr::LOCALHOST))
+                    }),
+                    quarantine: DEFAULT_QUARANTINE,
+                    exclude: vec![],
+                });
+            }
+        }
+        for p in &pools {
+            if crate::core::pool::IpPool::new(crate::core::pool::PoolConfig {
+                name: p.name.clone(),
+                cidr: p.cidr,
+                quarantine: p.quarantine,
+                exclude: p.exclude.clone(),
+            })
+            .is_err()
+            {
+                cx.errors.push(ConfigError {
+                    file: file.to_path_buf(),
+                    line: None,
+                    message: format!(
+                        "pool '{}' ({}) is too small: IPv4 needs at least a /30, IPv6 a /126",
+                        p.name, p.cidr
+                    ),
+                });
+            }
+        }
+
+        let users_file = rel(&base, g.users_file.as_deref().unwrap_or("users"));
+        let policies_dir = rel(&base, g.policies_dir.as_deref().unwrap_or("policies"));
+        let dns_dir = rel(&base, g.dns_dir.as_deref().unwrap_or("dns"));
+        let ctl_socket = g
+            .ctl_socket
+            .as_deref()
+            .map(|p| rel(&base, p))
+            .unwrap_or_else(|| state_dir.join("ctl.sock"));
+
+        let mut errors = cx.errors;
+        let client_to_client = raw.network.client_to_client.unwrap_or(true);
+        let policies = match load_policies(
+            &policies_dir,
+            &pools,
+            &internal,
+            client_to_client,
+            max_per_user,
+        ) {
+            Ok(p) => p,
+            Err(mut e) => {
+                errors.append(&mut e.0);
+                PolicySet::default()
+            }
+        };
+        if !errors.is_empty() {
+            return Err(ConfigErrors(errors));
+        }
+        Ok(Config {
+            source: from_file.then(|| file.to_path_buf()),
+            listen,
+            domain,
+            state_dir,
+            users_file,
+            policies_dir,
+            dns_dir,
+            cert: g.cert.as_deref().map(|p| rel(&base, p)),
+            key: g.key.as_deref().map(|p| rel(&base, p)),
+            tun_name,
+            mtu,
+            ctl_socket,
+            internal,
+            dns,
+            client_to_client,
+            max_sessions_per_user: max_per_user,
+            dpd: Duration::from_secs(dpd),
+            keepalive: Duration::from_secs(keepalive),
+            reconnect_window: Duration::from_secs(se.reconnect_window.unwrap_or(180)),
+            max_sessions: se.max_sessions.unwrap_or(100_000),
+            bans,
+            max_unauthenticated_per_ip: sec.max_unauthenticated_per_ip.unwrap_or(32),
+            max_unauthenticated: sec.max_unauthenticated.unwrap_or(4096),
+            handshake_timeout: Duration::from_secs(sec.handshake_timeout.unwrap_or(30)),
+            pools,
+            policies,
+        })
+    }
+}
+
+fn overlaps(a: IpNetwork, b: IpNetwork) -> bool {
+    a.contains(b.network()) || b.contains(a.network())
+}
+
+/// True for a syntactically valid DNS name (labels 1..=63 of `[a-z0-9-]`,
+/// not starting or ending with '-', 253 bytes at most).
+pub fn valid_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Load `*.toml` from the policy directory in name order. A missing directory
+/// yields the built-in policy: everyone, first pool, gateway defaults.
+pub fn load_policies(
+    dir: &Path,
+    pools: &[PoolSpec],
+    internal: &[IpNetwork],
+    client_to_client: bool,
+    max_sessions_per_user: u32,
+) -> Result<PolicySet, ConfigErrors> {
+    let default_pool = pools.first().map(|p| p.name.clone()).unwrap_or_default();
+    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(ConfigErrors(vec![ConfigError {
+                file: dir.to_path_buf(),
+                line: None,
+                message: format!("cannot read policy directory: {e}"),
+            }]))
+        }
+    };
+    files.sort();
+    let mut errors = Vec::new();
+    let mut policies = Vec::new();
+    let mut names: BTreeMap<String, PathBuf> = BTreeMap::new();
+    for f in &files {
+        let text = match std::fs::read_to_string(f) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(ConfigError {
+                    file: f.clone(),
+                    line: None,
+                    message: format!("cannot read: {e}"),
+                });
+                continue;
+            }
+        };
+        let raw: RawPolicyFile = match toml::from_str(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(ConfigError {
+                    file: f.clone(),
+                    line: e.span().map(|s| line_of(&text, s.start)),
+                    message: e.message().to_string(),
+                });
+                continue;
+            }
+        };
+        let mut cx = Ctx {
+            file: f,
+            text: &text,
+            errors: Vec::new(),
+        };
+        for p in &raw.policy {
+            let span = p.span();
+            let p = p.get_ref();
+            let name = p.name.get_ref().clone();
+            if let Some(prev) = names.get(&name) {
+                cx.err_at(
+                    p.name.span(),
+                    format!("policy '{name}' is already defined in {}", prev.display()),
+                );
+                continue;
+            }
+            names.insert(name.clone(), f.clone());
+            if p.groups.is_empty() && p.users.is_empty() {
+                cx.err_at(
+                    span.clone(),
+                    format!("policy '{name}' matches nobody: give groups = [\"*\"] or a list of groups/users"),
+                );
+            }
+            let pool = match &p.pool {
+                Some(s) => {
+                    if !pools.iter().any(|q| q.name == *s.get_ref()) {
+                        let known: Vec<&str> = pools.iter().map(|q| q.name.as_str()).collect();
+                        cx.err_at(
+                            s.span(),
+                            format!(
+                                "policy '{name}': unknown pool '{}' (configured pools: {})",
+                                s.get_ref(),
+                                known.join(", ")
+                            ),
+                        );
+                    }
+                    s.get_ref().clone()
+                }
+                None => default_pool.clone(),
+            };
+            let mut routes = Vec::new();
+            match &p.routes {
+                Some(list) => {
+                    for r in list {
+                        if let Some(n) = cx.net(r, "routes") {
+                            routes.push(n);
+                        }
+                    }
+                }
+                None => routes.extend_from_slice(internal),
+            }
+            let groups = p
+                .groups
+                .iter()
+                .map(|g| {
+                    if g.get_ref() == "*" {
+                        GroupMatch::Any
+                    } else {
+                        GroupMatch::Group(g.get_ref().clone())
+                    }
+                })
+                .chain(
+                    p.users
+                        .iter()
+                        .map(|u| GroupMatch::User(u.get_ref().clone())),
+                )
+                .collect();
+            policies.push(Policy {
+                name,
+                matches: groups,
+                pool,
+                client_to_client: p.client_to_client.unwrap_or(client_to_client),
+                routes,
+                max_sessions_per_user: p.max_sessions_per_user.unwrap_or(max_sessions_per_user),
+            });
+        }
+        errors.append(&mut cx.errors);
+    }
+    if !errors.is_empty() {
+        return Err(ConfigErrors(errors));
+    }
+    if policies.is_empty() {
+        policies.push(Policy {
+            name: "built-in default".into(),
+            matches: vec![GroupMatch::Any],
+            pool: default_pool,
+            client_to_client,
+            routes: internal.to_vec(),
+            max_sessions_per_user,
+        });
+    }
+    Ok(PolicySet::new(policies))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        Config::from_str_at(
+            Path::new("/nonexistent/intragate.toml"),
+            text,
+            true,
+            &Overrides::default(),
+        )
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(None, &Overrides::default()).expect("defaults");
+        assert_eq!(c.listen.port(), 443);
+        assert_eq!(c.pools.len(), 1);
+        assert_eq!(c.max_sessions_per_user, 1);
+        assert_eq!(c.policies.policies().len(), 1);
+    }
+
+    #[test]
+    fn errors_carry_line_numbers() {
+        let e = parse("[gateway]\nlisten = \"0.0.0.0:443\"\nmtu = 100\n").unwrap_err();
+        assert_eq!(e.0.len(), 1);
+        assert_eq!(e.0[0].line, Some(3), "{e}");
+        assert!(e.to_string().contains("intragate.toml:3: mtu"), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_is_an_error_with_line() {
+        let e = parse("[gateway]\n\nlisten_addr = \"x\"\n").unwrap_err();
+        assert_eq!(e.0[0].line, Some(3), "{e}");
+        assert!(e.to_string().contains("listen_addr"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_and_overlap_reported() {
+        let e = parse(
+            "[[pool]]\nname = \"a\"\ncidr = \"198.18.0.0/24\"\n[[pool]]\nname = \"b\"\ncidr = \"198.18.0.128/25\"\n[network]\ninternal = [\"nope\"]\n",
+        )
+        .unwrap_err();
+        let s = e.to_string();
+        assert!(s.contains(":6: pool 'b' overlaps pool 'a'"), "{s}");
+        assert!(s.contains(":8: network.internal: 'nope'"), "{s}");
+    }
+
+    #[test]
+    fn overrides_win() {
+        let c = Config::from_str_at(
+            Path::new("/x/intragate.toml"),
+            "[gateway]\ndomain = \"a.example\"\n",
+            true,
+            &Overrides {
+                domain: Some("B.Example.".into()),
+                pool: Some("198.18.7.0/24".into()),
+                listen: Some("127.0.0.1:8443".into()),
+                state_dir: None,
+            },
+        )
+        .expect("config");
+        assert_eq!(c.domain, "b.example");
+        assert_eq!(c.pools[0].cidr.to_string(), "198.18.7.0/24");
+        assert_eq!(c.listen.port(), 8443);
+        assert_eq!(c.users_file, PathBuf::from("/x/users"));
+    }
+
+    #[test]
+    fn policy_file_errors_name_file_and_line() {
+        let dir = std::env::temp_dir().join(format!("intragate-cfg-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+        std::fs::write(
+            dir.join("policies/10-staff.toml"),
+            "[[policy]]\nname = \"staff\"\ngroups = [\"staff\"]\npool = \"missing\"\n",
+        )
+        .expect("write");
+        let e = Config::from_str_at(&dir.join("intragate.toml"), "", true, &Overrides::default())
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(
+            s.contains("10-staff.toml:4: policy 'staff': unknown pool 'missing'"),
+            "{s}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,0 +1,12 @@
+//! The deterministic core: decides, does no I/O, reads no clock.
+//!
+//! Every call that depends on time takes `now: Instant`; randomness (session
+//! cookies) comes in as arguments. The shells (`tunnel`, `dataplane`,
+//! `admin`) own sockets, tasks and the clock.
+#![forbid(unsafe_code)]
+
+pub mod bans;
+pub mod policy;
+pub mod pool;
+pub mod route;
+pub mod session;

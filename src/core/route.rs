@@ -1,0 +1,278 @@
+//! Per-packet forwarding decisions, as pure functions over the packet bytes
+//! and lookups the caller provides. No allocation, no locks.
+
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use crate::wire::ip;
+
+/// Why a packet was dropped. Every drop is counted under one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum DropReason {
+    /// Not a parseable IPv4/IPv6 packet.
+    Malformed = 0,
+    /// Larger than the tunnel MTU.
+    TooBig,
+    /// From a user, with a source address that is not the user's.
+    SpoofedSource,
+    /// From a user, to a destination the user's policy does not route.
+    DestinationNotAllowed,
+    /// User-to-user traffic where a policy forbids it.
+    ClientToClientDenied,
+    /// From the internal network, to an address no session holds.
+    NoSession,
+    /// From the internal network, from a source not allowed inbound.
+    InboundDenied,
+    /// The destination session's tunnel is down.
+    SessionDisconnected,
+    /// The destination session's send queue is full.
+    QueueFull,
+    /// Writing to the TUN device failed.
+    TunWriteFailed,
+    /// Link-local or multicast traffic (IPv6 router solicitations, MLD):
+    /// interface chatter that is never forwarded.
+    LinkLocal,
+}
+
+impl DropReason {
+    /// Number of reasons (array size for counters).
+    pub const COUNT: usize = 11;
+    /// All reasons, in index order.
+    pub const ALL: [DropReason; Self::COUNT] = [
+        DropReason::Malformed,
+        DropReason::TooBig,
+        DropReason::SpoofedSource,
+        DropReason::DestinationNotAllowed,
+        DropReason::ClientToClientDenied,
+        DropReason::NoSession,
+        DropReason::InboundDenied,
+        DropReason::SessionDisconnected,
+        DropReason::QueueFull,
+        DropReason::TunWriteFailed,
+        DropReason::LinkLocal,
+    ];
+
+    /// Snake-case name for metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DropReason::Malformed => "malformed",
+            DropReason::TooBig => "too_big",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::DestinationNotAllowed => "destination_not_allowed",
+            DropReason::ClientToClientDenied => "client_to_client_denied",
+            DropReason::NoSession => "no_session",
+            DropReason::InboundDenied => "inbound_denied",
+            DropReason::SessionDisconnected => "session_disconnected",
+            DropReason::QueueFull => "queue_full",
+            DropReason::TunWriteFailed => "tun_write_failed",
+            DropReason::LinkLocal => "link_local",
+        }
+    }
+}
+
+/// Link-local source or destination, or a multicast/broadcast destination.
+fn is_link_scoped(info: &ip::IpInfo) -> bool {
+    let v6_local = |a: &IpAddr| match a {
+        IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.is_multicast(),
+        IpAddr::V4(v4) => v4.is_link_local() || v4.is_multicast() || v4.is_broadcast(),
+    };
+    v6_local(&info.dst)
+        || matches!(info.src, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
+}
+
+/// Where a packet goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Write it to the TUN device (the internal network, or the gateway itself).
+    ToTun,
+    /// Deliver it to the session holding this address.
+    ToSession(IpAddr),
+    /// Drop it, counting the reason.
+    Drop(DropReason),
+}
+
+/// What the decision needs to know about the sending user.
+#[derive(Debug, Clone, Copy)]
+pub struct UserView<'a> {
+    /// The user's tunnel address.
+    pub addr: IpAddr,
+    /// May the user talk to other users?
+    pub client_to_client: bool,
+    /// Destinations the user may reach; empty = full tunnel (everything).
+    pub routes: &'a [IpNetwork],
+}
+
+/// A packet the user sent into the tunnel.
+///
+/// `peer_c2c(dst)` returns `Some(client_to_client)` of the session holding
+/// `dst`, or `None` when no session holds it.
+pub fn from_user(
+    pkt: &[u8],
+    mtu: usize,
+    user: &UserView<'_>,
+    gateway_addrs: &[IpAddr],
+    peer_c2c: impl FnOnce(IpAddr) -> Option<bool>,
+) -> Verdict {
+    if pkt.len() > mtu {
+        return Verdict::Drop(DropReason::TooBig);
+    }
+    let Ok(info) = ip::parse(pkt) else {
+        return Verdict::Drop(DropReason::Malformed);
+    };
+    if is_link_scoped(&info) {
+        return Verdict::Drop(DropReason::LinkLocal);
+    }
+    if info.src != user.addr {
+        return Verdict::Drop(DropReason::SpoofedSource);
+    }
+    if gateway_addrs.contains(&info.dst) {
+        return Verdict::ToTun;
+    }
+    if let Some(peer) = peer_c2c(info.dst) {
+        return if user.client_to_client && peer {
+            Verdict::ToSession(info.dst)
+        } else {
+            Verdict::Drop(DropReason::ClientToClientDenied)
+        };
+    }
+    if user.routes.is_empty() || user.routes.iter().any(|n| n.contains(info.dst)) {
+        Verdict::ToTun
+    } else {
+        Verdict::Drop(DropReason::DestinationNotAllowed)
+    }
+}
+
+/// A packet read from the TUN device (internal network → users), already
+/// parsed by the caller (who needed its destination to find `dst_routes`).
+///
+/// `dst_routes` are the routes of the session holding the destination
+/// (`None`: no session). Inbound is allowed from the configured internal
+/// networks, the gateway itself, and the destinations the user may reach
+/// (their replies); a user with a full tunnel accepts from anywhere.
+/// (Connection tracking and inbound policies refine this later.)
+pub fn from_internal(
+    info: &ip::IpInfo,
+    internal: &[IpNetwork],
+    gateway_addrs: &[IpAddr],
+    dst_routes: Option<&[IpNetwork]>,
+) -> Verdict {
+    if is_link_scoped(info) {
+        return Verdict::Drop(DropReason::LinkLocal);
+    }
+    let Some(routes) = dst_routes else {
+        return Verdict::Drop(DropReason::NoSession);
+    };
+    let allowed = gateway_addrs.contains(&info.src)
+        || internal.iter().any(|n| n.contains(info.src))
+        || routes.is_empty()
+        || routes.iter().any(|n| n.contains(info.src));
+    if allowed {
+        Verdict::ToSession(info.dst)
+    } else {
+        Verdict::Drop(DropReason::InboundDenied)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal IPv4/UDP packet.
+    fn udp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![
+            0x45, 0, 0, 32, 0, 0, 0x40, 0, 64, 17, 0, 0, // ver/ihl .. proto, csum
+        ];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&[0x30, 0x39, 0x00, 0x35, 0, 12, 0, 0, b'p', b'i', b'n', b'g']);
+        p
+    }
+
+    fn nets(s: &[&str]) -> Vec<IpNetwork> {
+        s.iter().map(|x| x.parse().expect("cidr")).collect()
+    }
+
+    #[test]
+    fn user_packets() {
+        let routes = nets(&["198.18.1.0/24"]);
+        let alice = UserView {
+            addr: "198.18.64.2".parse().expect("ip"),
+            client_to_client: true,
+            routes: &routes,
+        };
+        let gw: Vec<IpAddr> = vec!["198.18.64.1".parse().expect("ip")];
+        let to_internal = udp4([198, 18, 64, 2], [198, 18, 1, 2]);
+        assert_eq!(
+            from_user(&to_internal, 1400, &alice, &gw, |_| None),
+            Verdict::ToTun
+        );
+        let spoofed = udp4([198, 18, 64, 9], [198, 18, 1, 2]);
+        assert_eq!(
+            from_user(&spoofed, 1400, &alice, &gw, |_| None),
+            Verdict::Drop(DropReason::SpoofedSource)
+        );
+        let outside = udp4([198, 18, 64, 2], [198, 19, 0, 1]);
+        assert_eq!(
+            from_user(&outside, 1400, &alice, &gw, |_| None),
+            Verdict::Drop(DropReason::DestinationNotAllowed)
+        );
+        let to_bob = udp4([198, 18, 64, 2], [198, 18, 64, 3]);
+        assert_eq!(
+            from_user(&to_bob, 1400, &alice, &gw, |_| Some(true)),
+            Verdict::ToSession("198.18.64.3".parse().expect("ip"))
+        );
+        assert_eq!(
+            from_user(&to_bob, 1400, &alice, &gw, |_| Some(false)),
+            Verdict::Drop(DropReason::ClientToClientDenied)
+        );
+        let to_gw = udp4([198, 18, 64, 2], [198, 18, 64, 1]);
+        assert_eq!(
+            from_user(&to_gw, 1400, &alice, &gw, |_| None),
+            Verdict::ToTun
+        );
+        assert_eq!(
+            from_user(&to_internal, 20, &alice, &gw, |_| None),
+            Verdict::Drop(DropReason::TooBig)
+        );
+        assert_eq!(
+            from_user(&to_internal[..10], 1400, &alice, &gw, |_| None),
+            Verdict::Drop(DropReason::Malformed)
+        );
+        let full = UserView {
+            routes: &[],
+            ..alice
+        };
+        assert_eq!(
+            from_user(&outside, 1400, &full, &gw, |_| None),
+            Verdict::ToTun
+        );
+    }
+
+    #[test]
+    fn internal_packets() {
+        let internal = nets(&["198.18.1.0/24"]);
+        let routes = internal.clone();
+        let gw: Vec<IpAddr> = vec!["198.18.64.1".parse().expect("ip")];
+        let ok = ip::parse(&udp4([198, 18, 1, 2], [198, 18, 64, 2])).expect("parse");
+        assert_eq!(
+            from_internal(&ok, &internal, &gw, Some(&routes)),
+            Verdict::ToSession("198.18.64.2".parse().expect("ip"))
+        );
+        assert_eq!(
+            from_internal(&ok, &internal, &gw, None),
+            Verdict::Drop(DropReason::NoSession)
+        );
+        let stranger = ip::parse(&udp4([198, 19, 9, 9], [198, 18, 64, 2])).expect("parse");
+        assert_eq!(
+            from_internal(&stranger, &internal, &gw, Some(&routes)),
+            Verdict::Drop(DropReason::InboundDenied)
+        );
+        assert_eq!(
+            from_internal(&stranger, &internal, &gw, Some(&[])),
+            Verdict::ToSession("198.18.64.2".parse().expect("ip")),
+            "full-tunnel users get replies from anywhere"
+        );
+    }
+}

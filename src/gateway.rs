@@ -1,0 +1,450 @@
+//! The running gateway: state shared by the shells, the timer loop, and
+//! `run(config, shutdown)`.
+//!
+//! Locks: `core` and `bans` are std mutexes taken briefly on the control
+//! path (logon, CONNECT, timers), never across `.await` and never per packet.
+//! The packet path reads only `routes` (a sharded `DashMap`) and atomics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+use ipnetwork::IpNetwork;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::core::bans::BanTable;
+use crate::core::pool::{PoolConfig, PoolSnapshot};
+use crate::core::session::{Event, GatewayState, SessionId, SessionSettings};
+use crate::stats::Stats;
+use crate::users::UserDb;
+
+/// Packets queued toward one user before further ones are dropped (counted).
+pub const SESSION_QUEUE_PACKETS: usize = 512;
+
+/// The hot-path view of one session: where its packets go.
+#[derive(Debug)]
+pub struct Port {
+    /// Session.
+    pub id: SessionId,
+    /// Packets for the tunnel's writer. Closed while the tunnel is down.
+    pub tx: mpsc::Sender<Bytes>,
+    /// May this user talk to other users?
+    pub client_to_client: bool,
+    /// The user's routes (empty = full tunnel).
+    pub routes: Arc<[IpNetwork]>,
+}
+
+/// Commands to a live tunnel's writer.
+#[derive(Debug, Clone)]
+pub enum TunnelCtl {
+    /// Send DISCONNECT with this reason and close (the client will not
+    /// reconnect).
+    Terminate(String),
+    /// Close without DISCONNECT (a newer tunnel of the same session took
+    /// over, or the gateway is stopping: clients may reconnect).
+    Close,
+    /// Answer a DPD request.
+    DpdResp,
+}
+
+/// A live tunnel, as seen from outside its task.
+#[derive(Debug, Clone)]
+pub struct TunnelHandle {
+    /// Distinguishes successive tunnels of one session.
+    pub generation: u64,
+    /// Control channel to its writer.
+    pub ctl: mpsc::Sender<TunnelCtl>,
+}
+
+/// Everything the shells share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Configuration in force.
+    pub config: Config,
+    /// Sessions and pools.
+    core: Mutex<GatewayState>,
+    /// Ban points.
+    bans: Mutex<BanTable>,
+    /// Intranet IP → session port (hot path).
+    pub routes: DashMap<IpAddr, Arc<Port>>,
+    /// Live tunnels by session.
+    pub tunnels: Mutex<HashMap<SessionId, TunnelHandle>>,
+    /// Counters.
+    pub stats: Stats,
+    /// Users.
+    pub users: UserDb,
+    /// Gateway's own addresses (one per pool).
+    pub gateway_addrs: Vec<IpAddr>,
+    /// Bounded concurrency for Argon2 (memory-hard: 19 MiB each).
+    pub auth_slots: Semaphore,
+    /// Unauthenticated connections per client address.
+    pub unauth: DashMap<IpAddr, usize>,
+    /// Unauthenticated connections in all.
+    pub unauth_total: AtomicUsize,
+    /// Tunnel generation counter.
+    pub next_generation: AtomicU64,
+    /// The certificate pin clients use.
+    pub pin: String,
+    /// Stops everything.
+    pub shutdown: CancellationToken,
+}
+
+impl Shared {
+    /// Lock the core (control path only; never held across `.await`).
+    pub fn core(&self) -> MutexGuard<'_, GatewayState> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lock the ban table.
+    pub fn bans(&self) -> MutexGuard<'_, BanTable> {
+        self.bans.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Lock the tunnel table.
+    pub fn tunnel_table(&self) -> MutexGuard<'_, HashMap<SessionId, TunnelHandle>> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Drain core events and act on them. Call after every core call, with
+    /// the core guard passed in (events are taken under the lock so they are
+    /// handled in order, and acted on after it is released).
+    pub fn process_events(&self, mut core: MutexGuard<'_, GatewayState>) {
+        let events: Vec<Event> = std::iter::from_fn(|| core.poll_event()).collect();
+        drop(core);
+        for ev in events {
+            match ev {
+                Event::Opened { id, user, addr } => {
+                    info!(session = %id, %user, %addr, "session opened");
+                }
+                Event::Closed {
+                    id,
+                    user,
+                    addr,
+                    reason,
+                } => {
+                    self.routes.remove_if(&addr, |_, p| p.id == id);
+                    let handle = self.tunnel_table().remove(&id);
+                    if let Some(h) = handle {
+                        let ctl = match &reason {
+                            crate::core::session::CloseReason::Logoff
+                            | crate::core::session::CloseReason::Shutdown => TunnelCtl::Close,
+                            other => TunnelCtl::Terminate(other.to_string()),
+                        };
+                        let _ = h.ctl.try_send(ctl);
+                    }
+                    info!(session = %id, %user, %addr, %reason, "session closed");
+                }
+            }
+        }
+    }
+
+    /// Build the shared state (no I/O except reading the lease file).
+    pub fn new(config: Config, pin: String, shutdown: CancellationToken) -> Result<Self, String> {
+        let pools: Vec<PoolConfig> = config
+            .pools
+            .iter()
+            .map(|p| PoolConfig {
+                name: p.name.clone(),
+                cidr: p.cidr,
+                quarantine: p.quarantine,
+                exclude: p.exclude.clone(),
+            })
+            .collect();
+        let settings = SessionSettings {
+            reconnect_window: config.reconnect_window,
+            connect_timeout: Duration::from_secs(60),
+            max_sessions: config.max_sessions,
+        };
+        let core = GatewayState::new(settings, pools, config.policies.clone())
+            .map_err(|e| e.to_string())?;
+        let gateway_addrs = core.gateway_addrs();
+        let slots = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        Ok(Self {
+            users: UserDb::new(config.users_file.clone()),
+            bans: Mutex::new(BanTable::new(config.bans.clone())),
+            core: Mutex::new(core),
+            routes: DashMap::new(),
+            tunnels: Mutex::new(HashMap::new()),
+            stats: Stats::default(),
+            gateway_addrs,
+            auth_slots: Semaphore::new(slots),
+            unauth: DashMap::new(),
+            unauth_total: AtomicUsize::new(0),
+            next_generation: AtomicU64::new(1),
+            pin,
+            shutdown,
+            config,
+        })
+    }
+
+    fn leases_path(&self) -> PathBuf {
+        self.config.state_dir.join("leases.json")
+    }
+
+    /// Restore pools from the lease file of a previous run, if any.
+    pub fn load_leases(&self) {
+        let path = self.leases_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot read lease file; starting with empty pools");
+                return;
+            }
+        };
+        let file: LeaseFile = match serde_json::from_str(&text) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "lease file is corrupt; starting with empty pools");
+                return;
+            }
+        };
+        let now_wall = unix_now();
+        let elapsed = Duration::from_secs(now_wall.saturating_sub(file.saved_at_unix));
+        let mut core = self.core();
+        core.restore_pools(&file.pools, Instant::now(), elapsed);
+        let n: usize = file
+            .pools
+            .values()
+            .map(|s| serde_json::to_value(s).map_or(0, |v| v.to_string().len()))
+            .sum();
+        info!(path = %path.display(), bytes = n, "restored sticky addresses and quarantine from lease file");
+    }
+
+    /// Write the lease file if anything changed (atomic: temp + rename).
+    pub fn save_leases(&self, force: bool) {
+        let snaps = {
+            let mut core = self.core();
+            if !core.take_leases_dirty() && !force {
+                return;
+            }
+            core.pool_snapshots(Instant::now())
+        };
+        let file = LeaseFile {
+            saved_at_unix: unix_now(),
+            pools: snaps,
+        };
+        let path = self.leases_path();
+        let tmp = path.with_extension("json.tmp");
+        let res = serde_json::to_vec_pretty(&file)
+            .map_err(std::io::Error::other)
+            .and_then(|data| std::fs::write(&tmp, data))
+            .and_then(|_| std::fs::rename(&tmp, &path));
+        if let Err(e) = res {
+            error!(path = %path.display(), error = %e, "cannot write lease file");
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The lease file in the state directory.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct LeaseFile {
+    saved_at_unix: u64,
+    pools: BTreeMap<String, PoolSnapshot>,
+}
+
+/// The timer loop: the one place that reads the clock for the core.
+pub async fn timer_loop(shared: Arc<Shared>) {
+    let tick = Duration::from_secs(1);
+    loop {
+        let next = {
+            let core = shared.core();
+            core.poll_timeout().map(|(t, _why)| t)
+        };
+        let now = Instant::now();
+        let sleep_for = next
+            .map(|t| t.saturating_duration_since(now))
+            .unwrap_or(tick)
+            .min(tick);
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(sleep_for) => {}
+        }
+        let now = Instant::now();
+        {
+            let mut core = shared.core();
+            core.handle_timeout(now);
+            shared.process_events(core);
+        }
+        shared.bans().expire(now);
+        shared.save_leases(false);
+    }
+}
+
+/// Errors that stop the gateway from starting.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    /// TLS setup failed.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    /// Could not create the state directory.
+    #[error("state directory {0}: {1}")]
+    StateDir(PathBuf, std::io::Error),
+    /// Could not listen.
+    #[error("cannot listen on {0}: {1}")]
+    Listen(std::net::SocketAddr, std::io::Error),
+    /// Could not create the TUN device.
+    #[error("cannot create TUN device '{0}': {1} (needs CAP_NET_ADMIN and /dev/net/tun)")]
+    Tun(String, std::io::Error),
+    /// Other setup failure.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Run the gateway until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    std::fs::create_dir_all(&config.state_dir)
+        .map_err(|e| RunError::StateDir(config.state_dir.clone(), e))?;
+    let names = vec![format!("gateway.{}", config.domain), config.domain.clone()];
+    let identity = crate::tls::load_or_generate(
+        config.cert.as_deref(),
+        config.key.as_deref(),
+        &config.state_dir,
+        &names,
+    )?;
+    let pin = identity
+        .chain
+        .first()
+        .map(crate::tls::pin_sha256)
+        .transpose()?
+        .unwrap_or_default();
+    if identity.generated {
+        info!(path = %identity.cert_path.display(), "generated a self-signed certificate");
+    }
+    info!(
+        "certificate pin: {pin} (clients: openconnect --servercert {pin} https://{}/)",
+        config.listen
+    );
+    let tls = crate::tls::server_config(&identity)?;
+
+    let cancel = CancellationToken::new();
+    let shared =
+        Arc::new(Shared::new(config.clone(), pin, cancel.clone()).map_err(RunError::Setup)?);
+    shared.load_leases();
+
+    let tun = crate::dataplane::create_tun(&shared)
+        .map_err(|e| RunError::Tun(config.tun_name.clone(), e))?;
+    let tun = Arc::new(tun);
+    crate::dataplane::check_forwarding();
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| RunError::Listen(config.listen, e))?;
+    let ctl = crate::admin::bind(&config.ctl_socket).map_err(|e| {
+        RunError::Setup(format!(
+            "cannot bind control socket {}: {e}",
+            config.ctl_socket.display()
+        ))
+    })?;
+    info!(listen = %config.listen, tun = %config.tun_name, domain = %config.domain, "intragate is running");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(timer_loop(shared.clone()));
+    tasks.spawn(crate::dataplane::tun_reader(shared.clone(), tun.clone()));
+    tasks.spawn(crate::tunnel::accept_loop(
+        shared.clone(),
+        listener,
+        tokio_rustls::TlsAcceptor::from(tls),
+        tun.clone(),
+    ));
+    tasks.spawn(crate::admin::serve(shared.clone(), ctl));
+
+    tokio::select! {
+        _ = shutdown => info!("stopping: closing tunnels (clients may reconnect later)"),
+        _ = cancel.cancelled() => {}
+        Some(res) = tasks.join_next() => {
+            if let Err(e) = res {
+                error!(error = %e, "a gateway task failed; stopping");
+            }
+        }
+    }
+    cancel.cancel();
+    // Tell every live tunnel to close (no DISCONNECT: clients may reconnect).
+    let handles: Vec<TunnelHandle> = shared.tunnel_table().values().cloned().collect();
+    for h in handles {
+        let _ = h.ctl.try_send(TunnelCtl::Close);
+    }
+    let deadline = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            _ = &mut deadline => { tasks.abort_all(); break; }
+            r = tasks.join_next() => if r.is_none() { break },
+        }
+    }
+    shared.save_leases(true);
+    let _ = std::fs::remove_file(&config.ctl_socket);
+    info!("stopped");
+    Ok(())
+}
+
+/// Guard for one unauthenticated connection slot; released on drop.
+#[derive(Debug)]
+pub struct UnauthSlot {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    released: bool,
+}
+
+impl UnauthSlot {
+    /// Take a slot for `ip`, or None when the per-address or global limit
+    /// is reached.
+    pub fn acquire(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let total = shared.unauth_total.fetch_add(1, Ordering::AcqRel);
+        if total >= shared.config.max_unauthenticated {
+            shared.unauth_total.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        let mut entry = shared.unauth.entry(ip).or_insert(0);
+        if *entry >= shared.config.max_unauthenticated_per_ip {
+            drop(entry);
+            shared.unauth_total.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        *entry += 1;
+        Some(Self {
+            shared: shared.clone(),
+            ip,
+            released: false,
+        })
+    }
+
+    /// Give the slot back early (the connection became a tunnel).
+    pub fn release(mut self) {
+        self.do_release();
+    }
+
+    fn do_release(&mut self) {
+        if self.released {
+            return;
+        }
+        self.released = true;
+        self.shared.unauth_total.fetch_sub(1, Ordering::AcqRel);
+        self.shared.unauth.remove_if_mut(&self.ip, |_, n| {
+            *n = n.saturating_sub(1);
+            *n == 0
+        });
+    }
+}
+
+impl Drop for UnauthSlot {
+    fn drop(&mut self) {
+        self.do_release();
+    }
+}

@@ -1,0 +1,16 @@
+//! intragate: a gateway VPN appliance speaking the OpenConnect (AnyConnect
+//! CSTP) protocol. See DESIGN.md for the architecture: a deterministic
+//! `core` inside thin I/O shells (`tunnel`, `dataplane`, `admin`).
+#![warn(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::print_stdout))]
+
+pub mod admin;
+pub mod config;
+pub mod core;
+pub mod dataplane;
+pub mod gateway;
+pub mod stats;
+pub mod tls;
+pub mod tunnel;
+pub mod users;
+pub mod wire;

@@ -1,0 +1,342 @@
+//! `intragate`: the gateway daemon and its administration commands.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use intragate::config::{Config, Overrides, DEFAULT_CONFIG_PATH};
+
+#[derive(Parser)]
+#[command(
+    name = "intragate",
+    version,
+    about = "Gateway VPN appliance: OpenConnect-compatible TLS tunnels with an intranet IP per user",
+    long_about = "Gateway VPN appliance. Remote users log on with the stock openconnect client \
+(or intragate-plugin); each gets a sticky intranet IP from a pool, and packets flow between \
+their tunnels and the internal network through a TUN device.\n\n\
+Quick start (as root):\n  \
+intragate user add alice --password-stdin <<< 'secret'\n  \
+intragate run\n  \
+# on a client: openconnect --protocol=anyconnect --servercert pin-sha256:... https://GATEWAY/"
+)]
+struct Cli {
+    /// Config file. Default: /etc/intragate/intragate.toml if it exists, else built-in defaults.
+    #[arg(long, short, global = true, env = "INTRAGATE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the gateway in the foreground (SIGTERM or Ctrl-C stops it gracefully).
+    Run {
+        /// TLS listen address (overrides [gateway] listen).
+        #[arg(long, env = "INTRAGATE_LISTEN")]
+        listen: Option<String>,
+        /// DNS domain users are registered under (overrides [gateway] domain).
+        #[arg(long, env = "INTRAGATE_DOMAIN")]
+        domain: Option<String>,
+        /// Replace the configured pools with one pool of this CIDR.
+        #[arg(long, env = "INTRAGATE_POOL")]
+        pool: Option<String>,
+        /// State directory (certificate, leases).
+        #[arg(long, env = "INTRAGATE_STATE_DIR")]
+        state_dir: Option<String>,
+        /// Log format.
+        #[arg(long, env = "INTRAGATE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
+        log_format: String,
+    },
+    /// Validate the config and policy files; print every error with file and line.
+    Check,
+    /// Print the certificate pin clients pass to --servercert (generates the certificate if needed).
+    Fingerprint,
+    /// Manage the local user database (Argon2id hashes).
+    User {
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Talk to the running daemon over its control socket.
+    Ctl {
+        #[command(subcommand)]
+        cmd: CtlCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    /// Add a user. The password is read from stdin (--password-stdin) or prompted on a terminal.
+    Add {
+        /// Username: 1-64 of letters, digits, '.', '_', '-', '@'.
+        name: String,
+        /// Group (repeatable); policies bind groups to pools and permissions.
+        #[arg(long = "group", short = 'g')]
+        groups: Vec<String>,
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Change a user's password.
+    Passwd {
+        /// Username.
+        name: String,
+        /// Read the password from the first line of stdin.
+        #[arg(long)]
+        password_stdin: bool,
+    },
+    /// Delete a user.
+    Del {
+        /// Username.
+        name: String,
+    },
+    /// List users and their groups.
+    List,
+}
+
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// Is the daemon up? Exit 0 if so (for container health checks).
+    Health,
+    /// Counters: logons, refusals by reason, packet drops by reason, pools.
+    Stats {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List sessions.
+    Sessions {
+        /// Only this user's sessions.
+        #[arg(long)]
+        user: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn config_path(cli: &Option<PathBuf>) -> Option<PathBuf> {
+    match cli {
+        Some(p) => Some(p.clone()),
+        None => {
+            let d = Path::new(DEFAULT_CONFIG_PATH);
+            d.exists().then(|| d.to_path_buf())
+        }
+    }
+}
+
+fn load(cli: &Option<PathBuf>, ov: &Overrides) -> Result<Config> {
+    let path = config_path(cli);
+    Config::load(path.as_deref(), ov).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+fn read_password(from_stdin: bool) -> Result<String> {
+    let stdin = std::io::stdin();
+    if !from_stdin && stdin.is_terminal() {
+        bail!("give the password on stdin with --password-stdin (no terminal prompt yet)");
+    }
+    let mut line = String::new();
+    stdin
+        .lock()
+        .read_line(&mut line)
+        .context("reading password from stdin")?;
+    let pw = line.trim_end_matches(['\r', '\n']).to_string();
+    if pw.is_empty() {
+        bail!("empty password on stdin");
+    }
+    Ok(pw)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("INTRAGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("intragate: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    match cli.cmd {
+        Cmd::Run {
+            listen,
+            domain,
+            pool,
+            state_dir,
+            log_format,
+        } => {
+            init_logging(log_format == "json");
+            let ov = Overrides {
+                listen,
+                domain,
+                pool,
+                state_dir,
+            };
+            let config = load(&cli.config, &ov)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            rt.block_on(intragate::gateway::run(config, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Check => {
+            let path = config_path(&cli.config);
+            match Config::load(path.as_deref(), &Overrides::default()) {
+                Ok(c) => {
+                    println!(
+                        "{}: OK ({} pool(s), {} polic{}, users file {})",
+                        path.as_deref()
+                            .map_or("<built-in defaults>".into(), |p| p.display().to_string()),
+                        c.pools.len(),
+                        c.policies.policies().len(),
+                        if c.policies.policies().len() == 1 {
+                            "y"
+                        } else {
+                            "ies"
+                        },
+                        c.users_file.display()
+                    );
+                    if let Err(e) = intragate::users::read(&c.users_file) {
+                        eprintln!("{e}");
+                        return Ok(ExitCode::from(1));
+                    }
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Cmd::Fingerprint => {
+            let c = load(&cli.config, &Overrides::default())?;
+            let names = vec![format!("gateway.{}", c.domain), c.domain.clone()];
+            let id = intragate::tls::load_or_generate(
+                c.cert.as_deref(),
+                c.key.as_deref(),
+                &c.state_dir,
+                &names,
+            )?;
+            let cert = id.chain.first().context("no certificate")?;
+            println!("{}", intragate::tls::pin_sha256(cert)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::User { cmd } => {
+            let c = load(&cli.config, &Overrides::default())?;
+            let path = &c.users_file;
+            match cmd {
+                UserCmd::Add {
+                    name,
+                    groups,
+                    password_stdin,
+                } => {
+                    let pw = read_password(password_stdin)?;
+                    intragate::users::add(path, &name, &groups, &pw)?;
+                    println!("added user '{name}' to {}", path.display());
+                }
+                UserCmd::Passwd {
+                    name,
+                    password_stdin,
+                } => {
+                    let pw = read_password(password_stdin)?;
+                    intragate::users::set_password(path, &name, &pw)?;
+                    println!("changed the password of '{name}'");
+                }
+                UserCmd::Del { name } => {
+                    intragate::users::delete(path, &name)?;
+                    println!("deleted user '{name}' (live sessions are not ended)");
+                }
+                UserCmd::List => {
+                    for u in intragate::users::read(path)? {
+                        println!("{}\t{}", u.name, u.groups.join(","));
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Ctl { cmd } => {
+            let c = load(&cli.config, &Overrides::default())?;
+            let (req, json_out) = match &cmd {
+                CtlCmd::Health => (serde_json::json!({"cmd": "health"}), false),
+                CtlCmd::Stats { json } => (serde_json::json!({"cmd": "stats"}), *json),
+                CtlCmd::Sessions { user, json } => {
+                    (serde_json::json!({"cmd": "sessions", "user": user}), *json)
+                }
+            };
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the runtime")?;
+            let reply = rt
+                .block_on(intragate::admin::request(&c.ctl_socket, &req))
+                .with_context(|| {
+                    format!("cannot reach the daemon at {}", c.ctl_socket.display())
+                })?;
+            if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
+                bail!(
+                    "{}",
+                    reply
+                        .get("error")
+                        .and_then(|v| v.as_str())
+                        .unwrap_or("request failed")
+                );
+            }
+            if json_out {
+                println!("{reply}");
+            } else {
+                match cmd {
+                    CtlCmd::Health => println!("ok: {} session(s)", reply["sessions"]),
+                    CtlCmd::Stats { .. } => println!("{}", serde_json::to_string_pretty(&reply)?),
+                    CtlCmd::Sessions { .. } => {
+                        println!(
+                            "{:<8} {:<20} {:<16} {:<13} {:<16} {}",
+                            "ID", "USER", "ADDRESS", "STATE", "DEVICE", "CLIENT"
+                        );
+                        for s in reply["sessions"].as_array().into_iter().flatten() {
+                            println!(
+                                "{:<8} {:<20} {:<16} {:<13} {:<16} {}",
+                                s["id"].as_str().unwrap_or(""),
+                                s["user"].as_str().unwrap_or(""),
+                                s["address"].as_str().unwrap_or(""),
+                                s["state"].as_str().unwrap_or(""),
+                                s["device"].as_str().unwrap_or("-"),
+                                s["client"].as_str().unwrap_or("-"),
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Counters shared by the shells (atomics: no lock on the hot path).
+//! `intragate ctl stats` prints them; `/metrics` will export them.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde_json::{json, Value};
+
+use crate::core::route::DropReason;
+
+/// Why a logon or connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum RefuseReason {
+    /// Wrong password or unknown user.
+    BadCredentials = 0,
+    /// Username or request malformed.
+    BadRequest,
+    /// No address left in the pool.
+    NoAddress,
+    /// Session limit per user reached.
+    TooManySessions,
+    /// No policy for the user / gateway full / other refusal.
+    Policy,
+    /// Client address banned.
+    Banned,
+    /// Too many unauthenticated connections.
+    ConnectionLimit,
+    /// TLS handshake failed or timed out.
+    TlsHandshake,
+    /// HTTP/XML parse error or limit.
+    Protocol,
+    /// CONNECT with an unknown cookie.
+    BadCookie,
+}
+
+impl RefuseReason {
+    const COUNT: usize = 10;
+    const ALL: [RefuseReason; Self::COUNT] = [
+        RefuseReason::BadCredentials,
+        RefuseReason::BadRequest,
+        RefuseReason::NoAddress,
+        RefuseReason::TooManySessions,
+        RefuseReason::Policy,
+        RefuseReason::Banned,
+        RefuseReason::ConnectionLimit,
+        RefuseReason::TlsHandshake,
+        RefuseReason::Protocol,
+        RefuseReason::BadCookie,
+    ];
+    fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::BadCredentials => "bad_credentials",
+            RefuseReason::BadRequest => "bad_request",
+            RefuseReason::NoAddress => "no_address",
+            RefuseReason::TooManySessions => "too_many_sessions",
+            RefuseReason::Policy => "policy",
+            RefuseReason::Banned => "banned",
+            RefuseReason::ConnectionLimit => "connection_limit",
+            RefuseReason::TlsHandshake => "tls_handshake",
+            RefuseReason::Protocol => "protocol",
+            RefuseReason::BadCookie => "bad_cookie",
+        }
+    }
+}
+
+/// Gateway-wide counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    drops: [AtomicU64; DropReason::COUNT],
+    refused: [AtomicU64; RefuseReason::COUNT],
+    /// Successful logons.
+    pub logons: AtomicU64,
+    /// Logoffs (client DISCONNECT or logout).
+    pub logoffs: AtomicU64,
+    /// Tunnels established (CONNECT accepted), including reconnects.
+    pub tunnels: AtomicU64,
+    /// CSTP framing errors (bad magic, length, type): the tunnel is closed.
+    pub cstp_errors: AtomicU64,
+    /// Packets from users forwarded.
+    pub packets_from_users: AtomicU64,
+    /// Bytes from users forwarded.
+    pub bytes_from_users: AtomicU64,
+    /// Packets delivered to users' queues.
+    pub packets_to_users: AtomicU64,
+    /// Bytes delivered to users' queues.
+    pub bytes_to_users: AtomicU64,
+}
+
+impl Stats {
+    /// Count a dropped packet.
+    #[inline]
+    pub fn drop(&self, r: DropReason) {
+        self.drops[r as usize].fetch_add(1, Relaxed);
+    }
+    /// Count a refused logon/connection.
+    pub fn refuse(&self, r: RefuseReason) {
+        self.refused[r as usize].fetch_add(1, Relaxed);
+    }
+    /// Current drop count for a reason.
+    pub fn drops(&self, r: DropReason) -> u64 {
+        self.drops[r as usize].load(Relaxed)
+    }
+    /// JSON snapshot.
+    pub fn to_json(&self) -> Value {
+        let drops: serde_json::Map<String, Value> = DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str().to_string(), json!(self.drops(*r))))
+            .collect();
+        let refused: serde_json::Map<String, Value> = RefuseReason::ALL
+            .iter()
+            .map(|r| {
+                (
+                    r.as_str().to_string(),
+                    json!(self.refused[*r as usize].load(Relaxed)),
+                )
+            })
+            .collect();
+        json!({
+            "drops": drops,
+            "refused": refused,
+            "logons": self.logons.load(Relaxed),
+            "logoffs": self.logoffs.load(Relaxed),
+            "tunnels": self.tunnels.load(Relaxed),
+            "cstp_errors": self.cstp_errors.load(Relaxed),
+            "packets_from_users": self.packets_from_users.load(Relaxed),
+            "bytes_from_users": self.bytes_from_users.load(Relaxed),
+            "packets_to_users": self.packets_to_users.load(Relaxed),
+            "bytes_to_users": self.bytes_to_users.load(Relaxed),
+        })
+    }
+}

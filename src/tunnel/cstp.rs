@@ -1,0 +1,280 @@
+//! A live tunnel: CSTP frames over TLS, both ways.
+//!
+//! Toward the client, every frame is written with one `write_all` of a
+//! contiguous buffer, and rustls' buffer limit is lifted, so each frame is
+//! exactly one TLS record (openconnect drops records holding two frames and
+//! dies on a frame split across records). Back-pressure comes from the
+//! bounded packet queue and from flushing to the socket.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use ipnetwork::IpNetwork;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+use tracing::{debug, info, warn};
+use tun_rs::AsyncDevice;
+
+use super::Stream;
+use crate::core::route::{self, DropReason, UserView, Verdict};
+use crate::core::session::{CloseReason, SessionId};
+use crate::gateway::{Shared, TunnelCtl};
+use crate::wire::cstp::{self, FrameType};
+
+/// Frames written before a flush is forced even when more are queued.
+const FLUSH_EVERY: usize = 32;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Everything a tunnel task needs, prepared by CONNECT.
+#[derive(Debug)]
+pub(crate) struct TunnelStart {
+    pub(crate) id: SessionId,
+    pub(crate) user: String,
+    pub(crate) addr: IpAddr,
+    pub(crate) generation: u64,
+    /// Packets toward the user.
+    pub(crate) rx: mpsc::Receiver<Bytes>,
+    /// Keeps the queue open while the tunnel lives (the route entry may be
+    /// removed first when the session closes).
+    pub(crate) keep_tx: mpsc::Sender<Bytes>,
+    pub(crate) ctl_rx: mpsc::Receiver<TunnelCtl>,
+    pub(crate) ctl_tx: mpsc::Sender<TunnelCtl>,
+    pub(crate) client_to_client: bool,
+    pub(crate) routes: Arc<[IpNetwork]>,
+    pub(crate) mtu: usize,
+    pub(crate) dead_after: Duration,
+}
+
+/// How a tunnel ended.
+#[derive(Debug)]
+enum End {
+    /// The client logged off: close the session.
+    Logoff,
+    /// The gateway closed it (session closed, replaced, shutdown).
+    Closed,
+    /// The connection dropped: the session may reconnect.
+    Dropped(String),
+}
+
+/// Run the tunnel until it ends, then update the session.
+pub(crate) async fn run_tunnel(
+    shared: Arc<Shared>,
+    mut stream: Stream,
+    leftover: BytesMut,
+    start: TunnelStart,
+    tun: Arc<AsyncDevice>,
+) {
+    stream.get_mut().1.set_buffer_limit(None);
+    let (rd, wr) = tokio::io::split(stream);
+    let TunnelStart {
+        id,
+        user,
+        addr,
+        generation,
+        rx,
+        keep_tx,
+        ctl_rx,
+        ctl_tx,
+        client_to_client,
+        routes,
+        mtu,
+        dead_after,
+    } = start;
+    let view = UserView {
+        addr,
+        client_to_client,
+        routes: &routes,
+    };
+    let end = tokio::select! {
+        e = reader(&shared, rd, leftover, &view, mtu, dead_after, &tun, &ctl_tx) => e,
+        e = writer(wr, rx, ctl_rx) => e,
+    };
+    drop(keep_tx);
+    let now = Instant::now();
+    let current = {
+        let mut t = shared.tunnel_table();
+        let cur = t.get(&id).is_some_and(|h| h.generation == generation);
+        if cur {
+            t.remove(&id);
+        }
+        cur
+    };
+    match end {
+        End::Logoff => {
+            shared.stats.logoffs.fetch_add(1, Relaxed);
+            info!(session = %id, %user, %addr, "client logged off");
+            let mut core = shared.core();
+            core.handle_logoff(id, CloseReason::Logoff, now);
+            shared.process_events(core);
+        }
+        End::Closed => debug!(session = %id, "tunnel closed by the gateway"),
+        End::Dropped(why) if current => {
+            info!(session = %id, %user, %addr, reason = %why, window_s = shared.config.reconnect_window.as_secs(), "tunnel dropped; session kept for reconnect");
+            let mut core = shared.core();
+            core.handle_detach(id, now);
+            shared.process_events(core);
+        }
+        End::Dropped(why) => debug!(session = %id, reason = %why, "superseded tunnel ended"),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reader(
+    shared: &Shared,
+    mut rd: ReadHalf<Stream>,
+    mut buf: BytesMut,
+    view: &UserView<'_>,
+    mtu: usize,
+    dead_after: Duration,
+    tun: &AsyncDevice,
+    ctl: &mpsc::Sender<TunnelCtl>,
+) -> End {
+    loop {
+        loop {
+            let (ty, range, total) = match cstp::decode(&buf, usize::from(u16::MAX)) {
+                Ok(Some(x)) => x,
+                Ok(None) => break,
+                Err(e) => {
+                    shared.stats.cstp_errors.fetch_add(1, Relaxed);
+                    warn!(addr = %view.addr, error = %e, "bad CSTP frame; closing the tunnel");
+                    return End::Dropped(format!("protocol error: {e}"));
+                }
+            };
+            let frame = buf.split_to(total).freeze();
+            let payload = frame.slice(range);
+            match ty {
+                FrameType::Data => forward(shared, view, mtu, tun, payload).await,
+                FrameType::DpdReq => {
+                    let _ = ctl.try_send(TunnelCtl::DpdResp);
+                }
+                FrameType::DpdResp | FrameType::Keepalive => {}
+                FrameType::Disconnect | FrameType::Terminate => return End::Logoff,
+                FrameType::Compressed => {
+                    shared.stats.cstp_errors.fetch_add(1, Relaxed);
+                    warn!(addr = %view.addr, "compressed frame, but no compression was negotiated; closing the tunnel");
+                    return End::Dropped("compressed frame without negotiation".into());
+                }
+            }
+        }
+        if buf.capacity() - buf.len() < cstp::HEADER_LEN + usize::from(u16::MAX) {
+            buf.reserve(READ_CHUNK);
+        }
+        match tokio::time::timeout(dead_after, rd.read_buf(&mut buf)).await {
+            Err(_) => {
+                return End::Dropped(format!(
+                    "dead peer: nothing received for {}s",
+                    dead_after.as_secs()
+                ))
+            }
+            Ok(Ok(0)) => return End::Dropped("connection closed".into()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return End::Dropped(format!("read error: {e}")),
+        }
+    }
+}
+
+async fn forward(shared: &Shared, view: &UserView<'_>, mtu: usize, tun: &AsyncDevice, pkt: Bytes) {
+    let verdict = route::from_user(&pkt, mtu, view, &shared.gateway_addrs, |dst| {
+        shared.routes.get(&dst).map(|p| p.client_to_client)
+    });
+    match verdict {
+        Verdict::ToTun => match tun.send(&pkt).await {
+            Ok(_) => {
+                shared.stats.packets_from_users.fetch_add(1, Relaxed);
+                shared
+                    .stats
+                    .bytes_from_users
+                    .fetch_add(pkt.len() as u64, Relaxed);
+            }
+            Err(e) => {
+                shared.stats.drop(DropReason::TunWriteFailed);
+                debug!(error = %e, "TUN write failed");
+            }
+        },
+        Verdict::ToSession(dst) => {
+            let port = shared.routes.get(&dst).map(|p| p.value().clone());
+            let Some(port) = port else {
+                shared.stats.drop(DropReason::NoSession);
+                return;
+            };
+            let len = pkt.len() as u64;
+            match port.tx.try_send(pkt) {
+                Ok(()) => {
+                    shared.stats.packets_from_users.fetch_add(1, Relaxed);
+                    shared.stats.bytes_from_users.fetch_add(len, Relaxed);
+                }
+                Err(TrySendError::Full(_)) => shared.stats.drop(DropReason::QueueFull),
+                Err(TrySendError::Closed(_)) => shared.stats.drop(DropReason::SessionDisconnected),
+            }
+        }
+        Verdict::Drop(r) => {
+            shared.stats.drop(r);
+            if r == DropReason::SpoofedSource {
+                debug!(addr = %view.addr, "dropped a packet with a spoofed source address");
+            }
+        }
+    }
+}
+
+async fn write_frame(
+    wr: &mut WriteHalf<Stream>,
+    out: &mut Vec<u8>,
+    ty: FrameType,
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let Ok(len) = u16::try_from(payload.len()) else {
+        return Ok(()); // cannot be framed; never produced by the TUN (MTU)
+    };
+    out.clear();
+    out.extend_from_slice(&cstp::encode_header(ty, len));
+    out.extend_from_slice(payload);
+    wr.write_all(out).await
+}
+
+async fn writer(
+    mut wr: WriteHalf<Stream>,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut ctl: mpsc::Receiver<TunnelCtl>,
+) -> End {
+    let mut out = Vec::with_capacity(cstp::HEADER_LEN + usize::from(u16::MAX));
+    let mut unflushed = 0usize;
+    loop {
+        let res = tokio::select! {
+            biased;
+            c = ctl.recv() => match c {
+                Some(TunnelCtl::DpdResp) => write_frame(&mut wr, &mut out, FrameType::DpdResp, &[]).await,
+                Some(TunnelCtl::Terminate(reason)) => {
+                    let mut p = vec![0xb0u8];
+                    p.extend_from_slice(reason.as_bytes());
+                    let _ = write_frame(&mut wr, &mut out, FrameType::Disconnect, &p).await;
+                    let _ = wr.flush().await;
+                    let _ = wr.shutdown().await;
+                    return End::Closed;
+                }
+                Some(TunnelCtl::Close) | None => {
+                    let _ = wr.shutdown().await;
+                    return End::Closed;
+                }
+            },
+            p = rx.recv() => match p {
+                Some(pkt) => write_frame(&mut wr, &mut out, FrameType::Data, &pkt).await,
+                None => return End::Closed,
+            },
+        };
+        if let Err(e) = res {
+            return End::Dropped(format!("write error: {e}"));
+        }
+        unflushed += 1;
+        if rx.is_empty() || unflushed >= FLUSH_EVERY {
+            unflushed = 0;
+            if let Err(e) = wr.flush().await {
+                return End::Dropped(format!("write error: {e}"));
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! The TLS side: accept, HTTPS + XML authentication, CONNECT, then CSTP
+//! frames both ways (the OpenConnect protocol, see DESIGN.md §2).
+//!
+//! Each TCP connection is one task. Before CONNECT it holds an
+//! unauthenticated slot (bounded per address and in all) and every read has
+//! a deadline; after CONNECT it becomes a tunnel (see `cstp.rs`).
+
+mod auth;
+mod cstp;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+use tun_rs::AsyncDevice;
+
+use crate::core::bans::Admission;
+use crate::gateway::{Shared, UnauthSlot};
+use crate::stats::RefuseReason;
+use crate::wire::http::{self, Limits, RequestHead};
+
+/// TLS handshake deadline.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Requests one connection may make before it must CONNECT.
+const MAX_REQUESTS_PER_CONNECTION: usize = 32;
+
+/// Map IPv4-mapped IPv6 client addresses back to IPv4 (dual-stack sockets).
+fn client_ip(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map(IpAddr::V4)
+            .unwrap_or(IpAddr::V6(v6)),
+        v4 => v4,
+    }
+}
+
+/// Accept TCP connections until shutdown.
+pub async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    tun: Arc<AsyncDevice>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let ip = client_ip(peer);
+        let admission = shared.bans().check(ip, Instant::now());
+        if let Admission::Banned { until } = admission {
+            shared.stats.refuse(RefuseReason::Banned);
+            debug!(client = %ip, remaining_s = until.saturating_duration_since(Instant::now()).as_secs(), "connection from banned address refused");
+            drop(tcp);
+            continue;
+        }
+        let Some(slot) = UnauthSlot::acquire(&shared, ip) else {
+            shared.stats.refuse(RefuseReason::ConnectionLimit);
+            debug!(client = %ip, "too many unauthenticated connections; refused");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let shared = shared.clone();
+        let tls = tls.clone();
+        let tun = tun.clone();
+        tokio::spawn(async move {
+            handle_connection(shared, tcp, ip, tls, tun, slot).await;
+        });
+    }
+}
+
+async fn handle_connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    ip: IpAddr,
+    tls: TlsAcceptor,
+    tun: Arc<AsyncDevice>,
+    slot: UnauthSlot,
+) {
+    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.stats.refuse(RefuseReason::TlsHandshake);
+            info!(client = %ip, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            shared.stats.refuse(RefuseReason::TlsHandshake);
+            info!(client = %ip, "TLS handshake timed out");
+            return;
+        }
+    };
+    let conn = Conn {
+        shared,
+        stream,
+        ip,
+        buf: BytesMut::with_capacity(4096),
+    };
+    conn.serve(tun, slot).await;
+}
+
+/// Why reading a request failed.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// The TLS stream of one client connection.
+pub(crate) type Stream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// One HTTPS connection before (and while becoming) a tunnel.
+struct Conn {
+    shared: Arc<Shared>,
+    stream: Stream,
+    ip: IpAddr,
+    buf: BytesMut,
+}
+
+/// What a request handler wants the connection to do next.
+enum Next {
+    /// Keep the connection for another request.
+    KeepAlive,
+    /// Close it.
+    Close,
+    /// Become a tunnel for this session.
+    Tunnel(cstp::TunnelStart),
+}
+
+impl Conn {
+    async fn serve(mut self, tun: Arc<AsyncDevice>, slot: UnauthSlot) {
+        let limits = Limits::default();
+        let deadline_each = self.shared.config.handshake_timeout;
+        for _ in 0..MAX_REQUESTS_PER_CONNECTION {
+            let req = match tokio::time::timeout(deadline_each, self.read_request(&limits)).await {
+                Ok(Ok(Some(r))) => r,
+                Ok(Ok(None)) => return, // clean EOF between requests
+                Ok(Err(e)) => {
+                    self.shared.stats.refuse(RefuseReason::Protocol);
+                    info!(client = %self.ip, error = %e, "bad HTTP request; closing");
+                    let _ = self
+                        .respond(400, "Bad Request", &[], e.to_string().as_bytes(), true)
+                        .await;
+                    return;
+                }
+                Err(_) => {
+                    debug!(client = %self.ip, "request timed out; closing");
+                    return;
+                }
+            };
+            let (head, body) = req;
+            let next = self.dispatch(&head, &body).await;
+            match next {
+                Next::KeepAlive if head.keep_alive() => continue,
+                Next::KeepAlive | Next::Close => {
+                    let _ = self.stream.shutdown().await;
+                    return;
+                }
+                Next::Tunnel(start) => {
+                    slot.release();
+                    let Conn {
+                        shared,
+                        stream,
+                        buf,
+                        ..
+                    } = self;
+                    cstp::run_tunnel(shared, stream, buf, start, tun).await;
+                    return;
+                }
+            }
+        }
+        info!(client = %self.ip, "too many requests without a tunnel; closing");
+    }
+
+    async fn read_request(
+        &mut self,
+        limits: &Limits,
+    ) -> Result<Option<(RequestHead, Vec<u8>)>, ReadError> {
+        loop {
+            if !self.buf.is_empty() {
+                if let Some((head, len)) = http::parse_request_head(&self.buf, limits)? {
+                    let _ = self.buf.split_to(len);
+                    let want = head.content_length;
+                    while self.buf.len() < want {
+                        self.buf.reserve(want - self.buf.len());
+                        let n = self
+                            .stream
+                            .read_buf(&mut self.buf)
+                            .await
+                            .map_err(|e| ReadError::Io(e.to_string()))?;
+                        if n == 0 {
+                            return Err(ReadError::Io("connection closed inside the body".into()));
+                        }
+                    }
+                    let body = self.buf.split_to(want).to_vec();
+                    return Ok(Some((head, body)));
+                }
+            }
+            self.buf.reserve(4096);
+            let n = match self.stream.read_buf(&mut self.buf).await {
+                Ok(n) => n,
+                // A client that closes TCP without close_notify between
+                // requests is common (openconnect --authenticate): not an error.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && self.buf.is_empty() => 0,
+                Err(e) => return Err(ReadError::Io(e.to_string())),
+            };
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Io(
+                        "connection closed inside the request head".into(),
+                    ))
+                };
+            }
+        }
+    }
+
+    async fn respond(
+        &mut self,
+        status: u16,
+        reason: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        close: bool,
+    ) -> std::io::Result<()> {
+        let mut h: Vec<(&str, &str)> = headers.to_vec();
+        if close {
+            h.push(("Connection", "close"));
+        }
+        let mut out = http::response_head(status, reason, &h, Some(body.len()));
+        out.extend_from_slice(body);
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await
+    }
+
+    async fn dispatch(&mut self, head: &RequestHead, body: &[u8]) -> Next {
+        let path = head.path.split('?').next().unwrap_or("");
+        match (head.method.as_str(), path) {
+            ("CONNECT", "/CSCOSSLC/tunnel") => self.connect(head).await,
+            ("POST", _) | ("GET", "/") | ("GET", "/auth") => self.auth(head, body).await,
+            _ => {
+                let _ = self
+                    .respond(
+                        404,
+                        "Not Found",
+                        &[("Content-Type", "text/plain")],
+                        b"not found\n",
+                        false,
+                    )
+                    .await;
+                Next::KeepAlive
+            }
+        }
+    }
+}

@@ -1,0 +1,1479 @@
+//! End-to-end harness: network namespaces, veths, the gateway process and the
+//! stock `openconnect` client, all with guards that clean up even on panic.
+//!
+//! # Topology (`Topology::new(n_users)`)
+//!
+//! ```text
+//!   user i ns ──veth── gw ns ──veth── internal ns
+//!   198.18.(20+i).2/24  │  198.18.(20+i).1/24
+//!                       │  198.18.1.1/24 ──────── 198.18.1.2/24 (internal host)
+//!                       │  198.18.19.1/32 on lo  = the gateway's listen address
+//!                       │  TUN (made by the daemon): pool's first address/prefix
+//! ```
+//!
+//! - The gateway listens on one "outside" service address, `198.18.19.1:4443`,
+//!   held on the gw namespace's `lo`; every user namespace has the route
+//!   `198.18.19.0/24 via 198.18.(20+i).1`. So all users use the same URL and
+//!   the config has one concrete `listen` address.
+//! - User namespaces have **no** other route: the only way to the internal
+//!   network (198.18.1.0/24) or the pool (198.18.64.0/20) is the tunnel, so
+//!   the gw namespace's `ip_forward=1` cannot be used to bypass the gateway.
+//! - The internal host routes `198.18.64.0/20 via 198.18.1.1`.
+//! - Veths are created directly inside their namespaces (`ip -n NS link add
+//!   .. peer .. netns OTHER`), so no name ever exists in the root namespace.
+//! - Every namespace is named `ige<pid>-<n><role>`; a sweep at the start of
+//!   each topology deletes namespaces with that prefix whose pid is dead.
+//!
+//! # openconnect
+//!
+//! The client runs as `ip netns exec USER sh -c 'mount -t tmpfs tmpfs /run &&
+//! exec openconnect ..'`: `ip netns exec` already gives the command a private
+//! mount namespace (slave propagation), so the tmpfs hides the stock
+//! vpnc-script's `/var/run/vpnc` from the host, and `/etc/netns/USER/resolv.conf`
+//! (created empty before the client starts) is bind-mounted over
+//! `/etc/resolv.conf`. `ip netns exec`, `sh -c exec` and `openconnect` share one
+//! pid, so the `Child` *is* openconnect and SIGTERM is a clean logoff.
+//! The `--script` wrapper records the environment, writes DNS into the
+//! namespace's resolv.conf, unsets the DNS variables and execs the stock
+//! vpnc-script (which then never touches any resolv.conf).
+#![allow(dead_code)]
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Path of the daemon under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_intragate");
+/// The gateway's listen address (on the gw namespace's lo).
+pub const LISTEN_IP: &str = "198.18.19.1";
+pub const LISTEN_PORT: u16 = 4443;
+pub const GW_INTERNAL_IP: &str = "198.18.1.1";
+pub const INTERNAL_IP: &str = "198.18.1.2";
+pub const INTERNAL_NET: &str = "198.18.1.0/24";
+pub const VPNC_SCRIPT: &str = "/usr/share/vpnc-scripts/vpnc-script";
+pub const PYTHON: &str = "/usr/bin/python3";
+const NS_PREFIX: &str = "ige";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+fn unique(role: &str) -> String {
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    format!("{NS_PREFIX}{}-{n}{role}", std::process::id())
+}
+
+// ---------------------------------------------------------------------------
+// Prerequisites
+// ---------------------------------------------------------------------------
+
+fn strict() -> bool {
+    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
+        || std::env::var("INTRAGATE_E2E")
+            .map(|v| v == "1")
+            .unwrap_or(false)
+}
+
+fn missing_prerequisite() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("not root".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun missing".into());
+    }
+    let ok = |prog: &str, args: &[&str]| {
+        run_cmd(prog, args, None, Duration::from_secs(10))
+            .status
+            .map(|s| s.success())
+            .unwrap_or(false)
+    };
+    if !ok("ip", &["netns", "list"]) {
+        return Some("`ip netns list` does not work".into());
+    }
+    if !ok("openconnect", &["--version"]) {
+        return Some("openconnect not installed".into());
+    }
+    if !Path::new(VPNC_SCRIPT).exists() {
+        return Some(format!("{VPNC_SCRIPT} missing"));
+    }
+    if !ok(PYTHON, &["-c", "import ssl"]) {
+        return Some(format!("{PYTHON} with ssl missing"));
+    }
+    if !ok("ss", &["-V"]) {
+        return Some("ss (iproute2) missing".into());
+    }
+    None
+}
+
+/// True when the e2e test may run. Missing prerequisites are a failure under
+/// CI=true / INTRAGATE_E2E=1, otherwise the test prints "skipping: why".
+pub fn e2e_enabled() -> bool {
+    match missing_prerequisite() {
+        None => true,
+        Some(why) if strict() => panic!("e2e prerequisite missing (CI/INTRAGATE_E2E set): {why}"),
+        Some(why) => {
+            eprintln!("skipping: {why}");
+            false
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Waiting and one-shot commands
+// ---------------------------------------------------------------------------
+
+/// Poll `cond` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Output of a one-shot command. `status` is None when it timed out (killed).
+#[derive(Debug)]
+pub struct CmdOut {
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub what: String,
+}
+
+impl CmdOut {
+    pub fn ok(&self) -> bool {
+        self.status.map(|s| s.success()).unwrap_or(false)
+    }
+    pub fn code(&self) -> Option<i32> {
+        self.status.and_then(|s| s.code())
+    }
+    /// Panic with everything when the command failed.
+    pub fn expect_ok(self) -> Self {
+        if !self.ok() {
+            panic!("command failed: {self}");
+        }
+        self
+    }
+}
+
+impl std::fmt::Display for CmdOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let st = match self.status {
+            Some(s) => format!("{s}"),
+            None => "TIMED OUT (killed)".into(),
+        };
+        write!(
+            f,
+            "`{}` -> {st}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.what,
+            tail(&self.stdout, 8000),
+            tail(&self.stderr, 8000)
+        )
+    }
+}
+
+fn set_pdeathsig(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// Run a command to completion with a hard timeout (killed after it).
+pub fn run_cmd(prog: &str, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CmdOut {
+    let what = std::iter::once(prog)
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut cmd = Command::new(prog);
+    cmd.args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    set_pdeathsig(&mut cmd);
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return CmdOut {
+                status: Some(std::os::unix::process::ExitStatusExt::from_raw(127 << 8)),
+                stdout: String::new(),
+                stderr: format!("spawn failed: {e}"),
+                what,
+            }
+        }
+    };
+    if let Some(data) = stdin {
+        let mut si = child.stdin.take().unwrap();
+        let data = data.to_vec();
+        std::thread::spawn(move || {
+            let _ = si.write_all(&data);
+        });
+    }
+    let mut so = child.stdout.take().unwrap();
+    let mut se = child.stderr.take().unwrap();
+    let to = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = so.read_to_end(&mut v);
+        v
+    });
+    let te = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = se.read_to_end(&mut v);
+        v
+    });
+    let end = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(10)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+        }
+    };
+    // A grandchild holding the pipes open must not hang us: bounded join.
+    let join = |t: std::thread::JoinHandle<Vec<u8>>| {
+        let end = Instant::now() + Duration::from_secs(2);
+        while !t.is_finished() && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if t.is_finished() {
+            String::from_utf8_lossy(&t.join().unwrap_or_default()).into_owned()
+        } else {
+            "<output pipe still held open by a descendant>".into()
+        }
+    };
+    CmdOut {
+        status,
+        stdout: join(to),
+        stderr: join(te),
+        what,
+    }
+}
+
+/// `ip netns exec NS prog args..` with a timeout.
+pub fn ns_run(ns: &str, args: &[&str], timeout: Duration) -> CmdOut {
+    let mut a = vec!["netns", "exec", ns];
+    a.extend_from_slice(args);
+    run_cmd("ip", &a, None, timeout)
+}
+
+/// `ip args..` that must succeed (setup steps).
+pub fn ip(args: &[&str]) {
+    run_cmd("ip", args, None, Duration::from_secs(10)).expect_ok();
+}
+
+pub fn tail(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut start = s.len() - max;
+    while !s.is_char_boundary(start) {
+        start += 1;
+    }
+    &s[start..]
+}
+
+pub fn read_lossy(p: &Path) -> String {
+    fs::read(p)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+// ---------------------------------------------------------------------------
+// Temp dir
+// ---------------------------------------------------------------------------
+
+/// A private directory under the system temp dir, removed on drop (kept when
+/// INTRAGATE_E2E_KEEP=1).
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let path = std::env::temp_dir().join(format!("{}-{tag}", unique("t")));
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir { path }
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.path.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::env::var("INTRAGATE_E2E_KEEP").as_deref() == Ok("1") {
+            eprintln!("keeping {}", self.path.display());
+            return;
+        }
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/// A long-running child whose stdout+stderr go to a log file. Dropping it
+/// sends SIGTERM, waits up to 5 s, then SIGKILLs. On a panicking thread the
+/// log tail is printed.
+pub struct Proc {
+    pub name: String,
+    pub child: Option<Child>,
+    pub log: PathBuf,
+    exit: Option<ExitStatus>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, prog: &str, args: &[&str], stdin: Stdio, log: PathBuf) -> Proc {
+        let f = fs::File::create(&log).expect("create log");
+        let f2 = f.try_clone().expect("clone log fd");
+        let mut cmd = Command::new(prog);
+        cmd.args(args).stdin(stdin).stdout(f).stderr(f2);
+        set_pdeathsig(&mut cmd);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {name} ({prog}): {e}"));
+        Proc {
+            name: name.into(),
+            child: Some(child),
+            log,
+            exit: None,
+        }
+    }
+
+    /// `ip netns exec NS args..` as a long-running process.
+    pub fn spawn_in(ns: &str, name: &str, args: &[&str], log: PathBuf) -> Proc {
+        let mut a = vec!["netns", "exec", ns];
+        a.extend_from_slice(args);
+        Proc::spawn(name, "ip", &a, Stdio::null(), log)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(-1)
+    }
+
+    pub fn log_text(&self) -> String {
+        read_lossy(&self.log)
+    }
+
+    /// Exit status if it has exited (non-blocking).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        if self.exit.is_none() {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(s)) = c.try_wait() {
+                    self.exit = Some(s);
+                }
+            }
+        }
+        self.exit
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        wait_until(timeout, || self.exited().is_some());
+        self.exited()
+    }
+
+    pub fn signal(&mut self, sig: i32) {
+        if self.exited().is_none() {
+            // SAFETY: kill(2) on our own child's pid, which has not been reaped.
+            unsafe {
+                libc::kill(self.pid(), sig);
+            }
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL. Returns the exit status.
+    pub fn stop(&mut self, grace: Duration) -> Option<ExitStatus> {
+        self.signal(libc::SIGTERM);
+        if self.wait_exit(grace).is_none() {
+            if let Some(c) = self.child.as_mut() {
+                let _ = c.kill();
+                if let Ok(s) = c.wait() {
+                    self.exit = Some(s);
+                }
+            }
+        }
+        self.exit
+    }
+
+    pub fn dump(&self) {
+        eprintln!(
+            "===== log of {} ({}) =====\n{}\n===== end of {} =====",
+            self.name,
+            self.log.display(),
+            tail(&self.log_text(), 20000),
+            self.name
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop(Duration::from_secs(5));
+        if std::thread::panicking() {
+            self.dump();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Namespaces
+// ---------------------------------------------------------------------------
+
+/// A network namespace deleted on drop (after killing whatever still runs in
+/// it, which can only be ours), together with `/etc/netns/NAME`.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(role: &str) -> Netns {
+        let name = unique(role);
+        ip(&["netns", "add", &name]);
+        let ns = Netns { name };
+        ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Create `/etc/netns/NAME/resolv.conf` (empty) so that every later
+    /// `ip netns exec` bind-mounts it over `/etc/resolv.conf`.
+    pub fn private_resolv_conf(&self) -> PathBuf {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        for _ in 0..5 {
+            if fs::create_dir_all(&dir).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let f = dir.join("resolv.conf");
+        fs::write(&f, "# e2e test namespace\n").expect("write netns resolv.conf");
+        f
+    }
+
+    pub fn exec(&self, args: &[&str], timeout: Duration) -> CmdOut {
+        ns_run(&self.name, args, timeout)
+    }
+
+    pub fn ip(&self, args: &[&str]) {
+        let mut a = vec!["-n", &self.name];
+        a.extend_from_slice(args);
+        ip(&a);
+    }
+}
+
+fn kill_ns_pids(name: &str) {
+    let out = run_cmd("ip", &["netns", "pids", name], None, Duration::from_secs(5));
+    for pid in out
+        .stdout
+        .split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+    {
+        // SAFETY: kill(2); the pid is a process inside our own test namespace.
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+fn delete_ns(name: &str) {
+    kill_ns_pids(name);
+    let _ = run_cmd("ip", &["netns", "del", name], None, Duration::from_secs(10));
+    let _ = fs::remove_dir_all(Path::new("/etc/netns").join(name));
+    let _ = fs::remove_dir(Path::new("/etc/netns")); // only if empty
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        delete_ns(&self.name);
+    }
+}
+
+/// Delete namespaces left by earlier runs of this harness whose pid is dead.
+pub fn sweep_stale() {
+    let out = run_cmd("ip", &["netns", "list"], None, Duration::from_secs(5));
+    for line in out.stdout.lines() {
+        let name = line.split_whitespace().next().unwrap_or("");
+        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+            continue;
+        };
+        let Some((pid, _)) = rest.split_once('-') else {
+            continue;
+        };
+        let Ok(pid) = pid.parse::<u32>() else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("sweeping stale namespace {name}");
+            delete_ns(name);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Topology
+// ---------------------------------------------------------------------------
+
+pub struct UserHost {
+    pub ns: Netns,
+    /// The user's own link address (outside the tunnel).
+    pub link_ip: String,
+    pub index: usize,
+}
+
+/// gw + internal host + n user hosts (see the module doc). Field order is the
+/// drop order: users and internal first, gw last.
+pub struct Topology {
+    pub users: Vec<UserHost>,
+    pub internal: Netns,
+    pub gw: Netns,
+}
+
+impl Topology {
+    pub fn new(n_users: usize) -> Topology {
+        assert!(n_users < 40, "user links are 198.18.(20+i).0/24, i < 40");
+        sweep_stale();
+        let gw = Netns::new("g");
+        let internal = Netns::new("i");
+        let mut topo = Topology {
+            users: Vec::new(),
+            internal,
+            gw,
+        };
+        let g = topo.gw.name.clone();
+        let i = topo.internal.name.clone();
+        topo.gw
+            .exec(
+                &["sysctl", "-qw", "net.ipv4.ip_forward=1"],
+                Duration::from_secs(5),
+            )
+            .expect_ok();
+        topo.gw
+            .ip(&["addr", "add", &format!("{LISTEN_IP}/32"), "dev", "lo"]);
+        // gw <-> internal
+        ip(&[
+            "-n", &g, "link", "add", "vi", "type", "veth", "peer", "name", "vg", "netns", &i,
+        ]);
+        topo.gw
+            .ip(&["addr", "add", &format!("{GW_INTERNAL_IP}/24"), "dev", "vi"]);
+        topo.gw.ip(&["link", "set", "vi", "up"]);
+        topo.internal
+            .ip(&["addr", "add", &format!("{INTERNAL_IP}/24"), "dev", "vg"]);
+        topo.internal.ip(&["link", "set", "vg", "up"]);
+        topo.internal
+            .ip(&["route", "add", "198.18.64.0/20", "via", GW_INTERNAL_IP]);
+        for idx in 0..n_users {
+            let ns = Netns::new(&format!("u{idx}"));
+            ns.private_resolv_conf();
+            let u = ns.name.clone();
+            let gside = format!("vu{idx}");
+            ip(&[
+                "-n", &g, "link", "add", &gside, "type", "veth", "peer", "name", "vg", "netns", &u,
+            ]);
+            let net = 20 + idx;
+            topo.gw
+                .ip(&["addr", "add", &format!("198.18.{net}.1/24"), "dev", &gside]);
+            topo.gw.ip(&["link", "set", &gside, "up"]);
+            ns.ip(&["addr", "add", &format!("198.18.{net}.2/24"), "dev", "vg"]);
+            ns.ip(&["link", "set", "vg", "up"]);
+            ns.ip(&[
+                "route",
+                "add",
+                "198.18.19.0/24",
+                "via",
+                &format!("198.18.{net}.1"),
+            ]);
+            topo.users.push(UserHost {
+                ns,
+                link_ip: format!("198.18.{net}.2"),
+                index: idx,
+            });
+        }
+        topo
+    }
+
+    pub fn user(&self, i: usize) -> &str {
+        &self.users[i].ns.name
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{LISTEN_IP}:{LISTEN_PORT}/")
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Gateway
+// ---------------------------------------------------------------------------
+
+pub struct GatewayOpts {
+    pub pool_cidr: String,
+    pub client_to_client: bool,
+    /// Extra TOML appended verbatim (e.g. a `[security]` table).
+    pub extra: String,
+}
+
+impl Default for GatewayOpts {
+    fn default() -> Self {
+        GatewayOpts {
+            pool_cidr: "198.18.64.0/28".into(),
+            client_to_client: true,
+            extra: String::new(),
+        }
+    }
+}
+
+pub struct Gateway {
+    pub proc: Proc,
+    pub config: PathBuf,
+    pub pin: String,
+    pub dir: PathBuf,
+}
+
+/// Write the gateway config into `dir` and return its path.
+pub fn write_gateway_config(dir: &Path, o: &GatewayOpts) -> PathBuf {
+    let state = dir.join("state");
+    fs::create_dir_all(&state).unwrap();
+    let cfg = format!(
+        r#"[gateway]
+listen = "{LISTEN_IP}:{LISTEN_PORT}"
+domain = "corp.example"
+state_dir = "{state}"
+users_file = "users"
+policies_dir = "policies"
+tun_name = "igt0"
+mtu = 1400
+
+[network]
+internal = ["{INTERNAL_NET}"]
+client_to_client = {c2c}
+
+[sessions]
+dpd = 10
+keepalive = 5
+
+[[pool]]
+name = "default"
+cidr = "{pool}"
+{extra}
+"#,
+        state = state.display(),
+        c2c = o.client_to_client,
+        pool = o.pool_cidr,
+        extra = o.extra,
+    );
+    let path = dir.join("intragate.toml");
+    fs::write(&path, cfg).unwrap();
+    path
+}
+
+/// `intragate user add NAME --group G --password-stdin --config CFG`.
+pub fn add_user(config: &Path, name: &str, group: &str, password: &str) {
+    run_cmd(
+        BIN,
+        &[
+            "user",
+            "add",
+            name,
+            "--group",
+            group,
+            "--password-stdin",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        Some(format!("{password}\n").as_bytes()),
+        Duration::from_secs(20),
+    )
+    .expect_ok();
+}
+
+/// First `pin-sha256:BASE64` in `text`.
+pub fn parse_pin(text: &str) -> Option<String> {
+    let i = text.find("pin-sha256:")?;
+    let rest = &text[i + "pin-sha256:".len()..];
+    let b64: String = rest
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '+' || *c == '/' || *c == '=')
+        .collect();
+    (b64.len() >= 43).then(|| format!("pin-sha256:{b64}"))
+}
+
+impl Gateway {
+    /// Start `intragate run` in the gw namespace and wait until the listen
+    /// port accepts (checked with `ss`, so no connection is made) and the pin
+    /// is known.
+    pub fn start(topo: &Topology, dir: &Path, config: PathBuf) -> Gateway {
+        run_cmd(
+            BIN,
+            &["check", "--config", config.to_str().unwrap()],
+            None,
+            Duration::from_secs(20),
+        )
+        .expect_ok();
+        let mut proc = Proc::spawn_in(
+            &topo.gw.name,
+            "gateway",
+            &[BIN, "run", "--config", config.to_str().unwrap()],
+            dir.join("gateway.log"),
+        );
+        let gw_ns = topo.gw.name.clone();
+        let filter = format!("sport = :{LISTEN_PORT}");
+        let listening = wait_until(Duration::from_secs(20), || {
+            if proc.exited().is_some() {
+                return true;
+            }
+            let o = ns_run(&gw_ns, &["ss", "-Hltn", &filter], Duration::from_secs(5));
+            o.stdout.contains(&format!("{LISTEN_IP}:{LISTEN_PORT}"))
+                || o.stdout.contains(&format!("*:{LISTEN_PORT}"))
+                || o.stdout.contains(&format!("0.0.0.0:{LISTEN_PORT}"))
+        });
+        if let Some(st) = proc.exited() {
+            panic!("gateway exited during start-up: {st}");
+        }
+        assert!(
+            listening,
+            "gateway does not listen on {LISTEN_IP}:{LISTEN_PORT} after 20 s"
+        );
+        let mut pin = None;
+        wait_until(Duration::from_secs(3), || {
+            pin = parse_pin(&proc.log_text());
+            pin.is_some()
+        });
+        if pin.is_none() {
+            let o = run_cmd(
+                BIN,
+                &["fingerprint", "--config", config.to_str().unwrap()],
+                None,
+                Duration::from_secs(10),
+            );
+            pin = parse_pin(&o.stdout);
+            assert!(
+                pin.is_some(),
+                "no pin-sha256 in gateway stderr nor in `fingerprint`: {o}"
+            );
+        }
+        Gateway {
+            proc,
+            config,
+            pin: pin.unwrap(),
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log_text()
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.proc.exited().is_none()
+    }
+
+    /// `intragate ctl --config CFG stats --json`, parsed.
+    pub fn stats(&self) -> Result<serde_json::Value, String> {
+        let o = run_cmd(
+            BIN,
+            &[
+                "ctl",
+                "--config",
+                self.config.to_str().unwrap(),
+                "stats",
+                "--json",
+            ],
+            None,
+            Duration::from_secs(10),
+        );
+        if !o.ok() {
+            return Err(format!("{o}"));
+        }
+        serde_json::from_str(o.stdout.trim()).map_err(|e| format!("bad JSON ({e}): {o}"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// openconnect client
+// ---------------------------------------------------------------------------
+
+/// What the wrapper recorded for one script invocation.
+pub type ScriptEnv = BTreeMap<String, String>;
+
+/// Write the `--script` wrapper for one client.
+pub fn write_wrapper(path: &Path, record: &Path, resolv_conf: &Path) {
+    let s = format!(
+        r###"#!/bin/sh
+# e2e harness vpnc-script wrapper: record, keep DNS inside the namespace,
+# then hand over to the stock script.
+REC='{rec}'
+{{
+  echo "--- begin $reason"
+  env | grep -E '^(reason|TUNDEV|VPNGATEWAY|VPNPID|INTERNAL_IP4_|INTERNAL_IP6_|CISCO_DEF_DOMAIN|CISCO_SPLIT_|CISCO_BANNER|IDLE_TIMEOUT|LOG_LEVEL)' | sort
+  echo "--- end $reason"
+}} >> "$REC"
+if [ "$reason" = connect ]; then
+  {{
+    echo "# written by the e2e wrapper"
+    for d in $INTERNAL_IP4_DNS; do echo "nameserver $d"; done
+    if [ -n "$CISCO_DEF_DOMAIN" ]; then echo "search $CISCO_DEF_DOMAIN"; fi
+  }} > '{resolv}'
+fi
+unset INTERNAL_IP4_DNS INTERNAL_IP6_DNS CISCO_DEF_DOMAIN CISCO_SPLIT_DNS
+exec {script} "$@"
+"###,
+        rec = record.display(),
+        resolv = resolv_conf.display(),
+        script = VPNC_SCRIPT,
+    );
+    fs::write(path, s).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// Parse the wrapper's record file: complete blocks only, in order.
+pub fn parse_records(text: &str) -> Vec<ScriptEnv> {
+    let mut out = Vec::new();
+    let mut cur: Option<ScriptEnv> = None;
+    for line in text.lines() {
+        if line.starts_with("--- begin ") {
+            cur = Some(ScriptEnv::new());
+        } else if line.starts_with("--- end ") {
+            if let Some(c) = cur.take() {
+                out.push(c);
+            }
+        } else if let Some(c) = cur.as_mut() {
+            if let Some((k, v)) = line.split_once('=') {
+                c.insert(k.to_string(), v.to_string());
+            }
+        }
+    }
+    out
+}
+
+pub struct ClientOpts {
+    pub user: String,
+    pub password: String,
+    pub interface: String,
+    pub extra_args: Vec<String>,
+}
+
+/// A running `openconnect` in a user namespace.
+pub struct Client {
+    pub proc: Proc,
+    pub ns: String,
+    pub user: String,
+    pub interface: String,
+    pub record: PathBuf,
+    pub resolv: PathBuf,
+}
+
+/// A tunnel that came up.
+#[derive(Debug, Clone)]
+pub struct Tunnel {
+    pub addr: Ipv4Addr,
+    pub env: ScriptEnv,
+}
+
+impl Client {
+    /// Start openconnect for `user` from user host `idx`.
+    pub fn start(topo: &Topology, idx: usize, gw: &Gateway, dir: &Path, o: ClientOpts) -> Client {
+        let ns = topo.user(idx).to_string();
+        let tag = format!("{}-{}", o.user, unique("c"));
+        let record = dir.join(format!("{tag}.env"));
+        let wrapper = dir.join(format!("{tag}.vpnc-wrapper.sh"));
+        let resolv = Path::new("/etc/netns").join(&ns).join("resolv.conf");
+        assert!(
+            resolv.exists(),
+            "user namespace {ns} has no private resolv.conf"
+        );
+        write_wrapper(&wrapper, &record, &resolv);
+        let pwfile = dir.join(format!("{tag}.password"));
+        fs::write(&pwfile, format!("{}\n", o.password)).unwrap();
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            ns.clone(),
+            "sh".into(),
+            "-c".into(),
+            "mount -t tmpfs -o size=1m,mode=755 e2e-run /run && exec \"$@\"".into(),
+            "sh".into(),
+            "openconnect".into(),
+            "-v".into(),
+            "--protocol=anyconnect".into(),
+            "--no-dtls".into(),
+            format!("--user={}", o.user),
+            "--passwd-on-stdin".into(),
+            "--non-inter".into(),
+            "--servercert".into(),
+            gw.pin.clone(),
+            "--interface".into(),
+            o.interface.clone(),
+            "--script".into(),
+            wrapper.to_str().unwrap().into(),
+            "--reconnect-timeout".into(),
+            "30".into(),
+        ];
+        args.extend(o.extra_args.iter().cloned());
+        args.push(topo.url());
+        let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let stdin = Stdio::from(fs::File::open(&pwfile).unwrap());
+        let proc = Proc::spawn(
+            &format!("openconnect {} ({ns})", o.user),
+            "ip",
+            &argv,
+            stdin,
+            dir.join(format!("{tag}.log")),
+        );
+        Client {
+            proc,
+            ns,
+            user: o.user,
+            interface: o.interface,
+            record,
+            resolv,
+        }
+    }
+
+    pub fn records(&self) -> Vec<ScriptEnv> {
+        parse_records(&read_lossy(&self.record))
+    }
+
+    pub fn log(&self) -> String {
+        self.proc.log_text()
+    }
+
+    /// Wait until the wrapper recorded "connect" and the address is on the
+    /// interface. Err(log) if openconnect exits or time runs out.
+    pub fn wait_up(&mut self, timeout: Duration) -> Result<Tunnel, String> {
+        let end = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.proc.exited() {
+                return Err(format!(
+                    "openconnect for {} exited ({st}) before the tunnel came up\n{}",
+                    self.user,
+                    tail(&self.log(), 12000)
+                ));
+            }
+            let recs = self.records();
+            if let Some(env) = recs
+                .iter()
+                .rev()
+                .find(|e| e.get("reason").map(|r| r == "connect").unwrap_or(false))
+            {
+                if let Some(addr) = env
+                    .get("INTERNAL_IP4_ADDRESS")
+                    .and_then(|a| a.parse::<Ipv4Addr>().ok())
+                {
+                    let o = ns_run(
+                        &self.ns,
+                        &["ip", "-4", "-o", "addr", "show", "dev", &self.interface],
+                        Duration::from_secs(5),
+                    );
+                    if o.stdout.contains(&format!("inet {addr}")) {
+                        return Ok(Tunnel {
+                            addr,
+                            env: env.clone(),
+                        });
+                    }
+                }
+            }
+            if Instant::now() >= end {
+                return Err(format!(
+                    "tunnel for {} not up after {timeout:?}; records: {recs:?}\n{}",
+                    self.user,
+                    tail(&self.log(), 12000)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM (clean logoff) and wait for the exit status.
+    pub fn logoff(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.proc.signal(libc::SIGTERM);
+        self.proc.wait_exit(timeout)
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "===== vpnc-script records of {} ({}) =====\n{}",
+                self.user,
+                self.ns,
+                read_lossy(&self.record)
+            );
+        }
+    }
+}
+
+/// Log on and wait for the tunnel; panics with the client's and gateway's logs.
+pub fn logon(
+    topo: &Topology,
+    idx: usize,
+    gw: &Gateway,
+    dir: &Path,
+    user: &str,
+    password: &str,
+) -> (Client, Tunnel) {
+    let mut c = Client::start(
+        topo,
+        idx,
+        gw,
+        dir,
+        ClientOpts {
+            user: user.into(),
+            password: password.into(),
+            interface: "oc0".into(),
+            extra_args: vec![],
+        },
+    );
+    match c.wait_up(Duration::from_secs(25)) {
+        Ok(t) => (c, t),
+        Err(e) => panic!("logon of {user} failed: {e}"),
+    }
+}
+
+/// `openconnect --authenticate` (auth only, no tunnel): Ok(COOKIE value).
+pub fn authenticate(
+    topo: &Topology,
+    idx: usize,
+    gw: &Gateway,
+    user: &str,
+    password: &str,
+) -> Result<String, CmdOut> {
+    let args = [
+        "netns",
+        "exec",
+        topo.user(idx),
+        "openconnect",
+        "--authenticate",
+        "--protocol=anyconnect",
+        "--no-dtls",
+        &format!("--user={user}"),
+        "--passwd-on-stdin",
+        "--non-inter",
+        "--servercert",
+        &gw.pin,
+        &topo.url(),
+    ];
+    let o = run_cmd(
+        "ip",
+        &args,
+        Some(format!("{password}\n").as_bytes()),
+        Duration::from_secs(20),
+    );
+    if !o.ok() {
+        return Err(o);
+    }
+    for line in o.stdout.lines() {
+        if let Some(v) = line.strip_prefix("COOKIE=") {
+            return Ok(v.trim_matches('\'').to_string());
+        }
+    }
+    Err(o)
+}
+
+// ---------------------------------------------------------------------------
+// Traffic helpers (python3 probe script, ping)
+// ---------------------------------------------------------------------------
+
+/// Write the probe script into `dir` and return its path.
+pub fn probe_script(dir: &Path) -> PathBuf {
+    let p = dir.join("netprobe.py");
+    if !p.exists() {
+        fs::write(&p, NETPROBE_PY).unwrap();
+    }
+    p
+}
+
+/// Ping until one reply arrives or `timeout` passes.
+pub fn ping_ok(ns: &str, dst: &str, timeout: Duration) -> bool {
+    wait_until(timeout, || {
+        ns_run(
+            ns,
+            &["ping", "-n", "-c", "1", "-W", "1", dst],
+            Duration::from_secs(3),
+        )
+        .ok()
+    })
+}
+
+/// A server from the probe script, ready once its log says LISTENING.
+pub fn start_server(ns: &str, dir: &Path, name: &str, args: &[&str]) -> Proc {
+    let script = probe_script(dir);
+    let mut a = vec![PYTHON, "-u", script.to_str().unwrap()];
+    a.extend_from_slice(args);
+    let p = Proc::spawn_in(
+        ns,
+        name,
+        &a,
+        dir.join(format!("{name}-{}.log", unique("s"))),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || p
+            .log_text()
+            .contains("LISTENING")),
+        "{name} did not start: {}",
+        p.log_text()
+    );
+    p
+}
+
+/// Run a probe client subcommand to completion.
+pub fn probe(ns: &str, dir: &Path, args: &[&str], timeout: Duration) -> CmdOut {
+    let script = probe_script(dir);
+    let mut a = vec![PYTHON, "-u", script.to_str().unwrap()];
+    a.extend_from_slice(args);
+    ns_run(ns, &a, timeout)
+}
+
+/// Python helper. Every operation is bounded by an explicit timeout.
+pub const NETPROBE_PY: &str = r###"
+import os, random, select, socket, ssl, struct, sys, time
+
+def out(*a):
+    print(*a, flush=True)
+
+def tcp_serve(host, port, count, timeout):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, int(port))); s.listen(16); s.settimeout(float(timeout))
+    out("LISTENING")
+    for _ in range(int(count)):
+        try:
+            c, peer = s.accept()
+        except socket.timeout:
+            out("TIMEOUT"); return
+        c.settimeout(5)
+        data = b""
+        try:
+            while not data.endswith(b"\n") and len(data) < 4096:
+                d = c.recv(4096)
+                if not d: break
+                data += d
+            line = data.decode(errors="replace").strip()
+            out("GOT", peer[0], line)
+            c.sendall(("reply from %s to %s: %s\n" % (host, peer[0], line)).encode())
+        except Exception as e:
+            out("ERR", repr(e))
+        c.close()
+
+def tcp_send(host, port, msg, timeout):
+    s = socket.create_connection((host, int(port)), timeout=float(timeout))
+    s.sendall((msg + "\n").encode())
+    data = b""
+    while not data.endswith(b"\n"):
+        d = s.recv(4096)
+        if not d: break
+        data += d
+    out(data.decode(errors="replace").strip())
+    sys.exit(0 if data else 1)
+
+def udp_serve(host, port, timeout):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind((host, int(port)))
+    out("LISTENING")
+    end = time.time() + float(timeout)
+    while time.time() < end:
+        s.settimeout(max(0.05, end - time.time()))
+        try:
+            d, peer = s.recvfrom(65535)
+        except socket.timeout:
+            break
+        out("GOT", peer[0], d.decode(errors="replace"))
+        s.sendto(b"reply:" + d, peer)
+
+def udp_send(host, port, msg, timeout):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.settimeout(0.5)
+    end = time.time() + float(timeout)
+    while time.time() < end:
+        s.sendto(msg.encode(), (host, int(port)))
+        try:
+            d, peer = s.recvfrom(65535)
+            out(d.decode(errors="replace")); return
+        except socket.timeout:
+            pass
+    sys.exit(1)
+
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return (~s) & 0xffff
+
+def raw_udp(src, dst, port, msg):
+    # A UDP datagram with a chosen source address (IP_HDRINCL), routed by the
+    # kernel by destination: i.e. into the tunnel for tunnel destinations.
+    payload = msg.encode()
+    udp = struct.pack("!HHHH", 40000, int(port), 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), random.randint(1, 65535), 0,
+                     64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    s.sendto(ip + udp, (dst, 0))
+    out("SENT", src, "->", dst, port)
+
+# ---------------------------------------------------------------- hostile --
+def tls_ctx():
+    c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    c.check_hostname = False
+    c.verify_mode = ssl.CERT_NONE
+    return c
+
+def tls_connect(host, port, timeout=5):
+    raw = socket.create_connection((host, port), timeout=timeout)
+    return tls_ctx().wrap_socket(raw, server_hostname=None)
+
+def read_response(s, timeout):
+    """Status line + headers (or what arrived) until close/timeout."""
+    s.settimeout(timeout)
+    data = b""
+    end = time.time() + timeout
+    try:
+        while b"\r\n\r\n" not in data and time.time() < end and len(data) < 65536:
+            d = s.recv(65536)
+            if not d:
+                return data, "closed"
+            data += d
+    except (socket.timeout, TimeoutError):
+        return data, "timeout"
+    except (ssl.SSLError, OSError) as e:
+        return data, "error:" + e.__class__.__name__
+    return data, "response"
+
+def status_of(data):
+    try:
+        return int(data.split(b" ", 2)[1])
+    except Exception:
+        return None
+
+def wait_closed(s, timeout):
+    s.settimeout(timeout)
+    end = time.time() + timeout
+    try:
+        while time.time() < end:
+            d = s.recv(65536)
+            if not d:
+                return "closed"
+    except (socket.timeout, TimeoutError):
+        return "open"
+    except (ssl.SSLError, OSError) as e:
+        return "error:" + e.__class__.__name__
+    return "open"
+
+def result(name, ok, detail):
+    out("RESULT", name, "ok" if ok else "FAIL", detail)
+
+def send_budget(s, chunks, budget, timeout):
+    """Send chunks until budget bytes or the peer stops us. Returns (sent, why)."""
+    s.settimeout(timeout)
+    sent = 0
+    try:
+        for c in chunks:
+            if sent >= budget:
+                return sent, "budget"
+            s.sendall(c)
+            sent += len(c)
+    except (socket.timeout, TimeoutError):
+        return sent, "stalled"
+    except (ssl.SSLError, OSError) as e:
+        return sent, "error:" + e.__class__.__name__
+    return sent, "budget"
+
+HDRS = ("X-Aggregate-Auth: 1\r\nX-Transcend-Version: 1\r\nX-Support-HTTP-Auth: true\r\n"
+        "User-Agent: e2e-hostile\r\nAccept: */*\r\n")
+
+def h_bad_magic(host, port, cookie):
+    try:
+        s = tls_connect(host, port)
+    except Exception as e:
+        result("bad_magic", False, "TLS connect failed: %r" % e); return
+    req = ("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: %s\r\nUser-Agent: Open AnyConnect VPN Agent v9.01\r\n"
+           "Cookie: webvpn=%s\r\nX-CSTP-Version: 1\r\nX-CSTP-Hostname: mallory-box\r\n"
+           "X-CSTP-Base-MTU: 1500\r\nX-CSTP-MTU: 1400\r\nX-CSTP-Address-Type: IPv4\r\n\r\n") % (host, cookie)
+    s.sendall(req.encode())
+    data, how = read_response(s, 5)
+    st = status_of(data)
+    if st != 200:
+        result("bad_magic", False, "CONNECT with a valid cookie got %r (%s): %r" % (st, how, data[:300])); return
+    # one valid keepalive, then a frame with bad magic
+    s.sendall(b"STF\x01\x00\x00\x07\x00")
+    s.sendall(b"XXXX\x00\x04\x00\x00abcd")
+    t0 = time.time()
+    r = wait_closed(s, 8)
+    result("bad_magic", r != "open", "after a bad-magic frame the server: %s after %.1fs" % (r, time.time() - t0))
+
+def h_garbage(host, port):
+    s = socket.create_connection((host, port), timeout=5)
+    try:
+        s.sendall(bytes(random.getrandbits(8) for _ in range(4096)))
+    except OSError:
+        pass
+    r = wait_closed(s, 10)
+    result("garbage_instead_of_tls", r != "open", "server: %s" % r)
+
+def h_truncated_hello(host, port):
+    s = socket.create_connection((host, port), timeout=5)
+    s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+    s.shutdown(socket.SHUT_WR)
+    r = wait_closed(s, 10)
+    result("truncated_client_hello", r != "open", "server: %s" % r)
+
+def h_huge_header(host, port):
+    s = tls_connect(host, port)
+    big = b"A" * (1 << 20)
+    chunks = [b"POST / HTTP/1.1\r\nHost: x\r\n" + HDRS.encode() + b"X-Big: "] + \
+             [big[i:i + 16384] for i in range(0, len(big), 16384)] + [b"\r\nContent-Length: 0\r\n\r\n"]
+    sent, why = send_budget(s, chunks, 1 << 30, 10)
+    data, how = read_response(s, 5)
+    st = status_of(data)
+    ok = st != 200
+    result("header_1MB", ok, "sent %d bytes (%s); server answered %r (%s) %r" % (sent, why, st, how, data[:120]))
+
+def h_endless_headers(host, port):
+    s = tls_connect(host, port)
+    def gen():
+        yield b"GET / HTTP/1.1\r\nHost: x\r\n"
+        i = 0
+        while True:
+            yield b"".join(b"X-Endless-%d: %s\r\n" % (i + k, b"v" * 40) for k in range(256))
+            i += 256
+    budget = 16 << 20
+    sent, why = send_budget(s, gen(), budget, 10)
+    data, how = read_response(s, 3)
+    ok = why != "budget"
+    result("endless_headers", ok, "server let us send %d bytes (%s) then %r (%s) %r" % (sent, why, status_of(data), how, data[:120]))
+
+def h_huge_body(host, port):
+    s = tls_connect(host, port)
+    total = 20 << 20
+    head = ("POST / HTTP/1.1\r\nHost: x\r\n" + HDRS + "Content-Type: application/xml\r\n"
+            "Content-Length: %d\r\n\r\n" % total).encode()
+    body0 = b'<?xml version="1.0" encoding="UTF-8"?>\n<config-auth client="vpn" type="init" aggregate-auth-version="2"><version who="vpn">v9.01</version><x>'
+    def gen():
+        yield head
+        yield body0
+        left = total - len(body0)
+        pad = b"y" * 65536
+        while left > 0:
+            n = min(left, len(pad)); left -= n
+            yield pad[:n]
+    sent, why = send_budget(s, gen(), 1 << 40, 10)
+    data, how = read_response(s, 5)
+    st = status_of(data)
+    ok = why != "budget" or (st is not None and st >= 400)
+    result("xml_body_20MB", ok, "sent %d of %d bytes (%s); server answered %r (%s) %r" % (sent, total + len(head), why, st, how, data[:160]))
+
+def h_invalid_xml(host, port):
+    s = tls_connect(host, port)
+    body = b'<?xml version="1.0"?><config-auth client="vpn" type="init"><<<&&&</version></config-auth'
+    s.sendall(("POST / HTTP/1.1\r\nHost: x\r\n" + HDRS + "Content-Length: %d\r\n\r\n" % len(body)).encode() + body)
+    data, how = read_response(s, 5)
+    st = status_of(data)
+    ok = how in ("response", "closed", ) or how.startswith("error")
+    ok = ok and not (st == 200 and b"complete" in data)
+    result("invalid_xml", ok, "server answered %r (%s) %r" % (st, how, data[:160]))
+
+def h_bogus_cookie(host, port, cookie_header, name):
+    s = tls_connect(host, port)
+    req = ("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: %s\r\n%sX-CSTP-Version: 1\r\n"
+           "X-CSTP-Hostname: x\r\nX-CSTP-MTU: 1400\r\nX-CSTP-Address-Type: IPv4\r\n\r\n") % (host, cookie_header)
+    s.sendall(req.encode())
+    data, how = read_response(s, 5)
+    st = status_of(data)
+    result(name, st != 200, "server answered %r (%s) %r" % (st, how, data[:160]))
+
+def h_half_open(host, port, n, release_file, hold_max):
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 256)), hard))
+    socks, pending = [], {}
+    for i in range(n):
+        s = socket.socket(); s.setblocking(False)
+        try:
+            s.connect((host, port))
+        except BlockingIOError:
+            pass
+        except OSError:
+            s.close(); continue
+        socks.append(s)
+    end = time.time() + 10
+    connected = set(); failed = 0
+    poll = select.poll()
+    fdmap = {s.fileno(): s for s in socks}
+    for fd in fdmap:
+        poll.register(fd, select.POLLOUT)
+    while fdmap and len(connected) + failed < len(socks) and time.time() < end:
+        for fd, ev in poll.poll(200):
+            s = fdmap.pop(fd, None)
+            if s is None: continue
+            poll.unregister(fd)
+            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err == 0: connected.add(fd)
+            else: failed += 1
+    out("HALFOPEN-HOLDING connected=%d failed=%d pending=%d" % (len(connected), failed, len(fdmap)))
+    hold_end = time.time() + float(hold_max)
+    while time.time() < hold_end and not os.path.exists(release_file):
+        time.sleep(0.05)
+    # how many did the server close on its own meanwhile?
+    closed_by_server = 0
+    for s in socks:
+        try:
+            s.setblocking(False)
+            if s.recv(1) == b"":
+                closed_by_server += 1
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            closed_by_server += 1
+    for s in socks:
+        s.close()
+    result("half_open_1000", True, "connected=%d failed=%d closed_by_server=%d (all closed by us now)" % (len(connected), failed, closed_by_server))
+
+def hostile(host, port, cookie, release_file):
+    port = int(port)
+    steps = [
+        lambda: h_bad_magic(host, port, cookie),
+        lambda: h_garbage(host, port),
+        lambda: h_truncated_hello(host, port),
+        lambda: h_huge_header(host, port),
+        lambda: h_endless_headers(host, port),
+        lambda: h_huge_body(host, port),
+        lambda: h_invalid_xml(host, port),
+        lambda: h_bogus_cookie(host, port, "Cookie: webvpn=bogus0123456789\r\n", "connect_bogus_cookie"),
+        lambda: h_bogus_cookie(host, port, "Cookie: webvpn=(null)\r\n", "connect_null_cookie"),
+        lambda: h_bogus_cookie(host, port, "", "connect_no_cookie"),
+        lambda: h_half_open(host, port, 1000, release_file, 20),
+    ]
+    for st in steps:
+        t0 = time.time()
+        try:
+            st()
+        except Exception as e:
+            out("RESULT", "step", "ERROR", repr(e))
+        out("STEP-TIME %.2f" % (time.time() - t0))
+    out("DONE")
+
+cmd, args = sys.argv[1], sys.argv[2:]
+{"tcp-serve": tcp_serve, "tcp-send": tcp_send, "udp-serve": udp_serve, "udp-send": udp_send,
+ "raw-udp": raw_udp, "hostile": hostile}[cmd](*args)
+"###;
