@@ -319,8 +319,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     CtlCmd::Stats { .. } => println!("{}", serde_json::to_string_pretty(&reply)?),
                     CtlCmd::Sessions { .. } => {
                         println!(
-                            "{:<8} {:<20} {:<16} {:<13} {:<16} {}",
-                            "ID", "USER", "ADDRESS", "STATE", "DEVICE", "CLIENT"
+                            "ID       USER                 ADDRESS          STATE         DEVICE           CLIENT"
                         );
                         for s in reply["sessions"].as_array().into_iter().flatten() {
                             println!(

@@ -479,8 +479,11 @@ impl IpPool {
 
     /// Number of addresses that can be leased.
     fn usable_count(&self) -> u128 {
-        // `last >= FIRST_LEASE_OFFSET` is guaranteed by the minimum prefix lengths.
-        (self.last - FIRST_LEASE_OFFSET + 1).saturating_sub(self.excluded.len() as u128)
+        // `last >= FIRST_LEASE_OFFSET` holds by the minimum prefix lengths; saturate anyway.
+        self.last
+            .saturating_sub(FIRST_LEASE_OFFSET)
+            .saturating_add(1)
+            .saturating_sub(self.excluded.len() as u128)
     }
 
     /// Host bits of the CIDR.

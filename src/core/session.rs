@@ -737,7 +737,8 @@ mod tests {
                     prop_assert_eq!(g.session_by_addr(s.addr).map(|x| x.id), Some(s.id));
                     prop_assert_eq!(g.session_by_token(&s.token).map(|x| x.id), Some(s.id));
                     let pool = g.pools().find(|p| p.name() == s.pool).expect("pool");
-                    prop_assert_eq!(pool.holder(s.addr), Some(user_key(&s.user).as_str()));
+                    let key = user_key(&s.user);
+                    prop_assert_eq!(pool.holder(s.addr), Some(key.as_str()));
                     prop_assert!(!g.gateway_addrs().contains(&s.addr));
                 }
                 for p in g.pools() {

@@ -1307,8 +1307,13 @@ def h_bad_magic(host, port, cookie):
         s = tls_connect(host, port)
     except Exception as e:
         result("bad_magic", False, "TLS connect failed: %r" % e); return
+    # openconnect 9.01 --authenticate prints the whole Cookie header value
+    # ("openconnect_strapkey=...; webvpn=..."); accept a bare token too.
+    if "webvpn=" not in cookie:
+        cookie = "webvpn=" + cookie
+    out("bad_magic: using cookie of %d chars" % len(cookie))
     req = ("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: %s\r\nUser-Agent: Open AnyConnect VPN Agent v9.01\r\n"
-           "Cookie: webvpn=%s\r\nX-CSTP-Version: 1\r\nX-CSTP-Hostname: mallory-box\r\n"
+           "Cookie: %s\r\nX-CSTP-Version: 1\r\nX-CSTP-Hostname: mallory-box\r\n"
            "X-CSTP-Base-MTU: 1500\r\nX-CSTP-MTU: 1400\r\nX-CSTP-Address-Type: IPv4\r\n\r\n") % (host, cookie)
     s.sendall(req.encode())
     data, how = read_response(s, 5)
