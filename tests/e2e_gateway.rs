@@ -106,11 +106,15 @@ fn logon_assigns_pool_addresses_and_pushes_routes() {
             u32::from(m).leading_ones() + u32::from(m).trailing_zeros() == 32,
             "{who}: netmask {m} is not a prefix mask"
         );
-        assert_eq!(
-            e.get("INTERNAL_IP4_MTU").map(String::as_str),
-            Some("1400"),
-            "{who}: MTU pushed {:?}",
-            e.get("INTERNAL_IP4_MTU")
+        // The gateway may lower the configured 1400 to what the client asks
+        // for (openconnect 9.01 asks for 1390 over a 1500-byte link).
+        let mtu: u16 = e
+            .get("INTERNAL_IP4_MTU")
+            .and_then(|m| m.parse().ok())
+            .unwrap_or_else(|| panic!("{who}: no MTU pushed: {e:?}"));
+        assert!(
+            (1280..=1400).contains(&mtu),
+            "{who}: MTU pushed {mtu}, config says 1400"
         );
     }
     // The stock vpnc-script applied them: route via the tunnel, MTU on the device.
@@ -128,7 +132,11 @@ fn logon_assigns_pool_addresses_and_pushes_routes() {
         &["ip", "-o", "link", "show", "dev", "oc0"],
         5 * S,
     );
-    assert!(l.stdout.contains("mtu 1400"), "alice's oc0: {l}");
+    let mtu = &ta.env["INTERNAL_IP4_MTU"];
+    assert!(
+        l.stdout.contains(&format!("mtu {mtu} ")),
+        "alice's oc0 (pushed MTU {mtu}): {l}"
+    );
     assert_eq!(
         resolv_before,
         host_resolv_conf(),

@@ -37,6 +37,7 @@
 //! namespace's resolv.conf, unsets the DNS variables and execs the stock
 //! vpnc-script (which then never touches any resolv.conf).
 #![allow(dead_code)]
+#![allow(unreachable_pub)]
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
@@ -510,21 +511,35 @@ impl Drop for Netns {
     }
 }
 
-/// Delete namespaces left by earlier runs of this harness whose pid is dead.
+/// The pid in a harness name `ige<pid>-...`, if it is one.
+fn harness_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(NS_PREFIX)?;
+    let (pid, _) = rest.split_once('-')?;
+    pid.parse().ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Delete namespaces (and temp dirs) left by earlier runs of this harness
+/// whose pid is dead.
 pub fn sweep_stale() {
+    if let Ok(rd) = fs::read_dir(std::env::temp_dir()) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if harness_pid(&name).is_some_and(|p| !pid_alive(p)) {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+    }
     let out = run_cmd("ip", &["netns", "list"], None, Duration::from_secs(5));
     for line in out.stdout.lines() {
         let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix(NS_PREFIX) else {
+        let Some(pid) = harness_pid(name) else {
             continue;
         };
-        let Some((pid, _)) = rest.split_once('-') else {
-            continue;
-        };
-        let Ok(pid) = pid.parse::<u32>() else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
+        if !pid_alive(pid) {
             eprintln!("sweeping stale namespace {name}");
             delete_ns(name);
         }
@@ -931,6 +946,10 @@ impl Client {
             "30".into(),
         ];
         args.extend(o.extra_args.iter().cloned());
+        // Debug knob, e.g. INTRAGATE_E2E_OC_ARGS=--dump-http-traffic
+        if let Ok(extra) = std::env::var("INTRAGATE_E2E_OC_ARGS") {
+            args.extend(extra.split_whitespace().map(String::from));
+        }
         args.push(topo.url());
         let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let stdin = Stdio::from(fs::File::open(&pwfile).unwrap());
