@@ -639,3 +639,55 @@ fn hostile_input_battery() {
     }
     eprintln!("battery log:\n{blog}");
 }
+
+/// Leases survive a restart: alice's sticky address is kept for her across a
+/// gateway restart (SIGTERM, start again on the same state directory), and a
+/// user who logs on first after the restart does not get it.
+#[test]
+fn sticky_address_survives_restart() {
+    if !e2e_enabled() {
+        return;
+    }
+    let (dir, topo, mut gw) = setup(
+        2,
+        GatewayOpts::default(),
+        &[("alice", PW_ALICE), ("bob", PW_BOB)],
+    );
+    let (mut alice, t1) = logon(&topo, 0, &gw, &dir.path, "alice", PW_ALICE);
+    let st = alice.logoff(15 * S);
+    assert!(
+        st.map(|s| s.success()).unwrap_or(false),
+        "alice's logoff: {st:?}"
+    );
+    drop(alice);
+
+    let st = gw.proc.stop(10 * S);
+    assert!(
+        st.map(|s| s.success()).unwrap_or(false),
+        "gateway did not exit 0 on SIGTERM ({st:?}):\n{}",
+        tail(&gw.log(), 4000)
+    );
+    assert!(
+        gw.log().contains("stopped"),
+        "no clean stop in the log:\n{}",
+        tail(&gw.log(), 4000)
+    );
+    let config = gw.config.clone();
+    drop(gw);
+    let gw = Gateway::start(&topo, &dir.path, config);
+
+    let (_bob, tb) = logon(&topo, 1, &gw, &dir.path, "bob", PW_BOB);
+    assert_ne!(
+        tb.addr, t1.addr,
+        "bob got alice's sticky address after the restart"
+    );
+    let (_alice2, t2) = logon(&topo, 0, &gw, &dir.path, "alice", PW_ALICE);
+    assert_eq!(
+        t2.addr, t1.addr,
+        "alice lost her address across the restart"
+    );
+    assert!(
+        ping_ok(topo.user(0), INTERNAL_IP, 10 * S),
+        "no ping after the restart"
+    );
+}
