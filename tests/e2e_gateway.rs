@@ -691,3 +691,61 @@ fn sticky_address_survives_restart() {
         "no ping after the restart"
     );
 }
+
+/// Ban points: failed logons from one address are slowed down, then the
+/// address is banned (even the right password is refused) while other
+/// addresses still log on. Thresholds lowered in the config to keep it short:
+/// 10 points a failure, ban at 50 (the 5th failure); after 4 failures the
+/// next attempt waits 1 s.
+#[test]
+fn repeated_failures_ban_the_address() {
+    if !e2e_enabled() {
+        return;
+    }
+    let opts = GatewayOpts {
+        extra: "[security]\nban_max_score = 50\nban_wrong_password_points = 10\nban_time = 300\n"
+            .into(),
+        ..GatewayOpts::default()
+    };
+    let (dir, topo, gw) = setup(2, opts, &[("alice", PW_ALICE), ("bob", PW_BOB)]);
+    let mut last_took = Duration::ZERO;
+    for i in 0..5 {
+        let t = std::time::Instant::now();
+        let r = authenticate(&topo, 0, &gw, "alice", "wrong-password");
+        last_took = t.elapsed();
+        assert!(r.is_err(), "wrong password #{i} was accepted");
+    }
+    // The 5th attempt came after 4 failures: it was slowed down (1 s).
+    assert!(
+        last_took >= Duration::from_millis(900),
+        "the 5th failed logon was not slowed down (took {last_took:?})"
+    );
+    let r = authenticate(&topo, 0, &gw, "alice", PW_ALICE);
+    assert!(
+        r.is_err(),
+        "a banned address logged on with the right password"
+    );
+    // Another address is not affected.
+    let r = authenticate(&topo, 1, &gw, "bob", PW_BOB);
+    assert!(
+        r.is_ok(),
+        "bob (another address) was refused: {:?}",
+        r.err()
+    );
+    let stats = gw.stats().expect("ctl stats");
+    let banned = stats
+        .pointer("/refused/banned")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    let bad = stats
+        .pointer("/refused/bad_credentials")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    assert!(banned >= 1, "no banned refusal counted: {stats}");
+    assert_eq!(bad, 5, "bad_credentials count: {stats}");
+    assert!(
+        gw.log().contains("banned=true"),
+        "ban not logged:\n{}",
+        tail(&gw.log(), 4000)
+    );
+}
