@@ -749,3 +749,69 @@ fn repeated_failures_ban_the_address() {
         tail(&gw.log(), 4000)
     );
 }
+
+/// Packets counted by the gateway's TUN device (RX = written by the gateway).
+fn tun_rx_packets(topo: &Topology) -> u64 {
+    let o = ns_run(
+        &topo.gw.name,
+        &["cat", "/sys/class/net/igt0/statistics/rx_packets"],
+        5 * S,
+    );
+    o.stdout.trim().parse().unwrap_or(u64::MAX)
+}
+
+/// User-to-user packets go straight from tunnel to tunnel, not through TUN;
+/// with `client_to_client = false` they are dropped and counted.
+#[test]
+fn client_to_client_bypasses_tun_and_can_be_disabled() {
+    if !e2e_enabled() {
+        return;
+    }
+    let (dir, topo, gw) = setup(
+        2,
+        GatewayOpts::default(),
+        &[("alice", PW_ALICE), ("bob", PW_BOB)],
+    );
+    let (_alice, _ta) = logon(&topo, 0, &gw, &dir.path, "alice", PW_ALICE);
+    let (_bob, tb) = logon(&topo, 1, &gw, &dir.path, "bob", PW_BOB);
+    let bob_ip = tb.addr.to_string();
+    let before = tun_rx_packets(&topo);
+    let o = ns_run(
+        topo.user(0),
+        &["ping", "-c", "10", "-i", "0.2", "-W", "2", &bob_ip],
+        20 * S,
+    );
+    assert!(o.ok(), "alice -> bob ping: {o}");
+    let after = tun_rx_packets(&topo);
+    assert!(
+        after.saturating_sub(before) < 10,
+        "user-to-user pings went through the TUN device ({before} -> {after} packets)"
+    );
+    drop((_alice, _bob, gw, topo, dir));
+
+    let opts = GatewayOpts {
+        client_to_client: false,
+        ..GatewayOpts::default()
+    };
+    let (dir, topo, gw) = setup(2, opts, &[("alice", PW_ALICE), ("bob", PW_BOB)]);
+    let (_alice, _ta) = logon(&topo, 0, &gw, &dir.path, "alice", PW_ALICE);
+    let (_bob, tb) = logon(&topo, 1, &gw, &dir.path, "bob", PW_BOB);
+    let bob_ip = tb.addr.to_string();
+    assert!(
+        !ping_ok(topo.user(0), &bob_ip, 3 * S),
+        "alice reached bob with client_to_client = false"
+    );
+    assert!(
+        ping_ok(topo.user(0), INTERNAL_IP, 10 * S),
+        "alice lost the internal network"
+    );
+    let stats = gw.stats().expect("ctl stats");
+    let denied = stats
+        .pointer("/drops/client_to_client_denied")
+        .and_then(|v| v.as_u64())
+        .unwrap_or(0);
+    assert!(
+        denied >= 1,
+        "no client_to_client_denied drop counted: {stats}"
+    );
+}
