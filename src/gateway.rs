@@ -122,9 +122,21 @@ impl Shared {
         drop(core);
         for ev in events {
             match ev {
-                Event::Opened { id, user, addr } => {
-                    info!(session = %id, %user, %addr, "session opened");
-                }
+                Event::Opened {
+                    id,
+                    user,
+                    addr,
+                    dns,
+                } => match dns {
+                    Ok(label) => {
+                        let name = format!("{label}.{}", self.config.domain);
+                        info!(session = %id, %user, %addr, dns = %name, "session opened");
+                    }
+                    Err(e) => {
+                        self.stats.dns_name_refused.fetch_add(1, Ordering::Relaxed);
+                        warn!(session = %id, %user, %addr, "session opened without a DNS name: {e}");
+                    }
+                },
                 Event::Closed {
                     id,
                     user,

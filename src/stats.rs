@@ -76,6 +76,8 @@ pub struct Stats {
     pub tunnels: AtomicU64,
     /// CSTP framing errors (bad magic, length, type): the tunnel is closed.
     pub cstp_errors: AtomicU64,
+    /// Sessions that got no DNS name (unmappable or colliding username).
+    pub dns_name_refused: AtomicU64,
     /// Packets from users forwarded.
     pub packets_from_users: AtomicU64,
     /// Bytes from users forwarded.
@@ -122,6 +124,7 @@ impl Stats {
             "logoffs": self.logoffs.load(Relaxed),
             "tunnels": self.tunnels.load(Relaxed),
             "cstp_errors": self.cstp_errors.load(Relaxed),
+            "dns_name_refused": self.dns_name_refused.load(Relaxed),
             "packets_from_users": self.packets_from_users.load(Relaxed),
             "bytes_from_users": self.bytes_from_users.load(Relaxed),
             "packets_to_users": self.packets_to_users.load(Relaxed),

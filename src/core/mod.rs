@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bans;
+pub mod dns_records;
 pub mod policy;
 pub mod pool;
 pub mod route;

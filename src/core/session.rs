@@ -17,6 +17,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use crate::core::dns_records::{DnsRecords, NameError};
 use crate::core::policy::{Policy, PolicySet};
 use crate::core::pool::{IpPool, PoolConfig, PoolError, PoolSnapshot};
 
@@ -78,6 +79,8 @@ pub struct Session {
     pub addr: IpAddr,
     /// The pool the address came from.
     pub pool: String,
+    /// The session's DNS label (`<label>.<domain>`), if it got one.
+    pub dns_label: Option<String>,
     /// The policy in force.
     pub policy: Policy,
     /// State.
@@ -127,6 +130,8 @@ pub enum Event {
         user: String,
         /// Address.
         addr: IpAddr,
+        /// The DNS label registered, or why none was.
+        dns: Result<String, NameError>,
     },
     /// A session is gone: drop its routes, close its tunnel if still up.
     Closed {
@@ -231,6 +236,7 @@ pub struct GatewayState {
     next_id: u64,
     events: VecDeque<Event>,
     leases_dirty: bool,
+    dns: DnsRecords,
 }
 
 /// Key under which a user's sessions and sticky address are filed:
@@ -262,6 +268,7 @@ impl GatewayState {
             next_id: 1,
             events: VecDeque::new(),
             leases_dirty: false,
+            dns: DnsRecords::default(),
         })
     }
 
@@ -334,6 +341,7 @@ impl GatewayState {
         self.leases_dirty = true;
         let id = SessionId(self.next_id);
         self.next_id += 1;
+        let dns = self.dns.register(&key, id, addr);
         let session = Session {
             id,
             user: req.user.clone(),
@@ -343,6 +351,7 @@ impl GatewayState {
             token: req.token.clone(),
             addr,
             pool: policy.pool.clone(),
+            dns_label: dns.as_ref().ok().cloned(),
             policy,
             state: SessionState::Authenticated,
             created: now,
@@ -355,6 +364,7 @@ impl GatewayState {
             id,
             user: req.user,
             addr,
+            dns,
         });
         Ok(id)
     }
@@ -396,6 +406,7 @@ impl GatewayState {
         let Some(s) = self.sessions.remove(&id) else {
             return;
         };
+        self.dns.unregister(id, s.addr);
         self.by_token.remove(&s.token);
         if self.by_addr.get(&s.addr) == Some(&id) {
             self.by_addr.remove(&s.addr);
@@ -510,6 +521,16 @@ impl GatewayState {
     /// No sessions?
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
+    }
+
+    /// The DNS records of the live sessions.
+    pub fn dns(&self) -> &DnsRecords {
+        &self.dns
+    }
+
+    /// Labels static zone records take (zone load/reload).
+    pub fn set_static_dns_labels(&mut self, labels: std::collections::HashSet<String>) {
+        self.dns.set_static_labels(labels);
     }
 
     /// Did leases change since the last `take_leases_dirty`?
@@ -745,6 +766,19 @@ mod tests {
                     for (a, _) in p.leases() {
                         prop_assert!(g.session_by_addr(a).is_some(), "lease {} without session", a);
                     }
+                }
+                // DNS records are exactly the live sessions' addresses.
+                let named: Vec<&Session> = g.sessions().filter(|s| s.dns_label.is_some()).collect();
+                prop_assert_eq!(g.dns().len(), named.len());
+                for s in &named {
+                    let label = s.dns_label.as_deref().unwrap_or_default();
+                    prop_assert_eq!(g.dns().name_of(s.addr), Some(label));
+                    let answer = g.dns().lookup(label, s.addr.is_ipv6());
+                    prop_assert!(answer.is_some_and(|a| g.session_by_addr(a).is_some_and(|x| x.user == s.user)));
+                }
+                for (label, addr) in g.dns().entries() {
+                    let owner = g.session_by_addr(addr);
+                    prop_assert!(owner.is_some_and(|o| o.dns_label.as_deref() == Some(label)), "stale record {} -> {}", label, addr);
                 }
                 let per_user: usize = g.by_user.values().map(Vec::len).sum();
                 prop_assert_eq!(per_user, g.len());
