@@ -707,7 +707,7 @@ fn repeated_failures_ban_the_address() {
             .into(),
         ..GatewayOpts::default()
     };
-    let (dir, topo, gw) = setup(2, opts, &[("alice", PW_ALICE), ("bob", PW_BOB)]);
+    let (_dir, topo, gw) = setup(2, opts, &[("alice", PW_ALICE), ("bob", PW_BOB)]);
     let mut last_took = Duration::ZERO;
     for i in 0..5 {
         let t = std::time::Instant::now();
