@@ -114,6 +114,10 @@ struct RawSessions {
     keepalive: Option<Spanned<u64>>,
     reconnect_window: Option<u64>,
     max_sessions: Option<usize>,
+    idle_timeout: Option<u64>,
+    session_timeout: Option<u64>,
+    transfer_window: Option<Spanned<u64>>,
+    buffer_packets: Option<Spanned<usize>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -157,6 +161,9 @@ struct RawPolicy {
     client_to_client: Option<bool>,
     routes: Option<Vec<Spanned<String>>>,
     max_sessions_per_user: Option<u32>,
+    idle_timeout: Option<u64>,
+    session_timeout: Option<u64>,
+    reconnect_window: Option<u64>,
 }
 
 // ---------------------------------------------------------------------------
@@ -217,6 +224,14 @@ pub struct Config {
     pub keepalive: Duration,
     /// How long a dropped tunnel may come back with its cookie.
     pub reconnect_window: Duration,
+    /// Default idle timeout (None: none).
+    pub idle_timeout: Option<Duration>,
+    /// Default absolute session lifetime (None: none).
+    pub session_timeout: Option<Duration>,
+    /// How long a logon transfer offer stays valid.
+    pub transfer_window: Duration,
+    /// Packets kept per session while its tunnel is down (and queued while up).
+    pub buffer_packets: usize,
     /// Hard cap on sessions in the gateway.
     pub max_sessions: usize,
     /// Ban points.
@@ -456,6 +471,31 @@ impl Config {
             }
         }
 
+        let transfer_window = se.transfer_window.as_ref().map_or(120, |s| *s.get_ref());
+        if transfer_window == 0 {
+            if let Some(s) = &se.transfer_window {
+                cx.err_at(
+                    s.span(),
+                    "sessions.transfer_window must be at least 1 second",
+                );
+            }
+        }
+        let buffer_packets = se.buffer_packets.as_ref().map_or(512, |s| *s.get_ref());
+        if !(16..=65536).contains(&buffer_packets) {
+            let span = se.buffer_packets.as_ref().map(|s| s.span()).unwrap_or(0..0);
+            cx.err_at(
+                span,
+                format!("sessions.buffer_packets: {buffer_packets} is outside 16..=65536"),
+            );
+        }
+        let session_defaults = SessionDefaults {
+            client_to_client: raw.network.client_to_client.unwrap_or(true),
+            max_sessions_per_user: max_per_user,
+            idle_timeout: nonzero_secs(se.idle_timeout),
+            session_timeout: nonzero_secs(se.session_timeout),
+            reconnect_window: Duration::from_secs(se.reconnect_window.unwrap_or(180)),
+        };
+
         let sec = &raw.security;
         let defaults = BanConfig::default();
         let bans = BanConfig {
@@ -572,14 +612,8 @@ impl Config {
             .unwrap_or_else(|| state_dir.join("ctl.sock"));
 
         let mut errors = cx.errors;
-        let client_to_client = raw.network.client_to_client.unwrap_or(true);
-        let policies = match load_policies(
-            &policies_dir,
-            &pools,
-            &internal,
-            client_to_client,
-            max_per_user,
-        ) {
+        let client_to_client = session_defaults.client_to_client;
+        let policies = match load_policies(&policies_dir, &pools, &internal, &session_defaults) {
             Ok(p) => p,
             Err(mut e) => {
                 errors.append(&mut e.0);
@@ -609,6 +643,10 @@ impl Config {
             dpd: Duration::from_secs(dpd),
             keepalive: Duration::from_secs(keepalive),
             reconnect_window: Duration::from_secs(se.reconnect_window.unwrap_or(180)),
+            idle_timeout: nonzero_secs(se.idle_timeout),
+            session_timeout: nonzero_secs(se.session_timeout),
+            transfer_window: Duration::from_secs(transfer_window),
+            buffer_packets,
             max_sessions: se.max_sessions.unwrap_or(100_000),
             bans,
             max_unauthenticated_per_ip: sec.max_unauthenticated_per_ip.unwrap_or(32),
@@ -618,6 +656,25 @@ impl Config {
             policies,
         })
     }
+}
+
+fn nonzero_secs(v: Option<u64>) -> Option<Duration> {
+    v.filter(|s| *s > 0).map(Duration::from_secs)
+}
+
+/// Gateway-wide defaults that policies may override.
+#[derive(Debug, Clone)]
+pub struct SessionDefaults {
+    /// User-to-user traffic allowed.
+    pub client_to_client: bool,
+    /// Sessions per user.
+    pub max_sessions_per_user: u32,
+    /// Idle timeout.
+    pub idle_timeout: Option<Duration>,
+    /// Absolute session lifetime.
+    pub session_timeout: Option<Duration>,
+    /// Reconnect window.
+    pub reconnect_window: Duration,
 }
 
 fn overlaps(a: IpNetwork, b: IpNetwork) -> bool {
@@ -644,8 +701,7 @@ pub fn load_policies(
     dir: &Path,
     pools: &[PoolSpec],
     internal: &[IpNetwork],
-    client_to_client: bool,
-    max_sessions_per_user: u32,
+    d: &SessionDefaults,
 ) -> Result<PolicySet, ConfigErrors> {
     let default_pool = pools.first().map(|p| p.name.clone()).unwrap_or_default();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
@@ -760,9 +816,20 @@ pub fn load_policies(
                 name,
                 matches: groups,
                 pool,
-                client_to_client: p.client_to_client.unwrap_or(client_to_client),
+                client_to_client: p.client_to_client.unwrap_or(d.client_to_client),
                 routes,
-                max_sessions_per_user: p.max_sessions_per_user.unwrap_or(max_sessions_per_user),
+                max_sessions_per_user: p.max_sessions_per_user.unwrap_or(d.max_sessions_per_user),
+                idle_timeout: match p.idle_timeout {
+                    Some(v) => nonzero_secs(Some(v)),
+                    None => d.idle_timeout,
+                },
+                session_timeout: match p.session_timeout {
+                    Some(v) => nonzero_secs(Some(v)),
+                    None => d.session_timeout,
+                },
+                reconnect_window: p
+                    .reconnect_window
+                    .map_or(d.reconnect_window, Duration::from_secs),
             });
         }
         errors.append(&mut cx.errors);
@@ -775,9 +842,12 @@ pub fn load_policies(
             name: "built-in default".into(),
             matches: vec![GroupMatch::Any],
             pool: default_pool,
-            client_to_client,
+            client_to_client: d.client_to_client,
             routes: internal.to_vec(),
-            max_sessions_per_user,
+            max_sessions_per_user: d.max_sessions_per_user,
+            idle_timeout: d.idle_timeout,
+            session_timeout: d.session_timeout,
+            reconnect_window: d.reconnect_window,
         });
     }
     Ok(PolicySet::new(policies))

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,24 +23,55 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::core::bans::BanTable;
 use crate::core::pool::{PoolConfig, PoolSnapshot};
-use crate::core::session::{Event, GatewayState, SessionId, SessionSettings};
+use crate::core::route::DropReason;
+use crate::core::session::{
+    CloseReason, Event, GatewayState, SessionId, SessionRecord, SessionSettings,
+};
 use crate::stats::Stats;
 use crate::users::UserDb;
 
-/// Packets queued toward one user before further ones are dropped (counted).
-pub const SESSION_QUEUE_PACKETS: usize = 512;
-
 /// The hot-path view of one session: where its packets go.
+///
+/// The queue lives as long as the session, not the tunnel: while the tunnel
+/// is down, packets for the user wait in it (bounded; overflow is dropped
+/// and counted) and are delivered in order when the client reconnects.
 #[derive(Debug)]
 pub struct Port {
     /// Session.
     pub id: SessionId,
-    /// Packets for the tunnel's writer. Closed while the tunnel is down.
+    /// Packets toward the user.
     pub tx: mpsc::Sender<Bytes>,
+    /// The queue's receiving end, held by the live tunnel's writer.
+    pub rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
     /// May this user talk to other users?
     pub client_to_client: bool,
     /// The user's routes (empty = full tunnel).
     pub routes: Arc<[IpNetwork]>,
+    /// Is a tunnel up?
+    pub up: AtomicBool,
+    /// Last traffic from the user, in ms since `Shared::epoch` (0 = none).
+    pub activity: AtomicU64,
+}
+
+impl Port {
+    /// A port with a queue of `capacity` packets.
+    pub fn new(
+        id: SessionId,
+        capacity: usize,
+        client_to_client: bool,
+        routes: Arc<[IpNetwork]>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(capacity);
+        Self {
+            id,
+            tx,
+            rx: Arc::new(tokio::sync::Mutex::new(rx)),
+            client_to_client,
+            routes,
+            up: AtomicBool::new(false),
+            activity: AtomicU64::new(0),
+        }
+    }
 }
 
 /// Commands to a live tunnel's writer.
@@ -63,6 +94,26 @@ pub struct TunnelHandle {
     pub generation: u64,
     /// Control channel to its writer.
     pub ctl: mpsc::Sender<TunnelCtl>,
+    /// Ends the tunnel task at once (used after a grace period, or when a
+    /// newer tunnel of the same session takes over).
+    pub cancel: CancellationToken,
+}
+
+impl TunnelHandle {
+    /// Ask the tunnel to end with `ctl`; cancel it if it has not ended
+    /// within two seconds (e.g. a writer blocked on a dead peer).
+    pub fn end(&self, ctl: TunnelCtl) {
+        let _ = self.ctl.try_send(ctl);
+        let cancel = self.cancel.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                cancel.cancel();
+            });
+        } else {
+            cancel.cancel();
+        }
+    }
 }
 
 /// Everything the shells share.
@@ -96,6 +147,8 @@ pub struct Shared {
     pub pin: String,
     /// Stops everything.
     pub shutdown: CancellationToken,
+    /// Reference point for `Port::activity`.
+    pub epoch: Instant,
 }
 
 impl Shared {
@@ -119,6 +172,31 @@ impl Shared {
     /// handled in order, and acted on after it is released).
     pub fn process_events(&self, mut core: MutexGuard<'_, GatewayState>) {
         let events: Vec<Event> = std::iter::from_fn(|| core.poll_event()).collect();
+        // Ports change while the core lock is held, so the packet path never
+        // sees a session the core has closed (or misses one it opened).
+        for ev in &events {
+            match ev {
+                Event::Opened {
+                    id,
+                    addr,
+                    client_to_client,
+                    routes,
+                    ..
+                } => {
+                    let port = Port::new(
+                        *id,
+                        self.config.buffer_packets,
+                        *client_to_client,
+                        routes.clone().into(),
+                    );
+                    self.routes.insert(*addr, Arc::new(port));
+                }
+                Event::Closed { id, addr, .. } => {
+                    self.routes.remove_if(addr, |_, p| p.id == *id);
+                }
+                Event::Disconnected { .. } => {}
+            }
+        }
         drop(core);
         for ev in events {
             match ev {
@@ -127,35 +205,94 @@ impl Shared {
                     user,
                     addr,
                     dns,
-                } => match dns {
-                    Ok(label) => {
-                        let name = format!("{label}.{}", self.config.domain);
-                        info!(session = %id, %user, %addr, dns = %name, "session opened");
+                    took_over,
+                    ..
+                } => {
+                    if let Some(old) = took_over {
+                        self.stats.transfers.fetch_add(1, Ordering::Relaxed);
+                        info!(session = %id, %user, %addr, from = %old, "session transferred");
                     }
-                    Err(e) => {
-                        self.stats.dns_name_refused.fetch_add(1, Ordering::Relaxed);
-                        warn!(session = %id, %user, %addr, "session opened without a DNS name: {e}");
+                    match dns {
+                        Ok(label) => {
+                            let name = format!("{label}.{}", self.config.domain);
+                            info!(session = %id, %user, %addr, dns = %name, "session opened");
+                        }
+                        Err(e) => {
+                            self.stats.dns_name_refused.fetch_add(1, Ordering::Relaxed);
+                            warn!(session = %id, %user, %addr, "session opened without a DNS name: {e}");
+                        }
                     }
-                },
+                }
                 Event::Closed {
                     id,
                     user,
                     addr,
                     reason,
                 } => {
-                    self.routes.remove_if(&addr, |_, p| p.id == id);
                     let handle = self.tunnel_table().remove(&id);
                     if let Some(h) = handle {
                         let ctl = match &reason {
-                            crate::core::session::CloseReason::Logoff
-                            | crate::core::session::CloseReason::Shutdown => TunnelCtl::Close,
+                            CloseReason::Logoff | CloseReason::Shutdown => TunnelCtl::Close,
                             other => TunnelCtl::Terminate(other.to_string()),
                         };
-                        let _ = h.ctl.try_send(ctl);
+                        h.end(ctl);
                     }
+                    self.stats.close(&reason);
                     info!(session = %id, %user, %addr, %reason, "session closed");
                 }
+                Event::Disconnected { id, reason } => {
+                    let handle = self.tunnel_table().remove(&id);
+                    if let Some(h) = handle {
+                        h.end(TunnelCtl::Terminate(reason.clone()));
+                    }
+                    self.stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                    info!(session = %id, %reason, "session disconnected (resumable)");
+                }
             }
+        }
+    }
+
+    /// Queue a packet toward a session's user, counting the outcome.
+    pub fn deliver(&self, port: &Port, pkt: Bytes) {
+        use tokio::sync::mpsc::error::TrySendError;
+        let len = pkt.len() as u64;
+        match port.tx.try_send(pkt) {
+            Ok(()) => {
+                self.stats.packets_to_users.fetch_add(1, Ordering::Relaxed);
+                self.stats.bytes_to_users.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(TrySendError::Full(_)) if port.up.load(Ordering::Relaxed) => {
+                self.stats.drop(DropReason::QueueFull)
+            }
+            Err(TrySendError::Full(_)) => self.stats.drop(DropReason::BufferOverflow),
+            Err(TrySendError::Closed(_)) => self.stats.drop(DropReason::NoSession),
+        }
+    }
+
+    /// Milliseconds since `epoch` (for `Port::activity`).
+    pub fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    /// Feed the traffic timestamps the tunnels recorded to the core (once a
+    /// tick, not per packet).
+    fn sync_activity(&self) {
+        let seen: Vec<(SessionId, u64)> = self
+            .routes
+            .iter()
+            .filter_map(|p| {
+                let ms = p.activity.swap(0, Ordering::Relaxed);
+                (ms > 0).then_some((p.id, ms))
+            })
+            .collect();
+        if seen.is_empty() {
+            return;
+        }
+        let mut core = self.core();
+        for (id, ms) in seen {
+            core.note_activity(id, self.epoch + Duration::from_millis(ms));
         }
     }
 
@@ -172,9 +309,10 @@ impl Shared {
             })
             .collect();
         let settings = SessionSettings {
-            reconnect_window: config.reconnect_window,
             connect_timeout: Duration::from_secs(60),
             max_sessions: config.max_sessions,
+            transfer_window: config.transfer_window,
+            ..SessionSettings::default()
         };
         let core = GatewayState::new(settings, pools, config.policies.clone())
             .map_err(|e| e.to_string())?;
@@ -194,65 +332,79 @@ impl Shared {
             next_generation: AtomicU64::new(1),
             pin,
             shutdown,
+            epoch: Instant::now(),
             config,
         })
     }
 
-    fn leases_path(&self) -> PathBuf {
-        self.config.state_dir.join("leases.json")
+    fn state_path(&self) -> PathBuf {
+        self.config.state_dir.join("state.json")
     }
 
-    /// Restore pools from the lease file of a previous run, if any.
-    pub fn load_leases(&self) {
-        let path = self.leases_path();
+    /// Restore leases and resumable sessions from the state file of a
+    /// previous run, if any. Returns the number of sessions restored.
+    pub fn load_state(&self) -> usize {
+        let path = self.state_path();
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot read lease file; starting with empty pools");
-                return;
+                warn!(path = %path.display(), error = %e, "cannot read the state file; starting with empty pools");
+                return 0;
             }
         };
-        let file: LeaseFile = match serde_json::from_str(&text) {
+        let file: StateFile = match serde_json::from_str(&text) {
             Ok(f) => f,
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "lease file is corrupt; starting with empty pools");
-                return;
+                warn!(path = %path.display(), error = %e, "the state file is corrupt; starting with empty pools");
+                return 0;
             }
         };
-        let now_wall = unix_now();
-        let elapsed = Duration::from_secs(now_wall.saturating_sub(file.saved_at_unix));
+        let elapsed = Duration::from_secs(unix_now().saturating_sub(file.saved_at_unix));
         let mut core = self.core();
-        core.restore_pools(&file.pools, Instant::now(), elapsed);
-        let n: usize = file
-            .pools
-            .values()
-            .map(|s| serde_json::to_value(s).map_or(0, |v| v.to_string().len()))
-            .sum();
-        info!(path = %path.display(), bytes = n, "restored sticky addresses and quarantine from lease file");
+        let n = core.restore(&file.pools, &file.sessions, Instant::now(), elapsed);
+        self.process_events(core);
+        info!(path = %path.display(), sessions = n, down_s = elapsed.as_secs(), "restored leases and resumable sessions");
+        n
     }
 
-    /// Write the lease file if anything changed (atomic: temp + rename).
-    pub fn save_leases(&self, force: bool) {
-        let snaps = {
+    /// Write the state file if anything changed (atomic: temp + rename,
+    /// mode 0600: it holds session cookies).
+    pub fn save_state(&self, force: bool) {
+        let (pools, sessions) = {
             let mut core = self.core();
-            if !core.take_leases_dirty() && !force {
+            let a = core.take_leases_dirty();
+            let b = core.take_sessions_dirty();
+            if !a && !b && !force {
                 return;
             }
-            core.pool_snapshots(Instant::now())
+            let now = Instant::now();
+            (core.pool_snapshots(now), core.session_records(now))
         };
-        let file = LeaseFile {
+        let file = StateFile {
             saved_at_unix: unix_now(),
-            pools: snaps,
+            pools,
+            sessions,
         };
-        let path = self.leases_path();
+        let path = self.state_path();
         let tmp = path.with_extension("json.tmp");
-        let res = serde_json::to_vec_pretty(&file)
+        let res = serde_json::to_vec(&file)
             .map_err(std::io::Error::other)
-            .and_then(|data| std::fs::write(&tmp, data))
+            .and_then(|data| {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&tmp)?;
+                f.write_all(&data)?;
+                f.sync_all()
+            })
             .and_then(|_| std::fs::rename(&tmp, &path));
         if let Err(e) = res {
-            error!(path = %path.display(), error = %e, "cannot write lease file");
+            error!(path = %path.display(), error = %e, "cannot write the state file");
         }
     }
 }
@@ -263,11 +415,13 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// The lease file in the state directory.
+/// The state file: leases and resumable sessions.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct LeaseFile {
+struct StateFile {
     saved_at_unix: u64,
     pools: BTreeMap<String, PoolSnapshot>,
+    #[serde(default)]
+    sessions: Vec<SessionRecord>,
 }
 
 /// The timer loop: the one place that reads the clock for the core.
@@ -287,6 +441,7 @@ pub async fn timer_loop(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(sleep_for) => {}
         }
+        shared.sync_activity();
         let now = Instant::now();
         {
             let mut core = shared.core();
@@ -294,7 +449,7 @@ pub async fn timer_loop(shared: Arc<Shared>) {
             shared.process_events(core);
         }
         shared.bans().expire(now);
-        shared.save_leases(false);
+        shared.save_state(false);
     }
 }
 
@@ -348,7 +503,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let cancel = CancellationToken::new();
     let shared =
         Arc::new(Shared::new(config.clone(), pin, cancel.clone()).map_err(RunError::Setup)?);
-    shared.load_leases();
+    shared.load_state();
 
     let tun = crate::dataplane::create_tun(&shared)
         .map_err(|e| RunError::Tun(config.tun_name.clone(), e))?;
@@ -387,10 +542,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     cancel.cancel();
-    // Tell every live tunnel to close (no DISCONNECT: clients may reconnect).
+    // Save first: tunnels ending below would mark their sessions
+    // disconnected; the saved state keeps them resumable either way.
+    shared.save_state(true);
+    // Close every live tunnel without DISCONNECT: clients keep retrying and
+    // resume with their cookies when the gateway is back.
     let handles: Vec<TunnelHandle> = shared.tunnel_table().values().cloned().collect();
     for h in handles {
         let _ = h.ctl.try_send(TunnelCtl::Close);
+        h.cancel.cancel();
     }
     let deadline = tokio::time::sleep(Duration::from_secs(3));
     tokio::pin!(deadline);
@@ -400,7 +560,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             r = tasks.join_next() => if r.is_none() { break },
         }
     }
-    shared.save_leases(true);
+    shared.save_state(true);
     let _ = std::fs::remove_file(&config.ctl_socket);
     info!("stopped");
     Ok(())

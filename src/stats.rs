@@ -63,6 +63,19 @@ impl RefuseReason {
     }
 }
 
+const CLOSE_REASONS: [&str; 10] = [
+    "logoff",
+    "admin",
+    "user_request",
+    "transferred",
+    "reconnect_window_expired",
+    "idle_timeout",
+    "session_timeout",
+    "never_connected",
+    "shutdown",
+    "superseded",
+];
+
 /// Gateway-wide counters.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -76,6 +89,13 @@ pub struct Stats {
     pub tunnels: AtomicU64,
     /// CSTP framing errors (bad magic, length, type): the tunnel is closed.
     pub cstp_errors: AtomicU64,
+    /// Logon transfers completed.
+    pub transfers: AtomicU64,
+    /// Tunnels that resumed an existing session (reconnects).
+    pub reconnects: AtomicU64,
+    /// Sessions disconnected on request (resumable).
+    pub disconnects: AtomicU64,
+    closed: [AtomicU64; CLOSE_REASONS.len()],
     /// Sessions that got no DNS name (unmappable or colliding username).
     pub dns_name_refused: AtomicU64,
     /// Packets from users forwarded.
@@ -98,6 +118,12 @@ impl Stats {
     pub fn refuse(&self, r: RefuseReason) {
         self.refused[r as usize].fetch_add(1, Relaxed);
     }
+    /// Count a closed session.
+    pub fn close(&self, r: &crate::core::session::CloseReason) {
+        if let Some(i) = CLOSE_REASONS.iter().position(|n| *n == r.as_str()) {
+            self.closed[i].fetch_add(1, Relaxed);
+        }
+    }
     /// Current drop count for a reason.
     pub fn drops(&self, r: DropReason) -> u64 {
         self.drops[r as usize].load(Relaxed)
@@ -117,8 +143,17 @@ impl Stats {
                 )
             })
             .collect();
+        let closed: serde_json::Map<String, Value> = CLOSE_REASONS
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.to_string(), json!(self.closed[i].load(Relaxed))))
+            .collect();
         json!({
             "drops": drops,
+            "closed": closed,
+            "transfers": self.transfers.load(Relaxed),
+            "reconnects": self.reconnects.load(Relaxed),
+            "disconnects": self.disconnects.load(Relaxed),
             "refused": refused,
             "logons": self.logons.load(Relaxed),
             "logoffs": self.logoffs.load(Relaxed),

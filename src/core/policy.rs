@@ -4,6 +4,7 @@
 //! whose match list names the user, one of the user's groups, or `*` applies.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use ipnetwork::IpNetwork;
 
@@ -34,6 +35,12 @@ pub struct Policy {
     pub routes: Vec<IpNetwork>,
     /// Sessions one user may hold at once.
     pub max_sessions_per_user: u32,
+    /// Close the session after this long without traffic from the user.
+    pub idle_timeout: Option<Duration>,
+    /// Close the session this long after logon, whatever happens.
+    pub session_timeout: Option<Duration>,
+    /// How long a dropped tunnel may come back with its cookie.
+    pub reconnect_window: Duration,
 }
 
 impl Policy {
@@ -87,6 +94,9 @@ mod tests {
             client_to_client: true,
             routes: vec!["198.18.1.0/24".parse().expect("cidr")],
             max_sessions_per_user: 1,
+            idle_timeout: None,
+            session_timeout: None,
+            reconnect_window: Duration::from_secs(180),
         }
     }
 

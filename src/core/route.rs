@@ -25,8 +25,9 @@ pub enum DropReason {
     NoSession,
     /// From the internal network, from a source not allowed inbound.
     InboundDenied,
-    /// The destination session's tunnel is down.
-    SessionDisconnected,
+    /// The destination session's tunnel is down and its reconnect buffer
+    /// is full.
+    BufferOverflow,
     /// The destination session's send queue is full.
     QueueFull,
     /// Writing to the TUN device failed.
@@ -48,7 +49,7 @@ impl DropReason {
         DropReason::ClientToClientDenied,
         DropReason::NoSession,
         DropReason::InboundDenied,
-        DropReason::SessionDisconnected,
+        DropReason::BufferOverflow,
         DropReason::QueueFull,
         DropReason::TunWriteFailed,
         DropReason::LinkLocal,
@@ -64,7 +65,7 @@ impl DropReason {
             DropReason::ClientToClientDenied => "client_to_client_denied",
             DropReason::NoSession => "no_session",
             DropReason::InboundDenied => "inbound_denied",
-            DropReason::SessionDisconnected => "session_disconnected",
+            DropReason::BufferOverflow => "buffer_overflow",
             DropReason::QueueFull => "queue_full",
             DropReason::TunWriteFailed => "tun_write_failed",
             DropReason::LinkLocal => "link_local",

@@ -1,16 +1,19 @@
 //! The session table: who is logged on, with which intranet IP, in which state.
 //!
-//! [`GatewayState`] owns the pools and the sessions together, so an address
-//! is assigned and released in the same call that opens or closes a session:
-//! there is no moment where two sessions hold one address.
+//! [`GatewayState`] owns the pools, the sessions and their DNS records
+//! together, so an address and its name are assigned, transferred and
+//! released in the same call that opens, transfers or closes a session:
+//! there is no moment where two sessions hold one address or one name.
 //!
 //! Call order (the shell's event loop):
-//! 1. `handle_logon` after the password check, `handle_attach` on CONNECT,
-//!    `handle_detach` when a tunnel drops, `handle_logoff` on DISCONNECT 0xb0
-//!    or an administrator's request;
+//! 1. `handle_logon` after the password check (it may return a transfer
+//!    offer instead of a session), `handle_transfer` with the user's answer,
+//!    `handle_attach` on CONNECT, `handle_detach` when a tunnel drops,
+//!    `handle_logoff` / `handle_disconnect` on DISCONNECT 0xb0 or an
+//!    administrator's or user's request, `note_activity` with traffic seen;
 //! 2. `handle_timeout(now)` when `poll_timeout()` says so;
 //! 3. drain `poll_event()` after every call and act on each event
-//!    (remove routes, close the tunnel, log).
+//!    (routes, tunnels, logs).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -24,7 +27,7 @@ use crate::core::pool::{IpPool, PoolConfig, PoolError, PoolSnapshot};
 /// The reason text users and logs see when no address is left.
 pub const NO_ADDRESS_MESSAGE: &str = "No intranet IP address is available for this session";
 
-/// A session's identifier, unique for the lifetime of the process.
+/// A session's identifier, unique for the lifetime of the state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SessionId(pub u64);
 
@@ -41,10 +44,10 @@ pub enum SessionState {
     Authenticated,
     /// A tunnel is up.
     Active,
-    /// The tunnel dropped without logoff; the cookie may reconnect until the
-    /// reconnect window ends.
+    /// No tunnel (dropped, or disconnected on request); the cookie may
+    /// reconnect until the reconnect window ends.
     Disconnected {
-        /// When the tunnel dropped.
+        /// When the tunnel went down.
         since: Instant,
     },
 }
@@ -87,6 +90,25 @@ pub struct Session {
     pub state: SessionState,
     /// When the session was opened.
     pub created: Instant,
+    /// Last traffic from the user (or logon/attach).
+    pub last_activity: Instant,
+    /// Tunnels brought up (1 = first connect; more = reconnects).
+    pub connects: u64,
+}
+
+/// A short description of a session, as shown in a transfer offer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionSummary {
+    /// Session.
+    pub id: SessionId,
+    /// Device name.
+    pub device: Option<String>,
+    /// Intranet IP.
+    pub addr: IpAddr,
+    /// State name.
+    pub state: &'static str,
+    /// Time since the user's last traffic.
+    pub idle: Duration,
 }
 
 /// Why a session closed.
@@ -96,8 +118,16 @@ pub enum CloseReason {
     Logoff,
     /// An administrator ended it.
     Admin(String),
+    /// The user ended it from another session (workspace control).
+    UserRequest,
+    /// The user transferred it to a new logon.
+    Transferred,
     /// The tunnel did not come back within the reconnect window.
     ReconnectWindowExpired,
+    /// No traffic for the idle timeout.
+    IdleTimeout,
+    /// The absolute session lifetime ran out.
+    SessionTimeout,
     /// Authenticated but never connected a tunnel in time.
     NeverConnected,
     /// Gateway shutting down.
@@ -106,12 +136,36 @@ pub enum CloseReason {
     Superseded,
 }
 
+impl CloseReason {
+    /// Short snake-case name for metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CloseReason::Logoff => "logoff",
+            CloseReason::Admin(_) => "admin",
+            CloseReason::UserRequest => "user_request",
+            CloseReason::Transferred => "transferred",
+            CloseReason::ReconnectWindowExpired => "reconnect_window_expired",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::SessionTimeout => "session_timeout",
+            CloseReason::NeverConnected => "never_connected",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Superseded => "superseded",
+        }
+    }
+}
+
 impl fmt::Display for CloseReason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CloseReason::Logoff => f.write_str("logoff"),
             CloseReason::Admin(who) => write!(f, "ended by administrator ({who})"),
+            CloseReason::UserRequest => f.write_str("logged off by the user from another device"),
+            CloseReason::Transferred => {
+                f.write_str("session transferred to a new logon on another device")
+            }
             CloseReason::ReconnectWindowExpired => f.write_str("reconnect window expired"),
+            CloseReason::IdleTimeout => f.write_str("idle timeout"),
+            CloseReason::SessionTimeout => f.write_str("session timeout"),
             CloseReason::NeverConnected => f.write_str("tunnel never connected"),
             CloseReason::Shutdown => f.write_str("gateway shutdown"),
             CloseReason::Superseded => f.write_str("superseded by a new logon before connecting"),
@@ -122,7 +176,7 @@ impl fmt::Display for CloseReason {
 /// Something the shell must act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// A session was opened with this address.
+    /// A session was opened with this address: create its port.
     Opened {
         /// Session.
         id: SessionId,
@@ -132,17 +186,30 @@ pub enum Event {
         addr: IpAddr,
         /// The DNS label registered, or why none was.
         dns: Result<String, NameError>,
+        /// May it talk to other users?
+        client_to_client: bool,
+        /// Its routes (empty = full tunnel).
+        routes: Vec<ipnetwork::IpNetwork>,
+        /// It took over this session's address (logon transfer).
+        took_over: Option<SessionId>,
     },
-    /// A session is gone: drop its routes, close its tunnel if still up.
+    /// A session is gone: drop its port, end its tunnel if still up.
     Closed {
         /// Session.
         id: SessionId,
         /// User.
         user: String,
-        /// The address, now released.
+        /// The address (released, or taken over by a transfer).
         addr: IpAddr,
         /// Why.
         reason: CloseReason,
+    },
+    /// End the session's tunnel but keep the session (resumable).
+    Disconnected {
+        /// Session.
+        id: SessionId,
+        /// Why.
+        reason: String,
     },
 }
 
@@ -153,14 +220,6 @@ pub enum LogonError {
     /// No policy applies to the user.
     #[error("no policy applies to user '{0}'")]
     NoPolicy(String),
-    /// The user already holds the allowed number of sessions.
-    #[error("user '{user}' already has {limit} session(s), the most allowed")]
-    TooManySessions {
-        /// User.
-        user: String,
-        /// The limit.
-        limit: u32,
-    },
     /// The gateway holds its maximum number of sessions.
     #[error("the gateway is full ({0} sessions)")]
     GatewayFull(usize),
@@ -178,6 +237,27 @@ pub enum LogonError {
     /// The token is already in use (the shell must generate a fresh one).
     #[error("session token collision")]
     TokenCollision,
+    /// Too many transfer offers pending for this user.
+    #[error("too many logons of user '{0}' are waiting for a transfer answer")]
+    TooManyOffers(String),
+}
+
+/// Why a transfer answer was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    /// No such offer (never made, answered already, or long expired).
+    #[error("this transfer offer is not valid (answered already or expired); please log on again")]
+    UnknownOffer,
+    /// The offer's window passed.
+    #[error("the transfer offer expired after {0} seconds; please log on again")]
+    Expired(u64),
+    /// The user chose not to transfer.
+    #[error("logon cancelled: the existing session was kept")]
+    Cancelled,
+    /// Opening the new session failed.
+    #[error(transparent)]
+    Logon(#[from] LogonError),
 }
 
 /// Why a CONNECT was refused.
@@ -198,32 +278,88 @@ pub struct LogonRequest {
     pub groups: Vec<String>,
     /// Fresh random session cookie.
     pub token: String,
+    /// Fresh random transfer-offer handle, used if an offer is made.
+    pub offer_token: String,
     /// Client address.
     pub client_addr: Option<IpAddr>,
+}
+
+/// A pending "transfer your session here?" question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferOffer {
+    /// Secret handle the client echoes back.
+    pub token: String,
+    /// User.
+    pub user: String,
+    /// When the offer stops being valid.
+    pub expires: Instant,
+    /// The existing sessions the new logon would replace.
+    pub sessions: Vec<SessionSummary>,
+}
+
+/// What a successful logon produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogonOutcome {
+    /// A new session.
+    Opened(SessionId),
+    /// The user is at the session limit: ask whether to transfer.
+    TransferOffered(TransferOffer),
+}
+
+#[derive(Debug, Clone)]
+struct PendingOffer {
+    req: LogonRequest,
+    user_key: String,
+    expires: Instant,
 }
 
 /// Session settings from the config.
 #[derive(Debug, Clone)]
 pub struct SessionSettings {
-    /// How long a dropped tunnel may come back.
-    pub reconnect_window: Duration,
     /// How long an authenticated session may wait for its first CONNECT.
     pub connect_timeout: Duration,
     /// Hard cap on sessions.
     pub max_sessions: usize,
+    /// How long a transfer offer stays valid.
+    pub transfer_window: Duration,
+    /// Pending offers per user (several devices logging on at once).
+    pub max_offers_per_user: usize,
 }
 
 impl Default for SessionSettings {
     fn default() -> Self {
         Self {
-            reconnect_window: Duration::from_secs(180),
             connect_timeout: Duration::from_secs(60),
             max_sessions: 100_000,
+            transfer_window: Duration::from_secs(120),
+            max_offers_per_user: 8,
         }
     }
 }
 
-/// Pools and sessions of one gateway, as one deterministic state machine.
+/// A session as persisted in the state directory (restart without loss).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionRecord {
+    /// Username.
+    pub user: String,
+    /// Groups.
+    pub groups: Vec<String>,
+    /// Cookie.
+    pub token: String,
+    /// Address.
+    pub addr: IpAddr,
+    /// Pool.
+    pub pool: String,
+    /// Device name.
+    pub device: Option<String>,
+    /// Client address.
+    pub client_addr: Option<IpAddr>,
+    /// Seconds since logon at the time of saving.
+    pub age_secs: u64,
+}
+
+/// Pools, sessions and DNS records of one gateway, as one deterministic
+/// state machine.
 #[derive(Debug)]
 pub struct GatewayState {
     settings: SessionSettings,
@@ -233,9 +369,11 @@ pub struct GatewayState {
     by_token: HashMap<String, SessionId>,
     by_addr: HashMap<IpAddr, SessionId>,
     by_user: HashMap<String, Vec<SessionId>>,
+    offers: HashMap<String, PendingOffer>,
     next_id: u64,
     events: VecDeque<Event>,
     leases_dirty: bool,
+    sessions_dirty: bool,
     dns: DnsRecords,
 }
 
@@ -265,9 +403,11 @@ impl GatewayState {
             by_token: HashMap::new(),
             by_addr: HashMap::new(),
             by_user: HashMap::new(),
+            offers: HashMap::new(),
             next_id: 1,
             events: VecDeque::new(),
             leases_dirty: false,
+            sessions_dirty: false,
             dns: DnsRecords::default(),
         })
     }
@@ -287,58 +427,131 @@ impl GatewayState {
         self.pools.values().map(|p| p.gateway_addr()).collect()
     }
 
-    /// Authenticated user → new session with an intranet IP.
+    fn summary(&self, s: &Session, now: Instant) -> SessionSummary {
+        SessionSummary {
+            id: s.id,
+            device: s.device.clone(),
+            addr: s.addr,
+            state: s.state.as_str(),
+            idle: now.saturating_duration_since(s.last_activity),
+        }
+    }
+
+    /// The sessions of one user, oldest first.
+    pub fn sessions_of(&self, user: &str, now: Instant) -> Vec<SessionSummary> {
+        let mut v: Vec<&Session> = self
+            .by_user
+            .get(&user_key(user))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.sessions.get(id))
+            .collect();
+        v.sort_by_key(|s| (s.created, s.id));
+        v.into_iter().map(|s| self.summary(s, now)).collect()
+    }
+
+    /// Authenticated user → new session with an intranet IP, or a transfer
+    /// offer when the user already holds the allowed number of sessions.
     pub fn handle_logon(
         &mut self,
         req: LogonRequest,
         now: Instant,
-    ) -> Result<SessionId, LogonError> {
+    ) -> Result<LogonOutcome, LogonError> {
         let policy = self
             .policies
             .lookup(&req.user, &req.groups)
             .cloned()
             .ok_or_else(|| LogonError::NoPolicy(req.user.clone()))?;
         let key = user_key(&req.user);
-        let mut held = self.by_user.get(&key).map_or(0, Vec::len);
-        if held >= policy.max_sessions_per_user as usize {
+        if self.held(&key) >= policy.max_sessions_per_user as usize {
             // A session that authenticated but never brought a tunnel up
             // (e.g. `openconnect --authenticate`, or a client that died
             // between the two steps) gives way to the new logon.
-            let stale: Option<SessionId> = self.by_user.get(&key).and_then(|ids| {
-                ids.iter().copied().find(|id| {
+            let stale: Vec<SessionId> = self
+                .by_user
+                .get(&key)
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|id| {
                     self.sessions
                         .get(id)
                         .is_some_and(|s| s.state == SessionState::Authenticated)
                 })
-            });
-            if let Some(id) = stale {
+                .collect();
+            for id in stale {
+                if self.held(&key) < policy.max_sessions_per_user as usize {
+                    break;
+                }
                 self.handle_logoff(id, CloseReason::Superseded, now);
-                held -= 1;
             }
         }
-        if held >= policy.max_sessions_per_user as usize {
-            return Err(LogonError::TooManySessions {
-                user: req.user,
-                limit: policy.max_sessions_per_user,
-            });
+        if self.held(&key) >= policy.max_sessions_per_user as usize {
+            let pending = self.offers.values().filter(|o| o.user_key == key).count();
+            if pending >= self.settings.max_offers_per_user {
+                return Err(LogonError::TooManyOffers(req.user));
+            }
+            if self.offers.contains_key(&req.offer_token) {
+                return Err(LogonError::TokenCollision);
+            }
+            let expires = now + self.settings.transfer_window;
+            let offer = TransferOffer {
+                token: req.offer_token.clone(),
+                user: req.user.clone(),
+                expires,
+                sessions: self.sessions_of(&req.user, now),
+            };
+            self.offers.insert(
+                req.offer_token.clone(),
+                PendingOffer {
+                    req,
+                    user_key: key,
+                    expires,
+                },
+            );
+            return Ok(LogonOutcome::TransferOffered(offer));
         }
+        self.open(req, policy, None, now).map(LogonOutcome::Opened)
+    }
+
+    fn held(&self, key: &str) -> usize {
+        self.by_user.get(key).map_or(0, Vec::len)
+    }
+
+    /// Create a session; with `take_over`, reuse that (just closed) session's
+    /// address instead of allocating.
+    fn open(
+        &mut self,
+        req: LogonRequest,
+        policy: Policy,
+        take_over: Option<(SessionId, IpAddr, String)>,
+        now: Instant,
+    ) -> Result<SessionId, LogonError> {
         if self.sessions.len() >= self.settings.max_sessions {
             return Err(LogonError::GatewayFull(self.settings.max_sessions));
         }
         if self.by_token.contains_key(&req.token) {
             return Err(LogonError::TokenCollision);
         }
-        let pool = self
-            .pools
-            .get_mut(&policy.pool)
-            .ok_or_else(|| LogonError::UnknownPool {
-                policy: policy.name.clone(),
-                pool: policy.pool.clone(),
-            })?;
-        let addr = pool
-            .allocate(&key, now)
-            .map_err(|_| LogonError::NoAddress)?;
+        let key = user_key(&req.user);
+        let (addr, pool_name, took_over) = match take_over {
+            Some((old, addr, pool)) => (addr, pool, Some(old)),
+            None => {
+                let pool =
+                    self.pools
+                        .get_mut(&policy.pool)
+                        .ok_or_else(|| LogonError::UnknownPool {
+                            policy: policy.name.clone(),
+                            pool: policy.pool.clone(),
+                        })?;
+                let addr = pool
+                    .allocate(&key, now)
+                    .map_err(|_| LogonError::NoAddress)?;
+                (addr, policy.pool.clone(), None)
+            }
+        };
         self.leases_dirty = true;
+        self.sessions_dirty = true;
         let id = SessionId(self.next_id);
         self.next_id += 1;
         let dns = self.dns.register(&key, id, addr);
@@ -350,11 +563,13 @@ impl GatewayState {
             client_addr: req.client_addr,
             token: req.token.clone(),
             addr,
-            pool: policy.pool.clone(),
+            pool: pool_name,
             dns_label: dns.as_ref().ok().cloned(),
-            policy,
             state: SessionState::Authenticated,
             created: now,
+            last_activity: now,
+            connects: 0,
+            policy: policy.clone(),
         };
         self.sessions.insert(id, session);
         self.by_token.insert(req.token, id);
@@ -365,8 +580,64 @@ impl GatewayState {
             user: req.user,
             addr,
             dns,
+            client_to_client: policy.client_to_client,
+            routes: policy.routes.clone(),
+            took_over,
         });
         Ok(id)
+    }
+
+    /// The user's answer to a transfer offer. On `accept`, the user's
+    /// current sessions (as many as needed to get under the limit, oldest
+    /// first) close and the new session takes over the oldest one's address
+    /// and DNS name in this same call. The last confirmed transfer wins.
+    pub fn handle_transfer(
+        &mut self,
+        offer_token: &str,
+        accept: bool,
+        now: Instant,
+    ) -> Result<SessionId, TransferError> {
+        let offer = self
+            .offers
+            .remove(offer_token)
+            .ok_or(TransferError::UnknownOffer)?;
+        if now >= offer.expires {
+            return Err(TransferError::Expired(
+                self.settings.transfer_window.as_secs(),
+            ));
+        }
+        if !accept {
+            return Err(TransferError::Cancelled);
+        }
+        let policy = self
+            .policies
+            .lookup(&offer.req.user, &offer.req.groups)
+            .cloned()
+            .ok_or_else(|| LogonError::NoPolicy(offer.req.user.clone()))?;
+        let limit = policy.max_sessions_per_user as usize;
+        let mut current: Vec<(Instant, SessionId)> = self
+            .by_user
+            .get(&offer.user_key)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.sessions.get(id).map(|s| (s.created, s.id)))
+            .collect();
+        current.sort();
+        let need = (current.len() + 1).saturating_sub(limit);
+        let victims: Vec<SessionId> = current.iter().take(need).map(|(_, id)| *id).collect();
+        let mut take_over = None;
+        for (i, id) in victims.iter().enumerate() {
+            let keep_addr = i == 0 && self.sessions.get(id).is_some_and(|s| s.pool == policy.pool);
+            if keep_addr {
+                if let Some(s) = self.sessions.get(id) {
+                    take_over = Some((s.id, s.addr, s.pool.clone()));
+                }
+                self.close(*id, CloseReason::Transferred, now, false);
+            } else {
+                self.close(*id, CloseReason::Transferred, now, true);
+            }
+        }
+        Ok(self.open(offer.req, policy, take_over, now)?)
     }
 
     /// A CONNECT with this cookie: the session's tunnel is (again) up.
@@ -375,7 +646,7 @@ impl GatewayState {
         token: &str,
         device: Option<String>,
         client_addr: Option<IpAddr>,
-        _now: Instant,
+        now: Instant,
     ) -> Result<&Session, AttachError> {
         let id = *self.by_token.get(token).ok_or(AttachError::UnknownToken)?;
         let s = self
@@ -383,12 +654,15 @@ impl GatewayState {
             .get_mut(&id)
             .ok_or(AttachError::UnknownToken)?;
         s.state = SessionState::Active;
+        s.connects += 1;
+        s.last_activity = now;
         if device.is_some() {
             s.device = device;
         }
         if client_addr.is_some() {
             s.client_addr = client_addr;
         }
+        self.sessions_dirty = true;
         Ok(s)
     }
 
@@ -401,8 +675,38 @@ impl GatewayState {
         }
     }
 
+    /// Disconnect a session on request: its tunnel ends (the client is told
+    /// so and does not reconnect on its own) but the session, its address
+    /// and name stay for the reconnect window.
+    pub fn handle_disconnect(&mut self, id: SessionId, reason: &str, now: Instant) -> bool {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        if s.state == SessionState::Active {
+            s.state = SessionState::Disconnected { since: now };
+        }
+        self.events.push_back(Event::Disconnected {
+            id,
+            reason: reason.to_string(),
+        });
+        true
+    }
+
+    /// Traffic from the user was seen at `at` (the shell batches these).
+    pub fn note_activity(&mut self, id: SessionId, at: Instant) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if at > s.last_activity {
+                s.last_activity = at;
+            }
+        }
+    }
+
     /// Close a session (logoff, admin). Unknown ids are ignored.
     pub fn handle_logoff(&mut self, id: SessionId, reason: CloseReason, now: Instant) {
+        self.close(id, reason, now, true);
+    }
+
+    fn close(&mut self, id: SessionId, reason: CloseReason, now: Instant, release: bool) {
         let Some(s) = self.sessions.remove(&id) else {
             return;
         };
@@ -418,11 +722,14 @@ impl GatewayState {
                 self.by_user.remove(&key);
             }
         }
-        if let Some(pool) = self.pools.get_mut(&s.pool) {
-            // The address is ours: release cannot fail for it.
-            let _ = pool.release(s.addr, now);
-            self.leases_dirty = true;
+        if release {
+            if let Some(pool) = self.pools.get_mut(&s.pool) {
+                // The address is ours: release cannot fail for it.
+                let _ = pool.release(s.addr, now);
+            }
         }
+        self.leases_dirty = true;
+        self.sessions_dirty = true;
         self.events.push_back(Event::Closed {
             id,
             user: s.user,
@@ -446,43 +753,62 @@ impl GatewayState {
         }
     }
 
-    /// Expire sessions whose timers ran out.
+    fn deadline(&self, s: &Session) -> Option<(Instant, CloseReason)> {
+        let mut best: Option<(Instant, CloseReason)> = None;
+        let mut consider = |t: Instant, r: CloseReason| {
+            if best.as_ref().is_none_or(|(b, _)| t < *b) {
+                best = Some((t, r));
+            }
+        };
+        match s.state {
+            SessionState::Disconnected { since } => {
+                consider(
+                    since + s.policy.reconnect_window,
+                    CloseReason::ReconnectWindowExpired,
+                );
+            }
+            SessionState::Authenticated => consider(
+                s.created + self.settings.connect_timeout,
+                CloseReason::NeverConnected,
+            ),
+            SessionState::Active => {}
+        }
+        if let Some(idle) = s.policy.idle_timeout {
+            consider(s.last_activity + idle, CloseReason::IdleTimeout);
+        }
+        if let Some(life) = s.policy.session_timeout {
+            consider(s.created + life, CloseReason::SessionTimeout);
+        }
+        best
+    }
+
+    /// Expire sessions and offers whose timers ran out.
     pub fn handle_timeout(&mut self, now: Instant) {
         let expired: Vec<(SessionId, CloseReason)> = self
             .sessions
             .values()
-            .filter_map(|s| match s.state {
-                SessionState::Disconnected { since }
-                    if now >= since + self.settings.reconnect_window =>
-                {
-                    Some((s.id, CloseReason::ReconnectWindowExpired))
-                }
-                SessionState::Authenticated if now >= s.created + self.settings.connect_timeout => {
-                    Some((s.id, CloseReason::NeverConnected))
-                }
-                _ => None,
+            .filter_map(|s| {
+                self.deadline(s)
+                    .filter(|(t, _)| now >= *t)
+                    .map(|(_, r)| (s.id, r))
             })
             .collect();
         for (id, reason) in expired {
             self.handle_logoff(id, reason, now);
         }
+        self.offers.retain(|_, o| now < o.expires);
     }
 
     /// When `handle_timeout` next has work, and why.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
-        self.sessions
+        let sessions = self
+            .sessions
             .values()
-            .filter_map(|s| match s.state {
-                SessionState::Disconnected { since } => {
-                    Some((since + self.settings.reconnect_window, "reconnect window"))
-                }
-                SessionState::Authenticated => {
-                    Some((s.created + self.settings.connect_timeout, "connect timeout"))
-                }
-                SessionState::Active => None,
-            })
-            .min_by_key(|(t, _)| *t)
+            .filter_map(|s| self.deadline(s))
+            .map(|(t, r)| (t, r.as_str()));
+        let offers = self.offers.values().map(|o| (o.expires, "transfer offer"));
+        sessions.chain(offers).min_by_key(|(t, _)| *t)
     }
 
     /// Next event for the shell.
@@ -523,6 +849,11 @@ impl GatewayState {
         self.sessions.is_empty()
     }
 
+    /// Pending transfer offers.
+    pub fn offers_len(&self) -> usize {
+        self.offers.len()
+    }
+
     /// The DNS records of the live sessions.
     pub fn dns(&self) -> &DnsRecords {
         &self.dns
@@ -538,6 +869,11 @@ impl GatewayState {
         std::mem::take(&mut self.leases_dirty)
     }
 
+    /// Did sessions change since the last `take_sessions_dirty`?
+    pub fn take_sessions_dirty(&mut self) -> bool {
+        std::mem::take(&mut self.sessions_dirty)
+    }
+
     /// Snapshot of every pool, for the state file.
     pub fn pool_snapshots(&self, now: Instant) -> BTreeMap<String, PoolSnapshot> {
         self.pools
@@ -546,30 +882,112 @@ impl GatewayState {
             .collect()
     }
 
-    /// Restore pools from the state file written by a previous run. Sessions
-    /// do not survive a restart yet, so every lease in the file is released
-    /// at once: its user keeps the address sticky, and others wait out the
-    /// quarantine.
-    pub fn restore_pools(
+    /// The sessions that can resume after a restart (all but those that
+    /// never connected).
+    pub fn session_records(&self, now: Instant) -> Vec<SessionRecord> {
+        self.sessions
+            .values()
+            .filter(|s| s.state != SessionState::Authenticated)
+            .map(|s| SessionRecord {
+                user: s.user.clone(),
+                groups: s.groups.clone(),
+                token: s.token.clone(),
+                addr: s.addr,
+                pool: s.pool.clone(),
+                device: s.device.clone(),
+                client_addr: s.client_addr,
+                age_secs: now.saturating_duration_since(s.created).as_secs(),
+            })
+            .collect()
+    }
+
+    /// Restore pools and resumable sessions from the state files of a
+    /// previous run. Restored sessions are disconnected (their clients
+    /// reconnect with their cookies) and get a fresh reconnect window.
+    /// Leases without a restored session are released: their users keep
+    /// the address sticky, and others wait out the quarantine. Returns the
+    /// number of sessions restored.
+    pub fn restore(
         &mut self,
         snaps: &BTreeMap<String, PoolSnapshot>,
+        records: &[SessionRecord],
         now: Instant,
         elapsed: Duration,
-    ) {
+    ) -> usize {
         for (name, snap) in snaps {
             if let Some(pool) = self.pools.get_mut(name) {
                 pool.restore(snap, now, elapsed);
-                let held: Vec<IpAddr> = pool
-                    .leases()
-                    .map(|(a, _)| a)
-                    .filter(|a| !self.by_addr.contains_key(a))
-                    .collect();
-                for a in held {
-                    let _ = pool.release(a, now);
-                }
+            }
+        }
+        let mut restored = 0;
+        for r in records {
+            let key = user_key(&r.user);
+            let Some(policy) = self.policies.lookup(&r.user, &r.groups).cloned() else {
+                continue;
+            };
+            let leased = self
+                .pools
+                .get(&r.pool)
+                .is_some_and(|p| p.holder(r.addr) == Some(key.as_str()));
+            if !leased
+                || self.by_addr.contains_key(&r.addr)
+                || self.by_token.contains_key(&r.token)
+                || elapsed >= policy.reconnect_window
+            {
+                continue;
+            }
+            let id = SessionId(self.next_id);
+            self.next_id += 1;
+            let dns = self.dns.register(&key, id, r.addr);
+            let created = now
+                .checked_sub(Duration::from_secs(r.age_secs) + elapsed)
+                .unwrap_or(now);
+            self.sessions.insert(
+                id,
+                Session {
+                    id,
+                    user: r.user.clone(),
+                    groups: r.groups.clone(),
+                    device: r.device.clone(),
+                    client_addr: r.client_addr,
+                    token: r.token.clone(),
+                    addr: r.addr,
+                    pool: r.pool.clone(),
+                    dns_label: dns.as_ref().ok().cloned(),
+                    state: SessionState::Disconnected { since: now },
+                    created,
+                    last_activity: now,
+                    connects: 0,
+                    policy: policy.clone(),
+                },
+            );
+            self.by_token.insert(r.token.clone(), id);
+            self.by_addr.insert(r.addr, id);
+            self.by_user.entry(key).or_default().push(id);
+            self.events.push_back(Event::Opened {
+                id,
+                user: r.user.clone(),
+                addr: r.addr,
+                dns,
+                client_to_client: policy.client_to_client,
+                routes: policy.routes.clone(),
+                took_over: None,
+            });
+            restored += 1;
+        }
+        for pool in self.pools.values_mut() {
+            let orphans: Vec<IpAddr> = pool
+                .leases()
+                .map(|(a, _)| a)
+                .filter(|a| !self.by_addr.contains_key(a))
+                .collect();
+            for a in orphans {
+                let _ = pool.release(a, now);
             }
         }
         self.leases_dirty = true;
+        self.sessions_dirty = true;
+        restored
     }
 }
 
@@ -579,15 +997,21 @@ mod tests {
     use crate::core::policy::GroupMatch;
     use proptest::prelude::*;
 
-    fn state(cidr: &str, max_per_user: u32) -> GatewayState {
-        let policies = PolicySet::new(vec![Policy {
+    fn policy(max_per_user: u32) -> Policy {
+        Policy {
             name: "all".into(),
             matches: vec![GroupMatch::Any],
             pool: "p".into(),
             client_to_client: true,
             routes: vec![],
             max_sessions_per_user: max_per_user,
-        }]);
+            idle_timeout: None,
+            session_timeout: None,
+            reconnect_window: Duration::from_secs(180),
+        }
+    }
+
+    fn state_with(cidr: &str, p: Policy) -> GatewayState {
         GatewayState::new(
             SessionSettings::default(),
             vec![PoolConfig {
@@ -596,9 +1020,13 @@ mod tests {
                 quarantine: Duration::from_secs(300),
                 exclude: vec![],
             }],
-            policies,
+            PolicySet::new(vec![p]),
         )
         .expect("state")
+    }
+
+    fn state(cidr: &str, max_per_user: u32) -> GatewayState {
+        state_with(cidr, policy(max_per_user))
     }
 
     fn req(user: &str, token: &str) -> LogonRequest {
@@ -606,7 +1034,15 @@ mod tests {
             user: user.into(),
             groups: vec![],
             token: token.into(),
+            offer_token: format!("offer-{token}"),
             client_addr: None,
+        }
+    }
+
+    fn opened(o: Result<LogonOutcome, LogonError>) -> SessionId {
+        match o {
+            Ok(LogonOutcome::Opened(id)) => id,
+            other => panic!("expected a session, got {other:?}"),
         }
     }
 
@@ -618,14 +1054,16 @@ mod tests {
     fn logon_attach_logoff_releases_and_sticks() {
         let t0 = Instant::now();
         let mut g = state("198.18.64.0/28", 1);
-        let id = g.handle_logon(req("alice", "t1"), t0).expect("logon");
+        let id = opened(g.handle_logon(req("alice", "t1"), t0));
         let addr = g.session(id).expect("s").addr;
+        assert_eq!(g.dns().lookup("alice", false), Some(addr));
         assert!(g
             .handle_attach("t1", Some("laptop".into()), None, t0)
             .is_ok());
         assert_eq!(g.session(id).expect("s").state, SessionState::Active);
         g.handle_logoff(id, CloseReason::Logoff, t0);
         assert!(g.is_empty());
+        assert_eq!(g.dns().lookup("alice", false), None);
         let ev = drain(&mut g);
         assert!(matches!(
             ev.last(),
@@ -639,17 +1077,17 @@ mod tests {
             Some(AttachError::UnknownToken)
         );
         // Sticky: same user, same address; case-insensitive username.
-        let id2 = g.handle_logon(req("Alice", "t2"), t0).expect("logon");
+        let id2 = opened(g.handle_logon(req("Alice", "t2"), t0));
         assert_eq!(g.session(id2).expect("s").addr, addr);
     }
 
     #[test]
-    fn per_user_limit_and_exhaustion() {
+    fn never_connected_session_gives_way_and_exhaustion() {
         let t0 = Instant::now();
         let mut g = state("198.18.64.0/30", 1); // exactly one user address
-        let first = g.handle_logon(req("alice", "a"), t0).expect("alice");
+        let first = opened(g.handle_logon(req("alice", "a"), t0));
         // Never connected: a new logon of the same user replaces it.
-        let second = g.handle_logon(req("alice", "a2"), t0).expect("alice again");
+        let second = opened(g.handle_logon(req("alice", "a2"), t0));
         assert!(g.session(first).is_none());
         assert_eq!(
             g.session(second).map(|s| s.addr),
@@ -660,91 +1098,288 @@ mod tests {
             g.handle_attach("a", None, None, t0).is_err(),
             "old cookie is dead"
         );
-        g.handle_logoff(second, CloseReason::Logoff, t0);
-        g.handle_logon(req("alice", "a"), t0).expect("alice");
-        g.handle_attach("a", None, None, t0).expect("attach");
-        assert!(matches!(
-            g.handle_logon(req("alice", "a3"), t0),
-            Err(LogonError::TooManySessions { limit: 1, .. })
-        ));
         let e = g.handle_logon(req("bob", "b"), t0).unwrap_err();
         assert_eq!(e, LogonError::NoAddress);
         assert_eq!(e.to_string(), NO_ADDRESS_MESSAGE);
     }
 
     #[test]
-    fn reconnect_window_and_connect_timeout() {
+    fn transfer_takes_over_address_and_name_in_one_step() {
         let t0 = Instant::now();
         let mut g = state("198.18.64.0/28", 1);
-        let a = g.handle_logon(req("alice", "a"), t0).expect("alice");
-        let b = g.handle_logon(req("bob", "b"), t0).expect("bob");
+        let old = opened(g.handle_logon(req("alice", "a"), t0));
+        g.handle_attach("a", Some("desktop".into()), None, t0)
+            .expect("attach");
+        let addr = g.session(old).expect("s").addr;
+        let _ = drain(&mut g);
+        let t1 = t0 + Duration::from_secs(30);
+        let offer = match g.handle_logon(req("alice", "b"), t1) {
+            Ok(LogonOutcome::TransferOffered(o)) => o,
+            other => panic!("expected an offer, got {other:?}"),
+        };
+        assert_eq!(offer.sessions.len(), 1);
+        assert_eq!(offer.sessions[0].device.as_deref(), Some("desktop"));
+        assert_eq!(offer.sessions[0].addr, addr);
+        assert_eq!(offer.sessions[0].idle, Duration::from_secs(30));
+        assert!(g.session(old).is_some(), "an offer changes nothing yet");
+        let new = g
+            .handle_transfer(&offer.token, true, t1 + Duration::from_secs(5))
+            .expect("transfer");
+        assert!(g.session(old).is_none());
+        assert_eq!(g.session(new).map(|s| s.addr), Some(addr));
+        assert_eq!(g.dns().lookup("alice", false), Some(addr));
+        assert_eq!(g.dns().name_of(addr), Some("alice"));
+        let ev = drain(&mut g);
+        assert!(
+            matches!(&ev[0], Event::Closed { id, reason: CloseReason::Transferred, .. } if *id == old)
+        );
+        assert!(
+            matches!(&ev[1], Event::Opened { id, took_over: Some(o), .. } if *id == new && *o == old)
+        );
+        // The offer is single-use.
+        assert_eq!(
+            g.handle_transfer(&offer.token, true, t1).err(),
+            Some(TransferError::UnknownOffer)
+        );
+    }
+
+    #[test]
+    fn transfer_window_cancel_and_last_confirmed_wins() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 1);
+        opened(g.handle_logon(req("alice", "a"), t0));
+        g.handle_attach("a", None, None, t0).expect("attach");
+        let offer = |g: &mut GatewayState, tok: &str, t| match g.handle_logon(req("alice", tok), t)
+        {
+            Ok(LogonOutcome::TransferOffered(o)) => o,
+            other => panic!("expected an offer, got {other:?}"),
+        };
+        // Late answer.
+        let late = offer(&mut g, "late", t0);
+        assert_eq!(
+            g.handle_transfer(&late.token, true, t0 + Duration::from_secs(120))
+                .err(),
+            Some(TransferError::Expired(120))
+        );
+        // Cancel.
+        let c = offer(&mut g, "c", t0);
+        assert_eq!(
+            g.handle_transfer(&c.token, false, t0).err(),
+            Some(TransferError::Cancelled)
+        );
+        // Three devices at once: the last confirmed wins, one session left.
+        let o1 = offer(&mut g, "d1", t0);
+        let o2 = offer(&mut g, "d2", t0);
+        let o3 = offer(&mut g, "d3", t0);
+        let s2 = g
+            .handle_transfer(&o2.token, true, t0 + Duration::from_secs(1))
+            .expect("2");
+        let s3 = g
+            .handle_transfer(&o3.token, true, t0 + Duration::from_secs(2))
+            .expect("3");
+        let s1 = g
+            .handle_transfer(&o1.token, true, t0 + Duration::from_secs(3))
+            .expect("1");
+        assert_eq!(g.len(), 1);
+        assert!(g.session(s2).is_none() && g.session(s3).is_none());
+        assert_eq!(g.session(s1).map(|s| s.token.as_str()), Some("d1"));
+        g.handle_attach("d1", None, None, t0).expect("attach");
+        // Expired offers are forgotten by the timer.
+        let _ = offer(&mut g, "x", t0 + Duration::from_secs(10));
+        assert_eq!(g.offers_len(), 1);
+        g.handle_timeout(t0 + Duration::from_secs(130));
+        assert_eq!(g.offers_len(), 0);
+    }
+
+    #[test]
+    fn timeouts_reconnect_idle_session() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 1);
+        let a = opened(g.handle_logon(req("alice", "a"), t0));
+        let b = opened(g.handle_logon(req("bob", "b"), t0));
         g.handle_attach("a", None, None, t0).expect("attach");
         g.handle_detach(a, t0 + Duration::from_secs(1));
         assert_eq!(
             g.poll_timeout().map(|(t, _)| t),
-            Some(t0 + Duration::from_secs(60)),
-            "bob's connect timeout comes first"
+            Some(t0 + Duration::from_secs(60))
         );
         g.handle_timeout(t0 + Duration::from_secs(60));
         assert!(g.session(b).is_none(), "bob never connected");
         assert!(g.session(a).is_some());
-        // Reattach inside the window keeps the session.
         g.handle_attach("a", None, None, t0 + Duration::from_secs(100))
             .expect("reattach");
+        assert_eq!(g.session(a).map(|s| s.connects), Some(2));
         g.handle_detach(a, t0 + Duration::from_secs(100));
         g.handle_timeout(t0 + Duration::from_secs(279));
         assert!(g.session(a).is_some());
         g.handle_timeout(t0 + Duration::from_secs(280));
         assert!(g.session(a).is_none());
         assert!(g.poll_timeout().is_none());
+
+        let mut p = policy(1);
+        p.idle_timeout = Some(Duration::from_secs(600));
+        p.session_timeout = Some(Duration::from_secs(3600));
+        let mut g = state_with("198.18.64.0/28", p);
+        let a = opened(g.handle_logon(req("alice", "a"), t0));
+        g.handle_attach("a", None, None, t0).expect("attach");
+        g.note_activity(a, t0 + Duration::from_secs(500));
+        assert_eq!(
+            g.poll_timeout(),
+            Some((t0 + Duration::from_secs(1100), "idle_timeout"))
+        );
+        g.handle_timeout(t0 + Duration::from_secs(1099));
+        assert!(g.session(a).is_some());
+        g.handle_timeout(t0 + Duration::from_secs(1100));
+        assert!(g.session(a).is_none());
+        let ev = drain(&mut g);
+        assert!(ev.iter().any(|e| matches!(
+            e,
+            Event::Closed {
+                reason: CloseReason::IdleTimeout,
+                ..
+            }
+        )));
+        let b = opened(g.handle_logon(req("bob", "b"), t0));
+        g.handle_attach("b", None, None, t0).expect("attach");
+        for m in (0..3600).step_by(300) {
+            g.note_activity(b, t0 + Duration::from_secs(m));
+            g.handle_timeout(t0 + Duration::from_secs(m));
+        }
+        assert!(g.session(b).is_some());
+        g.handle_timeout(t0 + Duration::from_secs(3600));
+        assert!(g.session(b).is_none(), "absolute session timeout");
+    }
+
+    #[test]
+    fn disconnect_keeps_session_resumable() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 1);
+        let a = opened(g.handle_logon(req("alice", "a"), t0));
+        g.handle_attach("a", None, None, t0).expect("attach");
+        let _ = drain(&mut g);
+        assert!(g.handle_disconnect(a, "disconnected by the user", t0));
+        assert!(matches!(
+            g.session(a).map(|s| s.state),
+            Some(SessionState::Disconnected { .. })
+        ));
+        assert!(matches!(
+            drain(&mut g).as_slice(),
+            [Event::Disconnected { .. }]
+        ));
+        assert!(g
+            .handle_attach("a", None, None, t0 + Duration::from_secs(10))
+            .is_ok());
+    }
+
+    #[test]
+    fn restore_after_restart() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 1);
+        let a = opened(g.handle_logon(req("alice", "a"), t0));
+        g.handle_attach("a", Some("laptop".into()), None, t0)
+            .expect("attach");
+        let b = opened(g.handle_logon(req("bob", "b"), t0)); // never connected: not resumable
+        let addr_a = g.session(a).expect("a").addr;
+        let addr_b = g.session(b).expect("b").addr;
+        let t1 = t0 + Duration::from_secs(20);
+        let pools = g.pool_snapshots(t1);
+        let records = g.session_records(t1);
+        assert_eq!(records.len(), 1);
+
+        let t2 = Instant::now() + Duration::from_secs(1000);
+        let mut h = state("198.18.64.0/28", 1);
+        assert_eq!(h.restore(&pools, &records, t2, Duration::from_secs(5)), 1);
+        let s = h.session_by_token("a").expect("restored");
+        assert_eq!(s.addr, addr_a);
+        assert!(matches!(s.state, SessionState::Disconnected { .. }));
+        assert_eq!(h.dns().lookup("alice", false), Some(addr_a));
+        let _ = drain(&mut h);
+        assert!(h.handle_attach("a", None, None, t2).is_ok());
+        // bob's lease was released, but his address stays his (sticky).
+        let carol = opened(h.handle_logon(req("carol", "c"), t2));
+        assert_ne!(h.session(carol).expect("c").addr, addr_b);
+        let bob = opened(h.handle_logon(req("bob", "b2"), t2));
+        assert_eq!(h.session(bob).expect("b").addr, addr_b);
+        // Down for longer than the reconnect window: nothing resumes.
+        let mut k = state("198.18.64.0/28", 1);
+        assert_eq!(k.restore(&pools, &records, t2, Duration::from_secs(181)), 0);
+        assert!(k.is_empty());
     }
 
     #[derive(Debug, Clone)]
     enum Op {
         Logon(u8),
+        Answer(u8, bool),
         Attach(u8),
         Detach(u8),
+        Disconnect(u8),
         Logoff(u8),
+        Activity(u8),
         Advance(u16),
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (0u8..6).prop_map(Op::Logon),
-            (0u8..6).prop_map(Op::Attach),
-            (0u8..6).prop_map(Op::Detach),
-            (0u8..6).prop_map(Op::Logoff),
+            (0u8..5).prop_map(Op::Logon),
+            (0u8..8, any::<bool>()).prop_map(|(i, a)| Op::Answer(i, a)),
+            (0u8..5).prop_map(Op::Attach),
+            (0u8..5).prop_map(Op::Detach),
+            (0u8..5).prop_map(Op::Disconnect),
+            (0u8..5).prop_map(Op::Logoff),
+            (0u8..5).prop_map(Op::Activity),
             (0u16..400).prop_map(Op::Advance),
         ]
     }
 
     proptest! {
-        /// After any sequence: no address held by two sessions, indexes agree
-        /// with the table, every session's address is leased to its user in
-        /// its pool, and every lease belongs to a live session.
+        /// Reference-model check over logon / transfer / disconnect /
+        /// reconnect / logoff / timeout sequences on virtual time: after
+        /// every step no address or name is held twice, indexes agree,
+        /// every session's address is leased to its user, every lease
+        /// belongs to a live session, DNS records equal the live sessions,
+        /// and no user exceeds the session limit.
         #[test]
-        fn tables_stay_consistent(ops in proptest::collection::vec(op(), 1..80)) {
+        fn tables_stay_consistent(ops in proptest::collection::vec(op(), 1..100), limit in 1u32..3) {
             let t0 = Instant::now();
             let mut now = t0;
-            let mut g = state("198.18.64.0/29", 2);
+            let mut p = policy(limit);
+            p.idle_timeout = Some(Duration::from_secs(900));
+            let mut g = state_with("198.18.64.0/29", p);
             let mut tok = 0u32;
+            let mut offers: Vec<String> = Vec::new();
+            let user = |u: u8| format!("u{u}");
+            let find = |g: &GatewayState, u: u8| {
+                let mut v: Vec<&Session> = g.sessions().filter(|s| s.user == user(u)).collect();
+                v.sort_by_key(|s| s.id);
+                v.last().map(|s| (s.id, s.token.clone()))
+            };
             for op in ops {
                 match op {
                     Op::Logon(u) => {
                         tok += 1;
-                        let _ = g.handle_logon(req(&format!("u{u}"), &format!("t{tok}")), now);
+                        if let Ok(LogonOutcome::TransferOffered(o)) = g.handle_logon(req(&user(u), &format!("t{tok}")), now) {
+                            offers.push(o.token);
+                        }
+                    }
+                    Op::Answer(i, accept) => {
+                        if let Some(t) = offers.get(usize::from(i)).cloned() {
+                            let _ = g.handle_transfer(&t, accept, now);
+                        }
                     }
                     Op::Attach(u) => {
-                        let t = g.sessions().find(|s| s.user == format!("u{u}")).map(|s| s.token.clone());
-                        if let Some(t) = t { let _ = g.handle_attach(&t, None, None, now); }
+                        if let Some((_, t)) = find(&g, u) { let _ = g.handle_attach(&t, None, None, now); }
                     }
                     Op::Detach(u) => {
-                        let id = g.sessions().find(|s| s.user == format!("u{u}")).map(|s| s.id);
-                        if let Some(id) = id { g.handle_detach(id, now); }
+                        if let Some((id, _)) = find(&g, u) { g.handle_detach(id, now); }
+                    }
+                    Op::Disconnect(u) => {
+                        if let Some((id, _)) = find(&g, u) { g.handle_disconnect(id, "test", now); }
                     }
                     Op::Logoff(u) => {
-                        let id = g.sessions().find(|s| s.user == format!("u{u}")).map(|s| s.id);
-                        if let Some(id) = id { g.handle_logoff(id, CloseReason::Logoff, now); }
+                        if let Some((id, _)) = find(&g, u) { g.handle_logoff(id, CloseReason::Logoff, now); }
+                    }
+                    Op::Activity(u) => {
+                        if let Some((id, _)) = find(&g, u) { g.note_activity(id, now); }
                     }
                     Op::Advance(s) => {
                         now += Duration::from_secs(u64::from(s));
@@ -767,7 +1402,8 @@ mod tests {
                         prop_assert!(g.session_by_addr(a).is_some(), "lease {} without session", a);
                     }
                 }
-                // DNS records are exactly the live sessions' addresses.
+                // DNS records are exactly the live sessions' addresses, and a
+                // name answers only with an address its user holds.
                 let named: Vec<&Session> = g.sessions().filter(|s| s.dns_label.is_some()).collect();
                 prop_assert_eq!(g.dns().len(), named.len());
                 for s in &named {
@@ -779,6 +1415,9 @@ mod tests {
                 for (label, addr) in g.dns().entries() {
                     let owner = g.session_by_addr(addr);
                     prop_assert!(owner.is_some_and(|o| o.dns_label.as_deref() == Some(label)), "stale record {} -> {}", label, addr);
+                }
+                for (k, v) in &g.by_user {
+                    prop_assert!(v.len() <= limit as usize, "user {} holds {} sessions", k, v.len());
                 }
                 let per_user: usize = g.by_user.values().map(Vec::len).sum();
                 prop_assert_eq!(per_user, g.len());

@@ -5,7 +5,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::BytesMut;
-use tokio::sync::mpsc::error::TrySendError;
 use tracing::{error, warn};
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
@@ -91,25 +90,7 @@ pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
             port.as_ref().map(|p| &p.routes[..]),
         );
         match (verdict, port) {
-            (Verdict::ToSession(_), Some(port)) => {
-                let len = pkt.len() as u64;
-                match port.tx.try_send(pkt) {
-                    Ok(()) => {
-                        shared
-                            .stats
-                            .packets_to_users
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        shared
-                            .stats
-                            .bytes_to_users
-                            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(TrySendError::Full(_)) => shared.stats.drop(DropReason::QueueFull),
-                    Err(TrySendError::Closed(_)) => {
-                        shared.stats.drop(DropReason::SessionDisconnected)
-                    }
-                }
-            }
+            (Verdict::ToSession(_), Some(port)) => shared.deliver(&port, pkt),
             (Verdict::Drop(r), _) => shared.stats.drop(r),
             _ => shared.stats.drop(DropReason::NoSession),
         }

@@ -2,7 +2,6 @@
 
 use std::net::IpAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
@@ -12,8 +11,10 @@ use tracing::{info, warn};
 
 use super::{cstp::TunnelStart, Conn, Next};
 use crate::core::bans::Admission;
-use crate::core::session::{LogonError, LogonRequest};
-use crate::gateway::{Port, TunnelCtl, TunnelHandle, SESSION_QUEUE_PACKETS};
+use crate::core::session::{
+    LogonError, LogonOutcome, LogonRequest, SessionId, TransferError, TransferOffer,
+};
+use crate::gateway::{TunnelCtl, TunnelHandle};
 use crate::stats::RefuseReason;
 use crate::users::AuthOutcome;
 use crate::wire::auth_xml::{self, ClientMessage, ClientMessageKind, Form, Input};
@@ -45,6 +46,53 @@ fn main_form(error: Option<String>) -> Form {
                 label: "Password:".into(),
             },
         ],
+    }
+}
+
+/// "3m 20s"-style durations for people.
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m {}s", s / 60, s % 60),
+        _ => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+/// The second form: "you already have a session; transfer it here?".
+pub(crate) fn transfer_form(offer: &TransferOffer, window: Duration) -> Form {
+    let list: Vec<String> = offer
+        .sessions
+        .iter()
+        .map(|s| {
+            format!(
+                "device '{}' with {} ({}, idle {})",
+                s.device.as_deref().unwrap_or("unknown"),
+                s.addr,
+                s.state,
+                human(s.idle)
+            )
+        })
+        .collect();
+    Form {
+        id: "transfer".into(),
+        title: Some("Transfer session".into()),
+        message: Some(format!(
+            "You already have {} session(s): {}. Transfer to this device? The other device will be disconnected. This offer is valid for {}.",
+            offer.sessions.len(),
+            list.join("; "),
+            human(window)
+        )),
+        error: None,
+        action: "/auth".into(),
+        inputs: vec![Input::Select {
+            name: "action".into(),
+            label: "Action:".into(),
+            options: vec![
+                ("transfer".into(), "Transfer".into()),
+                ("cancel".into(), "Cancel".into()),
+            ],
+        }],
     }
 }
 
@@ -142,6 +190,14 @@ impl Conn {
                     .await;
                 Next::KeepAlive
             }
+            Some(ClientMessageKind::AuthReply)
+                if msg.as_ref().is_some_and(|m| m.field("action").is_some()) =>
+            {
+                let m = msg.as_ref();
+                let action = m.and_then(|m| m.field("action")).unwrap_or("");
+                let handle = m.and_then(|m| m.opaque.clone()).unwrap_or_default();
+                self.transfer_answer(&handle, action).await
+            }
             Some(ClientMessageKind::AuthReply) => {
                 let m = msg.as_ref();
                 let user = m
@@ -204,14 +260,14 @@ impl Conn {
             }
         };
         shared.bans().record_success(self.ip, Instant::now());
-        let token = new_token();
         let result = {
             let mut core = shared.core();
             let r = core.handle_logon(
                 LogonRequest {
                     user: name.clone(),
                     groups,
-                    token: token.clone(),
+                    token: new_token(),
+                    offer_token: new_token(),
                     client_addr: Some(self.ip),
                 },
                 Instant::now(),
@@ -220,23 +276,66 @@ impl Conn {
             r
         };
         match result {
-            Ok(id) => {
-                shared.stats.logons.fetch_add(1, Ordering::Relaxed);
-                info!(session = %id, user = %name, client = %self.ip, "logon");
-                let xml = auth_xml::auth_complete_xml(&token, Some("Welcome to intragate."));
-                let cookie = format!("webvpn={token}; Secure; HttpOnly");
-                self.send_xml(200, "OK", &xml, &[("Set-Cookie", &cookie)])
-                    .await;
+            Ok(LogonOutcome::Opened(id)) => self.complete(id, &name).await,
+            Ok(LogonOutcome::TransferOffered(offer)) => {
+                info!(user = %name, client = %self.ip, existing = offer.sessions.len(), "logon at the session limit: transfer offered");
+                let form = transfer_form(&offer, shared.config.transfer_window);
+                let xml = auth_xml::auth_request_xml(&form, Some(&offer.token));
+                self.send_xml(200, "OK", &xml, &[]).await;
                 Next::KeepAlive
             }
             Err(e) => {
                 let reason = match &e {
                     LogonError::NoAddress => RefuseReason::NoAddress,
-                    LogonError::TooManySessions { .. } => RefuseReason::TooManySessions,
+                    LogonError::TooManyOffers(_) => RefuseReason::TooManySessions,
                     _ => RefuseReason::Policy,
                 };
                 shared.stats.refuse(reason);
                 warn!(user = %name, client = %self.ip, "logon refused: {e}");
+                let msg = e.to_string();
+                self.refuse(&msg).await
+            }
+        }
+    }
+
+    /// Tell the client its session is ready (cookie in body and header).
+    async fn complete(&mut self, id: SessionId, name: &str) -> Next {
+        let token = self.shared.core().session(id).map(|s| s.token.clone());
+        let Some(token) = token else {
+            return self.refuse("The session ended before it could start").await;
+        };
+        self.shared.stats.logons.fetch_add(1, Ordering::Relaxed);
+        info!(session = %id, user = %name, client = %self.ip, "logon");
+        let xml = auth_xml::auth_complete_xml(&token, Some("Welcome to intragate."));
+        let cookie = format!("webvpn={token}; Secure; HttpOnly");
+        self.send_xml(200, "OK", &xml, &[("Set-Cookie", &cookie)])
+            .await;
+        Next::KeepAlive
+    }
+
+    /// The answer to the transfer form.
+    async fn transfer_answer(&mut self, handle: &str, action: &str) -> Next {
+        let accept = action.eq_ignore_ascii_case("transfer");
+        let result = {
+            let mut core = self.shared.core();
+            let r = core.handle_transfer(handle, accept, Instant::now());
+            let user = r
+                .as_ref()
+                .ok()
+                .and_then(|id| core.session(*id))
+                .map(|s| s.user.clone());
+            self.shared.process_events(core);
+            r.map(|id| (id, user.unwrap_or_default()))
+        };
+        match result {
+            Ok((id, user)) => self.complete(id, &user).await,
+            Err(e) => {
+                if matches!(e, TransferError::Expired(_) | TransferError::UnknownOffer) {
+                    warn!(client = %self.ip, "transfer refused: {e}");
+                } else {
+                    info!(client = %self.ip, "transfer not done: {e}");
+                }
+                self.shared.stats.refuse(RefuseReason::TooManySessions);
                 let msg = e.to_string();
                 self.refuse(&msg).await
             }
@@ -271,17 +370,18 @@ impl Conn {
                         s.addr,
                         s.pool.clone(),
                         s.policy.clone(),
+                        s.connects,
                     )
                 });
             let prefix = r
                 .as_ref()
                 .ok()
-                .and_then(|(_, _, _, pool, _)| core.pools().find(|p| p.name() == pool))
+                .and_then(|(_, _, _, pool, _, _)| core.pools().find(|p| p.name() == pool))
                 .map(|p| p.cidr());
             shared.process_events(core);
             r.map(|x| (x, prefix))
         };
-        let ((id, user, addr, _pool, policy), pool_cidr) = match attached {
+        let ((id, user, addr, _pool, policy, connects), pool_cidr) = match attached {
             Ok(x) => x,
             Err(e) => {
                 shared.stats.refuse(RefuseReason::BadCookie);
@@ -350,30 +450,39 @@ impl Conn {
             ("X-CSTP-Base-MTU".into(), mtu.to_string()),
         ]);
 
-        // Register the tunnel: a fresh queue for packets toward the user.
-        let (tx, rx) = mpsc::channel(SESSION_QUEUE_PACKETS);
+        // The session's port exists since logon; take over its queue (a
+        // previous tunnel of this session, if any, is ended first).
+        let port = shared.routes.get(&addr).map(|p| p.value().clone());
+        let Some(port) = port.filter(|p| p.id == id) else {
+            return self.refuse("The session ended").await;
+        };
         let (ctl_tx, ctl_rx) = mpsc::channel(16);
+        let cancel = shared.shutdown.child_token();
         let generation = shared.next_generation.fetch_add(1, Ordering::Relaxed);
-        let routes: Arc<[IpNetwork]> = policy.routes.clone().into();
-        shared.routes.insert(
-            addr,
-            Arc::new(Port {
-                id,
-                tx: tx.clone(),
-                client_to_client: policy.client_to_client,
-                routes: routes.clone(),
-            }),
-        );
         let old = shared.tunnel_table().insert(
             id,
             TunnelHandle {
                 generation,
                 ctl: ctl_tx.clone(),
+                cancel: cancel.clone(),
             },
         );
         if let Some(old) = old {
             let _ = old.ctl.try_send(TunnelCtl::Close);
+            old.cancel.cancel();
             info!(session = %id, "a new tunnel replaces the previous one of this session");
+        }
+        let rx = match tokio::time::timeout(Duration::from_secs(5), port.rx.clone().lock_owned())
+            .await
+        {
+            Ok(g) => g,
+            Err(_) => {
+                warn!(session = %id, "the previous tunnel did not let go of the session; refusing CONNECT");
+                return self.refuse("Session busy; try again").await;
+            }
+        };
+        if connects > 1 {
+            shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
         }
 
         let mut out = String::from("HTTP/1.1 200 CONNECTED\r\n");
@@ -398,12 +507,11 @@ impl Conn {
             user,
             addr,
             generation,
+            port,
             rx,
-            keep_tx: tx,
             ctl_rx,
             ctl_tx,
-            client_to_client: policy.client_to_client,
-            routes,
+            cancel,
             mtu: usize::from(mtu),
             dead_after,
         })

@@ -12,17 +12,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use ipnetwork::IpNetwork;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
 use tracing::{debug, info, warn};
 use tun_rs::AsyncDevice;
 
 use super::Stream;
 use crate::core::route::{self, DropReason, UserView, Verdict};
 use crate::core::session::{CloseReason, SessionId};
-use crate::gateway::{Shared, TunnelCtl};
+use crate::gateway::{Port, Shared, TunnelCtl};
 use crate::wire::cstp::{self, FrameType};
 
 /// Frames written before a flush is forced even when more are queued.
@@ -37,15 +35,13 @@ pub(crate) struct TunnelStart {
     pub(crate) user: String,
     pub(crate) addr: IpAddr,
     pub(crate) generation: u64,
-    /// Packets toward the user.
-    pub(crate) rx: mpsc::Receiver<Bytes>,
-    /// Keeps the queue open while the tunnel lives (the route entry may be
-    /// removed first when the session closes).
-    pub(crate) keep_tx: mpsc::Sender<Bytes>,
+    /// The session's port (queue toward the user, activity).
+    pub(crate) port: Arc<Port>,
+    /// The port's receiver, held for the tunnel's lifetime.
+    pub(crate) rx: tokio::sync::OwnedMutexGuard<mpsc::Receiver<Bytes>>,
     pub(crate) ctl_rx: mpsc::Receiver<TunnelCtl>,
     pub(crate) ctl_tx: mpsc::Sender<TunnelCtl>,
-    pub(crate) client_to_client: bool,
-    pub(crate) routes: Arc<[IpNetwork]>,
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
     pub(crate) mtu: usize,
     pub(crate) dead_after: Duration,
 }
@@ -76,25 +72,27 @@ pub(crate) async fn run_tunnel(
         user,
         addr,
         generation,
-        rx,
-        keep_tx,
+        port,
+        mut rx,
         ctl_rx,
         ctl_tx,
-        client_to_client,
-        routes,
+        cancel,
         mtu,
         dead_after,
     } = start;
     let view = UserView {
         addr,
-        client_to_client,
-        routes: &routes,
+        client_to_client: port.client_to_client,
+        routes: &port.routes,
     };
+    port.up.store(true, Relaxed);
     let end = tokio::select! {
-        e = reader(&shared, rd, leftover, &view, mtu, dead_after, &tun, &ctl_tx) => e,
-        e = writer(wr, rx, ctl_rx) => e,
+        e = reader(&shared, rd, leftover, &view, &port, mtu, dead_after, &tun, &ctl_tx) => e,
+        e = writer(wr, &mut rx, ctl_rx) => e,
+        _ = cancel.cancelled() => End::Closed,
     };
-    drop(keep_tx);
+    port.up.store(false, Relaxed);
+    drop(rx);
     let now = Instant::now();
     let current = {
         let mut t = shared.tunnel_table();
@@ -129,6 +127,7 @@ async fn reader(
     mut rd: ReadHalf<Stream>,
     mut buf: BytesMut,
     view: &UserView<'_>,
+    port: &Port,
     mtu: usize,
     dead_after: Duration,
     tun: &AsyncDevice,
@@ -148,7 +147,10 @@ async fn reader(
             let frame = buf.split_to(total).freeze();
             let payload = frame.slice(range);
             match ty {
-                FrameType::Data => forward(shared, view, mtu, tun, payload).await,
+                FrameType::Data => {
+                    port.activity.store(shared.now_ms(), Relaxed);
+                    forward(shared, view, mtu, tun, payload).await
+                }
                 FrameType::DpdReq => {
                     let _ = ctl.try_send(TunnelCtl::DpdResp);
                 }
@@ -202,15 +204,12 @@ async fn forward(shared: &Shared, view: &UserView<'_>, mtu: usize, tun: &AsyncDe
                 shared.stats.drop(DropReason::NoSession);
                 return;
             };
-            let len = pkt.len() as u64;
-            match port.tx.try_send(pkt) {
-                Ok(()) => {
-                    shared.stats.packets_from_users.fetch_add(1, Relaxed);
-                    shared.stats.bytes_from_users.fetch_add(len, Relaxed);
-                }
-                Err(TrySendError::Full(_)) => shared.stats.drop(DropReason::QueueFull),
-                Err(TrySendError::Closed(_)) => shared.stats.drop(DropReason::SessionDisconnected),
-            }
+            shared.stats.packets_from_users.fetch_add(1, Relaxed);
+            shared
+                .stats
+                .bytes_from_users
+                .fetch_add(pkt.len() as u64, Relaxed);
+            shared.deliver(&port, pkt);
         }
         Verdict::Drop(r) => {
             shared.stats.drop(r);
@@ -238,7 +237,7 @@ async fn write_frame(
 
 async fn writer(
     mut wr: WriteHalf<Stream>,
-    mut rx: mpsc::Receiver<Bytes>,
+    rx: &mut mpsc::Receiver<Bytes>,
     mut ctl: mpsc::Receiver<TunnelCtl>,
 ) -> End {
     let mut out = Vec::with_capacity(cstp::HEADER_LEN + usize::from(u16::MAX));

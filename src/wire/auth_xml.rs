@@ -118,6 +118,7 @@ impl ClientMessage {
     }
 
     /// The value of the first field named `name` (exact match).
+    #[must_use]
     pub fn field(&self, name: &str) -> Option<&str> {
         self.fields
             .iter()
@@ -468,6 +469,7 @@ fn push_escaped(out: &mut String, s: &str) {
 
 /// Escapes a string for XML text or attribute values (see the module doc):
 /// the result can be interpolated anywhere between tags or inside quotes.
+#[must_use]
 pub fn xml_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 8);
     push_escaped(&mut out, s);
@@ -479,6 +481,7 @@ const XML_DECL: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n";
 /// Builds an `auth-request` body presenting `form`. If `opaque_handle` is given
 /// it is sent as `<opaque is-for="sg"><auth-handle>`; the client echoes it back
 /// in its reply ([`ClientMessage::opaque`]).
+#[must_use]
 pub fn auth_request_xml(form: &Form, opaque_handle: Option<&str>) -> String {
     let mut out = String::with_capacity(512);
     let e = xml_escape;
@@ -557,6 +560,7 @@ pub fn auth_request_xml(form: &Form, opaque_handle: Option<&str>) -> String {
 /// `<session-token>` (openconnect then sends `Cookie: webvpn=TOKEN`) and the
 /// `<auth id="success">` element openconnect requires, with `message` if given.
 /// Send `Set-Cookie: webvpn=TOKEN` with it as well.
+#[must_use]
 pub fn auth_complete_xml(session_token: &str, message: Option<&str>) -> String {
     let mut out = String::with_capacity(384);
     out.push_str(XML_DECL);
@@ -686,6 +690,14 @@ mod tests {
             parse_client_message(xxe.as_bytes()),
             Err(AuthXmlError::DoctypeForbidden)
         );
+        // Any spelling is refused, inside the root too.
+        for body in [
+            &b"<!doctype config-auth><config-auth type=\"init\"/>"[..],
+            b"<config-auth type=\"init\"><!DOCTYPE x></config-auth>",
+            b"<!ENTITY e \"x\"><config-auth type=\"init\"/>",
+        ] {
+            assert!(parse_client_message(body).is_err(), "{body:?}");
+        }
         // Undeclared entities are an XML error, never expanded.
         let body = r#"<config-auth type="init"><version>&e;</version></config-auth>"#;
         assert!(matches!(

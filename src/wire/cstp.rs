@@ -137,6 +137,7 @@ pub struct Frame<T: AsRef<[u8]>> {
 
 impl<T: AsRef<[u8]>> Frame<T> {
     /// Wraps a buffer without any check.
+    #[must_use]
     pub const fn new_unchecked(buffer: T) -> Self {
         Self { buffer }
     }
@@ -184,6 +185,7 @@ impl<T: AsRef<[u8]>> Frame<T> {
     }
 
     /// Consumes the view and returns the buffer.
+    #[must_use]
     pub fn into_inner(self) -> T {
         self.buffer
     }
@@ -206,17 +208,20 @@ impl<T: AsRef<[u8]>> Frame<T> {
 
     /// The payload length announced by the header (0 if the buffer is too short
     /// to hold the length field).
+    #[must_use]
     pub fn payload_len(&self) -> u16 {
         read_len(self.buffer.as_ref()).unwrap_or(0)
     }
 
     /// Header plus announced payload: the number of bytes this frame occupies.
+    #[must_use]
     pub fn total_len(&self) -> usize {
         HEADER_LEN + usize::from(self.payload_len())
     }
 
     /// The payload bytes. On an unchecked, truncated view this is whatever part
     /// of the payload the buffer holds (possibly empty).
+    #[must_use]
     pub fn payload(&self) -> &[u8] {
         let buf = self.buffer.as_ref();
         let end = self.total_len().min(buf.len());
@@ -276,6 +281,7 @@ fn check_header_bytes(header: &[u8]) -> Result<(FrameType, u16), CstpError> {
 }
 
 /// Builds the 8-byte header for a frame of type `ty` carrying `payload_len` bytes.
+#[must_use]
 pub fn encode_header(ty: FrameType, payload_len: u16) -> [u8; HEADER_LEN] {
     let [hi, lo] = payload_len.to_be_bytes();
     let [m0, m1, m2, m3] = MAGIC;
@@ -349,6 +355,7 @@ pub fn decode(
 }
 
 /// True if a DISCONNECT payload is a deliberate logoff (first byte `0xb0`).
+#[must_use]
 pub fn is_logoff(payload: &[u8]) -> bool {
     payload.first() == Some(&LOGOFF_CODE)
 }
@@ -357,6 +364,7 @@ pub fn is_logoff(payload: &[u8]) -> bool {
 /// (code) byte, decoded as lossy UTF-8, with trailing NULs and whitespace removed.
 /// Borrowed unless the bytes are not valid UTF-8. Meant for logs: the text is
 /// untrusted, escape it before display.
+#[must_use]
 pub fn disconnect_reason(payload: &[u8]) -> Cow<'_, str> {
     let text = payload.get(1..).unwrap_or(&[]);
     match String::from_utf8_lossy(text) {

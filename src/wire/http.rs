@@ -56,6 +56,7 @@ pub enum HttpError {
 
 impl HttpError {
     /// The HTTP status code that best answers this error.
+    #[must_use]
     pub fn status(&self) -> u16 {
         match self {
             Self::HeadTooLarge | Self::TooManyHeaders => 431,
@@ -85,6 +86,7 @@ pub struct RequestHead {
 
 impl RequestHead {
     /// The first header named `name` (case-insensitive).
+    #[must_use]
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers_all(name).next()
     }
@@ -104,6 +106,7 @@ impl RequestHead {
     /// `Cookie` headers (`a=b; c=d`); the first match wins. Surrounding double
     /// quotes are removed. The value is untrusted: openconnect sends
     /// `webvpn=(null)` when it got no token, so callers must validate it.
+    #[must_use]
     pub fn cookie(&self, name: &str) -> Option<&str> {
         self.headers_all("cookie")
             .flat_map(|h| h.split(';'))
@@ -120,6 +123,7 @@ impl RequestHead {
     /// Whether the connection stays open after this request: HTTP/1.1 unless a
     /// `Connection` header lists `close`; HTTP/1.0 only if it lists `keep-alive`
     /// (and not `close`).
+    #[must_use]
     pub fn keep_alive(&self) -> bool {
         let mut close = false;
         let mut keep = false;
@@ -245,6 +249,7 @@ fn parse_content_length(raw: &[u8]) -> Result<usize, HttpError> {
 /// Makes a string safe to put in a header value or reason phrase: removes CR,
 /// LF, NUL and every other control character except horizontal tab, then trims
 /// surrounding whitespace. Never allows a line break through.
+#[must_use]
 pub fn sanitize_header_value(value: &str) -> String {
     value
         .chars()
@@ -269,6 +274,7 @@ fn is_token(name: &str) -> bool {
 /// [`sanitize_header_value`]; a header whose name is not a valid token is
 /// dropped. When `content_length` is `Some`, any `Content-Length` in `headers` is
 /// dropped so there is exactly one. A `status` outside 100..=999 is written as 500.
+#[must_use]
 pub fn response_head(
     status: u16,
     reason: &str,
