@@ -7,13 +7,13 @@
 //! bounded packet queue and from flushing to the socket.
 
 use std::net::IpAddr;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 use tun_rs::AsyncDevice;
 
@@ -25,6 +25,23 @@ use crate::wire::cstp::{self, FrameType};
 
 /// Frames written before a flush is forced even when more are queued.
 const FLUSH_EVERY: usize = 32;
+/// Session reliability: when nothing has come from the client for this
+/// long, the path may be cut. Packets for the user are then held in the
+/// session's queue (not written into a connection that may be dead and
+/// lost on reconnect) and the client is probed with DPD-REQ; any frame from
+/// the client releases them. A client sending nothing costs one probe and
+/// one round trip of delay per interval; a cut loses at most what was
+/// written in the interval before it.
+const HOLD_AFTER_SILENCE: Duration = Duration::from_millis(1500);
+
+/// What the reader tells the writer about the client.
+#[derive(Debug, Default)]
+struct Liveness {
+    /// When bytes last came from the client (ms since `Shared::epoch`).
+    last_rx: AtomicU64,
+    /// Signalled on every read from the client.
+    heard: Notify,
+}
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -86,9 +103,11 @@ pub(crate) async fn run_tunnel(
         routes: &port.routes,
     };
     port.up.store(true, Relaxed);
+    let live = Liveness::default();
+    live.last_rx.store(shared.now_ms(), Relaxed);
     let end = tokio::select! {
-        e = reader(&shared, rd, leftover, &view, &port, mtu, dead_after, &tun, &ctl_tx) => e,
-        e = writer(wr, &mut rx, ctl_rx) => e,
+        e = reader(&shared, rd, leftover, &view, &port, mtu, dead_after, &tun, &ctl_tx, &live) => e,
+        e = writer(&shared, wr, &mut rx, ctl_rx, &live) => e,
         _ = cancel.cancelled() => End::Closed,
     };
     port.up.store(false, Relaxed);
@@ -132,6 +151,7 @@ async fn reader(
     dead_after: Duration,
     tun: &AsyncDevice,
     ctl: &mpsc::Sender<TunnelCtl>,
+    live: &Liveness,
 ) -> End {
     loop {
         loop {
@@ -174,7 +194,10 @@ async fn reader(
                 ))
             }
             Ok(Ok(0)) => return End::Dropped("connection closed".into()),
-            Ok(Ok(_)) => {}
+            Ok(Ok(_)) => {
+                live.last_rx.store(shared.now_ms(), Relaxed);
+                live.heard.notify_one();
+            }
             Ok(Err(e)) => return End::Dropped(format!("read error: {e}")),
         }
     }
@@ -236,13 +259,44 @@ async fn write_frame(
 }
 
 async fn writer(
+    shared: &Shared,
     mut wr: WriteHalf<Stream>,
     rx: &mut mpsc::Receiver<Bytes>,
     mut ctl: mpsc::Receiver<TunnelCtl>,
+    live: &Liveness,
 ) -> End {
+    let hold_ms = u64::try_from(HOLD_AFTER_SILENCE.as_millis()).unwrap_or(u64::MAX);
     let mut out = Vec::with_capacity(cstp::HEADER_LEN + usize::from(u16::MAX));
     let mut unflushed = 0usize;
+    // A packet taken from the queue while the client was silent.
+    let mut held: Option<Bytes> = None;
+    let mut last_probe = 0u64;
     loop {
+        let now = shared.now_ms();
+        let silent = now.saturating_sub(live.last_rx.load(Relaxed)) > hold_ms;
+        if !silent {
+            if let Some(pkt) = held.take() {
+                if let Err(e) = write_frame(&mut wr, &mut out, FrameType::Data, &pkt).await {
+                    return End::Dropped(format!("write error: {e}"));
+                }
+                unflushed += 1;
+            }
+        } else if held.is_some() && now.saturating_sub(last_probe) > hold_ms {
+            last_probe = now;
+            let r = match write_frame(&mut wr, &mut out, FrameType::DpdReq, &[]).await {
+                Ok(()) => wr.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
+                return End::Dropped(format!("write error: {e}"));
+            }
+        }
+        if unflushed > 0 && (rx.is_empty() || unflushed >= FLUSH_EVERY) {
+            unflushed = 0;
+            if let Err(e) = wr.flush().await {
+                return End::Dropped(format!("write error: {e}"));
+            }
+        }
         let res = tokio::select! {
             biased;
             c = ctl.recv() => match c {
@@ -260,7 +314,13 @@ async fn writer(
                     return End::Closed;
                 }
             },
-            p = rx.recv() => match p {
+            _ = live.heard.notified(), if held.is_some() => continue,
+            _ = tokio::time::sleep(HOLD_AFTER_SILENCE), if held.is_some() => continue,
+            p = rx.recv(), if held.is_none() => match p {
+                Some(pkt) if silent => {
+                    held = Some(pkt);
+                    continue;
+                }
                 Some(pkt) => write_frame(&mut wr, &mut out, FrameType::Data, &pkt).await,
                 None => return End::Closed,
             },
@@ -269,11 +329,5 @@ async fn writer(
             return End::Dropped(format!("write error: {e}"));
         }
         unflushed += 1;
-        if rx.is_empty() || unflushed >= FLUSH_EVERY {
-            unflushed = 0;
-            if let Err(e) = wr.flush().await {
-                return End::Dropped(format!("write error: {e}"));
-            }
-        }
     }
 }
