@@ -96,6 +96,8 @@ struct RawGateway {
     tun_name: Option<Spanned<String>>,
     mtu: Option<Spanned<u16>>,
     ctl_socket: Option<String>,
+    ctl_group: Option<Spanned<String>>,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -210,6 +212,10 @@ pub struct Config {
     pub mtu: u16,
     /// Admin control socket.
     pub ctl_socket: PathBuf,
+    /// Group allowed to use the control socket (besides root).
+    pub ctl_group: Option<String>,
+    /// Prometheus `/metrics` listen address (None: off).
+    pub metrics_listen: Option<SocketAddr>,
     /// Internal networks: routes pushed to clients, sources allowed inbound.
     pub internal: Vec<IpNetwork>,
     /// DNS servers pushed to clients.
@@ -611,6 +617,23 @@ impl Config {
             .map(|p| rel(&base, p))
             .unwrap_or_else(|| state_dir.join("ctl.sock"));
 
+        let metrics_listen = match &g.metrics_listen {
+            None => None,
+            Some(m) => match m.get_ref().parse::<SocketAddr>() {
+                Ok(a) => Some(a),
+                Err(_) => {
+                    cx.err_at(
+                        m.span(),
+                        format!(
+                            "metrics_listen: '{}' is not ADDRESS:PORT (e.g. 127.0.0.1:9108)",
+                            m.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let ctl_group = g.ctl_group.as_ref().map(|s| s.get_ref().clone());
         let mut errors = cx.errors;
         let client_to_client = session_defaults.client_to_client;
         let policies = match load_policies(&policies_dir, &pools, &internal, &session_defaults) {
@@ -636,6 +659,8 @@ impl Config {
             tun_name,
             mtu,
             ctl_socket,
+            ctl_group,
+            metrics_listen,
             internal,
             dns,
             client_to_client,

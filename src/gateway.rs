@@ -252,6 +252,30 @@ impl Shared {
         }
     }
 
+    /// Re-read the policy files (and the config file's policy-related
+    /// settings) and apply them to new logons; live sessions keep theirs.
+    pub fn reload(&self) -> Result<String, String> {
+        let fresh = Config::load(
+            self.config.source.as_deref(),
+            &crate::config::Overrides::default(),
+        )
+        .map_err(|e| e.to_string())?;
+        let pools_now: Vec<_> = self
+            .config
+            .pools
+            .iter()
+            .map(|p| (&p.name, p.cidr))
+            .collect();
+        let pools_new: Vec<_> = fresh.pools.iter().map(|p| (&p.name, p.cidr)).collect();
+        if pools_now != pools_new {
+            return Err("pools changed: restart the gateway to apply pool changes".into());
+        }
+        let n = fresh.policies.policies().len();
+        self.core().set_policies(fresh.policies);
+        info!(policies = n, "reloaded policies");
+        Ok(format!("{n} policies"))
+    }
+
     /// Queue a packet toward a session's user, counting the outcome.
     pub fn deliver(&self, port: &Port, pkt: Bytes) {
         use tokio::sync::mpsc::error::TrySendError;
@@ -453,6 +477,27 @@ pub async fn timer_loop(shared: Arc<Shared>) {
     }
 }
 
+/// SIGHUP reloads policies (like `intragate ctl reload`).
+async fn reload_on_sighup(shared: Arc<Shared>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = hup.recv() => {
+                if r.is_none() {
+                    return;
+                }
+                if let Err(e) = shared.reload() {
+                    warn!("reload on SIGHUP refused: {e}");
+                }
+            }
+        }
+    }
+}
+
 /// Errors that stop the gateway from starting.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -513,7 +558,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| RunError::Listen(config.listen, e))?;
-    let ctl = crate::admin::bind(&config.ctl_socket).map_err(|e| {
+    let ctl = crate::admin::bind(&config.ctl_socket, config.ctl_group.as_deref()).map_err(|e| {
         RunError::Setup(format!(
             "cannot bind control socket {}: {e}",
             config.ctl_socket.display()
@@ -531,6 +576,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tun.clone(),
     ));
     tasks.spawn(crate::admin::serve(shared.clone(), ctl));
+    if let Some(addr) = config.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| RunError::Listen(addr, e))?;
+        info!(%addr, "Prometheus metrics at http://{addr}/metrics");
+        tasks.spawn(crate::admin::metrics::serve(shared.clone(), l));
+    }
+    tasks.spawn(reload_on_sighup(shared.clone()));
 
     tokio::select! {
         _ = shutdown => info!("stopping: closing tunnels (clients may reconnect later)"),

@@ -95,11 +95,39 @@ enum UserCmd {
     List,
 }
 
+/// Which sessions a ctl command acts on.
+#[derive(clap::Args, Clone)]
+struct Selector {
+    /// All sessions of this user.
+    #[arg(long, conflicts_with_all = ["session", "address"])]
+    user: Option<String>,
+    /// One session by id (e.g. s12).
+    #[arg(long, conflicts_with = "address")]
+    session: Option<String>,
+    /// The session holding this intranet IP.
+    #[arg(long)]
+    address: Option<String>,
+    /// Spare this session (e.g. the one the request comes from).
+    #[arg(long)]
+    except_session: Option<String>,
+    /// Spare the user's session(s) on this device (X-CSTP-Hostname).
+    #[arg(long)]
+    except_device: Option<String>,
+}
+
+impl Selector {
+    fn to_json(&self, cmd: &str) -> serde_json::Value {
+        serde_json::json!({"cmd": cmd, "user": self.user, "session": self.session,
+            "address": self.address, "except_session": self.except_session,
+            "except_device": self.except_device})
+    }
+}
+
 #[derive(Subcommand)]
 enum CtlCmd {
     /// Is the daemon up? Exit 0 if so (for container health checks).
     Health,
-    /// Counters: logons, refusals by reason, packet drops by reason, pools.
+    /// Counters: logons, refusals, closes and packet drops by reason, pools.
     Stats {
         /// Print JSON.
         #[arg(long)]
@@ -114,6 +142,40 @@ enum CtlCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Show sessions in detail (by --user, --session or --address).
+    Show {
+        #[command(flatten)]
+        sel: Selector,
+    },
+    /// End sessions' tunnels but keep the sessions resumable for the reconnect window.
+    Disconnect {
+        #[command(flatten)]
+        sel: Selector,
+    },
+    /// Close sessions: tunnels end, addresses and DNS names are released.
+    Logoff {
+        #[command(flatten)]
+        sel: Selector,
+    },
+    /// Pools: size, leased, quarantined, sticky.
+    Pool,
+    /// The DNS records of the live sessions.
+    Dns,
+    /// Tracked connections (optionally of one user).
+    Conntrack {
+        /// Only this user's flows.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Banned client addresses.
+    Bans,
+    /// Lift the ban of a client address.
+    Unban {
+        /// The address.
+        address: String,
+    },
+    /// Re-read policies without dropping sessions (same as SIGHUP).
+    Reload,
 }
 
 fn config_path(cli: &Option<PathBuf>) -> Option<PathBuf> {
@@ -292,6 +354,20 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 CtlCmd::Sessions { user, json } => {
                     (serde_json::json!({"cmd": "sessions", "user": user}), *json)
                 }
+                CtlCmd::Show { sel } => (sel.to_json("show"), true),
+                CtlCmd::Disconnect { sel } => (sel.to_json("disconnect"), false),
+                CtlCmd::Logoff { sel } => (sel.to_json("logoff"), false),
+                CtlCmd::Pool => (serde_json::json!({"cmd": "pool"}), true),
+                CtlCmd::Dns => (serde_json::json!({"cmd": "dns"}), false),
+                CtlCmd::Conntrack { user } => {
+                    (serde_json::json!({"cmd": "conntrack", "user": user}), true)
+                }
+                CtlCmd::Bans => (serde_json::json!({"cmd": "bans"}), true),
+                CtlCmd::Unban { address } => (
+                    serde_json::json!({"cmd": "unban", "address": address}),
+                    false,
+                ),
+                CtlCmd::Reload => (serde_json::json!({"cmd": "reload"}), false),
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -311,29 +387,49 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         .unwrap_or("request failed")
                 );
             }
-            if json_out {
-                println!("{reply}");
-            } else {
-                match cmd {
-                    CtlCmd::Health => println!("ok: {} session(s)", reply["sessions"]),
-                    CtlCmd::Stats { .. } => println!("{}", serde_json::to_string_pretty(&reply)?),
-                    CtlCmd::Sessions { .. } => {
+            let txt = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
+            match cmd {
+                _ if json_out => println!("{}", serde_json::to_string_pretty(&reply)?),
+                CtlCmd::Health => println!("ok: {} session(s)", reply["sessions"]),
+                CtlCmd::Stats { .. } => println!("{}", serde_json::to_string_pretty(&reply)?),
+                CtlCmd::Sessions { .. } => {
+                    println!("ID       USER                 ADDRESS          STATE         DEVICE           CLIENT");
+                    for s in reply["sessions"].as_array().into_iter().flatten() {
                         println!(
-                            "ID       USER                 ADDRESS          STATE         DEVICE           CLIENT"
+                            "{:<8} {:<20} {:<16} {:<13} {:<16} {}",
+                            txt(&s["id"]),
+                            txt(&s["user"]),
+                            txt(&s["address"]),
+                            txt(&s["state"]),
+                            txt(&s["device"]),
+                            txt(&s["client"]),
                         );
-                        for s in reply["sessions"].as_array().into_iter().flatten() {
-                            println!(
-                                "{:<8} {:<20} {:<16} {:<13} {:<16} {}",
-                                s["id"].as_str().unwrap_or(""),
-                                s["user"].as_str().unwrap_or(""),
-                                s["address"].as_str().unwrap_or(""),
-                                s["state"].as_str().unwrap_or(""),
-                                s["device"].as_str().unwrap_or("-"),
-                                s["client"].as_str().unwrap_or("-"),
-                            );
-                        }
                     }
                 }
+                CtlCmd::Disconnect { .. } | CtlCmd::Logoff { .. } => {
+                    let ids: Vec<String> = reply["sessions"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(txt)
+                        .collect();
+                    println!("{} session(s): {}", ids.len(), ids.join(" "));
+                }
+                CtlCmd::Dns => {
+                    for r in reply["records"].as_array().into_iter().flatten() {
+                        println!("{:<40} {}", txt(&r["name"]), txt(&r["address"]));
+                    }
+                }
+                CtlCmd::Unban { .. } => println!(
+                    "{}",
+                    if reply["was_banned"].as_bool() == Some(true) {
+                        "unbanned"
+                    } else {
+                        "was not banned"
+                    }
+                ),
+                CtlCmd::Reload => println!("reloaded: {}", txt(&reply["reloaded"])),
+                _ => println!("{}", serde_json::to_string_pretty(&reply)?),
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -1,6 +1,12 @@
-//! The administrator's control socket (`intragate ctl`): a Unix socket,
-//! mode 0600 (root only), one JSON request line in, one JSON reply line out.
+//! Administration: the control socket (`intragate ctl`) and the Prometheus
+//! `/metrics` endpoint.
+//!
+//! The control socket is a Unix socket, mode 0600 (root), or 0660 with the
+//! configured `ctl_group`; one JSON request line in, one JSON reply line out.
 
+pub mod metrics;
+
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -9,15 +15,17 @@ use std::time::Instant;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tracing::debug;
+use tracing::{debug, info, warn};
 
+use crate::core::session::{CloseReason, GatewayState, Session, SessionId};
 use crate::gateway::Shared;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 4096;
 
-/// Bind the control socket (replacing a stale one), mode 0600.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+/// Bind the control socket (replacing a stale one): mode 0600, or 0660
+/// owned by `group` when one is configured.
+pub fn bind(path: &Path, group: Option<&str>) -> std::io::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -32,8 +40,30 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         std::fs::remove_file(path)?;
     }
     let l = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let mode = match group {
+        Some(g) => {
+            let gid = group_id(g).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("ctl_group '{g}' does not exist"),
+                )
+            })?;
+            std::os::unix::fs::chown(path, None, Some(gid))?;
+            0o660
+        }
+        None => 0o600,
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     Ok(l)
+}
+
+/// Look a group up in /etc/group (no NSS: appliances keep groups local).
+fn group_id(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.split(':');
+        (f.next()? == name).then(|| f.nth(1)?.parse().ok())?
+    })
 }
 
 /// Serve control requests until shutdown.
@@ -66,9 +96,69 @@ async fn handle(shared: Arc<Shared>, conn: UnixStream) -> std::io::Result<()> {
     wr.write_all(out.as_bytes()).await
 }
 
-/// Answer one request (pure over the shared state).
+fn err(msg: impl Into<String>) -> Value {
+    json!({"ok": false, "error": msg.into()})
+}
+
+/// A session as JSON.
+pub fn session_json(s: &Session, domain: &str, now: Instant) -> Value {
+    json!({
+        "id": s.id.to_string(),
+        "user": s.user,
+        "groups": s.groups,
+        "address": s.addr.to_string(),
+        "dns_name": s.dns_label.as_ref().map(|l| format!("{l}.{domain}")),
+        "state": s.state.as_str(),
+        "device": s.device,
+        "client": s.client_addr.map(|a| a.to_string()),
+        "policy": s.policy.name,
+        "pool": s.pool,
+        "connects": s.connects,
+        "age_s": now.saturating_duration_since(s.created).as_secs(),
+        "idle_s": now.saturating_duration_since(s.last_activity).as_secs(),
+    })
+}
+
+fn parse_id(s: &str) -> Option<SessionId> {
+    s.strip_prefix('s').unwrap_or(s).parse().ok().map(SessionId)
+}
+
+/// The sessions a request selects: `session`, `address` or `user`, less
+/// `except_session` / `except_device`.
+fn select(core: &GatewayState, req: &Value) -> Result<Vec<SessionId>, String> {
+    let s = |k: &str| req.get(k).and_then(Value::as_str);
+    let mut ids: Vec<SessionId> = if let Some(id) = s("session") {
+        let id = parse_id(id).ok_or_else(|| format!("'{id}' is not a session id (e.g. s12)"))?;
+        core.session(id).map(|x| x.id).into_iter().collect()
+    } else if let Some(a) = s("address") {
+        let a: IpAddr = a
+            .parse()
+            .map_err(|_| format!("'{a}' is not an IP address"))?;
+        core.session_by_addr(a).map(|x| x.id).into_iter().collect()
+    } else if let Some(u) = s("user") {
+        core.sessions()
+            .filter(|x| x.user.eq_ignore_ascii_case(u))
+            .map(|x| x.id)
+            .collect()
+    } else {
+        return Err("name the sessions: --user, --session or --address".into());
+    };
+    if let Some(e) = s("except_session") {
+        let e = parse_id(e).ok_or_else(|| format!("'{e}' is not a session id"))?;
+        ids.retain(|i| *i != e);
+    }
+    if let Some(d) = s("except_device") {
+        ids.retain(|i| core.session(*i).and_then(|x| x.device.as_deref()) != Some(d));
+    }
+    ids.sort();
+    Ok(ids)
+}
+
+/// Answer one request.
 pub fn answer(shared: &Shared, req: &Value) -> Value {
     let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
+    let now = Instant::now();
+    let domain = &shared.config.domain;
     match cmd {
         "health" => {
             let sessions = shared.core().len();
@@ -79,47 +169,119 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
             let core = shared.core();
             if let Some(o) = v.as_object_mut() {
                 o.insert("sessions".into(), json!(core.len()));
-                let pools: Vec<Value> = core
-                    .pools()
-                    .map(|p| {
-                        let s = p.stats(Instant::now());
-                        json!({"name": p.name(), "cidr": p.cidr().to_string(),
-                               "size": s.size.to_string(), "leased": s.leased,
-                               "quarantined": s.quarantined, "sticky": s.sticky})
-                    })
-                    .collect();
-                o.insert("pools".into(), json!(pools));
+                o.insert("pools".into(), pools_json(&core, now));
                 o.insert("ok".into(), json!(true));
             }
             v
         }
         "sessions" => {
             let user = req.get("user").and_then(Value::as_str);
-            let now = Instant::now();
             let core = shared.core();
             let mut list: Vec<Value> = core
                 .sessions()
                 .filter(|s| user.is_none_or(|u| s.user.eq_ignore_ascii_case(u)))
-                .map(|s| {
-                    json!({
-                        "id": s.id.to_string(),
-                        "user": s.user,
-                        "address": s.addr.to_string(),
-                        "state": s.state.as_str(),
-                        "device": s.device,
-                        "client": s.client_addr.map(|a| a.to_string()),
-                        "policy": s.policy.name,
-                        "age_s": now.saturating_duration_since(s.created).as_secs(),
-                    })
-                })
+                .map(|s| session_json(s, domain, now))
                 .collect();
-            list.sort_by(|a, b| a["user"].as_str().cmp(&b["user"].as_str()));
+            list.sort_by(|a, b| {
+                (a["user"].as_str(), a["id"].as_str()).cmp(&(b["user"].as_str(), b["id"].as_str()))
+            });
             json!({"ok": true, "sessions": list})
         }
-        other => {
-            json!({"ok": false, "error": format!("unknown command '{other}' (health, stats, sessions)")})
+        "show" => {
+            let core = shared.core();
+            match select(&core, req) {
+                Ok(ids) if !ids.is_empty() => {
+                    let list: Vec<Value> = ids
+                        .iter()
+                        .filter_map(|i| core.session(*i))
+                        .map(|s| session_json(s, domain, now))
+                        .collect();
+                    json!({"ok": true, "sessions": list})
+                }
+                Ok(_) => err("no such session"),
+                Err(e) => err(e),
+            }
         }
+        "disconnect" | "logoff" => {
+            let mut core = shared.core();
+            let ids = match select(&core, req) {
+                Ok(ids) => ids,
+                Err(e) => return err(e),
+            };
+            for id in &ids {
+                if cmd == "logoff" {
+                    core.handle_logoff(*id, CloseReason::Admin("intragate ctl".into()), now);
+                } else {
+                    core.handle_disconnect(*id, "disconnected by the administrator", now);
+                }
+            }
+            shared.process_events(core);
+            info!(count = ids.len(), "ctl {cmd}");
+            let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
+            json!({"ok": true, "sessions": names})
+        }
+        "pool" => {
+            let core = shared.core();
+            json!({"ok": true, "pools": pools_json(&core, now)})
+        }
+        "dns" => {
+            let core = shared.core();
+            let mut list: Vec<Value> = core
+                .dns()
+                .entries()
+                .map(|(l, a)| json!({"name": format!("{l}.{domain}"), "address": a.to_string()}))
+                .collect();
+            list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            json!({"ok": true, "records": list})
+        }
+        "bans" => {
+            let list: Vec<Value> = shared
+                .bans()
+                .banned(now)
+                .iter()
+                .map(|b| {
+                    json!({"address": format!("{}/{}", b.ip, b.prefix_len()), "score": b.score,
+                           "remaining_s": b.until.saturating_duration_since(now).as_secs()})
+                })
+                .collect();
+            json!({"ok": true, "bans": list})
+        }
+        "unban" => {
+            let Some(a) = req.get("address").and_then(Value::as_str) else {
+                return err("give the address to unban");
+            };
+            let Ok(ip) = a.parse::<IpAddr>() else {
+                return err(format!("'{a}' is not an IP address"));
+            };
+            let was = shared.bans().unban(ip);
+            info!(address = %ip, was_banned = was, "ctl unban");
+            json!({"ok": true, "was_banned": was})
+        }
+        "reload" => match shared.reload() {
+            Ok(summary) => json!({"ok": true, "reloaded": summary}),
+            Err(e) => {
+                warn!("reload refused: {e}");
+                err(e)
+            }
+        },
+        "conntrack" => err("connection tracking is not part of this build yet"),
+        other => err(format!(
+            "unknown command '{other}' (health, stats, sessions, show, disconnect, logoff, pool, dns, conntrack, bans, unban, reload)"
+        )),
     }
+}
+
+fn pools_json(core: &GatewayState, now: Instant) -> Value {
+    let pools: Vec<Value> = core
+        .pools()
+        .map(|p| {
+            let s = p.stats(now);
+            json!({"name": p.name(), "cidr": p.cidr().to_string(), "gateway": p.gateway_addr().to_string(),
+                   "size": s.size.to_string(), "leased": s.leased,
+                   "quarantined": s.quarantined, "sticky": s.sticky})
+        })
+        .collect();
+    json!(pools)
 }
 
 /// Client side: send one request, return the reply.

@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::{cstp::TunnelStart, Conn, Next};
 use crate::core::bans::Admission;
 use crate::core::session::{
-    LogonError, LogonOutcome, LogonRequest, SessionId, TransferError, TransferOffer,
+    CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId, TransferError, TransferOffer,
 };
 use crate::gateway::{TunnelCtl, TunnelHandle};
 use crate::stats::RefuseReason;
@@ -340,6 +340,89 @@ impl Conn {
                 self.refuse(&msg).await
             }
         }
+    }
+
+    /// Workspace control for users, authenticated by a live session's
+    /// cookie: list the user's sessions, disconnect all of them (resumable)
+    /// or log them all off, optionally sparing the session making the request
+    /// (`?except-this-device=1`).
+    pub(super) async fn workspace(&mut self, head: &RequestHead, path: &str) -> Next {
+        let token = head.cookie("webvpn").unwrap_or("").to_string();
+        let except_this = head.path.split_once('?').is_some_and(|(_, q)| {
+            q.split('&')
+                .any(|kv| kv == "except-this-device=1" || kv == "except-this-device=true")
+        });
+        let now = Instant::now();
+        let domain = self.shared.config.domain.clone();
+        let body = 'body: {
+            let mut core = self.shared.core();
+            let Some((my_id, user)) = core
+                .session_by_token(&token)
+                .map(|s| (s.id, s.user.clone()))
+            else {
+                break 'body None;
+            };
+            let ids: Vec<SessionId> = core
+                .sessions()
+                .filter(|s| s.user.eq_ignore_ascii_case(&user))
+                .map(|s| s.id)
+                .filter(|id| !(except_this && *id == my_id))
+                .collect();
+            let body = match path {
+                "/intragate/sessions" => {
+                    let mut list: Vec<serde_json::Value> = ids
+                        .iter()
+                        .filter_map(|id| core.session(*id))
+                        .map(|s| {
+                            let mut v = crate::admin::session_json(s, &domain, now);
+                            v["this_device"] = serde_json::Value::Bool(s.id == my_id);
+                            if let Some(o) = v.as_object_mut() {
+                                o.remove("client");
+                            }
+                            v
+                        })
+                        .collect();
+                    list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+                    serde_json::json!({"ok": true, "user": user, "sessions": list})
+                }
+                "/intragate/disconnect-all" => {
+                    for id in &ids {
+                        core.handle_disconnect(
+                            *id,
+                            "disconnected by the user (workspace control)",
+                            now,
+                        );
+                    }
+                    serde_json::json!({"ok": true, "disconnected": ids.len()})
+                }
+                _ => {
+                    for id in &ids {
+                        core.handle_logoff(*id, CloseReason::UserRequest, now);
+                    }
+                    serde_json::json!({"ok": true, "logged_off": ids.len()})
+                }
+            };
+            info!(%user, client = %self.ip, path, except_this, "workspace control");
+            self.shared.process_events(core);
+            Some(body)
+        };
+        let Some(body) = body else {
+            self.shared.stats.refuse(RefuseReason::BadCookie);
+            return self
+                .refuse("Cookie was rejected: unknown or expired session")
+                .await;
+        };
+        let text = body.to_string();
+        let _ = self
+            .respond(
+                200,
+                "OK",
+                &[("Content-Type", "application/json")],
+                text.as_bytes(),
+                false,
+            )
+            .await;
+        Next::KeepAlive
     }
 
     pub(super) async fn connect(&mut self, head: &RequestHead) -> Next {

@@ -255,6 +255,9 @@ impl Conn {
         let path = head.path.split('?').next().unwrap_or("");
         match (head.method.as_str(), path) {
             ("CONNECT", "/CSCOSSLC/tunnel") => self.connect(head).await,
+            ("GET", "/intragate/sessions")
+            | ("POST", "/intragate/disconnect-all")
+            | ("POST", "/intragate/logoff-all") => self.workspace(head, path).await,
             ("POST", _) | ("GET", "/") | ("GET", "/auth") => self.auth(head, body).await,
             _ => {
                 let _ = self

@@ -1,0 +1,197 @@
+//! Prometheus text exposition at `GET /metrics` (address in config, off by
+//! default; bind it to localhost or a management network).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+use crate::gateway::Shared;
+
+/// Serve `/metrics` until shutdown.
+pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let (mut conn, _) = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+        };
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut n = 0;
+            // Read the request head (bounded in size and time).
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                while n < buf.len() {
+                    match conn.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k,
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            })
+            .await;
+            if read.is_err() {
+                return;
+            }
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let (status, body) = if head.starts_with("GET /metrics ") {
+                ("200 OK", render(&shared))
+            } else {
+                ("404 Not Found", "try /metrics\n".to_string())
+            };
+            let out = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(out.as_bytes()).await;
+        });
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, v: &Value) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+        v.as_u64().unwrap_or(0)
+    );
+}
+
+fn labelled(out: &mut String, name: &str, kind: &str, help: &str, label: &str, map: &Value) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    if let Some(m) = map.as_object() {
+        for (k, v) in m {
+            let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {}", v.as_u64().unwrap_or(0));
+        }
+    }
+}
+
+/// The metrics text.
+pub fn render(shared: &Shared) -> String {
+    let s = shared.stats.to_json();
+    let mut out = String::with_capacity(4096);
+    let (states, pools) = {
+        let core = shared.core();
+        let mut states = serde_json::Map::new();
+        for st in ["authenticated", "active", "disconnected"] {
+            states.insert(st.into(), Value::from(0u64));
+        }
+        for sess in core.sessions() {
+            let e = states
+                .entry(sess.state.as_str())
+                .or_insert(Value::from(0u64));
+            *e = Value::from(e.as_u64().unwrap_or(0) + 1);
+        }
+        let now = Instant::now();
+        let pools: Vec<(String, u64, u128)> = core
+            .pools()
+            .map(|p| {
+                let st = p.stats(now);
+                (p.name().to_string(), st.leased, st.size)
+            })
+            .collect();
+        (Value::Object(states), pools)
+    };
+    labelled(
+        &mut out,
+        "intragate_sessions",
+        "gauge",
+        "Sessions by state.",
+        "state",
+        &states,
+    );
+    counter(
+        &mut out,
+        "intragate_logons_total",
+        "Successful logons.",
+        &s["logons"],
+    );
+    labelled(
+        &mut out,
+        "intragate_refused_total",
+        "counter",
+        "Refused logons and connections by reason.",
+        "reason",
+        &s["refused"],
+    );
+    labelled(
+        &mut out,
+        "intragate_sessions_closed_total",
+        "counter",
+        "Closed sessions by reason.",
+        "reason",
+        &s["closed"],
+    );
+    counter(
+        &mut out,
+        "intragate_transfers_total",
+        "Logon transfers completed.",
+        &s["transfers"],
+    );
+    counter(
+        &mut out,
+        "intragate_reconnects_total",
+        "Tunnels that resumed an existing session.",
+        &s["reconnects"],
+    );
+    counter(
+        &mut out,
+        "intragate_tunnels_total",
+        "Tunnels established.",
+        &s["tunnels"],
+    );
+    labelled(
+        &mut out,
+        "intragate_dropped_packets_total",
+        "counter",
+        "Dropped packets by reason.",
+        "reason",
+        &s["drops"],
+    );
+    counter(
+        &mut out,
+        "intragate_packets_from_users_total",
+        "Packets from users forwarded.",
+        &s["packets_from_users"],
+    );
+    counter(
+        &mut out,
+        "intragate_bytes_from_users_total",
+        "Bytes from users forwarded.",
+        &s["bytes_from_users"],
+    );
+    counter(
+        &mut out,
+        "intragate_packets_to_users_total",
+        "Packets queued to users.",
+        &s["packets_to_users"],
+    );
+    counter(
+        &mut out,
+        "intragate_bytes_to_users_total",
+        "Bytes queued to users.",
+        &s["bytes_to_users"],
+    );
+    counter(
+        &mut out,
+        "intragate_cstp_errors_total",
+        "Tunnels closed for framing errors.",
+        &s["cstp_errors"],
+    );
+    let _ = writeln!(out, "# HELP intragate_pool_leased Addresses leased per pool.\n# TYPE intragate_pool_leased gauge");
+    for (name, leased, _) in &pools {
+        let _ = writeln!(out, "intragate_pool_leased{{pool=\"{name}\"}} {leased}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP intragate_pool_size Usable addresses per pool.\n# TYPE intragate_pool_size gauge"
+    );
+    for (name, _, size) in &pools {
+        let _ = writeln!(out, "intragate_pool_size{{pool=\"{name}\"}} {size}");
+    }
+    out
+}
