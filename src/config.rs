@@ -79,7 +79,20 @@ struct RawConfig {
     #[serde(default)]
     security: RawSecurity,
     #[serde(default)]
+    dns: RawDns,
+    #[serde(default)]
     pool: Vec<Spanned<RawPool>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDns {
+    enabled: Option<bool>,
+    listen: Option<Vec<Spanned<String>>>,
+    ttl: Option<Spanned<u32>>,
+    upstreams: Option<Vec<Spanned<String>>>,
+    max_qps_per_client: Option<u32>,
+    allowed_clients: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -248,10 +261,31 @@ pub struct Config {
     pub max_unauthenticated: usize,
     /// Time allowed for TLS handshake plus authentication on one connection.
     pub handshake_timeout: Duration,
+    /// The embedded DNS server.
+    pub dns_server: DnsSettings,
     /// Pools in configuration order.
     pub pools: Vec<PoolSpec>,
     /// Policies, first match wins.
     pub policies: PolicySet,
+}
+
+/// The embedded DNS server's settings (`[dns]`).
+#[derive(Debug, Clone)]
+pub struct DnsSettings {
+    /// Serve DNS at all.
+    pub enabled: bool,
+    /// Extra listen addresses (the gateway's pool addresses, port 53, are
+    /// always listened on when enabled).
+    pub listen: Vec<SocketAddr>,
+    /// TTL of generated records, seconds.
+    pub ttl: u32,
+    /// Upstream resolvers for other names (empty: REFUSED).
+    pub upstreams: Vec<SocketAddr>,
+    /// Per-client query rate limit (0: none).
+    pub max_qps_per_client: u32,
+    /// Extra networks allowed to query (pools, internal networks and
+    /// loopback always are).
+    pub allowed_clients: Vec<IpNetwork>,
 }
 
 /// Environment-variable / command-line overrides of common settings.
@@ -520,6 +554,54 @@ impl Config {
             ..defaults
         };
 
+        // DNS.
+        let rd = &raw.dns;
+        let sock =
+            |cx: &mut Ctx<'_>, v: &Spanned<String>, what: &str, port: u16| -> Option<SocketAddr> {
+                let t = v.get_ref();
+                t.parse::<SocketAddr>()
+                    .ok()
+                    .or_else(|| t.parse::<IpAddr>().ok().map(|a| SocketAddr::new(a, port)))
+                    .or_else(|| {
+                        cx.err_at(
+                            v.span(),
+                            format!("{what}: '{t}' is not ADDRESS or ADDRESS:PORT"),
+                        );
+                        None
+                    })
+            };
+        let mut dns_listen = Vec::new();
+        for v in rd.listen.iter().flatten() {
+            if let Some(a) = sock(&mut cx, v, "dns.listen", 53) {
+                dns_listen.push(a);
+            }
+        }
+        let mut upstreams = Vec::new();
+        for v in rd.upstreams.iter().flatten() {
+            if let Some(a) = sock(&mut cx, v, "dns.upstreams", 53) {
+                upstreams.push(a);
+            }
+        }
+        let mut dns_allowed = Vec::new();
+        for v in rd.allowed_clients.iter().flatten() {
+            if let Some(n) = cx.net(v, "dns.allowed_clients") {
+                dns_allowed.push(n);
+            }
+        }
+        let dns_ttl = rd.ttl.as_ref().map_or(60, |t| *t.get_ref());
+        if dns_ttl == 0 || dns_ttl > 86_400 {
+            let span = rd.ttl.as_ref().map(|t| t.span()).unwrap_or(0..0);
+            cx.err_at(span, format!("dns.ttl: {dns_ttl} is outside 1..=86400"));
+        }
+        let dns_server = DnsSettings {
+            enabled: rd.enabled.unwrap_or(true),
+            listen: dns_listen,
+            ttl: dns_ttl,
+            upstreams,
+            max_qps_per_client: rd.max_qps_per_client.unwrap_or(200),
+            allowed_clients: dns_allowed,
+        };
+
         // Pools.
         let mut pools = Vec::new();
         if let Some(cidr) = &ov.pool {
@@ -527,7 +609,7 @@ impl Config {
                 Ok(n) => pools.push(PoolSpec {
                     name: "default".into(),
                     cidr: n,
-                    quarantine: DEFAULT_QUARANTINE,
+                    quarantine: DEFAULT_QUARANTINE.max(Duration::from_secs(u64::from(dns_ttl))),
                     exclude: vec![],
                 }),
                 Err(e) => cx.errors.push(ConfigError {
@@ -556,6 +638,19 @@ impl Config {
                     );
                     continue;
                 }
+                if dns_server.enabled {
+                    if let Some(q) = p.quarantine {
+                        if q < u64::from(dns_ttl) {
+                            cx.err_at(
+                                p.name.span(),
+                                format!(
+                                    "pool '{}': quarantine ({q} s) must be at least the DNS TTL ({dns_ttl} s), or a released address could still be cached under the old user's name",
+                                    p.name.get_ref()
+                                ),
+                            );
+                        }
+                    }
+                }
                 let mut exclude = Vec::new();
                 for e in &p.exclude {
                     match e.get_ref().parse::<IpAddr>() {
@@ -570,10 +665,9 @@ impl Config {
                 pools.push(PoolSpec {
                     name: p.name.get_ref().clone(),
                     cidr,
-                    quarantine: p
-                        .quarantine
-                        .map(Duration::from_secs)
-                        .unwrap_or(DEFAULT_QUARANTINE),
+                    quarantine: p.quarantine.map(Duration::from_secs).unwrap_or(
+                        DEFAULT_QUARANTINE.max(Duration::from_secs(u64::from(dns_ttl))),
+                    ),
                     exclude,
                 });
             }
@@ -677,6 +771,7 @@ impl Config {
             max_unauthenticated_per_ip: sec.max_unauthenticated_per_ip.unwrap_or(32),
             max_unauthenticated: sec.max_unauthenticated.unwrap_or(4096),
             handshake_timeout: Duration::from_secs(sec.handshake_timeout.unwrap_or(30)),
+            dns_server,
             pools,
             policies,
         })
