@@ -665,9 +665,10 @@ impl Config {
                 pools.push(PoolSpec {
                     name: p.name.get_ref().clone(),
                     cidr,
-                    quarantine: p.quarantine.map(Duration::from_secs).unwrap_or(
-                        DEFAULT_QUARANTINE.max(Duration::from_secs(u64::from(dns_ttl))),
-                    ),
+                    quarantine: p
+                        .quarantine
+                        .map(Duration::from_secs)
+                        .unwrap_or(DEFAULT_QUARANTINE.max(Duration::from_secs(u64::from(dns_ttl)))),
                     exclude,
                 });
             }

@@ -51,9 +51,32 @@ pub struct Port {
     pub up: AtomicBool,
     /// Last traffic from the user, in ms since `Shared::epoch` (0 = none).
     pub activity: AtomicU64,
+    /// A packet taken from the queue while the client was silent: it goes
+    /// out before anything else when the path is confirmed (possibly by the
+    /// next tunnel of the session).
+    pub held: std::sync::Mutex<Option<Bytes>>,
 }
 
 impl Port {
+    fn held_slot(&self) -> std::sync::MutexGuard<'_, Option<Bytes>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Take the held packet, if any.
+    pub fn take_held(&self) -> Option<Bytes> {
+        self.held_slot().take()
+    }
+
+    /// Hold a packet (there is room for one; the queue holds the rest).
+    pub fn hold(&self, pkt: Bytes) {
+        *self.held_slot() = Some(pkt);
+    }
+
+    /// Is a packet held?
+    pub fn has_held(&self) -> bool {
+        self.held_slot().is_some()
+    }
+
     /// A port with a queue of `capacity` packets.
     pub fn new(
         id: SessionId,
@@ -70,6 +93,7 @@ impl Port {
             routes,
             up: AtomicBool::new(false),
             activity: AtomicU64::new(0),
+            held: std::sync::Mutex::new(None),
         }
     }
 }

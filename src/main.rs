@@ -48,6 +48,9 @@ enum Cmd {
         /// Log format.
         #[arg(long, env = "INTRAGATE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
         log_format: String,
+        /// Where logs go (containers: stdout).
+        #[arg(long, env = "INTRAGATE_LOG_TARGET", default_value = "stderr", value_parser = ["stdout", "stderr"])]
+        log_target: String,
     },
     /// Validate the config and policy files; print every error with file and line.
     Check,
@@ -210,13 +213,24 @@ fn read_password(from_stdin: bool) -> Result<String> {
     Ok(pw)
 }
 
-fn init_logging(json: bool) {
+fn init_logging(json: bool, stdout: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("INTRAGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let writer = if stdout {
+        BoxMakeWriter::new(std::io::stdout)
+    } else {
+        BoxMakeWriter::new(std::io::stderr)
+    };
+    let ansi = if stdout {
+        std::io::stdout().is_terminal()
+    } else {
+        std::io::stderr().is_terminal()
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_writer(writer)
+        .with_ansi(ansi);
     if json {
         b.json().init();
     } else {
@@ -255,8 +269,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             pool,
             state_dir,
             log_format,
+            log_target,
         } => {
-            init_logging(log_format == "json");
+            init_logging(log_format == "json", log_target == "stdout");
             let ov = Overrides {
                 listen,
                 domain,

@@ -487,7 +487,11 @@ impl GatewayState {
             }
         }
         if self.held(&key) >= policy.max_sessions_per_user as usize {
-            let pending = self.offers.values().filter(|o| o.user_key == key).count();
+            let pending = self
+                .offers
+                .values()
+                .filter(|o| o.user_key == key && now < o.expires)
+                .count();
             if pending >= self.settings.max_offers_per_user {
                 return Err(LogonError::TooManyOffers(req.user));
             }
@@ -796,7 +800,10 @@ impl GatewayState {
         for (id, reason) in expired {
             self.handle_logoff(id, reason, now);
         }
-        self.offers.retain(|_, o| now < o.expires);
+        // Expired offers are kept for one more window so that a late answer
+        // gets "expired" rather than "unknown".
+        let grace = self.settings.transfer_window;
+        self.offers.retain(|_, o| now < o.expires + grace);
     }
 
     /// When `handle_timeout` next has work, and why.
@@ -807,7 +814,11 @@ impl GatewayState {
             .values()
             .filter_map(|s| self.deadline(s))
             .map(|(t, r)| (t, r.as_str()));
-        let offers = self.offers.values().map(|o| (o.expires, "transfer offer"));
+        let grace = self.settings.transfer_window;
+        let offers = self
+            .offers
+            .values()
+            .map(|o| (o.expires + grace, "expired transfer offer"));
         sessions.chain(offers).min_by_key(|(t, _)| *t)
     }
 
@@ -1184,10 +1195,19 @@ mod tests {
         assert!(g.session(s2).is_none() && g.session(s3).is_none());
         assert_eq!(g.session(s1).map(|s| s.token.as_str()), Some("d1"));
         g.handle_attach("d1", None, None, t0).expect("attach");
-        // Expired offers are forgotten by the timer.
-        let _ = offer(&mut g, "x", t0 + Duration::from_secs(10));
+        // Expired offers are forgotten by the timer, one window after they
+        // expire (until then a late answer is told "expired").
+        let x = offer(&mut g, "x", t0 + Duration::from_secs(10));
         assert_eq!(g.offers_len(), 1);
-        g.handle_timeout(t0 + Duration::from_secs(130));
+        g.handle_timeout(t0 + Duration::from_secs(200));
+        assert_eq!(g.offers_len(), 1);
+        assert_eq!(
+            g.handle_transfer(&x.token, true, t0 + Duration::from_secs(200))
+                .err(),
+            Some(TransferError::Expired(120))
+        );
+        let _ = offer(&mut g, "y", t0 + Duration::from_secs(10));
+        g.handle_timeout(t0 + Duration::from_secs(250));
         assert_eq!(g.offers_len(), 0);
     }
 

@@ -524,7 +524,19 @@ impl Conn {
             ("X-CSTP-DPD".into(), dpd),
             (
                 "X-CSTP-Disconnected-Timeout".into(),
-                cfg.reconnect_window.as_secs().to_string(),
+                policy.reconnect_window.as_secs().to_string(),
+            ),
+            (
+                "X-CSTP-Idle-Timeout".into(),
+                policy
+                    .idle_timeout
+                    .map_or_else(|| "none".into(), |d| d.as_secs().to_string()),
+            ),
+            (
+                "X-CSTP-Session-Timeout".into(),
+                policy
+                    .session_timeout
+                    .map_or_else(|| "none".into(), |d| d.as_secs().to_string()),
             ),
             ("X-CSTP-Keep".into(), "true".into()),
             ("X-CSTP-Tunnel-All-DNS".into(), "false".into()),

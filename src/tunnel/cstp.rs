@@ -27,11 +27,13 @@ use crate::wire::cstp::{self, FrameType};
 const FLUSH_EVERY: usize = 32;
 /// Session reliability: when nothing has come from the client for this
 /// long, the path may be cut. Packets for the user are then held in the
-/// session's queue (not written into a connection that may be dead and
-/// lost on reconnect) and the client is probed with DPD-REQ; any frame from
-/// the client releases them. A client sending nothing costs one probe and
-/// one round trip of delay per interval; a cut loses at most what was
-/// written in the interval before it.
+/// session's queue (not written into a connection that may be dead, where a
+/// reconnect would lose them) and the client is probed with DPD-REQ. Only a
+/// DPD-RESP to a probe sent during the hold releases them: bytes the
+/// client's kernel retransmits after the client gave the connection up
+/// prove nothing. A silent client costs one probe and one round trip of
+/// delay per interval; a cut loses at most what was written in the
+/// interval before it.
 const HOLD_AFTER_SILENCE: Duration = Duration::from_millis(1500);
 
 /// What the reader tells the writer about the client.
@@ -39,6 +41,8 @@ const HOLD_AFTER_SILENCE: Duration = Duration::from_millis(1500);
 struct Liveness {
     /// When bytes last came from the client (ms since `Shared::epoch`).
     last_rx: AtomicU64,
+    /// When the last DPD-RESP came (ms since `Shared::epoch`).
+    dpd_resp: AtomicU64,
     /// Signalled on every read from the client.
     heard: Notify,
 }
@@ -107,7 +111,7 @@ pub(crate) async fn run_tunnel(
     live.last_rx.store(shared.now_ms(), Relaxed);
     let end = tokio::select! {
         e = reader(&shared, rd, leftover, &view, &port, mtu, dead_after, &tun, &ctl_tx, &live) => e,
-        e = writer(&shared, wr, &mut rx, ctl_rx, &live) => e,
+        e = writer(&shared, &port, wr, &mut rx, ctl_rx, &live) => e,
         _ = cancel.cancelled() => End::Closed,
     };
     port.up.store(false, Relaxed);
@@ -168,13 +172,17 @@ async fn reader(
             let payload = frame.slice(range);
             match ty {
                 FrameType::Data => {
-                    port.activity.store(shared.now_ms(), Relaxed);
-                    forward(shared, view, mtu, tun, payload).await
+                    // Only forwarded traffic counts as activity (not the
+                    // client's IPv6 chatter, which is dropped).
+                    if forward(shared, view, mtu, tun, payload).await {
+                        port.activity.store(shared.now_ms(), Relaxed);
+                    }
                 }
                 FrameType::DpdReq => {
                     let _ = ctl.try_send(TunnelCtl::DpdResp);
                 }
-                FrameType::DpdResp | FrameType::Keepalive => {}
+                FrameType::DpdResp => live.dpd_resp.store(shared.now_ms(), Relaxed),
+                FrameType::Keepalive => {}
                 FrameType::Disconnect | FrameType::Terminate => return End::Logoff,
                 FrameType::Compressed => {
                     shared.stats.cstp_errors.fetch_add(1, Relaxed);
@@ -203,7 +211,14 @@ async fn reader(
     }
 }
 
-async fn forward(shared: &Shared, view: &UserView<'_>, mtu: usize, tun: &AsyncDevice, pkt: Bytes) {
+/// Forward one packet from the user; true if it went somewhere.
+async fn forward(
+    shared: &Shared,
+    view: &UserView<'_>,
+    mtu: usize,
+    tun: &AsyncDevice,
+    pkt: Bytes,
+) -> bool {
     let verdict = route::from_user(&pkt, mtu, view, &shared.gateway_addrs, |dst| {
         shared.routes.get(&dst).map(|p| p.client_to_client)
     });
@@ -211,34 +226,34 @@ async fn forward(shared: &Shared, view: &UserView<'_>, mtu: usize, tun: &AsyncDe
         Verdict::ToTun => match tun.send(&pkt).await {
             Ok(_) => {
                 shared.stats.packets_from_users.fetch_add(1, Relaxed);
-                shared
-                    .stats
-                    .bytes_from_users
-                    .fetch_add(pkt.len() as u64, Relaxed);
+                let len = pkt.len() as u64;
+                shared.stats.bytes_from_users.fetch_add(len, Relaxed);
+                true
             }
             Err(e) => {
                 shared.stats.drop(DropReason::TunWriteFailed);
                 debug!(error = %e, "TUN write failed");
+                false
             }
         },
         Verdict::ToSession(dst) => {
             let port = shared.routes.get(&dst).map(|p| p.value().clone());
             let Some(port) = port else {
                 shared.stats.drop(DropReason::NoSession);
-                return;
+                return false;
             };
             shared.stats.packets_from_users.fetch_add(1, Relaxed);
-            shared
-                .stats
-                .bytes_from_users
-                .fetch_add(pkt.len() as u64, Relaxed);
+            let len = pkt.len() as u64;
+            shared.stats.bytes_from_users.fetch_add(len, Relaxed);
             shared.deliver(&port, pkt);
+            true
         }
         Verdict::Drop(r) => {
             shared.stats.drop(r);
             if r == DropReason::SpoofedSource {
                 debug!(addr = %view.addr, "dropped a packet with a spoofed source address");
             }
+            false
         }
     }
 }
@@ -260,29 +275,38 @@ async fn write_frame(
 
 async fn writer(
     shared: &Shared,
+    port: &Port,
     mut wr: WriteHalf<Stream>,
     rx: &mut mpsc::Receiver<Bytes>,
     mut ctl: mpsc::Receiver<TunnelCtl>,
     live: &Liveness,
 ) -> End {
     let hold_ms = u64::try_from(HOLD_AFTER_SILENCE.as_millis()).unwrap_or(u64::MAX);
+    let silent = |now: u64| now.saturating_sub(live.last_rx.load(Relaxed)) > hold_ms;
     let mut out = Vec::with_capacity(cstp::HEADER_LEN + usize::from(u16::MAX));
     let mut unflushed = 0usize;
-    // A packet taken from the queue while the client was silent.
-    let mut held: Option<Bytes> = None;
-    let mut last_probe = 0u64;
+    let mut holding = false;
+    // When the last probe of this hold was sent (0: none yet).
+    let mut probe_sent = 0u64;
     loop {
         let now = shared.now_ms();
-        let silent = now.saturating_sub(live.last_rx.load(Relaxed)) > hold_ms;
-        if !silent {
-            if let Some(pkt) = held.take() {
+        if !holding && silent(now) && (port.has_held() || !rx.is_empty()) {
+            holding = true;
+            probe_sent = 0;
+        }
+        if holding && probe_sent > 0 && live.dpd_resp.load(Relaxed) >= probe_sent {
+            holding = false;
+        }
+        if !holding {
+            if let Some(pkt) = port.take_held() {
                 if let Err(e) = write_frame(&mut wr, &mut out, FrameType::Data, &pkt).await {
+                    port.hold(pkt);
                     return End::Dropped(format!("write error: {e}"));
                 }
                 unflushed += 1;
             }
-        } else if held.is_some() && now.saturating_sub(last_probe) > hold_ms {
-            last_probe = now;
+        } else if now.saturating_sub(probe_sent) > hold_ms {
+            probe_sent = now.max(1);
             let r = match write_frame(&mut wr, &mut out, FrameType::DpdReq, &[]).await {
                 Ok(()) => wr.flush().await,
                 Err(e) => Err(e),
@@ -314,11 +338,13 @@ async fn writer(
                     return End::Closed;
                 }
             },
-            _ = live.heard.notified(), if held.is_some() => continue,
-            _ = tokio::time::sleep(HOLD_AFTER_SILENCE), if held.is_some() => continue,
-            p = rx.recv(), if held.is_none() => match p {
-                Some(pkt) if silent => {
-                    held = Some(pkt);
+            _ = live.heard.notified(), if holding => continue,
+            _ = tokio::time::sleep(HOLD_AFTER_SILENCE), if holding => continue,
+            p = rx.recv(), if !port.has_held() => match p {
+                // Decide with the clock of this moment: the wait may have
+                // been long.
+                Some(pkt) if holding || silent(shared.now_ms()) => {
+                    port.hold(pkt);
                     continue;
                 }
                 Some(pkt) => write_frame(&mut wr, &mut out, FrameType::Data, &pkt).await,

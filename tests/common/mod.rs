@@ -635,6 +635,29 @@ impl Topology {
     pub fn url(&self) -> String {
         format!("https://{LISTEN_IP}:{LISTEN_PORT}/")
     }
+
+    /// Cut user host `idx`'s link (`ip link set vg down` in its namespace):
+    /// its packets go nowhere, nothing is logged off. The kernel drops the
+    /// routes through the link; `restore_link` puts them back.
+    pub fn cut_link(&self, idx: usize) {
+        self.users[idx].ns.ip(&["link", "set", "vg", "down"]);
+    }
+
+    /// Bring user host `idx`'s link back up with its route to the gateway.
+    pub fn restore_link(&self, idx: usize) {
+        let u = &self.users[idx];
+        u.ns.ip(&["link", "set", "vg", "up"]);
+        let via = format!("198.18.{}.1", 20 + u.index);
+        u.ns.ip(&[
+            "route",
+            "replace",
+            "198.18.19.0/24",
+            "via",
+            &via,
+            "dev",
+            "vg",
+        ]);
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -646,6 +669,10 @@ pub struct GatewayOpts {
     pub client_to_client: bool,
     /// Extra TOML appended verbatim (e.g. a `[security]` table).
     pub extra: String,
+    /// Extra keys inserted into the harness's own `[sessions]` table (TOML
+    /// forbids a second one), e.g. "transfer_window = 3\nkeepalive = 1\n".
+    /// A `dpd` or `keepalive` given here replaces the harness's default.
+    pub sessions_extra: String,
 }
 
 impl Default for GatewayOpts {
@@ -654,6 +681,7 @@ impl Default for GatewayOpts {
             pool_cidr: "198.18.64.0/28".into(),
             client_to_client: true,
             extra: String::new(),
+            sessions_extra: String::new(),
         }
     }
 }
@@ -684,9 +712,7 @@ internal = ["{INTERNAL_NET}"]
 client_to_client = {c2c}
 
 [sessions]
-dpd = 10
-keepalive = 5
-
+{sessions}
 [[pool]]
 name = "default"
 cidr = "{pool}"
@@ -696,10 +722,33 @@ cidr = "{pool}"
         c2c = o.client_to_client,
         pool = o.pool_cidr,
         extra = o.extra,
+        sessions = sessions_table_body(&o.sessions_extra),
     );
     let path = dir.join("intragate.toml");
     fs::write(&path, cfg).unwrap();
     path
+}
+
+/// The body of the `[sessions]` table: the harness defaults (dpd = 10,
+/// keepalive = 5) unless `extra` sets them, then `extra`.
+fn sessions_table_body(extra: &str) -> String {
+    let sets = |key: &str| {
+        extra
+            .lines()
+            .any(|l| l.split_once('=').is_some_and(|(k, _)| k.trim() == key))
+    };
+    let mut body = String::new();
+    if !sets("dpd") {
+        body.push_str("dpd = 10\n");
+    }
+    if !sets("keepalive") {
+        body.push_str("keepalive = 5\n");
+    }
+    body.push_str(extra);
+    if !body.ends_with('\n') {
+        body.push('\n');
+    }
+    body
 }
 
 /// `intragate user add NAME --group G --password-stdin --config CFG`.
@@ -738,6 +787,12 @@ impl Gateway {
     /// port accepts (checked with `ss`, so no connection is made) and the pin
     /// is known.
     pub fn start(topo: &Topology, dir: &Path, config: PathBuf) -> Gateway {
+        Gateway::start_with_log(topo, dir, config, "gateway.log")
+    }
+
+    /// Like `start`, logging to `dir/log_name` (a restarted gateway can keep
+    /// the first run's log).
+    pub fn start_with_log(topo: &Topology, dir: &Path, config: PathBuf, log_name: &str) -> Gateway {
         run_cmd(
             BIN,
             &["check", "--config", config.to_str().unwrap()],
@@ -749,7 +804,7 @@ impl Gateway {
             &topo.gw.name,
             "gateway",
             &[BIN, "run", "--config", config.to_str().unwrap()],
-            dir.join("gateway.log"),
+            dir.join(log_name),
         );
         let gw_ns = topo.gw.name.clone();
         let filter = format!("sport = :{LISTEN_PORT}");
@@ -821,6 +876,36 @@ impl Gateway {
             return Err(format!("{o}"));
         }
         serde_json::from_str(o.stdout.trim()).map_err(|e| format!("bad JSON ({e}): {o}"))
+    }
+
+    /// `intragate ctl --config CFG args..` (10 s timeout).
+    pub fn ctl(&self, args: &[&str]) -> CmdOut {
+        let mut a = vec!["ctl", "--config", self.config.to_str().unwrap()];
+        a.extend_from_slice(args);
+        run_cmd(BIN, &a, None, Duration::from_secs(10))
+    }
+
+    /// `intragate ctl sessions --json`: the session objects (id, user,
+    /// address, dns_name, state, device, connects, ...). Panics if ctl fails.
+    pub fn sessions(&self) -> Vec<serde_json::Value> {
+        let o = self.ctl(&["sessions", "--json"]);
+        assert!(o.ok(), "ctl sessions failed: {o}");
+        let v: serde_json::Value = serde_json::from_str(o.stdout.trim())
+            .unwrap_or_else(|e| panic!("ctl sessions: bad JSON ({e}): {o}"));
+        v["sessions"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// `intragate ctl dns`: (name, address) pairs. Panics if ctl fails.
+    pub fn dns_records(&self) -> Vec<(String, String)> {
+        let o = self.ctl(&["dns"]);
+        assert!(o.ok(), "ctl dns failed: {o}");
+        o.stdout
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_string(), w.next()?.to_string()))
+            })
+            .collect()
     }
 }
 
@@ -897,6 +982,9 @@ pub struct Client {
     pub interface: String,
     pub record: PathBuf,
     pub resolv: PathBuf,
+    /// openconnect's stdin when started with `start_piped` (more answers
+    /// can be written after the password).
+    pub stdin: Option<std::process::ChildStdin>,
 }
 
 /// A tunnel that came up.
@@ -909,6 +997,57 @@ pub struct Tunnel {
 impl Client {
     /// Start openconnect for `user` from user host `idx`.
     pub fn start(topo: &Topology, idx: usize, gw: &Gateway, dir: &Path, o: ClientOpts) -> Client {
+        Client::start_inner(topo, idx, gw, dir, o, false)
+    }
+
+    /// Like `start`, but openconnect's stdin is a pipe: the password line is
+    /// written at once and `answer` writes further lines (e.g. the choice in
+    /// a later form, which openconnect `--non-inter --passwd-on-stdin` reads
+    /// from stdin). openconnect blocks until the line arrives.
+    pub fn start_piped(
+        topo: &Topology,
+        idx: usize,
+        gw: &Gateway,
+        dir: &Path,
+        o: ClientOpts,
+    ) -> Client {
+        let mut c = Client::start_inner(topo, idx, gw, dir, o, true);
+        let pw = read_lossy(&c.pwfile());
+        c.answer(pw.trim_end());
+        c
+    }
+
+    fn pwfile(&self) -> PathBuf {
+        self.record.with_extension("password")
+    }
+
+    /// Write one line to openconnect's stdin (`start_piped` only).
+    pub fn answer(&mut self, line: &str) {
+        let si = self
+            .stdin
+            .as_mut()
+            .expect("Client::answer needs a client made by start_piped");
+        si.write_all(format!("{line}\n").as_bytes())
+            .and_then(|_| si.flush())
+            .unwrap_or_else(|e| panic!("writing {line:?} to openconnect's stdin: {e}"));
+    }
+
+    /// How many times the vpnc-script ran with this `reason`.
+    pub fn count_reason(&self, reason: &str) -> usize {
+        self.records()
+            .iter()
+            .filter(|e| e.get("reason").map(String::as_str) == Some(reason))
+            .count()
+    }
+
+    fn start_inner(
+        topo: &Topology,
+        idx: usize,
+        gw: &Gateway,
+        dir: &Path,
+        o: ClientOpts,
+        piped: bool,
+    ) -> Client {
         let ns = topo.user(idx).to_string();
         let tag = format!("{}-{}", o.user, unique("c"));
         let record = dir.join(format!("{tag}.env"));
@@ -952,14 +1091,19 @@ impl Client {
         }
         args.push(topo.url());
         let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-        let stdin = Stdio::from(fs::File::open(&pwfile).unwrap());
-        let proc = Proc::spawn(
+        let stdin = if piped {
+            Stdio::piped()
+        } else {
+            Stdio::from(fs::File::open(&pwfile).unwrap())
+        };
+        let mut proc = Proc::spawn(
             &format!("openconnect {} ({ns})", o.user),
             "ip",
             &argv,
             stdin,
             dir.join(format!("{tag}.log")),
         );
+        let stdin = proc.child.as_mut().and_then(|c| c.stdin.take());
         Client {
             proc,
             ns,
@@ -967,6 +1111,7 @@ impl Client {
             interface: o.interface,
             record,
             resolv,
+            stdin,
         }
     }
 
@@ -1251,6 +1396,14 @@ def raw_udp(src, dst, port, msg):
     s.sendto(ip + udp, (dst, 0))
     out("SENT", src, "->", dst, port)
 
+def udp_burst(host, port, count, prefix, gap_ms):
+    # `count` datagrams "<prefix>-<n>" (n = 0..count-1), gap_ms apart.
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for n in range(int(count)):
+        s.sendto(("%s-%d" % (prefix, n)).encode(), (host, int(port)))
+        time.sleep(float(gap_ms) / 1000.0)
+    out("SENT", count)
+
 # ---------------------------------------------------------------- hostile --
 def tls_ctx():
     c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -1499,5 +1652,5 @@ def hostile(host, port, cookie, release_file):
 
 cmd, args = sys.argv[1], sys.argv[2:]
 {"tcp-serve": tcp_serve, "tcp-send": tcp_send, "udp-serve": udp_serve, "udp-send": udp_send,
- "raw-udp": raw_udp, "hostile": hostile}[cmd](*args)
+ "raw-udp": raw_udp, "hostile": hostile, "udp-burst": udp_burst}[cmd](*args)
 "###;
