@@ -191,6 +191,19 @@ fn config_path(cli: &Option<PathBuf>) -> Option<PathBuf> {
     }
 }
 
+/// The environment's overrides, for the commands other than `run` (which
+/// reads them through clap): `ctl`, `user`, `check` and `fingerprint` must
+/// find the same state directory and socket as the daemon.
+fn env_overrides() -> Overrides {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    Overrides {
+        listen: var("INTRAGATE_LISTEN"),
+        domain: var("INTRAGATE_DOMAIN"),
+        pool: var("INTRAGATE_POOL"),
+        state_dir: var("INTRAGATE_STATE_DIR"),
+    }
+}
+
 fn load(cli: &Option<PathBuf>, ov: &Overrides) -> Result<Config> {
     let path = config_path(cli);
     Config::load(path.as_deref(), ov).map_err(|e| anyhow::anyhow!("{e}"))
@@ -288,7 +301,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Check => {
             let path = config_path(&cli.config);
-            match Config::load(path.as_deref(), &Overrides::default()) {
+            match Config::load(path.as_deref(), &env_overrides()) {
                 Ok(c) => {
                     println!(
                         "{}: OK ({} pool(s), {} polic{}, users file {})",
@@ -316,7 +329,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
         }
         Cmd::Fingerprint => {
-            let c = load(&cli.config, &Overrides::default())?;
+            let c = load(&cli.config, &env_overrides())?;
             let names = vec![format!("gateway.{}", c.domain), c.domain.clone()];
             let id = intragate::tls::load_or_generate(
                 c.cert.as_deref(),
@@ -329,7 +342,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::User { cmd } => {
-            let c = load(&cli.config, &Overrides::default())?;
+            let c = load(&cli.config, &env_overrides())?;
             let path = &c.users_file;
             match cmd {
                 UserCmd::Add {
@@ -362,7 +375,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ctl { cmd } => {
-            let c = load(&cli.config, &Overrides::default())?;
+            let c = load(&cli.config, &env_overrides())?;
             let (req, json_out) = match &cmd {
                 CtlCmd::Health => (serde_json::json!({"cmd": "health"}), false),
                 CtlCmd::Stats { json } => (serde_json::json!({"cmd": "stats"}), *json),
