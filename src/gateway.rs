@@ -173,6 +173,34 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// Reference point for `Port::activity`.
     pub epoch: Instant,
+    /// DNS counters.
+    pub dns_stats: Arc<crate::dns::DnsStats>,
+    /// The DNS handler (kept to reload zones), once the server runs.
+    pub dns: std::sync::OnceLock<crate::dns::IntragateDns<SessionRecords>>,
+}
+
+/// The session table's DNS records, as the DNS server reads them (one brief
+/// core lock per query).
+#[derive(Debug)]
+pub struct SessionRecords(std::sync::Weak<Shared>);
+
+impl crate::dns::DynamicRecords for SessionRecords {
+    fn lookup(&self, label: &str, v6: bool) -> Option<IpAddr> {
+        self.0.upgrade()?.core().dns().lookup(label, v6)
+    }
+    fn has_label(&self, label: &str) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|s| s.core().dns().has_label(label))
+    }
+    fn name_of(&self, addr: IpAddr) -> Option<String> {
+        self.0
+            .upgrade()?
+            .core()
+            .dns()
+            .name_of(addr)
+            .map(str::to_string)
+    }
 }
 
 impl Shared {
@@ -294,10 +322,27 @@ impl Shared {
         if pools_now != pools_new {
             return Err("pools changed: restart the gateway to apply pool changes".into());
         }
+        let zones = match self.dns.get() {
+            Some(_) => Some(
+                crate::dns::load_zones(&fresh.dns_dir, &fresh.domain).map_err(|e| e.join("\n"))?,
+            ),
+            None => None,
+        };
         let n = fresh.policies.policies().len();
-        self.core().set_policies(fresh.policies);
-        info!(policies = n, "reloaded policies");
-        Ok(format!("{n} policies"))
+        let mut summary = format!("{n} policies");
+        {
+            let mut core = self.core();
+            core.set_policies(fresh.policies);
+            if let Some(z) = &zones {
+                core.set_static_dns_labels(z.static_labels());
+            }
+        }
+        if let (Some(z), Some(dns)) = (zones, self.dns.get()) {
+            summary.push_str(&format!(", {} static DNS records", z.record_count()));
+            dns.reload_zones(z);
+        }
+        info!("reloaded: {summary}");
+        Ok(summary)
     }
 
     /// Queue a packet toward a session's user, counting the outcome.
@@ -381,6 +426,8 @@ impl Shared {
             pin,
             shutdown,
             epoch: Instant::now(),
+            dns_stats: Arc::new(crate::dns::DnsStats::default()),
+            dns: std::sync::OnceLock::new(),
             config,
         })
     }
@@ -501,6 +548,68 @@ pub async fn timer_loop(shared: Arc<Shared>) {
     }
 }
 
+/// Load the zone files and build the DNS handler; returns it with the
+/// addresses to listen on (the gateway's pool addresses, port 53, and the
+/// configured extras).
+fn start_dns(
+    shared: &Arc<Shared>,
+) -> Result<
+    (
+        crate::dns::IntragateDns<SessionRecords>,
+        Vec<std::net::SocketAddr>,
+    ),
+    RunError,
+> {
+    let cfg = &shared.config;
+    let zones = crate::dns::load_zones(&cfg.dns_dir, &cfg.domain)
+        .map_err(|e| RunError::Setup(format!("zone files:\n{}", e.join("\n"))))?;
+    shared.core().set_static_dns_labels(zones.static_labels());
+    let mut listen: Vec<std::net::SocketAddr> = shared
+        .gateway_addrs
+        .iter()
+        .map(|a| std::net::SocketAddr::new(*a, 53))
+        .collect();
+    for a in &cfg.dns_server.listen {
+        if !listen.contains(a) {
+            listen.push(*a);
+        }
+    }
+    let pools: Vec<IpNetwork> = cfg.pools.iter().map(|p| p.cidr).collect();
+    let mut allowed = pools.clone();
+    allowed.extend(cfg.internal.iter().copied());
+    allowed.extend(cfg.dns_server.allowed_clients.iter().copied());
+    allowed.extend(
+        ["127.0.0.0/8", "::1/128"]
+            .iter()
+            .filter_map(|n| n.parse::<IpNetwork>().ok()),
+    );
+    let dns_cfg = crate::dns::DnsConfig {
+        domain: cfg.domain.clone(),
+        ttl: cfg.dns_server.ttl,
+        listen: listen.clone(),
+        upstreams: cfg.dns_server.upstreams.clone(),
+        allowed_clients: allowed,
+        reverse_networks: pools,
+        ns_addrs: shared.gateway_addrs.clone(),
+        max_qps_per_client: cfg.dns_server.max_qps_per_client,
+    };
+    info!(
+        listen = ?listen,
+        static_records = zones.record_count(),
+        upstreams = ?cfg.dns_server.upstreams,
+        "DNS server for {} and the pools' reverse zones",
+        cfg.domain
+    );
+    let handler = crate::dns::IntragateDns::new(
+        dns_cfg,
+        Arc::new(SessionRecords(Arc::downgrade(shared))),
+        zones,
+        shared.dns_stats.clone(),
+    );
+    let _ = shared.dns.set(handler.clone());
+    Ok((handler, listen))
+}
+
 /// SIGHUP reloads policies (like `intragate ctl reload`).
 async fn reload_on_sighup(shared: Arc<Shared>) {
     use tokio::signal::unix::{signal, SignalKind};
@@ -579,6 +688,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let tun = Arc::new(tun);
     crate::dataplane::check_forwarding();
 
+    let dns_task = if config.dns_server.enabled {
+        Some(start_dns(&shared)?)
+    } else {
+        None
+    };
+
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| RunError::Listen(config.listen, e))?;
@@ -600,6 +715,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tun.clone(),
     ));
     tasks.spawn(crate::admin::serve(shared.clone(), ctl));
+    if let Some((handler, listen)) = dns_task {
+        let cancel = cancel.clone();
+        tasks.spawn(async move {
+            if let Err(e) = crate::dns::serve(handler, &listen, cancel.clone()).await {
+                error!(error = %e, "the DNS server failed; stopping");
+                cancel.cancel();
+            }
+        });
+    }
     if let Some(addr) = config.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod config;
 pub mod core;
 pub mod dataplane;
+pub mod dns;
 pub mod gateway;
 pub mod stats;
 pub mod tls;

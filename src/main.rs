@@ -320,6 +320,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         eprintln!("{e}");
                         return Ok(ExitCode::from(1));
                     }
+                    if c.dns_server.enabled {
+                        match intragate::dns::load_zones(&c.dns_dir, &c.domain) {
+                            Ok(z) => println!(
+                                "{}: OK ({} static record(s) in {} zone(s))",
+                                c.dns_dir.display(),
+                                z.record_count(),
+                                z.origins().len()
+                            ),
+                            Err(errs) => {
+                                for e in errs {
+                                    eprintln!("{e}");
+                                }
+                                return Ok(ExitCode::from(1));
+                            }
+                        }
+                    }
                     Ok(ExitCode::SUCCESS)
                 }
                 Err(e) => {

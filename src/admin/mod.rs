@@ -170,6 +170,7 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
             if let Some(o) = v.as_object_mut() {
                 o.insert("sessions".into(), json!(core.len()));
                 o.insert("pools".into(), pools_json(&core, now));
+                o.insert("dns".into(), shared.dns_stats.to_json());
                 o.insert("ok".into(), json!(true));
             }
             v

@@ -456,15 +456,15 @@ impl Conn {
                         s.connects,
                     )
                 });
-            let prefix = r
+            let pool = r
                 .as_ref()
                 .ok()
-                .and_then(|(_, _, _, pool, _, _)| core.pools().find(|p| p.name() == pool))
-                .map(|p| p.cidr());
+                .and_then(|(_, _, _, pool, _, _)| core.pools().find(|p| p.name() == pool));
+            let prefix = pool.map(|p| (p.cidr(), p.gateway_addr()));
             shared.process_events(core);
             r.map(|x| (x, prefix))
         };
-        let ((id, user, addr, _pool, policy, connects), pool_cidr) = match attached {
+        let ((id, user, addr, _pool, policy, connects), pool_info) = match attached {
             Ok(x) => x,
             Err(e) => {
                 shared.stats.refuse(RefuseReason::BadCookie);
@@ -474,6 +474,8 @@ impl Conn {
                     .await;
             }
         };
+        let pool_cidr = pool_info.map(|(c, _)| c);
+        let gateway_addr = pool_info.map(|(_, g)| g);
         let cfg = &shared.config;
         let mtu = client_mtu.map_or(cfg.mtu, |m| m.min(cfg.mtu));
         let mut headers: Vec<(String, String)> = vec![
@@ -493,8 +495,16 @@ impl Conn {
             }
             (a, _) => headers.push(("X-CSTP-Address".into(), a.to_string())),
         }
-        for d in &cfg.dns {
-            headers.push(("X-CSTP-DNS".into(), d.to_string()));
+        // DNS: the configured servers, else the embedded server at the
+        // gateway's address in the user's pool.
+        if !cfg.dns.is_empty() {
+            for d in &cfg.dns {
+                headers.push(("X-CSTP-DNS".into(), d.to_string()));
+            }
+        } else if cfg.dns_server.enabled {
+            if let Some(gw) = gateway_addr {
+                headers.push(("X-CSTP-DNS".into(), gw.to_string()));
+            }
         }
         headers.push(("X-CSTP-Default-Domain".into(), cfg.domain.clone()));
         let mut split: Vec<IpNetwork> = policy.routes.clone();
