@@ -20,3 +20,6 @@ pub mod auth_xml;
 pub mod cstp;
 pub mod http;
 pub mod ip;
+
+#[doc(hidden)]
+pub mod fuzzing;
