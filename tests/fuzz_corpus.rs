@@ -21,6 +21,7 @@ const TARGETS: &[(&str, Replay)] = &[
     ("http_head", fuzzing::http_head),
     ("auth_xml", fuzzing::auth_xml),
     ("ip_packet", fuzzing::ip_packet),
+    ("ftp_cmd", fuzzing::ftp_cmd),
 ];
 
 /// `fuzz/corpus`, or `$FUZZ_CORPUS_DIR` to replay a corpus grown locally by

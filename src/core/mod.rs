@@ -5,8 +5,12 @@
 //! `admin`) own sockets, tasks and the clock.
 #![forbid(unsafe_code)]
 
+pub mod alg;
 pub mod bans;
+pub mod conntrack;
 pub mod dns_records;
+pub mod expect;
+pub mod nat;
 pub mod policy;
 pub mod pool;
 pub mod route;

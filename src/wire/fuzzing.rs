@@ -105,3 +105,10 @@ pub fn ip_packet(data: &[u8]) {
         }
     }
 }
+
+/// The `ftp_cmd` target: the PORT/EPRT/227/229 parser and formatter agree.
+pub fn ftp_cmd(data: &[u8]) {
+    if let Err(b) = crate::wire::ftp_cmd::fuzz_check(data) {
+        panic!("{b}")
+    }
+}

@@ -18,8 +18,10 @@
 
 pub mod auth_xml;
 pub mod cstp;
+pub mod ftp_cmd;
 pub mod http;
 pub mod ip;
+pub mod l4;
 
 #[doc(hidden)]
 pub mod fuzzing;
