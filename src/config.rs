@@ -81,6 +81,8 @@ struct RawConfig {
     #[serde(default)]
     dns: RawDns,
     #[serde(default)]
+    nat: RawNat,
+    #[serde(default)]
     pool: Vec<Spanned<RawPool>>,
 }
 
@@ -155,6 +157,7 @@ struct RawPool {
     quarantine: Option<u64>,
     #[serde(default)]
     exclude: Vec<Spanned<String>>,
+    mode: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -179,6 +182,40 @@ struct RawPolicy {
     idle_timeout: Option<u64>,
     session_timeout: Option<u64>,
     reconnect_window: Option<u64>,
+    inbound: Option<Vec<Spanned<RawInbound>>>,
+    #[serde(default)]
+    derived: Vec<Spanned<RawDerived>>,
+    nat: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    from: String,
+    proto: Option<String>,
+    ports: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDerived {
+    proto: String,
+    server: String,
+    port: u16,
+    callback_proto: String,
+    user_ports: String,
+    seconds: u64,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNat {
+    address: Option<Spanned<String>>,
+    tunnel_pool: Option<Spanned<String>>,
+    #[serde(default)]
+    ftp_ports: Vec<u16>,
+    max_flows_per_session: Option<usize>,
+    max_flows: Option<usize>,
 }
 
 // ---------------------------------------------------------------------------
@@ -196,6 +233,24 @@ pub struct PoolSpec {
     pub quarantine: Duration,
     /// Addresses never handed out.
     pub exclude: Vec<IpAddr>,
+    /// When exhausted: put further users behind NAT instead of refusing.
+    pub spillover: bool,
+}
+
+/// Connection tracking and spillover NAT (`[nat]`).
+#[derive(Debug, Clone)]
+pub struct NatSettings {
+    /// The address NATed users' traffic leaves with (never handed out; the
+    /// internal network routes it to the gateway like the pools).
+    pub address: Option<IpAddr>,
+    /// Non-routable tunnel addresses for users behind NAT.
+    pub tunnel_pool: IpNetwork,
+    /// Ports the FTP ALG follows (21 always).
+    pub ftp_ports: Vec<u16>,
+    /// Tracked flows per session.
+    pub max_flows_per_session: usize,
+    /// Tracked flows in all.
+    pub max_flows: usize,
 }
 
 /// The validated configuration of a gateway.
@@ -263,6 +318,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// The embedded DNS server.
     pub dns_server: DnsSettings,
+    /// Connection tracking and NAT.
+    pub nat: NatSettings,
     /// Pools in configuration order.
     pub pools: Vec<PoolSpec>,
     /// Policies, first match wins.
@@ -611,6 +668,7 @@ impl Config {
                     cidr: n,
                     quarantine: DEFAULT_QUARANTINE.max(Duration::from_secs(u64::from(dns_ttl))),
                     exclude: vec![],
+                    spillover: false,
                 }),
                 Err(e) => cx.errors.push(ConfigError {
                     file: PathBuf::from("<environment INTRAGATE_POOL>"),
@@ -662,7 +720,20 @@ impl Config {
                         ),
                     }
                 }
+                let spillover = match p.mode.as_ref().map(|m| m.get_ref().as_str()) {
+                    None | Some("refuse") => false,
+                    Some("spillover") => true,
+                    Some(other) => {
+                        let span = p.mode.as_ref().map(|m| m.span()).unwrap_or(0..0);
+                        cx.err_at(
+                            span,
+                            format!("pool mode '{other}': use \"refuse\" or \"spillover\""),
+                        );
+                        false
+                    }
+                };
                 pools.push(PoolSpec {
+                    spillover,
                     name: p.name.get_ref().clone(),
                     cidr,
                     quarantine: p
@@ -680,9 +751,63 @@ impl Config {
                     }),
                     quarantine: DEFAULT_QUARANTINE,
                     exclude: vec![],
+                    spillover: false,
                 });
             }
         }
+        // NAT: the address defaults to the last usable address of the first
+        // IPv4 pool (routed to the gateway already, never handed out).
+        let rn = &raw.nat;
+        let mut nat_address = None;
+        if let Some(a) = &rn.address {
+            match a.get_ref().parse::<IpAddr>() {
+                Ok(ip) => nat_address = Some(ip),
+                Err(_) => cx.err_at(
+                    a.span(),
+                    format!("nat.address: '{}' is not an IP address", a.get_ref()),
+                ),
+            }
+        }
+        if nat_address.is_none() {
+            nat_address = pools.iter().find_map(|p| match p.cidr {
+                IpNetwork::V4(n) if n.prefix() <= 29 => {
+                    let last = u32::from(n.broadcast()).saturating_sub(1);
+                    Some(IpAddr::V4(std::net::Ipv4Addr::from(last)))
+                }
+                _ => None,
+            });
+        }
+        if let Some(a) = nat_address {
+            for p in pools.iter_mut() {
+                if p.cidr.contains(a) && !p.exclude.contains(&a) {
+                    p.exclude.push(a);
+                }
+            }
+        }
+        let tunnel_pool = match &rn.tunnel_pool {
+            None => "100.64.0.0/16"
+                .parse()
+                .unwrap_or(IpNetwork::V4(ipnetwork::Ipv4Network::from(
+                    std::net::Ipv4Addr::UNSPECIFIED,
+                ))),
+            Some(t) => {
+                cx.net(t, "nat.tunnel_pool")
+                    .unwrap_or(IpNetwork::V4(ipnetwork::Ipv4Network::from(
+                        std::net::Ipv4Addr::UNSPECIFIED,
+                    )))
+            }
+        };
+        let nat = NatSettings {
+            address: nat_address,
+            tunnel_pool,
+            ftp_ports: {
+                let mut v = vec![21u16];
+                v.extend(rn.ftp_ports.iter().copied().filter(|p| *p != 21));
+                v
+            },
+            max_flows_per_session: rn.max_flows_per_session.unwrap_or(4096),
+            max_flows: rn.max_flows.unwrap_or(1_000_000),
+        };
         for p in &pools {
             if crate::core::pool::IpPool::new(crate::core::pool::PoolConfig {
                 name: p.name.clone(),
@@ -773,10 +898,61 @@ impl Config {
             max_unauthenticated: sec.max_unauthenticated.unwrap_or(4096),
             handshake_timeout: Duration::from_secs(sec.handshake_timeout.unwrap_or(30)),
             dns_server,
+            nat,
             pools,
             policies,
         })
     }
+}
+
+fn parse_proto(s: &str) -> Result<crate::core::conntrack::Proto, String> {
+    use crate::core::conntrack::Proto;
+    match s.to_ascii_lowercase().as_str() {
+        "tcp" => Ok(Proto::Tcp),
+        "udp" => Ok(Proto::Udp),
+        "icmp" | "icmpv6" => Ok(Proto::Icmp),
+        other => Err(format!("protocol '{other}': use tcp, udp or icmp")),
+    }
+}
+
+/// "3389" or "5900-5910".
+fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let bad = || format!("ports '{s}': use a port (3389) or a range (5900-5910)");
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let a: u16 = a.trim().parse().map_err(|_| bad())?;
+    let b: u16 = b.trim().parse().map_err(|_| bad())?;
+    if a > b {
+        return Err(bad());
+    }
+    Ok(a..=b)
+}
+
+fn parse_inbound(r: &RawInbound) -> Result<crate::core::conntrack::InboundRule, String> {
+    Ok(crate::core::conntrack::InboundRule {
+        from: r
+            .from
+            .parse()
+            .map_err(|_| format!("from '{}' is not a CIDR", r.from))?,
+        proto: r.proto.as_deref().map(parse_proto).transpose()?,
+        ports: r.ports.as_deref().map(parse_ports).transpose()?,
+    })
+}
+
+fn parse_derived(r: &RawDerived) -> Result<crate::core::expect::DerivedRule, String> {
+    if r.seconds == 0 || r.seconds > 86_400 {
+        return Err(format!("seconds {} is outside 1..=86400", r.seconds));
+    }
+    Ok(crate::core::expect::DerivedRule {
+        proto: parse_proto(&r.proto)?,
+        server: r
+            .server
+            .parse()
+            .map_err(|_| format!("server '{}' is not a CIDR", r.server))?,
+        server_port: r.port,
+        callback_proto: parse_proto(&r.callback_proto)?,
+        user_ports: parse_ports(&r.user_ports)?,
+        lifetime: Duration::from_secs(r.seconds),
+    })
 }
 
 fn nonzero_secs(v: Option<u64>) -> Option<Duration> {
@@ -917,6 +1093,33 @@ pub fn load_policies(
                 }
                 None => routes.extend_from_slice(internal),
             }
+            let mut inbound = Vec::new();
+            match &p.inbound {
+                None => {
+                    for n in internal {
+                        inbound.push(crate::core::conntrack::InboundRule {
+                            from: *n,
+                            proto: None,
+                            ports: None,
+                        });
+                    }
+                }
+                Some(list) => {
+                    for r in list {
+                        match parse_inbound(r.get_ref()) {
+                            Ok(rule) => inbound.push(rule),
+                            Err(e) => cx.err_at(r.span(), format!("policy '{name}': inbound: {e}")),
+                        }
+                    }
+                }
+            }
+            let mut derived = Vec::new();
+            for r in &p.derived {
+                match parse_derived(r.get_ref()) {
+                    Ok(rule) => derived.push(rule),
+                    Err(e) => cx.err_at(r.span(), format!("policy '{name}': derived: {e}")),
+                }
+            }
             let groups = p
                 .groups
                 .iter()
@@ -951,6 +1154,9 @@ pub fn load_policies(
                 reconnect_window: p
                     .reconnect_window
                     .map_or(d.reconnect_window, Duration::from_secs),
+                inbound,
+                derived,
+                nat: p.nat.unwrap_or(false),
             });
         }
         errors.append(&mut cx.errors);
@@ -969,6 +1175,16 @@ pub fn load_policies(
             idle_timeout: d.idle_timeout,
             session_timeout: d.session_timeout,
             reconnect_window: d.reconnect_window,
+            inbound: internal
+                .iter()
+                .map(|n| crate::core::conntrack::InboundRule {
+                    from: *n,
+                    proto: None,
+                    ports: None,
+                })
+                .collect(),
+            derived: vec![],
+            nat: false,
         });
     }
     Ok(PolicySet::new(policies))

@@ -22,6 +22,9 @@ use tracing::{error, info, warn};
 
 use crate::config::Config;
 use crate::core::bans::BanTable;
+use crate::core::conntrack::{FlowBudget, InboundRule, SessionFlows, TrackConfig, UserCtx};
+use crate::core::expect::DerivedRule;
+use crate::core::nat::{NatOwner, NatPortTable, NatPorts, NatPortsConfig};
 use crate::core::pool::{PoolConfig, PoolSnapshot};
 use crate::core::route::DropReason;
 use crate::core::session::{
@@ -55,6 +58,15 @@ pub struct Port {
     /// out before anything else when the path is confirmed (possibly by the
     /// next tunnel of the session).
     pub held: std::sync::Mutex<Option<Bytes>>,
+    /// The session's tracked connections (its own lock: no global lock on
+    /// the packet path).
+    pub flows: std::sync::Mutex<SessionFlows>,
+    /// The NAT address, when the session is behind spillover NAT.
+    pub nat: Option<IpAddr>,
+    /// Server-initiated connections accepted.
+    pub inbound: Arc<[InboundRule]>,
+    /// Derived-port callback rules.
+    pub derived: Arc<[DerivedRule]>,
 }
 
 impl Port {
@@ -77,23 +89,20 @@ impl Port {
         self.held_slot().is_some()
     }
 
-    /// A port with a queue of `capacity` packets.
-    pub fn new(
-        id: SessionId,
-        capacity: usize,
-        client_to_client: bool,
-        routes: Arc<[IpNetwork]>,
-    ) -> Self {
-        let (tx, rx) = mpsc::channel(capacity);
-        Self {
-            id,
-            tx,
-            rx: Arc::new(tokio::sync::Mutex::new(rx)),
-            client_to_client,
-            routes,
-            up: AtomicBool::new(false),
-            activity: AtomicU64::new(0),
-            held: std::sync::Mutex::new(None),
+    /// The session's flow table.
+    pub fn flows(&self) -> MutexGuard<'_, SessionFlows> {
+        self.flows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What conntrack needs to know about this user for one packet.
+    pub fn ctx<'a>(&'a self, addr: IpAddr, authorized: bool, ftp_ports: &'a [u16]) -> UserCtx<'a> {
+        UserCtx {
+            addr,
+            nat: self.nat,
+            authorized,
+            inbound_rules: &self.inbound,
+            derived_rules: &self.derived,
+            ftp_ports,
         }
     }
 }
@@ -175,8 +184,42 @@ pub struct Shared {
     pub epoch: Instant,
     /// DNS counters.
     pub dns_stats: Arc<crate::dns::DnsStats>,
+    /// NAT ports of users behind spillover NAT (locked per call, only when
+    /// flows come or go and for packets to the NAT address).
+    pub nat_ports: Mutex<NatPorts>,
+    /// The global flow cap.
+    pub flow_budget: Arc<FlowBudget>,
+    /// Hash keys for flow tables (random per process).
+    pub hasher: std::collections::hash_map::RandomState,
     /// The DNS handler (kept to reload zones), once the server runs.
     pub dns: std::sync::OnceLock<crate::dns::IntragateDns<SessionRecords>>,
+}
+
+/// The NAT port table behind its lock, locked per call (conntrack calls it
+/// only when flows come or go, and for packets to the NAT address).
+#[derive(Debug)]
+pub struct LockedNat<'a>(pub &'a Mutex<NatPorts>);
+
+impl LockedNat<'_> {
+    fn get(&self) -> MutexGuard<'_, NatPorts> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl NatPortTable for LockedNat<'_> {
+    fn acquire(
+        &mut self,
+        proto: crate::core::conntrack::Proto,
+        owner: NatOwner,
+    ) -> Result<u16, crate::core::conntrack::NatDrop> {
+        self.get().acquire(proto, owner)
+    }
+    fn release(&mut self, proto: crate::core::conntrack::Proto, port: u16, session: SessionId) {
+        self.get().release(proto, port, session)
+    }
+    fn lookup(&self, proto: crate::core::conntrack::Proto, port: u16) -> Option<NatOwner> {
+        self.get().lookup(proto, port)
+    }
 }
 
 /// The session table's DNS records, as the DNS server reads them (one brief
@@ -233,18 +276,44 @@ impl Shared {
                     addr,
                     client_to_client,
                     routes,
+                    nat,
+                    inbound,
+                    derived,
                     ..
                 } => {
-                    let port = Port::new(
-                        *id,
-                        self.config.buffer_packets,
-                        *client_to_client,
-                        routes.clone().into(),
-                    );
+                    let (tx, rx) = mpsc::channel(self.config.buffer_packets);
+                    let track = TrackConfig {
+                        max_flows: self.config.nat.max_flows_per_session,
+                        ..TrackConfig::default()
+                    };
+                    let port = Port {
+                        id: *id,
+                        tx,
+                        rx: Arc::new(tokio::sync::Mutex::new(rx)),
+                        // Users behind NAT are reachable by nobody, other
+                        // users included.
+                        client_to_client: *client_to_client && !*nat,
+                        routes: routes.clone().into(),
+                        up: AtomicBool::new(false),
+                        activity: AtomicU64::new(0),
+                        held: std::sync::Mutex::new(None),
+                        flows: std::sync::Mutex::new(SessionFlows::new(
+                            *id,
+                            track,
+                            self.flow_budget.clone(),
+                            self.hasher.clone(),
+                        )),
+                        nat: if *nat { self.config.nat.address } else { None },
+                        inbound: inbound.clone().into(),
+                        derived: derived.clone().into(),
+                    };
                     self.routes.insert(*addr, Arc::new(port));
                 }
                 Event::Closed { id, addr, .. } => {
-                    self.routes.remove_if(addr, |_, p| p.id == *id);
+                    if let Some((_, port)) = self.routes.remove_if(addr, |_, p| p.id == *id) {
+                        // Return the session's NAT ports and flow budget.
+                        port.flows().clear(&mut LockedNat(&self.nat_ports));
+                    }
                 }
                 Event::Disconnected { .. } => {}
             }
@@ -268,6 +337,9 @@ impl Shared {
                         Ok(label) => {
                             let name = format!("{label}.{}", self.config.domain);
                             info!(session = %id, %user, %addr, dns = %name, "session opened");
+                        }
+                        Err(crate::core::dns_records::NameError::BehindNat) => {
+                            info!(session = %id, %user, tunnel_addr = %addr, "session opened behind NAT (no intranet IP)");
                         }
                         Err(e) => {
                             self.stats.dns_name_refused.fetch_add(1, Ordering::Relaxed);
@@ -362,6 +434,67 @@ impl Shared {
         }
     }
 
+    /// Expire idle flows and expectations; log what the FTP ALG refused.
+    fn expire_flows(&self, now: Instant) {
+        let ports: Vec<Arc<Port>> = self.routes.iter().map(|p| p.value().clone()).collect();
+        for port in ports {
+            let mut flows = port.flows();
+            flows.handle_timeout(now, &mut LockedNat(&self.nat_ports));
+            while let Some(ev) = flows.poll_event() {
+                match ev {
+                    crate::core::conntrack::FlowEvent::FtpRefused {
+                        server,
+                        named,
+                        reason,
+                    } => warn!(
+                        session = %port.id,
+                        %server,
+                        named = ?named,
+                        reason = reason.as_str(),
+                        "FTP command refused (an address other than the user's own, or malformed)"
+                    ),
+                }
+            }
+        }
+    }
+
+    /// Tracked flows as JSON for `ctl conntrack` (optionally one user's).
+    pub fn conntrack_json(&self, user: Option<&str>) -> serde_json::Value {
+        let now = Instant::now();
+        let wanted: Option<Vec<SessionId>> = user.map(|u| {
+            self.core()
+                .sessions()
+                .filter(|s| s.user.eq_ignore_ascii_case(u))
+                .map(|s| s.id)
+                .collect()
+        });
+        let mut out = Vec::new();
+        for entry in self.routes.iter() {
+            let port = entry.value();
+            if wanted.as_ref().is_some_and(|w| !w.contains(&port.id)) {
+                continue;
+            }
+            for f in port.flows().flows(now) {
+                out.push(serde_json::json!({
+                    "session": port.id.to_string(),
+                    "proto": f.key.proto.as_str(),
+                    "user": format!("{}", std::net::SocketAddr::new(f.key.user, f.key.user_port)),
+                    "remote": format!("{}", std::net::SocketAddr::new(f.key.remote, f.key.remote_port)),
+                    "nat_port": f.nat_port,
+                    "origin": f.origin.as_str(),
+                    "state": f.state.as_str(),
+                    "age_s": f.age.as_secs(),
+                    "idle_s": f.idle.as_secs(),
+                    "expires_in_s": f.expires_in.as_secs(),
+                    "packets_out": f.packets.0,
+                    "packets_in": f.packets.1,
+                    "ftp": f.ftp,
+                }));
+            }
+        }
+        serde_json::json!(out)
+    }
+
     /// Milliseconds since `epoch` (for `Port::activity`).
     pub fn now_ms(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_millis())
@@ -405,6 +538,13 @@ impl Shared {
             connect_timeout: Duration::from_secs(60),
             max_sessions: config.max_sessions,
             transfer_window: config.transfer_window,
+            spillover_pools: config
+                .pools
+                .iter()
+                .filter(|p| p.spillover)
+                .map(|p| p.name.clone())
+                .collect(),
+            nat_tunnel_pool: config.nat.address.map(|_| config.nat.tunnel_pool),
             ..SessionSettings::default()
         };
         let core = GatewayState::new(settings, pools, config.policies.clone())
@@ -427,6 +567,12 @@ impl Shared {
             shutdown,
             epoch: Instant::now(),
             dns_stats: Arc::new(crate::dns::DnsStats::default()),
+            nat_ports: Mutex::new(NatPorts::new(
+                &NatPortsConfig::default(),
+                std::collections::hash_map::RandomState::new(),
+            )),
+            flow_budget: Arc::new(FlowBudget::new(config.nat.max_flows)),
+            hasher: std::collections::hash_map::RandomState::new(),
             dns: std::sync::OnceLock::new(),
             config,
         })
@@ -544,6 +690,7 @@ pub async fn timer_loop(shared: Arc<Shared>) {
             shared.process_events(core);
         }
         shared.bans().expire(now);
+        shared.expire_flows(now);
         shared.save_state(false);
     }
 }

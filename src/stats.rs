@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde_json::{json, Value};
 
+use crate::core::conntrack::NatDrop;
 use crate::core::route::DropReason;
 
 /// Why a logon or connection was refused.
@@ -80,6 +81,7 @@ const CLOSE_REASONS: [&str; 10] = [
 #[derive(Debug, Default)]
 pub struct Stats {
     drops: [AtomicU64; DropReason::COUNT],
+    nat_drops: [AtomicU64; NatDrop::COUNT],
     refused: [AtomicU64; RefuseReason::COUNT],
     /// Successful logons.
     pub logons: AtomicU64,
@@ -113,6 +115,13 @@ impl Stats {
     #[inline]
     pub fn drop(&self, r: DropReason) {
         self.drops[r as usize].fetch_add(1, Relaxed);
+    }
+    /// Count a packet conntrack, NAT or the FTP ALG refused.
+    #[inline]
+    pub fn nat_drop(&self, r: NatDrop) {
+        if let Some(i) = NatDrop::ALL.iter().position(|x| *x == r) {
+            self.nat_drops[i].fetch_add(1, Relaxed);
+        }
     }
     /// Count a refused logon/connection.
     pub fn refuse(&self, r: RefuseReason) {
@@ -148,8 +157,19 @@ impl Stats {
             .enumerate()
             .map(|(i, n)| (n.to_string(), json!(self.closed[i].load(Relaxed))))
             .collect();
+        let conntrack: serde_json::Map<String, Value> = NatDrop::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                (
+                    r.as_str().to_string(),
+                    json!(self.nat_drops[i].load(Relaxed)),
+                )
+            })
+            .collect();
         json!({
             "drops": drops,
+            "conntrack_drops": conntrack,
             "closed": closed,
             "transfers": self.transfers.load(Relaxed),
             "reconnects": self.reconnects.load(Relaxed),

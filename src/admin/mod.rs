@@ -265,7 +265,10 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
                 err(e)
             }
         },
-        "conntrack" => err("connection tracking is not part of this build yet"),
+        "conntrack" => {
+            let flows = shared.conntrack_json(req.get("user").and_then(Value::as_str));
+            json!({"ok": true, "flows": flows, "tracked": shared.flow_budget.used(), "cap": shared.flow_budget.cap()})
+        }
         other => err(format!(
             "unknown command '{other}' (health, stats, sessions, show, disconnect, logoff, pool, dns, conntrack, bans, unban, reload)"
         )),

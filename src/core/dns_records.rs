@@ -70,6 +70,9 @@ pub enum NameError {
     /// A static record from `dns/` uses the label.
     #[error("DNS name '{0}' is a static record")]
     StaticRecord(String),
+    /// The session is behind NAT: nothing could reach it by name.
+    #[error("behind NAT: no intranet IP to name")]
+    BehindNat,
 }
 
 /// The dynamic records of one gateway.

@@ -41,6 +41,12 @@ pub struct Policy {
     pub session_timeout: Option<Duration>,
     /// How long a dropped tunnel may come back with its cookie.
     pub reconnect_window: Duration,
+    /// Server-initiated connections to the user that are accepted.
+    pub inbound: Vec<crate::core::conntrack::InboundRule>,
+    /// Callback permissions derived from the user's own connections.
+    pub derived: Vec<crate::core::expect::DerivedRule>,
+    /// Always put these users behind NAT (no intranet IP).
+    pub nat: bool,
 }
 
 impl Policy {
@@ -97,6 +103,9 @@ mod tests {
             idle_timeout: None,
             session_timeout: None,
             reconnect_window: Duration::from_secs(180),
+            inbound: vec![],
+            derived: vec![],
+            nat: false,
         }
     }
 

@@ -74,7 +74,7 @@ impl DropReason {
 }
 
 /// Link-local source or destination, or a multicast/broadcast destination.
-fn is_link_scoped(info: &ip::IpInfo) -> bool {
+pub fn is_link_scoped(info: &ip::IpInfo) -> bool {
     let v6_local = |a: &IpAddr| match a {
         IpAddr::V6(v6) => (v6.segments()[0] & 0xffc0) == 0xfe80 || v6.is_multicast(),
         IpAddr::V4(v4) => v4.is_link_local() || v4.is_multicast() || v4.is_broadcast(),
@@ -142,37 +142,6 @@ pub fn from_user(
         Verdict::ToTun
     } else {
         Verdict::Drop(DropReason::DestinationNotAllowed)
-    }
-}
-
-/// A packet read from the TUN device (internal network → users), already
-/// parsed by the caller (who needed its destination to find `dst_routes`).
-///
-/// `dst_routes` are the routes of the session holding the destination
-/// (`None`: no session). Inbound is allowed from the configured internal
-/// networks, the gateway itself, and the destinations the user may reach
-/// (their replies); a user with a full tunnel accepts from anywhere.
-/// (Connection tracking and inbound policies refine this later.)
-pub fn from_internal(
-    info: &ip::IpInfo,
-    internal: &[IpNetwork],
-    gateway_addrs: &[IpAddr],
-    dst_routes: Option<&[IpNetwork]>,
-) -> Verdict {
-    if is_link_scoped(info) {
-        return Verdict::Drop(DropReason::LinkLocal);
-    }
-    let Some(routes) = dst_routes else {
-        return Verdict::Drop(DropReason::NoSession);
-    };
-    let allowed = gateway_addrs.contains(&info.src)
-        || internal.iter().any(|n| n.contains(info.src))
-        || routes.is_empty()
-        || routes.iter().any(|n| n.contains(info.src));
-    if allowed {
-        Verdict::ToSession(info.dst)
-    } else {
-        Verdict::Drop(DropReason::InboundDenied)
     }
 }
 
@@ -248,32 +217,6 @@ mod tests {
         assert_eq!(
             from_user(&outside, 1400, &full, &gw, |_| None),
             Verdict::ToTun
-        );
-    }
-
-    #[test]
-    fn internal_packets() {
-        let internal = nets(&["198.18.1.0/24"]);
-        let routes = internal.clone();
-        let gw: Vec<IpAddr> = vec!["198.18.64.1".parse().expect("ip")];
-        let ok = ip::parse(&udp4([198, 18, 1, 2], [198, 18, 64, 2])).expect("parse");
-        assert_eq!(
-            from_internal(&ok, &internal, &gw, Some(&routes)),
-            Verdict::ToSession("198.18.64.2".parse().expect("ip"))
-        );
-        assert_eq!(
-            from_internal(&ok, &internal, &gw, None),
-            Verdict::Drop(DropReason::NoSession)
-        );
-        let stranger = ip::parse(&udp4([198, 19, 9, 9], [198, 18, 64, 2])).expect("parse");
-        assert_eq!(
-            from_internal(&stranger, &internal, &gw, Some(&routes)),
-            Verdict::Drop(DropReason::InboundDenied)
-        );
-        assert_eq!(
-            from_internal(&stranger, &internal, &gw, Some(&[])),
-            Verdict::ToSession("198.18.64.2".parse().expect("ip")),
-            "full-tunnel users get replies from anywhere"
         );
     }
 }

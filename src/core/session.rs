@@ -24,6 +24,10 @@ use crate::core::dns_records::{DnsRecords, NameError};
 use crate::core::policy::{Policy, PolicySet};
 use crate::core::pool::{IpPool, PoolConfig, PoolError, PoolSnapshot};
 
+/// The name of the internal pool of non-routable tunnel addresses for users
+/// behind spillover NAT.
+pub const NAT_POOL: &str = "(nat)";
+
 /// The reason text users and logs see when no address is left.
 pub const NO_ADDRESS_MESSAGE: &str = "No intranet IP address is available for this session";
 
@@ -84,6 +88,8 @@ pub struct Session {
     pub pool: String,
     /// The session's DNS label (`<label>.<domain>`), if it got one.
     pub dns_label: Option<String>,
+    /// Behind spillover NAT: `addr` is a non-routable tunnel address.
+    pub nat: bool,
     /// The policy in force.
     pub policy: Policy,
     /// State.
@@ -192,6 +198,12 @@ pub enum Event {
         routes: Vec<ipnetwork::IpNetwork>,
         /// It took over this session's address (logon transfer).
         took_over: Option<SessionId>,
+        /// Behind spillover NAT.
+        nat: bool,
+        /// Its inbound rules.
+        inbound: Vec<crate::core::conntrack::InboundRule>,
+        /// Its derived-port rules.
+        derived: Vec<crate::core::expect::DerivedRule>,
     },
     /// A session is gone: drop its port, end its tunnel if still up.
     Closed {
@@ -324,6 +336,10 @@ pub struct SessionSettings {
     pub transfer_window: Duration,
     /// Pending offers per user (several devices logging on at once).
     pub max_offers_per_user: usize,
+    /// Pools that put further users behind NAT when exhausted.
+    pub spillover_pools: Vec<String>,
+    /// Non-routable tunnel addresses for users behind NAT (None: no NAT).
+    pub nat_tunnel_pool: Option<ipnetwork::IpNetwork>,
 }
 
 impl Default for SessionSettings {
@@ -333,6 +349,8 @@ impl Default for SessionSettings {
             max_sessions: 100_000,
             transfer_window: Duration::from_secs(120),
             max_offers_per_user: 8,
+            spillover_pools: vec![],
+            nat_tunnel_pool: None,
         }
     }
 }
@@ -395,6 +413,15 @@ impl GatewayState {
             let pool = IpPool::new(p)?;
             map.insert(pool.name().to_string(), pool);
         }
+        if let Some(cidr) = settings.nat_tunnel_pool {
+            let pool = IpPool::new(PoolConfig {
+                name: NAT_POOL.into(),
+                cidr,
+                quarantine: Duration::from_secs(60),
+                exclude: vec![],
+            })?;
+            map.insert(NAT_POOL.to_string(), pool);
+        }
         Ok(Self {
             settings,
             policies,
@@ -417,14 +444,20 @@ impl GatewayState {
         self.policies = policies;
     }
 
-    /// The pools.
+    /// The intranet pools (not the NAT tunnel pool).
     pub fn pools(&self) -> impl Iterator<Item = &IpPool> {
-        self.pools.values()
+        self.pools.values().filter(|p| p.name() != NAT_POOL)
     }
 
-    /// The gateway's own addresses (one per pool), never given to users.
+    /// A pool by name, the NAT tunnel pool included.
+    pub fn pool(&self, name: &str) -> Option<&IpPool> {
+        self.pools.get(name)
+    }
+
+    /// The gateway's own addresses (one per intranet pool), never given to
+    /// users.
     pub fn gateway_addrs(&self) -> Vec<IpAddr> {
-        self.pools.values().map(|p| p.gateway_addr()).collect()
+        self.pools().map(|p| p.gateway_addr()).collect()
     }
 
     fn summary(&self, s: &Session, now: Instant) -> SessionSummary {
@@ -541,25 +574,43 @@ impl GatewayState {
         let (addr, pool_name, took_over) = match take_over {
             Some((old, addr, pool)) => (addr, pool, Some(old)),
             None => {
+                let pool_name = if policy.nat {
+                    NAT_POOL.to_string()
+                } else {
+                    policy.pool.clone()
+                };
                 let pool =
                     self.pools
-                        .get_mut(&policy.pool)
+                        .get_mut(&pool_name)
                         .ok_or_else(|| LogonError::UnknownPool {
                             policy: policy.name.clone(),
-                            pool: policy.pool.clone(),
+                            pool: pool_name.clone(),
                         })?;
-                let addr = pool
-                    .allocate(&key, now)
-                    .map_err(|_| LogonError::NoAddress)?;
-                (addr, policy.pool.clone(), None)
+                match pool.allocate(&key, now) {
+                    Ok(addr) => (addr, pool_name, None),
+                    Err(_) if self.settings.spillover_pools.contains(&pool_name) => {
+                        // Exhausted, and the pool spills over: NAT.
+                        let nat = self.pools.get_mut(NAT_POOL).ok_or(LogonError::NoAddress)?;
+                        let addr = nat.allocate(&key, now).map_err(|_| LogonError::NoAddress)?;
+                        (addr, NAT_POOL.to_string(), None)
+                    }
+                    Err(_) => return Err(LogonError::NoAddress),
+                }
             }
         };
+        let nat = pool_name == NAT_POOL;
         self.leases_dirty = true;
         self.sessions_dirty = true;
         let id = SessionId(self.next_id);
         self.next_id += 1;
-        let dns = self.dns.register(&key, id, addr);
+        // Users behind NAT cannot be reached: no DNS name.
+        let dns = if nat {
+            Err(NameError::BehindNat)
+        } else {
+            self.dns.register(&key, id, addr)
+        };
         let session = Session {
+            nat,
             id,
             user: req.user.clone(),
             groups: req.groups,
@@ -587,6 +638,9 @@ impl GatewayState {
             client_to_client: policy.client_to_client,
             routes: policy.routes.clone(),
             took_over,
+            nat,
+            inbound: policy.inbound.clone(),
+            derived: policy.derived.clone(),
         });
         Ok(id)
     }
@@ -949,7 +1003,12 @@ impl GatewayState {
             }
             let id = SessionId(self.next_id);
             self.next_id += 1;
-            let dns = self.dns.register(&key, id, r.addr);
+            let nat = r.pool == NAT_POOL;
+            let dns = if nat {
+                Err(NameError::BehindNat)
+            } else {
+                self.dns.register(&key, id, r.addr)
+            };
             let created = now
                 .checked_sub(Duration::from_secs(r.age_secs) + elapsed)
                 .unwrap_or(now);
@@ -965,6 +1024,7 @@ impl GatewayState {
                     addr: r.addr,
                     pool: r.pool.clone(),
                     dns_label: dns.as_ref().ok().cloned(),
+                    nat,
                     state: SessionState::Disconnected { since: now },
                     created,
                     last_activity: now,
@@ -983,6 +1043,9 @@ impl GatewayState {
                 client_to_client: policy.client_to_client,
                 routes: policy.routes.clone(),
                 took_over: None,
+                nat,
+                inbound: policy.inbound.clone(),
+                derived: policy.derived.clone(),
             });
             restored += 1;
         }
@@ -1019,6 +1082,9 @@ mod tests {
             idle_timeout: None,
             session_timeout: None,
             reconnect_window: Duration::from_secs(180),
+            inbound: vec![],
+            derived: vec![],
+            nat: false,
         }
     }
 

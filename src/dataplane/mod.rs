@@ -4,12 +4,16 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use bytes::BytesMut;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
 use tracing::{error, warn};
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
-use crate::core::route::{self, DropReason, Verdict};
-use crate::gateway::Shared;
+use crate::core::conntrack::{NatDrop, Outcome};
+use crate::core::nat::NatPortTable;
+use crate::core::route::{self, DropReason};
+use crate::gateway::{LockedNat, Shared};
 use crate::wire::ip;
 
 /// Bytes zeroed at a time for the TUN read buffer; packets are split off it
@@ -60,6 +64,7 @@ pub fn check_forwarding() {
 /// Read packets from the TUN device and queue each to its user's tunnel.
 pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
     let mut buf = BytesMut::new();
+    let mut scratch = Vec::with_capacity(MAX_PACKET);
     loop {
         if buf.len() < MAX_PACKET {
             buf.clear();
@@ -77,22 +82,58 @@ pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
                 }
             },
         };
-        let pkt = buf.split_to(n).freeze();
-        let Ok(info) = ip::parse(&pkt) else {
-            shared.stats.drop(DropReason::Malformed);
-            continue;
-        };
-        let port = shared.routes.get(&info.dst).map(|p| p.value().clone());
-        let verdict = route::from_internal(
-            &info,
-            &shared.config.internal,
-            &shared.gateway_addrs,
-            port.as_ref().map(|p| &p.routes[..]),
-        );
-        match (verdict, port) {
-            (Verdict::ToSession(_), Some(port)) => shared.deliver(&port, pkt),
-            (Verdict::Drop(r), _) => shared.stats.drop(r),
-            _ => shared.stats.drop(DropReason::NoSession),
+        let mut pkt = buf.split_to(n);
+        from_network(&shared, &mut pkt, &mut scratch);
+    }
+}
+
+/// One packet from the internal network: find the session (by intranet IP,
+/// or by NAT port for packets to the NAT address), let conntrack decide
+/// (replies, inbound rules, expectations; NAT translated back), queue it.
+fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
+    let Ok(info) = ip::parse(pkt) else {
+        shared.stats.drop(DropReason::Malformed);
+        return;
+    };
+    if route::is_link_scoped(&info) {
+        shared.stats.drop(DropReason::LinkLocal);
+        return;
+    }
+    let nat_addr = shared.config.nat.address;
+    let user_addr = if nat_addr == Some(info.dst) {
+        let owner = crate::core::nat::inbound_nat_key(pkt)
+            .ok()
+            .and_then(|(proto, port)| LockedNat(&shared.nat_ports).lookup(proto, port));
+        match owner {
+            Some(o) => o.addr,
+            None => {
+                shared.stats.nat_drop(NatDrop::NoNatMapping);
+                return;
+            }
         }
+    } else {
+        info.dst
+    };
+    let Some(port) = shared.routes.get(&user_addr).map(|p| p.value().clone()) else {
+        shared.stats.drop(DropReason::NoSession);
+        return;
+    };
+    let ctx = port.ctx(user_addr, true, &shared.config.nat.ftp_ports);
+    let outcome = port.flows().inbound(
+        &ctx,
+        pkt,
+        scratch,
+        &mut LockedNat(&shared.nat_ports),
+        Instant::now(),
+    );
+    match outcome {
+        Ok(Outcome::Forward) => {
+            let out = std::mem::take(pkt).freeze();
+            shared.deliver(&port, out);
+        }
+        // Rare (the FTP ALG changed the length): one copy.
+        Ok(Outcome::ForwardScratch) => shared.deliver(&port, Bytes::copy_from_slice(scratch)),
+        Err(NatDrop::InboundDenied) => shared.stats.drop(DropReason::InboundDenied),
+        Err(d) => shared.stats.nat_drop(d),
     }
 }

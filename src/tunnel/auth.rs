@@ -459,7 +459,7 @@ impl Conn {
             let pool = r
                 .as_ref()
                 .ok()
-                .and_then(|(_, _, _, pool, _, _)| core.pools().find(|p| p.name() == pool));
+                .and_then(|(_, _, _, pool, _, _)| core.pool(pool));
             let prefix = pool.map(|p| (p.cidr(), p.gateway_addr()));
             shared.process_events(core);
             r.map(|x| (x, prefix))
@@ -475,7 +475,14 @@ impl Conn {
             }
         };
         let pool_cidr = pool_info.map(|(c, _)| c);
-        let gateway_addr = pool_info.map(|(_, g)| g);
+        let behind_nat = _pool == crate::core::session::NAT_POOL;
+        // Users behind NAT reach the gateway's DNS at its first intranet
+        // pool address (their tunnel pool's first address is not served).
+        let gateway_addr = if behind_nat {
+            shared.gateway_addrs.first().copied()
+        } else {
+            pool_info.map(|(_, g)| g)
+        };
         let cfg = &shared.config;
         let mtu = client_mtu.map_or(cfg.mtu, |m| m.min(cfg.mtu));
         let mut headers: Vec<(String, String)> = vec![
@@ -513,6 +520,11 @@ impl Conn {
                 // Other users and the gateway's own address are reached
                 // through the tunnel too.
                 split.push(p);
+            }
+            if behind_nat {
+                if let Some(g) = gateway_addr {
+                    split.push(IpNetwork::from(g));
+                }
             }
         }
         for r in &split {

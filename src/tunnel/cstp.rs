@@ -11,16 +11,17 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 use tun_rs::AsyncDevice;
 
 use super::Stream;
+use crate::core::conntrack::{NatDrop, Outcome};
 use crate::core::route::{self, DropReason, UserView, Verdict};
 use crate::core::session::{CloseReason, SessionId};
-use crate::gateway::{Port, Shared, TunnelCtl};
+use crate::gateway::{LockedNat, Port, Shared, TunnelCtl};
 use crate::wire::cstp::{self, FrameType};
 
 /// Frames written before a flush is forced even when more are queued.
@@ -157,6 +158,8 @@ async fn reader(
     ctl: &mpsc::Sender<TunnelCtl>,
     live: &Liveness,
 ) -> End {
+    // Packets the FTP ALG rewrites to another length are built here.
+    let scratch = &mut Vec::with_capacity(usize::from(u16::MAX));
     loop {
         loop {
             let (ty, range, total) = match cstp::decode(&buf, usize::from(u16::MAX)) {
@@ -168,13 +171,14 @@ async fn reader(
                     return End::Dropped(format!("protocol error: {e}"));
                 }
             };
-            let frame = buf.split_to(total).freeze();
-            let payload = frame.slice(range);
+            let mut frame = buf.split_to(total);
+            frame.advance(range.start);
+            frame.truncate(range.len());
             match ty {
                 FrameType::Data => {
                     // Only forwarded traffic counts as activity (not the
                     // client's IPv6 chatter, which is dropped).
-                    if forward(shared, view, mtu, tun, payload).await {
+                    if forward(shared, view, port, mtu, tun, frame, scratch).await {
                         port.activity.store(shared.now_ms(), Relaxed);
                     }
                 }
@@ -212,47 +216,81 @@ async fn reader(
 }
 
 /// Forward one packet from the user; true if it went somewhere.
+///
+/// Order: anti-spoofing and routing (`route::from_user`), then connection
+/// tracking (state, inbound expectations, spillover NAT, FTP ALG) for
+/// everything that leaves through the TUN device. User-to-user packets go
+/// straight to the peer's queue.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     shared: &Shared,
     view: &UserView<'_>,
+    port: &Port,
     mtu: usize,
     tun: &AsyncDevice,
-    pkt: Bytes,
+    mut pkt: BytesMut,
+    scratch: &mut Vec<u8>,
 ) -> bool {
     let verdict = route::from_user(&pkt, mtu, view, &shared.gateway_addrs, |dst| {
         shared.routes.get(&dst).map(|p| p.client_to_client)
     });
-    match verdict {
-        Verdict::ToTun => match tun.send(&pkt).await {
-            Ok(_) => {
-                shared.stats.packets_from_users.fetch_add(1, Relaxed);
-                let len = pkt.len() as u64;
-                shared.stats.bytes_from_users.fetch_add(len, Relaxed);
-                true
-            }
-            Err(e) => {
-                shared.stats.drop(DropReason::TunWriteFailed);
-                debug!(error = %e, "TUN write failed");
-                false
-            }
-        },
+    let authorized = match verdict {
         Verdict::ToSession(dst) => {
-            let port = shared.routes.get(&dst).map(|p| p.value().clone());
-            let Some(port) = port else {
+            let peer = shared.routes.get(&dst).map(|p| p.value().clone());
+            let Some(peer) = peer else {
                 shared.stats.drop(DropReason::NoSession);
                 return false;
             };
             shared.stats.packets_from_users.fetch_add(1, Relaxed);
             let len = pkt.len() as u64;
             shared.stats.bytes_from_users.fetch_add(len, Relaxed);
-            shared.deliver(&port, pkt);
-            true
+            shared.deliver(&peer, pkt.freeze());
+            return true;
         }
+        Verdict::ToTun => true,
+        // Not routed by the policy: only an existing flow or an expectation
+        // (an FTP passive data connection) lets it through.
+        Verdict::Drop(DropReason::DestinationNotAllowed) => false,
         Verdict::Drop(r) => {
             shared.stats.drop(r);
             if r == DropReason::SpoofedSource {
                 debug!(addr = %view.addr, "dropped a packet with a spoofed source address");
             }
+            return false;
+        }
+    };
+    let ctx = port.ctx(view.addr, authorized, &shared.config.nat.ftp_ports);
+    let outcome = port.flows().outbound(
+        &ctx,
+        &mut pkt,
+        scratch,
+        &mut LockedNat(&shared.nat_ports),
+        Instant::now(),
+    );
+    let out: &[u8] = match outcome {
+        Ok(Outcome::Forward) => &pkt,
+        Ok(Outcome::ForwardScratch) => scratch,
+        Err(NatDrop::DestinationNotAllowed) => {
+            shared.stats.drop(DropReason::DestinationNotAllowed);
+            return false;
+        }
+        Err(d) => {
+            shared.stats.nat_drop(d);
+            return false;
+        }
+    };
+    match tun.send(out).await {
+        Ok(_) => {
+            shared.stats.packets_from_users.fetch_add(1, Relaxed);
+            shared
+                .stats
+                .bytes_from_users
+                .fetch_add(out.len() as u64, Relaxed);
+            true
+        }
+        Err(e) => {
+            shared.stats.drop(DropReason::TunWriteFailed);
+            debug!(error = %e, "TUN write failed");
             false
         }
     }
