@@ -898,34 +898,6 @@ fn construction_needs_no_runtime() {
     let _h = server_with(cfg, &[]);
 }
 
-/// Not a timed test: the handler's cost per query without sockets.
-/// `cargo test --release --lib handler_throughput -- --ignored --nocapture`
-#[test]
-#[ignore]
-fn handler_throughput() {
-    let mut cfg = config();
-    cfg.max_qps_per_client = 0;
-    let h = server_with(cfg, &[("corp.example.zone", CORP_ZONE)]);
-    let src: SocketAddr = ALLOWED.parse().unwrap();
-    let cases = [
-        ("alice.corp.example.", RecordType::A),
-        ("17.64.18.198.in-addr.arpa.", RecordType::PTR),
-        ("nobody.corp.example.", RecordType::A),
-    ];
-    for (name, qtype) in cases {
-        let bytes = query(name, qtype).to_vec().unwrap();
-        let n = 1_000_000u32;
-        let start = Instant::now();
-        for _ in 0..n {
-            let _ = h.handle_message(&bytes, src, Protocol::Udp, Instant::now());
-        }
-        let per = start.elapsed() / n;
-        eprintln!(
-            "{name} {qtype}: {per:?}/query, {:.0} kqps/core",
-            1e6 / per.as_nanos() as f64
-        );
-    }
-}
 
 #[tokio::test]
 async fn the_shipped_sample_zone_loads_and_answers() {
@@ -949,59 +921,3 @@ async fn the_shipped_sample_zone_loads_and_answers() {
     );
 }
 
-/// Not a timed test: UDP queries/s over loopback against this server, or
-/// against `DNS_TARGET` (e.g. a dnsmasq) for comparison.
-/// `cargo test --release --lib udp_load -- --ignored --nocapture`
-#[tokio::test(flavor = "multi_thread")]
-#[ignore]
-async fn udp_load() {
-    let shutdown = CancellationToken::new();
-    let target: SocketAddr = match std::env::var("DNS_TARGET") {
-        Ok(t) => t.parse().unwrap(),
-        Err(_) => {
-            let mut cfg = config();
-            cfg.max_qps_per_client = 0;
-            let h = server_with(cfg, &[]);
-            let bound = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
-            let addr = bound.local_addrs()[0];
-            tokio::spawn(serve_bound(h, bound, shutdown.clone()));
-            addr
-        }
-    };
-    let name = std::env::var("DNS_NAME").unwrap_or_else(|_| "alice.corp.example.".into());
-    let qtype = if name.ends_with(".arpa.") {
-        RecordType::PTR
-    } else {
-        RecordType::A
-    };
-    let q = query(&name, qtype).to_vec().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(3);
-    let mut clients = Vec::new();
-    for _ in 0..4 {
-        let q = q.clone();
-        clients.push(tokio::spawn(async move {
-            let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            sock.connect(target).await.unwrap();
-            let (mut got, mut buf) = (0u64, [0u8; 1500]);
-            while Instant::now() < deadline {
-                for _ in 0..32 {
-                    let _ = sock.send(&q).await;
-                }
-                for _ in 0..32 {
-                    match tokio::time::timeout(Duration::from_millis(20), sock.recv(&mut buf)).await
-                    {
-                        Ok(Ok(_)) => got += 1,
-                        _ => break,
-                    }
-                }
-            }
-            got
-        }));
-    }
-    let mut total = 0;
-    for c in clients {
-        total += c.await.unwrap();
-    }
-    eprintln!("{target} {name}: {:.0} answers/s", total as f64 / 3.0);
-    shutdown.cancel();
-}
