@@ -10,6 +10,7 @@ pub mod core;
 pub mod dataplane;
 pub mod dns;
 pub mod gateway;
+pub mod plugin;
 pub mod stats;
 pub mod tls;
 pub mod tunnel;

@@ -1654,3 +1654,4 @@ cmd, args = sys.argv[1], sys.argv[2:]
 {"tcp-serve": tcp_serve, "tcp-send": tcp_send, "udp-serve": udp_serve, "udp-send": udp_send,
  "raw-udp": raw_udp, "hostile": hostile, "udp-burst": udp_burst}[cmd](*args)
 "###;
+pub mod plugin;
