@@ -863,6 +863,28 @@ impl Config {
                 PolicySet::default()
             }
         };
+        // Spillover NAT needs a NAT address the gateway routes into its TUN
+        // device: one inside a pool (the internal network routes the pools
+        // to the gateway, the gateway routes them into the TUN).
+        let wants_nat =
+            pools.iter().any(|p| p.spillover) || policies.policies().iter().any(|p| p.nat);
+        if wants_nat {
+            let span = raw.nat.address.as_ref().map(|a| a.span());
+            let line = span.map(|s| line_of(text, s.start));
+            match nat.address {
+                None => errors.push(ConfigError {
+                    file: file.to_path_buf(),
+                    line,
+                    message: "spillover NAT is used (a pool with mode = \"spillover\" or a policy with nat = true) but there is no NAT address: set [nat] address to an address inside a pool (the default, the last address of the first IPv4 pool, needs a pool of /29 or larger)".into(),
+                }),
+                Some(a) if !pools.iter().any(|p| p.cidr.contains(a)) => errors.push(ConfigError {
+                    file: file.to_path_buf(),
+                    line,
+                    message: format!("nat.address {a} must be inside one of the pools, so that replies to it reach the gateway's TUN device"),
+                }),
+                Some(_) => {}
+            }
+        }
         if !errors.is_empty() {
             return Err(ConfigErrors(errors));
         }
@@ -1236,6 +1258,28 @@ mod tests {
         let s = e.to_string();
         assert!(s.contains(":6: pool 'b' overlaps pool 'a'"), "{s}");
         assert!(s.contains(":8: network.internal: 'nope'"), "{s}");
+    }
+
+    #[test]
+    fn spillover_needs_a_nat_address_inside_a_pool() {
+        let e = parse("[[pool]]\nname = \"p\"\ncidr = \"198.18.64.0/30\"\nmode = \"spillover\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("no NAT address"), "{e}");
+        let e = parse(
+            "[nat]\naddress = \"198.18.99.1\"\n[[pool]]\nname = \"p\"\ncidr = \"198.18.64.0/30\"\nmode = \"spillover\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains(":2: nat.address 198.18.99.1 must be inside"),
+            "{e}"
+        );
+        let c = parse("[[pool]]\nname = \"p\"\ncidr = \"198.18.64.0/28\"\nmode = \"spillover\"\n")
+            .expect("default NAT address");
+        assert_eq!(c.nat.address, Some("198.18.64.14".parse().expect("ip")));
+        assert!(c.pools[0]
+            .exclude
+            .contains(&"198.18.64.14".parse().expect("ip")));
     }
 
     #[test]

@@ -191,6 +191,8 @@ pub struct Shared {
     pub flow_budget: Arc<FlowBudget>,
     /// Hash keys for flow tables (random per process).
     pub hasher: std::collections::hash_map::RandomState,
+    /// Conntrack counters of sessions that have closed.
+    pub closed_flow_stats: Mutex<crate::core::conntrack::FlowStats>,
     /// The DNS handler (kept to reload zones), once the server runs.
     pub dns: std::sync::OnceLock<crate::dns::IntragateDns<SessionRecords>>,
 }
@@ -312,7 +314,13 @@ impl Shared {
                 Event::Closed { id, addr, .. } => {
                     if let Some((_, port)) = self.routes.remove_if(addr, |_, p| p.id == *id) {
                         // Return the session's NAT ports and flow budget.
-                        port.flows().clear(&mut LockedNat(&self.nat_ports));
+                        let mut flows = port.flows();
+                        flows.clear(&mut LockedNat(&self.nat_ports));
+                        let mut total = self
+                            .closed_flow_stats
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        add_flow_stats(&mut total, flows.stats());
                     }
                 }
                 Event::Disconnected { .. } => {}
@@ -458,6 +466,35 @@ impl Shared {
         }
     }
 
+    /// Conntrack counters of all sessions, live and closed, as JSON.
+    pub fn flow_stats_json(&self) -> serde_json::Value {
+        let mut total = *self
+            .closed_flow_stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let ports: Vec<Arc<Port>> = self.routes.iter().map(|p| p.value().clone()).collect();
+        for p in ports {
+            add_flow_stats(&mut total, p.flows().stats());
+        }
+        let t = &total;
+        serde_json::json!({
+            "tracked": self.flow_budget.used(),
+            "cap": self.flow_budget.cap(),
+            "created": t.created,
+            "expired": t.expired,
+            "evicted_session_cap": t.evicted_session_cap,
+            "evicted_global_cap": t.evicted_global_cap,
+            "refused_full": t.refused_full,
+            "expect_created": t.expect_created,
+            "expect_used": t.expect_used,
+            "expect_expired": t.expect_expired,
+            "expect_evicted": t.expect_evicted,
+            "ftp_rewritten": t.ftp_rewritten,
+            "ftp_unrewritten": t.ftp_unrewritten,
+            "tcp_invalid_rst": t.tcp_invalid_rst,
+        })
+    }
+
     /// Tracked flows as JSON for `ctl conntrack` (optionally one user's).
     pub fn conntrack_json(&self, user: Option<&str>) -> serde_json::Value {
         let now = Instant::now();
@@ -573,6 +610,7 @@ impl Shared {
             )),
             flow_budget: Arc::new(FlowBudget::new(config.nat.max_flows)),
             hasher: std::collections::hash_map::RandomState::new(),
+            closed_flow_stats: Mutex::new(crate::core::conntrack::FlowStats::default()),
             dns: std::sync::OnceLock::new(),
             config,
         })
@@ -648,6 +686,24 @@ impl Shared {
             error!(path = %path.display(), error = %e, "cannot write the state file");
         }
     }
+}
+
+fn add_flow_stats(
+    t: &mut crate::core::conntrack::FlowStats,
+    s: &crate::core::conntrack::FlowStats,
+) {
+    t.created += s.created;
+    t.expired += s.expired;
+    t.evicted_session_cap += s.evicted_session_cap;
+    t.evicted_global_cap += s.evicted_global_cap;
+    t.refused_full += s.refused_full;
+    t.expect_created += s.expect_created;
+    t.expect_used += s.expect_used;
+    t.expect_expired += s.expect_expired;
+    t.expect_evicted += s.expect_evicted;
+    t.ftp_rewritten += s.ftp_rewritten;
+    t.ftp_unrewritten += s.ftp_unrewritten;
+    t.tcp_invalid_rst += s.tcp_invalid_rst;
 }
 
 fn unix_now() -> u64 {

@@ -169,6 +169,9 @@ enum CtlCmd {
         /// Only this user's flows.
         #[arg(long)]
         user: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Banned client addresses.
     Bans,
@@ -403,8 +406,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 CtlCmd::Logoff { sel } => (sel.to_json("logoff"), false),
                 CtlCmd::Pool => (serde_json::json!({"cmd": "pool"}), true),
                 CtlCmd::Dns => (serde_json::json!({"cmd": "dns"}), false),
-                CtlCmd::Conntrack { user } => {
-                    (serde_json::json!({"cmd": "conntrack", "user": user}), true)
+                CtlCmd::Conntrack { user, json } => {
+                    (serde_json::json!({"cmd": "conntrack", "user": user}), *json)
                 }
                 CtlCmd::Bans => (serde_json::json!({"cmd": "bans"}), true),
                 CtlCmd::Unban { address } => (
@@ -473,6 +476,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     }
                 ),
                 CtlCmd::Reload => println!("reloaded: {}", txt(&reply["reloaded"])),
+                CtlCmd::Conntrack { .. } => {
+                    println!("SESSION  PROTO USER                   REMOTE                 STATE        ORIGIN    IDLE");
+                    for f in reply["flows"].as_array().into_iter().flatten() {
+                        println!(
+                            "{:<8} {:<5} {:<22} {:<22} {:<12} {:<9} {}s",
+                            txt(&f["session"]),
+                            txt(&f["proto"]),
+                            txt(&f["user"]),
+                            txt(&f["remote"]),
+                            txt(&f["state"]),
+                            txt(&f["origin"]),
+                            f["idle_s"]
+                        );
+                    }
+                    println!("{} of {} flows tracked", reply["tracked"], reply["cap"]);
+                }
                 _ => println!("{}", serde_json::to_string_pretty(&reply)?),
             }
             Ok(ExitCode::SUCCESS)

@@ -182,6 +182,26 @@ pub fn render(shared: &Shared) -> String {
         "Tunnels closed for framing errors.",
         &s["cstp_errors"],
     );
+    labelled(
+        &mut out,
+        "intragate_conntrack_dropped_packets_total",
+        "counter",
+        "Packets refused by conntrack, NAT or the FTP ALG, by reason.",
+        "reason",
+        &s["conntrack_drops"],
+    );
+    let ct = shared.flow_stats_json();
+    let _ = writeln!(out, "# HELP intragate_conntrack_entries Tracked flows.\n# TYPE intragate_conntrack_entries gauge\nintragate_conntrack_entries {}", ct["tracked"].as_u64().unwrap_or(0));
+    counter(
+        &mut out,
+        "intragate_conntrack_evictions_total",
+        "Flows evicted at the per-session or global cap.",
+        &serde_json::json!(
+            ct["evicted_session_cap"].as_u64().unwrap_or(0)
+                + ct["evicted_global_cap"].as_u64().unwrap_or(0)
+        ),
+    );
+    let _ = writeln!(out, "# HELP intragate_dns_queries_total DNS messages received.\n# TYPE intragate_dns_queries_total counter\nintragate_dns_queries_total {}", shared.dns_stats.to_json()["queries"].as_u64().unwrap_or(0));
     let _ = writeln!(out, "# HELP intragate_pool_leased Addresses leased per pool.\n# TYPE intragate_pool_leased gauge");
     for (name, leased, _) in &pools {
         let _ = writeln!(out, "intragate_pool_leased{{pool=\"{name}\"}} {leased}");

@@ -171,6 +171,8 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
                 o.insert("sessions".into(), json!(core.len()));
                 o.insert("pools".into(), pools_json(&core, now));
                 o.insert("dns".into(), shared.dns_stats.to_json());
+                drop(core);
+                o.insert("conntrack".into(), shared.flow_stats_json());
                 o.insert("ok".into(), json!(true));
             }
             v

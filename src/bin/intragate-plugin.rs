@@ -2,7 +2,9 @@
 //! (or ocserv, or any AnyConnect-compatible gateway), brings up a TUN device
 //! with the intranet IP, routes and DNS, keeps the session through network
 //! drops, and logs off cleanly on SIGINT/SIGTERM. `status` shows the live
-//! connection. The protocol work is in `intragate::plugin`.
+//! connection; `sessions`, `disconnect-all` and `logoff-all` act on all of
+//! the user's sessions through it. The protocol work is in
+//! `intragate::plugin`.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -10,13 +12,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use intragate::plugin::client::{self, ClientEvent, ConnectOptions, Outcome};
 use intragate::plugin::forms::{Answers, FormEntry};
 use intragate::plugin::prompt::{read_stdin_line, TerminalPrompter};
 use intragate::plugin::status::{self, ConnectionState, Found, DEFAULT_STATE_DIR};
 use intragate::plugin::tls::{parse_pin, Trust};
 use intragate::plugin::url::GatewayUrl;
+use intragate::plugin::workspace::{self, Action, Reply, WorkspaceError};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -30,7 +33,9 @@ logs off cleanly on Ctrl-C or SIGTERM.\n\n\
 Example (as root):\n  \
 intragate-plugin connect https://gw.corp.example --user alice \\\n      \
 --servercert pin-sha256:XXXX   # 'intragate fingerprint' on the gateway prints it\n  \
-intragate-plugin status"
+intragate-plugin status\n  \
+intragate-plugin sessions                        # your sessions on every device\n  \
+intragate-plugin logoff-all --except-this-device # end the others"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -41,6 +46,23 @@ struct Cli {
 enum YesNo {
     Yes,
     No,
+}
+
+/// Which running connection a workspace command goes through.
+#[derive(Args)]
+struct Through {
+    /// The connection's TUN device (needed only when several run).
+    #[arg(long)]
+    interface: Option<String>,
+    /// Directory of the state files.
+    #[arg(long, env = "INTRAGATE_PLUGIN_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    state_dir: PathBuf,
+    /// Deadline for each network step (connect, TLS, the answer), in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 15)]
+    timeout: u64,
+    /// Log the exchange (never the cookie).
+    #[arg(long, short = 'v')]
+    verbose: bool,
 }
 
 #[derive(Subcommand)]
@@ -115,6 +137,56 @@ enum Cmd {
         /// Directory of the state files.
         #[arg(long, env = "INTRAGATE_PLUGIN_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
+    },
+    /// List your sessions on the gateway, on every device.
+    #[command(
+        long_about = "List your sessions on the gateway, on every device: id, device \
+name, intranet IP, DNS name, state (active, or disconnected and resumable) and idle time; \
+the session of this device is marked.\n\n\
+Goes through the running `connect` (its session cookie authenticates the request, over TLS \
+trusted as `connect` trusted the gateway); run as root, like `connect`. Needs an intragate \
+gateway."
+    )]
+    Sessions {
+        /// JSON output (the gateway's answer: {ok, user, sessions: [...]}).
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        through: Through,
+    },
+    /// Disconnect all your sessions; they stay resumable.
+    #[command(
+        long_about = "Disconnect all your sessions: their tunnels end, but the sessions \
+stay on the gateway, resumable with the same intranet IP and DNS name for its reconnect window. \
+Clients told so (intragate-plugin, openconnect) exit.\n\n\
+Without --except-this-device, this device's session is disconnected too: the gateway ends its \
+tunnel and the running `intragate-plugin connect` exits (status 1, \"session ended by the \
+gateway\"). That is expected.\n\n\
+Goes through the running `connect`, whose cookie authenticates the request; run as root."
+    )]
+    DisconnectAll {
+        /// Spare this device's session.
+        #[arg(long)]
+        except_this_device: bool,
+        #[command(flatten)]
+        through: Through,
+    },
+    /// Log off all your sessions: closed, addresses released.
+    #[command(
+        long_about = "Log off all your sessions: they are closed on the gateway and \
+their intranet IPs released; their clients are told and exit.\n\n\
+Without --except-this-device, this device's session is logged off too: the gateway sends \
+DISCONNECT to the running `intragate-plugin connect`, which undoes its TUN device, routes and \
+DNS and exits (status 1, \"session ended by the gateway\"). That is expected; log on again to \
+continue.\n\n\
+Goes through the running `connect`, whose cookie authenticates the request; run as root."
+    )]
+    LogoffAll {
+        /// Spare this device's session.
+        #[arg(long)]
+        except_this_device: bool,
+        #[command(flatten)]
+        through: Through,
     },
 }
 
@@ -338,6 +410,101 @@ fn show_status(json: bool, interface: Option<&str>, state_dir: &std::path::Path)
     }
 }
 
+/// `sessions`, `disconnect-all`, `logoff-all`: through the running
+/// connection, to the gateway.
+async fn workspace_cmd(
+    action: Action,
+    except_this_device: bool,
+    json: bool,
+    through: Through,
+) -> Result<ExitCode, WorkspaceError> {
+    init_logging(through.verbose);
+    let target = workspace::find_connection(&through.state_dir, through.interface.as_deref())?;
+    if target.state.state != "connected" {
+        eprintln!(
+            "note: the connection on {} is {}; the gateway may not be reachable",
+            target.state.interface, target.state.state
+        );
+    }
+    let timeout = Duration::from_secs(through.timeout.max(1));
+    let reply = workspace::call(&target.session, action, except_this_device, timeout).await?;
+    let spared = if except_this_device {
+        " (this device's session spared)"
+    } else {
+        ""
+    };
+    let plural = |n: u64| if n == 1 { "" } else { "s" };
+    match reply {
+        Reply::Sessions(list) if json => println!(
+            "{}",
+            serde_json::to_string_pretty(&list.raw).unwrap_or_else(|_| "{}".into())
+        ),
+        Reply::Sessions(list) => print!(
+            "{}",
+            workspace::render_sessions(&list, &target.state.gateway)
+        ),
+        Reply::Disconnected(n) => {
+            println!(
+                "Disconnected {n} session{}{spared}; they stay resumable within the gateway's \
+                 reconnect window.",
+                plural(n)
+            );
+            if !except_this_device && n > 0 {
+                println!(
+                    "This device's session was among them: the connection on {} ends.",
+                    target.state.interface
+                );
+            }
+        }
+        Reply::LoggedOff(n) => {
+            println!("Logged off {n} session{}{spared}.", plural(n));
+            if !except_this_device && n > 0 {
+                println!(
+                    "This device's session was among them: the connection on {} ends.",
+                    target.state.interface
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn run_async<F: std::future::Future<Output = ExitCode>>(f: F) -> ExitCode {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(f),
+        Err(e) => {
+            eprintln!("intragate-plugin: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a workspace command; exit 3 when no connection runs (as `status`).
+fn workspace_main(
+    action: Action,
+    except_this_device: bool,
+    json: bool,
+    through: Through,
+) -> ExitCode {
+    run_async(async move {
+        match workspace_cmd(action, except_this_device, json, through).await {
+            Ok(code) => code,
+            Err(e) => {
+                let code = if matches!(e, WorkspaceError::NotRunning(_)) {
+                    ExitCode::from(3)
+                } else {
+                    ExitCode::FAILURE
+                };
+                eprintln!("intragate-plugin: {}", error_text(&anyhow::Error::new(e)));
+                code
+            }
+        }
+    })
+}
+
 /// The error and its causes, each cause only if the text so far does not
 /// already say it (our error types often quote their source).
 fn error_text(e: &anyhow::Error) -> String {
@@ -362,24 +529,23 @@ fn main() -> ExitCode {
             interface,
             state_dir,
         } => show_status(json, interface.as_deref(), &state_dir),
-        cmd @ Cmd::Connect { .. } => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("intragate-plugin: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match rt.block_on(connect(cmd)) {
+        Cmd::Sessions { json, through } => workspace_main(Action::Sessions, false, json, through),
+        Cmd::DisconnectAll {
+            except_this_device,
+            through,
+        } => workspace_main(Action::DisconnectAll, except_this_device, false, through),
+        Cmd::LogoffAll {
+            except_this_device,
+            through,
+        } => workspace_main(Action::LogoffAll, except_this_device, false, through),
+        cmd @ Cmd::Connect { .. } => run_async(async move {
+            match connect(cmd).await {
                 Ok(code) => code,
                 Err(e) => {
                     eprintln!("intragate-plugin: {}", error_text(&e));
                     ExitCode::FAILURE
                 }
             }
-        }
+        }),
     }
 }

@@ -898,7 +898,6 @@ fn construction_needs_no_runtime() {
     let _h = server_with(cfg, &[]);
 }
 
-
 #[tokio::test]
 async fn the_shipped_sample_zone_loads_and_answers() {
     let sample = include_str!("../../dns/corp.example.zone.example");
@@ -920,4 +919,3 @@ async fn the_shipped_sample_zone_loads_and_answers() {
         vec!["198.18.64.17"]
     );
 }
-

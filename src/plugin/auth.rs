@@ -431,6 +431,43 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> HttpsConn<IO> {
         Ok((head, body))
     }
 
+    /// Sends a bodiless `GET` or `POST` to `path` with the session cookie
+    /// (`Cookie: webvpn=...`) and reads the answer, whatever its status. The
+    /// workspace control calls use it; the cookie is never logged.
+    ///
+    /// # Errors
+    /// [`AuthError::Timeout`], [`AuthError::Io`], [`AuthError::Response`].
+    pub async fn request_with_cookie(
+        &mut self,
+        method: &str,
+        path: &str,
+        url: &GatewayUrl,
+        cookie: &Secret,
+    ) -> Result<(ResponseHead, Vec<u8>), AuthError> {
+        let cookie_header = format!("webvpn={}", cookie.expose());
+        let headers: [(&str, &str); 4] = [
+            ("User-Agent", USER_AGENT),
+            ("Accept", "application/json"),
+            ("Accept-Encoding", "identity"),
+            ("Cookie", &cookie_header),
+        ];
+        let length = (method == "POST").then_some(0);
+        let req = http::request_head(method, path, &url.host_header(), &headers, length);
+        debug!(
+            "> {method} {} (Cookie: webvpn=<hidden>)",
+            printable(path, 120)
+        );
+        self.send(&req).await?;
+        let (head, body) = self.read_response(false).await?;
+        debug!(
+            "< HTTP {} {} ({} bytes)",
+            head.status,
+            printable(&head.reason, 60),
+            body.len()
+        );
+        Ok((head, body))
+    }
+
     /// Sends `CONNECT /CSCOSSLC/tunnel` with the session cookie and parses
     /// the reply. On success the connection carries CSTP frames from here on;
     /// take it apart with [`HttpsConn::into_parts`].

@@ -27,6 +27,7 @@ use super::timers::{Backoff, LinkTimers, DEFAULT_RECONNECT_WINDOW};
 use super::tls::{self, TlsSetupError, Trust};
 use super::tunnel_params::{ConnectReplyError, TunnelParams};
 use super::url::GatewayUrl;
+use super::workspace::{self, SessionFile};
 use super::Secret;
 use crate::core::dns_records::label_for;
 
@@ -248,6 +249,9 @@ pub async fn run_tunnel(
     for note in netcfg::recover_stale_dns(&opts.state_dir, &live) {
         on_event(ClientEvent::Warning(note));
     }
+    for iface in workspace::remove_stale_session_files(&opts.state_dir) {
+        debug!(interface = %iface, "removed the session file of a connection that is gone");
+    }
 
     let spec = TunSpec {
         name: opts
@@ -321,6 +325,23 @@ pub async fn run_tunnel(
         ..ConnectionState::default()
     };
     let state_dir = opts.state_dir.clone();
+    // The session file first: once the status says "connected", the
+    // workspace commands find the cookie.
+    let session_file = SessionFile {
+        pid: state.pid,
+        interface: ifname.clone(),
+        gateway: ep.url.clone(),
+        trust: opts.trust.clone(),
+        cookie: logon.cookie.clone(),
+    };
+    if let Err(e) = workspace::write_session_file(&state_dir, &session_file) {
+        on_event(ClientEvent::Warning(format!(
+            "cannot write the session file in {}: {e}; sessions, disconnect-all and \
+             logoff-all will not work for this connection",
+            state_dir.display()
+        )));
+    }
+    drop(session_file);
     if let Err(e) = status::write_state(&state_dir, &state) {
         on_event(ClientEvent::Warning(format!(
             "cannot write the state file in {}: {e}",
@@ -353,6 +374,7 @@ pub async fn run_tunnel(
         on_event(ClientEvent::Warning(w));
     }
     status::remove_state(&state_dir, &ifname);
+    workspace::remove_session_file(&state_dir, &ifname);
     drop(tun);
     result
 }

@@ -20,6 +20,7 @@
 //! | [`link`] | the live tunnel: CSTP frames over TLS ⇄ TUN, batched | TLS, TUN |
 //! | [`netcfg`] | TUN device, routes, DNS: applied and undone | system |
 //! | [`status`] | the state file `intragate-plugin status` reads | files |
+//! | [`workspace`] | the root-only session file; `sessions`, `disconnect-all`, `logoff-all` | files, TLS |
 //! | [`client`] | the whole `connect` run: logon, tunnel, reconnects, logoff | all |
 //!
 //! Secrets (passwords, the session cookie) are held in [`Secret`], whose
@@ -38,6 +39,7 @@ pub mod timers;
 pub mod tls;
 pub mod tunnel_params;
 pub mod url;
+pub mod workspace;
 
 /// A secret string (password, session cookie). `Debug` and `Display` print
 /// `<redacted>`; use [`Secret::expose`] where the value must go on the wire.

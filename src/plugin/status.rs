@@ -3,7 +3,8 @@
 //! The running plug-in writes `STATE_DIR/<interface>.json` (default
 //! `/run/intragate-plugin`) when the tunnel comes up, every second while it
 //! runs, and when it reconnects; it removes the file on exit. The file holds
-//! no secret (no cookie, no password). `status` reads every file there,
+//! no secret (no cookie, no password): the session cookie goes in a root-only
+//! file beside it (see [`super::workspace`]). `status` reads every file there,
 //! checks that the process is alive (a file left by a killed process is
 //! reported as stale) and prints it, as text or JSON.
 
@@ -113,7 +114,8 @@ pub fn remove_state(dir: &Path, interface: &str) {
     let _ = std::fs::remove_file(dir.join(format!(".{interface}.json.tmp")));
 }
 
-fn pid_alive(pid: u32) -> bool {
+/// True if process `pid` exists (0 never does).
+pub fn pid_alive(pid: u32) -> bool {
     pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 

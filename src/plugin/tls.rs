@@ -67,6 +67,14 @@ pub fn parse_pin(s: &str) -> Result<[u8; 32], TlsSetupError> {
     bytes.try_into().map_err(|_| bad())
 }
 
+/// The `pin-sha256:BASE64` text of a digest (what [`parse_pin`] reads).
+pub fn pin_text(digest: &[u8; 32]) -> String {
+    format!(
+        "pin-sha256:{}",
+        base64::engine::general_purpose::STANDARD.encode(digest)
+    )
+}
+
 /// The `pin-sha256:` string of a certificate, or `None` if it cannot be parsed.
 pub fn pin_of(cert: &CertificateDer<'_>) -> Option<String> {
     crate::tls::pin_sha256(cert).ok()
@@ -242,6 +250,8 @@ mod tests {
         assert!(parse_pin("sha256:abc").is_err());
         assert!(parse_pin("pin-sha256:abc").is_err());
         assert!(parse_pin("pin-sha256:!!!!").is_err());
+        let text = "pin-sha256:e8XJiLkJ+YycGcfjRZ/CTK/3BZ2NNaRDasp80MfZVZU=";
+        assert_eq!(pin_text(&parse_pin(text).unwrap()), text);
     }
 
     #[test]
