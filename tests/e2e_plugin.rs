@@ -756,3 +756,197 @@ fn plugin_transfers_a_session_from_another_device() {
         second.log()
     );
 }
+
+/// `intragate-plugin ARGS --state-dir .. --interface ..` in the plug-in's
+/// namespace (the gateway is reached from there), through its connection.
+fn through(p: &Plugin, args: &[&str]) -> CmdOut {
+    let state_dir = p.state_dir.to_str().unwrap();
+    let mut a = vec!["netns", "exec", &p.ns, PLUGIN];
+    a.extend_from_slice(args);
+    a.extend_from_slice(&["--state-dir", state_dir, "--interface", &p.interface]);
+    run_cmd("ip", &a, None, 30 * S)
+}
+
+fn field(v: &serde_json::Value, key: &str) -> String {
+    v[key].as_str().unwrap_or("").to_string()
+}
+
+/// Workspace control from the plug-in (issue #6, point 4): alice on device A
+/// with the plug-in and on device B with openconnect (`max_per_user = 2`).
+/// From A: `sessions` lists both, marking A only; `disconnect-all
+/// --except-this-device` ends B's tunnel and leaves its session resumable;
+/// `logoff-all --except-this-device` closes it while A keeps working; a plain
+/// `logoff-all` ends A's own session too and its `connect` exits. The cookie
+/// stays in a root-only file, out of the status file and the log.
+#[test]
+fn workspace_control_from_the_plugin() {
+    if !e2e_enabled() {
+        return;
+    }
+    let dir = TempDir::new("ws");
+    let topo = Topology::new(2);
+    let cfg = write_gateway_config(
+        &dir.path,
+        &GatewayOpts {
+            sessions_extra: "max_per_user = 2\n".into(),
+            ..GatewayOpts::default()
+        },
+    );
+    add_user(&cfg, "alice", "staff", PW_ALICE);
+    let gw = Gateway::start(&topo, &dir.path, cfg);
+    let ns_a = topo.user(0).to_string();
+    let mut a = Plugin::start(
+        &ns_a,
+        &topo.url(),
+        &gw.pin,
+        &dir.path,
+        opts("alice", PW_ALICE, "igw0", &["--device-name", "devA"]),
+    );
+    let st = a
+        .wait_up(20 * S)
+        .unwrap_or_else(|e| panic!("{e}\n--- gateway ---\n{}", gw.log()));
+    let addr_a = Plugin::address(&st);
+    let mut b = Client::start(
+        &topo,
+        1,
+        &gw,
+        &dir.path,
+        ClientOpts {
+            user: "alice".into(),
+            password: PW_ALICE.into(),
+            interface: "oc0".into(),
+            extra_args: vec!["--local-hostname=devB".into()],
+        },
+    );
+    let tb = b
+        .wait_up(25 * S)
+        .unwrap_or_else(|e| panic!("B: {e}\n--- gateway ---\n{}", tail(&gw.log(), 6000)));
+
+    // The cookie: root-only file, not in the status file, not in the log.
+    let cookie_file = a.state_dir.join("igw0.cookie");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&cookie_file)
+        .unwrap_or_else(|e| panic!("{}: {e}", cookie_file.display()))
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "session file mode {mode:o}");
+    let saved: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cookie_file).unwrap()).unwrap();
+    let cookie = field(&saved, "cookie");
+    assert!(cookie.len() >= 16, "cookie {saved}");
+    let status_text = std::fs::read_to_string(a.state_dir.join("igw0.json")).unwrap();
+    assert!(
+        !status_text.contains(&cookie),
+        "the status file holds the cookie"
+    );
+
+    // sessions --json: both, this_device on A only.
+    let o = through(&a, &["sessions", "--json"]);
+    assert!(o.ok(), "sessions --json: {o}\n{}", a.log());
+    let v: serde_json::Value =
+        serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {o}"));
+    assert_eq!(v["user"], "alice", "{v:#}");
+    let list = v["sessions"].as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 2, "{v:#}");
+    let mine: Vec<(String, String)> = list
+        .iter()
+        .filter(|x| x["this_device"] == true)
+        .map(|x| (field(x, "device"), field(x, "address")))
+        .collect();
+    assert_eq!(mine, [("devA".to_string(), addr_a.clone())], "{v:#}");
+    assert!(
+        list.iter()
+            .any(|x| field(x, "device") == "devB" && field(x, "address") == tb.addr.to_string()),
+        "{v:#}"
+    );
+    // The table marks the same one.
+    let o = through(&a, &["sessions"]);
+    assert!(o.ok(), "sessions: {o}");
+    let marked: Vec<&str> = o
+        .stdout
+        .lines()
+        .filter(|l| l.ends_with("<- this device"))
+        .collect();
+    assert!(
+        marked.len() == 1 && marked[0].contains("devA") && marked[0].contains(&addr_a),
+        "{o}"
+    );
+
+    // disconnect-all --except-this-device: B's client exits, its session
+    // stays (disconnected, resumable).
+    let o = through(&a, &["disconnect-all", "--except-this-device"]);
+    assert!(
+        o.ok() && o.stdout.contains("Disconnected 1 session"),
+        "disconnect-all: {o}"
+    );
+    assert!(
+        b.proc.wait_exit(15 * S).is_some(),
+        "B's openconnect did not exit after disconnect-all\n{}",
+        b.log()
+    );
+    let mut states = Vec::new();
+    let settled = wait_until(10 * S, || {
+        let mut now: Vec<(String, String)> = gw
+            .sessions()
+            .iter()
+            .map(|x| (field(x, "device"), field(x, "state")))
+            .collect();
+        now.sort();
+        states = now;
+        states
+            == [
+                ("devA".to_string(), "active".to_string()),
+                ("devB".to_string(), "disconnected".to_string()),
+            ]
+    });
+    assert!(settled, "after disconnect-all: {states:?}");
+    assert!(a.proc.exited().is_none(), "A's plug-in exited\n{}", a.log());
+    assert!(
+        ping_ok(&ns_a, INTERNAL_IP, 10 * S),
+        "A: no ping\n{}",
+        a.log()
+    );
+
+    // logoff-all --except-this-device: B's session is gone, A goes on.
+    let o = through(&a, &["logoff-all", "--except-this-device"]);
+    assert!(
+        o.ok() && o.stdout.contains("Logged off 1 session"),
+        "logoff-all: {o}"
+    );
+    let list = gw.sessions();
+    assert!(
+        list.len() == 1
+            && field(&list[0], "device") == "devA"
+            && field(&list[0], "state") == "active",
+        "{list:#?}"
+    );
+    assert!(
+        ping_ok(&ns_a, INTERNAL_IP, 10 * S),
+        "A: no ping after logoff-all\n{}",
+        a.log()
+    );
+    assert!(a.proc.exited().is_none(), "A's plug-in exited\n{}", a.log());
+
+    // A plain logoff-all ends this device's session too: the gateway tells
+    // the running connect, which cleans up and exits 1.
+    let o = through(&a, &["logoff-all"]);
+    assert!(o.ok() && o.stdout.contains("Logged off 1 session"), "{o}");
+    let ended = a.proc.wait_exit(15 * S);
+    assert_eq!(ended.and_then(|s| s.code()), Some(1), "{}", a.log());
+    assert!(
+        a.log().contains("session ended by the gateway"),
+        "{}",
+        a.log()
+    );
+    assert!(!cookie_file.exists(), "session file left behind");
+    assert!(!link_exists(&ns_a, "igw0"), "TUN left behind");
+    assert!(gw.sessions().is_empty());
+    assert!(!a.log().contains(&cookie), "the cookie appears in the log");
+    let o = through(&a, &["sessions"]);
+    assert_eq!(o.code(), Some(3), "no connection: {o}");
+    assert!(
+        o.stderr
+            .contains("no intragate-plugin connection is running"),
+        "{o}"
+    );
+}

@@ -425,8 +425,8 @@ pub fn parse_reply(
         }
     }
     let bad = |m: &str| WorkspaceError::BadReply(m.to_owned());
-    let v: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| bad(&format!("not JSON ({e})")))?;
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| bad(&format!("not JSON ({e}); is it intragate?")))?;
     if v.get("ok") != Some(&serde_json::Value::Bool(true)) {
         let why = v
             .get("error")
