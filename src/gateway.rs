@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use dashmap::DashMap;
 use ipnetwork::IpNetwork;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -168,8 +168,8 @@ pub struct Shared {
     pub users: UserDb,
     /// Gateway's own addresses (one per pool).
     pub gateway_addrs: Vec<IpAddr>,
-    /// Bounded concurrency for Argon2 (memory-hard: 19 MiB each).
-    pub auth_slots: Semaphore,
+    /// The password-hashing threads (Argon2 is memory-hard: 19 MiB each).
+    pub auth_workers: crate::users::AuthWorkers,
     /// Unauthenticated connections per client address.
     pub unauth: DashMap<IpAddr, usize>,
     /// Unauthenticated connections in all.
@@ -587,7 +587,7 @@ impl Shared {
         let core = GatewayState::new(settings, pools, config.policies.clone())
             .map_err(|e| e.to_string())?;
         let gateway_addrs = core.gateway_addrs();
-        let slots = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+        let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             users: UserDb::new(config.users_file.clone()),
             bans: Mutex::new(BanTable::new(config.bans.clone())),
@@ -596,7 +596,8 @@ impl Shared {
             tunnels: Mutex::new(HashMap::new()),
             stats: Stats::default(),
             gateway_addrs,
-            auth_slots: Semaphore::new(slots),
+            auth_workers: crate::users::AuthWorkers::new(slots, 1024)
+                .map_err(|e| format!("cannot start the password-hashing threads: {e}"))?,
             unauth: DashMap::new(),
             unauth_total: AtomicUsize::new(0),
             next_generation: AtomicU64::new(1),

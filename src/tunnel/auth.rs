@@ -235,18 +235,21 @@ impl Conn {
             Admission::Delay(d) => tokio::time::sleep(d).await,
             Admission::Allowed => {}
         }
-        let outcome = {
-            let Ok(_permit) = shared.auth_slots.acquire().await else {
-                return Next::Close;
-            };
-            let (s, u, p) = (shared.clone(), user.to_string(), pass.to_string());
-            match tokio::task::spawn_blocking(move || s.users.authenticate(&u, &p)).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => {
-                    warn!(error = %e, "user database unreadable; refusing logons");
-                    AuthOutcome::Denied
-                }
-                Err(_) => AuthOutcome::Denied,
+        let (s, u, p) = (shared.clone(), user.to_string(), pass.to_string());
+        let outcome = match shared
+            .auth_workers
+            .run(move || s.users.authenticate(&u, &p))
+            .await
+        {
+            Some(Ok(o)) => o,
+            Some(Err(e)) => {
+                warn!(error = %e, "user database unreadable; refusing logons");
+                AuthOutcome::Denied
+            }
+            None => {
+                shared.stats.refuse(RefuseReason::ConnectionLimit);
+                warn!(client = %self.ip, "too many logons waiting for a password check; refused");
+                return self.refuse("The gateway is busy; try again").await;
             }
         };
         let (name, groups) = match outcome {

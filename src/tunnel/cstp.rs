@@ -47,8 +47,12 @@ struct Liveness {
     /// Signalled on every read from the client.
     heard: Notify,
 }
-/// Read buffer growth step.
-const READ_CHUNK: usize = 64 * 1024;
+/// Read buffer growth step. Small on purpose: an idle session's buffers are
+/// most of its memory; a frame larger than what is left simply takes
+/// another reserve.
+const READ_CHUNK: usize = 16 * 1024;
+/// Free space below which the read buffer grows before the next read.
+const READ_LOW_WATER: usize = 2048;
 
 /// Everything a tunnel task needs, prepared by CONNECT.
 #[derive(Debug)]
@@ -159,7 +163,7 @@ async fn reader(
     live: &Liveness,
 ) -> End {
     // Packets the FTP ALG rewrites to another length are built here.
-    let scratch = &mut Vec::with_capacity(usize::from(u16::MAX));
+    let scratch = &mut Vec::new(); // grows only if the FTP ALG rewrites
     loop {
         loop {
             let (ty, range, total) = match cstp::decode(&buf, usize::from(u16::MAX)) {
@@ -195,7 +199,7 @@ async fn reader(
                 }
             }
         }
-        if buf.capacity() - buf.len() < cstp::HEADER_LEN + usize::from(u16::MAX) {
+        if buf.capacity() - buf.len() < READ_LOW_WATER {
             buf.reserve(READ_CHUNK);
         }
         match tokio::time::timeout(dead_after, rd.read_buf(&mut buf)).await {
@@ -321,7 +325,8 @@ async fn writer(
 ) -> End {
     let hold_ms = u64::try_from(HOLD_AFTER_SILENCE.as_millis()).unwrap_or(u64::MAX);
     let silent = |now: u64| now.saturating_sub(live.last_rx.load(Relaxed)) > hold_ms;
-    let mut out = Vec::with_capacity(cstp::HEADER_LEN + usize::from(u16::MAX));
+    // Grows to the largest frame sent (MTU-sized), then is reused.
+    let mut out = Vec::new();
     let mut unflushed = 0usize;
     let mut holding = false;
     // When the last probe of this hold was sent (0: none yet).
