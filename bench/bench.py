@@ -1,0 +1,1420 @@
+#!/usr/bin/python3
+"""intragate vs ocserv, side by side, on this machine (issue 8).
+
+Run through bench/run.sh (it builds, installs what is missing and always
+cleans up). This script builds the namespaces, runs each gateway in turn and
+measures; see bench/README.md for what and how.
+
+    user ns (u0)  198.18.20.2 ─┐
+    loadgen ns (lg) 198.18.21.2 ┼─ gw ns: listen 198.18.19.1:4443 (lo) ── 198.18.1.1 ── internal ns 198.18.1.2
+    plain ns (pl) 198.18.30.2 ─┘   TUN: pool 198.19.0.0/16 (gateway 198.19.0.1)
+
+The user and loadgen namespaces reach only the gateway's listen address; the
+internal network only through a tunnel. The plain namespace is routed to the
+internal host by the gw namespace's kernel (no VPN): the ceiling.
+"""
+
+import argparse
+import ctypes
+import datetime
+import ipaddress
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+RESULTS = BENCH / "results"
+
+LISTEN_IP = "198.18.19.1"
+PORT = 4443
+GW_INT_IP = "198.18.1.1"
+INT_IP = "198.18.1.2"
+INT_NET = "198.18.1.0/24"
+POOL = "198.19.0.0/16"
+DNS_POOL = "198.19.240.0/24"  # the DNS run's gateway: pool away from the names' addresses
+DOMAIN = "corp.example"
+DNSMASQ_PORT = 5353
+PASSWORD = "bench-Secret-1"
+CLIENT_USER = "client0"
+VPNC_SCRIPT = "/usr/share/vpnc-scripts/vpnc-script"
+# RLIMIT_NOFILE for the gateways and the load generator: the hard limit (root
+# without CAP_SYS_RESOURCE, e.g. in a container, cannot go above it).
+import resource
+NOFILE = str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+HZ = os.sysconf("SC_CLK_TCK")
+
+PARAMS = {
+    "full": dict(iperf_secs=5, iperf_runs=3, ping_count=50, oc_logons=5, proto_logons=20,
+                 rate_runs=3, rate_count=300, rate_concurrency=32, hold_targets=[1, 100, 1000, 10000],
+                 hold_concurrency=32, hold_settle=3.0, hold_step_timeout=420, dns_names=100000,
+                 dns_secs=5, dns_runs=3, wait_idle=True),
+    "smoke": dict(iperf_secs=1, iperf_runs=1, ping_count=5, oc_logons=1, proto_logons=5,
+                  rate_runs=1, rate_count=5, rate_concurrency=5, hold_targets=[1, 10],
+                  hold_concurrency=5, hold_settle=0.5, hold_step_timeout=60, dns_names=1000,
+                  dns_secs=1, dns_runs=1, wait_idle=False),
+}
+
+# Targets of issue 8 (ratios in one run).
+TARGETS = {
+    "cpu_per_gbit": "≤ 0.2× ocserv",
+    "throughput_oc": "≥ 1.5× ocserv",
+    "throughput_plugin": "≥ 2 Gbit/s",
+    "mem_per_session": "≤ 64 KiB",
+    "sessions": "10,000 held",
+    "logon_time": "≤ 10 ms",
+    "logon_rate": "≥ 500/s",
+    "dns_a": "≥ 1.2× dnsmasq",
+    "dns_ptr": "≥ 10× dnsmasq",
+}
+
+
+def log(*a):
+    print("[bench %s]" % time.strftime("%H:%M:%S"), *a, file=sys.stderr, flush=True)
+
+
+class HarnessError(Exception):
+    """The harness itself broke (not a performance miss)."""
+
+
+# ---------------------------------------------------------------------------
+# Processes
+# ---------------------------------------------------------------------------
+
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
+
+
+def _pdeathsig():
+    _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the harness
+
+
+def run(args, *, input=None, timeout=60, check=True, env=None):
+    p = subprocess.run(args, input=input, capture_output=True, text=True, timeout=timeout,
+                       preexec_fn=_pdeathsig, env=env)
+    if check and p.returncode != 0:
+        raise HarnessError("command failed (%d): %s\n%s\n%s" % (
+            p.returncode, " ".join(map(str, args)), p.stdout[-3000:], p.stderr[-3000:]))
+    return p
+
+
+def ns(name, *args, **kw):
+    return run(["ip", "netns", "exec", name, *map(str, args)], **kw)
+
+
+def ip(*args):
+    run(["ip", *map(str, args)])
+
+
+class Proc:
+    """A long-running child logging to a file; stop() = SIGTERM, then SIGKILL."""
+
+    def __init__(self, name, args, logfile, stdin=None, stdout=None):
+        self.name = name
+        self.logfile = Path(logfile)
+        self.log_fh = open(self.logfile, "w")
+        self.t_start = time.time()
+        self.p = subprocess.Popen([str(a) for a in args], stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                                  stdout=stdout if stdout is not None else self.log_fh,
+                                  stderr=self.log_fh, preexec_fn=_pdeathsig, text=True)
+        self.pid = self.p.pid
+
+    def alive(self):
+        return self.p.poll() is None
+
+    def log_text(self):
+        try:
+            return self.logfile.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def signal(self, sig):
+        if self.alive():
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, grace=10):
+        self.signal(signal.SIGTERM)
+        try:
+            self.p.wait(grace)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.p.wait(5)
+        self.log_fh.close()
+        return self.p.returncode
+
+
+def wait_until(timeout, cond, step=0.05):
+    end = time.time() + timeout
+    while True:
+        if cond():
+            return True
+        if time.time() >= end:
+            return False
+        time.sleep(step)
+
+
+# ---------------------------------------------------------------------------
+# Machine state: idleness, CPU and memory of process sets
+# ---------------------------------------------------------------------------
+
+def loadavg1():
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+def cpu_times():
+    f = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    v = list(map(int, f))
+    idle = v[3] + v[4]
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def busy_fraction(secs):
+    b0, t0 = cpu_times()
+    time.sleep(secs)
+    b1, t1 = cpu_times()
+    return (b1 - b0) / max(1, t1 - t0)
+
+
+def mem_available_mib():
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) // 1024
+    return -1
+
+
+def proc_tree(root):
+    """root and all its descendants (ocserv: main, sec-mod, workers)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            st = Path("/proc/%s/stat" % d).read_text()
+        except OSError:
+            continue
+        ppid = int(st[st.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_ticks(pids):
+    t = 0
+    for p in pids:
+        try:
+            st = Path("/proc/%d/stat" % p).read_text()
+        except OSError:
+            continue
+        f = st[st.rindex(")") + 2:].split()
+        t += int(f[11]) + int(f[12])  # utime + stime
+    return t
+
+
+def memory_kib(pids):
+    """Sums over the process set: RSS (VmRSS) and PSS (smaps_rollup), KiB."""
+    rss = pss = 0
+    n = 0
+    for p in pids:
+        try:
+            for line in Path("/proc/%d/status" % p).read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+            for line in Path("/proc/%d/smaps_rollup" % p).read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+            n += 1
+        except (OSError, ValueError):
+            continue
+    return {"rss_kib": rss, "pss_kib": pss, "processes": n}
+
+
+def sec1_key_len(pem_path):
+    """Length of the privateKey OCTET STRING of a PEM 'EC PRIVATE KEY' (SEC1)."""
+    import base64
+    text = Path(pem_path).read_text()
+    m = re.search(r"-----BEGIN EC PRIVATE KEY-----(.*?)-----END EC PRIVATE KEY-----", text, re.S)
+    if not m:
+        return None
+    der = base64.b64decode("".join(m.group(1).split()))
+    # SEQUENCE { INTEGER 1, OCTET STRING privateKey, ... }; short length forms
+    if len(der) > 7 and der[0] == 0x30 and der[2:5] == b"\x02\x01\x01" and der[5] == 0x04:
+        return der[6]
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Helpers for figures
+# ---------------------------------------------------------------------------
+
+def median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, digits=0, unit=""):
+    if x is None:
+        return "n/a"
+    if isinstance(x, float) and digits == 0 and abs(x) < 10:
+        digits = 2 if abs(x) < 1 else 1
+    return ("{:,.%df}" % digits).format(x) + unit
+
+
+def g(obj, *path):
+    """obj[p0][p1].., or None when any step is missing."""
+    for p in path:
+        if not isinstance(obj, dict) or p not in obj:
+            return None
+        obj = obj[p]
+    return obj
+
+
+def ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# ---------------------------------------------------------------------------
+# The bench
+# ---------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.mode = "smoke" if args.smoke else "full"
+        self.P = dict(PARAMS[self.mode])
+        for kv in args.set or []:
+            k, v = kv.split("=", 1)
+            if k not in self.P:
+                sys.exit("bench: unknown parameter %s (known: %s)" % (k, ", ".join(self.P)))
+            old = self.P[k]
+            self.P[k] = ([int(x) for x in v.split(",")] if isinstance(old, list) else
+                         (v.lower() in ("1", "true", "yes")) if isinstance(old, bool) else type(old)(v))
+        self.prefix = os.environ.get("BENCH_NS_PREFIX") or "igb%d" % os.getpid()
+        self.work = Path(args.workdir)
+        self.work.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.work, 0o755)
+        # BENCH_PROFILE=debug: the binaries `cargo test` builds (a smoke run in CI
+        # then needs no release build); figures from them mean nothing.
+        self.profile = os.environ.get("BENCH_PROFILE") or "release"
+        self.bin = ROOT / "target" / self.profile / "intragate"
+        # BENCH_PLUGIN: try a plug-in built elsewhere (default: this tree's release build)
+        self.plugin = Path(os.environ.get("BENCH_PLUGIN") or ROOT / "target" / self.profile / "intragate-plugin")
+        self.loadgen = BENCH / "loadgen" / "target" / "release" / "intragate-loadgen"
+        self.procs = []
+        self.namespaces = []
+        self.R = {
+            "mode": self.mode,
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": self.machine(),
+            "params": self.P,
+            "intragate_env": args.intragate_env or [],
+            "intragate_profile": self.profile,
+            "idle_waits": [],
+            "notes": [],
+        }
+        self.idle_budget = args.idle_budget
+        self.run_stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.t_start = time.time()
+
+    # -- machine ------------------------------------------------------------
+
+    def machine(self):
+        def first(cmd):
+            try:
+                return run(cmd, check=False, timeout=10).stdout.strip().splitlines()[0]
+            except Exception:
+                return None
+        return {
+            "nproc": os.cpu_count(),
+            "mem_total_mib": int(Path("/proc/meminfo").read_text().split()[1]) // 1024,
+            "kernel": os.uname().release,
+            "cpu": next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                         if l.startswith("model name")), None),
+            "openconnect": first(["openconnect", "--version"]),
+            "ocserv": (lambda o: (o.stdout + o.stderr).strip().splitlines()[0] if (o.stdout + o.stderr).strip() else None)(
+                run(["ocserv", "--version"], check=False)),
+            "iperf3": first(["iperf3", "--version"]),
+            "dnsperf": (run(["dnsperf", "-h"], check=False).stderr.strip().splitlines() or [None])[0] if shutil.which("dnsperf") else None,
+            "dnsmasq": first(["dnsmasq", "--version"]),
+            "intragate_commit": first(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
+            "intragate_dirty": bool(run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], check=False).stdout.strip()),
+        }
+
+    def wait_idle(self, block):
+        """Before each measurement block: wait for an idle machine (1-min
+        loadavg < 1.0, or both CPUs < 10 % busy over 3 s: our own previous
+        block keeps the loadavg up for a minute after it ended)."""
+        rec = {"block": block, "loadavg_before": loadavg1()}
+        if not self.P["wait_idle"]:
+            rec.update(waited_s=0, idle=None, skipped=True)
+            self.R["idle_waits"].append(rec)
+            return
+        t0 = time.time()
+        limit = min(self.args.idle_max, max(10.0, self.idle_budget))
+        idle = False
+        busy = None
+        while True:
+            la = loadavg1()
+            busy = busy_fraction(3.0) if la >= 1.0 else None
+            if la < 1.0 or busy < 0.10:
+                idle = True
+                break
+            if time.time() - t0 >= limit:
+                break
+            log("waiting for an idle machine before %s: loadavg %.2f, busy %.0f%%" % (block, la, busy * 100))
+            time.sleep(5)
+        waited = time.time() - t0
+        self.idle_budget = max(0.0, self.idle_budget - waited)
+        rec.update(waited_s=round(waited, 1), idle=idle, loadavg=loadavg1(),
+                   busy_pct=None if busy is None else round(busy * 100, 1))
+        if not idle:
+            log("machine still busy before %s (loadavg %.2f, busy %.0f%%): measuring anyway" % (block, la, busy * 100))
+        self.R["idle_waits"].append(rec)
+
+    # -- topology -------------------------------------------------------------
+
+    def netns(self, role):
+        name = "%s-%s" % (self.prefix, role)
+        ip("netns", "add", name)
+        self.namespaces.append(name)
+        ip("-n", name, "link", "set", "lo", "up")
+        return name
+
+    def topology(self):
+        self.gw = self.netns("gw")
+        self.inn = self.netns("in")
+        self.u0 = self.netns("u0")
+        self.lg = self.netns("lg")
+        self.pl = self.netns("pl")
+        ns(self.gw, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        ip("-n", self.gw, "addr", "add", LISTEN_IP + "/32", "dev", "lo")
+        ip("-n", self.gw, "link", "add", "vi", "type", "veth", "peer", "name", "vg", "netns", self.inn)
+        ip("-n", self.gw, "addr", "add", GW_INT_IP + "/24", "dev", "vi")
+        ip("-n", self.gw, "link", "set", "vi", "up")
+        ip("-n", self.inn, "addr", "add", INT_IP + "/24", "dev", "vg")
+        ip("-n", self.inn, "link", "set", "vg", "up")
+        ip("-n", self.inn, "route", "add", POOL, "via", GW_INT_IP)
+        for role, nsn, net in (("u0", self.u0, 20), ("lg", self.lg, 21), ("pl", self.pl, 30)):
+            side = "v" + role
+            ip("-n", self.gw, "link", "add", side, "type", "veth", "peer", "name", "vg", "netns", nsn)
+            ip("-n", self.gw, "addr", "add", "198.18.%d.1/24" % net, "dev", side)
+            ip("-n", self.gw, "link", "set", side, "up")
+            ip("-n", nsn, "addr", "add", "198.18.%d.2/24" % net, "dev", "vg")
+            ip("-n", nsn, "link", "set", "vg", "up")
+            ip("-n", nsn, "route", "add", "198.18.19.0/24", "via", "198.18.%d.1" % net)
+        # plain routing (no VPN): pl <-> internal through the gw namespace
+        ip("-n", self.pl, "route", "add", INT_NET, "via", "198.18.30.1")
+        ip("-n", self.inn, "route", "add", "198.18.30.0/24", "via", GW_INT_IP)
+        # the load generator opens thousands of connections
+        ns(self.lg, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000")
+        ns(self.lg, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+        # DNS of the namespaces stays inside them (vpnc-script, plug-in)
+        for n in (self.u0,):
+            d = Path("/etc/netns") / n
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "resolv.conf").write_text("# bench namespace\n")
+        self.iperf_srv = self.spawn("iperf3-server", ["ip", "netns", "exec", self.inn, "iperf3", "-s", "-B", INT_IP])
+        if not wait_until(10, lambda: ns(self.inn, "ss", "-Hltn", "sport = :5201", check=False).stdout.strip()):
+            raise HarnessError("iperf3 server did not start: " + self.iperf_srv.log_text())
+
+    def spawn(self, name, args, **kw):
+        p = Proc(name, args, self.work / ("%s.log" % name.replace("/", "_")), **kw)
+        self.procs.append(p)
+        return p
+
+    def cleanup(self):
+        for p in reversed(self.procs):
+            try:
+                p.stop(3)
+            except Exception:
+                pass
+        for n in reversed(self.namespaces):
+            pids = run(["ip", "netns", "pids", n], check=False).stdout.split()
+            for pid in pids:
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except (ProcessLookupError, ValueError):
+                    pass
+            run(["ip", "netns", "del", n], check=False)
+            shutil.rmtree(Path("/etc/netns") / n, ignore_errors=True)
+        try:
+            Path("/etc/netns").rmdir()
+        except OSError:
+            pass
+
+    # -- certificates, users --------------------------------------------------
+
+    def certificate(self):
+        """One ECDSA P-256 certificate (certtool) for both gateways."""
+        d = self.work / "pki"
+        d.mkdir(exist_ok=True)
+        (d / "ca.tmpl").write_text('cn = "bench CA"\nca\ncert_signing_key\nexpiration_days = 30\n')
+        (d / "srv.tmpl").write_text('cn = "gw.corp.example"\nip_address = "%s"\ndns_name = "gw.corp.example"\n'
+                                   'tls_www_server\nsigning_key\nexpiration_days = 30\n' % LISTEN_IP)
+        run(["certtool", "--generate-privkey", "--key-type", "ecdsa", "--curve", "secp256r1",
+             "--outfile", d / "ca-key.pem"])
+        run(["certtool", "--generate-self-signed", "--load-privkey", d / "ca-key.pem",
+             "--template", d / "ca.tmpl", "--outfile", d / "ca.pem"])
+        # GnuTLS writes the SEC1 private key as 33 bytes (a leading 0x00) when
+        # its top bit is set; ring (rustls) accepts only the 32 bytes SEC1
+        # prescribes. Draw until the key is one both gateways load.
+        for _ in range(64):
+            run(["certtool", "--generate-privkey", "--key-type", "ecdsa", "--curve", "secp256r1",
+                 "--outfile", d / "key.pem"])
+            if sec1_key_len(d / "key.pem") == 32:
+                break
+        else:
+            raise HarnessError("certtool made no ECDSA key with a 32-byte private scalar")
+        run(["certtool", "--generate-certificate", "--load-privkey", d / "key.pem",
+             "--load-ca-certificate", d / "ca.pem", "--load-ca-privkey", d / "ca-key.pem",
+             "--template", d / "srv.tmpl", "--outfile", d / "cert.pem"])
+        info = run(["certtool", "--certificate-info", "--infile", d / "cert.pem"]).stdout
+        m = re.search(r"pin-sha256:[A-Za-z0-9+/=]+", info)
+        if not m:
+            raise HarnessError("no pin-sha256 in certtool --certificate-info")
+        self.pin = m.group(0)
+        self.cert, self.key = d / "cert.pem", d / "key.pem"
+        os.chmod(d / "key.pem", 0o644)  # ocserv reads it as root before dropping privileges
+
+    def user_ranges(self):
+        """Usernames: client0 (openconnect / plug-in), u0.. for the load generator."""
+        P = self.P
+        self.proto_first = 0
+        self.rate_first = P["proto_logons"]
+        self.hold_first = self.rate_first + P["rate_runs"] * P["rate_count"]
+        self.n_users = self.hold_first + max(P["hold_targets"]) + 100
+
+    # -- gateways ---------------------------------------------------------------
+
+    def intragate_config(self, d, *, pool=POOL, dns=False):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "state").mkdir(exist_ok=True)
+        (d / "dns").mkdir(exist_ok=True)
+        (d / "policies").mkdir(exist_ok=True)
+        # The DNS rate limit is per source address: off for dnsperf.
+        dns_section = "[dns]\nmax_qps_per_client = 0\n"
+        if dns:
+            dns_section += 'listen = ["%s"]\n' % GW_INT_IP
+        cfg = d / "intragate.toml"
+        cfg.write_text("""# written by bench/bench.py
+[gateway]
+listen = "{listen}:{port}"
+domain = "{domain}"
+state_dir = "{d}/state"
+users_file = "users"
+policies_dir = "policies"
+dns_dir = "dns"
+cert = "{cert}"
+key = "{key}"
+tun_name = "igb0"
+mtu = 1400
+
+[network]
+internal = ["{internal}"]
+client_to_client = true
+
+[sessions]
+max_per_user = 1
+dpd = 30
+keepalive = 20
+
+[security]
+ban_max_score = 0
+max_unauthenticated_per_ip = 100000
+max_unauthenticated = 100000
+
+{dns}
+[[pool]]
+name = "default"
+cidr = "{pool}"
+""".format(listen=LISTEN_IP, port=PORT, domain=DOMAIN, d=d, cert=self.cert, key=self.key,
+           internal=INT_NET, dns=dns_section, pool=pool))
+        return cfg
+
+    def intragate_users(self, cfg):
+        """Argon2id hashing costs ~50 ms per user: hash once, reuse the string."""
+        users = cfg.parent / "users"
+        if not hasattr(self, "argon_hash"):
+            run([self.bin, "user", "add", CLIENT_USER, "--group", "staff", "--password-stdin",
+                 "--config", cfg], input=PASSWORD + "\n", timeout=60)
+            line = next(l for l in users.read_text().splitlines() if l.startswith(CLIENT_USER + ":"))
+            self.argon_hash = line.split(":", 2)[2]
+        lines = ["%s:staff:%s" % (CLIENT_USER, self.argon_hash)]
+        lines += ["u%d:staff:%s" % (i, self.argon_hash) for i in range(self.n_users)]
+        users.write_text("\n".join(lines) + "\n")
+        os.chmod(users, 0o600)
+
+    def ocserv_passwd(self, d):
+        f = d / "passwd"
+        run(["ocpasswd", "-c", f, CLIENT_USER], input="%s\n%s\n" % (PASSWORD, PASSWORD))
+        line = next(l for l in f.read_text().splitlines() if l.startswith(CLIENT_USER + ":"))
+        name, group, h = line.split(":", 2)
+        lines = [line] + ["u%d:%s:%s" % (i, group, h) for i in range(self.n_users)]
+        f.write_text("\n".join(lines) + "\n")
+        return f
+
+    def ocserv_config(self, d):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chmod(d, 0o755)
+        passwd = self.ocserv_passwd(d)
+        net = ipaddress.ip_network(POOL)
+        cfg = d / "ocserv.conf"
+        # Debian's sample config, with the pitfalls of ../shared/PEERS.md fixed
+        # and the same settings as intragate: TLS only (no udp-port), same pool,
+        # route, MTU, DPD and keepalive, same certificate, TLS 1.3 allowed.
+        cfg.write_text("""# written by bench/bench.py
+auth = "plain[passwd={passwd}]"
+listen-host = {listen}
+tcp-port = {port}
+run-as-user = ocserv
+run-as-group = ocserv
+socket-file = {d}/ocserv.sock
+occtl-socket-file = {d}/occtl.sock
+pid-file = {d}/ocserv.pid
+server-cert = {cert}
+server-key = {key}
+isolate-workers = true
+max-clients = 20000
+max-same-clients = 0
+rate-limit-ms = 0
+server-stats-reset-time = 604800
+keepalive = 20
+dpd = 30
+mobile-dpd = 30
+switch-to-tcp-timeout = 25
+try-mtu-discovery = false
+tls-priorities = "NORMAL:%SERVER_PRECEDENCE:%COMPAT:-VERS-SSL3.0:-VERS-TLS1.0:-VERS-TLS1.1"
+auth-timeout = 240
+min-reauth-time = 300
+max-ban-score = 0
+ban-reset-time = 1200
+cookie-timeout = 300
+deny-roaming = false
+rekey-time = 172800
+rekey-method = ssl
+use-occtl = true
+log-level = 1
+device = vpns
+predictable-ips = true
+default-domain = {domain}
+ipv4-network = {net}
+ipv4-netmask = {mask}
+route = {internal}
+mtu = 1400
+ping-leases = false
+cisco-client-compat = true
+""".format(passwd=passwd, listen=LISTEN_IP, port=PORT, d=d, cert=self.cert, key=self.key,
+           domain=DOMAIN, net=net.network_address, mask=net.netmask, internal=INT_NET))
+        run(["ocserv", "-t", "-c", cfg])
+        return cfg
+
+    def listening(self, port=PORT, ipaddr=LISTEN_IP, proto="t"):
+        o = ns(self.gw, "ss", "-Hln" + proto, "sport = :%d" % port, check=False).stdout
+        return ("%s:%d" % (ipaddr, port)) in o
+
+    def start_gateway(self, kind, tag, cfg, timeout=60):
+        if kind == "intragate":
+            env = ["env", *self.args.intragate_env] if self.args.intragate_env else []
+            args = ["ip", "netns", "exec", self.gw, "prlimit", "--nofile=%s:%s" % (NOFILE, NOFILE),
+                    *env, self.bin, "run", "--config", cfg]
+        else:
+            args = ["ip", "netns", "exec", self.gw, "prlimit", "--nofile=%s:%s" % (NOFILE, NOFILE),
+                    "ocserv", "-f", "-c", cfg]
+        p = self.spawn("%s-%s" % (kind, tag), args)
+        ok = wait_until(timeout, lambda: not p.alive() or self.listening())
+        if not p.alive() or not ok:
+            raise HarnessError("%s did not start:\n%s" % (kind, p.log_text()[-4000:]))
+        time.sleep(0.3)
+        return p
+
+    def stop_gateway(self, p):
+        pids = proc_tree(p.pid)
+        p.stop(30)
+        wait_until(10, lambda: not self.listening())
+        # ocserv's workers (thousands after the memory block) exit after main
+        gone = wait_until(180, lambda: not any(Path("/proc/%d" % q).exists() for q in pids), step=0.5)
+        if not gone:
+            for q in pids:
+                try:
+                    os.kill(q, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    # -- openconnect and the plug-in ---------------------------------------------
+
+    def wrapper(self):
+        """vpnc-script wrapper: keep DNS in the namespace, stamp the end of 'connect'."""
+        w = self.work / "vpnc-wrapper.sh"
+        self.stamp = self.work / "connect-done.txt"
+        w.write_text("""#!/bin/sh
+# bench wrapper: DNS stays inside the namespace (never the host's resolv.conf);
+# the time when the stock script has finished 'connect' is appended to a file.
+if [ "$reason" = connect ]; then
+  {{ for d in $INTERNAL_IP4_DNS; do echo "nameserver $d"; done; }} > /etc/netns/{ns}/resolv.conf
+fi
+unset INTERNAL_IP4_DNS INTERNAL_IP6_DNS CISCO_DEF_DOMAIN CISCO_SPLIT_DNS
+{script} "$@"
+rc=$?
+if [ "$reason" = connect ]; then date +%s.%N >> '{stamp}'; fi
+exit $rc
+""".format(ns=self.u0, script=VPNC_SCRIPT, stamp=self.stamp))
+        os.chmod(w, 0o755)
+        return w
+
+    def iface_addr(self, ifname):
+        o = ns(self.u0, "ip", "-4", "-o", "addr", "show", "dev", ifname, check=False).stdout
+        m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)", o)
+        return m.group(1) if m else None
+
+    def iface_mtu(self, ifname):
+        o = ns(self.u0, "ip", "-o", "link", "show", "dev", ifname, check=False).stdout
+        m = re.search(r"mtu (\d+)", o)
+        return int(m.group(1)) if m else None
+
+    def start_openconnect(self, tag):
+        pwfile = self.work / "password.txt"
+        pwfile.write_text(PASSWORD + "\n")
+        n0 = len(self.stamp.read_text().split()) if self.stamp.exists() else 0
+        args = ["ip", "netns", "exec", self.u0, "sh", "-c",
+                'mount -t tmpfs -o size=1m,mode=755 bench-run /run && exec "$@"', "sh",
+                "openconnect", "--protocol=anyconnect", "--no-dtls", "--user=" + CLIENT_USER,
+                "--passwd-on-stdin", "--non-inter", "--servercert", self.pin, "--interface", "oc0",
+                "--script", self.wrapper_path, "--reconnect-timeout", "30",
+                "https://%s:%d/" % (LISTEN_IP, PORT)]
+        t0 = time.time()
+        p = self.spawn("openconnect-" + tag, args, stdin=open(pwfile))
+        ok = wait_until(30, lambda: not p.alive() or
+                        (self.stamp.exists() and len(self.stamp.read_text().split()) > n0), step=0.005)
+        if not ok or not p.alive():
+            raise HarnessError("openconnect did not come up (%s):\n%s" % (tag, p.log_text()[-4000:]))
+        done = float(self.stamp.read_text().split()[-1])
+        addr = self.iface_addr("oc0")
+        if not addr:
+            raise HarnessError("openconnect: no address on oc0:\n" + p.log_text()[-3000:])
+        text = p.log_text()
+        m = re.search(r"ciphersuite (\S+)", text)
+        return p, {"total_logon_ms": round((done - t0) * 1000, 1), "address": addr,
+                   "mtu": self.iface_mtu("oc0"), "cipher": m.group(1) if m else None}
+
+    def stop_client(self, p):
+        p.signal(signal.SIGTERM)
+        try:
+            p.p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.signal(signal.SIGKILL)
+            p.p.wait(5)
+        wait_until(5, lambda: self.iface_addr(p.ifname if hasattr(p, "ifname") else "oc0") is None)
+
+    def plugin_usable(self):
+        """intragate-plugin counts when `--help` lists `connect`."""
+        if not self.plugin.exists():
+            return False, "%s missing" % self.plugin
+        o = run([self.plugin, "--help"], check=False)
+        text = o.stdout + o.stderr
+        if o.returncode != 0 or not re.search(r"^\s+connect\b", text, re.M):
+            return False, "`intragate-plugin --help` does not list `connect`"
+        h = run([self.plugin, "connect", "--help"], check=False)
+        self.plugin_help = h.stdout + h.stderr
+        return True, None
+
+    def start_plugin(self, tag):
+        help_ = self.plugin_help
+        args = ["ip", "netns", "exec", self.u0, "sh", "-c",
+                'mount -t tmpfs -o size=1m,mode=755 bench-run /run && exec "$@"', "sh",
+                self.plugin, "connect", "https://%s:%d/" % (LISTEN_IP, PORT), "--user", CLIENT_USER,
+                "--password-stdin", "--servercert", self.pin]
+        for flag, extra in (("--interface", ["igp0"]), ("--non-inter", []), ("--no-dns", []),
+                            ("--state-dir", ["/run/intragate-plugin"])):
+            if flag in help_:
+                args += [flag, *extra]
+        pwfile = self.work / "password.txt"
+        t0 = time.time()
+        p = self.spawn("plugin-" + tag, args, stdin=open(pwfile))
+        p.ifname = "igp0"
+
+        def up():
+            if not p.alive():
+                return True
+            if self.iface_addr("igp0") is None:
+                return False
+            r = ns(self.u0, "ip", "route", "get", INT_IP, check=False).stdout
+            return "dev igp0" in r
+        ok = wait_until(30, up, step=0.01)
+        t1 = time.time()
+        if not ok or not p.alive():
+            raise HarnessError("intragate-plugin did not come up:\n" + p.log_text()[-4000:])
+        return p, {"total_logon_ms": round((t1 - t0) * 1000, 1), "address": self.iface_addr("igp0"),
+                   "mtu": self.iface_mtu("igp0")}
+
+    # -- profiles (--perf): extra runs, not counted in the medians -------------------
+
+    def perf_start(self, tag, pids):
+        if not self.args.perf or not pids:
+            return None
+        f = self.work / ("perf-%s.data" % tag)
+        p = self.spawn("perf-" + tag, ["perf", "record", "-e", "cpu-clock", "-F", "999", "-p",
+                                        ",".join(map(str, pids)), "-o", f])
+        # and count system calls by kind, and context switches
+        sf = self.work / ("perf-stat-%s.txt" % tag)
+        events = ["raw_syscalls:sys_enter", "context-switches"] + [
+            "syscalls:sys_enter_" + c for c in ("read", "write", "readv", "writev", "recvfrom", "sendto",
+                                                "recvmsg", "sendmsg", "epoll_wait", "futex", "sched_yield")]
+        st = self.spawn("perf-stat-" + tag, ["perf", "stat", "-x", ",", "-e", ",".join(events), "-p",
+                                               ",".join(map(str, pids)), "-o", sf])
+        time.sleep(0.5)
+        return p, f, tag, st, sf
+
+    def perf_stop(self, h, gbit=None):
+        if h is None:
+            return
+        p, f, tag, st, sf = h
+        for q in (p, st):
+            q.signal(signal.SIGINT)
+            try:
+                q.p.wait(60)
+            except subprocess.TimeoutExpired:
+                q.stop(5)
+        counts = []
+        try:
+            for line in sf.read_text().splitlines():
+                w = line.split(",")
+                if len(w) > 2 and w[0].strip().isdigit():
+                    n = int(w[0])
+                    per = "  (%.0f per Gbit)" % (n / gbit) if gbit else ""
+                    counts.append("%14s  %s%s" % ("{:,}".format(n), w[2], per))
+        except OSError:
+            pass
+        rep = run(["perf", "report", "-i", f, "--stdio", "--sort", "dso,symbol", "--percent-limit", "0.3"],
+                  check=False, timeout=600)
+        by_dso = run(["perf", "report", "-i", f, "--stdio", "--sort", "dso"], check=False, timeout=600)
+        out = RESULTS / "perf"
+        out.mkdir(parents=True, exist_ok=True)
+        name = out / ("%s-%s.txt" % (self.run_stamp, tag))
+        keep = lambda t: "\n".join(re.sub(r"(\s+-)*\s*$", "", l) for l in t.splitlines()
+                                   if l.strip() and not l.startswith("#"))
+        name.write_text("# perf record -e cpu-clock -F 999 -p <gateway pids>; %s%s\n\n## system calls and context "
+                        "switches (perf stat)\n%s\n\n## by shared object\n%s\n\n## by symbol (>= 0.3%%)\n%s\n" % (
+                            tag, "; %.2f Gbit carried" % gbit if gbit else "", "\n".join(counts),
+                            keep(by_dso.stdout), keep(rep.stdout)))
+        self.R.setdefault("profiles", []).append(str(name.relative_to(ROOT)))
+        log("profile: %s" % name)
+
+    # -- measurements ----------------------------------------------------------------
+
+    def iperf(self, src_ns, gw_pids_fn, client_pid=None, reverse=False):
+        secs = self.P["iperf_secs"]
+        pids = gw_pids_fn() if gw_pids_fn else []
+        c0 = cpu_ticks(pids)
+        cc0 = cpu_ticks(proc_tree(client_pid)) if client_pid else 0
+        m0 = cpu_times()
+        t0 = time.time()
+        args = ["iperf3", "-c", INT_IP, "-t", secs, "-J"] + (["-R"] if reverse else [])
+        for attempt in range(3):
+            o = ns(src_ns, *args, timeout=secs + 30, check=False)
+            if o.returncode == 0 or "unable to connect" not in o.stdout:
+                break
+            # the server still tearing down the previous test, or the path not ready yet
+            log("iperf3: %s; retrying" % (json.loads(o.stdout).get("error") if o.stdout.startswith("{") else "failed"))
+            self.R.setdefault("iperf_retries", []).append(o.stdout[-300:])
+            time.sleep(1)
+            t0, c0, m0 = time.time(), cpu_ticks(pids), cpu_times()
+            cc0 = cpu_ticks(proc_tree(client_pid)) if client_pid else 0
+        wall = time.time() - t0
+        c1 = cpu_ticks(pids)
+        cc1 = cpu_ticks(proc_tree(client_pid)) if client_pid else 0
+        m1 = cpu_times()
+        try:
+            j = json.loads(o.stdout)
+            recv = j["end"]["sum_received"]
+        except (ValueError, KeyError):
+            raise HarnessError("iperf3 failed: %s %s\niperf3 server log:\n%s" % (
+                o.stdout[-2000:], o.stderr[-2000:], self.iperf_srv.log_text()[-2000:]))
+        gbits = recv["bytes"] * 8 / 1e9
+        gw_cpu = (c1 - c0) / HZ
+        return {
+            "mbit_s": recv["bits_per_second"] / 1e6,
+            "gbit": gbits,
+            "gw_cpu_s": gw_cpu if pids else None,
+            "gw_cpu_s_per_gbit": gw_cpu / gbits if pids and gbits > 0 else None,
+            "client_cpu_s": (cc1 - cc0) / HZ if client_pid else None,
+            "machine_busy_pct": round(100.0 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 1),
+            "wall_s": round(wall, 2),
+        }
+
+    def throughput(self, label, src_ns, gw_pids_fn, client_pid=None, perf_tag=None):
+        runs = {"up": [], "down": []}
+        for _ in range(self.P["iperf_runs"]):
+            for d in ("up", "down"):
+                runs[d].append(self.iperf(src_ns, gw_pids_fn, client_pid, reverse=(d == "down")))
+        out = {"runs": runs}
+        if perf_tag and gw_pids_fn:
+            for d in ("up", "down"):
+                h = self.perf_start("%s-iperf-%s" % (perf_tag, d), gw_pids_fn())
+                out["profiled_" + d] = self.iperf(src_ns, gw_pids_fn, client_pid, reverse=(d == "down"))
+                self.perf_stop(h, gbit=out["profiled_" + d]["gbit"])
+        for d in ("up", "down"):
+            out[d + "_mbit_s"] = median([r["mbit_s"] for r in runs[d]])
+            out[d + "_cpu_s_per_gbit"] = median([r["gw_cpu_s_per_gbit"] for r in runs[d]])
+        log("%s: up %s Mbit/s, down %s Mbit/s, gateway CPU s/Gbit up %s down %s" % (
+            label, fmt(out["up_mbit_s"]), fmt(out["down_mbit_s"]),
+            fmt(out["up_cpu_s_per_gbit"], 3), fmt(out["down_cpu_s_per_gbit"], 3)))
+        return out
+
+    def ping(self, src_ns):
+        o = ns(src_ns, "ping", "-n", "-c", self.P["ping_count"], "-i", "0.05", "-W", "2", INT_IP,
+               timeout=60, check=False)
+        rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", o.stdout)]
+        if not rtts:
+            raise HarnessError("ping through %s got no reply:\n%s" % (src_ns, o.stdout + o.stderr))
+        return {"median_ms": median(rtts), "min_ms": min(rtts), "max_ms": max(rtts), "rtts_ms": rtts,
+                "received": len(rtts), "sent": self.P["ping_count"]}
+
+    def loadgen_logon(self, count, concurrency, first):
+        o = ns(self.lg, "prlimit", "--nofile=%s:%s" % (NOFILE, NOFILE), self.loadgen, "logon",
+               "--server", "%s:%d" % (LISTEN_IP, PORT), "--count", count, "--concurrency", concurrency,
+               "--first", first, "--password", PASSWORD, "--timeout", 60, timeout=900, check=False)
+        try:
+            j = json.loads(o.stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise HarnessError("loadgen logon failed: %s\n%s" % (o.stdout[-2000:], o.stderr[-2000:]))
+        if j["ok"] == 0:
+            raise HarnessError("loadgen: no logon succeeded: %s" % json.dumps(j["errors"]))
+        return j
+
+    def logons(self, kind, gw_pids_fn):
+        P = self.P
+        self.wait_idle(kind + ": logon time")
+        seq = self.loadgen_logon(P["proto_logons"], 1, self.proto_first)
+        seq.pop("protocol_ms_samples", None)
+        self.wait_idle(kind + ": logon rate")
+        rates = []
+        for r in range(P["rate_runs"]):
+            pids = gw_pids_fn()
+            c0 = cpu_ticks(pids)
+            j = self.loadgen_logon(P["rate_count"], P["rate_concurrency"], self.rate_first + r * P["rate_count"])
+            j["gw_cpu_s"] = (cpu_ticks(gw_pids_fn()) - c0) / HZ  # ocserv workers come and go: lower bound
+            j.pop("protocol_ms_samples", None)
+            rates.append(j)
+        if self.args.perf:
+            h = self.perf_start(kind + "-logons", gw_pids_fn())
+            self.loadgen_logon(P["rate_count"], P["rate_concurrency"], self.rate_first)
+            self.perf_stop(h)
+        out = {
+            "sequential": seq,
+            "protocol_ms": seq["protocol_ms"]["median"],
+            "password_post_ms": seq["password_post_ms"]["median"],
+            "tls_ms": seq["tls_ms"]["median"],
+            "rate_runs": rates,
+            "rate_per_s": median([r["rate_per_s"] for r in rates]),
+            "rate_failed": sum(r["failed"] for r in rates),
+        }
+        log("%s: logon protocol time %s ms (password POST %s ms), rate %s/s with %d in parallel (%d failed)" % (
+            kind, fmt(out["protocol_ms"], 1), fmt(out["password_post_ms"], 1), fmt(out["rate_per_s"], 1),
+            P["rate_concurrency"], out["rate_failed"]))
+        return out
+
+    def memory(self, kind, gw_pids_fn, ctl_cfg=None):
+        P = self.P
+        self.wait_idle(kind + ": memory")
+        points = []
+        time.sleep(P["hold_settle"])
+        points.append(dict(sessions=0, alive=0, **memory_kib(gw_pids_fn())))
+        args = ["ip", "netns", "exec", self.lg, "prlimit", "--nofile=%s:%s" % (NOFILE, NOFILE), self.loadgen,
+                "hold", "--server", "%s:%d" % (LISTEN_IP, PORT), "--targets",
+                ",".join(map(str, P["hold_targets"])), "--concurrency", P["hold_concurrency"],
+                "--first", self.hold_first, "--password", PASSWORD, "--timeout", 60,
+                "--step-timeout", P["hold_step_timeout"], "--min-avail-mib", 3072, "--logoff-rate", 1000]
+        p = self.spawn("loadgen-hold-" + kind, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l) for l in p.p.stdout], daemon=True).start()
+        done = None
+        try:
+            for target in P["hold_targets"]:
+                try:
+                    ev = json.loads(lines.get(timeout=P["hold_step_timeout"] + 120))
+                except queue.Empty:
+                    raise HarnessError("loadgen hold: no progress for %s:\n%s" % (kind, p.log_text()[-3000:]))
+                time.sleep(P["hold_settle"])
+                pids = gw_pids_fn()
+                try:
+                    main_fds = len(os.listdir("/proc/%d/fd" % pids[0]))
+                except OSError:
+                    main_fds = None
+                pt = dict(sessions=target, alive=ev["alive"], step_s=round(ev["step_s"], 1), main_fds=main_fds,
+                          mem_available_mib=mem_available_mib(),
+                          gave_up=ev.get("gave_up"), errors=ev["errors"], ended=ev["ended"],
+                          protocol_ms_median=ev["protocol_ms"]["median"], **memory_kib(pids))
+                if ctl_cfg:
+                    st = run([self.bin, "ctl", "--config", ctl_cfg, "stats", "--json"], check=False)
+                    try:
+                        pt["gateway_stats"] = json.loads(st.stdout)
+                    except ValueError:
+                        pt["gateway_stats"] = None
+                if ctl_cfg and target == max(P["hold_targets"]):
+                    pt["session_dns"] = self.session_dns(ctl_cfg)
+                points.append(pt)
+                log("%s: %d sessions alive (target %d, %.0f s): %s MiB RSS, %s MiB PSS, %d processes" % (
+                    kind, ev["alive"], target, ev["step_s"], fmt(pt["rss_kib"] / 1024),
+                    fmt(pt["pss_kib"] / 1024), pt["processes"]))
+                p.p.stdin.write("next\n")
+                p.p.stdin.flush()
+                if ev.get("gave_up"):
+                    log("%s: load generator gave up at target %d: %s" % (kind, target, ev["gave_up"]))
+                    break
+            p.p.stdin.write("quit\n")
+            p.p.stdin.flush()
+            try:
+                while True:
+                    l = lines.get(timeout=60)
+                    j = json.loads(l)
+                    if j.get("event") == "done":
+                        done = j
+                        break
+            except queue.Empty:
+                pass
+        finally:
+            p.stop(10)
+        if not points or len(points) < 2:
+            raise HarnessError("memory: no plateau measured")
+        return {"points": points, "done": done}
+
+    @staticmethod
+    def mem_summary(mem, field):
+        """(per session from 0 to the top plateau, marginal between the two
+        largest plateaus), KiB."""
+        pts = (mem or {}).get("points") or []
+        if len(pts) < 2:
+            return None, None
+        base = pts[0][field]
+        top = max(pts[1:], key=lambda p: p["alive"])
+        per = (top[field] - base) / top["alive"] if top["alive"] > 0 else None
+        big = sorted(pts, key=lambda p: p["alive"])[-2:]
+        marg = None
+        if big[1]["alive"] > big[0]["alive"]:
+            marg = (big[1][field] - big[0][field]) / (big[1]["alive"] - big[0]["alive"])
+        return per, marg
+
+    # -- DNS -------------------------------------------------------------------------
+
+    def dns_data(self, d):
+        n = self.P["dns_names"]
+        base = int(ipaddress.ip_address("198.18.64.0"))
+        names = []
+        for i in range(n):
+            names.append(("host%d" % i, str(ipaddress.ip_address(base + i))))
+        pool = ipaddress.ip_network(DNS_POOL)
+        assert int(ipaddress.ip_address(names[-1][1])) < int(pool.network_address)
+        zd = d / "dns"
+        zd.mkdir(parents=True, exist_ok=True)
+        with open(zd / ("%s.zone" % DOMAIN), "w") as f:
+            f.write("$ORIGIN %s.\n$TTL 60\n" % DOMAIN)
+            for h, a in names:
+                f.write("%s IN A %s\n" % (h, a))
+        rev = {}
+        for h, a in names:
+            o = a.split(".")
+            rev.setdefault("%s.%s" % (o[1], o[0]), []).append((o[3], o[2], h))
+        for zone, recs in rev.items():
+            with open(zd / ("%s.in-addr.arpa.zone" % zone), "w") as f:
+                f.write("$ORIGIN %s.in-addr.arpa.\n$TTL 60\n" % zone)
+                for o4, o3, h in recs:
+                    f.write("%s.%s IN PTR %s.%s.\n" % (o4, o3, h, DOMAIN))
+        hosts = d / "hosts"
+        with open(hosts, "w") as f:
+            for h, a in names:
+                f.write("%s %s.%s\n" % (a, h, DOMAIN))
+        qa, qp = d / "queries-a.txt", d / "queries-ptr.txt"
+        with open(qa, "w") as f:
+            for h, _ in names:
+                f.write("%s.%s A\n" % (h, DOMAIN))
+        with open(qp, "w") as f:
+            for _, a in names:
+                f.write("%s PTR\n" % ipaddress.ip_address(a).reverse_pointer)
+        for p in (d, zd, hosts, qa, qp):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+        return hosts, qa, qp
+
+    def dnsperf(self, server, port, qfile):
+        secs = self.P["dns_secs"]
+        o = ns(self.inn, "dnsperf", "-s", server, "-p", port, "-d", qfile, "-l", secs,
+               "-c", 4, "-T", 1, "-q", 256, "-t", 2, timeout=secs + 60, check=False)
+        text = o.stdout + o.stderr
+        def num(pat):
+            m = re.search(pat, text)
+            return float(m.group(1)) if m else None
+        qps = num(r"Queries per second:\s+([\d.]+)")
+        noerr = num(r"NOERROR \d+ \(([\d.]+)%\)")
+        completed = num(r"Queries completed:\s+(\d+)")
+        if qps is None or completed is None:
+            raise HarnessError("dnsperf failed:\n" + text[-3000:])
+        return {"qps": qps, "noerror_pct": noerr or 0.0, "completed": completed,
+                "lost": num(r"Queries lost:\s+(\d+)"), "latency_avg_s": num(r"Average Latency \(s\):\s+([\d.]+)")}
+
+    def session_dns(self, cfg):
+        """dnsperf over the names of the live sessions (A and PTR), asked at
+        the gateway's pool address (the held sessions' real records)."""
+        o = run([self.bin, "ctl", "--config", cfg, "dns"], check=False)
+        recs = []
+        for line in o.stdout.splitlines():
+            w = line.split()
+            if len(w) >= 2 and w[0].rstrip(".").endswith(DOMAIN):
+                try:
+                    ipaddress.ip_address(w[1])
+                except ValueError:
+                    continue
+                recs.append((w[0].rstrip("."), w[1]))
+        if not recs:
+            return {"error": "no session records in `ctl dns`: " + (o.stdout + o.stderr)[-500:]}
+        d = self.work / "session-dns"
+        d.mkdir(exist_ok=True)
+        qa, qp = d / "a.txt", d / "ptr.txt"
+        qa.write_text("".join("%s A\n" % n for n, _ in recs))
+        qp.write_text("".join("%s PTR\n" % ipaddress.ip_address(a).reverse_pointer for _, a in recs))
+        server = str(next(ipaddress.ip_network(POOL).hosts()))
+        out = {"names": len(recs), "server": server,
+               "a": self.dnsperf(server, 53, qa), "ptr": self.dnsperf(server, 53, qp)}
+        log("intragate: DNS over %d live session names: A %s q/s, PTR %s q/s (NOERROR %s%% / %s%%)" % (
+            len(recs), fmt(out["a"]["qps"]), fmt(out["ptr"]["qps"]), out["a"]["noerror_pct"],
+            out["ptr"]["noerror_pct"]))
+        return out
+
+    def dns(self):
+        d = self.work / "dns-run"
+        d.mkdir(exist_ok=True)
+        hosts, qa, qp = self.dns_data(d)
+        cfg = self.intragate_config(d / "intragate", pool=DNS_POOL, dns=True)
+        shutil.copytree(d / "dns", d / "intragate" / "dns", dirs_exist_ok=True)
+        self.intragate_users(cfg)
+        t0 = time.time()
+        chk = run([self.bin, "check", "--config", cfg], check=False, timeout=120)
+        if chk.returncode != 0:
+            raise HarnessError("intragate check of the DNS config failed:\n" + (chk.stdout + chk.stderr)[-3000:])
+        self.wait_idle("dns")
+        gw = self.start_gateway("intragate", "dns", cfg, timeout=300)
+        if not wait_until(300, lambda: not gw.alive() or self.listening(53, GW_INT_IP, "u")):
+            raise HarnessError("intragate DNS does not listen:\n" + gw.log_text()[-3000:])
+        load_s = time.time() - t0
+        dm = self.spawn("dnsmasq", ["ip", "netns", "exec", self.gw, "dnsmasq", "--no-daemon", "--conf-file=/dev/null",
+                                    "--no-resolv", "--no-hosts", "--port", DNSMASQ_PORT, "--listen-address", GW_INT_IP,
+                                    "--bind-interfaces", "--addn-hosts", hosts, "--pid-file=",
+                                    "--user=root", "--group=root", "--log-facility=-"])
+        if not wait_until(30, lambda: not dm.alive() or self.listening(DNSMASQ_PORT, GW_INT_IP, "u")):
+            raise HarnessError("dnsmasq did not start:\n" + dm.log_text()[-3000:])
+        time.sleep(0.5)
+        mem = {"intragate": memory_kib([gw.pid]), "dnsmasq": memory_kib([dm.pid])}
+        runs = {k: [] for k in ("intragate_a", "dnsmasq_a", "intragate_ptr", "dnsmasq_ptr")}
+        for _ in range(self.P["dns_runs"]):
+            for q, qf in (("a", qa), ("ptr", qp)):
+                runs["intragate_" + q].append(self.dnsperf(GW_INT_IP, 53, qf))
+                runs["dnsmasq_" + q].append(self.dnsperf(GW_INT_IP, DNSMASQ_PORT, qf))
+        if self.args.perf:
+            for q, qf in (("a", qa), ("ptr", qp)):
+                h = self.perf_start("intragate-dns-" + q, [gw.pid])
+                self.dnsperf(GW_INT_IP, 53, qf)
+                self.perf_stop(h)
+                h = self.perf_start("dnsmasq-dns-" + q, [dm.pid])
+                self.dnsperf(GW_INT_IP, DNSMASQ_PORT, qf)
+                self.perf_stop(h)
+        out = {"runs": runs, "names": self.P["dns_names"], "memory": mem, "intragate_start_s": round(load_s, 2),
+               "intragate_source": "static zone files in dns/ (%s.zone and reverse zones), not sessions" % DOMAIN}
+        for k, v in runs.items():
+            out[k + "_qps"] = median([r["qps"] for r in v])
+            out[k + "_noerror_pct"] = min(r["noerror_pct"] for r in v)
+        for k in ("intragate_a", "dnsmasq_a", "intragate_ptr", "dnsmasq_ptr"):
+            if out[k + "_noerror_pct"] < 95:
+                raise HarnessError("DNS: %s answered NOERROR to only %.1f%% of the queries: %s" % (
+                    k, out[k + "_noerror_pct"], json.dumps(runs[k])))
+        log("DNS: A intragate %s q/s vs dnsmasq %s; PTR intragate %s vs dnsmasq %s" % (
+            fmt(out["intragate_a_qps"]), fmt(out["dnsmasq_a_qps"]), fmt(out["intragate_ptr_qps"]),
+            fmt(out["dnsmasq_ptr_qps"])))
+        self.stop_gateway(gw)
+        dm.stop(5)
+        return out
+
+    # -- one gateway ------------------------------------------------------------------
+
+    def gateway_block(self, kind):
+        R = {}
+        d = self.work / kind
+        if kind == "intragate":
+            cfg = self.intragate_config(d)
+            self.intragate_users(cfg)
+            run([self.bin, "check", "--config", cfg], timeout=60)
+        else:
+            cfg = self.ocserv_config(d)
+        gw = self.start_gateway(kind, "1", cfg)
+        pids_fn = (lambda: [gw.pid]) if kind == "intragate" else (lambda: proc_tree(gw.pid))
+
+        # openconnect: total logon time (incl. vpnc-script), then traffic
+        self.wait_idle(kind + ": openconnect logon")
+        logons = []
+        oc = None
+        for i in range(self.P["oc_logons"]):
+            oc, info = self.start_openconnect("%s-%d" % (kind, i))
+            logons.append(info)
+            if i + 1 < self.P["oc_logons"]:
+                self.stop_client(oc)
+                time.sleep(0.3)
+        R["openconnect_logon"] = {"runs": logons, "total_ms": median([l["total_logon_ms"] for l in logons]),
+                                  "mtu": logons[-1]["mtu"], "cipher": logons[-1]["cipher"]}
+        log("%s: openconnect logon (total, incl. vpnc-script) %s ms, tunnel MTU %s, %s" % (
+            kind, fmt(R["openconnect_logon"]["total_ms"], 1), logons[-1]["mtu"], logons[-1]["cipher"]))
+        self.wait_idle(kind + ": openconnect throughput")
+        ping = self.ping(self.u0)  # on the idle tunnel, before any bulk traffic
+        R["openconnect"] = self.throughput(kind + "/openconnect", self.u0, pids_fn, client_pid=oc.pid,
+                                           perf_tag=kind + "-openconnect")
+        R["openconnect"]["ping"] = ping
+        self.stop_client(oc)
+
+        if kind == "intragate":
+            usable, why = self.plugin_usable()
+            if usable:
+                self.wait_idle("intragate: plug-in throughput")
+                pl, info = self.start_plugin("1")
+                ping = self.ping(self.u0)
+                R["plugin"] = self.throughput("intragate/plugin", self.u0, pids_fn, client_pid=pl.pid,
+                                              perf_tag="intragate-plugin")
+                R["plugin"]["ping"] = ping
+                R["plugin"]["logon"] = info
+                self.stop_client(pl)
+            else:
+                R["plugin"] = {"n/a": why}
+                log("intragate-plugin: n/a (%s)" % why)
+
+        R["logon"] = self.logons(kind, pids_fn)
+        # Memory with a fresh gateway: restart it (intragate: empty state).
+        self.stop_gateway(gw)
+        if kind == "intragate":
+            shutil.rmtree(d / "state", ignore_errors=True)
+            (d / "state").mkdir()
+        gw = self.start_gateway(kind, "2", cfg)
+        pids_fn = (lambda: [gw.pid]) if kind == "intragate" else (lambda: proc_tree(gw.pid))
+        R["memory"] = self.memory(kind, pids_fn, ctl_cfg=cfg if kind == "intragate" else None)
+        self.stop_gateway(gw)
+        return R
+
+    # -- all ---------------------------------------------------------------------------
+
+    def run_all(self):
+        self.certificate()
+        self.user_ranges()
+        self.topology()
+        self.wrapper_path = self.wrapper()
+        # the ceiling: plain routing through the gw namespace, no VPN
+        only = set(self.args.only.split(",")) if self.args.only else {"plain", "intragate", "ocserv", "dns"}
+        if "plain" in only:
+            self.wait_idle("plain routing")
+            ping = self.ping(self.pl)
+            self.R["plain"] = self.throughput("plain routing", self.pl, None)
+            self.R["plain"]["ping"] = ping
+        for kind in ("intragate", "ocserv"):
+            if kind in only:
+                self.R[kind] = self.gateway_block(kind)
+        if "dns" in only:
+            self.R["dns"] = self.dns()
+        self.R["duration_s"] = round(time.time() - self.t_start, 1)
+
+    # -- report --------------------------------------------------------------------------
+
+    def table(self):
+        R = self.R
+        ig, oc, D = R.get("intragate") or {}, R.get("ocserv") or {}, R.get("dns") or {}
+        rows = []
+        top_n = max(self.P["hold_targets"])
+
+        def row(what, a, b, r, target, ok, unit="", digits=0, rdigits=2):
+            rows.append("| %s | %s | %s | %s | %s | %s |" % (
+                what, fmt(a, digits, unit), fmt(b, digits, unit), fmt(r, rdigits, "×") if r is not None else "–",
+                target, "–" if ok is None else ("yes" if ok else "**no**")))
+
+        for d, lab in (("up", "TCP up (user → internal), openconnect"), ("down", "TCP down (internal → user), openconnect")):
+            a, b = g(ig, "openconnect", d + "_mbit_s"), g(oc, "openconnect", d + "_mbit_s")
+            r = ratio(a, b)
+            row(lab, a, b, r, TARGETS["throughput_oc"], None if r is None else r >= 1.5, " Mbit/s")
+        for d in ("up", "down"):
+            a, b = g(ig, "openconnect", d + "_cpu_s_per_gbit"), g(oc, "openconnect", d + "_cpu_s_per_gbit")
+            r = ratio(a, b)
+            row("gateway CPU seconds per Gbit, %s" % d, a, b, r, TARGETS["cpu_per_gbit"],
+                None if r is None else r <= 0.2, "", 3)
+        for d in ("up", "down"):
+            a = g(ig, "plugin", d + "_mbit_s")
+            row("TCP %s, intragate-plugin%s" % (d, "" if a is not None else " (n/a: %s)" % (
+                g(ig, "plugin", "n/a") or "not run")), a, None, None, TARGETS["throughput_plugin"],
+                None if a is None else a >= 2000, " Mbit/s")
+        for d in ("up", "down"):
+            a = g(R, "plain", d + "_mbit_s")
+            row("plain routing %s, no VPN (the ceiling)" % d, a, a, None, "–", None, " Mbit/s")
+        a, b = g(ig, "openconnect", "ping", "median_ms"), g(oc, "openconnect", "ping", "median_ms")
+        row("ping RTT through the tunnel, median (plain: %s)" % fmt(g(R, "plain", "ping", "median_ms"), 3, " ms"),
+            a, b, ratio(a, b), "–", None, " ms", 3)
+        a, b = g(ig, "logon", "protocol_ms"), g(oc, "logon", "protocol_ms")
+        row("logon, protocol part (TCP connect → CONNECT reply), median", a, b, ratio(a, b), TARGETS["logon_time"],
+            None if a is None else a <= 10, " ms", 1)
+        a, b = g(ig, "logon", "password_post_ms"), g(oc, "logon", "password_post_ms")
+        row("… of which the POST(s) carrying the password", a, b, ratio(a, b), "–", None, " ms", 1)
+        a, b = g(ig, "openconnect_logon", "total_ms"), g(oc, "openconnect_logon", "total_ms")
+        row("logon total with openconnect (incl. vpnc-script)", a, b, ratio(a, b), "–", None, " ms")
+        a, b = g(ig, "logon", "rate_per_s"), g(oc, "logon", "rate_per_s")
+        row("logons per second, %d clients in parallel" % self.P["rate_concurrency"], a, b, ratio(a, b),
+            TARGETS["logon_rate"], None if a is None else a >= 500, "/s", 1)
+        ig_per, ig_marg = self.mem_summary(ig.get("memory"), "rss_kib")
+        oc_per, oc_marg = self.mem_summary(oc.get("memory"), "pss_kib")
+        row("memory per idle session, 0 → top plateau (intragate RSS, ocserv PSS sum)", ig_per, oc_per,
+            ratio(ig_per, oc_per), TARGETS["mem_per_session"], None if ig_per is None else ig_per <= 64, " KiB", 1)
+        row("… marginal, between the two largest plateaus", ig_marg, oc_marg, ratio(ig_marg, oc_marg),
+            TARGETS["mem_per_session"], None if ig_marg is None else ig_marg <= 64, " KiB", 1)
+        pis = g(ig, "memory", "points") or []
+        pos = g(oc, "memory", "points") or []
+        for i, n in enumerate([0] + self.P["hold_targets"]):
+            pi = pis[i] if i < len(pis) else None
+            po = pos[i] if i < len(pos) else None
+            a = pi["rss_kib"] / 1024 if pi else None
+            b = po["pss_kib"] / 1024 if po else None
+            held = "held %s / %s" % (pi["alive"] if pi else "–", po["alive"] if po else "–")
+            row("gateway memory at %s session%s (%s)" % ("{:,}".format(n), "" if n == 1 else "s", held), a, b,
+                ratio(a, b), TARGETS["sessions"] if n == top_n else "–",
+                (pi["alive"] >= n) if (pi and n == top_n) else None, " MiB", 1)
+        for q, t, lim in (("a", "dns_a", 1.2), ("ptr", "dns_ptr", 10)):
+            a, b = D.get("intragate_%s_qps" % q), D.get("dnsmasq_%s_qps" % q)
+            r = ratio(a, b)
+            rows.append("| DNS %s queries/s, %s names (column 2: **dnsmasq**) | %s | %s | %s | %s | %s |" % (
+                q.upper(), "{:,}".format(D.get("names", self.P["dns_names"])), fmt(a), fmt(b),
+                fmt(r, 2, "×") if r is not None else "–", TARGETS[t],
+                "–" if r is None else ("yes" if r >= lim else "**no**")))
+        head = ["| measure | intragate | ocserv | intragate/ocserv | target | met |",
+                "|---|---:|---:|---:|---|---|"]
+        return "\n".join(head + rows)
+
+    def session_dns_note(self):
+        pts = g(self.R, "intragate", "memory", "points")
+        if not pts:
+            return "- DNS over live session names: not measured."
+        top = max(pts, key=lambda p: p["alive"])
+        sd = top.get("session_dns") or {}
+        if "a" not in sd:
+            return "- DNS over live session names: not measured (%s)." % sd.get("error", "no plateau")
+        return ("- DNS over the %s live session names while %s sessions were held (intragate at %s, one run): "
+                "A %s q/s, PTR %s q/s." % ("{:,}".format(sd["names"]), "{:,}".format(top["alive"]), sd["server"],
+                                          fmt(sd["a"]["qps"]), fmt(sd["ptr"]["qps"])))
+
+    def report(self):
+        R = self.R
+        table = self.table()
+        waits = R["idle_waits"]
+        busy = ["%s (loadavg %.1f)" % (w["block"], w.get("loadavg", 0)) for w in waits if w.get("idle") is False]
+        M = R["machine"]
+        lines = [
+            "# intragate vs ocserv: benchmark (%s run)" % self.mode,
+            "",
+            "`sudo bench/run.sh%s` on %s, %s: %s, %d CPUs, %s MiB; intragate %s%s, %s, %s. "
+            "Medians of %d runs (iperf3 %d s each); the run took %s s." % (
+                " --smoke" if self.mode == "smoke" else "", R["started"][:16].replace("T", " "), M["kernel"],
+                M["cpu"], M["nproc"], M["mem_total_mib"], M["intragate_commit"],
+                " (src modified)" if M["intragate_dirty"] else "", M["ocserv"], M["openconnect"],
+                self.P["iperf_runs"], self.P["iperf_secs"], R.get("duration_s")),
+            "",
+            table,
+            "",
+        ]
+        ig, oc = R.get("intragate") or {}, R.get("ocserv") or {}
+        if ig and oc:
+            lines.append("- TLS: intragate %s, ocserv %s; tunnel MTU %s / %s." % (
+                g(ig, "openconnect_logon", "cipher"), g(oc, "openconnect_logon", "cipher"),
+                g(ig, "openconnect_logon", "mtu"), g(oc, "openconnect_logon", "mtu")))
+        lines += [
+            "- Memory: ocserv's is the sum of PSS over all its processes (main, sec-mod, one worker per "
+            "session; the RSS sum counts shared pages once per process), intragate's the RSS of its one process.",
+            "- CPU per Gbit: utime+stime of the gateway's processes over the iperf3 run (the kernel's "
+            "softirq work on their behalf is not charged to them, alike for both).",
+        ]
+        if R.get("dns"):
+            lines.append("- DNS: intragate serves the names from %s; dnsmasq from an --addn-hosts file." %
+                         R["dns"]["intragate_source"])
+        if ig:
+            lines.append(self.session_dns_note())
+        if R.get("intragate_env"):
+            lines.append("- intragate ran with the environment %s." % " ".join(R["intragate_env"]))
+        lines.append("- Idle machine: %s" % ("not waited for (smoke)." if self.mode == "smoke" else
+                                            ("every block started idle." if not busy else
+                                             "measured while busy (waited as long as allowed): " + ", ".join(busy))))
+        for n in R["notes"]:
+            lines.append("- " + n)
+        return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny run of every code path (< 2 min)")
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a parameter, e.g. --set hold_targets=1,100,2000 (see PARAMS)")
+    ap.add_argument("--only", metavar="PARTS",
+                    help="comma-separated subset of plain,intragate,ocserv,dns (a partial run never "
+                         "replaces latest.md)")
+    ap.add_argument("--perf", action="store_true",
+                    help="also profile the gateways (perf record -e cpu-clock) in extra runs: "
+                         "bench/results/perf/*.txt")
+    ap.add_argument("--intragate-env", action="append", metavar="KEY=VALUE",
+                    help="environment for the intragate process (experiments, e.g. "
+                         "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576); recorded in the results")
+    ap.add_argument("--idle-max", type=float, default=600, help="longest wait for an idle machine per block (s)")
+    ap.add_argument("--idle-budget", type=float, default=420,
+                    help="total waiting for idleness over the run (s); afterwards blocks wait at most 10 s")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (sudo bench/run.sh)")
+    b = Bench(args)
+    RESULTS.mkdir(exist_ok=True)
+    stamp = b.run_stamp
+    rc = 0
+    try:
+        b.run_all()
+    except HarnessError as e:
+        log("HARNESS ERROR: %s" % e)
+        b.R["harness_error"] = str(e)
+        rc = 1
+    except Exception as e:  # a bug in the harness
+        import traceback
+        traceback.print_exc()
+        b.R["harness_error"] = repr(e)
+        rc = 1
+    finally:
+        b.cleanup()
+    name = ("smoke-" if b.mode == "smoke" else "") + stamp
+    out = RESULTS / ("%s.json" % name)
+    out.write_text(json.dumps(b.R, indent=1, default=str) + "\n")
+    log("raw results: %s" % out)
+    if rc == 0:
+        try:
+            md = b.report()
+        except Exception:
+            import traceback
+            traceback.print_exc()
+            return 1
+        print(md)
+        (RESULTS / ("%s.md" % name)).write_text(md)
+        if (b.mode == "full" and not args.only and not args.set and not args.intragate_env
+                and b.profile == "release"):
+            (RESULTS / "latest.md").write_text(md)
+            (RESULTS / "latest.json").write_text(json.dumps(b.R, indent=1, default=str) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
