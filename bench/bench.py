@@ -655,6 +655,13 @@ cisco-client-compat = true
                     os.kill(q, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        # and the kernel has removed their TUN devices (ocserv: one per session;
+        # 10,000 take minutes, with thousands of tasks waiting in D state)
+        t0 = time.time()
+        wait_until(600, lambda: not re.search(r"^\d+: (vpns|igb)", ns(self.gw, "ip", "-o", "link", "show",
+                                                                       check=False).stdout, re.M), step=1)
+        if time.time() - t0 > 5:
+            log("%s: TUN devices gone after %.0f s" % (p.name, time.time() - t0))
 
     # -- openconnect and the plug-in ---------------------------------------------
 

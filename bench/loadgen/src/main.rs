@@ -44,7 +44,6 @@ type Stream = TlsStream<tokio::net::TcpStream>;
 type Res<T> = Result<T, String>;
 
 // CSTP frame types (draft-mavrogiannopoulos-openconnect §2.2).
-const CSTP_DATA: u8 = 0;
 const CSTP_DPD_REQ: u8 = 3;
 const CSTP_DPD_RESP: u8 = 4;
 const CSTP_DISCONNECT: u8 = 5;
@@ -100,7 +99,9 @@ fn parse_opts(args: &[String]) -> Res<Opts> {
     }
     let get = |k: &str| kv.get(k).cloned();
     let num = |k: &str, d: usize| -> Res<usize> {
-        get(k).map_or(Ok(d), |v| v.parse().map_err(|_| format!("--{k}: not a number: {v}")))
+        get(k).map_or(Ok(d), |v| {
+            v.parse().map_err(|_| format!("--{k}: not a number: {v}"))
+        })
     };
     let server: SocketAddr = get("server")
         .ok_or("--server IP:PORT is required")?
@@ -110,13 +111,28 @@ fn parse_opts(args: &[String]) -> Res<Opts> {
         Some(t) => t
             .split(',')
             .filter(|s| !s.is_empty())
-            .map(|s| s.trim().parse::<usize>().map_err(|_| format!("--targets: {s}")))
+            .map(|s| {
+                s.trim()
+                    .parse::<usize>()
+                    .map_err(|_| format!("--targets: {s}"))
+            })
             .collect::<Res<Vec<_>>>()?,
         None => vec![],
     };
     let known = [
-        "server", "count", "targets", "concurrency", "user-prefix", "first", "password", "bind",
-        "timeout", "retries", "step-timeout", "min-avail-mib", "logoff-rate",
+        "server",
+        "count",
+        "targets",
+        "concurrency",
+        "user-prefix",
+        "first",
+        "password",
+        "bind",
+        "timeout",
+        "retries",
+        "step-timeout",
+        "min-avail-mib",
+        "logoff-rate",
     ];
     if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("unknown option --{k}"));
@@ -237,7 +253,11 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 impl Conn {
     async fn fill(&mut self) -> Res<()> {
         let mut tmp = [0u8; 8192];
-        let n = self.stream.read(&mut tmp).await.map_err(|e| format!("read: {e}"))?;
+        let n = self
+            .stream
+            .read(&mut tmp)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             return Err("connection closed by the gateway".into());
         }
@@ -279,7 +299,8 @@ impl Conn {
             .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
             .and_then(|(_, v)| v.parse::<usize>().ok());
         let chunked = headers.iter().any(|(k, v)| {
-            k.eq_ignore_ascii_case("transfer-encoding") && v.to_ascii_lowercase().contains("chunked")
+            k.eq_ignore_ascii_case("transfer-encoding")
+                && v.to_ascii_lowercase().contains("chunked")
         });
         let body = if chunked {
             let mut body = Vec::new();
@@ -291,8 +312,9 @@ impl Conn {
                     self.fill().await?;
                 };
                 let size_txt = String::from_utf8_lossy(&self.buf[..line_end]).into_owned();
-                let size = usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
-                    .map_err(|_| format!("bad chunk size {size_txt:?}"))?;
+                let size =
+                    usize::from_str_radix(size_txt.split(';').next().unwrap_or("").trim(), 16)
+                        .map_err(|_| format!("bad chunk size {size_txt:?}"))?;
                 self.buf.drain(..line_end + 2);
                 while self.buf.len() < size + 2 {
                     self.fill().await?;
@@ -348,7 +370,11 @@ impl Conn {
              X-Aggregate-Auth: 1\r\nX-Support-HTTP-Auth: true\r\n"
         );
         if !self.cookies.is_empty() {
-            let c: Vec<String> = self.cookies.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let c: Vec<String> = self
+                .cookies
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect();
             req.push_str(&format!("Cookie: {}\r\n", c.join("; ")));
         }
         req.push_str(&format!(
@@ -359,7 +385,10 @@ impl Conn {
             .write_all(req.as_bytes())
             .await
             .map_err(|e| format!("write: {e}"))?;
-        self.stream.flush().await.map_err(|e| format!("flush: {e}"))?;
+        self.stream
+            .flush()
+            .await
+            .map_err(|e| format!("flush: {e}"))?;
         self.read_response().await
     }
 }
@@ -441,14 +470,19 @@ fn opaque_element(xml: &str) -> Option<String> {
 
 /// Answer the form in `xml`: (action path, auth-reply body, carries password).
 fn answer_form(xml: &str, user: &str, password: &str) -> Res<(String, String, bool)> {
-    let form = tags(xml, "form").first().map(|(_, t)| *t).ok_or("no <form>")?;
+    let form = tags(xml, "form")
+        .first()
+        .map(|(_, t)| *t)
+        .ok_or("no <form>")?;
     let action = attr(form, "action").unwrap_or_else(|| "/".into());
     let mut fields = String::new();
     let mut has_password = false;
     let mut any = false;
     for (_, t) in tags(xml, "input") {
         let name = attr(t, "name").unwrap_or_default();
-        let typ = attr(t, "type").unwrap_or_else(|| "text".into()).to_ascii_lowercase();
+        let typ = attr(t, "type")
+            .unwrap_or_else(|| "text".into())
+            .to_ascii_lowercase();
         let value = match typ.as_str() {
             "password" => {
                 has_password = true;
@@ -471,7 +505,9 @@ fn answer_form(xml: &str, user: &str, password: &str) -> Res<(String, String, bo
         let mut options = Vec::new();
         for (oat, ot) in tags(inner, "option") {
             let start = oat + ot.len();
-            let label_end = inner[start..].find("</option>").map_or(inner.len(), |e| start + e);
+            let label_end = inner[start..]
+                .find("</option>")
+                .map_or(inner.len(), |e| start + e);
             let label = inner[start..label_end].trim().to_string();
             let value = attr(ot, "value").unwrap_or_else(|| label.clone());
             options.push((value, label));
@@ -521,7 +557,6 @@ struct Tunnel {
     conn: Conn,
     keepalive: Duration,
     dpd: Duration,
-    address: String,
 }
 
 async fn logon(opts: &Opts, tls: &TlsConnector, user: &str) -> Res<(Tunnel, Timings)> {
@@ -534,7 +569,8 @@ async fn logon(opts: &Opts, tls: &TlsConnector, user: &str) -> Res<(Tunnel, Timi
     }
     .map_err(|e| format!("socket: {e}"))?;
     if let Some(b) = opts.bind {
-        sock.bind(SocketAddr::new(b, 0)).map_err(|e| format!("bind: {e}"))?;
+        sock.bind(SocketAddr::new(b, 0))
+            .map_err(|e| format!("bind: {e}"))?;
     }
     let tcp = sock
         .connect(opts.server)
@@ -580,7 +616,10 @@ async fn logon(opts: &Opts, tls: &TlsConnector, user: &str) -> Res<(Tunnel, Timi
             break tok.ok_or("auth complete without a session token")?;
         }
         if !resp.body.contains("<form") {
-            return Err(format!("auth: no form and not complete: {:.200}", resp.body));
+            return Err(format!(
+                "auth: no form and not complete: {:.200}",
+                resp.body
+            ));
         }
         if answered_password && resp.body.contains("<error") {
             return Err(format!("auth: refused: {:.200}", resp.body));
@@ -612,7 +651,10 @@ async fn logon(opts: &Opts, tls: &TlsConnector, user: &str) -> Res<(Tunnel, Timi
         .write_all(req.as_bytes())
         .await
         .map_err(|e| format!("CONNECT write: {e}"))?;
-    conn.stream.flush().await.map_err(|e| format!("flush: {e}"))?;
+    conn.stream
+        .flush()
+        .await
+        .map_err(|e| format!("flush: {e}"))?;
     let (status, headers) = conn.read_head().await?;
     t.connect = t3.elapsed();
     t.total = t0.elapsed();
@@ -636,7 +678,6 @@ async fn logon(opts: &Opts, tls: &TlsConnector, user: &str) -> Res<(Tunnel, Timi
     let tunnel = Tunnel {
         keepalive: secs("x-cstp-keepalive", 20),
         dpd: secs("x-cstp-dpd", 30),
-        address: h("x-cstp-address").unwrap_or_default(),
         conn,
     };
     Ok((tunnel, t))
@@ -656,7 +697,10 @@ fn frame(typ: u8, payload: &[u8]) -> Vec<u8> {
 async fn logoff(conn: &mut Conn) {
     let mut payload = vec![0xb0u8];
     payload.extend_from_slice(b"Aborted by caller");
-    let _ = conn.stream.write_all(&frame(CSTP_DISCONNECT, &payload)).await;
+    let _ = conn
+        .stream
+        .write_all(&frame(CSTP_DISCONNECT, &payload))
+        .await;
     let _ = conn.stream.flush().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), conn.stream.shutdown()).await;
 }
@@ -666,7 +710,12 @@ async fn logoff(conn: &mut Conn) {
 /// `stop` carries "log off every session opened before this many": raised
 /// step by step at the end, so that the gateway is not asked to tear down
 /// thousands of sessions in the same millisecond.
-async fn hold(mut tun: Tunnel, mut stop: watch::Receiver<usize>, seq: usize, seed: u64) -> &'static str {
+async fn hold(
+    mut tun: Tunnel,
+    mut stop: watch::Receiver<usize>,
+    seq: usize,
+    seed: u64,
+) -> &'static str {
     let every = tun.keepalive.min(tun.dpd).max(Duration::from_secs(1));
     // Spread the sessions' keepalives over the interval.
     let jitter = Duration::from_millis(seed % (every.as_millis() as u64).max(1));
@@ -690,14 +739,14 @@ async fn hold(mut tun: Tunnel, mut stop: watch::Receiver<usize>, seq: usize, see
             tun.conn.buf.drain(..8 + len);
             match typ {
                 CSTP_DPD_REQ => {
-                    if tun.conn.stream.write_all(&frame(CSTP_DPD_RESP, &[])).await.is_err()
-                        || tun.conn.stream.flush().await.is_err()
-                    {
+                    let resp = frame(CSTP_DPD_RESP, &[]);
+                    let sent = tun.conn.stream.write_all(&resp).await;
+                    if sent.is_err() || tun.conn.stream.flush().await.is_err() {
                         return "write failed";
                     }
                 }
                 CSTP_DISCONNECT | CSTP_TERMINATE => return "gateway ended the session",
-                CSTP_DATA | CSTP_DPD_RESP | CSTP_KEEPALIVE => {}
+                // DATA (nothing is sent to idle sessions), DPD-RESP, KEEPALIVE
                 _ => {}
             }
         }
@@ -760,7 +809,11 @@ fn summary(mut v: Vec<f64>) -> Value {
 
 fn count_error(errors: &std::sync::Mutex<BTreeMap<String, usize>>, e: &str) {
     // Group errors by their text without numbers (ports, addresses).
-    let key: String = e.chars().filter(|c| !c.is_ascii_digit()).take(120).collect();
+    let key: String = e
+        .chars()
+        .filter(|c| !c.is_ascii_digit())
+        .take(120)
+        .collect();
     if let Ok(mut m) = errors.lock() {
         *m.entry(key).or_default() += 1;
     }
@@ -895,16 +948,18 @@ async fn cmd_hold(opts: Opts) -> Res<Value> {
                         let mut tries = 0;
                         loop {
                             tries += 1;
-                            match tokio::time::timeout(opts.timeout, logon(&opts, &tls, &user)).await {
+                            match tokio::time::timeout(opts.timeout, logon(&opts, &tls, &user))
+                                .await
+                            {
                                 Ok(Ok((tun, t))) => {
                                     if let Ok(mut p) = proto_ms.lock() {
                                         p.push(ms(t.total));
                                     }
                                     keepalive_s.store(tun.keepalive.as_secs(), Ordering::Relaxed);
-                                    let _ = &tun.address;
                                     alive.fetch_add(1, Ordering::Relaxed);
                                     let seq = up_total.fetch_add(1, Ordering::Relaxed);
-                                    let (alive, ended, stop) = (alive.clone(), ended.clone(), stop_rx.clone());
+                                    let (alive, ended, stop) =
+                                        (alive.clone(), ended.clone(), stop_rx.clone());
                                     // Held from now on (keepalives must start at once).
                                     tokio::spawn(async move {
                                         let why = hold(tun, stop, seq, idx as u64 * 7919).await;
@@ -1053,7 +1108,10 @@ fn main() {
         }
     };
     raise_nofile();
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("intragate-loadgen: runtime: {e}");
