@@ -63,10 +63,7 @@ impl ResponseHead {
         &'a self,
         name: &'n str,
     ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        crate::wire::http::headers_named(&self.headers, name)
     }
 
     /// Whether the server keeps the connection open after this response.

@@ -84,6 +84,18 @@ pub struct RequestHead {
     pub content_length: usize,
 }
 
+/// Every value of the headers named `name` (case-insensitive), in order,
+/// from a list of (name, value) pairs; shared by request and response heads.
+pub fn headers_named<'a, 'n>(
+    headers: &'a [(String, String)],
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    headers
+        .iter()
+        .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}
+
 impl RequestHead {
     /// The first header named `name` (case-insensitive).
     #[must_use]
@@ -96,10 +108,7 @@ impl RequestHead {
         &'a self,
         name: &'n str,
     ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
-        self.headers
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        headers_named(&self.headers, name)
     }
 
     /// The value of cookie `name` (case-sensitive, as cookie names are), from all
