@@ -109,6 +109,7 @@ struct RawGateway {
     cert: Option<String>,
     key: Option<String>,
     tun_name: Option<Spanned<String>>,
+    tun_offload: Option<bool>,
     mtu: Option<Spanned<u16>>,
     ctl_socket: Option<String>,
     ctl_group: Option<Spanned<String>>,
@@ -276,6 +277,10 @@ pub struct Config {
     pub key: Option<PathBuf>,
     /// Name of the gateway's TUN device.
     pub tun_name: String,
+    /// Use TUN offload (GSO/GRO: the kernel hands over and takes TCP
+    /// super-packets of up to 64 KiB); falls back to plain packets when the
+    /// kernel refuses.
+    pub tun_offload: bool,
     /// Tunnel MTU pushed to clients and set on the TUN device.
     pub mtu: u16,
     /// Admin control socket.
@@ -899,6 +904,7 @@ impl Config {
             cert: g.cert.as_deref().map(|p| rel(&base, p)),
             key: g.key.as_deref().map(|p| rel(&base, p)),
             tun_name,
+            tun_offload: g.tun_offload.unwrap_or(true),
             mtu,
             ctl_socket,
             ctl_group,

@@ -429,6 +429,13 @@ impl Shared {
     pub fn deliver(&self, port: &Port, pkt: Bytes) {
         use tokio::sync::mpsc::error::TrySendError;
         let len = pkt.len() as u64;
+        // A packet that waits for a reconnect gets its own allocation
+        // instead of pinning the shared read buffer it was cut from.
+        let pkt = if port.up.load(Ordering::Relaxed) {
+            pkt
+        } else {
+            Bytes::copy_from_slice(&pkt)
+        };
         match port.tx.try_send(pkt) {
             Ok(()) => {
                 self.stats.packets_to_users.fetch_add(1, Ordering::Relaxed);

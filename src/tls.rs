@@ -194,3 +194,21 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 }
+
+/// `io::Write` over a non-blocking tokio socket (WouldBlock when it is not
+/// ready), for rustls' `write_tls`, which writes up to 64 queued records
+/// with one vectored write.
+#[derive(Debug)]
+pub struct SyncTcp<'a>(pub &'a tokio::net::TcpStream);
+
+impl Write for SyncTcp<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn write_vectored(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.0.try_write_vectored(bufs)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}

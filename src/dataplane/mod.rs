@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
-use tracing::{error, warn};
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tracing::{debug, error, warn};
+use tun_rs::{AsyncDevice, DeviceBuilder, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::core::conntrack::{NatDrop, Outcome};
 use crate::core::nat::NatPortTable;
@@ -16,17 +16,17 @@ use crate::core::route::{self, DropReason};
 use crate::gateway::{LockedNat, Shared};
 use crate::wire::ip;
 
-/// Bytes zeroed at a time for the TUN read buffer; packets are split off it
-/// without copying, so the allocation is amortized over many packets.
-const READ_CHUNK: usize = 256 * 1024;
-/// Largest packet the TUN device can hand us.
+/// Largest packet (or super-packet) the TUN device can hand us.
 const MAX_PACKET: usize = 65535;
 
 /// Create the TUN device with the gateway's own address in each pool, so
-/// the kernel routes every pool to it.
+/// the kernel routes every pool to it. With `tun_offload` the device is
+/// opened with a virtio-net header and TCP (and, from Linux 6.2, UDP)
+/// segmentation offload: the kernel hands over super-packets of up to
+/// 64 KiB that [`tun_reader`] splits, and takes the coalesced batches the
+/// tunnels write. A kernel that refuses gets a plain device (and a warning).
 pub fn create_tun(shared: &Shared) -> std::io::Result<AsyncDevice> {
     let cfg = &shared.config;
-    let mut builder = DeviceBuilder::new().name(cfg.tun_name.clone()).mtu(cfg.mtu);
     let core = shared.core();
     let pools: Vec<(IpAddr, u8)> = core
         .pools()
@@ -34,10 +34,24 @@ pub fn create_tun(shared: &Shared) -> std::io::Result<AsyncDevice> {
         .collect();
     drop(core);
     let first_v4 = pools.iter().find(|(a, _)| a.is_ipv4()).copied();
-    if let Some((IpAddr::V4(a), prefix)) = first_v4 {
-        builder = builder.ipv4(a, prefix, None);
-    }
-    let dev = builder.build_async()?;
+    let build = |offload: bool| {
+        let mut builder = DeviceBuilder::new()
+            .name(cfg.tun_name.clone())
+            .mtu(cfg.mtu)
+            .offload(offload);
+        if let Some((IpAddr::V4(a), prefix)) = first_v4 {
+            builder = builder.ipv4(a, prefix, None);
+        }
+        builder.build_async()
+    };
+    let dev = match build(cfg.tun_offload) {
+        Ok(d) => d,
+        Err(e) if cfg.tun_offload => {
+            warn!(error = %e, "TUN offload (GSO/GRO) refused by the kernel; using plain packets (slower)");
+            build(false)?
+        }
+        Err(e) => return Err(e),
+    };
     for (addr, prefix) in pools {
         match addr {
             IpAddr::V4(a) if Some((addr, prefix)) != first_v4 => dev.add_address_v4(a, prefix)?,
@@ -62,28 +76,70 @@ pub fn check_forwarding() {
 }
 
 /// Read packets from the TUN device and queue each to its user's tunnel.
+///
+/// One read returns one packet, or with offload a TCP/UDP super-packet that
+/// tun-rs splits into MTU-sized segments (one syscall for up to 64 KiB).
+/// Segments are cut from one zeroed slab and handed on without copying.
 pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
-    let mut buf = BytesMut::new();
+    let seg = usize::from(shared.config.mtu).max(1500) + 64;
+    let mut slab = Slab::new(seg);
+    let mut orig = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
+    let mut bufs: Vec<BytesMut> = (0..IDEAL_BATCH_SIZE).map(|_| slab.take()).collect();
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     let mut scratch = Vec::with_capacity(MAX_PACKET);
     loop {
-        if buf.len() < MAX_PACKET {
-            buf.clear();
-            buf.reserve(READ_CHUNK);
-            buf.resize(READ_CHUNK, 0);
-        }
-        let n = tokio::select! {
+        let r = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            r = tun.recv(&mut buf[..]) => match r {
-                Ok(n) => n,
-                Err(e) => {
-                    error!(error = %e, "TUN read failed; stopping the data plane");
-                    shared.shutdown.cancel();
-                    return;
-                }
-            },
+            r = tun.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) => r,
         };
-        let mut pkt = buf.split_to(n);
-        from_network(&shared, &mut pkt, &mut scratch);
+        let n = match r {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error().is_some() => {
+                error!(error = %e, "TUN read failed; stopping the data plane");
+                shared.shutdown.cancel();
+                return;
+            }
+            Err(e) => {
+                // A super-packet tun-rs could not split (bad header from
+                // the kernel): dropped, counted.
+                shared.stats.drop(DropReason::Malformed);
+                debug!(error = %e, "dropped an unusable packet from the TUN device");
+                continue;
+            }
+        };
+        for (buf, &size) in bufs.iter_mut().zip(sizes.iter()).take(n) {
+            let mut pkt = std::mem::replace(buf, slab.take());
+            pkt.truncate(size);
+            from_network(&shared, &mut pkt, &mut scratch);
+        }
+    }
+}
+
+/// Zeroed packet buffers cut from large allocations: one allocation (and
+/// one zeroing) per [`SLAB`] bytes instead of one per packet.
+struct Slab {
+    seg: usize,
+    rest: BytesMut,
+}
+
+/// Bytes allocated at a time for packet buffers.
+const SLAB: usize = 256 * 1024;
+
+impl Slab {
+    fn new(seg: usize) -> Self {
+        Self {
+            seg,
+            rest: BytesMut::new(),
+        }
+    }
+
+    /// A zeroed buffer of `seg` bytes.
+    fn take(&mut self) -> BytesMut {
+        if self.rest.len() < self.seg {
+            self.rest = BytesMut::zeroed(SLAB.max(self.seg));
+        }
+        self.rest.split_to(self.seg)
     }
 }
 

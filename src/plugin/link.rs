@@ -35,6 +35,7 @@ use tracing::{debug, trace};
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::timers::{LinkAction, LinkTimers};
+use crate::tls::SyncTcp;
 use crate::wire::cstp::{self, FrameType, HEADER_LEN, LOGOFF_CODE, MAX_PAYLOAD};
 
 /// Bytes read from the socket at once.
@@ -94,22 +95,6 @@ pub struct Link {
     pub tcp: TcpStream,
     /// The TLS state.
     pub tls: rustls::ClientConnection,
-}
-
-/// `io::Read`/`io::Write` over the non-blocking socket (WouldBlock when not
-/// ready), for rustls' `read_tls`/`write_tls`.
-struct SyncTcp<'a>(&'a TcpStream);
-
-impl Write for SyncTcp<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.try_write(buf)
-    }
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        self.0.try_write_vectored(bufs)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 /// The buffers and counters of the data path, reused across reconnects.

@@ -583,7 +583,7 @@ impl Conn {
             id,
             TunnelHandle {
                 generation,
-                ctl: ctl_tx.clone(),
+                ctl: ctl_tx,
                 cancel: cancel.clone(),
             },
         );
@@ -630,7 +630,6 @@ impl Conn {
             port,
             rx,
             ctl_rx,
-            ctl_tx,
             cancel,
             mtu: usize::from(mtu),
             dead_after,

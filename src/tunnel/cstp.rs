@@ -1,31 +1,63 @@
-//! A live tunnel: CSTP frames over TLS, both ways.
+//! A live tunnel: CSTP frames over TLS, both ways, in one task.
 //!
-//! Toward the client, every frame is written with one `write_all` of a
-//! contiguous buffer, and rustls' buffer limit is lifted, so each frame is
-//! exactly one TLS record (openconnect drops records holding two frames and
-//! dies on a frame split across records). Back-pressure comes from the
-//! bounded packet queue and from flushing to the socket.
+//! After the CONNECT reply the TLS connection is driven by hand (rustls
+//! `ServerConnection` over the tokio `TcpStream`'s readiness, as in the
+//! plug-in's `link.rs`) so that the hot path is batched:
+//!
+//! - **to the user**: the packets waiting in the session's queue (up to
+//!   [`WRITE_BATCH`]) each become one frame written to rustls with one
+//!   `write` of a contiguous buffer, so **one frame is exactly one TLS
+//!   record** (openconnect drops records holding two frames and dies on a
+//!   frame split across records; the buffer limit is lifted so a write is
+//!   never cut), and the records of the whole batch leave in one vectored
+//!   socket write.
+//! - **from the user**: one socket read of up to [`SOCKET_READ`] bytes (into
+//!   a per-thread buffer, so an idle session holds none) is fed to rustls
+//!   from memory (rustls would read 4 KiB per syscall), the frames are
+//!   decoded, and the packets bound for the internal network are written to
+//!   the TUN device in one batch (with offload, GRO-coalesced into
+//!   super-packets: one syscall for up to 64 KiB).
+//!
+//! Back-pressure: while rustls holds records the socket did not take, the
+//! queue is not read (it fills, and further packets are dropped and
+//! counted as `queue_full`).
 
+use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{mpsc, Notify};
+use rustls::ServerConnection;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
-use tun_rs::AsyncDevice;
+use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::Stream;
 use crate::core::conntrack::{NatDrop, Outcome};
 use crate::core::route::{self, DropReason, UserView, Verdict};
 use crate::core::session::{CloseReason, SessionId};
 use crate::gateway::{LockedNat, Port, Shared, TunnelCtl};
-use crate::wire::cstp::{self, FrameType};
+use crate::tls::SyncTcp;
+use crate::wire::cstp::{self, FrameType, LOGOFF_CODE};
 
-/// Frames written before a flush is forced even when more are queued.
-const FLUSH_EVERY: usize = 32;
+/// Packets taken from the queue and written to rustls before the records
+/// go to the socket.
+const WRITE_BATCH: usize = 128;
+/// Stop taking packets once this many plaintext bytes wait in rustls.
+const MAX_QUEUED: usize = 256 * 1024;
+/// Bytes read from the socket at once (a per-thread buffer).
+const SOCKET_READ: usize = 64 * 1024;
+/// Socket reads handled per wake-up before the queue gets a turn.
+const READS_PER_WAKE: usize = 4;
+/// A tunnel with nothing from the client for this long gives back its
+/// packet batch and decode buffers (an idle session's memory).
+const TRIM_AFTER: Duration = Duration::from_secs(10);
+/// Deadline for DISCONNECT and close_notify when the gateway closes.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// Session reliability: when nothing has come from the client for this
 /// long, the path may be cut. Packets for the user are then held in the
 /// session's queue (not written into a connection that may be dead, where a
@@ -37,22 +69,9 @@ const FLUSH_EVERY: usize = 32;
 /// interval before it.
 const HOLD_AFTER_SILENCE: Duration = Duration::from_millis(1500);
 
-/// What the reader tells the writer about the client.
-#[derive(Debug, Default)]
-struct Liveness {
-    /// When bytes last came from the client (ms since `Shared::epoch`).
-    last_rx: AtomicU64,
-    /// When the last DPD-RESP came (ms since `Shared::epoch`).
-    dpd_resp: AtomicU64,
-    /// Signalled on every read from the client.
-    heard: Notify,
-}
-/// Read buffer growth step. Small on purpose: an idle session's buffers are
-/// most of its memory; a frame larger than what is left simply takes
-/// another reserve.
-const READ_CHUNK: usize = 16 * 1024;
-/// Free space below which the read buffer grows before the next read.
-const READ_LOW_WATER: usize = 2048;
+/// Decode buffer growth step; a frame larger than what is left simply
+/// takes another reserve.
+const PLAIN_CHUNK: usize = 16 * 1024;
 
 /// Everything a tunnel task needs, prepared by CONNECT.
 #[derive(Debug)]
@@ -66,7 +85,6 @@ pub(crate) struct TunnelStart {
     /// The port's receiver, held for the tunnel's lifetime.
     pub(crate) rx: tokio::sync::OwnedMutexGuard<mpsc::Receiver<Bytes>>,
     pub(crate) ctl_rx: mpsc::Receiver<TunnelCtl>,
-    pub(crate) ctl_tx: mpsc::Sender<TunnelCtl>,
     pub(crate) cancel: tokio_util::sync::CancellationToken,
     pub(crate) mtu: usize,
     pub(crate) dead_after: Duration,
@@ -86,13 +104,13 @@ enum End {
 /// Run the tunnel until it ends, then update the session.
 pub(crate) async fn run_tunnel(
     shared: Arc<Shared>,
-    mut stream: Stream,
+    stream: Stream,
     leftover: BytesMut,
     start: TunnelStart,
     tun: Arc<AsyncDevice>,
 ) {
-    stream.get_mut().1.set_buffer_limit(None);
-    let (rd, wr) = tokio::io::split(stream);
+    let (tcp, mut tls) = stream.into_inner();
+    tls.set_buffer_limit(None);
     let TunnelStart {
         id,
         user,
@@ -101,24 +119,36 @@ pub(crate) async fn run_tunnel(
         port,
         mut rx,
         ctl_rx,
-        ctl_tx,
         cancel,
         mtu,
         dead_after,
     } = start;
-    let view = UserView {
-        addr,
-        client_to_client: port.client_to_client,
-        routes: &port.routes,
-    };
     port.up.store(true, Relaxed);
-    let live = Liveness::default();
-    live.last_rx.store(shared.now_ms(), Relaxed);
+    let mut t = Tunnel {
+        shared: &shared,
+        port: &port,
+        view: UserView {
+            addr,
+            client_to_client: port.client_to_client,
+            routes: &port.routes,
+        },
+        mtu,
+        tcp,
+        tls,
+        plain: leftover,
+        out: Vec::new(),
+        queued: 0,
+        batch: None,
+        scratch: Vec::new(),
+        last_rx: shared.now_ms(),
+        last_rx_at: Instant::now(),
+        dpd_resp: 0,
+    };
     let end = tokio::select! {
-        e = reader(&shared, rd, leftover, &view, &port, mtu, dead_after, &tun, &ctl_tx, &live) => e,
-        e = writer(&shared, &port, wr, &mut rx, ctl_rx, &live) => e,
+        e = t.run(&mut rx, ctl_rx, &tun, dead_after) => e,
         _ = cancel.cancelled() => End::Closed,
     };
+    drop(t);
     port.up.store(false, Relaxed);
     drop(rx);
     let now = Instant::now();
@@ -149,254 +179,478 @@ pub(crate) async fn run_tunnel(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn reader(
-    shared: &Shared,
-    mut rd: ReadHalf<Stream>,
-    mut buf: BytesMut,
-    view: &UserView<'_>,
-    port: &Port,
+thread_local! {
+    /// Socket read buffer, one per thread: a read is fed to rustls at once,
+    /// so no session keeps one.
+    static SOCKET_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SOCKET_READ]);
+}
+
+/// Packets from the user bound for the TUN device, written in one batch.
+/// Allocated when traffic starts, given back after [`TRIM_AFTER`] of quiet.
+struct TunBatch {
+    /// Each: [`VIRTIO_NET_HDR_LEN`] bytes of room, then the packet.
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+    gro: GROTable,
+}
+
+impl TunBatch {
+    fn new() -> Box<Self> {
+        Box::new(Self {
+            bufs: (0..IDEAL_BATCH_SIZE).map(|_| Vec::new()).collect(),
+            len: 0,
+            gro: GROTable::default(),
+        })
+    }
+}
+
+/// Outcome of one socket read.
+enum Read {
+    /// Bytes were read and fed to rustls; `true` if the client closed TLS.
+    Fed(bool),
+    /// Nothing to read now.
+    WouldBlock,
+    /// The connection is gone.
+    End(End),
+}
+
+/// One tunnel's state, owned by its task.
+struct Tunnel<'a> {
+    shared: &'a Shared,
+    port: &'a Port,
+    view: UserView<'a>,
     mtu: usize,
-    dead_after: Duration,
-    tun: &AsyncDevice,
-    ctl: &mpsc::Sender<TunnelCtl>,
-    live: &Liveness,
-) -> End {
-    // Packets the FTP ALG rewrites to another length are built here.
-    let scratch = &mut Vec::new(); // grows only if the FTP ALG rewrites
-    loop {
+    tcp: TcpStream,
+    tls: ServerConnection,
+    /// Decrypted bytes not yet decoded (frames are split off it; the
+    /// request's leftover comes first).
+    plain: BytesMut,
+    /// A frame being assembled (header + payload), reused.
+    out: Vec<u8>,
+    /// Plaintext bytes handed to rustls since the socket last took all.
+    queued: usize,
+    batch: Option<Box<TunBatch>>,
+    /// Packets the FTP ALG rewrites to another length are built here.
+    scratch: Vec<u8>,
+    /// When bytes last came from the client (ms since `Shared::epoch`).
+    last_rx: u64,
+    last_rx_at: Instant,
+    /// When the last DPD-RESP came (ms since `Shared::epoch`).
+    dpd_resp: u64,
+}
+
+impl Tunnel<'_> {
+    async fn run(
+        &mut self,
+        rx: &mut mpsc::Receiver<Bytes>,
+        mut ctl: mpsc::Receiver<TunnelCtl>,
+        tun: &AsyncDevice,
+        dead_after: Duration,
+    ) -> End {
+        if let Err(end) = self.start(tun).await {
+            return end;
+        }
+        let hold_ms = u64::try_from(HOLD_AFTER_SILENCE.as_millis()).unwrap_or(u64::MAX);
+        let mut holding = false;
+        // When the last probe of this hold was sent (0: none yet).
+        let mut probe_sent = 0u64;
         loop {
-            let (ty, range, total) = match cstp::decode(&buf, usize::from(u16::MAX)) {
-                Ok(Some(x)) => x,
-                Ok(None) => break,
-                Err(e) => {
-                    shared.stats.cstp_errors.fetch_add(1, Relaxed);
-                    warn!(addr = %view.addr, error = %e, "bad CSTP frame; closing the tunnel");
-                    return End::Dropped(format!("protocol error: {e}"));
+            let now = self.shared.now_ms();
+            let silent = |now: u64, last_rx: u64| now.saturating_sub(last_rx) > hold_ms;
+            if !holding && silent(now, self.last_rx) && (self.port.has_held() || !rx.is_empty()) {
+                holding = true;
+                probe_sent = 0;
+            }
+            if holding && probe_sent > 0 && self.dpd_resp >= probe_sent {
+                holding = false;
+            }
+            if !holding {
+                if let Some(pkt) = self.port.take_held() {
+                    if let Err(end) = self.write_frame(FrameType::Data, &pkt) {
+                        self.port.hold(pkt);
+                        return end;
+                    }
+                }
+            } else if now.saturating_sub(probe_sent) > hold_ms {
+                probe_sent = now.max(1);
+                if let Err(end) = self.write_frame(FrameType::DpdReq, &[]) {
+                    return end;
+                }
+            }
+            if let Err(end) = self.flush() {
+                return end;
+            }
+            let want_write = self.tls.wants_write();
+            let dead_at = self.last_rx_at + dead_after;
+            let trim_at = self.last_rx_at + TRIM_AFTER;
+            let trimmable =
+                self.batch.is_some() || (self.plain.is_empty() && self.plain.capacity() > 0);
+            let step = tokio::select! {
+                biased;
+                c = ctl.recv() => match c {
+                    Some(TunnelCtl::DpdResp) => self.write_frame(FrameType::DpdResp, &[]),
+                    Some(TunnelCtl::Terminate(reason)) => {
+                        let mut p = vec![LOGOFF_CODE];
+                        p.extend_from_slice(reason.as_bytes());
+                        let _ = self.write_frame(FrameType::Disconnect, &p);
+                        self.close().await;
+                        return End::Closed;
+                    }
+                    Some(TunnelCtl::Close) | None => {
+                        self.close().await;
+                        return End::Closed;
+                    }
+                },
+                r = self.tcp.readable() => match r {
+                    Ok(()) => self.on_readable(tun).await,
+                    Err(e) => Err(End::Dropped(format!("read error: {e}"))),
+                },
+                r = self.tcp.writable(), if want_write => match r {
+                    Ok(()) => Ok(()), // flushed at the top of the loop
+                    Err(e) => Err(End::Dropped(format!("write error: {e}"))),
+                },
+                () = tokio::time::sleep(HOLD_AFTER_SILENCE), if holding => Ok(()),
+                p = rx.recv(), if !want_write && !self.port.has_held() => match p {
+                    // Decide with the clock of this moment: the wait may
+                    // have been long.
+                    Some(pkt) if holding || silent(self.shared.now_ms(), self.last_rx) => {
+                        self.port.hold(pkt);
+                        Ok(())
+                    }
+                    Some(pkt) => self.write_batch(pkt, rx),
+                    None => return End::Closed,
+                },
+                () = tokio::time::sleep_until(dead_at.into()) => {
+                    return End::Dropped(format!(
+                        "dead peer: nothing received for {}s",
+                        dead_after.as_secs()
+                    ));
+                }
+                () = tokio::time::sleep_until(trim_at.into()), if trimmable => {
+                    self.trim();
+                    Ok(())
                 }
             };
-            let mut frame = buf.split_to(total);
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// What came after the CONNECT request, and what rustls holds already.
+    async fn start(&mut self, tun: &AsyncDevice) -> Result<(), End> {
+        self.tls
+            .process_new_packets()
+            .map_err(|e| End::Dropped(format!("TLS error: {e}")))?;
+        self.drain_plaintext()?;
+        self.decode(tun).await?;
+        self.flush_tun(tun).await;
+        self.flush()
+    }
+
+    /// Gives back the buffers of a quiet tunnel.
+    fn trim(&mut self) {
+        self.batch = None;
+        if self.plain.is_empty() {
+            self.plain = BytesMut::new();
+        }
+        self.out = Vec::new();
+    }
+
+    /// Hands one frame to rustls: one write, so one TLS record.
+    fn write_frame(&mut self, ty: FrameType, payload: &[u8]) -> Result<(), End> {
+        let Ok(len) = u16::try_from(payload.len()) else {
+            return Ok(()); // cannot be framed; never produced by the TUN (MTU)
+        };
+        self.out.clear();
+        self.out.extend_from_slice(&cstp::encode_header(ty, len));
+        self.out.extend_from_slice(payload);
+        self.tls
+            .writer()
+            .write_all(&self.out)
+            .map_err(|e| End::Dropped(format!("TLS write failed: {e}")))?;
+        self.queued += self.out.len();
+        Ok(())
+    }
+
+    /// `first` and what else waits in the queue, as one batch of records.
+    fn write_batch(&mut self, first: Bytes, rx: &mut mpsc::Receiver<Bytes>) -> Result<(), End> {
+        self.write_frame(FrameType::Data, &first)?;
+        for _ in 1..WRITE_BATCH {
+            if self.queued >= MAX_QUEUED {
+                break;
+            }
+            match rx.try_recv() {
+                Ok(pkt) => self.write_frame(FrameType::Data, &pkt)?,
+                Err(_) => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes queued records to the socket until done or it would block.
+    fn flush(&mut self) -> Result<(), End> {
+        while self.tls.wants_write() {
+            match self.tls.write_tls(&mut SyncTcp(&self.tcp)) {
+                Ok(0) => return Err(End::Dropped("connection closed".into())),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(End::Dropped(format!("write error: {e}"))),
+            }
+        }
+        self.queued = 0;
+        Ok(())
+    }
+
+    /// close_notify and a TCP shutdown, waiting at most [`CLOSE_FLUSH`].
+    async fn close(&mut self) {
+        self.tls.send_close_notify();
+        let deadline = tokio::time::Instant::now() + CLOSE_FLUSH;
+        while self.tls.wants_write() {
+            if self.flush().is_err() {
+                return;
+            }
+            if !self.tls.wants_write() {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, self.tcp.writable())
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tokio::time::timeout_at(deadline, self.tcp.shutdown()).await;
+    }
+
+    /// Socket → rustls → frames → TUN (or a peer's queue).
+    async fn on_readable(&mut self, tun: &AsyncDevice) -> Result<(), End> {
+        let mut heard = false;
+        let mut result = Ok(());
+        for _ in 0..READS_PER_WAKE {
+            let r = SOCKET_BUF.with(|b| {
+                let mut raw = b.borrow_mut();
+                match self.tcp.try_read(&mut raw) {
+                    Ok(0) => Read::End(End::Dropped("connection closed".into())),
+                    Ok(n) => match self.feed(raw.get(..n).unwrap_or(&[])) {
+                        Ok(closed) => Read::Fed(closed),
+                        Err(end) => Read::End(end),
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read::WouldBlock,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Read::Fed(false),
+                    Err(e) => Read::End(End::Dropped(format!("read error: {e}"))),
+                }
+            });
+            let closed = match r {
+                Read::WouldBlock => break,
+                Read::End(end) => {
+                    result = Err(end);
+                    break;
+                }
+                Read::Fed(closed) => closed,
+            };
+            heard = true;
+            if let Err(end) = self.decode(tun).await {
+                result = Err(end);
+                break;
+            }
+            if closed {
+                result = Err(End::Dropped("the client closed the TLS session".into()));
+                break;
+            }
+        }
+        if heard {
+            self.last_rx = self.shared.now_ms();
+            self.last_rx_at = Instant::now();
+        }
+        self.flush_tun(tun).await;
+        result
+    }
+
+    /// Feeds socket bytes to rustls and moves the plaintext to `plain`.
+    /// `Ok(true)` when the client closed the TLS session.
+    fn feed(&mut self, mut src: &[u8]) -> Result<bool, End> {
+        let mut closed = false;
+        while !src.is_empty() {
+            if let Err(e) = self.tls.read_tls(&mut src) {
+                return Err(End::Dropped(format!("TLS read failed: {e}")));
+            }
+            let state = self.tls.process_new_packets().map_err(|e| {
+                // The alert rustls queued, if the socket takes it.
+                let _ = self.flush();
+                End::Dropped(format!("TLS error: {e}"))
+            })?;
+            self.drain_plaintext()?;
+            closed |= state.peer_has_closed();
+        }
+        Ok(closed)
+    }
+
+    /// Moves decrypted bytes from rustls into `plain`.
+    fn drain_plaintext(&mut self) -> Result<(), End> {
+        loop {
+            let len = self.plain.len();
+            if self.plain.capacity() - len < PLAIN_CHUNK / 2 {
+                self.plain.reserve(PLAIN_CHUNK);
+            }
+            let room = self.plain.capacity() - len;
+            self.plain.resize(len + room, 0);
+            let r = self.tls.reader().read(&mut self.plain[len..]);
+            let got = match &r {
+                Ok(k) => *k,
+                Err(_) => 0,
+            };
+            self.plain.truncate(len + got);
+            match r {
+                Ok(0) => return Ok(()),
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
+                // A close without close_notify shows as EOF on the socket.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(End::Dropped(format!("TLS read failed: {e}"))),
+            }
+        }
+    }
+
+    /// Handles every whole frame in `plain`.
+    async fn decode(&mut self, tun: &AsyncDevice) -> Result<(), End> {
+        loop {
+            let (ty, range, total) = match cstp::decode(&self.plain, usize::from(u16::MAX)) {
+                Ok(Some(x)) => x,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    self.shared.stats.cstp_errors.fetch_add(1, Relaxed);
+                    warn!(addr = %self.view.addr, error = %e, "bad CSTP frame; closing the tunnel");
+                    return Err(End::Dropped(format!("protocol error: {e}")));
+                }
+            };
+            let mut frame = self.plain.split_to(total);
             frame.advance(range.start);
             frame.truncate(range.len());
             match ty {
                 FrameType::Data => {
                     // Only forwarded traffic counts as activity (not the
                     // client's IPv6 chatter, which is dropped).
-                    if forward(shared, view, port, mtu, tun, frame, scratch).await {
-                        port.activity.store(shared.now_ms(), Relaxed);
+                    if self.forward(frame) {
+                        self.port.activity.store(self.shared.now_ms(), Relaxed);
+                    }
+                    if self
+                        .batch
+                        .as_ref()
+                        .is_some_and(|b| b.len >= IDEAL_BATCH_SIZE)
+                    {
+                        self.flush_tun(tun).await;
                     }
                 }
-                FrameType::DpdReq => {
-                    let _ = ctl.try_send(TunnelCtl::DpdResp);
-                }
-                FrameType::DpdResp => live.dpd_resp.store(shared.now_ms(), Relaxed),
+                FrameType::DpdReq => self.write_frame(FrameType::DpdResp, &[])?,
+                FrameType::DpdResp => self.dpd_resp = self.shared.now_ms(),
                 FrameType::Keepalive => {}
-                FrameType::Disconnect | FrameType::Terminate => return End::Logoff,
+                FrameType::Disconnect | FrameType::Terminate => {
+                    self.flush_tun(tun).await;
+                    return Err(End::Logoff);
+                }
                 FrameType::Compressed => {
-                    shared.stats.cstp_errors.fetch_add(1, Relaxed);
-                    warn!(addr = %view.addr, "compressed frame, but no compression was negotiated; closing the tunnel");
-                    return End::Dropped("compressed frame without negotiation".into());
+                    self.shared.stats.cstp_errors.fetch_add(1, Relaxed);
+                    warn!(addr = %self.view.addr, "compressed frame, but no compression was negotiated; closing the tunnel");
+                    return Err(End::Dropped("compressed frame without negotiation".into()));
                 }
             }
         }
-        if buf.capacity() - buf.len() < READ_LOW_WATER {
-            buf.reserve(READ_CHUNK);
-        }
-        match tokio::time::timeout(dead_after, rd.read_buf(&mut buf)).await {
-            Err(_) => {
-                return End::Dropped(format!(
-                    "dead peer: nothing received for {}s",
-                    dead_after.as_secs()
-                ))
-            }
-            Ok(Ok(0)) => return End::Dropped("connection closed".into()),
-            Ok(Ok(_)) => {
-                live.last_rx.store(shared.now_ms(), Relaxed);
-                live.heard.notify_one();
-            }
-            Ok(Err(e)) => return End::Dropped(format!("read error: {e}")),
-        }
     }
-}
 
-/// Forward one packet from the user; true if it went somewhere.
-///
-/// Order: anti-spoofing and routing (`route::from_user`), then connection
-/// tracking (state, inbound expectations, spillover NAT, FTP ALG) for
-/// everything that leaves through the TUN device. User-to-user packets go
-/// straight to the peer's queue.
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    shared: &Shared,
-    view: &UserView<'_>,
-    port: &Port,
-    mtu: usize,
-    tun: &AsyncDevice,
-    mut pkt: BytesMut,
-    scratch: &mut Vec<u8>,
-) -> bool {
-    let verdict = route::from_user(&pkt, mtu, view, &shared.gateway_addrs, |dst| {
-        shared.routes.get(&dst).map(|p| p.client_to_client)
-    });
-    let authorized = match verdict {
-        Verdict::ToSession(dst) => {
-            let peer = shared.routes.get(&dst).map(|p| p.value().clone());
-            let Some(peer) = peer else {
-                shared.stats.drop(DropReason::NoSession);
+    /// Forward one packet from the user; true if it went somewhere.
+    ///
+    /// Order: anti-spoofing and routing (`route::from_user`), then
+    /// connection tracking (state, inbound expectations, spillover NAT, FTP
+    /// ALG) for everything that leaves through the TUN device (batched).
+    /// User-to-user packets go straight to the peer's queue.
+    fn forward(&mut self, mut pkt: BytesMut) -> bool {
+        let shared = self.shared;
+        let verdict = route::from_user(&pkt, self.mtu, &self.view, &shared.gateway_addrs, |dst| {
+            shared.routes.get(&dst).map(|p| p.client_to_client)
+        });
+        let authorized = match verdict {
+            Verdict::ToSession(dst) => {
+                let peer = shared.routes.get(&dst).map(|p| p.value().clone());
+                let Some(peer) = peer else {
+                    shared.stats.drop(DropReason::NoSession);
+                    return false;
+                };
+                shared.stats.packets_from_users.fetch_add(1, Relaxed);
+                let len = pkt.len() as u64;
+                shared.stats.bytes_from_users.fetch_add(len, Relaxed);
+                shared.deliver(&peer, pkt.freeze());
+                return true;
+            }
+            Verdict::ToTun => true,
+            // Not routed by the policy: only an existing flow or an
+            // expectation (an FTP passive data connection) lets it through.
+            Verdict::Drop(DropReason::DestinationNotAllowed) => false,
+            Verdict::Drop(r) => {
+                shared.stats.drop(r);
+                if r == DropReason::SpoofedSource {
+                    debug!(addr = %self.view.addr, "dropped a packet with a spoofed source address");
+                }
                 return false;
-            };
-            shared.stats.packets_from_users.fetch_add(1, Relaxed);
-            let len = pkt.len() as u64;
-            shared.stats.bytes_from_users.fetch_add(len, Relaxed);
-            shared.deliver(&peer, pkt.freeze());
-            return true;
-        }
-        Verdict::ToTun => true,
-        // Not routed by the policy: only an existing flow or an expectation
-        // (an FTP passive data connection) lets it through.
-        Verdict::Drop(DropReason::DestinationNotAllowed) => false,
-        Verdict::Drop(r) => {
-            shared.stats.drop(r);
-            if r == DropReason::SpoofedSource {
-                debug!(addr = %view.addr, "dropped a packet with a spoofed source address");
             }
-            return false;
-        }
-    };
-    let ctx = port.ctx(view.addr, authorized, &shared.config.nat.ftp_ports);
-    let outcome = port.flows().outbound(
-        &ctx,
-        &mut pkt,
-        scratch,
-        &mut LockedNat(&shared.nat_ports),
-        Instant::now(),
-    );
-    let out: &[u8] = match outcome {
-        Ok(Outcome::Forward) => &pkt,
-        Ok(Outcome::ForwardScratch) => scratch,
-        Err(NatDrop::DestinationNotAllowed) => {
-            shared.stats.drop(DropReason::DestinationNotAllowed);
-            return false;
-        }
-        Err(d) => {
-            shared.stats.nat_drop(d);
-            return false;
-        }
-    };
-    match tun.send(out).await {
-        Ok(_) => {
-            shared.stats.packets_from_users.fetch_add(1, Relaxed);
-            shared
-                .stats
-                .bytes_from_users
-                .fetch_add(out.len() as u64, Relaxed);
-            true
-        }
-        Err(e) => {
-            shared.stats.drop(DropReason::TunWriteFailed);
-            debug!(error = %e, "TUN write failed");
-            false
-        }
-    }
-}
-
-async fn write_frame(
-    wr: &mut WriteHalf<Stream>,
-    out: &mut Vec<u8>,
-    ty: FrameType,
-    payload: &[u8],
-) -> std::io::Result<()> {
-    let Ok(len) = u16::try_from(payload.len()) else {
-        return Ok(()); // cannot be framed; never produced by the TUN (MTU)
-    };
-    out.clear();
-    out.extend_from_slice(&cstp::encode_header(ty, len));
-    out.extend_from_slice(payload);
-    wr.write_all(out).await
-}
-
-async fn writer(
-    shared: &Shared,
-    port: &Port,
-    mut wr: WriteHalf<Stream>,
-    rx: &mut mpsc::Receiver<Bytes>,
-    mut ctl: mpsc::Receiver<TunnelCtl>,
-    live: &Liveness,
-) -> End {
-    let hold_ms = u64::try_from(HOLD_AFTER_SILENCE.as_millis()).unwrap_or(u64::MAX);
-    let silent = |now: u64| now.saturating_sub(live.last_rx.load(Relaxed)) > hold_ms;
-    // Grows to the largest frame sent (MTU-sized), then is reused.
-    let mut out = Vec::new();
-    let mut unflushed = 0usize;
-    let mut holding = false;
-    // When the last probe of this hold was sent (0: none yet).
-    let mut probe_sent = 0u64;
-    loop {
-        let now = shared.now_ms();
-        if !holding && silent(now) && (port.has_held() || !rx.is_empty()) {
-            holding = true;
-            probe_sent = 0;
-        }
-        if holding && probe_sent > 0 && live.dpd_resp.load(Relaxed) >= probe_sent {
-            holding = false;
-        }
-        if !holding {
-            if let Some(pkt) = port.take_held() {
-                if let Err(e) = write_frame(&mut wr, &mut out, FrameType::Data, &pkt).await {
-                    port.hold(pkt);
-                    return End::Dropped(format!("write error: {e}"));
-                }
-                unflushed += 1;
-            }
-        } else if now.saturating_sub(probe_sent) > hold_ms {
-            probe_sent = now.max(1);
-            let r = match write_frame(&mut wr, &mut out, FrameType::DpdReq, &[]).await {
-                Ok(()) => wr.flush().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = r {
-                return End::Dropped(format!("write error: {e}"));
-            }
-        }
-        if unflushed > 0 && (rx.is_empty() || unflushed >= FLUSH_EVERY) {
-            unflushed = 0;
-            if let Err(e) = wr.flush().await {
-                return End::Dropped(format!("write error: {e}"));
-            }
-        }
-        let res = tokio::select! {
-            biased;
-            c = ctl.recv() => match c {
-                Some(TunnelCtl::DpdResp) => write_frame(&mut wr, &mut out, FrameType::DpdResp, &[]).await,
-                Some(TunnelCtl::Terminate(reason)) => {
-                    let mut p = vec![0xb0u8];
-                    p.extend_from_slice(reason.as_bytes());
-                    let _ = write_frame(&mut wr, &mut out, FrameType::Disconnect, &p).await;
-                    let _ = wr.flush().await;
-                    let _ = wr.shutdown().await;
-                    return End::Closed;
-                }
-                Some(TunnelCtl::Close) | None => {
-                    let _ = wr.shutdown().await;
-                    return End::Closed;
-                }
-            },
-            _ = live.heard.notified(), if holding => continue,
-            _ = tokio::time::sleep(HOLD_AFTER_SILENCE), if holding => continue,
-            p = rx.recv(), if !port.has_held() => match p {
-                // Decide with the clock of this moment: the wait may have
-                // been long.
-                Some(pkt) if holding || silent(shared.now_ms()) => {
-                    port.hold(pkt);
-                    continue;
-                }
-                Some(pkt) => write_frame(&mut wr, &mut out, FrameType::Data, &pkt).await,
-                None => return End::Closed,
-            },
         };
-        if let Err(e) = res {
-            return End::Dropped(format!("write error: {e}"));
+        let ctx = self
+            .port
+            .ctx(self.view.addr, authorized, &shared.config.nat.ftp_ports);
+        let outcome = self.port.flows().outbound(
+            &ctx,
+            &mut pkt,
+            &mut self.scratch,
+            &mut LockedNat(&shared.nat_ports),
+            Instant::now(),
+        );
+        let out: &[u8] = match outcome {
+            Ok(Outcome::Forward) => &pkt,
+            Ok(Outcome::ForwardScratch) => &self.scratch,
+            Err(NatDrop::DestinationNotAllowed) => {
+                shared.stats.drop(DropReason::DestinationNotAllowed);
+                return false;
+            }
+            Err(d) => {
+                shared.stats.nat_drop(d);
+                return false;
+            }
+        };
+        let batch = self.batch.get_or_insert_with(TunBatch::new);
+        let Some(buf) = batch.bufs.get_mut(batch.len) else {
+            shared.stats.drop(DropReason::TunWriteFailed);
+            return false;
+        };
+        buf.clear();
+        buf.resize(VIRTIO_NET_HDR_LEN, 0);
+        buf.extend_from_slice(out);
+        batch.len += 1;
+        shared.stats.packets_from_users.fetch_add(1, Relaxed);
+        shared
+            .stats
+            .bytes_from_users
+            .fetch_add(out.len() as u64, Relaxed);
+        true
+    }
+
+    /// Writes the batched packets to the TUN device (GRO-coalesced when
+    /// offload is on).
+    async fn flush_tun(&mut self, tun: &AsyncDevice) {
+        let Some(batch) = self.batch.as_mut() else {
+            return;
+        };
+        let n = std::mem::take(&mut batch.len);
+        if n == 0 {
+            return;
         }
-        unflushed += 1;
+        let bufs = batch.bufs.get_mut(..n).unwrap_or(&mut []);
+        if let Err(e) = tun
+            .send_multiple(&mut batch.gro, bufs, VIRTIO_NET_HDR_LEN)
+            .await
+        {
+            self.shared.stats.drop(DropReason::TunWriteFailed);
+            debug!(error = %e, "TUN write failed");
+        }
     }
 }
