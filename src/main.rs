@@ -56,7 +56,7 @@ enum Cmd {
     Check,
     /// Print the certificate pin clients pass to --servercert (generates the certificate if needed).
     Fingerprint,
-    /// Manage the local user database (Argon2id hashes).
+    /// Manage the local user database (writes Argon2id hashes; reads ocserv ocpasswd files too).
     User {
         #[command(subcommand)]
         cmd: UserCmd,
@@ -81,7 +81,7 @@ enum UserCmd {
         #[arg(long)]
         password_stdin: bool,
     },
-    /// Change a user's password.
+    /// Change a user's password (also upgrades an imported SHA-crypt hash to Argon2id).
     Passwd {
         /// Username.
         name: String,
@@ -94,7 +94,7 @@ enum UserCmd {
         /// Username.
         name: String,
     },
-    /// List users and their groups.
+    /// List users, their groups and password hash schemes (argon2id, or sha256-crypt/sha512-crypt imported from ocpasswd).
     List,
 }
 
@@ -386,8 +386,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     println!("deleted user '{name}' (live sessions are not ended)");
                 }
                 UserCmd::List => {
-                    for u in intragate::users::read(path)? {
-                        println!("{}\t{}", u.name, u.groups.join(","));
+                    for u in intragate::users::read_lenient(path)? {
+                        let scheme = match u.hash_scheme() {
+                            Ok(s) => s.to_string(),
+                            Err(e) => format!("unusable: {e}"),
+                        };
+                        println!("{}\t{}\t{}", u.name, u.groups.join(","), scheme);
                     }
                 }
             }

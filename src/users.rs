@@ -1,8 +1,13 @@
-//! The local user database: one line per user, `name:group1,group2:hash`,
-//! where hash is an Argon2id PHC string. Managed with `intragate user ...`;
-//! the daemon re-reads it when its modification time changes, so users added
-//! while the gateway runs can log on at once.
+//! The local user database: one line per user, `name:group1,group2:hash`.
+//!
+//! The hash is an Argon2 PHC string (what `intragate user add/passwd`
+//! writes) or a SHA-crypt string (`$5$`, `$6$`) imported from ocserv's
+//! `ocpasswd` file, where the group `*` means "no group". The daemon re-reads
+//! the file when its modification time changes, so users added while the
+//! gateway runs can log on at once.
 
+use std::cell::RefCell;
+use std::fmt;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -11,13 +16,30 @@ use std::sync::Mutex;
 use std::time::SystemTime;
 
 use argon2::password_hash::rand_core::OsRng;
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use argon2::Argon2;
+use argon2::password_hash::{PasswordHasher, SaltString};
+use argon2::{Argon2, Block, Params, Version};
 
 /// Longest username accepted.
 pub const MAX_USERNAME_LEN: usize = 64;
-/// Longest password accepted (Argon2 cost is per byte; bound it).
+/// Longest password accepted (hash cost grows with its length; bound it).
 pub const MAX_PASSWORD_LEN: usize = 1024;
+
+/// Largest Argon2 memory cost a stored hash may ask for, in KiB (256 MiB).
+/// Each auth thread keeps a buffer as large as the largest hash it has
+/// verified, so this bounds what a corrupt or hostile users file can make
+/// the gateway allocate.
+pub const MAX_ARGON2_M_KIB: u32 = 256 * 1024;
+/// Most Argon2 passes accepted (verify time grows linearly; we write t=2).
+pub const MAX_ARGON2_T: u32 = 16;
+/// Most Argon2 lanes accepted (lanes are computed one after the other).
+pub const MAX_ARGON2_P: u32 = 16;
+/// SHA-crypt rounds when the hash has no `rounds=N$` (Drepper's SHA-crypt spec).
+pub const SHA_CRYPT_DEFAULT_ROUNDS: u32 = 5_000;
+/// Fewest SHA-crypt rounds the spec allows (glibc raises smaller values; we refuse them).
+pub const SHA_CRYPT_MIN_ROUNDS: u32 = 1_000;
+/// Most SHA-crypt rounds accepted. The spec allows 999 999 999, minutes of
+/// CPU per logon; 1 000 000 rounds take 0.06 s (SHA-256) to 0.27 s (SHA-512).
+pub const SHA_CRYPT_MAX_ROUNDS: u32 = 1_000_000;
 
 /// Errors of the user database.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +83,73 @@ pub enum UserError {
     Hash(String),
 }
 
+/// Why a stored password hash cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HashError {
+    /// A scheme we do not verify (MD5-crypt, DES crypt, bcrypt, ...).
+    #[error(
+        "unsupported hash scheme ({0}); use 'intragate user passwd' to set an Argon2id password"
+    )]
+    Unsupported(&'static str),
+    /// Locked with `ocpasswd -l`, which puts a `!` before the hash.
+    #[error("account locked ('!' before the hash, as 'ocpasswd -l' writes); delete the user or set a new password with 'intragate user passwd'")]
+    Locked,
+    /// A supported scheme, but the string is not well-formed.
+    #[error("malformed {scheme} hash: {detail}")]
+    Malformed {
+        /// Scheme the hash claims to be.
+        scheme: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// Cost parameters beyond what the gateway spends on one logon.
+    #[error("{what} {value} is above the limit {max} (one logon must not tie up the gateway); use 'intragate user passwd' to set an Argon2id password")]
+    TooCostly {
+        /// The parameter.
+        what: &'static str,
+        /// Its value in the hash.
+        value: u64,
+        /// Largest value accepted.
+        max: u64,
+    },
+}
+
+/// How a stored password hash is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HashScheme {
+    /// Argon2id PHC string: what `intragate user add/passwd` writes.
+    Argon2id,
+    /// Argon2i PHC string.
+    Argon2i,
+    /// Argon2d PHC string.
+    Argon2d,
+    /// SHA-256-crypt (`$5$`), `ocpasswd`'s default.
+    Sha256Crypt,
+    /// SHA-512-crypt (`$6$`).
+    Sha512Crypt,
+}
+
+impl HashScheme {
+    /// Short name, as `intragate user list` shows it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Argon2id => "argon2id",
+            Self::Argon2i => "argon2i",
+            Self::Argon2d => "argon2d",
+            Self::Sha256Crypt => "sha256-crypt",
+            Self::Sha512Crypt => "sha512-crypt",
+        }
+    }
+}
+
+impl fmt::Display for HashScheme {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
@@ -68,8 +157,17 @@ pub struct User {
     pub name: String,
     /// Groups.
     pub groups: Vec<String>,
-    /// Argon2id PHC string.
+    /// Password hash as written in the file: an Argon2 PHC string or an
+    /// imported SHA-crypt string (written back unchanged).
     pub hash: String,
+}
+
+impl User {
+    /// The scheme of the user's password hash, or why it cannot be used
+    /// (only possible for users from [`read_lenient`]).
+    pub fn hash_scheme(&self) -> Result<HashScheme, HashError> {
+        StoredHash::parse(&self.hash).map(|h| h.scheme())
+    }
 }
 
 /// Is `name` an acceptable username? Usernames travel into logs, DNS labels
@@ -90,8 +188,15 @@ fn valid_group(g: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
-/// Parse the users file text.
+/// Parse the users file text. Every hash must be usable (see [`HashError`]).
 pub fn parse(file: &Path, text: &str) -> Result<Vec<User>, UserError> {
+    parse_lines(file, text, true)
+}
+
+/// `strict`: a hash that cannot be verified is an error; otherwise the line
+/// is kept as written (for the admin commands, which must be able to repair
+/// or delete such a user).
+fn parse_lines(file: &Path, text: &str, strict: bool) -> Result<Vec<User>, UserError> {
     let mut users: Vec<User> = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line_no = i + 1;
@@ -112,16 +217,23 @@ pub fn parse(file: &Path, text: &str) -> Result<Vec<User>, UserError> {
         if !valid_username(name) {
             return Err(err(format!("invalid username '{name}'")));
         }
-        let groups: Vec<String> = groups
-            .split(',')
-            .filter(|g| !g.is_empty())
-            .map(str::to_string)
-            .collect();
+        // ocpasswd writes `*` for a user without a group.
+        let groups: Vec<String> = if groups == "*" {
+            Vec::new()
+        } else {
+            groups
+                .split(',')
+                .filter(|g| !g.is_empty())
+                .map(str::to_string)
+                .collect()
+        };
         if let Some(g) = groups.iter().find(|g| !valid_group(g)) {
             return Err(err(format!("invalid group '{g}'")));
         }
-        if PasswordHash::new(hash).is_err() {
-            return Err(err(format!("user '{name}': hash is not a PHC string")));
+        if let Err(e) = StoredHash::parse(hash) {
+            if strict {
+                return Err(err(format!("user '{name}': {e}")));
+            }
         }
         if users.iter().any(|u| u.name.eq_ignore_ascii_case(name)) {
             return Err(err(format!("user '{name}' appears twice")));
@@ -148,28 +260,342 @@ pub fn hash_password(password: &str) -> Result<String, UserError> {
         .map_err(|e| UserError::Hash(e.to_string()))
 }
 
-/// A hash of a random password, verified against when the user does not
-/// exist so that timing does not reveal which usernames exist.
-fn dummy_hash() -> &'static str {
-    static DUMMY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    DUMMY.get_or_init(|| {
-        hash_password("intragate-dummy-password-for-timing").unwrap_or_else(|_| {
-            "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA"
-                .into()
-        })
-    })
+/// The two SHA-crypt variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShaCryptKind {
+    Sha256,
+    Sha512,
 }
 
-fn verify(hash: &str, password: &str) -> bool {
-    match PasswordHash::new(hash) {
-        Ok(h) => Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok(),
-        Err(_) => false,
+impl ShaCryptKind {
+    fn scheme(self) -> HashScheme {
+        match self {
+            Self::Sha256 => HashScheme::Sha256Crypt,
+            Self::Sha512 => HashScheme::Sha512Crypt,
+        }
+    }
+
+    /// Length of the encoded checksum (32 or 64 bytes in crypt's base64).
+    fn checksum_len(self) -> usize {
+        match self {
+            Self::Sha256 => 43,
+            Self::Sha512 => 86,
+        }
     }
 }
 
-/// Write users atomically (temp file + rename), mode 0600.
+/// A stored hash, parsed: everything verifying a password needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StoredHash {
+    Argon2 {
+        algorithm: argon2::Algorithm,
+        params: Params,
+        salt: Vec<u8>,
+        output: Vec<u8>,
+    },
+    ShaCrypt {
+        kind: ShaCryptKind,
+        rounds: u32,
+        salt: String,
+        checksum: String,
+    },
+}
+
+/// crypt's base64 alphabet.
+fn is_crypt_b64(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'.' || b == b'/'
+}
+
+impl StoredHash {
+    fn parse(hash: &str) -> Result<Self, HashError> {
+        if hash.starts_with('!') {
+            return Err(HashError::Locked);
+        }
+        if hash.starts_with("$argon2") {
+            return Self::parse_argon2(hash);
+        }
+        if let Some(rest) = hash.strip_prefix("$5$") {
+            return Self::parse_sha_crypt(ShaCryptKind::Sha256, rest);
+        }
+        if let Some(rest) = hash.strip_prefix("$6$") {
+            return Self::parse_sha_crypt(ShaCryptKind::Sha512, rest);
+        }
+        let what = if hash.starts_with("$1$") {
+            "MD5-crypt"
+        } else if ["$2a$", "$2b$", "$2y$"].iter().any(|p| hash.starts_with(p)) {
+            "bcrypt"
+        } else if hash.starts_with("$y$") {
+            "yescrypt"
+        } else if hash.starts_with('$') {
+            "unknown $id$"
+        } else if hash.len() == 13 && hash.bytes().all(is_crypt_b64) {
+            "DES crypt"
+        } else {
+            "not a password hash"
+        };
+        Err(HashError::Unsupported(what))
+    }
+
+    fn parse_argon2(hash: &str) -> Result<Self, HashError> {
+        let bad = |detail: String| HashError::Malformed {
+            scheme: "Argon2",
+            detail,
+        };
+        let phc = argon2::PasswordHash::new(hash).map_err(|e| bad(e.to_string()))?;
+        let algorithm = argon2::Algorithm::try_from(phc.algorithm)
+            .map_err(|_| bad(format!("unknown algorithm '{}'", phc.algorithm)))?;
+        if phc.version != Some(0x13) {
+            return Err(bad("version must be v=19".into()));
+        }
+        let params = Params::try_from(&phc).map_err(|e| bad(e.to_string()))?;
+        for (what, value, max) in [
+            ("Argon2 memory (m, KiB)", params.m_cost(), MAX_ARGON2_M_KIB),
+            ("Argon2 passes (t)", params.t_cost(), MAX_ARGON2_T),
+            ("Argon2 lanes (p)", params.p_cost(), MAX_ARGON2_P),
+        ] {
+            if value > max {
+                return Err(HashError::TooCostly {
+                    what,
+                    value: value.into(),
+                    max: max.into(),
+                });
+            }
+        }
+        let mut buf = [0u8; argon2::password_hash::Salt::MAX_LENGTH];
+        let salt = phc
+            .salt
+            .ok_or_else(|| bad("no salt".into()))?
+            .decode_b64(&mut buf)
+            .map_err(|e| bad(format!("salt: {e}")))?
+            .to_vec();
+        if salt.len() < argon2::MIN_SALT_LEN {
+            return Err(bad(format!(
+                "salt shorter than {} bytes",
+                argon2::MIN_SALT_LEN
+            )));
+        }
+        let output = phc
+            .hash
+            .ok_or_else(|| bad("no hash output".into()))?
+            .as_bytes()
+            .to_vec();
+        Ok(Self::Argon2 {
+            algorithm,
+            params,
+            salt,
+            output,
+        })
+    }
+
+    /// `rest`: what follows `$5$` or `$6$`: `[rounds=N$]salt$checksum`.
+    fn parse_sha_crypt(kind: ShaCryptKind, rest: &str) -> Result<Self, HashError> {
+        let bad = |detail: String| HashError::Malformed {
+            scheme: kind.scheme().as_str(),
+            detail,
+        };
+        let (rounds, rest) = match rest.strip_prefix("rounds=") {
+            Some(r) => {
+                let (n, rest) = r
+                    .split_once('$')
+                    .ok_or_else(|| bad("no '$' after rounds=N".into()))?;
+                if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(bad(format!("rounds={n} is not a number")));
+                }
+                // Only overflow can fail here: a huge number, refused below.
+                (n.parse::<u64>().unwrap_or(u64::MAX), rest)
+            }
+            None => (SHA_CRYPT_DEFAULT_ROUNDS.into(), rest),
+        };
+        if rounds < SHA_CRYPT_MIN_ROUNDS.into() {
+            return Err(bad(format!(
+                "rounds={rounds} is below the minimum {SHA_CRYPT_MIN_ROUNDS}"
+            )));
+        }
+        let rounds = u32::try_from(rounds)
+            .ok()
+            .filter(|r| *r <= SHA_CRYPT_MAX_ROUNDS)
+            .ok_or(HashError::TooCostly {
+                what: "SHA-crypt rounds",
+                value: rounds,
+                max: SHA_CRYPT_MAX_ROUNDS.into(),
+            })?;
+        let (salt, checksum) = rest
+            .split_once('$')
+            .ok_or_else(|| bad("expected salt$checksum".into()))?;
+        // crypt(3) never writes a longer salt (it cuts it at 16).
+        if salt.is_empty() || salt.len() > 16 || !salt.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(bad("salt must be 1 to 16 printable characters".into()));
+        }
+        if checksum.len() != kind.checksum_len() || !checksum.bytes().all(is_crypt_b64) {
+            return Err(bad(format!(
+                "checksum must be {} characters of [./0-9A-Za-z]",
+                kind.checksum_len()
+            )));
+        }
+        Ok(Self::ShaCrypt {
+            kind,
+            rounds,
+            salt: salt.to_string(),
+            checksum: checksum.to_string(),
+        })
+    }
+
+    fn scheme(&self) -> HashScheme {
+        match self {
+            Self::Argon2 { algorithm, .. } => match algorithm {
+                argon2::Algorithm::Argon2id => HashScheme::Argon2id,
+                argon2::Algorithm::Argon2i => HashScheme::Argon2i,
+                argon2::Algorithm::Argon2d => HashScheme::Argon2d,
+            },
+            Self::ShaCrypt { kind, .. } => kind.scheme(),
+        }
+    }
+
+    /// Does `password` match? Blocking: Argon2id takes ~15 ms of CPU at our
+    /// default parameters, SHA-crypt 0.3 ms (SHA-256) to 1.3 ms (SHA-512) at
+    /// 5000 rounds.
+    fn verify(&self, password: &[u8]) -> bool {
+        match self {
+            Self::Argon2 {
+                algorithm,
+                params,
+                salt,
+                output,
+            } => {
+                let argon2 = Argon2::new(*algorithm, Version::V0x13, params.clone());
+                let mut buf = [0u8; argon2::password_hash::Output::MAX_LENGTH];
+                let Some(out) = buf.get_mut(..output.len()) else {
+                    return false;
+                };
+                argon2_hash_reusing_memory(&argon2, params.block_count(), password, salt, out)
+                    && ct_eq(out, output)
+            }
+            Self::ShaCrypt {
+                kind,
+                rounds,
+                salt,
+                checksum,
+            } => {
+                let rounds = *rounds as usize;
+                let computed = match kind {
+                    ShaCryptKind::Sha256 => sha_crypt::Sha256Params::new(rounds)
+                        .and_then(|p| sha_crypt::sha256_crypt_b64(password, salt.as_bytes(), &p)),
+                    ShaCryptKind::Sha512 => sha_crypt::Sha512Params::new(rounds)
+                        .and_then(|p| sha_crypt::sha512_crypt_b64(password, salt.as_bytes(), &p)),
+                };
+                computed.is_ok_and(|c| ct_eq(c.as_bytes(), checksum.as_bytes()))
+            }
+        }
+    }
+
+    /// A hash of the same scheme and cost that no password is expected to
+    /// match (fixed salt, all-zero or all-'.' output): verified against for
+    /// unknown usernames.
+    fn decoy(&self) -> Self {
+        match self {
+            Self::Argon2 {
+                algorithm,
+                params,
+                output,
+                ..
+            } => Self::Argon2 {
+                algorithm: *algorithm,
+                params: params.clone(),
+                salt: b"intragate-decoy!".to_vec(),
+                output: vec![0; output.len()],
+            },
+            Self::ShaCrypt { kind, rounds, .. } => Self::ShaCrypt {
+                kind: *kind,
+                rounds: *rounds,
+                salt: "intragatedecoy..".into(),
+                checksum: ".".repeat(kind.checksum_len()),
+            },
+        }
+    }
+
+    /// The decoy when the file has no usable user: what `hash_password` writes.
+    fn default_decoy() -> Self {
+        Self::Argon2 {
+            algorithm: argon2::Algorithm::Argon2id,
+            params: Params::DEFAULT,
+            salt: b"intragate-decoy!".to_vec(),
+            output: vec![0; Params::DEFAULT_OUTPUT_LEN],
+        }
+    }
+}
+
+/// The hash unknown usernames are verified against, so that "no such user"
+/// takes as long as "wrong password": the cost most users of the file have.
+/// After an ocpasswd import that is SHA-crypt (~0.3 ms), not Argon2id (~15 ms).
+fn decoy_for(users: &[User]) -> StoredHash {
+    let mut profiles: Vec<(StoredHash, usize)> = Vec::new();
+    for h in users.iter().filter_map(|u| StoredHash::parse(&u.hash).ok()) {
+        let d = h.decoy();
+        match profiles.iter_mut().find(|(p, _)| *p == d) {
+            Some((_, n)) => *n += 1,
+            None => profiles.push((d, 1)),
+        }
+    }
+    // `max_by_key` keeps the last of equals: reversed, ties go to the first profile.
+    profiles
+        .into_iter()
+        .rev()
+        .max_by_key(|(_, n)| *n)
+        .map_or_else(StoredHash::default_decoy, |(d, _)| d)
+}
+
+thread_local! {
+    /// Argon2 working memory (1 KiB blocks), kept per thread and grown to
+    /// the largest hash verified here (bounded by `MAX_ARGON2_M_KIB`). A
+    /// fresh 19 MiB allocation per verify leaves freed blocks in glibc's
+    /// per-thread arenas: hundreds of MiB resident after a few logons.
+    static ARGON2_BLOCKS: RefCell<Vec<Block>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Argon2 of `password` into `out`, in this thread's reused working memory.
+fn argon2_hash_reusing_memory(
+    argon2: &Argon2<'_>,
+    blocks: usize,
+    password: &[u8],
+    salt: &[u8],
+    out: &mut [u8],
+) -> bool {
+    let reused = ARGON2_BLOCKS.try_with(|cell| {
+        let mut memory = cell.try_borrow_mut().ok()?;
+        let have = memory.len();
+        if have < blocks {
+            memory.reserve_exact(blocks - have);
+            memory.resize(blocks, Block::default());
+        }
+        // Old contents do not matter: the first pass overwrites every block.
+        let memory = memory.get_mut(..blocks)?;
+        Some(
+            argon2
+                .hash_password_into_with_memory(password, salt, out, memory)
+                .is_ok(),
+        )
+    });
+    match reused {
+        Ok(Some(ok)) => ok,
+        // The thread is exiting (thread-local gone): a one-off buffer.
+        _ => argon2
+            .hash_password_into_with_memory(password, salt, out, vec![Block::default(); blocks])
+            .is_ok(),
+    }
+}
+
+/// Equal, in time independent of where the bytes differ (lengths are
+/// public: fixed by the scheme).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
+/// Write users atomically (temp file + rename), mode 0600. Users without a
+/// group are written with an empty groups field (never `*`).
 pub fn write(path: &Path, users: &[User]) -> Result<(), UserError> {
     let io = |source| UserError::Io {
         path: path.to_path_buf(),
@@ -181,7 +607,9 @@ pub fn write(path: &Path, users: &[User]) -> Result<(), UserError> {
         }
     }
     let tmp = path.with_extension("tmp");
-    let mut text = String::from("# intragate users: name:group1,group2:argon2id-hash\n");
+    let mut text = String::from(
+        "# intragate users: name:group1,group2:hash (Argon2id, or SHA-crypt imported from ocpasswd)\n",
+    );
     for u in users {
         text.push_str(&format!("{}:{}:{}\n", u.name, u.groups.join(","), u.hash));
     }
@@ -200,10 +628,23 @@ pub fn write(path: &Path, users: &[User]) -> Result<(), UserError> {
     fs::rename(&tmp, path).map_err(io)
 }
 
-/// Read the users file; a missing file is an empty database.
+/// Read the users file; a missing file is an empty database. Every hash
+/// must be usable.
 pub fn read(path: &Path) -> Result<Vec<User>, UserError> {
+    read_with(path, true)
+}
+
+/// Read the users file for the admin commands: like [`read`], but a user
+/// whose hash cannot be used (unsupported scheme, locked, too costly) is
+/// kept as written, so that `user passwd` can repair it and `user del`
+/// remove it; [`User::hash_scheme`] says what is wrong.
+pub fn read_lenient(path: &Path) -> Result<Vec<User>, UserError> {
+    read_with(path, false)
+}
+
+fn read_with(path: &Path, strict: bool) -> Result<Vec<User>, UserError> {
     match fs::read_to_string(path) {
-        Ok(t) => parse(path, &t),
+        Ok(t) => parse_lines(path, &t, strict),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
         Err(source) => Err(UserError::Io {
             path: path.to_path_buf(),
@@ -220,7 +661,7 @@ pub fn add(path: &Path, name: &str, groups: &[String], password: &str) -> Result
     if let Some(g) = groups.iter().find(|g| !valid_group(g)) {
         return Err(UserError::InvalidGroup(g.clone()));
     }
-    let mut users = read(path)?;
+    let mut users = read_lenient(path)?;
     if users.iter().any(|u| u.name.eq_ignore_ascii_case(name)) {
         return Err(UserError::Exists(name.to_string()));
     }
@@ -232,9 +673,9 @@ pub fn add(path: &Path, name: &str, groups: &[String], password: &str) -> Result
     write(path, &users)
 }
 
-/// Change a user's password (command line).
+/// Change a user's password (command line); the new hash is always Argon2id.
 pub fn set_password(path: &Path, name: &str, password: &str) -> Result<(), UserError> {
-    let mut users = read(path)?;
+    let mut users = read_lenient(path)?;
     let u = users
         .iter_mut()
         .find(|u| u.name.eq_ignore_ascii_case(name))
@@ -245,7 +686,7 @@ pub fn set_password(path: &Path, name: &str, password: &str) -> Result<(), UserE
 
 /// Delete a user (command line).
 pub fn delete(path: &Path, name: &str) -> Result<(), UserError> {
-    let mut users = read(path)?;
+    let mut users = read_lenient(path)?;
     let before = users.len();
     users.retain(|u| !u.name.eq_ignore_ascii_case(name));
     if users.len() == before {
@@ -258,7 +699,22 @@ pub fn delete(path: &Path, name: &str) -> Result<(), UserError> {
 #[derive(Debug)]
 pub struct UserDb {
     path: PathBuf,
-    cache: Mutex<(Option<SystemTime>, Vec<User>)>,
+    cache: Mutex<Loaded>,
+}
+
+/// The users file as last read.
+#[derive(Debug)]
+struct Loaded {
+    mtime: Option<SystemTime>,
+    users: Vec<User>,
+    /// Verified against for unknown usernames (see `decoy_for`).
+    decoy: StoredHash,
+}
+
+/// What a username names.
+enum Lookup {
+    Known(User),
+    Unknown(StoredHash),
 }
 
 /// Outcome of a password check.
@@ -280,37 +736,56 @@ impl UserDb {
     pub fn new(path: PathBuf) -> Self {
         Self {
             path,
-            cache: Mutex::new((None, Vec::new())),
+            cache: Mutex::new(Loaded {
+                mtime: None,
+                users: Vec::new(),
+                decoy: StoredHash::default_decoy(),
+            }),
         }
     }
 
-    fn lookup(&self, name: &str) -> Result<Option<User>, UserError> {
+    fn lookup(&self, name: &str) -> Result<Lookup, UserError> {
         let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).ok();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.0.is_none() || cache.0 != mtime {
-            cache.1 = read(&self.path)?;
-            cache.0 = mtime;
+        if cache.mtime.is_none() || cache.mtime != mtime {
+            let users = read(&self.path)?;
+            cache.decoy = decoy_for(&users);
+            cache.users = users;
+            cache.mtime = mtime;
         }
-        Ok(cache
-            .1
-            .iter()
-            .find(|u| u.name.eq_ignore_ascii_case(name))
-            .cloned())
+        Ok(
+            match cache
+                .users
+                .iter()
+                .find(|u| u.name.eq_ignore_ascii_case(name))
+            {
+                Some(u) => Lookup::Known(u.clone()),
+                None => Lookup::Unknown(cache.decoy.clone()),
+            },
+        )
     }
 
-    /// Check a password. Blocking (Argon2): call from a blocking thread.
+    /// Check a password. Blocking (Argon2, SHA-crypt): call it on an
+    /// [`AuthWorkers`] thread, which keeps the Argon2 working memory.
     pub fn authenticate(&self, name: &str, password: &str) -> Result<AuthOutcome, UserError> {
         if !valid_username(name) || password.len() > MAX_PASSWORD_LEN {
             return Ok(AuthOutcome::Denied);
         }
         match self.lookup(name)? {
-            Some(u) if verify(&u.hash, password) => Ok(AuthOutcome::Ok {
-                name: u.name,
-                groups: u.groups,
-            }),
-            Some(_) => Ok(AuthOutcome::Denied),
-            None => {
-                let _ = verify(dummy_hash(), password);
+            Lookup::Known(u) => {
+                // The file was read strictly: every hash parses.
+                let good = StoredHash::parse(&u.hash).is_ok_and(|h| h.verify(password.as_bytes()));
+                Ok(if good {
+                    AuthOutcome::Ok {
+                        name: u.name,
+                        groups: u.groups,
+                    }
+                } else {
+                    AuthOutcome::Denied
+                })
+            }
+            Lookup::Unknown(decoy) => {
+                let _ = decoy.verify(password.as_bytes());
                 Ok(AuthOutcome::Denied)
             }
         }
@@ -320,6 +795,33 @@ impl UserDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `printf 'pw\npw\n' | ocpasswd -c ocp.txt alice` (password `pw`).
+    const OCPASSWD_ALICE: &str =
+        "alice:*:$5$.th4qnMliVoWE020$kiAfx4a1shxxf7jtFkpNIpX3BkVvCtEJzz/9nVI29u4";
+    /// `openssl passwd -6 -salt abcdefgh pw`.
+    const SHA512_PW: &str = "$6$abcdefgh$KQeXafAQAaOoKTevphVU215RvJdgzyfASRasIOuh12hO8u0r1bGW92ZnTmC9IjsiQ8VPiTXBiZF49dFL1U4wX/";
+    /// Python `crypt.crypt("pw", "$5$rounds=10000$saltstringsaltstring")`
+    /// (glibc): explicit rounds, salt cut at 16.
+    const SHA256_ROUNDS_PW: &str =
+        "$5$rounds=10000$saltstringsaltst$buPswZ7zdi0lAaupZl5oiV2uv8MQ6hjLNviZDqWtsP9";
+    /// Python `crypt.crypt("pw", "$6$rounds=1000$abcdefgh")` (glibc).
+    const SHA512_ROUNDS_PW: &str = "$6$rounds=1000$abcdefgh$XqwJcW6OI747PCzoKGoK/1tWSlKoh2vkjEp0I.CpQYUGXuxtpSzAi0rXpF1oWR/3/HfvxKLb7xwD0vymBsSv8/";
+    /// Python `crypt.crypt("pw", "$1$abcdefgh")`.
+    const MD5_PW: &str = "$1$abcdefgh$IQtUouv7y7Q9dRWkQEPCc.";
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("intragate-users-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn verify(hash: &str, password: &str) -> bool {
+        StoredHash::parse(hash)
+            .expect("parse")
+            .verify(password.as_bytes())
+    }
 
     #[test]
     fn username_rule() {
@@ -335,8 +837,7 @@ mod tests {
 
     #[test]
     fn add_authenticate_delete() {
-        let dir = std::env::temp_dir().join(format!("intragate-users-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
+        let dir = temp_dir("add");
         let path = dir.join("users");
         add(&path, "alice", &["staff".into()], "s3cret").expect("add");
         assert!(matches!(
@@ -377,6 +878,249 @@ mod tests {
     fn malformed_line_names_the_line() {
         let e = parse(Path::new("users"), "# c\nalice:staff\n").unwrap_err();
         assert!(e.to_string().starts_with("users:2:"), "{e}");
+    }
+
+    #[test]
+    fn argon2_reused_memory_verifies() {
+        let h = hash_password("s3cret").expect("hash");
+        assert_eq!(
+            StoredHash::parse(&h).expect("parse").scheme(),
+            HashScheme::Argon2id
+        );
+        // Twice: the second run starts from the first one's leftover blocks.
+        for _ in 0..2 {
+            assert!(verify(&h, "s3cret"));
+            assert!(!verify(&h, "s3creT"));
+        }
+        // Other parameters and algorithms, in a buffer larger than needed.
+        for alg in [
+            argon2::Algorithm::Argon2id,
+            argon2::Algorithm::Argon2i,
+            argon2::Algorithm::Argon2d,
+        ] {
+            let params = Params::new(64, 3, 2, Some(24)).expect("params");
+            let salt = SaltString::generate(&mut OsRng);
+            let small = Argon2::new(alg, Version::V0x13, params)
+                .hash_password(b"pw", &salt)
+                .expect("hash")
+                .to_string();
+            assert!(verify(&small, "pw"), "{small}");
+            assert!(!verify(&small, "px"), "{small}");
+        }
+        // One buffer per thread, kept at the largest size seen (19 MiB).
+        let kept = ARGON2_BLOCKS.with(|m| (m.borrow().len(), m.borrow().capacity()));
+        assert_eq!(kept, (19 * 1024, 19 * 1024));
+    }
+
+    #[test]
+    fn argon2_limits_checked_at_parse_time() {
+        let absurd_m =
+            "$argon2id$v=19$m=4194304,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA";
+        let e = parse(Path::new("users"), &format!("# c\n\nbob::{absurd_m}\n")).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("users:3: user 'bob': Argon2 memory"),
+            "{e}"
+        );
+        let old_version =
+            "$argon2id$v=16$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA";
+        assert!(matches!(
+            StoredHash::parse(old_version),
+            Err(HashError::Malformed { .. })
+        ));
+        let ok =
+            "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaGhhc2hoYXNoaGFzaA";
+        assert!(StoredHash::parse(ok).is_ok());
+    }
+
+    #[test]
+    fn ocpasswd_file_authenticates() {
+        let users = parse(Path::new("ocpasswd"), &format!("{OCPASSWD_ALICE}\n")).expect("parse");
+        assert_eq!(users[0].groups, Vec::<String>::new());
+        assert_eq!(users[0].hash_scheme(), Ok(HashScheme::Sha256Crypt));
+
+        let dir = temp_dir("ocpasswd");
+        fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("ocpasswd");
+        fs::write(
+            &path,
+            format!("{OCPASSWD_ALICE}\nbob:staff,ops:{SHA512_PW}\n"),
+        )
+        .expect("write");
+        let db = UserDb::new(path.clone());
+        assert_eq!(
+            db.authenticate("alice", "pw").expect("auth"),
+            AuthOutcome::Ok {
+                name: "alice".into(),
+                groups: vec![]
+            }
+        );
+        assert_eq!(
+            db.authenticate("alice", "px").expect("auth"),
+            AuthOutcome::Denied
+        );
+        assert_eq!(
+            db.authenticate("bob", "pw").expect("auth"),
+            AuthOutcome::Ok {
+                name: "bob".into(),
+                groups: vec!["staff".into(), "ops".into()]
+            }
+        );
+        assert_eq!(
+            db.authenticate("bob", "px").expect("auth"),
+            AuthOutcome::Denied
+        );
+        assert_eq!(
+            db.authenticate("carol", "pw").expect("auth"),
+            AuthOutcome::Denied
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn sha_crypt_vectors() {
+        assert!(verify(SHA512_PW, "pw"));
+        assert!(!verify(SHA512_PW, "px"));
+        assert!(verify(SHA256_ROUNDS_PW, "pw"));
+        assert!(!verify(SHA256_ROUNDS_PW, "px"));
+        assert!(verify(SHA512_ROUNDS_PW, "pw"));
+        assert!(!verify(SHA512_ROUNDS_PW, "px"));
+        // Drepper's SHA-crypt spec, test vector 2 of each.
+        assert!(verify(
+            "$5$rounds=10000$saltstringsaltst$3xv.VbSHBb41AL9AvLeujZkZRBAwqFMz2.opqey6IcA",
+            "Hello world!"
+        ));
+        assert!(verify(
+            "$6$rounds=10000$saltstringsaltst$OW1/O6BYHV6BcXZu8QVeXbDWra3Oeqh0sbHbbMCVNSnCM/UrjmM0Dp8vOuZeHBy/YTBmSK6H9qs/y3RnOaw5v.",
+            "Hello world!"
+        ));
+    }
+
+    #[test]
+    fn sha_crypt_rounds_bounded() {
+        let checksum = "kiAfx4a1shxxf7jtFkpNIpX3BkVvCtEJzz/9nVI29u4";
+        let text = format!("# c\nalice:*:$5$rounds=1000001$salt${checksum}\n");
+        let e = parse(Path::new("ocpasswd"), &text).unwrap_err();
+        assert!(
+            e.to_string().starts_with(
+                "ocpasswd:2: user 'alice': SHA-crypt rounds 1000001 is above the limit 1000000"
+            ),
+            "{e}"
+        );
+        let e = parse(
+            Path::new("ocpasswd"),
+            &format!("alice:*:$5$rounds=99999999999999999999999$s${checksum}"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("above the limit"), "{e}");
+        let e = parse(
+            Path::new("ocpasswd"),
+            &format!("alice:*:$5$rounds=999$salt${checksum}"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("below the minimum 1000"), "{e}");
+        assert!(StoredHash::parse(&format!("$5$rounds=1000000$salt${checksum}")).is_ok());
+        assert!(StoredHash::parse(&format!("$5$rounds=1000$salt${checksum}")).is_ok());
+    }
+
+    #[test]
+    fn unsupported_hashes_named() {
+        let e = parse(
+            Path::new("ocpasswd"),
+            &format!("{OCPASSWD_ALICE}\nbob:*:{MD5_PW}\n"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "ocpasswd:2: user 'bob': unsupported hash scheme (MD5-crypt); use 'intragate user passwd' to set an Argon2id password"
+        );
+        for (hash, want) in [
+            ("abJnggxhB/yWI", HashError::Unsupported("DES crypt")),
+            (
+                "$2b$12$abcdefghijklmnopqrstuu",
+                HashError::Unsupported("bcrypt"),
+            ),
+            (
+                "plaintext password",
+                HashError::Unsupported("not a password hash"),
+            ),
+            (&format!("!{}", &OCPASSWD_ALICE[8..]), HashError::Locked),
+        ] {
+            assert_eq!(StoredHash::parse(hash), Err(want), "{hash}");
+        }
+        for bad in [
+            "$5$salt$short",
+            "$5$$kiAfx4a1shxxf7jtFkpNIpX3BkVvCtEJzz/9nVI29u4",
+            "$5$saltsaltsaltsaltX$kiAfx4a1shxxf7jtFkpNIpX3BkVvCtEJzz/9nVI29u4",
+            "$5$rounds=5000kiAfx4a1shxxf7jtFkpNIpX3BkVvCtEJzz/9nVI29u4",
+            "$6$salt$kiAfx4a1shxxf7jtFkpNIpX3BkVvCtEJzz/9nVI29u4",
+        ] {
+            assert!(
+                matches!(StoredHash::parse(bad), Err(HashError::Malformed { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn rewrite_keeps_imported_hashes() {
+        let dir = temp_dir("rewrite");
+        fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("ocpasswd");
+        fs::write(&path, format!("{OCPASSWD_ALICE}\nbob:*:{MD5_PW}\n")).expect("write");
+        // The daemon refuses the file; the admin commands can repair it.
+        assert!(read(&path).is_err());
+        add(&path, "carol", &[], "c").expect("add");
+        let text = fs::read_to_string(&path).expect("read");
+        let alice_hash = &OCPASSWD_ALICE["alice:*:".len()..];
+        assert!(text.contains(&format!("\nalice::{alice_hash}\n")), "{text}");
+        assert!(text.contains(&format!("\nbob::{MD5_PW}\n")), "{text}");
+        let users = read_lenient(&path).expect("read");
+        assert_eq!(
+            users[1].hash_scheme(),
+            Err(HashError::Unsupported("MD5-crypt"))
+        );
+        assert_eq!(users[2].hash_scheme(), Ok(HashScheme::Argon2id));
+
+        set_password(&path, "bob", "b").expect("passwd");
+        let users = read(&path).expect("strict read after the repair");
+        let schemes: Vec<_> = users.iter().map(|u| u.hash_scheme()).collect();
+        assert_eq!(
+            schemes,
+            [
+                Ok(HashScheme::Sha256Crypt),
+                Ok(HashScheme::Argon2id),
+                Ok(HashScheme::Argon2id)
+            ]
+        );
+        assert_eq!(users[0].hash, alice_hash);
+        let db = UserDb::new(path.clone());
+        assert!(matches!(
+            db.authenticate("bob", "b"),
+            Ok(AuthOutcome::Ok { .. })
+        ));
+        assert!(matches!(
+            db.authenticate("alice", "pw"),
+            Ok(AuthOutcome::Ok { .. })
+        ));
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn decoy_follows_most_users() {
+        let users = parse(
+            Path::new("u"),
+            &format!(
+                "{OCPASSWD_ALICE}\nbob::{SHA512_PW}\ncarol::{}\n",
+                &OCPASSWD_ALICE[8..]
+            ),
+        )
+        .expect("parse");
+        let decoy = decoy_for(&users);
+        assert_eq!(decoy.scheme(), HashScheme::Sha256Crypt);
+        assert!(!decoy.verify(b"pw"));
+        assert_eq!(decoy_for(&[]), StoredHash::default_decoy());
+        assert!(!StoredHash::default_decoy().verify(b"pw"));
     }
 }
 
