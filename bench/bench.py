@@ -824,8 +824,17 @@ exit $rc
 
     # -- measurements ----------------------------------------------------------------
 
+    def ctl_io(self, cfg):
+        o = run([self.bin, "ctl", "--config", cfg, "stats", "--json"], check=False)
+        try:
+            return json.loads(o.stdout).get("io") or {}
+        except ValueError:
+            return {}
+
     def iperf(self, src_ns, gw_pids_fn, client_pid=None, reverse=False):
         secs = self.P["iperf_secs"]
+        io_fn = getattr(self, "io_fn", None)
+        io0 = io_fn() if io_fn else None
         pids = gw_pids_fn() if gw_pids_fn else []
         c0 = cpu_ticks(pids)
         cc0 = cpu_ticks(proc_tree(client_pid)) if client_pid else 0
@@ -854,7 +863,16 @@ exit $rc
                 o.stdout[-2000:], o.stderr[-2000:], self.iperf_srv.log_text()[-2000:]))
         gbits = recv["bytes"] * 8 / 1e9
         gw_cpu = (c1 - c0) / HZ
+        io = None
+        if io0 is not None:
+            io1 = io_fn()
+            io = {k: io1.get(k, 0) - io0.get(k, 0) for k in io1}
+            per = lambda a, b: round(io[a] / io[b], 2) if io.get(b) else None
+            io["packets_per_tun_read"] = per("tun_read_packets", "tun_reads")
+            io["packets_per_tun_batch"] = per("tun_write_packets", "tun_write_batches")
+            io["frames_per_socket_write"] = per("frames_out", "socket_writes")
         return {
+            "io": io,
             "mbit_s": recv["bits_per_second"] / 1e6,
             "gbit": gbits,
             "gw_cpu_s": gw_cpu if pids else None,
@@ -881,6 +899,12 @@ exit $rc
         log("%s: up %s Mbit/s, down %s Mbit/s, gateway CPU s/Gbit up %s down %s" % (
             label, fmt(out["up_mbit_s"]), fmt(out["down_mbit_s"]),
             fmt(out["up_cpu_s_per_gbit"], 3), fmt(out["down_cpu_s_per_gbit"], 3)))
+        for d in ("up", "down"):
+            io = runs[d][-1].get("io")
+            if io:
+                log("%s %s: packets per TUN read %s, per TUN write batch %s; frames per socket write %s; "
+                    "socket reads %s" % (label, d, io["packets_per_tun_read"], io["packets_per_tun_batch"],
+                                         io["frames_per_socket_write"], io.get("socket_reads")))
         return out
 
     def ping(self, src_ns):
@@ -1183,6 +1207,9 @@ exit $rc
         log("%s: openconnect logon (total, incl. vpnc-script) %s ms, tunnel MTU %s, %s" % (
             kind, fmt(R["openconnect_logon"]["total_ms"], 1), logons[-1]["mtu"], logons[-1]["cipher"]))
         self.wait_idle(kind + ": openconnect throughput")
+        # intragate counts its data-path system calls (`ctl stats`: io):
+        # each iperf3 run records packets per call.
+        self.io_fn = (lambda: self.ctl_io(cfg)) if kind == "intragate" else None
         ping = self.ping(self.u0)  # on the idle tunnel, before any bulk traffic
         R["openconnect"] = self.throughput(kind + "/openconnect", self.u0, pids_fn, client_pid=oc.pid,
                                            perf_tag=kind + "-openconnect")
@@ -1204,6 +1231,7 @@ exit $rc
                 R["plugin"] = {"n/a": why}
                 log("intragate-plugin: n/a (%s)" % why)
 
+        self.io_fn = None
         R["logon"] = self.logons(kind, pids_fn)
         # Memory with a fresh gateway: restart it (intragate: empty state).
         self.stop_gateway(gw)

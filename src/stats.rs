@@ -108,6 +108,43 @@ pub struct Stats {
     pub packets_to_users: AtomicU64,
     /// Bytes delivered to users' queues.
     pub bytes_to_users: AtomicU64,
+    /// System calls of the data path and the packets they carried (how
+    /// well batching works: packets per call).
+    pub io: IoStats,
+}
+
+/// Data-path system calls and what they carried.
+#[derive(Debug, Default)]
+pub struct IoStats {
+    /// TUN reads.
+    pub tun_reads: AtomicU64,
+    /// Packets those reads returned (after splitting super-packets).
+    pub tun_read_packets: AtomicU64,
+    /// Batches written to the TUN device (each one or more writes; with
+    /// offload, GRO-coalesced).
+    pub tun_write_batches: AtomicU64,
+    /// Packets in those batches.
+    pub tun_write_packets: AtomicU64,
+    /// Socket reads on tunnels (that returned data).
+    pub socket_reads: AtomicU64,
+    /// Socket writes on tunnels (each carrying one or more TLS records).
+    pub socket_writes: AtomicU64,
+    /// CSTP frames (TLS records) written to tunnels.
+    pub frames_out: AtomicU64,
+}
+
+impl IoStats {
+    fn to_json(&self) -> Value {
+        json!({
+            "tun_reads": self.tun_reads.load(Relaxed),
+            "tun_read_packets": self.tun_read_packets.load(Relaxed),
+            "tun_write_batches": self.tun_write_batches.load(Relaxed),
+            "tun_write_packets": self.tun_write_packets.load(Relaxed),
+            "socket_reads": self.socket_reads.load(Relaxed),
+            "socket_writes": self.socket_writes.load(Relaxed),
+            "frames_out": self.frames_out.load(Relaxed),
+        })
+    }
 }
 
 impl Stats {
@@ -184,6 +221,7 @@ impl Stats {
             "bytes_from_users": self.bytes_from_users.load(Relaxed),
             "packets_to_users": self.packets_to_users.load(Relaxed),
             "bytes_to_users": self.bytes_to_users.load(Relaxed),
+            "io": self.io.to_json(),
         })
     }
 }

@@ -176,6 +176,14 @@ pub fn render(shared: &Shared) -> String {
         "Bytes queued to users.",
         &s["bytes_to_users"],
     );
+    labelled(
+        &mut out,
+        "intragate_io_total",
+        "counter",
+        "Data-path system calls and the packets/frames they carried (packets per call shows batching).",
+        "what",
+        &s["io"],
+    );
     counter(
         &mut out,
         "intragate_cstp_errors_total",

@@ -2,6 +2,7 @@
 //! packets from the internal network and hands them to users' tunnels.
 
 use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use std::time::Instant;
@@ -108,6 +109,12 @@ pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
                 continue;
             }
         };
+        shared.stats.io.tun_reads.fetch_add(1, Relaxed);
+        shared
+            .stats
+            .io
+            .tun_read_packets
+            .fetch_add(n as u64, Relaxed);
         for (buf, &size) in bufs.iter_mut().zip(sizes.iter()).take(n) {
             let mut pkt = std::mem::replace(buf, slab.take());
             pkt.truncate(size);

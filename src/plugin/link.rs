@@ -139,8 +139,11 @@ impl DataPath {
             up_orig: vec![0; VIRTIO_NET_HDR_LEN + 65535],
             up_bufs: vec![vec![0; HEADER_LEN + packet]; IDEAL_BATCH_SIZE],
             up_sizes: vec![0; IDEAL_BATCH_SIZE],
+            // GRO appends a TCP flow's segments to the first one's buffer
+            // (and refuses to when it has no room): room for a 64 KiB
+            // super-packet each, resident only when used.
             down_bufs: (0..IDEAL_BATCH_SIZE)
-                .map(|_| Vec::with_capacity(VIRTIO_NET_HDR_LEN + packet))
+                .map(|_| Vec::with_capacity(2 * VIRTIO_NET_HDR_LEN + 65535))
                 .collect(),
             down_count: 0,
             gro: GROTable::default(),

@@ -138,7 +138,6 @@ pub(crate) async fn run_tunnel(
         plain: leftover,
         out: Vec::new(),
         queued: 0,
-        batch: None,
         scratch: Vec::new(),
         last_rx: shared.now_ms(),
         last_rx_at: Instant::now(),
@@ -185,23 +184,37 @@ thread_local! {
     static SOCKET_BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; SOCKET_READ]);
 }
 
-/// Packets from the user bound for the TUN device, written in one batch.
-/// Allocated when traffic starts, given back after [`TRIM_AFTER`] of quiet.
+/// Packets from users bound for the TUN device, written in one batch: one
+/// per thread (a batch is filled and written without an await in between,
+/// so no session keeps one).
 struct TunBatch {
-    /// Each: [`VIRTIO_NET_HDR_LEN`] bytes of room, then the packet.
+    /// Each: [`VIRTIO_NET_HDR_LEN`] bytes of room, then the packet. With
+    /// offload, GRO appends the segments of a TCP flow to the first one's
+    /// buffer, so each has room for a 64 KiB super-packet (memory that
+    /// becomes resident only when used).
     bufs: Vec<Vec<u8>>,
     len: usize,
     gro: GROTable,
 }
 
+/// Room per batch buffer: header room twice (tun-rs' rule) and a 64 KiB
+/// super-packet.
+const TUN_BUF: usize = 2 * VIRTIO_NET_HDR_LEN + 65535;
+
 impl TunBatch {
-    fn new() -> Box<Self> {
-        Box::new(Self {
-            bufs: (0..IDEAL_BATCH_SIZE).map(|_| Vec::new()).collect(),
+    fn new() -> Self {
+        Self {
+            bufs: (0..IDEAL_BATCH_SIZE)
+                .map(|_| Vec::with_capacity(TUN_BUF))
+                .collect(),
             len: 0,
             gro: GROTable::default(),
-        })
+        }
     }
+}
+
+thread_local! {
+    static TUN_BATCH: std::cell::RefCell<TunBatch> = std::cell::RefCell::new(TunBatch::new());
 }
 
 /// Outcome of one socket read.
@@ -229,7 +242,6 @@ struct Tunnel<'a> {
     out: Vec<u8>,
     /// Plaintext bytes handed to rustls since the socket last took all.
     queued: usize,
-    batch: Option<Box<TunBatch>>,
     /// Packets the FTP ALG rewrites to another length are built here.
     scratch: Vec<u8>,
     /// When bytes last came from the client (ms since `Shared::epoch`).
@@ -283,8 +295,7 @@ impl Tunnel<'_> {
             let want_write = self.tls.wants_write();
             let dead_at = self.last_rx_at + dead_after;
             let trim_at = self.last_rx_at + TRIM_AFTER;
-            let trimmable =
-                self.batch.is_some() || (self.plain.is_empty() && self.plain.capacity() > 0);
+            let trimmable = self.plain.is_empty() && self.plain.capacity() > 0;
             let step = tokio::select! {
                 biased;
                 c = ctl.recv() => match c {
@@ -302,7 +313,7 @@ impl Tunnel<'_> {
                     }
                 },
                 r = self.tcp.readable() => match r {
-                    Ok(()) => self.on_readable(tun).await,
+                    Ok(()) => self.on_readable(tun),
                     Err(e) => Err(End::Dropped(format!("read error: {e}"))),
                 },
                 r = self.tcp.writable(), if want_write => match r {
@@ -339,18 +350,22 @@ impl Tunnel<'_> {
 
     /// What came after the CONNECT request, and what rustls holds already.
     async fn start(&mut self, tun: &AsyncDevice) -> Result<(), End> {
-        self.tls
+        let state = self
+            .tls
             .process_new_packets()
             .map_err(|e| End::Dropped(format!("TLS error: {e}")))?;
-        self.drain_plaintext()?;
-        self.decode(tun).await?;
-        self.flush_tun(tun).await;
+        self.drain_plaintext(state.plaintext_bytes_to_read())?;
+        TUN_BATCH.with(|b| {
+            let batch = &mut b.borrow_mut();
+            let r = self.decode(batch, tun);
+            self.flush_tun(batch, tun);
+            r
+        })?;
         self.flush()
     }
 
     /// Gives back the buffers of a quiet tunnel.
     fn trim(&mut self) {
-        self.batch = None;
         if self.plain.is_empty() {
             self.plain = BytesMut::new();
         }
@@ -370,6 +385,7 @@ impl Tunnel<'_> {
             .write_all(&self.out)
             .map_err(|e| End::Dropped(format!("TLS write failed: {e}")))?;
         self.queued += self.out.len();
+        self.shared.stats.io.frames_out.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -393,7 +409,9 @@ impl Tunnel<'_> {
         while self.tls.wants_write() {
             match self.tls.write_tls(&mut SyncTcp(&self.tcp)) {
                 Ok(0) => return Err(End::Dropped("connection closed".into())),
-                Ok(_) => {}
+                Ok(_) => {
+                    self.shared.stats.io.socket_writes.fetch_add(1, Relaxed);
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(End::Dropped(format!("write error: {e}"))),
@@ -424,47 +442,55 @@ impl Tunnel<'_> {
         let _ = tokio::time::timeout_at(deadline, self.tcp.shutdown()).await;
     }
 
-    /// Socket → rustls → frames → TUN (or a peer's queue).
-    async fn on_readable(&mut self, tun: &AsyncDevice) -> Result<(), End> {
+    /// Socket → rustls → frames → TUN (or a peer's queue). Synchronous:
+    /// the per-thread buffers are used without an await in between.
+    fn on_readable(&mut self, tun: &AsyncDevice) -> Result<(), End> {
         let mut heard = false;
-        let mut result = Ok(());
-        for _ in 0..READS_PER_WAKE {
-            let r = SOCKET_BUF.with(|b| {
-                let mut raw = b.borrow_mut();
-                match self.tcp.try_read(&mut raw) {
-                    Ok(0) => Read::End(End::Dropped("connection closed".into())),
-                    Ok(n) => match self.feed(raw.get(..n).unwrap_or(&[])) {
-                        Ok(closed) => Read::Fed(closed),
-                        Err(end) => Read::End(end),
-                    },
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read::WouldBlock,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Read::Fed(false),
-                    Err(e) => Read::End(End::Dropped(format!("read error: {e}"))),
-                }
-            });
-            let closed = match r {
-                Read::WouldBlock => break,
-                Read::End(end) => {
+        let result = TUN_BATCH.with(|b| {
+            let batch = &mut b.borrow_mut();
+            let mut result = Ok(());
+            for _ in 0..READS_PER_WAKE {
+                let r = SOCKET_BUF.with(|b| {
+                    let mut raw = b.borrow_mut();
+                    match self.tcp.try_read(&mut raw) {
+                        Ok(0) => Read::End(End::Dropped("connection closed".into())),
+                        Ok(n) => {
+                            self.shared.stats.io.socket_reads.fetch_add(1, Relaxed);
+                            match self.feed(raw.get(..n).unwrap_or(&[])) {
+                                Ok(closed) => Read::Fed(closed),
+                                Err(end) => Read::End(end),
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Read::WouldBlock,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => Read::Fed(false),
+                        Err(e) => Read::End(End::Dropped(format!("read error: {e}"))),
+                    }
+                });
+                let closed = match r {
+                    Read::WouldBlock => break,
+                    Read::End(end) => {
+                        result = Err(end);
+                        break;
+                    }
+                    Read::Fed(closed) => closed,
+                };
+                heard = true;
+                if let Err(end) = self.decode(batch, tun) {
                     result = Err(end);
                     break;
                 }
-                Read::Fed(closed) => closed,
-            };
-            heard = true;
-            if let Err(end) = self.decode(tun).await {
-                result = Err(end);
-                break;
+                if closed {
+                    result = Err(End::Dropped("the client closed the TLS session".into()));
+                    break;
+                }
             }
-            if closed {
-                result = Err(End::Dropped("the client closed the TLS session".into()));
-                break;
-            }
-        }
+            self.flush_tun(batch, tun);
+            result
+        });
         if heard {
             self.last_rx = self.shared.now_ms();
             self.last_rx_at = Instant::now();
         }
-        self.flush_tun(tun).await;
         result
     }
 
@@ -481,40 +507,45 @@ impl Tunnel<'_> {
                 let _ = self.flush();
                 End::Dropped(format!("TLS error: {e}"))
             })?;
-            self.drain_plaintext()?;
+            self.drain_plaintext(state.plaintext_bytes_to_read())?;
             closed |= state.peer_has_closed();
         }
         Ok(closed)
     }
 
-    /// Moves decrypted bytes from rustls into `plain`.
-    fn drain_plaintext(&mut self) -> Result<(), End> {
-        loop {
-            let len = self.plain.len();
-            if self.plain.capacity() - len < PLAIN_CHUNK / 2 {
-                self.plain.reserve(PLAIN_CHUNK);
-            }
-            let room = self.plain.capacity() - len;
-            self.plain.resize(len + room, 0);
-            let r = self.tls.reader().read(&mut self.plain[len..]);
-            let got = match &r {
-                Ok(k) => *k,
-                Err(_) => 0,
-            };
-            self.plain.truncate(len + got);
-            match r {
-                Ok(0) => return Ok(()),
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
-                // A close without close_notify shows as EOF on the socket.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(End::Dropped(format!("TLS read failed: {e}"))),
-            }
+    /// Moves the decrypted bytes rustls holds into `plain` (zeroing only
+    /// the room they need).
+    fn drain_plaintext(&mut self, available: usize) -> Result<(), End> {
+        if available == 0 {
+            return Ok(());
         }
+        let len = self.plain.len();
+        if self.plain.capacity() - len < available {
+            self.plain.reserve(available.max(PLAIN_CHUNK));
+        }
+        self.plain.resize(len + available, 0);
+        let mut got = 0;
+        let r = loop {
+            match self.tls.reader().read(&mut self.plain[len + got..]) {
+                Ok(0) => break Ok(()),
+                Ok(k) => {
+                    got += k;
+                    if len + got == self.plain.len() {
+                        break Ok(());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                // A close without close_notify shows as EOF on the socket.
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
+                Err(e) => break Err(End::Dropped(format!("TLS read failed: {e}"))),
+            }
+        };
+        self.plain.truncate(len + got);
+        r
     }
 
     /// Handles every whole frame in `plain`.
-    async fn decode(&mut self, tun: &AsyncDevice) -> Result<(), End> {
+    fn decode(&mut self, batch: &mut TunBatch, tun: &AsyncDevice) -> Result<(), End> {
         loop {
             let (ty, range, total) = match cstp::decode(&self.plain, usize::from(u16::MAX)) {
                 Ok(Some(x)) => x,
@@ -532,22 +563,18 @@ impl Tunnel<'_> {
                 FrameType::Data => {
                     // Only forwarded traffic counts as activity (not the
                     // client's IPv6 chatter, which is dropped).
-                    if self.forward(frame) {
+                    if self.forward(frame, batch) {
                         self.port.activity.store(self.shared.now_ms(), Relaxed);
                     }
-                    if self
-                        .batch
-                        .as_ref()
-                        .is_some_and(|b| b.len >= IDEAL_BATCH_SIZE)
-                    {
-                        self.flush_tun(tun).await;
+                    if batch.len >= IDEAL_BATCH_SIZE {
+                        self.flush_tun(batch, tun);
                     }
                 }
                 FrameType::DpdReq => self.write_frame(FrameType::DpdResp, &[])?,
                 FrameType::DpdResp => self.dpd_resp = self.shared.now_ms(),
                 FrameType::Keepalive => {}
                 FrameType::Disconnect | FrameType::Terminate => {
-                    self.flush_tun(tun).await;
+                    self.flush_tun(batch, tun);
                     return Err(End::Logoff);
                 }
                 FrameType::Compressed => {
@@ -565,7 +592,7 @@ impl Tunnel<'_> {
     /// connection tracking (state, inbound expectations, spillover NAT, FTP
     /// ALG) for everything that leaves through the TUN device (batched).
     /// User-to-user packets go straight to the peer's queue.
-    fn forward(&mut self, mut pkt: BytesMut) -> bool {
+    fn forward(&mut self, mut pkt: BytesMut, batch: &mut TunBatch) -> bool {
         let shared = self.shared;
         let verdict = route::from_user(&pkt, self.mtu, &self.view, &shared.gateway_addrs, |dst| {
             shared.routes.get(&dst).map(|p| p.client_to_client)
@@ -617,7 +644,6 @@ impl Tunnel<'_> {
                 return false;
             }
         };
-        let batch = self.batch.get_or_insert_with(TunBatch::new);
         let Some(buf) = batch.bufs.get_mut(batch.len) else {
             shared.stats.drop(DropReason::TunWriteFailed);
             return false;
@@ -635,20 +661,19 @@ impl Tunnel<'_> {
     }
 
     /// Writes the batched packets to the TUN device (GRO-coalesced when
-    /// offload is on).
-    async fn flush_tun(&mut self, tun: &AsyncDevice) {
-        let Some(batch) = self.batch.as_mut() else {
-            return;
-        };
+    /// offload is on). A TUN write does not block (the kernel takes or
+    /// drops the packet), so it is done synchronously.
+    fn flush_tun(&self, batch: &mut TunBatch, tun: &AsyncDevice) {
         let n = std::mem::take(&mut batch.len);
         if n == 0 {
             return;
         }
+        let io = &self.shared.stats.io;
+        io.tun_write_batches.fetch_add(1, Relaxed);
+        io.tun_write_packets.fetch_add(n as u64, Relaxed);
         let bufs = batch.bufs.get_mut(..n).unwrap_or(&mut []);
-        if let Err(e) = tun
-            .send_multiple(&mut batch.gro, bufs, VIRTIO_NET_HDR_LEN)
-            .await
-        {
+        let device: &tun_rs::DeviceImpl = tun;
+        if let Err(e) = device.send_multiple(&mut batch.gro, bufs, VIRTIO_NET_HDR_LEN) {
             self.shared.stats.drop(DropReason::TunWriteFailed);
             debug!(error = %e, "TUN write failed");
         }
