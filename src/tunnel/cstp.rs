@@ -266,6 +266,11 @@ impl Tunnel<'_> {
         let mut holding = false;
         // When the last probe of this hold was sent (0: none yet).
         let mut probe_sent = 0u64;
+        // Dead peer and trimming share one timer that is re-armed only when
+        // it fires (not per wake-up: a timer per loop turn is a timer-wheel
+        // insert and removal per packet batch).
+        let housekeeping = tokio::time::sleep_until(self.next_housekeeping(dead_after).into());
+        tokio::pin!(housekeeping);
         loop {
             let now = self.shared.now_ms();
             let silent = |now: u64, last_rx: u64| now.saturating_sub(last_rx) > hold_ms;
@@ -293,9 +298,6 @@ impl Tunnel<'_> {
                 return end;
             }
             let want_write = self.tls.wants_write();
-            let dead_at = self.last_rx_at + dead_after;
-            let trim_at = self.last_rx_at + TRIM_AFTER;
-            let trimmable = self.plain.is_empty() && self.plain.capacity() > 0;
             let step = tokio::select! {
                 biased;
                 c = ctl.recv() => match c {
@@ -331,14 +333,20 @@ impl Tunnel<'_> {
                     Some(pkt) => self.write_batch(pkt, rx),
                     None => return End::Closed,
                 },
-                () = tokio::time::sleep_until(dead_at.into()) => {
-                    return End::Dropped(format!(
-                        "dead peer: nothing received for {}s",
-                        dead_after.as_secs()
-                    ));
-                }
-                () = tokio::time::sleep_until(trim_at.into()), if trimmable => {
-                    self.trim();
+                () = &mut housekeeping => {
+                    let now = Instant::now();
+                    if now >= self.last_rx_at + dead_after {
+                        return End::Dropped(format!(
+                            "dead peer: nothing received for {}s",
+                            dead_after.as_secs()
+                        ));
+                    }
+                    if now >= self.last_rx_at + TRIM_AFTER {
+                        self.trim();
+                    }
+                    housekeeping
+                        .as_mut()
+                        .reset(self.next_housekeeping(dead_after).into());
                     Ok(())
                 }
             };
@@ -362,6 +370,18 @@ impl Tunnel<'_> {
             r
         })?;
         self.flush()
+    }
+
+    /// When the peer is dead if nothing comes, or the buffers are due for
+    /// trimming, whichever is first.
+    fn next_housekeeping(&self, dead_after: Duration) -> Instant {
+        let dead_at = self.last_rx_at + dead_after;
+        let trim_at = self.last_rx_at + TRIM_AFTER;
+        if self.plain.capacity() > 0 && trim_at > Instant::now() {
+            dead_at.min(trim_at)
+        } else {
+            dead_at
+        }
     }
 
     /// Gives back the buffers of a quiet tunnel.
