@@ -673,6 +673,8 @@ pub struct GatewayOpts {
     /// forbids a second one), e.g. "transfer_window = 3\nkeepalive = 1\n".
     /// A `dpd` or `keepalive` given here replaces the harness's default.
     pub sessions_extra: String,
+    /// Extra keys for the `[gateway]` table, e.g. "tun_offload = false\n".
+    pub gateway_extra: String,
 }
 
 impl Default for GatewayOpts {
@@ -682,6 +684,7 @@ impl Default for GatewayOpts {
             client_to_client: true,
             extra: String::new(),
             sessions_extra: String::new(),
+            gateway_extra: String::new(),
         }
     }
 }
@@ -706,7 +709,7 @@ users_file = "users"
 policies_dir = "policies"
 tun_name = "igt0"
 mtu = 1400
-
+{gateway_extra}
 [network]
 internal = ["{INTERNAL_NET}"]
 client_to_client = {c2c}
@@ -723,6 +726,7 @@ cidr = "{pool}"
         pool = o.pool_cidr,
         extra = o.extra,
         sessions = sessions_table_body(&o.sessions_extra),
+        gateway_extra = o.gateway_extra,
     );
     let path = dir.join("intragate.toml");
     fs::write(&path, cfg).unwrap();
@@ -1650,8 +1654,72 @@ def hostile(host, port, cookie, release_file):
         out("STEP-TIME %.2f" % (time.time() - t0))
     out("DONE")
 
+def bulk_data(n):
+    return random.Random(n).randbytes(n)
+
+def bulk_serve(host, port, count, timeout):
+    """Per connection, a line "GET n" (send n bytes) or "PUT n" (receive n
+    bytes); prints what it sent or received with its SHA-256."""
+    import hashlib
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, int(port))); s.listen(4); s.settimeout(float(timeout))
+    out("LISTENING")
+    for _ in range(int(count)):
+        try:
+            c, peer = s.accept()
+        except socket.timeout:
+            out("TIMEOUT"); return
+        c.settimeout(float(timeout))
+        line = b""
+        while not line.endswith(b"\n") and len(line) < 64:
+            d = c.recv(1)
+            if not d: break
+            line += d
+        op, n = line.decode().split()
+        n = int(n)
+        if op == "GET":
+            data = bulk_data(n)
+            c.sendall(data)
+            out("SENT", n, hashlib.sha256(data).hexdigest())
+        else:
+            h, got = hashlib.sha256(), 0
+            while got < n:
+                d = c.recv(1 << 16)
+                if not d: break
+                h.update(d); got += len(d)
+            out("RECEIVED", got, h.hexdigest())
+            c.sendall(("%d %s\n" % (got, h.hexdigest())).encode())
+        c.close()
+
+def bulk_client(host, port, op, n, timeout):
+    """GET: prints "GOT n sha256" of what arrived; PUT: sends n bytes and
+    prints the server's "n sha256" of what it received, then ours."""
+    import hashlib
+    n = int(n)
+    s = socket.create_connection((host, int(port)), timeout=float(timeout))
+    s.settimeout(float(timeout))
+    s.sendall(("%s %d\n" % (op, n)).encode())
+    if op == "GET":
+        h, got = hashlib.sha256(), 0
+        while got < n:
+            d = s.recv(1 << 16)
+            if not d: break
+            h.update(d); got += len(d)
+        out("GOT", got, h.hexdigest())
+    else:
+        data = bulk_data(n)
+        s.sendall(data)
+        reply = b""
+        while not reply.endswith(b"\n"):
+            d = s.recv(256)
+            if not d: break
+            reply += d
+        out("SERVER", reply.decode().strip())
+        out("MINE", n, hashlib.sha256(data).hexdigest())
+
 cmd, args = sys.argv[1], sys.argv[2:]
 {"tcp-serve": tcp_serve, "tcp-send": tcp_send, "udp-serve": udp_serve, "udp-send": udp_send,
- "raw-udp": raw_udp, "hostile": hostile, "udp-burst": udp_burst}[cmd](*args)
+ "raw-udp": raw_udp, "hostile": hostile, "udp-burst": udp_burst, "bulk-serve": bulk_serve,
+ "bulk-client": bulk_client}[cmd](*args)
 "###;
 pub mod plugin;
