@@ -25,6 +25,7 @@ mod authority;
 mod handler;
 mod ratelimit;
 mod server;
+mod udp;
 mod zones;
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::handler::{Handled, IntragateDns, MAX_MESSAGE_LEN};
+use super::udp::{RecvBatch, SendBatch};
 use super::DynamicRecords;
 
 /// Idle time allowed between queries on a TCP connection (RFC 7766 §6.2.3
@@ -182,11 +183,12 @@ async fn udp_loop<R: DynamicRecords>(
     stop: CancellationToken,
 ) -> io::Result<()> {
     // One byte more than we accept, so an oversized datagram is seen as such.
-    let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
+    let mut rx = RecvBatch::new(MAX_MESSAGE_LEN + 1);
+    let mut tx = SendBatch::new();
     loop {
-        let (len, src) = tokio::select! {
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(r) => r,
+        let n = tokio::select! {
+            r = rx.recv(&socket) => match r {
+                Ok(n) => n,
                 Err(e) => {
                     // ICMP errors and the like: per datagram, not per socket.
                     debug!(error = %e, "DNS UDP receive error");
@@ -195,28 +197,34 @@ async fn udp_loop<R: DynamicRecords>(
             },
             () = stop.cancelled() => return Ok(()),
         };
-        if src.port() == 0 {
-            continue; // cannot be answered
+        let now = Instant::now();
+        for i in 0..n {
+            let Some((message, src)) = rx.get(i) else {
+                continue;
+            };
+            if src.port() == 0 {
+                continue; // cannot be answered
+            }
+            match handler.handle_message(message, src, Protocol::Udp, now) {
+                Handled::Reply(reply) => tx.push(reply, src),
+                Handled::Drop => {}
+                Handled::Forward(pending) => match Arc::clone(&forwards).try_acquire_owned() {
+                    Ok(permit) => {
+                        let (handler, socket, stop) =
+                            (handler.clone(), Arc::clone(&socket), stop.clone());
+                        tokio::spawn(async move {
+                            tokio::select! {
+                                reply = handler.finish_forward(pending) => send_udp(&socket, &reply, src).await,
+                                () = stop.cancelled() => {}
+                            }
+                            drop(permit);
+                        });
+                    }
+                    Err(_) => handler.note_busy(),
+                },
+            }
         }
-        let message = buf.get(..len).unwrap_or_default();
-        match handler.handle_message(message, src, Protocol::Udp, Instant::now()) {
-            Handled::Reply(reply) => send_udp(&socket, &reply, src).await,
-            Handled::Drop => {}
-            Handled::Forward(pending) => match Arc::clone(&forwards).try_acquire_owned() {
-                Ok(permit) => {
-                    let (handler, socket, stop) =
-                        (handler.clone(), Arc::clone(&socket), stop.clone());
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            reply = handler.finish_forward(pending) => send_udp(&socket, &reply, src).await,
-                            () = stop.cancelled() => {}
-                        }
-                        drop(permit);
-                    });
-                }
-                Err(_) => handler.note_busy(),
-            },
-        }
+        tx.flush(&socket).await;
     }
 }
 
