@@ -44,11 +44,25 @@ impl RecvBatch {
     }
 
     /// Waits until the socket is readable, then receives what is queued
-    /// (at most [`BATCH`] datagrams, at least one).
+    /// (at most [`BATCH`] datagrams, at least one). A batch that is not
+    /// full emptied the queue: the socket's readiness is cleared then
+    /// (saving the call that would only return EAGAIN).
     pub(crate) async fn recv(&mut self, socket: &UdpSocket) -> io::Result<usize> {
         loop {
             socket.readable().await?;
-            match socket.try_io(Interest::READABLE, || self.recv_now(socket.as_raw_fd())) {
+            let mut short = 0;
+            let r = socket.try_io(Interest::READABLE, || {
+                let n = self.recv_now(socket.as_raw_fd())?;
+                if n < BATCH {
+                    short = n;
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            if short > 0 {
+                return Ok(short);
+            }
+            match r {
                 Ok(n) => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e),

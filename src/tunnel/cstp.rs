@@ -217,6 +217,28 @@ thread_local! {
     static TUN_BATCH: std::cell::RefCell<TunBatch> = std::cell::RefCell::new(TunBatch::new());
 }
 
+/// One non-blocking read. A read that did not fill `buf` emptied the
+/// socket: `drained` is set and the socket's readiness is cleared at once
+/// (as tokio's own `poll_read` does), saving the read that would only
+/// return EAGAIN. A read that filled `buf` leaves readiness set.
+fn read_draining(tcp: &TcpStream, buf: &mut [u8], drained: &mut bool) -> std::io::Result<usize> {
+    let mut short = 0;
+    let r = tcp.try_io(tokio::io::Interest::READABLE, || {
+        let n = tcp.try_read(buf)?;
+        if n > 0 && n < buf.len() {
+            short = n;
+            // Clears the readiness this read observed (not newer readiness).
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    if short > 0 {
+        *drained = true;
+        return Ok(short);
+    }
+    r
+}
+
 /// Outcome of one socket read.
 enum Read {
     /// Bytes were read and fed to rustls; `true` if the client closed TLS.
@@ -470,9 +492,10 @@ impl Tunnel<'_> {
             let batch = &mut b.borrow_mut();
             let mut result = Ok(());
             for _ in 0..READS_PER_WAKE {
+                let mut drained = false;
                 let r = SOCKET_BUF.with(|b| {
                     let mut raw = b.borrow_mut();
-                    match self.tcp.try_read(&mut raw) {
+                    match read_draining(&self.tcp, &mut raw, &mut drained) {
                         Ok(0) => Read::End(End::Dropped("connection closed".into())),
                         Ok(n) => {
                             self.shared.stats.io.socket_reads.fetch_add(1, Relaxed);
@@ -501,6 +524,9 @@ impl Tunnel<'_> {
                 }
                 if closed {
                     result = Err(End::Dropped("the client closed the TLS session".into()));
+                    break;
+                }
+                if drained {
                     break;
                 }
             }
