@@ -116,8 +116,6 @@ pub enum TunnelCtl {
     /// Close without DISCONNECT (a newer tunnel of the same session took
     /// over, or the gateway is stopping: clients may reconnect).
     Close,
-    /// Answer a DPD request.
-    DpdResp,
 }
 
 /// A live tunnel, as seen from outside its task.

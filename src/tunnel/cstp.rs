@@ -323,7 +323,6 @@ impl Tunnel<'_> {
             let step = tokio::select! {
                 biased;
                 c = ctl.recv() => match c {
-                    Some(TunnelCtl::DpdResp) => self.write_frame(FrameType::DpdResp, &[]),
                     Some(TunnelCtl::Terminate(reason)) => {
                         let mut p = vec![LOGOFF_CODE];
                         p.extend_from_slice(reason.as_bytes());
