@@ -744,6 +744,59 @@ fn no_panic_on_garbage() {
 
 // -------------------------------------------------------- with sockets
 
+/// More queries than one `recvmmsg` batch, sent at once from two sockets:
+/// every one is answered, to its own sender, with its own ID.
+#[tokio::test]
+async fn a_burst_over_several_batches_is_answered_in_full() {
+    let mut cfg = config();
+    cfg.max_qps_per_client = 0;
+    let h = server_with(cfg, &[]);
+    let bound = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
+    let addr = bound.local_addrs()[0];
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve_bound(h.clone(), bound, shutdown.clone()));
+
+    const PER_SOCKET: u16 = 3 * super::udp::BATCH as u16 + 7;
+    let socks = [
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+    ];
+    for (k, sock) in socks.iter().enumerate() {
+        for i in 0..PER_SOCKET {
+            let mut q = query("alice.corp.example.", RecordType::A);
+            q.metadata.id = i + 1000 * u16::try_from(k).unwrap();
+            sock.send_to(&q.to_vec().unwrap(), addr).await.unwrap();
+        }
+    }
+    for (k, sock) in socks.iter().enumerate() {
+        let mut ids = std::collections::BTreeSet::new();
+        let mut buf = [0u8; 1500];
+        while ids.len() < usize::from(PER_SOCKET) {
+            let (n, from) = tokio::time::timeout(Duration::from_secs(5), sock.recv_from(&mut buf))
+                .await
+                .expect("every query answered")
+                .unwrap();
+            assert_eq!(from, addr);
+            let m = Message::from_vec(&buf[..n]).unwrap();
+            assert_eq!(rdatas(&m), vec!["198.18.64.17"]);
+            assert!(
+                ids.insert(m.metadata.id),
+                "answered twice: {}",
+                m.metadata.id
+            );
+        }
+        let base = 1000 * u16::try_from(k).unwrap();
+        assert_eq!(ids, (base..base + PER_SOCKET).collect());
+    }
+
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
 #[tokio::test]
 async fn serves_udp_and_tcp_on_loopback() {
     let mut cfg = config();

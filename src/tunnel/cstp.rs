@@ -724,3 +724,56 @@ impl Tunnel<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// A short read reports the socket drained; a full read does not; data
+    /// that comes after a drained read wakes the reader again (clearing
+    /// readiness must not lose a wake-up).
+    #[tokio::test]
+    async fn short_read_drains_and_new_data_wakes_again() {
+        let (mut tx, rx) = pair().await;
+        let mut buf = [0u8; 1000];
+
+        tx.write_all(&[1; 100]).await.unwrap();
+        rx.readable().await.unwrap();
+        let mut drained = false;
+        assert_eq!(read_draining(&rx, &mut buf, &mut drained).unwrap(), 100);
+        assert!(drained);
+        // Nothing more to read.
+        let mut again = false;
+        let e = read_draining(&rx, &mut buf, &mut again).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+
+        tx.write_all(&[2; 2500]).await.unwrap();
+        let mut got = 0;
+        for _ in 0..10 {
+            tokio::time::timeout(Duration::from_secs(5), rx.readable())
+                .await
+                .expect("new data wakes the reader")
+                .unwrap();
+            let mut drained = false;
+            match read_draining(&rx, &mut buf, &mut drained) {
+                Ok(n) => {
+                    got += n;
+                    assert_eq!(drained, n < buf.len(), "{n} bytes");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("{e}"),
+            }
+            if got == 2500 {
+                break;
+            }
+        }
+        assert_eq!(got, 2500);
+    }
+}
