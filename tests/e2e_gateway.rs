@@ -818,8 +818,9 @@ fn client_to_client_bypasses_tun_and_can_be_disabled() {
 
 /// 32 MiB each way between alice and the internal host arrive intact, with
 /// TUN offload (the default) and without. With offload the kernel hands the
-/// gateway TCP super-packets (more than one packet per TUN read, counted in
-/// `ctl stats` io); without, exactly one packet per read.
+/// gateway TCP super-packets (several packets per TUN read, counted in
+/// `ctl stats` io) and takes the upload GRO-coalesced (fewer packets on the
+/// device than the gateway wrote); without, one packet per read and write.
 #[test]
 fn bulk_tcp_intact_with_and_without_tun_offload() {
     if !e2e_enabled() {
@@ -859,6 +860,10 @@ fn bulk_tcp_intact_with_and_without_tun_offload() {
             gw.log()
         );
 
+        // Offload is judged on the download alone (the upload's TUN reads
+        // are the internal host's ACKs, one packet each).
+        let mid = gw.stats().unwrap()["io"].clone();
+        let rx_before = tun_rx_packets(&topo);
         let o = probe(
             a,
             &dir.path,
@@ -874,13 +879,18 @@ fn bulk_tcp_intact_with_and_without_tun_offload() {
         );
 
         let after = gw.stats().unwrap()["io"].clone();
+        let rx_writes = tun_rx_packets(&topo) - rx_before;
         let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
-        let (reads, packets) = (delta("tun_reads"), delta("tun_read_packets"));
+        let up = |k: &str| after[k].as_u64().unwrap() - mid[k].as_u64().unwrap();
+        let written = up("tun_write_packets");
+        eprintln!("offload={offload}: upload {written} packets reached the TUN device as {rx_writes} packets");
+        let down = |k: &str| mid[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+        let (reads, packets) = (down("tun_reads"), down("tun_read_packets"));
         assert!(reads > 0, "offload={offload}: no TUN reads counted");
         if offload {
             assert!(
-                packets >= 2 * reads,
-                "offload on, but {packets} packets came in {reads} TUN reads (no super-packets)\n{}",
+                packets >= 4 * reads,
+                "offload on, but the download's {packets} packets came in {reads} TUN reads (no super-packets)\n{}",
                 gw.log()
             );
             assert!(
@@ -888,8 +898,22 @@ fn bulk_tcp_intact_with_and_without_tun_offload() {
                 "{}",
                 gw.log()
             );
+            // GRO: the upload's segments reach the device coalesced (about
+            // 30 per write here; at least 2 asked).
+            assert!(
+                rx_writes * 2 <= written,
+                "offload on, but the upload's {written} packets reached the TUN device as {rx_writes} (GRO did not coalesce)"
+            );
         } else {
-            assert_eq!(packets, reads, "offload off: one packet per TUN read");
+            assert_eq!(
+                delta("tun_read_packets"),
+                delta("tun_reads"),
+                "offload off: one packet per TUN read"
+            );
+            assert!(
+                rx_writes >= written,
+                "offload off: {written} packets written, {rx_writes} counted by the device"
+            );
         }
         // Whole batches reached the TUN device, and nothing was dropped
         // for a failed TUN write.
