@@ -843,40 +843,17 @@ fn bulk_tcp_intact_with_and_without_tun_offload() {
         );
         let before = gw.stats().unwrap()["io"].clone();
 
-        let o = probe(
-            a,
-            &dir.path,
-            &["bulk-client", INTERNAL_IP, "7010", "GET", N, "60"],
-            90 * S,
-        );
-        let sent = srv
-            .log_text()
-            .lines()
-            .find_map(|l| l.strip_prefix("SENT ").map(str::to_owned));
-        let got = o.stdout.lines().find_map(|l| l.strip_prefix("GOT "));
-        assert!(
-            o.ok() && sent.is_some() && got == sent.as_deref(),
-            "offload={offload}: download damaged or incomplete: sent {sent:?}, got {got:?}\n{o}\n{}",
-            gw.log()
-        );
+        if let Err(e) = bulk_get(a, &dir.path, &srv, INTERNAL_IP, "7010", N) {
+            panic!("offload={offload}: {e}\n{}", gw.log());
+        }
 
         // Offload is judged on the download alone (the upload's TUN reads
         // are the internal host's ACKs, one packet each).
         let mid = gw.stats().unwrap()["io"].clone();
         let rx_before = tun_rx_packets(&topo);
-        let o = probe(
-            a,
-            &dir.path,
-            &["bulk-client", INTERNAL_IP, "7010", "PUT", N, "60"],
-            90 * S,
-        );
-        let server = o.stdout.lines().find_map(|l| l.strip_prefix("SERVER "));
-        let mine = o.stdout.lines().find_map(|l| l.strip_prefix("MINE "));
-        assert!(
-            o.ok() && mine.is_some() && server == mine,
-            "offload={offload}: upload damaged or incomplete: sent {mine:?}, server got {server:?}\n{o}\n{}",
-            gw.log()
-        );
+        if let Err(e) = bulk_put(a, &dir.path, INTERNAL_IP, "7010", N) {
+            panic!("offload={offload}: {e}\n{}", gw.log());
+        }
 
         let after = gw.stats().unwrap()["io"].clone();
         let rx_writes = tun_rx_packets(&topo) - rx_before;

@@ -1314,6 +1314,57 @@ pub fn probe(ns: &str, dir: &Path, args: &[&str], timeout: Duration) -> CmdOut {
     ns_run(ns, &a, timeout)
 }
 
+/// `bulk-client GET`: fetch `bytes` from a `bulk-serve` server `srv` and
+/// check that what arrived is what it sent (length and SHA-256).
+pub fn bulk_get(
+    ns: &str,
+    dir: &Path,
+    srv: &Proc,
+    host: &str,
+    port: &str,
+    bytes: &str,
+) -> Result<(), String> {
+    let o = probe(
+        ns,
+        dir,
+        &["bulk-client", host, port, "GET", bytes, "60"],
+        Duration::from_secs(90),
+    );
+    let sent = srv
+        .log_text()
+        .lines()
+        .rev()
+        .find_map(|l| l.strip_prefix("SENT ").map(str::to_owned));
+    let got = o.stdout.lines().find_map(|l| l.strip_prefix("GOT "));
+    if o.ok() && sent.is_some() && got == sent.as_deref() {
+        Ok(())
+    } else {
+        Err(format!(
+            "download damaged or incomplete: sent {sent:?}, got {got:?}\n{o}"
+        ))
+    }
+}
+
+/// `bulk-client PUT`: send `bytes` to a `bulk-serve` server and check that
+/// it received exactly them (length and SHA-256).
+pub fn bulk_put(ns: &str, dir: &Path, host: &str, port: &str, bytes: &str) -> Result<(), String> {
+    let o = probe(
+        ns,
+        dir,
+        &["bulk-client", host, port, "PUT", bytes, "60"],
+        Duration::from_secs(90),
+    );
+    let server = o.stdout.lines().find_map(|l| l.strip_prefix("SERVER "));
+    let mine = o.stdout.lines().find_map(|l| l.strip_prefix("MINE "));
+    if o.ok() && mine.is_some() && server == mine {
+        Ok(())
+    } else {
+        Err(format!(
+            "upload damaged or incomplete: sent {mine:?}, server got {server:?}\n{o}"
+        ))
+    }
+}
+
 /// Python helper. Every operation is bounded by an explicit timeout.
 pub const NETPROBE_PY: &str = r###"
 import os, random, select, socket, ssl, struct, sys, time
