@@ -744,10 +744,25 @@ fn no_panic_on_garbage() {
 
 // -------------------------------------------------------- with sockets
 
-/// More queries than one `recvmmsg` batch, sent at once from two sockets:
-/// every one is answered, to its own sender, with its own ID.
-#[tokio::test]
-async fn a_burst_over_several_batches_is_answered_in_full() {
+/// A server without rate limit on a loopback port.
+struct Running {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Stops it; it must end cleanly within 5 s.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn serve_on_loopback() -> (IntragateDns<FakeRecords>, SocketAddr, Running) {
     let mut cfg = config();
     cfg.max_qps_per_client = 0;
     let h = server_with(cfg, &[]);
@@ -755,6 +770,14 @@ async fn a_burst_over_several_batches_is_answered_in_full() {
     let addr = bound.local_addrs()[0];
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve_bound(h.clone(), bound, shutdown.clone()));
+    (h, addr, Running { shutdown, task })
+}
+
+/// More queries than one `recvmmsg` batch, sent at once from two sockets:
+/// every one is answered, to its own sender, with its own ID.
+#[tokio::test]
+async fn a_burst_over_several_batches_is_answered_in_full() {
+    let (_h, addr, running) = serve_on_loopback();
 
     const PER_SOCKET: u16 = 3 * super::udp::BATCH as u16 + 7;
     let socks = [
@@ -789,23 +812,12 @@ async fn a_burst_over_several_batches_is_answered_in_full() {
         assert_eq!(ids, (base..base + PER_SOCKET).collect());
     }
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
 }
 
 #[tokio::test]
 async fn serves_udp_and_tcp_on_loopback() {
-    let mut cfg = config();
-    cfg.max_qps_per_client = 0;
-    let h = server_with(cfg, &[]);
-    let bound = bind(&["127.0.0.1:0".parse().unwrap()]).unwrap();
-    let addr = bound.local_addrs()[0];
-    let shutdown = CancellationToken::new();
-    let task = tokio::spawn(serve_bound(h.clone(), bound, shutdown.clone()));
+    let (h, addr, running) = serve_on_loopback();
 
     let q = query("alice.corp.example.", RecordType::A)
         .to_vec()
@@ -838,12 +850,7 @@ async fn serves_udp_and_tcp_on_loopback() {
     }
     assert_eq!(stat(&h, |s| &s.tcp_queries), 2);
 
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    running.stop().await;
 }
 
 /// A tiny upstream: answers A queries for `www.example.net.` and
