@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use dashmap::DashMap;
 use ipnetwork::IpNetwork;
@@ -46,10 +47,9 @@ pub struct Port {
     pub tx: mpsc::Sender<Bytes>,
     /// The queue's receiving end, held by the live tunnel's writer.
     pub rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
-    /// May this user talk to other users?
-    pub client_to_client: bool,
-    /// The user's routes (empty = full tunnel).
-    pub routes: Arc<[IpNetwork]>,
+    /// The session's policy rules, swapped in place when the policy that
+    /// applies changes (reload, groups changed).
+    pub rules: ArcSwap<PortRules>,
     /// Is a tunnel up?
     pub up: AtomicBool,
     /// Last traffic from the user, in ms since `Shared::epoch` (0 = none).
@@ -63,10 +63,21 @@ pub struct Port {
     pub flows: std::sync::Mutex<SessionFlows>,
     /// The NAT address, when the session is behind spillover NAT.
     pub nat: Option<IpAddr>,
+}
+
+/// What the packet path enforces for one session, from its policy.
+#[derive(Debug, Clone, Default)]
+pub struct PortRules {
+    /// Name of the policy these come from.
+    pub policy: String,
+    /// May this user talk to other users?
+    pub client_to_client: bool,
+    /// The user's routes (empty = full tunnel).
+    pub routes: Vec<IpNetwork>,
     /// Server-initiated connections accepted.
-    pub inbound: Arc<[InboundRule]>,
+    pub inbound: Vec<InboundRule>,
     /// Derived-port callback rules.
-    pub derived: Arc<[DerivedRule]>,
+    pub derived: Vec<DerivedRule>,
 }
 
 impl Port {
@@ -94,16 +105,28 @@ impl Port {
         self.flows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// What conntrack needs to know about this user for one packet.
-    pub fn ctx<'a>(&'a self, addr: IpAddr, authorized: bool, ftp_ports: &'a [u16]) -> UserCtx<'a> {
+    /// What conntrack needs to know about this user for one packet, under
+    /// `rules` (loaded from [`Port::rules`]).
+    pub fn ctx<'a>(
+        &self,
+        rules: &'a PortRules,
+        addr: IpAddr,
+        authorized: bool,
+        ftp_ports: &'a [u16],
+    ) -> UserCtx<'a> {
         UserCtx {
             addr,
             nat: self.nat,
             authorized,
-            inbound_rules: &self.inbound,
-            derived_rules: &self.derived,
+            inbound_rules: &rules.inbound,
+            derived_rules: &rules.derived,
             ftp_ports,
         }
+    }
+
+    /// May this user talk to other users (under the rules in force)?
+    pub fn client_to_client(&self) -> bool {
+        self.rules.load().client_to_client
     }
 }
 
@@ -191,6 +214,10 @@ pub struct Shared {
     pub hasher: std::collections::hash_map::RandomState,
     /// Conntrack counters of sessions that have closed.
     pub closed_flow_stats: Mutex<crate::core::conntrack::FlowStats>,
+    /// Generation of the users file last applied to live sessions.
+    pub accounts_checked: AtomicU64,
+    /// The last error reading the users file (logged once).
+    pub users_error: Mutex<Option<String>>,
     /// The DNS handler (kept to reload zones), once the server runs.
     pub dns: std::sync::OnceLock<crate::dns::IntragateDns<SessionRecords>>,
 }
@@ -279,6 +306,7 @@ impl Shared {
                     nat,
                     inbound,
                     derived,
+                    policy,
                     ..
                 } => {
                     let (tx, rx) = mpsc::channel(self.config.buffer_packets);
@@ -290,10 +318,15 @@ impl Shared {
                         id: *id,
                         tx,
                         rx: Arc::new(tokio::sync::Mutex::new(rx)),
-                        // Users behind NAT are reachable by nobody, other
-                        // users included.
-                        client_to_client: *client_to_client && !*nat,
-                        routes: routes.clone().into(),
+                        rules: ArcSwap::from_pointee(PortRules {
+                            policy: policy.clone(),
+                            // Users behind NAT are reachable by nobody, other
+                            // users included.
+                            client_to_client: *client_to_client && !*nat,
+                            routes: routes.clone(),
+                            inbound: inbound.clone(),
+                            derived: derived.clone(),
+                        }),
                         up: AtomicBool::new(false),
                         activity: AtomicU64::new(0),
                         held: std::sync::Mutex::new(None),
@@ -304,8 +337,6 @@ impl Shared {
                             self.hasher.clone(),
                         )),
                         nat: if *nat { self.config.nat.address } else { None },
-                        inbound: inbound.clone().into(),
-                        derived: derived.clone().into(),
                     };
                     self.routes.insert(*addr, Arc::new(port));
                 }
@@ -319,6 +350,26 @@ impl Shared {
                             .lock()
                             .unwrap_or_else(|p| p.into_inner());
                         add_flow_stats(&mut total, flows.stats());
+                    }
+                }
+                Event::PolicyChanged {
+                    id,
+                    addr,
+                    policy,
+                    client_to_client,
+                    routes,
+                    inbound,
+                    derived,
+                    ..
+                } => {
+                    if let Some(port) = self.routes.get(addr).filter(|p| p.id == *id) {
+                        port.rules.store(Arc::new(PortRules {
+                            policy: policy.clone(),
+                            client_to_client: *client_to_client && port.nat.is_none(),
+                            routes: routes.clone(),
+                            inbound: inbound.clone(),
+                            derived: derived.clone(),
+                        }));
                     }
                 }
                 Event::Disconnected { .. } => {}
@@ -370,6 +421,21 @@ impl Shared {
                     self.stats.close(&reason);
                     info!(session = %id, %user, %addr, %reason, "session closed");
                 }
+                Event::PolicyChanged {
+                    id,
+                    user,
+                    addr,
+                    policy,
+                    routes_changed,
+                    ..
+                } => {
+                    self.stats.reevaluations.fetch_add(1, Ordering::Relaxed);
+                    if routes_changed {
+                        info!(session = %id, %user, %addr, %policy, "session now under policy '{policy}'; the gateway enforces its routes at once, the client keeps the routes it was given until it logs on again");
+                    } else {
+                        info!(session = %id, %user, %addr, %policy, "session now under policy '{policy}'");
+                    }
+                }
                 Event::Disconnected { id, reason } => {
                     let handle = self.tunnel_table().remove(&id);
                     if let Some(h) = handle {
@@ -380,6 +446,85 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Apply the users file to every session when it changed since the
+    /// last call (the timer loop calls this every second, and `run` once
+    /// after restoring sessions): deleted, locked and re-passworded users
+    /// lose their sessions, users whose groups changed are re-evaluated.
+    /// A file that cannot be read changes nothing (and is logged once).
+    pub fn check_accounts(&self) {
+        let generation = match self.users.refresh() {
+            Ok(g) => g,
+            Err(e) => {
+                let msg = e.to_string();
+                let mut last = self.users_error.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_deref() != Some(msg.as_str()) {
+                    error!("cannot read the users file; logons are refused and live sessions keep the last good file's verdict: {msg}");
+                    *last = Some(msg);
+                }
+                return;
+            }
+        };
+        *self.users_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if self.accounts_checked.load(Ordering::Acquire) == generation {
+            return;
+        }
+        let now = Instant::now();
+        let mut core = self.core();
+        let users = core.users();
+        // One cached read (the file was just refreshed); under the core lock
+        // so that no logon slips between the check and the verdict.
+        let accounts = match self.users.accounts(&users) {
+            Ok(a) => a,
+            Err(e) => {
+                warn!("cannot read the users file: {e}");
+                return;
+            }
+        };
+        let (mut closed, mut changed) = (0, 0);
+        for (user, account) in users.iter().zip(&accounts) {
+            let out = core.handle_account(user, account, now);
+            if out.closed > 0 {
+                let why = match account {
+                    crate::core::session::Account::Revoked(why) => why.as_str(),
+                    crate::core::session::Account::Valid { .. } => "password or policy changed",
+                };
+                info!(%user, sessions = out.closed, "sessions ended: {why}");
+            }
+            closed += out.closed;
+            changed += out.reevaluated;
+        }
+        self.accounts_checked.store(generation, Ordering::Release);
+        self.process_events(core);
+        if closed + changed > 0 {
+            info!(
+                sessions_closed = closed,
+                sessions_reevaluated = changed,
+                "applied the changed users file to live sessions"
+            );
+        }
+    }
+
+    /// Check the account behind the session with cookie `token` against
+    /// the users file now (CONNECT, workspace control): a revoked session
+    /// is closed before the request is answered.
+    pub fn recheck_account(&self, token: &str, now: Instant) {
+        let user = self.core().session_by_token(token).map(|s| s.user.clone());
+        let Some(user) = user else {
+            return;
+        };
+        let account = match self.users.account(&user) {
+            Ok(a) => a,
+            // Unreadable: the last verdict stands (see `check_accounts`).
+            Err(_) => return,
+        };
+        let mut core = self.core();
+        let out = core.handle_account(&user, &account, now);
+        if out.closed > 0 {
+            info!(%user, sessions = out.closed, "sessions ended on reconnect: the account changed");
+        }
+        self.process_events(core);
     }
 
     /// Re-read the policy files (and the config file's policy-related
@@ -618,6 +763,8 @@ impl Shared {
             hasher: std::collections::hash_map::RandomState::new(),
             closed_flow_stats: Mutex::new(crate::core::conntrack::FlowStats::default()),
             dns: std::sync::OnceLock::new(),
+            accounts_checked: AtomicU64::new(0),
+            users_error: Mutex::new(None),
             config,
         })
     }
@@ -753,6 +900,7 @@ pub async fn timer_loop(shared: Arc<Shared>) {
         }
         shared.bans().expire(now);
         shared.expire_flows(now);
+        shared.check_accounts();
         shared.save_state(false);
     }
 }
@@ -891,6 +1039,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let shared =
         Arc::new(Shared::new(config.clone(), pin, cancel.clone()).map_err(RunError::Setup)?);
     shared.load_state();
+    // Sessions restored from the state file follow the users file as it is
+    // now (a user deleted while the gateway was down loses them).
+    shared.check_accounts();
 
     let tun = crate::dataplane::create_tun(&shared)
         .map_err(|e| RunError::Tun(config.tun_name.clone(), e))?;

@@ -89,10 +89,32 @@ enum UserCmd {
         #[arg(long)]
         password_stdin: bool,
     },
-    /// Delete a user.
+    /// Delete a user. A running gateway ends the user's sessions within a
+    /// second (server DISCONNECT; the cookie is refused from then on).
     Del {
         /// Username.
         name: String,
+    },
+    /// Lock a user: logons are refused and a running gateway ends the
+    /// user's sessions within a second. Written as `ocpasswd -l` does (a `!`
+    /// before the hash), so `user unlock` restores the same password.
+    Lock {
+        /// Username.
+        name: String,
+    },
+    /// Unlock a user locked with `user lock` or `ocpasswd -l`.
+    Unlock {
+        /// Username.
+        name: String,
+    },
+    /// Set a user's groups (replaces them). A running gateway re-evaluates
+    /// the user's live sessions against the policies within a second.
+    Groups {
+        /// Username.
+        name: String,
+        /// Group (repeatable); none = no group.
+        #[arg(long = "group", short = 'g')]
+        groups: Vec<String>,
     },
     /// List users, their groups and password hash schemes (argon2id, or sha256-crypt/sha512-crypt imported from ocpasswd).
     List,
@@ -383,7 +405,26 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 }
                 UserCmd::Del { name } => {
                     intragate::users::delete(path, &name)?;
-                    println!("deleted user '{name}' (live sessions are not ended)");
+                    println!("deleted user '{name}' (a running gateway ends their sessions)");
+                }
+                UserCmd::Lock { name } => {
+                    intragate::users::set_locked(path, &name, true)?;
+                    println!("locked user '{name}' (a running gateway ends their sessions)");
+                }
+                UserCmd::Unlock { name } => {
+                    intragate::users::set_locked(path, &name, false)?;
+                    println!("unlocked user '{name}'");
+                }
+                UserCmd::Groups { name, groups } => {
+                    intragate::users::set_groups(path, &name, &groups)?;
+                    println!(
+                        "groups of '{name}': {} (a running gateway re-evaluates their sessions)",
+                        if groups.is_empty() {
+                            "none".to_string()
+                        } else {
+                            groups.join(",")
+                        }
+                    );
                 }
                 UserCmd::List => {
                     for u in intragate::users::read_lenient(path)? {

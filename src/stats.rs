@@ -64,7 +64,7 @@ impl RefuseReason {
     }
 }
 
-const CLOSE_REASONS: [&str; 10] = [
+const CLOSE_REASONS: [&str; 11] = [
     "logoff",
     "admin",
     "user_request",
@@ -75,6 +75,7 @@ const CLOSE_REASONS: [&str; 10] = [
     "never_connected",
     "shutdown",
     "superseded",
+    "revoked",
 ];
 
 /// Gateway-wide counters.
@@ -97,6 +98,8 @@ pub struct Stats {
     pub reconnects: AtomicU64,
     /// Sessions disconnected on request (resumable).
     pub disconnects: AtomicU64,
+    /// Sessions whose policy changed in place (reload, groups changed).
+    pub reevaluations: AtomicU64,
     closed: [AtomicU64; CLOSE_REASONS.len()],
     /// Sessions that got no DNS name (unmappable or colliding username).
     pub dns_name_refused: AtomicU64,
@@ -211,6 +214,7 @@ impl Stats {
             "transfers": self.transfers.load(Relaxed),
             "reconnects": self.reconnects.load(Relaxed),
             "disconnects": self.disconnects.load(Relaxed),
+            "reevaluations": self.reevaluations.load(Relaxed),
             "refused": refused,
             "logons": self.logons.load(Relaxed),
             "logoffs": self.logoffs.load(Relaxed),

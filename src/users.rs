@@ -13,7 +13,6 @@ use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
-use std::time::SystemTime;
 
 use argon2::password_hash::rand_core::OsRng;
 use argon2::password_hash::{PasswordHasher, SaltString};
@@ -93,7 +92,7 @@ pub enum HashError {
     )]
     Unsupported(&'static str),
     /// Locked with `ocpasswd -l`, which puts a `!` before the hash.
-    #[error("account locked ('!' before the hash, as 'ocpasswd -l' writes); delete the user or set a new password with 'intragate user passwd'")]
+    #[error("account locked ('!' before the hash, as 'intragate user lock' and 'ocpasswd -l' write); 'intragate user unlock' unlocks it")]
     Locked,
     /// A supported scheme, but the string is not well-formed.
     #[error("malformed {scheme} hash: {detail}")]
@@ -230,7 +229,12 @@ fn parse_lines(file: &Path, text: &str, strict: bool) -> Result<Vec<User>, UserE
         if let Some(g) = groups.iter().find(|g| !valid_group(g)) {
             return Err(err(format!("invalid group '{g}'")));
         }
-        if let Err(e) = StoredHash::parse(hash) {
+        // A locked user is a normal state (`intragate user lock`,
+        // `ocpasswd -l`), not an error of the file.
+        if let Err(e) = StoredHash::parse(hash).map(|_| ()).or_else(|e| match e {
+            HashError::Locked => Ok(()),
+            e => Err(e),
+        }) {
             if strict {
                 return Err(err(format!("user '{name}': {e}")));
             }
@@ -695,7 +699,44 @@ pub fn delete(path: &Path, name: &str) -> Result<(), UserError> {
     write(path, &users)
 }
 
+/// Lock or unlock a user (command line): a `!` before the hash, as
+/// `ocpasswd -l` / `-u` write it.
+pub fn set_locked(path: &Path, name: &str, locked: bool) -> Result<(), UserError> {
+    let mut users = read_lenient(path)?;
+    let u = users
+        .iter_mut()
+        .find(|u| u.name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| UserError::NotFound(name.to_string()))?;
+    match (locked, u.hash.strip_prefix('!')) {
+        (true, None) => u.hash.insert(0, '!'),
+        (false, Some(rest)) => u.hash = rest.to_string(),
+        // Already as asked: nothing to write.
+        _ => return Ok(()),
+    }
+    write(path, &users)
+}
+
+/// Replace a user's groups (command line).
+pub fn set_groups(path: &Path, name: &str, groups: &[String]) -> Result<(), UserError> {
+    if let Some(g) = groups.iter().find(|g| !valid_group(g)) {
+        return Err(UserError::InvalidGroup(g.clone()));
+    }
+    let mut users = read_lenient(path)?;
+    let u = users
+        .iter_mut()
+        .find(|u| u.name.eq_ignore_ascii_case(name))
+        .ok_or_else(|| UserError::NotFound(name.to_string()))?;
+    u.groups = groups.to_vec();
+    write(path, &users)
+}
+
 /// The daemon's view of the users file, re-read when it changes.
+///
+/// The daemon reads it leniently: a user whose hash cannot be used (locked
+/// with `intragate user lock` or `ocpasswd -l`, an unsupported scheme) cannot
+/// log on and loses its sessions, but does not lock everyone else out. A file
+/// that cannot be read or parsed at all refuses every logon and changes no
+/// live session (nothing can be concluded from it).
 #[derive(Debug)]
 pub struct UserDb {
     path: PathBuf,
@@ -705,10 +746,41 @@ pub struct UserDb {
 /// The users file as last read.
 #[derive(Debug)]
 struct Loaded {
-    mtime: Option<SystemTime>,
+    /// Identity of the file read (None: not read yet, or missing).
+    id: Option<FileId>,
+    /// Was it read at least once (a missing file counts)?
+    read: bool,
     users: Vec<User>,
     /// Verified against for unknown usernames (see `decoy_for`).
     decoy: StoredHash,
+    /// Bumped on every successful re-read.
+    generation: u64,
+}
+
+/// What tells one version of the users file from another: `intragate user`
+/// writes a new file and renames it (new inode); an editor may rewrite in
+/// place (size, modification or change time).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(Self {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+            ctime_ns: i128::from(m.ctime()) * 1_000_000_000 + i128::from(m.ctime_nsec()),
+        })
+    }
 }
 
 /// What a username names.
@@ -720,15 +792,53 @@ enum Lookup {
 /// Outcome of a password check.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuthOutcome {
-    /// Good password: the user's canonical name and groups.
+    /// Good password: the user's canonical name, groups and credential stamp.
     Ok {
         /// Name as stored.
         name: String,
         /// Groups.
         groups: Vec<String>,
+        /// Stamp of the credentials checked (see [`credential_stamp`]).
+        stamp: u64,
     },
     /// Unknown user or wrong password (deliberately not told apart).
     Denied,
+}
+
+/// A stamp of a user's stored credentials: it changes when the password
+/// is changed or reset (a new salt even for the same password), and when
+/// the user is deleted and added again. Never 0 (0 means "not known").
+#[must_use]
+pub fn credential_stamp(user: &User) -> u64 {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    h.update(user.name.to_ascii_lowercase().as_bytes());
+    h.update(b":");
+    h.update(user.hash.as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    u64::from_be_bytes(b).max(1)
+}
+
+/// The account of one user as the users file says now.
+#[must_use]
+pub fn account_of(users: &[User], name: &str) -> crate::core::session::Account {
+    use crate::core::session::Account;
+    match users.iter().find(|u| u.name.eq_ignore_ascii_case(name)) {
+        None => Account::Revoked(format!("user '{name}' was deleted")),
+        Some(u) => match u.hash_scheme() {
+            Ok(_) => Account::Valid {
+                stamp: credential_stamp(u),
+                groups: u.groups.clone(),
+            },
+            Err(HashError::Locked) => Account::Revoked(format!("user '{}' is locked", u.name)),
+            Err(e) => Account::Revoked(format!(
+                "the password of user '{}' cannot be used: {e}",
+                u.name
+            )),
+        },
+    }
 }
 
 impl UserDb {
@@ -737,27 +847,78 @@ impl UserDb {
         Self {
             path,
             cache: Mutex::new(Loaded {
-                mtime: None,
+                id: None,
+                read: false,
                 users: Vec::new(),
                 decoy: StoredHash::default_decoy(),
+                generation: 0,
             }),
         }
     }
 
-    fn lookup(&self, name: &str) -> Result<Lookup, UserError> {
-        let mtime = fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.mtime.is_none() || cache.mtime != mtime {
-            let users = read(&self.path)?;
-            cache.decoy = decoy_for(&users);
-            cache.users = users;
-            cache.mtime = mtime;
+    /// The file behind it.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, Loaded> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Re-read the file if it changed since the last read. Returns the
+    /// generation of the users now in force (bumped by every re-read), or
+    /// the error that kept the file from being read (the previous users stay
+    /// in force for live sessions; logons are refused meanwhile).
+    pub fn refresh(&self) -> Result<u64, UserError> {
+        let id = FileId::of(&self.path);
+        let mut cache = self.cache();
+        if cache.read && cache.id == id {
+            return Ok(cache.generation);
         }
+        let users = read_lenient(&self.path)?;
+        let unusable: Vec<String> = users
+            .iter()
+            .filter_map(|u| u.hash_scheme().err().map(|e| format!("{}: {e}", u.name)))
+            .collect();
+        if !unusable.is_empty() {
+            tracing::warn!(
+                path = %self.path.display(),
+                "users that cannot log on: {}",
+                unusable.join("; ")
+            );
+        }
+        cache.decoy = decoy_for(&users);
+        cache.users = users;
+        cache.id = id;
+        cache.read = true;
+        cache.generation += 1;
+        Ok(cache.generation)
+    }
+
+    /// The account of `name` as the file says now (re-read if it changed).
+    pub fn account(&self, name: &str) -> Result<crate::core::session::Account, UserError> {
+        self.refresh()?;
+        Ok(account_of(&self.cache().users, name))
+    }
+
+    /// The accounts of `names` as the file says now, from one read.
+    pub fn accounts(
+        &self,
+        names: &[String],
+    ) -> Result<Vec<crate::core::session::Account>, UserError> {
+        self.refresh()?;
+        let cache = self.cache();
+        Ok(names.iter().map(|n| account_of(&cache.users, n)).collect())
+    }
+
+    fn lookup(&self, name: &str) -> Result<Lookup, UserError> {
+        self.refresh()?;
+        let cache = self.cache();
         Ok(
             match cache
                 .users
                 .iter()
-                .find(|u| u.name.eq_ignore_ascii_case(name))
+                .find(|u| u.name.eq_ignore_ascii_case(name) && u.hash_scheme().is_ok())
             {
                 Some(u) => Lookup::Known(u.clone()),
                 None => Lookup::Unknown(cache.decoy.clone()),
@@ -773,12 +934,13 @@ impl UserDb {
         }
         match self.lookup(name)? {
             Lookup::Known(u) => {
-                // The file was read strictly: every hash parses.
                 let good = StoredHash::parse(&u.hash).is_ok_and(|h| h.verify(password.as_bytes()));
                 Ok(if good {
+                    let stamp = credential_stamp(&u);
                     AuthOutcome::Ok {
                         name: u.name,
                         groups: u.groups,
+                        stamp,
                     }
                 } else {
                     AuthOutcome::Denied
@@ -817,10 +979,76 @@ mod tests {
         dir
     }
 
+    fn stamp_of(path: &Path, name: &str) -> u64 {
+        let users = read(path).expect("read");
+        credential_stamp(users.iter().find(|u| u.name == name).expect("user"))
+    }
+
     fn verify(hash: &str, password: &str) -> bool {
         StoredHash::parse(hash)
             .expect("parse")
             .verify(password.as_bytes())
+    }
+
+    #[test]
+    fn accounts_follow_the_file() {
+        use crate::core::session::Account;
+        let dir = temp_dir("accounts");
+        let path = dir.join("users");
+        add(&path, "alice", &["staff".into()], "s3cret").expect("add");
+        add(&path, "bob", &[], "pw").expect("add");
+        let db = UserDb::new(path.clone());
+        let g1 = db.refresh().expect("refresh");
+        assert_eq!(
+            db.refresh().expect("refresh"),
+            g1,
+            "unchanged file: same generation"
+        );
+        let stamp = stamp_of(&path, "alice");
+        assert_eq!(
+            db.account("ALICE").expect("account"),
+            Account::Valid {
+                stamp,
+                groups: vec!["staff".into()]
+            }
+        );
+        // A new password (even the same one) is a new stamp.
+        set_password(&path, "alice", "s3cret").expect("passwd");
+        assert!(db.refresh().expect("refresh") > g1);
+        assert!(
+            matches!(db.account("alice").expect("a"), Account::Valid { stamp: s, .. } if s != stamp)
+        );
+        // Locked (as ocpasswd -l writes): revoked, others still log on.
+        set_locked(&path, "alice", true).expect("lock");
+        assert!(
+            matches!(db.account("alice").expect("a"), Account::Revoked(w) if w.contains("locked"))
+        );
+        assert_eq!(
+            db.authenticate("alice", "s3cret").expect("auth"),
+            AuthOutcome::Denied
+        );
+        assert!(matches!(
+            db.authenticate("bob", "pw").expect("auth"),
+            AuthOutcome::Ok { .. }
+        ));
+        set_locked(&path, "alice", false).expect("unlock");
+        assert!(matches!(
+            db.authenticate("alice", "s3cret").expect("auth"),
+            AuthOutcome::Ok { .. }
+        ));
+        set_groups(&path, "alice", &["ops".into()]).expect("groups");
+        assert!(
+            matches!(db.account("alice").expect("a"), Account::Valid { groups, .. } if groups == vec!["ops".to_string()])
+        );
+        // Deleted.
+        delete(&path, "alice").expect("del");
+        assert!(
+            matches!(db.account("alice").expect("a"), Account::Revoked(w) if w.contains("deleted"))
+        );
+        // A file that cannot be parsed is an error, not "everyone deleted".
+        fs::write(&path, "this is not a users file\n").expect("write");
+        assert!(db.account("bob").is_err());
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -855,7 +1083,8 @@ mod tests {
             db.authenticate("Alice", "s3cret").expect("auth"),
             AuthOutcome::Ok {
                 name: "alice".into(),
-                groups: vec!["staff".into()]
+                groups: vec!["staff".into()],
+                stamp: stamp_of(&path, "alice"),
             }
         );
         assert_eq!(
@@ -952,7 +1181,8 @@ mod tests {
             db.authenticate("alice", "pw").expect("auth"),
             AuthOutcome::Ok {
                 name: "alice".into(),
-                groups: vec![]
+                groups: vec![],
+                stamp: stamp_of(&path, "alice"),
             }
         );
         assert_eq!(
@@ -963,7 +1193,8 @@ mod tests {
             db.authenticate("bob", "pw").expect("auth"),
             AuthOutcome::Ok {
                 name: "bob".into(),
-                groups: vec!["staff".into(), "ops".into()]
+                groups: vec!["staff".into(), "ops".into()],
+                stamp: stamp_of(&path, "bob"),
             }
         );
         assert_eq!(

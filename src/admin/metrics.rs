@@ -134,6 +134,12 @@ pub fn render(shared: &Shared) -> String {
     );
     counter(
         &mut out,
+        "intragate_session_reevaluations_total",
+        "Sessions whose policy changed in place (policy reload, groups changed).",
+        &s["reevaluations"],
+    );
+    counter(
+        &mut out,
         "intragate_reconnects_total",
         "Tunnels that resumed an existing session.",
         &s["reconnects"],

@@ -100,6 +100,47 @@ pub struct Session {
     pub last_activity: Instant,
     /// Tunnels brought up (1 = first connect; more = reconnects).
     pub connects: u64,
+    /// Stamp of the account's credentials at logon (see [`Account`]); 0 =
+    /// not known (a session restored from an older state file).
+    pub account: u64,
+}
+
+/// What the account source (the users file; later a directory) says about
+/// a user now. Sessions follow it: see [`GatewayState::handle_account`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Account {
+    /// The account is usable: a stamp of its credentials (a change means the
+    /// password was changed or reset) and its groups.
+    Valid {
+        /// Credential stamp (never 0).
+        stamp: u64,
+        /// Groups.
+        groups: Vec<String>,
+    },
+    /// The account was deleted, locked or is otherwise unusable: why.
+    Revoked(String),
+}
+
+/// What [`GatewayState::reevaluate`] did to a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub enum Reevaluation {
+    /// The same policy applies (or the session is gone).
+    Unchanged,
+    /// Another policy applies in place.
+    Changed,
+    /// The session was closed.
+    Closed,
+}
+
+/// What [`GatewayState::handle_account`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AccountOutcome {
+    /// Sessions closed (account revoked, password changed, or the new
+    /// policy needs another address).
+    pub closed: usize,
+    /// Sessions whose policy changed in place.
+    pub reevaluated: usize,
 }
 
 /// A short description of a session, as shown in a transfer offer.
@@ -140,6 +181,9 @@ pub enum CloseReason {
     Shutdown,
     /// Never connected, and the same user logged on again.
     Superseded,
+    /// The account was deleted, locked or changed, or the policy no longer
+    /// allows the session as it is: why.
+    Revoked(String),
 }
 
 impl CloseReason {
@@ -156,6 +200,7 @@ impl CloseReason {
             CloseReason::NeverConnected => "never_connected",
             CloseReason::Shutdown => "shutdown",
             CloseReason::Superseded => "superseded",
+            CloseReason::Revoked(_) => "revoked",
         }
     }
 }
@@ -175,6 +220,7 @@ impl fmt::Display for CloseReason {
             CloseReason::NeverConnected => f.write_str("tunnel never connected"),
             CloseReason::Shutdown => f.write_str("gateway shutdown"),
             CloseReason::Superseded => f.write_str("superseded by a new logon before connecting"),
+            CloseReason::Revoked(why) => write!(f, "access revoked: {why}"),
         }
     }
 }
@@ -204,6 +250,8 @@ pub enum Event {
         inbound: Vec<crate::core::conntrack::InboundRule>,
         /// Its derived-port rules.
         derived: Vec<crate::core::expect::DerivedRule>,
+        /// Name of its policy.
+        policy: String,
     },
     /// A session is gone: drop its port, end its tunnel if still up.
     Closed {
@@ -215,6 +263,29 @@ pub enum Event {
         addr: IpAddr,
         /// Why.
         reason: CloseReason,
+    },
+    /// The session's policy changed in place (same address): apply its new
+    /// rules to the packet path. Routes pushed to the client change only at
+    /// its next logon; the gateway enforces the new ones at once.
+    PolicyChanged {
+        /// Session.
+        id: SessionId,
+        /// User.
+        user: String,
+        /// Address.
+        addr: IpAddr,
+        /// Name of the policy now in force.
+        policy: String,
+        /// May it talk to other users?
+        client_to_client: bool,
+        /// Its routes (empty = full tunnel).
+        routes: Vec<ipnetwork::IpNetwork>,
+        /// The routes differ from those pushed to the client at CONNECT.
+        routes_changed: bool,
+        /// Its inbound rules.
+        inbound: Vec<crate::core::conntrack::InboundRule>,
+        /// Its derived-port rules.
+        derived: Vec<crate::core::expect::DerivedRule>,
     },
     /// End the session's tunnel but keep the session (resumable).
     Disconnected {
@@ -294,6 +365,8 @@ pub struct LogonRequest {
     pub offer_token: String,
     /// Client address.
     pub client_addr: Option<IpAddr>,
+    /// Stamp of the account's credentials (see [`Account`]).
+    pub account: u64,
 }
 
 /// A pending "transfer your session here?" question.
@@ -374,6 +447,10 @@ pub struct SessionRecord {
     pub client_addr: Option<IpAddr>,
     /// Seconds since logon at the time of saving.
     pub age_secs: u64,
+    /// Stamp of the account's credentials at logon (0: unknown, from an
+    /// older state file).
+    #[serde(default)]
+    pub account: u64,
 }
 
 /// Pools, sessions and DNS records of one gateway, as one deterministic
@@ -625,6 +702,7 @@ impl GatewayState {
             last_activity: now,
             connects: 0,
             policy: policy.clone(),
+            account: req.account,
         };
         self.sessions.insert(id, session);
         self.by_token.insert(req.token, id);
@@ -641,6 +719,7 @@ impl GatewayState {
             nat,
             inbound: policy.inbound.clone(),
             derived: policy.derived.clone(),
+            policy: policy.name.clone(),
         });
         Ok(id)
     }
@@ -794,6 +873,132 @@ impl GatewayState {
             addr: s.addr,
             reason,
         });
+    }
+
+    /// The account of `user` as the account source sees it now: every
+    /// session and pending transfer offer of the user follows it in this
+    /// call.
+    ///
+    /// - [`Account::Revoked`]: every session closes ([`CloseReason::Revoked`];
+    ///   the shell ends live tunnels with DISCONNECT, so clients do not
+    ///   reconnect) and the cookies are refused from then on.
+    /// - A credential stamp other than the session's (password changed or
+    ///   reset): the session closes likewise. A session with stamp 0 (restored
+    ///   from an older state file) adopts the current stamp.
+    /// - Other groups: the session is re-evaluated against the policies (see
+    ///   [`GatewayState::reevaluate`]).
+    pub fn handle_account(
+        &mut self,
+        user: &str,
+        account: &Account,
+        now: Instant,
+    ) -> AccountOutcome {
+        let key = user_key(user);
+        let ids: Vec<SessionId> = self.by_user.get(&key).cloned().unwrap_or_default();
+        let mut out = AccountOutcome::default();
+        match account {
+            Account::Revoked(why) => {
+                self.offers.retain(|_, o| o.user_key != key);
+                for id in ids {
+                    self.close(id, CloseReason::Revoked(why.clone()), now, true);
+                    out.closed += 1;
+                }
+            }
+            Account::Valid { stamp, groups } => {
+                self.offers.retain(|_, o| {
+                    o.user_key != key || o.req.account == *stamp || o.req.account == 0
+                });
+                for o in self.offers.values_mut().filter(|o| o.user_key == key) {
+                    o.req.groups.clone_from(groups);
+                }
+                for id in ids {
+                    let Some(s) = self.sessions.get_mut(&id) else {
+                        continue;
+                    };
+                    if s.account == 0 {
+                        s.account = *stamp;
+                        self.sessions_dirty = true;
+                    } else if s.account != *stamp {
+                        let why = "the password was changed; log on again".to_string();
+                        self.close(id, CloseReason::Revoked(why), now, true);
+                        out.closed += 1;
+                        continue;
+                    }
+                    if s.groups != *groups {
+                        s.groups.clone_from(groups);
+                        self.sessions_dirty = true;
+                        match self.reevaluate(id, now) {
+                            Reevaluation::Unchanged => {}
+                            Reevaluation::Changed => out.reevaluated += 1,
+                            Reevaluation::Closed => out.closed += 1,
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Judge session `id` by the policy that applies to its user and groups
+    /// now. The same policy: nothing happens. Another policy with the same
+    /// address pool and NAT mode: the session takes it in place (timeouts
+    /// included) and [`Event::PolicyChanged`] tells the shell to apply its
+    /// rules. No policy, or one that needs another address: the session
+    /// closes with [`CloseReason::Revoked`] (the user logs on again and gets
+    /// an address from the right pool), never left half-changed.
+    pub fn reevaluate(&mut self, id: SessionId, now: Instant) -> Reevaluation {
+        let Some(s) = self.sessions.get(&id) else {
+            return Reevaluation::Unchanged;
+        };
+        let new = self.policies.lookup(&s.user, &s.groups).cloned();
+        let Some(new) = new else {
+            let why = format!("no policy applies to user '{}' any more", s.user);
+            self.close(id, CloseReason::Revoked(why), now, true);
+            return Reevaluation::Closed;
+        };
+        if new == s.policy {
+            return Reevaluation::Unchanged;
+        }
+        if new.pool != s.policy.pool || new.nat != s.policy.nat {
+            let why = format!(
+                "policy '{}' now applies, with another address pool; log on again",
+                new.name
+            );
+            self.close(id, CloseReason::Revoked(why), now, true);
+            return Reevaluation::Closed;
+        }
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Reevaluation::Unchanged;
+        };
+        let routes_changed = new.routes != s.policy.routes;
+        s.policy = new.clone();
+        self.events.push_back(Event::PolicyChanged {
+            id,
+            user: s.user.clone(),
+            addr: s.addr,
+            policy: new.name,
+            client_to_client: new.client_to_client,
+            routes: new.routes,
+            routes_changed,
+            inbound: new.inbound,
+            derived: new.derived,
+        });
+        Reevaluation::Changed
+    }
+
+    /// The users that hold sessions or pending transfer offers (as logged
+    /// on; one entry per user, case-insensitively).
+    pub fn users(&self) -> Vec<String> {
+        let mut seen = std::collections::BTreeMap::new();
+        for s in self.sessions.values() {
+            seen.entry(user_key(&s.user))
+                .or_insert_with(|| s.user.clone());
+        }
+        for o in self.offers.values() {
+            seen.entry(o.user_key.clone())
+                .or_insert_with(|| o.req.user.clone());
+        }
+        seen.into_values().collect()
     }
 
     /// Close a session found by cookie (logout request). Returns its id.
@@ -962,6 +1167,7 @@ impl GatewayState {
                 device: s.device.clone(),
                 client_addr: s.client_addr,
                 age_secs: now.saturating_duration_since(s.created).as_secs(),
+                account: s.account,
             })
             .collect()
     }
@@ -1030,6 +1236,7 @@ impl GatewayState {
                     last_activity: now,
                     connects: 0,
                     policy: policy.clone(),
+                    account: r.account,
                 },
             );
             self.by_token.insert(r.token.clone(), id);
@@ -1046,6 +1253,7 @@ impl GatewayState {
                 nat,
                 inbound: policy.inbound.clone(),
                 derived: policy.derived.clone(),
+                policy: policy.name.clone(),
             });
             restored += 1;
         }
@@ -1113,7 +1321,224 @@ mod tests {
             token: token.into(),
             offer_token: format!("offer-{token}"),
             client_addr: None,
+            account: 7,
         }
+    }
+
+    fn valid(stamp: u64, groups: &[&str]) -> Account {
+        Account::Valid {
+            stamp,
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+        }
+    }
+
+    /// Two pools, three policies: staff (pool p, client_to_client), guests
+    /// (pool p, no client_to_client, routes narrowed), contractors (pool q).
+    fn state_groups() -> GatewayState {
+        let mk = |name: &str, group: &str, pool: &str, c2c: bool, routes: &[&str]| Policy {
+            name: name.into(),
+            matches: vec![GroupMatch::Group(group.into())],
+            pool: pool.into(),
+            client_to_client: c2c,
+            routes: routes.iter().map(|r| r.parse().expect("net")).collect(),
+            ..policy(2)
+        };
+        let pool = |name: &str, cidr: &str| PoolConfig {
+            name: name.into(),
+            cidr: cidr.parse().expect("cidr"),
+            quarantine: Duration::from_secs(300),
+            exclude: vec![],
+        };
+        GatewayState::new(
+            SessionSettings::default(),
+            vec![pool("p", "198.18.64.0/28"), pool("q", "198.18.65.0/28")],
+            PolicySet::new(vec![
+                mk("staff", "staff", "p", true, &["198.18.1.0/24"]),
+                mk("guests", "guests", "p", false, &["198.18.1.10/32"]),
+                mk("contractors", "contractors", "q", true, &[]),
+            ]),
+        )
+        .expect("state")
+    }
+
+    fn req_in(user: &str, token: &str, groups: &[&str]) -> LogonRequest {
+        LogonRequest {
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            ..req(user, token)
+        }
+    }
+
+    #[test]
+    fn revoked_account_closes_every_session_and_offer() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 2);
+        let a = opened(g.handle_logon(req("alice", "a1"), t0));
+        let b = opened(g.handle_logon(req("Alice", "a2"), t0));
+        let _ = g.handle_attach("a1", None, None, t0);
+        let _ = g.handle_attach("a2", None, None, t0);
+        let bob = opened(g.handle_logon(req("bob", "b1"), t0));
+        // A third logon of alice waits for a transfer answer.
+        let offer = match g.handle_logon(req("alice", "a3"), t0) {
+            Ok(LogonOutcome::TransferOffered(o)) => o.token,
+            other => panic!("expected an offer, got {other:?}"),
+        };
+        drain(&mut g);
+        let out = g.handle_account(
+            "ALICE",
+            &Account::Revoked("user 'alice' was deleted".into()),
+            t0,
+        );
+        assert_eq!(
+            out,
+            AccountOutcome {
+                closed: 2,
+                reevaluated: 0
+            }
+        );
+        assert!(g.session(a).is_none() && g.session(b).is_none());
+        assert!(g.session(bob).is_some());
+        assert!(
+            g.handle_attach("a1", None, None, t0).is_err(),
+            "cookie refused from now on"
+        );
+        assert_eq!(g.dns().lookup("alice", false), None);
+        assert!(matches!(
+            g.handle_transfer(&offer, true, t0),
+            Err(TransferError::UnknownOffer)
+        ));
+        let ev = drain(&mut g);
+        assert_eq!(ev.len(), 2);
+        assert!(ev.iter().all(|e| matches!(e, Event::Closed { reason: CloseReason::Revoked(w), .. } if w.contains("deleted"))));
+    }
+
+    #[test]
+    fn changed_credentials_close_same_credentials_keep() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 1);
+        let a = opened(g.handle_logon(req("alice", "a1"), t0));
+        assert_eq!(
+            g.handle_account("alice", &valid(7, &[]), t0),
+            AccountOutcome::default()
+        );
+        assert!(g.session(a).is_some());
+        drain(&mut g);
+        let out = g.handle_account("alice", &valid(8, &[]), t0);
+        assert_eq!(out.closed, 1);
+        assert!(g.session(a).is_none());
+        assert!(matches!(
+            drain(&mut g).as_slice(),
+            [Event::Closed { reason: CloseReason::Revoked(w), .. }] if w.contains("password")
+        ));
+    }
+
+    #[test]
+    fn unknown_stamp_is_adopted_then_enforced() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 1);
+        let a = opened(g.handle_logon(
+            LogonRequest {
+                account: 0,
+                ..req("alice", "a1")
+            },
+            t0,
+        ));
+        assert_eq!(
+            g.handle_account("alice", &valid(9, &[]), t0),
+            AccountOutcome::default()
+        );
+        assert_eq!(g.session(a).expect("kept").account, 9);
+        assert_eq!(g.handle_account("alice", &valid(10, &[]), t0).closed, 1);
+    }
+
+    #[test]
+    fn group_change_reevaluates_in_place_or_closes() {
+        let t0 = Instant::now();
+        let mut g = state_groups();
+        let a = opened(g.handle_logon(req_in("alice", "a1", &["staff"]), t0));
+        let addr = g.session(a).expect("a").addr;
+        drain(&mut g);
+        // staff -> guests: same pool, narrower rules: in place.
+        let out = g.handle_account("alice", &valid(7, &["guests"]), t0);
+        assert_eq!(
+            out,
+            AccountOutcome {
+                closed: 0,
+                reevaluated: 1
+            }
+        );
+        let s = g.session(a).expect("kept");
+        assert_eq!((s.policy.name.as_str(), s.addr), ("guests", addr));
+        assert_eq!(s.groups, vec!["guests".to_string()]);
+        match drain(&mut g).as_slice() {
+            [Event::PolicyChanged {
+                id,
+                policy,
+                client_to_client,
+                routes_changed,
+                routes,
+                ..
+            }] => {
+                assert_eq!(
+                    (*id, policy.as_str(), *client_to_client, *routes_changed),
+                    (a, "guests", false, true)
+                );
+                assert_eq!(
+                    routes,
+                    &vec!["198.18.1.10/32"
+                        .parse::<ipnetwork::IpNetwork>()
+                        .expect("net")]
+                );
+            }
+            other => panic!("expected PolicyChanged, got {other:?}"),
+        }
+        // Same groups again: nothing.
+        assert_eq!(
+            g.handle_account("alice", &valid(7, &["guests"]), t0),
+            AccountOutcome::default()
+        );
+        assert!(drain(&mut g).is_empty());
+        // guests -> contractors: another pool: closed, address released.
+        let out = g.handle_account("alice", &valid(7, &["contractors"]), t0);
+        assert_eq!(out.closed, 1);
+        assert!(g.session(a).is_none());
+        // No policy at all: closed too.
+        let b = opened(g.handle_logon(req_in("bob", "b1", &["staff"]), t0));
+        assert_eq!(
+            g.handle_account("bob", &valid(7, &["nobody"]), t0).closed,
+            1
+        );
+        assert!(g.session(b).is_none());
+    }
+
+    #[test]
+    fn reevaluated_policy_timeouts_apply() {
+        let t0 = Instant::now();
+        let mut g = state_groups();
+        let a = opened(g.handle_logon(req_in("alice", "a1", &["staff"]), t0));
+        let _ = g.handle_attach("a1", None, None, t0);
+        // A policy reload elsewhere would do the same: the session is
+        // judged by the policy of its groups now.
+        g.policies = PolicySet::new(vec![Policy {
+            name: "staff".into(),
+            matches: vec![GroupMatch::Group("staff".into())],
+            idle_timeout: Some(Duration::from_secs(60)),
+            ..policy(2)
+        }]);
+        assert_eq!(g.reevaluate(a, t0), Reevaluation::Changed);
+        g.handle_timeout(t0 + Duration::from_secs(61));
+        assert!(g.session(a).is_none(), "the new idle timeout holds");
+    }
+
+    #[test]
+    fn users_lists_holders_once() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 2);
+        opened(g.handle_logon(req("alice", "a1"), t0));
+        opened(g.handle_logon(req("ALICE", "a2"), t0));
+        opened(g.handle_logon(req("bob", "b1"), t0));
+        let mut u = g.users();
+        u.sort();
+        assert_eq!(u.len(), 2);
     }
 
     fn opened(o: Result<LogonOutcome, LogonError>) -> SessionId {

@@ -181,7 +181,8 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         shared.stats.drop(DropReason::NoSession);
         return;
     };
-    let ctx = port.ctx(user_addr, true, &shared.config.nat.ftp_ports);
+    let rules = port.rules.load();
+    let ctx = port.ctx(&rules, user_addr, true, &shared.config.nat.ftp_ports);
     let outcome = port.flows().inbound(
         &ctx,
         pkt,

@@ -12,7 +12,8 @@ use tracing::{info, warn};
 use super::{cstp::TunnelStart, Conn, Next};
 use crate::core::bans::Admission;
 use crate::core::session::{
-    CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId, TransferError, TransferOffer,
+    Account, CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId, TransferError,
+    TransferOffer,
 };
 use crate::gateway::{TunnelCtl, TunnelHandle};
 use crate::stats::RefuseReason;
@@ -252,8 +253,12 @@ impl Conn {
                 return self.refuse("The gateway is busy; try again").await;
             }
         };
-        let (name, groups) = match outcome {
-            AuthOutcome::Ok { name, groups } => (name, groups),
+        let (name, groups, stamp) = match outcome {
+            AuthOutcome::Ok {
+                name,
+                groups,
+                stamp,
+            } => (name, groups, stamp),
             AuthOutcome::Denied => {
                 let next = shared.bans().record_failure(self.ip, Instant::now());
                 shared.stats.refuse(RefuseReason::BadCredentials);
@@ -265,6 +270,23 @@ impl Conn {
         shared.bans().record_success(self.ip, Instant::now());
         let result = {
             let mut core = shared.core();
+            // The account as the users file says now, under the core lock:
+            // a deletion or password change that landed while the password
+            // was being checked cannot open a session the account watcher
+            // (`Shared::check_accounts`, same lock) would miss.
+            let groups = match shared.users.account(&name) {
+                Ok(Account::Valid {
+                    stamp: now_stamp,
+                    groups,
+                }) if now_stamp == stamp => groups,
+                Ok(_) => {
+                    drop(core);
+                    shared.stats.refuse(RefuseReason::BadCredentials);
+                    warn!(user = %name, client = %self.ip, "logon refused: the account changed while its password was checked");
+                    return self.refuse("Authentication failed").await;
+                }
+                Err(_) => groups,
+            };
             let r = core.handle_logon(
                 LogonRequest {
                     user: name.clone(),
@@ -272,6 +294,7 @@ impl Conn {
                     token: new_token(),
                     offer_token: new_token(),
                     client_addr: Some(self.ip),
+                    account: stamp,
                 },
                 Instant::now(),
             );
@@ -357,6 +380,7 @@ impl Conn {
         });
         let now = Instant::now();
         let domain = self.shared.config.domain.clone();
+        self.shared.recheck_account(&token, now);
         let body = 'body: {
             let mut core = self.shared.core();
             let Some((my_id, user)) = core
@@ -444,6 +468,10 @@ impl Conn {
             .header("x-cstp-mtu")
             .and_then(|v| v.trim().parse().ok())
             .filter(|m| *m >= 576);
+        // The account may have been deleted, locked or changed since the
+        // last check: a revoked session is closed here and its cookie is
+        // refused below.
+        shared.recheck_account(token, Instant::now());
         // Attach and read everything the reply needs under one lock.
         let attached = {
             let mut core = shared.core();

@@ -127,11 +127,7 @@ pub(crate) async fn run_tunnel(
     let mut t = Tunnel {
         shared: &shared,
         port: &port,
-        view: UserView {
-            addr,
-            client_to_client: port.client_to_client,
-            routes: &port.routes,
-        },
+        addr,
         mtu,
         tcp,
         tls,
@@ -253,7 +249,8 @@ enum Read {
 struct Tunnel<'a> {
     shared: &'a Shared,
     port: &'a Port,
-    view: UserView<'a>,
+    /// The user's tunnel address.
+    addr: IpAddr,
     mtu: usize,
     tcp: TcpStream,
     tls: ServerConnection,
@@ -597,7 +594,7 @@ impl Tunnel<'_> {
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     self.shared.stats.cstp_errors.fetch_add(1, Relaxed);
-                    warn!(addr = %self.view.addr, error = %e, "bad CSTP frame; closing the tunnel");
+                    warn!(addr = %self.addr, error = %e, "bad CSTP frame; closing the tunnel");
                     return Err(End::Dropped(format!("protocol error: {e}")));
                 }
             };
@@ -624,7 +621,7 @@ impl Tunnel<'_> {
                 }
                 FrameType::Compressed => {
                     self.shared.stats.cstp_errors.fetch_add(1, Relaxed);
-                    warn!(addr = %self.view.addr, "compressed frame, but no compression was negotiated; closing the tunnel");
+                    warn!(addr = %self.addr, "compressed frame, but no compression was negotiated; closing the tunnel");
                     return Err(End::Dropped("compressed frame without negotiation".into()));
                 }
             }
@@ -639,8 +636,16 @@ impl Tunnel<'_> {
     /// User-to-user packets go straight to the peer's queue.
     fn forward(&mut self, mut pkt: BytesMut, batch: &mut TunBatch) -> bool {
         let shared = self.shared;
-        let verdict = route::from_user(&pkt, self.mtu, &self.view, &shared.gateway_addrs, |dst| {
-            shared.routes.get(&dst).map(|p| p.client_to_client)
+        // The rules in force now (a reload or a group change swaps them).
+        let port = self.port;
+        let rules = port.rules.load();
+        let view = UserView {
+            addr: self.addr,
+            client_to_client: rules.client_to_client,
+            routes: &rules.routes,
+        };
+        let verdict = route::from_user(&pkt, self.mtu, &view, &shared.gateway_addrs, |dst| {
+            shared.routes.get(&dst).map(|p| p.client_to_client())
         });
         let authorized = match verdict {
             Verdict::ToSession(dst) => {
@@ -662,14 +667,12 @@ impl Tunnel<'_> {
             Verdict::Drop(r) => {
                 shared.stats.drop(r);
                 if r == DropReason::SpoofedSource {
-                    debug!(addr = %self.view.addr, "dropped a packet with a spoofed source address");
+                    debug!(addr = %self.addr, "dropped a packet with a spoofed source address");
                 }
                 return false;
             }
         };
-        let ctx = self
-            .port
-            .ctx(self.view.addr, authorized, &shared.config.nat.ftp_ports);
+        let ctx = port.ctx(&rules, self.addr, authorized, &shared.config.nat.ftp_ports);
         let outcome = self.port.flows().outbound(
             &ctx,
             &mut pkt,
