@@ -430,6 +430,10 @@ impl Shared {
                     ..
                 } => {
                     self.stats.reevaluations.fetch_add(1, Ordering::Relaxed);
+                    let dropped = self.prune_flows(id, addr);
+                    if dropped > 0 {
+                        info!(session = %id, %user, %addr, flows = dropped, "dropped tracked connections the new policy does not allow");
+                    }
                     if routes_changed {
                         info!(session = %id, %user, %addr, %policy, "session now under policy '{policy}'; the gateway enforces its routes at once, the client keeps the routes it was given until it logs on again");
                     } else {
@@ -506,6 +510,32 @@ impl Shared {
         }
     }
 
+    /// Drop the tracked flows of session `id` (at `addr`) that its rules in
+    /// force no longer admit. Returns how many.
+    fn prune_flows(&self, id: SessionId, addr: IpAddr) -> usize {
+        let Some(port) = self.routes.get(&addr).map(|p| p.value().clone()) else {
+            return 0;
+        };
+        if port.id != id {
+            return 0;
+        }
+        let rules = port.rules.load();
+        let ctx = port.ctx(&rules, addr, true, &self.config.nat.ftp_ports);
+        let routes = &rules.routes;
+        // As `route::from_user` judges a new packet.
+        let gw = &self.gateway_addrs;
+        let authorized = |dst: IpAddr| {
+            gw.contains(&dst) || routes.is_empty() || routes.iter().any(|n| n.contains(dst))
+        };
+        let n = port.flows().retain_allowed(
+            &ctx,
+            authorized,
+            &mut LockedNat(&self.nat_ports),
+            Instant::now(),
+        );
+        n
+    }
+
     /// Check the account behind the session with cookie `token` against
     /// the users file now (CONNECT, workspace control): a revoked session
     /// is closed before the request is answered.
@@ -528,8 +558,11 @@ impl Shared {
     }
 
     /// Re-read the policy files (and the config file's policy-related
-    /// settings) and apply them to new logons; live sessions keep theirs.
-    pub fn reload(&self) -> Result<String, String> {
+    /// settings) and judge every session by them at once: see
+    /// [`GatewayState::handle_policies`]. Returns what changed, for the
+    /// `reload` answer and the log; a file that does not load changes
+    /// nothing and says why.
+    pub fn reload(&self) -> Result<serde_json::Value, String> {
         let fresh = Config::load(
             self.config.source.as_deref(),
             &crate::config::Overrides::default(),
@@ -552,20 +585,69 @@ impl Shared {
             None => None,
         };
         let n = fresh.policies.policies().len();
-        let mut summary = format!("{n} policies");
-        {
+        let now = Instant::now();
+        let (changes, stale) = {
             let mut core = self.core();
-            core.set_policies(fresh.policies);
+            let changes = core.handle_policies(fresh.policies, now);
             if let Some(z) = &zones {
                 core.set_static_dns_labels(z.static_labels());
             }
-        }
+            let stale: Vec<serde_json::Value> = changes
+                .stale_client_routes
+                .iter()
+                .filter_map(|id| core.session(*id))
+                .map(|s| serde_json::json!({"id": s.id.to_string(), "user": s.user, "policy": s.policy.name}))
+                .collect();
+            self.process_events(core);
+            (changes, stale)
+        };
+        let mut records = None;
         if let (Some(z), Some(dns)) = (zones, self.dns.get()) {
-            summary.push_str(&format!(", {} static DNS records", z.record_count()));
+            records = Some(z.record_count());
             dns.reload_zones(z);
         }
-        info!("reloaded: {summary}");
-        Ok(summary)
+        let closed: Vec<serde_json::Value> = changes
+            .closed
+            .iter()
+            .map(|(id, user)| serde_json::json!({"id": id.to_string(), "user": user}))
+            .collect();
+        info!(
+            policies = n,
+            added = ?changes.added,
+            removed = ?changes.removed,
+            changed = ?changes.changed,
+            sessions_reevaluated = changes.reevaluated.len(),
+            sessions_closed = changes.closed.len(),
+            static_dns_records = records,
+            "reloaded"
+        );
+        if !stale.is_empty() {
+            let list: Vec<String> = stale
+                .iter()
+                .map(|v| {
+                    format!(
+                        "{} ({})",
+                        v["id"].as_str().unwrap_or(""),
+                        v["user"].as_str().unwrap_or("")
+                    )
+                })
+                .collect();
+            warn!(
+                "reload: {} session(s) keep the routes their client was given at logon until they log on again (the gateway enforces the new routes now): {}",
+                stale.len(),
+                list.join(", ")
+            );
+        }
+        Ok(serde_json::json!({
+            "policies": n,
+            "added": changes.added,
+            "removed": changes.removed,
+            "changed": changes.changed,
+            "sessions_reevaluated": changes.reevaluated.len(),
+            "sessions_closed": closed,
+            "stale_client_routes": stale,
+            "static_dns_records": records,
+        }))
     }
 
     /// Queue a packet toward a session's user, counting the outcome.
@@ -642,6 +724,7 @@ impl Shared {
             "ftp_rewritten": t.ftp_rewritten,
             "ftp_unrewritten": t.ftp_unrewritten,
             "tcp_invalid_rst": t.tcp_invalid_rst,
+            "policy_dropped": t.policy_dropped,
         })
     }
 
@@ -857,6 +940,7 @@ fn add_flow_stats(
     t.ftp_rewritten += s.ftp_rewritten;
     t.ftp_unrewritten += s.ftp_unrewritten;
     t.tcp_invalid_rst += s.tcp_invalid_rst;
+    t.policy_dropped += s.policy_dropped;
 }
 
 fn unix_now() -> u64 {

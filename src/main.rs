@@ -202,8 +202,72 @@ enum CtlCmd {
         /// The address.
         address: String,
     },
-    /// Re-read policies without dropping sessions (same as SIGHUP).
-    Reload,
+    /// Re-read policies (same as SIGHUP) and apply them to every session at
+    /// once: same pool, in place; another pool or none, the session ends.
+    /// Prints what changed. A file with errors changes nothing.
+    Reload {
+        /// Print the answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// The `ctl reload` answer for people.
+fn print_reload(r: &serde_json::Value) {
+    let names = |k: &str| -> String {
+        let v: Vec<&str> = r[k]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str())
+            .collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
+    };
+    let sessions = |k: &str| -> Vec<String> {
+        r[k].as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                format!(
+                    "{} ({})",
+                    s["id"].as_str().unwrap_or("?"),
+                    s["user"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    println!(
+        "reloaded: {} policies (added: {}; removed: {}; changed: {})",
+        r["policies"],
+        names("added"),
+        names("removed"),
+        names("changed")
+    );
+    if let Some(n) = r["static_dns_records"].as_u64() {
+        println!("static DNS records: {n}");
+    }
+    println!(
+        "sessions now under a changed policy (same address): {}",
+        r["sessions_reevaluated"]
+    );
+    let closed = sessions("sessions_closed");
+    if !closed.is_empty() {
+        println!(
+            "sessions ended (no policy, or another address pool): {}",
+            closed.join(", ")
+        );
+    }
+    let stale = sessions("stale_client_routes");
+    if !stale.is_empty() {
+        println!(
+            "clients keeping the routes given at logon until they log on again (the gateway enforces the new ones now): {}",
+            stale.join(", ")
+        );
+    }
 }
 
 fn config_path(cli: &Option<PathBuf>) -> Option<PathBuf> {
@@ -459,7 +523,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     serde_json::json!({"cmd": "unban", "address": address}),
                     false,
                 ),
-                CtlCmd::Reload => (serde_json::json!({"cmd": "reload"}), false),
+                CtlCmd::Reload { json } => (serde_json::json!({"cmd": "reload"}), *json),
             };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -520,7 +584,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         "was not banned"
                     }
                 ),
-                CtlCmd::Reload => println!("reloaded: {}", txt(&reply["reloaded"])),
+                CtlCmd::Reload { .. } => print_reload(&reply["reloaded"]),
                 CtlCmd::Conntrack { .. } => {
                     println!("SESSION  PROTO USER                   REMOTE                 STATE        ORIGIN    IDLE");
                     for f in reply["flows"].as_array().into_iter().flatten() {

@@ -533,11 +533,15 @@ pub enum NatDrop {
     /// control connection.
     #[error("FTP control backlog")]
     AlgBacklog,
+    /// A packet of a connection the session's policy no longer admits
+    /// (dropped at a policy change); the user may open it anew.
+    #[error("connection revoked by a policy change")]
+    Revoked,
 }
 
 impl NatDrop {
     /// Number of reasons (array size for counters).
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
     /// All reasons, in index order.
     pub const ALL: [NatDrop; Self::COUNT] = [
         NatDrop::Malformed,
@@ -555,6 +559,7 @@ impl NatDrop {
         NatDrop::FtpMalformed,
         NatDrop::AlgOutOfOrder,
         NatDrop::AlgBacklog,
+        NatDrop::Revoked,
     ];
 
     /// Snake-case name for metrics and logs.
@@ -575,6 +580,7 @@ impl NatDrop {
             NatDrop::FtpMalformed => "ftp_malformed",
             NatDrop::AlgOutOfOrder => "ftp_out_of_order",
             NatDrop::AlgBacklog => "ftp_backlog",
+            NatDrop::Revoked => "revoked_by_policy",
         }
     }
 }
@@ -606,6 +612,9 @@ pub struct FlowStats {
     pub ftp_unrewritten: u64,
     /// TCP resets outside the window (ignored for the state).
     pub tcp_invalid_rst: u64,
+    /// Flows dropped because the session's policy changed and no longer
+    /// admits them.
+    pub policy_dropped: u64,
 }
 
 /// Something for the shell's log.
@@ -742,6 +751,11 @@ struct Flow {
     class: Class,
     alg: Option<Box<FtpAlg>>,
     packets: [u64; 2],
+    /// Admitted by an expectation (FTP data, derived rule), not by the
+    /// policy's routes or inbound rules.
+    expected: bool,
+    /// Inbound: the port (ICMP: type) the inbound rules were asked about.
+    rule_port: Option<u16>,
 }
 
 struct Slot {
@@ -783,7 +797,17 @@ pub struct SessionFlows {
     frag_next: usize,
     stats: FlowStats,
     events: VecDeque<FlowEvent>,
+    /// Connections dropped at a policy change, until when: a packet of
+    /// theirs from the user does not pick them up again mid-stream (only a
+    /// new SYN opens the same 5-tuple). Bounded by [`MAX_REVOKED`], oldest
+    /// first out.
+    revoked: HashMap<FlowKey, Instant>,
+    revoked_order: VecDeque<FlowKey>,
 }
+
+/// Most revoked connections remembered per session (see
+/// `SessionFlows::revoked`).
+pub const MAX_REVOKED: usize = 1024;
 
 impl fmt::Debug for SessionFlows {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -1239,6 +1263,8 @@ impl SessionFlows {
             frag_next: 0,
             stats: FlowStats::default(),
             events: VecDeque::new(),
+            revoked: HashMap::new(),
+            revoked_order: VecDeque::new(),
         }
     }
 
@@ -1475,6 +1501,8 @@ impl SessionFlows {
             class,
             alg: None,
             packets: [0; 2],
+            expected: false,
+            rule_port: None,
         };
         let idx = match self.free.pop() {
             Some(i) => {
@@ -1593,6 +1621,14 @@ impl SessionFlows {
             _ => FlowState::Unreplied,
         };
         let mut picked_up = false;
+        if let Some(until) = self.revoked.get(key).copied() {
+            let fresh_syn = key.proto == Proto::Tcp
+                && tcp_header(p).is_ok_and(|h| h.has(tcp::SYN) && !h.has(tcp::ACK));
+            if now < until && !fresh_syn {
+                return Err(NatDrop::Revoked);
+            }
+            self.revoked.remove(key);
+        }
         if key.proto == Proto::Tcp {
             let h = tcp_header(p)?;
             if h.has(tcp::RST) {
@@ -1637,6 +1673,7 @@ impl SessionFlows {
         }
         let ftp = key.proto == Proto::Tcp && ctx.ftp_ports.contains(&key.remote_port);
         if let Some(f) = self.flow_mut(idx) {
+            f.expected = expected;
             f.tcp.picked_up = picked_up;
             if ftp {
                 f.alg = Some(Box::new(FtpAlg::new(ctx.nat.is_some())));
@@ -1787,6 +1824,10 @@ impl SessionFlows {
             }
         }
         let idx = self.insert(*key, Direction::Inbound, state, via_nat, nat, now)?;
+        if let Some(f) = self.flow_mut(idx) {
+            f.expected = expected;
+            f.rule_port = rule_port;
+        }
         if expected {
             if let Some(e) = self.expect.take(Direction::Inbound, key, now) {
                 self.stats.expect_used += 1;
@@ -2089,6 +2130,60 @@ impl SessionFlows {
         flows.chain(expect).min_by_key(|(t, _)| *t)
     }
 
+    /// Drops the flows the session's policy would not admit now (it changed:
+    /// a reload, or the user's groups): outbound flows whose destination
+    /// `authorized` refuses, and inbound flows that none of `ctx`'s inbound
+    /// rules accepts (all of them behind NAT). Flows admitted by an
+    /// expectation stay (they belong to a connection of the user's). Their
+    /// next packets meet no flow: a TCP segment other than SYN is dropped,
+    /// so open connections stop. Returns how many flows were dropped
+    /// (counted in [`FlowStats::policy_dropped`]).
+    pub fn retain_allowed<N: NatPortTable>(
+        &mut self,
+        ctx: &UserCtx<'_>,
+        authorized: impl Fn(IpAddr) -> bool,
+        nat: &mut N,
+        now: Instant,
+    ) -> usize {
+        let doomed: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let f = s.flow.as_ref()?;
+                let keep = f.expected
+                    || match f.origin {
+                        Direction::Outbound => authorized(f.key.remote),
+                        Direction::Inbound => {
+                            ctx.nat.is_none()
+                                && ctx
+                                    .inbound_rules
+                                    .iter()
+                                    .any(|r| r.allows(f.key.remote, f.key.proto, f.rule_port))
+                        }
+                    };
+                (!keep).then_some(u32::try_from(i).ok()?)
+            })
+            .collect();
+        for idx in &doomed {
+            if let Some(f) = self.flow(*idx) {
+                let until = now + f.class.timeout(&self.config.timeouts);
+                let key = f.key;
+                if self.revoked.insert(key, until).is_none() {
+                    self.revoked_order.push_back(key);
+                }
+                while self.revoked_order.len() > MAX_REVOKED {
+                    if let Some(old) = self.revoked_order.pop_front() {
+                        self.revoked.remove(&old);
+                    }
+                }
+            }
+            self.remove(*idx, nat, true);
+        }
+        self.stats.policy_dropped += doomed.len() as u64;
+        doomed.len()
+    }
+
     /// Drops every flow and expectation (session closed), returning NAT
     /// ports and budget units.
     pub fn clear<N: NatPortTable>(&mut self, nat: &mut N) {
@@ -2111,6 +2206,8 @@ impl SessionFlows {
             }
         });
         self.frags = [None; FRAGMENT_PASS_SLOTS];
+        self.revoked.clear();
+        self.revoked_order.clear();
     }
 
     fn view(&self, f: &Flow, now: Instant) -> FlowView {
@@ -2600,6 +2697,94 @@ pub(crate) mod tests {
             remote: ip4(remote),
             remote_port: rport,
         }
+    }
+
+    /// A policy change: the inbound RDP connection from a source no longer
+    /// allowed is dropped and cannot be picked up again by the user's next
+    /// segment; the user's own connection to an allowed server stays; a new
+    /// SYN on the same 5-tuple from the user opens it anew.
+    #[test]
+    fn retain_allowed_drops_revoked_connections_for_good() {
+        use pkt::{ACK, PSH, SYN};
+        let t0 = Instant::now();
+        let budget = Arc::new(FlowBudget::new(100));
+        let mut t = table(1, 10, &budget);
+        let mut nat = ports();
+        let desk = [198, 18, 1, 5];
+        let open = [rule("198.18.1.0/24", None, None)];
+        let c = ctx(USER, false, &open, &[]);
+        // Help desk → user:3389, established.
+        inb(
+            &mut t,
+            &c,
+            &pkt::tcp4(desk, 50000, USER, 3389, 100, 0, SYN, b""),
+            &mut nat,
+            t0,
+        )
+        .expect("syn");
+        out(
+            &mut t,
+            &c,
+            &pkt::tcp4(USER, 3389, desk, 50000, 500, 101, SYN | ACK, b""),
+            &mut nat,
+            t0,
+        )
+        .expect("syn-ack");
+        inb(
+            &mut t,
+            &c,
+            &pkt::tcp4(desk, 50000, USER, 3389, 101, 501, ACK, b""),
+            &mut nat,
+            t0,
+        )
+        .expect("ack");
+        // User → server:443.
+        out(
+            &mut t,
+            &c,
+            &pkt::tcp4(USER, 40000, SERVER, 443, 1, 0, SYN, b""),
+            &mut nat,
+            t0,
+        )
+        .expect("user syn");
+        assert_eq!(t.len(), 2);
+        let used = budget.used();
+
+        // The new policy: inbound only from 198.18.2.0/24; SERVER still routed.
+        let narrow = [rule("198.18.2.0/24", None, None)];
+        let c2 = ctx(USER, false, &narrow, &[]);
+        let dropped = t.retain_allowed(&c2, |dst| dst == ip4(SERVER), &mut nat, t0);
+        assert_eq!(dropped, 1);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.stats().policy_dropped, 1);
+        assert_eq!(budget.used(), used - 1, "budget returned");
+        assert!(t.lookup(&tcp_key(USER, 40000, SERVER, 443), t0).is_some());
+        // The help desk's data and the user's answers go nowhere.
+        let data = pkt::tcp4(desk, 50000, USER, 3389, 101, 501, PSH | ACK, b"frame");
+        assert_eq!(
+            inb(&mut t, &c2, &data, &mut nat, t0),
+            Err(NatDrop::InvalidTcp)
+        );
+        let answer = pkt::tcp4(USER, 3389, desk, 50000, 501, 106, PSH | ACK, b"pixels");
+        assert_eq!(
+            out(&mut t, &c2, &answer, &mut nat, t0),
+            Err(NatDrop::Revoked)
+        );
+        assert_eq!(t.len(), 1, "no pickup of the revoked connection");
+        // A fresh connection from the user on the same 5-tuple is the
+        // user's to open.
+        out(
+            &mut t,
+            &c2,
+            &pkt::tcp4(USER, 3389, desk, 50000, 9000, 0, SYN, b""),
+            &mut nat,
+            t0,
+        )
+        .expect("new syn");
+        assert_eq!(t.len(), 2);
+        // Routes narrowed to nothing: the user's outbound flows go too.
+        assert_eq!(t.retain_allowed(&c2, |_| false, &mut nat, t0), 2);
+        assert!(t.is_empty());
     }
 
     #[test]

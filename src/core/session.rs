@@ -121,6 +121,25 @@ pub enum Account {
     Revoked(String),
 }
 
+/// What [`GatewayState::handle_policies`] changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyReload {
+    /// Policies that are new (by name).
+    pub added: Vec<String>,
+    /// Policies that are gone.
+    pub removed: Vec<String>,
+    /// Policies whose settings changed.
+    pub changed: Vec<String>,
+    /// Sessions that now follow another policy or changed settings, in
+    /// place (same address).
+    pub reevaluated: Vec<SessionId>,
+    /// Of those, the sessions whose routes changed: the gateway enforces the
+    /// new ones, the client keeps the old ones until it logs on again.
+    pub stale_client_routes: Vec<SessionId>,
+    /// Sessions closed (no policy, or one on another pool), with their user.
+    pub closed: Vec<(SessionId, String)>,
+}
+
 /// What [`GatewayState::reevaluate`] did to a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[must_use]
@@ -516,9 +535,56 @@ impl GatewayState {
         })
     }
 
-    /// Replace the policies (reload). Live sessions keep the policy they had.
-    pub fn set_policies(&mut self, policies: PolicySet) {
+    /// Replace the policies (reload) and judge every session, live or
+    /// disconnected, by them in this call (see [`GatewayState::reevaluate`]);
+    /// pending transfer offers are judged when answered.
+    pub fn handle_policies(&mut self, policies: PolicySet, now: Instant) -> PolicyReload {
+        let mut out = PolicyReload::default();
+        let old: BTreeMap<String, Policy> = self
+            .policies
+            .policies()
+            .iter()
+            .map(|p| (p.name.clone(), p.clone()))
+            .collect();
+        for p in policies.policies() {
+            match old.get(&p.name) {
+                None => out.added.push(p.name.clone()),
+                Some(o) if o != p => out.changed.push(p.name.clone()),
+                Some(_) => {}
+            }
+        }
+        out.removed = old
+            .keys()
+            .filter(|n| !policies.policies().iter().any(|p| &p.name == *n))
+            .cloned()
+            .collect();
         self.policies = policies;
+        let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            let before = self
+                .sessions
+                .get(&id)
+                .map(|s| (s.user.clone(), s.policy.routes.clone()));
+            match self.reevaluate(id, now) {
+                Reevaluation::Unchanged => {}
+                Reevaluation::Changed => {
+                    out.reevaluated.push(id);
+                    let after = self.sessions.get(&id).map(|s| s.policy.routes.clone());
+                    if let (Some((_, b)), Some(a)) = (&before, after) {
+                        if *b != a {
+                            out.stale_client_routes.push(id);
+                        }
+                    }
+                }
+                Reevaluation::Closed => {
+                    if let Some((user, _)) = before {
+                        out.closed.push((id, user));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// The intranet pools (not the NAT tunnel pool).
@@ -1527,6 +1593,48 @@ mod tests {
         assert_eq!(g.reevaluate(a, t0), Reevaluation::Changed);
         g.handle_timeout(t0 + Duration::from_secs(61));
         assert!(g.session(a).is_none(), "the new idle timeout holds");
+    }
+
+    #[test]
+    fn policy_reload_judges_every_session() {
+        let t0 = Instant::now();
+        let mut g = state_groups();
+        let a = opened(g.handle_logon(req_in("alice", "a1", &["staff"]), t0));
+        let b = opened(g.handle_logon(req_in("bob", "b1", &["guests"]), t0));
+        let c = opened(g.handle_logon(req_in("carol", "c1", &["contractors"]), t0));
+        let _ = g.handle_attach("b1", None, None, t0);
+        g.handle_detach(b, t0); // disconnected sessions are judged too
+        drain(&mut g);
+        let old = g.policies.policies().to_vec();
+        let staff = Policy {
+            routes: vec!["198.18.2.0/24".parse().expect("net")],
+            ..old[0].clone()
+        };
+        let guests = Policy {
+            pool: "q".into(),
+            ..old[1].clone()
+        };
+        let extra = Policy {
+            name: "admins".into(),
+            matches: vec![GroupMatch::Group("admins".into())],
+            ..old[0].clone()
+        };
+        let out = g.handle_policies(PolicySet::new(vec![staff, guests, extra]), t0);
+        assert_eq!(out.added, vec!["admins".to_string()]);
+        assert_eq!(out.removed, vec!["contractors".to_string()]);
+        assert_eq!(out.changed, vec!["staff".to_string(), "guests".to_string()]);
+        assert_eq!(out.reevaluated, vec![a]);
+        assert_eq!(out.stale_client_routes, vec![a]);
+        let mut closed: Vec<SessionId> = out.closed.iter().map(|(id, _)| *id).collect();
+        closed.sort();
+        assert_eq!(closed, vec![b, c]);
+        assert!(g.session(a).is_some() && g.session(b).is_none() && g.session(c).is_none());
+        // Reloading the same set again changes nothing.
+        let same = PolicySet::new(g.policies.policies().to_vec());
+        let again = g.handle_policies(same, t0);
+        assert!(
+            again.reevaluated.is_empty() && again.closed.is_empty() && again.changed.is_empty()
+        );
     }
 
     #[test]
