@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{cstp::TunnelStart, Conn, Next};
-use crate::core::bans::Admission;
+use crate::core::bans::{Admission, Admit};
 use crate::core::session::{
     Account, CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId, TransferError,
     TransferOffer,
@@ -225,17 +225,24 @@ impl Conn {
     async fn login(&mut self, user: &str, pass: &str) -> Next {
         let shared = self.shared.clone();
         let now = Instant::now();
-        let admission = shared.bans().check(self.ip, now);
-        match admission {
-            Admission::Banned { .. } => {
+        // Check and charge the points in one call, before the password is
+        // checked: parallel attempts cannot all pass a check that the first
+        // failure has not updated yet (issue 12 §2).
+        let admit = shared.bans().admit(self.ip, user, now);
+        let ticket = match admit {
+            Admit::Banned { .. } => {
                 shared.stats.refuse(RefuseReason::Banned);
                 return self
                     .refuse("Too many failed logons from this address; try again later")
                     .await;
             }
-            Admission::Delay(d) => tokio::time::sleep(d).await,
-            Admission::Allowed => {}
-        }
+            Admit::Evaluate { ticket, delay } => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                ticket
+            }
+        };
         let (s, u, p) = (shared.clone(), user.to_string(), pass.to_string());
         let outcome = match shared
             .auth_workers
@@ -248,6 +255,8 @@ impl Conn {
                 AuthOutcome::Denied
             }
             None => {
+                // Not evaluated, and not the client's fault: no points.
+                shared.bans().refund(ticket, Instant::now());
                 shared.stats.refuse(RefuseReason::ConnectionLimit);
                 warn!(client = %self.ip, "too many logons waiting for a password check; refused");
                 return self.refuse("The gateway is busy; try again").await;
@@ -260,14 +269,16 @@ impl Conn {
                 stamp,
             } => (name, groups, stamp),
             AuthOutcome::Denied => {
-                let next = shared.bans().record_failure(self.ip, Instant::now());
+                let next = shared.bans().settle_failure(ticket, Instant::now());
                 shared.stats.refuse(RefuseReason::BadCredentials);
                 let banned = matches!(next, Admission::Banned { .. });
                 warn!(user = %printable(user), client = %self.ip, banned, "authentication failed");
                 return self.refuse("Authentication failed").await;
             }
         };
-        shared.bans().record_success(self.ip, Instant::now());
+        // Refunds this attempt and forgets this username's failures from
+        // this address, and nothing else.
+        shared.bans().settle_success(ticket, Instant::now());
         let result = {
             let mut core = shared.core();
             // The account as the users file says now, under the core lock:
