@@ -413,6 +413,51 @@ fn rel(base: &Path, p: &str) -> PathBuf {
     }
 }
 
+/// The control socket a config file names, read from its `[gateway]` table
+/// alone: `intragate ctl` must reach the daemon even when a policy or zone
+/// file has errors (e.g. to hear why `reload` refuses it).
+pub fn ctl_socket_path(path: Option<&Path>, ov: &Overrides) -> Result<PathBuf, String> {
+    #[derive(serde::Deserialize, Default)]
+    struct Gw {
+        state_dir: Option<String>,
+        ctl_socket: Option<String>,
+    }
+    #[derive(serde::Deserialize, Default)]
+    struct Top {
+        #[serde(default)]
+        gateway: Gw,
+    }
+    let (top, base) = match path {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
+            // Only the two keys matter here; anything else is checked by `intragate check`.
+            let v: toml::Value =
+                toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
+            let top: Top = v.try_into().unwrap_or_default();
+            let base = p
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from("."));
+            (top, base)
+        }
+        None => (Top::default(), PathBuf::from("/etc/intragate")),
+    };
+    let state_dir = rel(
+        &base,
+        &ov.state_dir
+            .clone()
+            .or(top.gateway.state_dir)
+            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+    );
+    Ok(top
+        .gateway
+        .ctl_socket
+        .as_deref()
+        .map(|p| rel(&base, p))
+        .unwrap_or_else(|| state_dir.join("ctl.sock")))
+}
+
 impl Config {
     /// Load a config file (or the built-in defaults when `path` is None),
     /// apply overrides, then load and validate the policy files.
@@ -1220,6 +1265,28 @@ pub fn load_policies(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn ctl_socket_from_a_broken_config() {
+        let dir = std::env::temp_dir().join(format!("intragate-ctlsock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let p = dir.join("intragate.toml");
+        std::fs::write(
+            &p,
+            "[gateway]\nstate_dir = \"st\"\nmtu = \"not a number\"\n[[pool]]\ncidr = 7\n",
+        )
+        .expect("write");
+        assert!(Config::load(Some(&p), &Overrides::default()).is_err());
+        let sock = ctl_socket_path(Some(&p), &Overrides::default()).expect("socket");
+        assert_eq!(sock, dir.join("st").join("ctl.sock"));
+        std::fs::write(&p, "[gateway]\nctl_socket = \"/run/x.sock\"\n").expect("write");
+        assert_eq!(
+            ctl_socket_path(Some(&p), &Overrides::default()).expect("socket"),
+            PathBuf::from("/run/x.sock")
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     use super::*;
 
     fn parse(text: &str) -> Result<Config, ConfigErrors> {

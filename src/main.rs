@@ -503,7 +503,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ctl { cmd } => {
-            let c = load(&cli.config, &env_overrides())?;
+            // The socket alone: ctl must work while a policy file is broken.
+            let ctl_socket = intragate::config::ctl_socket_path(
+                config_path(&cli.config).as_deref(),
+                &env_overrides(),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
             let (req, json_out) = match &cmd {
                 CtlCmd::Health => (serde_json::json!({"cmd": "health"}), false),
                 CtlCmd::Stats { json } => (serde_json::json!({"cmd": "stats"}), *json),
@@ -530,10 +535,8 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .build()
                 .context("starting the runtime")?;
             let reply = rt
-                .block_on(intragate::admin::request(&c.ctl_socket, &req))
-                .with_context(|| {
-                    format!("cannot reach the daemon at {}", c.ctl_socket.display())
-                })?;
+                .block_on(intragate::admin::request(&ctl_socket, &req))
+                .with_context(|| format!("cannot reach the daemon at {}", ctl_socket.display()))?;
             if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
                 bail!(
                     "{}",

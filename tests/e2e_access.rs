@@ -349,3 +349,189 @@ fn group_change_reevaluates_live_session() {
         tail(&gw.log(), 3000)
     );
 }
+
+/// Counts the lines a TCP peer sends (server in the user's namespace) while
+/// a client on the internal host sends one every 100 ms: an open
+/// connection, like an RDP session from the help desk.
+const STREAM_PY: &str = r#"
+import socket, sys, time
+mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "serve":
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((host, port)); s.listen(1); s.settimeout(30)
+    print("LISTENING", flush=True)
+    c, _ = s.accept(); c.settimeout(60)
+    buf = b""
+    while True:
+        try:
+            d = c.recv(4096)
+        except Exception as e:
+            print("ERR", e, flush=True); break
+        if not d: print("EOF", flush=True); break
+        buf += d
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            print("LINE", line.decode(), flush=True)
+else:
+    c = socket.create_connection((host, port), timeout=5)
+    print("CONNECTED", flush=True)
+    for i in range(400):
+        try:
+            c.sendall(b"%d\n" % i)
+        except Exception as e:
+            print("ERR", e, flush=True); break
+        time.sleep(0.1)
+"#;
+
+fn lines_in(p: &Proc) -> usize {
+    p.log_text()
+        .lines()
+        .filter(|l| l.starts_with("LINE "))
+        .count()
+}
+
+fn write_policies(dir: &Path, text: &str) {
+    fs::write(dir.join("policies").join("10-e2e.toml"), text).unwrap();
+}
+
+/// `ctl reload` applies to live sessions at once (issue #13 §1): narrowing
+/// `inbound` stops an open connection from the internal network and
+/// refuses new ones; narrowing `routes` is enforced by the gateway at once
+/// and the answer names the session whose client keeps stale routes; a bad
+/// file changes nothing and says why on the answer and in the log; a policy
+/// on another pool ends the session with a reason.
+#[test]
+fn reload_applies_to_live_sessions() {
+    if !e2e_enabled() {
+        return;
+    }
+    let (dir, topo, gw) = setup(1);
+    let (mut alice, ta) = logon(&topo, 0, &gw, &dir.path, "alice", PW_ALICE);
+    let addr = ta.addr.to_string();
+    let py = dir.path.join("stream.py");
+    fs::write(&py, STREAM_PY).unwrap();
+    let py = py.to_str().unwrap();
+    let server = Proc::spawn_in(
+        topo.user(0),
+        "stream-server",
+        &[PYTHON, "-u", py, "serve", &addr, "3389"],
+        dir.path.join("stream-server.log"),
+    );
+    assert!(wait_until(10 * S, || server
+        .log_text()
+        .contains("LISTENING")));
+    let client = Proc::spawn_in(
+        &topo.internal.name,
+        "stream-client",
+        &[PYTHON, "-u", py, "send", &addr, "3389"],
+        dir.path.join("stream-client.log"),
+    );
+    assert!(
+        wait_until(10 * S, || lines_in(&server) >= 10),
+        "the help desk's connection to alice:3389 does not flow: {} / {}",
+        server.log_text(),
+        client.log_text()
+    );
+    assert!(ping_ok(topo.user(0), INTERNAL_IP, 10 * S));
+
+    // Narrow staff: nothing inbound, only one unused internal address routed.
+    let narrowed = POLICIES.replacen(
+        "name = \"staff\"\ngroups = [\"staff\"]\n",
+        "name = \"staff\"\ngroups = [\"staff\"]\ninbound = []\nroutes = [\"198.18.1.99/32\"]\n",
+        1,
+    );
+    assert_ne!(narrowed, POLICIES);
+    write_policies(&dir.path, &narrowed);
+    let o = gw.ctl(&["reload"]);
+    assert!(o.ok(), "ctl reload: {o}");
+    let at_reload = lines_in(&server);
+    assert!(o.stdout.contains("changed: staff"), "{o}");
+    assert!(o.stdout.contains("same address): 1"), "{o}");
+    assert!(
+        o.stdout.contains("keeping the routes") && o.stdout.contains("(alice)"),
+        "the answer does not name alice's stale client routes: {o}"
+    );
+    std::thread::sleep(2 * S);
+    let after_2s = lines_in(&server);
+    std::thread::sleep(2 * S);
+    let after_4s = lines_in(&server);
+    assert!(
+        after_4s == after_2s && after_2s <= at_reload + 15,
+        "the open connection kept flowing after the reload: {at_reload} lines at the reload, {after_2s} 2 s later, {after_4s} 4 s later"
+    );
+    assert!(
+        stat(&gw, "/conntrack/policy_dropped") >= 1,
+        "dropped flow not counted"
+    );
+    let o = ns_run(
+        &topo.internal.name,
+        &["ping", "-n", "-c", "2", "-W", "1", &addr],
+        10 * S,
+    );
+    assert!(
+        !o.ok(),
+        "the internal host still pings alice after the reload: {o}"
+    );
+    let o = ns_run(
+        topo.user(0),
+        &["ping", "-n", "-c", "2", "-W", "1", INTERNAL_IP],
+        10 * S,
+    );
+    assert!(
+        !o.ok(),
+        "alice still reaches a destination the new routes exclude: {o}"
+    );
+    assert!(stat(&gw, "/drops/destination_not_allowed") >= 1);
+    assert!(
+        alice.proc.exited().is_none(),
+        "alice's client exited on an in-place change"
+    );
+    drop(client);
+
+    // A bad file: refused with the reason, the narrowed policy stays.
+    write_policies(
+        &dir.path,
+        "[[policy]]\nname = \"broken\"\ngroups = [\"staff\"]\npool = \"nowhere\"\n",
+    );
+    let o = gw.ctl(&["reload"]);
+    assert!(!o.ok(), "a bad policy file was accepted: {o}");
+    assert!(
+        o.stderr.contains("nowhere"),
+        "the ctl answer does not say why: {o}"
+    );
+    assert!(
+        wait_until(3 * S, || gw.log().contains("reload refused")
+            && gw.log().contains("nowhere")),
+        "the daemon log does not say why the reload was refused:\n{}",
+        tail(&gw.log(), 3000)
+    );
+    let o = ns_run(
+        &topo.internal.name,
+        &["ping", "-n", "-c", "1", "-W", "1", &addr],
+        10 * S,
+    );
+    assert!(
+        !o.ok(),
+        "the failed reload changed the policy in force: {o}"
+    );
+
+    // Another pool: the session ends with a reason.
+    let moved = POLICIES.replacen(
+        "name = \"staff\"\ngroups = [\"staff\"]\n",
+        "name = \"staff\"\ngroups = [\"staff\"]\npool = \"other\"\n",
+        1,
+    );
+    write_policies(&dir.path, &moved);
+    let o = gw.ctl(&["reload"]);
+    assert!(
+        o.ok() && o.stdout.contains("sessions ended") && o.stdout.contains("(alice)"),
+        "{o}"
+    );
+    expect_terminated(
+        &mut alice,
+        APPLY,
+        "alice after her policy moved to another pool",
+        &gw,
+    );
+    assert!(sessions_of(&gw, "alice").is_empty());
+}
