@@ -817,8 +817,9 @@ impl Shared {
             nat_tunnel_pool: config.nat.address.map(|_| config.nat.tunnel_pool),
             ..SessionSettings::default()
         };
-        let core = GatewayState::new(settings, pools, config.policies.clone())
+        let mut core = GatewayState::new(settings, pools, config.policies.clone())
             .map_err(|e| e.to_string())?;
+        core.set_first_id(first_session_id());
         let gateway_addrs = core.gateway_addrs();
         let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
@@ -941,6 +942,20 @@ fn add_flow_stats(
     t.ftp_unrewritten += s.ftp_unrewritten;
     t.tcp_invalid_rst += s.tcp_invalid_rst;
     t.policy_dropped += s.policy_dropped;
+}
+
+/// 2026-01-01T00:00:00Z in Unix milliseconds: session ids count from here.
+const SESSION_ID_EPOCH_MS: u64 = 1_767_225_600_000;
+
+/// The first session id of this run: milliseconds since 2026-01-01, so ids
+/// never repeat across restarts (a run would have to average over 1,000
+/// logons a second to reach the next run's first id). With a clock before
+/// 2026, ids start at 1.
+fn first_session_id() -> u64 {
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    ms.saturating_sub(SESSION_ID_EPOCH_MS).max(1)
 }
 
 fn unix_now() -> u64 {

@@ -803,7 +803,14 @@ pub struct SessionFlows {
     /// first out.
     revoked: HashMap<FlowKey, Instant>,
     revoked_order: VecDeque<FlowKey>,
+    /// The last FTP refusal reported and when: a retransmission of the same
+    /// refused command is dropped again but not reported again.
+    last_refused: Option<(FlowEvent, Instant)>,
 }
+
+/// An FTP refusal identical to the last one is reported again only after
+/// this long (TCP retransmits the dropped command for minutes).
+pub const FTP_REFUSED_REPEAT: Duration = Duration::from_secs(60);
 
 /// Most revoked connections remembered per session (see
 /// `SessionFlows::revoked`).
@@ -1109,6 +1116,7 @@ struct Host<'a, N> {
     nat: &'a mut N,
     stats: &'a mut FlowStats,
     events: &'a mut VecDeque<FlowEvent>,
+    last_refused: &'a mut Option<(FlowEvent, Instant)>,
     now: Instant,
     lifetime: Duration,
     added: usize,
@@ -1204,14 +1212,18 @@ impl<N: NatPortTable> FtpHost for Host<'_, N> {
     }
 
     fn refused(&mut self, named: Option<SocketAddr>, why: NatDrop) {
-        push_event(
-            self.events,
-            FlowEvent::FtpRefused {
-                server: self.server,
-                named,
-                reason: why,
-            },
-        );
+        let ev = FlowEvent::FtpRefused {
+            server: self.server,
+            named,
+            reason: why,
+        };
+        let repeat = self.last_refused.is_some_and(|(last, at)| {
+            last == ev && self.now.saturating_duration_since(at) < FTP_REFUSED_REPEAT
+        });
+        if !repeat {
+            *self.last_refused = Some((ev, self.now));
+            push_event(self.events, ev);
+        }
     }
 
     fn rewritten(&mut self, ok: bool) {
@@ -1265,6 +1277,7 @@ impl SessionFlows {
             events: VecDeque::new(),
             revoked: HashMap::new(),
             revoked_order: VecDeque::new(),
+            last_refused: None,
         }
     }
 
@@ -2008,6 +2021,7 @@ impl SessionFlows {
             events,
             session,
             config,
+            last_refused,
             ..
         } = self;
         let flow = slots
@@ -2043,6 +2057,7 @@ impl SessionFlows {
                 nat,
                 stats,
                 events,
+                last_refused,
                 now,
                 lifetime: config.ftp_expect_lifetime,
                 added: 0,
@@ -3397,6 +3412,16 @@ pub(crate) mod tests {
                     reason: NatDrop::ForgedPort
                 })
             );
+            // Retransmissions, and the EPRT naming the same address, are not
+            // reported again; the malformed PORT is.
+            assert!(matches!(
+                t2.poll_event(),
+                Some(FlowEvent::FtpRefused {
+                    reason: NatDrop::FtpMalformed,
+                    ..
+                })
+            ));
+            assert_eq!(t2.poll_event(), None, "each refusal is reported once");
             t2.clear(&mut nat);
         }
         // An over-long PORT line is refused too (no smuggling by padding).

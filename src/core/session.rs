@@ -587,6 +587,13 @@ impl GatewayState {
         out
     }
 
+    /// Number sessions from at least `first` on (ids never go back): the
+    /// shell passes a clock-based value at start so that ids stay unique
+    /// across restarts, in logs and `ctl` alike.
+    pub fn set_first_id(&mut self, first: u64) {
+        self.next_id = self.next_id.max(first);
+    }
+
     /// The intranet pools (not the NAT tunnel pool).
     pub fn pools(&self) -> impl Iterator<Item = &IpPool> {
         self.pools.values().filter(|p| p.name() != NAT_POOL)
