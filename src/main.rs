@@ -63,6 +63,10 @@ enum Cmd {
     },
     /// Talk to the running daemon over its control socket.
     Ctl {
+        /// Give up when the daemon has not answered within SECS seconds
+        /// (connect, request and reply); exit 1 with an error then.
+        #[arg(long, global = true, value_name = "SECS", default_value = "5", value_parser = parse_timeout, env = "INTRAGATE_CTL_TIMEOUT")]
+        timeout: std::time::Duration,
         #[command(subcommand)]
         cmd: CtlCmd,
     },
@@ -182,6 +186,16 @@ enum CtlCmd {
     },
     /// Re-read policies without dropping sessions (same as SIGHUP).
     Reload,
+}
+
+/// `--timeout SECS`: a positive number of seconds (fractions allowed).
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds between 0 and 86400 (e.g. 5 or 0.5)"
+        )),
+    }
 }
 
 fn config_path(cli: &Option<PathBuf>) -> Option<PathBuf> {
@@ -397,7 +411,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Ctl { cmd } => {
+        Cmd::Ctl { timeout, cmd } => {
             let c = load(&cli.config, &env_overrides())?;
             let (req, json_out) = match &cmd {
                 CtlCmd::Health => (serde_json::json!({"cmd": "health"}), false),
@@ -424,11 +438,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            let reply = rt
-                .block_on(intragate::admin::request(&c.ctl_socket, &req))
-                .with_context(|| {
-                    format!("cannot reach the daemon at {}", c.ctl_socket.display())
-                })?;
+            let reply = rt.block_on(intragate::admin::request(&c.ctl_socket, &req, timeout))?;
             if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
                 bail!(
                     "{}",
