@@ -1110,6 +1110,9 @@ pub enum RunError {
 
 /// Run the gateway until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    // Every tunnel is a socket: the usual soft limit of 1024 would cap the
+    // gateway near 1,000 sessions.
+    let nofile = crate::fdlimit::raise_nofile();
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| RunError::StateDir(config.state_dir.clone(), e))?;
     let names = vec![format!("gateway.{}", config.domain), config.domain.clone()];
@@ -1175,9 +1178,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     ));
     tasks.spawn(crate::admin::serve(shared.clone(), ctl));
     if let Some((handler, listen)) = dns_task {
+        // Bound here, so that the descriptor count below includes them.
+        let bound = crate::dns::bind(&listen).map_err(|e| RunError::Setup(e.to_string()))?;
+        info!(listen = ?listen, "DNS server listening (UDP and TCP)");
         let cancel = cancel.clone();
         tasks.spawn(async move {
-            if let Err(e) = crate::dns::serve(handler, &listen, cancel.clone()).await {
+            if let Err(e) = crate::dns::serve_bound(handler, bound, cancel.clone()).await {
                 error!(error = %e, "the DNS server failed; stopping");
                 cancel.cancel();
             }
@@ -1191,6 +1197,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         tasks.spawn(crate::admin::metrics::serve(shared.clone(), l));
     }
     tasks.spawn(reload_on_sighup(shared.clone()));
+    crate::fdlimit::init(nofile, config.max_sessions);
+    tasks.spawn(crate::fdlimit::monitor(shared.clone()));
 
     tokio::select! {
         _ = shutdown => info!("stopping: closing tunnels (clients may reconnect later)"),

@@ -9,6 +9,7 @@ pub mod config;
 pub mod core;
 pub mod dataplane;
 pub mod dns;
+pub mod fdlimit;
 pub mod gateway;
 pub mod plugin;
 pub mod stats;

@@ -63,6 +63,10 @@ enum Cmd {
     },
     /// Talk to the running daemon over its control socket.
     Ctl {
+        /// Give up when the daemon has not answered within SECS seconds
+        /// (connect, request and reply); exit 1 with an error then.
+        #[arg(long, global = true, value_name = "SECS", default_value = "5", value_parser = parse_timeout, env = "INTRAGATE_CTL_TIMEOUT")]
+        timeout: std::time::Duration,
         #[command(subcommand)]
         cmd: CtlCmd,
     },
@@ -267,6 +271,16 @@ fn print_reload(r: &serde_json::Value) {
             "clients keeping the routes given at logon until they log on again (the gateway enforces the new ones now): {}",
             stale.join(", ")
         );
+    }
+}
+
+/// `--timeout SECS`: a positive number of seconds (fractions allowed).
+fn parse_timeout(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(std::time::Duration::from_secs_f64(v)),
+        _ => Err(format!(
+            "'{s}' is not a number of seconds between 0 and 86400 (e.g. 5 or 0.5)"
+        )),
     }
 }
 
@@ -502,7 +516,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Ctl { cmd } => {
+        Cmd::Ctl { timeout, cmd } => {
             // The socket alone: ctl must work while a policy file is broken.
             let ctl_socket = intragate::config::ctl_socket_path(
                 config_path(&cli.config).as_deref(),
@@ -534,9 +548,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            let reply = rt
-                .block_on(intragate::admin::request(&ctl_socket, &req))
-                .with_context(|| format!("cannot reach the daemon at {}", ctl_socket.display()))?;
+            let reply = rt.block_on(intragate::admin::request(&ctl_socket, &req, timeout))?;
             if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
                 bail!(
                     "{}",

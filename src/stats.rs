@@ -32,10 +32,12 @@ pub enum RefuseReason {
     Protocol,
     /// CONNECT with an unknown cookie.
     BadCookie,
+    /// Too few file descriptors free (the open-file limit's reserve).
+    FdLimit,
 }
 
 impl RefuseReason {
-    const COUNT: usize = 10;
+    const COUNT: usize = 11;
     const ALL: [RefuseReason; Self::COUNT] = [
         RefuseReason::BadCredentials,
         RefuseReason::BadRequest,
@@ -47,6 +49,7 @@ impl RefuseReason {
         RefuseReason::TlsHandshake,
         RefuseReason::Protocol,
         RefuseReason::BadCookie,
+        RefuseReason::FdLimit,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -60,6 +63,7 @@ impl RefuseReason {
             RefuseReason::TlsHandshake => "tls_handshake",
             RefuseReason::Protocol => "protocol",
             RefuseReason::BadCookie => "bad_cookie",
+            RefuseReason::FdLimit => "fd_limit",
         }
     }
 }
@@ -166,6 +170,10 @@ impl Stats {
     /// Count a refused logon/connection.
     pub fn refuse(&self, r: RefuseReason) {
         self.refused[r as usize].fetch_add(1, Relaxed);
+    }
+    /// Refusals so far for a reason.
+    pub fn refused(&self, r: RefuseReason) -> u64 {
+        self.refused[r as usize].load(Relaxed)
     }
     /// Count a closed session.
     pub fn close(&self, r: &crate::core::session::CloseReason) {

@@ -9,21 +9,37 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+use crate::fdlimit::{self, AcceptBackoff, Need};
 use crate::gateway::Shared;
+
+/// Time a scraper gets to send its request head, and to take the reply.
+const METRICS_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serve `/metrics` until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
+    let mut backoff = AcceptBackoff::new("metrics listener");
     loop {
         let (mut conn, _) = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok(c) => c, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    backoff.failed(&e, &shared.shutdown).await;
+                    continue;
+                }
+            },
+        };
+        backoff.succeeded();
+        let Some(fd) = fdlimit::budget().hold_if(Need::Service) else {
+            continue; // dropping the connection closes it
         };
         let shared = shared.clone();
         tokio::spawn(async move {
+            let _fd = fd;
             let mut buf = [0u8; 2048];
             let mut n = 0;
             // Read the request head (bounded in size and time).
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
+            let read = tokio::time::timeout(METRICS_IO_TIMEOUT, async {
                 while n < buf.len() {
                     match conn.read(&mut buf[n..]).await {
                         Ok(0) | Err(_) => break,
@@ -48,7 +64,7 @@ pub async fn serve(shared: Arc<Shared>, listener: TcpListener) {
                 "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = conn.write_all(out.as_bytes()).await;
+            let _ = tokio::time::timeout(METRICS_IO_TIMEOUT, conn.write_all(out.as_bytes())).await;
         });
     }
 }
@@ -216,6 +232,11 @@ pub fn render(shared: &Shared) -> String {
         ),
     );
     let _ = writeln!(out, "# HELP intragate_dns_queries_total DNS messages received.\n# TYPE intragate_dns_queries_total counter\nintragate_dns_queries_total {}", shared.dns_stats.to_json()["queries"].as_u64().unwrap_or(0));
+    let fds = fdlimit::budget();
+    if fds.limit() > 0 {
+        let _ = writeln!(out, "# HELP intragate_fd_limit The open-file limit (RLIMIT_NOFILE): one descriptor per tunnel.\n# TYPE intragate_fd_limit gauge\nintragate_fd_limit {}", fds.limit());
+        let _ = writeln!(out, "# HELP intragate_open_fds Open file descriptors (estimate, recounted from /proc).\n# TYPE intragate_open_fds gauge\nintragate_open_fds {}", fds.in_use());
+    }
     let _ = writeln!(out, "# HELP intragate_pool_leased Addresses leased per pool.\n# TYPE intragate_pool_leased gauge");
     for (name, leased, _) in &pools {
         let _ = writeln!(out, "intragate_pool_leased{{pool=\"{name}\"}} {leased}");

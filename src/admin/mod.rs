@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -18,6 +18,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
 use crate::core::session::{CloseReason, GatewayState, Session, SessionId};
+use crate::fdlimit::AcceptBackoff;
 use crate::gateway::Shared;
 
 /// Longest request line accepted.
@@ -66,34 +67,61 @@ fn group_id(name: &str) -> Option<u32> {
     })
 }
 
+/// Time a control client gets to send its request line, and to take the
+/// reply: a stuck or slow client must not hold a connection (and a file
+/// descriptor) forever.
+const CTL_IO_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Serve control requests until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
+    let mut backoff = AcceptBackoff::new("control socket");
     loop {
         let conn = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            r = listener.accept() => match r { Ok((c, _)) => c, Err(_) => continue },
+            r = listener.accept() => match r {
+                Ok((c, _)) => c,
+                Err(e) => {
+                    backoff.failed(&e, &shared.shutdown).await;
+                    continue;
+                }
+            },
         };
+        backoff.succeeded();
+        // Control connections come from root (or ctl_group) only: always
+        // served, counted in the descriptor budget.
+        let fd = crate::fdlimit::budget().hold();
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Err(e) = handle(shared, conn).await {
                 debug!(error = %e, "control connection failed");
             }
+            drop(fd);
         });
     }
 }
 
 async fn handle(shared: Arc<Shared>, conn: UnixStream) -> std::io::Result<()> {
+    let timed_out = |what: &str| {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("{what} within {CTL_IO_TIMEOUT:?}"),
+        )
+    };
     let (rd, mut wr) = conn.into_split();
     let mut line = String::new();
     let mut rd = BufReader::new(rd).take(MAX_REQUEST as u64);
-    rd.read_line(&mut line).await?;
+    tokio::time::timeout(CTL_IO_TIMEOUT, rd.read_line(&mut line))
+        .await
+        .map_err(|_| timed_out("the client sent no request line"))??;
     let reply = match serde_json::from_str::<Value>(&line) {
         Ok(req) => answer(&shared, &req),
         Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
     };
     let mut out = reply.to_string();
     out.push('\n');
-    wr.write_all(out.as_bytes()).await
+    tokio::time::timeout(CTL_IO_TIMEOUT, wr.write_all(out.as_bytes()))
+        .await
+        .map_err(|_| timed_out("the client did not take the reply"))?
 }
 
 fn err(msg: impl Into<String>) -> Value {
@@ -173,6 +201,7 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
                 o.insert("dns".into(), shared.dns_stats.to_json());
                 drop(core);
                 o.insert("conntrack".into(), shared.flow_stats_json());
+                o.insert("fds".into(), crate::fdlimit::budget().to_json());
                 o.insert("ok".into(), json!(true));
             }
             v
@@ -290,16 +319,91 @@ fn pools_json(core: &GatewayState, now: Instant) -> Value {
     json!(pools)
 }
 
-/// Client side: send one request, return the reply.
-pub async fn request(path: &Path, req: &Value) -> std::io::Result<Value> {
-    let mut s = UnixStream::connect(path).await?;
-    let mut line = req.to_string();
-    line.push('\n');
-    s.write_all(line.as_bytes()).await?;
-    let mut reply = String::new();
-    BufReader::new(s)
-        .take(16 * 1024 * 1024)
-        .read_line(&mut reply)
-        .await?;
-    serde_json::from_str(&reply).map_err(std::io::Error::other)
+/// Why a control request failed (client side).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CtlError {
+    /// No daemon listens on the socket (or it may not be opened).
+    #[error("cannot connect to the control socket {}: {error} (is the gateway running, and are you root or in ctl_group?)", path.display())]
+    Connect {
+        /// The socket.
+        path: std::path::PathBuf,
+        /// What connect(2) said.
+        error: std::io::Error,
+    },
+    /// The daemon took longer than the timeout.
+    #[error("the gateway did not answer within {} s (is it overloaded or stuck?)", .0.as_secs_f64())]
+    Timeout(Duration),
+    /// The connection broke.
+    #[error("the control connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The reply was not one JSON line.
+    #[error("the gateway's reply is not JSON: {0}")]
+    BadReply(#[from] serde_json::Error),
+}
+
+/// Client side: send one request, return the reply; connecting, sending
+/// and reading the reply together take at most `timeout`.
+pub async fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, CtlError> {
+    let exchange = async {
+        let mut s = UnixStream::connect(path)
+            .await
+            .map_err(|error| CtlError::Connect {
+                path: path.to_path_buf(),
+                error,
+            })?;
+        let mut line = req.to_string();
+        line.push('\n');
+        s.write_all(line.as_bytes()).await?;
+        let mut reply = String::new();
+        BufReader::new(s)
+            .take(16 * 1024 * 1024)
+            .read_line(&mut reply)
+            .await?;
+        Ok(serde_json::from_str(&reply)?)
+    };
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .map_err(|_| CtlError::Timeout(timeout))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn request_times_out_on_a_daemon_that_accepts_but_never_answers() {
+        let dir = std::env::temp_dir().join(format!("igctl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ctl.sock");
+        let _ = std::fs::remove_file(&path);
+        let l = UnixListener::bind(&path).unwrap();
+        let silent = tokio::spawn(async move {
+            let (c, _) = l.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(c);
+        });
+        let t0 = std::time::Instant::now();
+        let r = request(&path, &json!({"cmd": "health"}), Duration::from_millis(300)).await;
+        let took = t0.elapsed();
+        silent.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = r.expect_err("a silent daemon must not give a reply");
+        assert!(matches!(e, CtlError::Timeout(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "the gateway did not answer within 0.3 s (is it overloaded or stuck?)"
+        );
+        assert!(took < Duration::from_secs(2), "took {took:?}");
+    }
+
+    #[tokio::test]
+    async fn request_names_the_socket_when_nothing_listens() {
+        let path = std::env::temp_dir().join(format!("igctl-none-{}.sock", std::process::id()));
+        let e = request(&path, &json!({"cmd": "health"}), Duration::from_secs(1))
+            .await
+            .expect_err("nothing listens");
+        assert!(matches!(e, CtlError::Connect { .. }), "{e:?}");
+        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    }
 }

@@ -33,6 +33,7 @@ mod tests;
 
 pub use handler::IntragateDns;
 pub use server::serve;
+pub(crate) use server::{bind, serve_bound};
 pub use zones::{load_zones, StaticZones};
 
 /// The live sessions' records, as the DNS shell sees them.
@@ -135,7 +136,7 @@ pub struct DnsStats {
     pub dropped_oversized: AtomicU64,
     /// Forwarded UDP queries dropped because too many were already waiting
     /// for the upstreams, and TCP connections closed at once because too
-    /// many were open.
+    /// many were open (either also when file descriptors run low).
     pub dropped_busy: AtomicU64,
 }
 

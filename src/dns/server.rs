@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use super::handler::{Handled, IntragateDns, MAX_MESSAGE_LEN};
 use super::udp::{RecvBatch, SendBatch};
 use super::DynamicRecords;
+use crate::fdlimit::{self, AcceptBackoff, Need};
 
 /// Idle time allowed between queries on a TCP connection (RFC 7766 §6.2.3
 /// asks for a few seconds; clients open a new one when needed).
@@ -209,7 +210,13 @@ async fn udp_loop<R: DynamicRecords>(
                 Handled::Reply(reply) => tx.push(reply, src),
                 Handled::Drop => {}
                 Handled::Forward(pending) => match Arc::clone(&forwards).try_acquire_owned() {
+                    // A forward opens a socket: none from the descriptor
+                    // reserve's last quarter (state file, ctl).
                     Ok(permit) => {
+                        let Some(fd) = fdlimit::budget().hold_if(Need::Service) else {
+                            handler.note_busy();
+                            continue;
+                        };
                         let (handler, socket, stop) =
                             (handler.clone(), Arc::clone(&socket), stop.clone());
                         tokio::spawn(async move {
@@ -218,6 +225,7 @@ async fn udp_loop<R: DynamicRecords>(
                                 () = stop.cancelled() => {}
                             }
                             drop(permit);
+                            drop(fd);
                         });
                     }
                     Err(_) => handler.note_busy(),
@@ -243,22 +251,27 @@ async fn tcp_loop<R: DynamicRecords>(
     connections: Arc<Semaphore>,
     stop: CancellationToken,
 ) -> io::Result<()> {
+    let mut backoff = AcceptBackoff::new("DNS TCP listener");
     loop {
         let (stream, src) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(r) => r,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off a little.
-                    debug!(error = %e, "DNS TCP accept error");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of file descriptors and the like: back off.
+                    backoff.failed(&e, &stop).await;
                     continue;
                 }
             },
             () = stop.cancelled() => return Ok(()),
         };
+        backoff.succeeded();
         let Ok(permit) = Arc::clone(&connections).try_acquire_owned() else {
             handler.note_busy();
             continue; // dropping the stream closes it
+        };
+        let Some(fd) = fdlimit::budget().hold_if(Need::Service) else {
+            handler.note_busy();
+            continue;
         };
         let (handler, stop) = (handler.clone(), stop.clone());
         tokio::spawn(async move {
@@ -267,6 +280,7 @@ async fn tcp_loop<R: DynamicRecords>(
                 () = stop.cancelled() => {}
             }
             drop(permit);
+            drop(fd);
         });
     }
 }

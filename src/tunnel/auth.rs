@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::IpNetwork;
 use rand::RngCore;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::{cstp::TunnelStart, Conn, Next};
 use crate::core::bans::{Admission, Admit};
@@ -127,10 +127,35 @@ impl Conn {
     }
 
     async fn refuse(&mut self, reason: &str) -> Next {
+        self.refuse_with(401, reason).await
+    }
+
+    /// On a connection accepted below the descriptor reserve: only the
+    /// tunnel of an existing session (a reconnect: its old socket is gone)
+    /// may go on, while the upper half of the reserve lasts.
+    pub(super) fn may_resume(&mut self, head: &RequestHead, path: &str) -> bool {
+        if head.method != "CONNECT" || path != "/CSCOSSLC/tunnel" {
+            return false;
+        }
+        let token = head.cookie("webvpn").unwrap_or("");
+        let known = !token.is_empty() && self.shared.core().session_by_token(token).is_some();
+        known && self.fd.promote(crate::fdlimit::Need::Resume)
+    }
+
+    /// Refuse a request because file descriptors are low (503: the client
+    /// may try again later; openconnect shows `X-Reason`).
+    pub(super) async fn refuse_at_limit(&mut self) -> Next {
+        self.shared.stats.refuse(RefuseReason::FdLimit);
+        let b = crate::fdlimit::budget();
+        debug!(client = %self.ip, in_use = b.in_use(), limit = b.limit(), "refused: file descriptors low");
+        self.refuse_with(503, crate::fdlimit::LIMIT_REASON).await
+    }
+
+    async fn refuse_with(&mut self, status: u16, reason: &str) -> Next {
         let body = format!("{reason}\n");
         let _ = self
             .respond(
-                401,
+                status,
                 reason,
                 &[("Content-Type", "text/plain"), ("X-Reason", reason)],
                 body.as_bytes(),

@@ -16,10 +16,11 @@ use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 use tun_rs::AsyncDevice;
 
 use crate::core::bans::Admission;
+use crate::fdlimit::{self, AcceptBackoff, FdSlot};
 use crate::gateway::{Shared, UnauthSlot};
 use crate::stats::RefuseReason;
 use crate::wire::http::{self, Limits, RequestHead};
@@ -41,25 +42,30 @@ fn client_ip(peer: SocketAddr) -> IpAddr {
 }
 
 /// Accept TCP connections until shutdown.
+///
+/// Every connection takes a descriptor from the budget (`crate::fdlimit`):
+/// below its reserve, connections are accepted only to be told that the
+/// gateway is at its connection limit, and past a few of those, closed at
+/// once. Accept errors (out of descriptors, buffers) pause the loop.
 pub async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     tls: TlsAcceptor,
     tun: Arc<AsyncDevice>,
 ) {
+    let mut backoff = AcceptBackoff::new("TLS listener");
     loop {
         let (tcp, peer) = tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    backoff.failed(&e, &shared.shutdown).await;
                     continue;
                 }
             },
         };
+        backoff.succeeded();
         let ip = client_ip(peer);
         let admission = shared.bans().check(ip, Instant::now());
         if let Admission::Banned { until } = admission {
@@ -68,6 +74,15 @@ pub async fn accept_loop(
             drop(tcp);
             continue;
         }
+        let fd = match fdlimit::budget().admit_client() {
+            fdlimit::Admission::Serve(fd) | fdlimit::Admission::RefuseOnly(fd) => fd,
+            fdlimit::Admission::Close => {
+                shared.stats.refuse(RefuseReason::FdLimit);
+                debug!(client = %ip, "no file descriptor to spare; connection closed");
+                drop(tcp);
+                continue;
+            }
+        };
         let Some(slot) = UnauthSlot::acquire(&shared, ip) else {
             shared.stats.refuse(RefuseReason::ConnectionLimit);
             debug!(client = %ip, "too many unauthenticated connections; refused");
@@ -79,7 +94,7 @@ pub async fn accept_loop(
         let tls = tls.clone();
         let tun = tun.clone();
         tokio::spawn(async move {
-            handle_connection(shared, tcp, ip, tls, tun, slot).await;
+            handle_connection(shared, tcp, ip, tls, tun, slot, fd).await;
         });
     }
 }
@@ -91,8 +106,14 @@ async fn handle_connection(
     tls: TlsAcceptor,
     tun: Arc<AsyncDevice>,
     slot: UnauthSlot,
+    fd: FdSlot,
 ) {
-    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+    let deadline = if fd.is_refusal() {
+        fdlimit::REFUSAL_TIMEOUT
+    } else {
+        TLS_HANDSHAKE_TIMEOUT
+    };
+    let stream = match tokio::time::timeout(deadline, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             shared.stats.refuse(RefuseReason::TlsHandshake);
@@ -110,6 +131,7 @@ async fn handle_connection(
         stream,
         ip,
         buf: BytesMut::with_capacity(4096),
+        fd,
     };
     conn.serve(tun, slot).await;
 }
@@ -132,6 +154,9 @@ struct Conn {
     stream: Stream,
     ip: IpAddr,
     buf: BytesMut,
+    /// The connection's descriptor in the budget (a refusal connection
+    /// only answers that the gateway is at its connection limit).
+    fd: FdSlot,
 }
 
 /// What a request handler wants the connection to do next.
@@ -147,7 +172,10 @@ enum Next {
 impl Conn {
     async fn serve(mut self, tun: Arc<AsyncDevice>, slot: UnauthSlot) {
         let limits = Limits::default();
-        let deadline_each = self.shared.config.handshake_timeout;
+        let mut deadline_each = self.shared.config.handshake_timeout;
+        if self.fd.is_refusal() {
+            deadline_each = deadline_each.min(fdlimit::REFUSAL_TIMEOUT);
+        }
         for _ in 0..MAX_REQUESTS_PER_CONNECTION {
             let req = match tokio::time::timeout(deadline_each, self.read_request(&limits)).await {
                 Ok(Ok(Some(r))) => r,
@@ -179,9 +207,11 @@ impl Conn {
                         shared,
                         stream,
                         buf,
+                        fd,
                         ..
                     } = self;
                     cstp::run_tunnel(shared, stream, buf, start, tun).await;
+                    drop(fd);
                     return;
                 }
             }
@@ -253,6 +283,9 @@ impl Conn {
 
     async fn dispatch(&mut self, head: &RequestHead, body: &[u8]) -> Next {
         let path = head.path.split('?').next().unwrap_or("");
+        if self.fd.is_refusal() && !self.may_resume(head, path) {
+            return self.refuse_at_limit().await;
+        }
         match (head.method.as_str(), path) {
             ("CONNECT", "/CSCOSSLC/tunnel") => self.connect(head).await,
             ("GET", "/intragate/sessions")

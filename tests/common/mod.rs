@@ -797,6 +797,19 @@ impl Gateway {
     /// Like `start`, logging to `dir/log_name` (a restarted gateway can keep
     /// the first run's log).
     pub fn start_with_log(topo: &Topology, dir: &Path, config: PathBuf, log_name: &str) -> Gateway {
+        Gateway::start_wrapped(topo, dir, config, log_name, &[])
+    }
+
+    /// Like `start_with_log`, with `wrapper` before the gateway's command
+    /// line, e.g. `["prlimit", "--nofile=256:256"]` (it must exec the
+    /// gateway, so that the process's pid is the gateway's).
+    pub fn start_wrapped(
+        topo: &Topology,
+        dir: &Path,
+        config: PathBuf,
+        log_name: &str,
+        wrapper: &[&str],
+    ) -> Gateway {
         run_cmd(
             BIN,
             &["check", "--config", config.to_str().unwrap()],
@@ -804,12 +817,9 @@ impl Gateway {
             Duration::from_secs(20),
         )
         .expect_ok();
-        let mut proc = Proc::spawn_in(
-            &topo.gw.name,
-            "gateway",
-            &[BIN, "run", "--config", config.to_str().unwrap()],
-            dir.join(log_name),
-        );
+        let mut argv: Vec<&str> = wrapper.to_vec();
+        argv.extend([BIN, "run", "--config", config.to_str().unwrap()]);
+        let mut proc = Proc::spawn_in(&topo.gw.name, "gateway", &argv, dir.join(log_name));
         let gw_ns = topo.gw.name.clone();
         let filter = format!("sport = :{LISTEN_PORT}");
         let listening = wait_until(Duration::from_secs(20), || {
