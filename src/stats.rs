@@ -34,10 +34,12 @@ pub enum RefuseReason {
     BadCookie,
     /// Too few file descriptors free (the open-file limit's reserve).
     FdLimit,
+    /// The users file (or another account backend) could not be read.
+    Unavailable,
 }
 
 impl RefuseReason {
-    const COUNT: usize = 11;
+    const COUNT: usize = 12;
     const ALL: [RefuseReason; Self::COUNT] = [
         RefuseReason::BadCredentials,
         RefuseReason::BadRequest,
@@ -50,6 +52,7 @@ impl RefuseReason {
         RefuseReason::Protocol,
         RefuseReason::BadCookie,
         RefuseReason::FdLimit,
+        RefuseReason::Unavailable,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -64,6 +67,7 @@ impl RefuseReason {
             RefuseReason::Protocol => "protocol",
             RefuseReason::BadCookie => "bad_cookie",
             RefuseReason::FdLimit => "fd_limit",
+            RefuseReason::Unavailable => "unavailable",
         }
     }
 }

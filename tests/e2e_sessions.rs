@@ -297,6 +297,16 @@ fn late_transfer_answer_is_refused() {
     );
     std::thread::sleep(5 * S);
     b.answer("Transfer");
+    // The refusal comes as the logon form again with the reason: openconnect
+    // prints it and asks again; with no further answer (stdin closed) it
+    // gives up.
+    const MSG: &str = "the transfer offer expired after 3 seconds; please log on again";
+    assert!(
+        wait_until(15 * S, || b.log().contains(MSG)),
+        "openconnect on B does not show why: {MSG:?}\n{}",
+        tail(&b.log(), 3000)
+    );
+    b.stdin = None;
     let code = expect_exit_failure(&mut b, 15 * S, "B answering late", &gw);
     assert_eq!(
         b.count_reason("connect"),
@@ -304,7 +314,6 @@ fn late_transfer_answer_is_refused() {
         "B got a tunnel: {:?}",
         b.records()
     );
-    const MSG: &str = "the transfer offer expired after 3 seconds; please log on again";
     assert!(
         wait_until(3 * S, || gw.log().contains(MSG)),
         "gateway did not refuse with {MSG:?} (B exit {code}):\n{}\n--- B ---\n{}",

@@ -35,6 +35,22 @@ use std::hash::Hasher;
 use std::net::{IpAddr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
+/// Connections a banned key gets served per ban, to be told why its logons
+/// are refused; later ones are closed at `accept`.
+pub const BAN_EXPLANATIONS: u32 = 4;
+
+/// What to do with a new connection (see [`BanTable::admit_connection`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionAdmission {
+    /// Not banned: serve it.
+    Serve,
+    /// Banned: serve it so that its logon is refused with the reason (a
+    /// cookie of a live session still reconnects).
+    Explain,
+    /// Banned and told often enough: close it.
+    Close,
+}
+
 /// Score at which a client is banned (ocserv `max-ban-score` default).
 pub const DEFAULT_MAX_SCORE: u32 = 80;
 /// Points for a wrong password (ocserv `ban-points-wrong-password` default).
@@ -190,6 +206,8 @@ impl BanEntry {
 struct Ban {
     until: Instant,
     score: u32,
+    /// Connections served during the ban only to be told why.
+    explained: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +268,27 @@ impl BanTable {
             .map_or(Admission::Allowed, |e| self.admission(e, now))
     }
 
+    /// What to do with a new connection from `ip`: serve it; during a ban,
+    /// serve only the first [`BAN_EXPLANATIONS`] connections (their logons
+    /// are refused with the reason, so a person sees why), and close the
+    /// rest at once (a banned guesser costs one `accept`, no TLS handshake).
+    pub fn admit_connection(&mut self, ip: IpAddr, now: Instant) -> ConnectionAdmission {
+        let Some(e) = self.entries.get_mut(&ban_key(ip)) else {
+            return ConnectionAdmission::Serve;
+        };
+        match e.ban.as_mut() {
+            Some(b) if now < b.until => {
+                if b.explained < BAN_EXPLANATIONS {
+                    b.explained += 1;
+                    ConnectionAdmission::Explain
+                } else {
+                    ConnectionAdmission::Close
+                }
+            }
+            _ => ConnectionAdmission::Serve,
+        }
+    }
+
     /// Checks a logon attempt from `ip` for `user` and, unless the key is
     /// banned, charges its points at once; the key is banned as soon as the
     /// charges reach `max_score` (the attempt that reaches it is still
@@ -299,6 +338,7 @@ impl BanTable {
             entry.ban = Some(Ban {
                 until: saturating_add(now, self.cfg.ban_time),
                 score,
+                explained: 0,
             });
         }
         let ticket = Ticket {

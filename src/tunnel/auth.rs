@@ -130,6 +130,18 @@ impl Conn {
         self.refuse_with(401, reason).await
     }
 
+    /// Refuse a logon step: the logon form again, with the reason as its
+    /// `<error>` (openconnect prints it; an interactive client asks again;
+    /// `--non-inter` exits). HTTP 200 as ocserv answers a failed step: a
+    /// bare 401 makes openconnect try HTTP Basic auth and hide the reason.
+    /// The connection stays open for another try.
+    async fn refuse_logon(&mut self, reason: &str) -> Next {
+        let xml = auth_xml::auth_request_xml(&main_form(Some(reason.to_string())), None);
+        self.send_xml(200, "OK", &xml, &[("X-Reason", reason)])
+            .await;
+        Next::KeepAlive
+    }
+
     /// On a connection accepted below the descriptor reserve: only the
     /// tunnel of an existing session (a reconnect: its old socket is gone)
     /// may go on, while the upper half of the reserve lasts.
@@ -258,7 +270,7 @@ impl Conn {
             Admit::Banned { .. } => {
                 shared.stats.refuse(RefuseReason::Banned);
                 return self
-                    .refuse("Too many failed logons from this address; try again later")
+                    .refuse_logon("Too many failed logons from this address; try again later")
                     .await;
             }
             Admit::Evaluate { ticket, delay } => {
@@ -276,15 +288,20 @@ impl Conn {
         {
             Some(Ok(o)) => o,
             Some(Err(e)) => {
+                // Not the client's fault: no points.
+                shared.bans().refund(ticket, Instant::now());
+                shared.stats.refuse(RefuseReason::Unavailable);
                 warn!(error = %e, "user database unreadable; refusing logons");
-                AuthOutcome::Denied
+                return self
+                    .refuse_logon("The gateway cannot check passwords right now; try again later")
+                    .await;
             }
             None => {
                 // Not evaluated, and not the client's fault: no points.
                 shared.bans().refund(ticket, Instant::now());
                 shared.stats.refuse(RefuseReason::ConnectionLimit);
                 warn!(client = %self.ip, "too many logons waiting for a password check; refused");
-                return self.refuse("The gateway is busy; try again").await;
+                return self.refuse_logon("The gateway is busy; try again").await;
             }
         };
         let (name, groups, stamp) = match outcome {
@@ -298,7 +315,7 @@ impl Conn {
                 shared.stats.refuse(RefuseReason::BadCredentials);
                 let banned = matches!(next, Admission::Banned { .. });
                 warn!(user = %printable(user), client = %self.ip, banned, "authentication failed");
-                return self.refuse("Authentication failed").await;
+                return self.refuse_logon("Authentication failed").await;
             }
         };
         // Refunds this attempt and forgets this username's failures from
@@ -319,7 +336,7 @@ impl Conn {
                     drop(core);
                     shared.stats.refuse(RefuseReason::BadCredentials);
                     warn!(user = %name, client = %self.ip, "logon refused: the account changed while its password was checked");
-                    return self.refuse("Authentication failed").await;
+                    return self.refuse_logon("Authentication failed").await;
                 }
                 Err(_) => groups,
             };
@@ -355,7 +372,7 @@ impl Conn {
                 shared.stats.refuse(reason);
                 warn!(user = %name, client = %self.ip, "logon refused: {e}");
                 let msg = e.to_string();
-                self.refuse(&msg).await
+                self.refuse_logon(&msg).await
             }
         }
     }
@@ -399,7 +416,7 @@ impl Conn {
                 }
                 self.shared.stats.refuse(RefuseReason::TooManySessions);
                 let msg = e.to_string();
-                self.refuse(&msg).await
+                self.refuse_logon(&msg).await
             }
         }
     }

@@ -19,7 +19,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 use tun_rs::AsyncDevice;
 
-use crate::core::bans::Admission;
+use crate::core::bans::ConnectionAdmission;
 use crate::fdlimit::{self, AcceptBackoff, FdSlot};
 use crate::gateway::{Shared, UnauthSlot};
 use crate::stats::RefuseReason;
@@ -67,10 +67,13 @@ pub async fn accept_loop(
         };
         backoff.succeeded();
         let ip = client_ip(peer);
-        let admission = shared.bans().check(ip, Instant::now());
-        if let Admission::Banned { until } = admission {
+        // A banned address gets a few connections served, so that the
+        // person behind it is told why (the logon form with the reason);
+        // the rest are closed here, before any TLS work.
+        let admission = shared.bans().admit_connection(ip, Instant::now());
+        if admission == ConnectionAdmission::Close {
             shared.stats.refuse(RefuseReason::Banned);
-            debug!(client = %ip, remaining_s = until.saturating_duration_since(Instant::now()).as_secs(), "connection from banned address refused");
+            debug!(client = %ip, "connection from banned address closed");
             drop(tcp);
             continue;
         }
