@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod gateway;
 pub mod plugin;
+pub mod state;
 pub mod stats;
 pub mod tls;
 pub mod tunnel;
