@@ -197,8 +197,11 @@ pub struct Shared {
     pub unauth_total: AtomicUsize,
     /// Tunnel generation counter.
     pub next_generation: AtomicU64,
-    /// The certificate pin clients use.
-    pub pin: String,
+    /// The certificate pin clients use (changes when the generated
+    /// certificate is renewed).
+    pub pin: arc_swap::ArcSwap<String>,
+    /// State file writes: what is on disk, failures, logons waiting.
+    pub persist: crate::state::SaveTracker,
     /// Stops everything.
     pub shutdown: CancellationToken,
     /// Reference point for `Port::activity`.
@@ -835,7 +838,8 @@ impl Shared {
             unauth: DashMap::new(),
             unauth_total: AtomicUsize::new(0),
             next_generation: AtomicU64::new(1),
-            pin,
+            pin: arc_swap::ArcSwap::from_pointee(pin),
+            persist: crate::state::SaveTracker::default(),
             shutdown,
             epoch: Instant::now(),
             dns_stats: Arc::new(crate::dns::DnsStats::default()),
@@ -853,75 +857,131 @@ impl Shared {
         })
     }
 
-    fn state_path(&self) -> PathBuf {
-        self.config.state_dir.join("state.json")
-    }
-
     /// Restore leases and resumable sessions from the state file of a
-    /// previous run, if any. Returns the number of sessions restored.
-    pub fn load_state(&self) -> usize {
-        let path = self.state_path();
-        let text = match std::fs::read_to_string(&path) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return 0,
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "cannot read the state file; starting with empty pools");
-                return 0;
-            }
-        };
-        let file: StateFile = match serde_json::from_str(&text) {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "the state file is corrupt; starting with empty pools");
-                return 0;
-            }
+    /// previous run (or its previous version; see `state::file::load`).
+    /// Returns the number of sessions restored; refuses when no state file
+    /// is usable, unless `discard`.
+    pub fn load_state(&self, discard: bool) -> Result<usize, crate::state::file::LoadError> {
+        use crate::state::file::{self, Source};
+        let dir = &self.config.state_dir;
+        let loaded = file::load::<StateFile>(dir, discard)?;
+        self.persist.set_loaded_from(loaded.source.as_str());
+        if loaded.stale_removed > 0 {
+            info!(dir = %dir.display(), count = loaded.stale_removed, "removed temp files of interrupted state writes");
+        }
+        let aside: Vec<String> = loaded
+            .moved_aside
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        match loaded.source {
+            Source::Previous => warn!(
+                problems = ?loaded.problems,
+                moved_aside = ?aside,
+                "STATE FILE UNUSABLE: restored from {} (the state of the write before the last); \
+                 changes made just before the stop may be lost; the unusable file is kept for inspection",
+                dir.join(file::PREVIOUS).display()
+            ),
+            Source::Discarded => warn!(
+                problems = ?loaded.problems,
+                moved_aside = ?aside,
+                "STATE DISCARDED (--discard-state): no usable state file; starting with empty pools, \
+                 the unusable files are kept for inspection"
+            ),
+            Source::Current | Source::Nothing => {}
+        }
+        let Some(file) = loaded.state else {
+            return Ok(0);
         };
         let elapsed = Duration::from_secs(unix_now().saturating_sub(file.saved_at_unix));
         let mut core = self.core();
         let n = core.restore(&file.pools, &file.sessions, Instant::now(), elapsed);
         self.process_events(core);
-        info!(path = %path.display(), sessions = n, down_s = elapsed.as_secs(), "restored leases and resumable sessions");
-        n
+        info!(
+            from = loaded.source.as_str(),
+            sessions = n,
+            down_s = elapsed.as_secs(),
+            "restored leases and resumable sessions"
+        );
+        Ok(n)
     }
 
-    /// Write the state file if anything changed (atomic: temp + rename,
-    /// mode 0600: it holds session cookies).
-    pub fn save_state(&self, force: bool) {
-        let (pools, sessions) = {
-            let mut core = self.core();
-            let a = core.take_leases_dirty();
-            let b = core.take_sessions_dirty();
-            if !a && !b && !force {
-                return;
+    /// Write the state file if it changed since the last successful write
+    /// (or always, with `force`). Blocking (fsync): call from a blocking
+    /// thread. On failure the state stays dirty: the next call writes it.
+    /// Returns the version written, or None when there was nothing to do.
+    pub fn save_state(&self, force: bool) -> std::io::Result<Option<u64>> {
+        let _serial = self
+            .persist
+            .write_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (version, pools, sessions) = {
+            let core = self.core();
+            let version = core.state_version();
+            if version == self.persist.saved_version() && !force {
+                return Ok(None);
             }
             let now = Instant::now();
-            (core.pool_snapshots(now), core.session_records(now))
+            (version, core.pool_snapshots(now), core.session_records(now))
         };
         let file = StateFile {
             saved_at_unix: unix_now(),
             pools,
             sessions,
         };
-        let path = self.state_path();
-        let tmp = path.with_extension("json.tmp");
+        let t0 = Instant::now();
         let res = serde_json::to_vec(&file)
             .map_err(std::io::Error::other)
             .and_then(|data| {
-                use std::io::Write;
-                use std::os::unix::fs::OpenOptionsExt;
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .mode(0o600)
-                    .open(&tmp)?;
-                f.write_all(&data)?;
-                f.sync_all()
-            })
-            .and_then(|_| std::fs::rename(&tmp, &path));
-        if let Err(e) = res {
-            error!(path = %path.display(), error = %e, "cannot write the state file");
+                crate::state::file::save(&self.config.state_dir, &data).map(|()| data.len())
+            });
+        match res {
+            Ok(bytes) => {
+                let was_failing = self.persist.consecutive_failures();
+                self.persist
+                    .record_success(version, t0.elapsed(), bytes, unix_now());
+                if was_failing > 0 {
+                    warn!(
+                        failed_attempts = was_failing,
+                        "the state file is written again"
+                    );
+                }
+                Ok(Some(version))
+            }
+            Err(e) => {
+                let n = self.persist.record_failure(&e.to_string(), unix_now());
+                error!(
+                    dir = %self.config.state_dir.display(),
+                    error = %e,
+                    failed_attempts = n,
+                    retry_in_s = crate::state::retry_delay(n).as_secs(),
+                    "cannot write the state file; logons and leases since the last write are not durable"
+                );
+                Err(e)
+            }
         }
+    }
+
+    /// Have the state written now and wait (at most
+    /// `state::LOGON_SAVE_BOUND`) until it is on disk: a logon calls this
+    /// before handing out its cookie, so a crash right after cannot lose
+    /// the session. One write serves every logon waiting at the time.
+    pub async fn persist_now(&self) -> crate::state::Durable {
+        let version = self.core().state_version();
+        let r = self
+            .persist
+            .wait_saved(version, crate::state::LOGON_SAVE_BOUND)
+            .await;
+        if r != crate::state::Durable::Saved {
+            tracing::debug!(outcome = ?r, "answering a logon before its session is on disk");
+        }
+        r
+    }
+
+    /// Is there state not yet on disk?
+    pub fn state_dirty(&self) -> bool {
+        self.core().state_version() != self.persist.saved_version()
     }
 }
 
@@ -958,7 +1018,8 @@ fn first_session_id() -> u64 {
     ms.saturating_sub(SESSION_ID_EPOCH_MS).max(1)
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -1000,8 +1061,108 @@ pub async fn timer_loop(shared: Arc<Shared>) {
         shared.bans().expire(now);
         shared.expire_flows(now);
         shared.check_accounts();
-        shared.save_state(false);
     }
+}
+
+/// The state writer: writes the state file when it changed, at most once a
+/// second, and at once when a logon asks (`Shared::persist_now`). A failed
+/// write is retried after 1 s, doubling up to 30 s; the state stays dirty
+/// meanwhile. Writes run on a blocking thread (they fsync).
+pub async fn saver_loop(shared: Arc<Shared>) {
+    let mut failures: u32 = 0;
+    let mut next_try = tokio::time::Instant::now();
+    loop {
+        let wait = if failures == 0 {
+            crate::state::SAVE_TICK
+        } else {
+            next_try.saturating_duration_since(tokio::time::Instant::now())
+        };
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            // While retrying, logons do not shorten the back-off.
+            _ = shared.persist.kicked().notified(), if failures == 0 => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+        if failures > 0 && tokio::time::Instant::now() < next_try {
+            continue;
+        }
+        let s = shared.clone();
+        match tokio::task::spawn_blocking(move || s.save_state(false)).await {
+            Ok(Ok(_)) => failures = 0,
+            Ok(Err(_)) => {
+                failures = failures.saturating_add(1);
+                next_try = tokio::time::Instant::now() + crate::state::retry_delay(failures);
+            }
+            Err(e) => {
+                error!(error = %e, "the state writer panicked");
+                failures = failures.saturating_add(1);
+                next_try = tokio::time::Instant::now() + crate::state::retry_delay(failures);
+            }
+        }
+    }
+}
+
+/// Renew the generated certificate when it nears its end (checked daily;
+/// see `tls::renew_if_due`) and switch the listener to it. The check parses
+/// one certificate; the renewal itself (a key, a certificate, two small
+/// fsync'd files) happens once in two years: both run inline.
+async fn cert_renewal_loop(
+    shared: Arc<Shared>,
+    mut identity: crate::tls::Identity,
+    swap: Arc<crate::tls::CertSwap>,
+    names: Vec<String>,
+) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(CERT_CHECK_INTERVAL) => {}
+        }
+        let dir = &shared.config.state_dir;
+        match crate::tls::renew_if_due(&identity, dir, &names, unix_now_i64()) {
+            Ok(None) => {}
+            Ok(Some(new)) => match install_renewed(&shared, &swap, &new) {
+                Ok(()) => identity = new,
+                Err(e) => {
+                    error!(error = %e, "cannot use the renewed certificate; still serving the old one")
+                }
+            },
+            Err(e) => {
+                error!(error = %e, "cannot renew the generated certificate; retrying tomorrow")
+            }
+        }
+    }
+}
+
+/// How often the generated certificate's end is checked.
+const CERT_CHECK_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+
+/// Serve a renewed certificate and say so loudly: clients pinning the old
+/// pin refuse the new one until they are given the new pin.
+fn install_renewed(
+    shared: &Shared,
+    swap: &crate::tls::CertSwap,
+    new: &crate::tls::Identity,
+) -> Result<(), crate::tls::TlsError> {
+    let pin = new
+        .chain
+        .first()
+        .map(crate::tls::pin_sha256)
+        .transpose()?
+        .unwrap_or_default();
+    swap.replace(new)?;
+    let old = shared.pin.swap(Arc::new(pin.clone()));
+    warn!(
+        old_pin = %old,
+        new_pin = %pin,
+        path = %new.cert_path.display(),
+        "THE CERTIFICATE PIN CHANGED: the generated certificate was renewed before its end; \
+         clients must now use --servercert {pin}"
+    );
+    Ok(())
+}
+
+fn unix_now_i64() -> i64 {
+    i64::try_from(unix_now()).unwrap_or(i64::MAX)
 }
 
 /// Load the zone files and build the DNS handler; returns it with the
@@ -1097,6 +1258,9 @@ pub enum RunError {
     /// Could not create the state directory.
     #[error("state directory {0}: {1}")]
     StateDir(PathBuf, std::io::Error),
+    /// No usable state file (the message names `--discard-state`).
+    #[error(transparent)]
+    State(#[from] crate::state::file::LoadError),
     /// Could not listen.
     #[error("cannot listen on {0}: {1}")]
     Listen(std::net::SocketAddr, std::io::Error),
@@ -1108,39 +1272,106 @@ pub enum RunError {
     Setup(String),
 }
 
+/// How `run_with` starts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// When neither `state.json` nor `state.json.prev` is usable, move them
+    /// aside and start with empty pools instead of refusing to start.
+    pub discard_state: bool,
+}
+
 /// Run the gateway until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
+    run_with(config, RunOptions::default(), shutdown).await
+}
+
+/// Create the state directory 0700 (0710 with the ctl group when the
+/// control socket lives in it). An existing directory open to others is
+/// tightened to that mode, unless a ctl group is configured (its members
+/// may need the access): then it is only reported.
+fn prepare_state_dir(config: &Config) -> Result<(), RunError> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = &config.state_dir;
+    let group = config
+        .ctl_group
+        .as_deref()
+        .filter(|_| config.ctl_socket.parent() == Some(dir.as_path()))
+        .and_then(crate::admin::group_id);
+    let mode = if group.is_some() { 0o710 } else { 0o700 };
+    let check = crate::state::file::ensure_dir(dir, mode, group)
+        .map_err(|e| RunError::StateDir(dir.clone(), e))?;
+    if let crate::state::file::DirCheck::Wider(have) = check {
+        if config.ctl_group.is_none() {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| RunError::StateDir(dir.clone(), e))?;
+            warn!(
+                dir = %dir.display(),
+                "the state directory was mode {have:04o}; now {mode:04o} (it holds the TLS key and session cookies)"
+            );
+        } else {
+            warn!(
+                dir = %dir.display(),
+                "the state directory is mode {have:04o}: it holds the TLS key and session cookies \
+                 (the files are 0600); with ctl_group, {mode:04o} and the group's ownership suffice"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Run the gateway until `shutdown` completes, with `opts`.
+pub async fn run_with(
+    config: Config,
+    opts: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
     // Every tunnel is a socket: the usual soft limit of 1024 would cap the
     // gateway near 1,000 sessions.
     let nofile = crate::fdlimit::raise_nofile();
-    std::fs::create_dir_all(&config.state_dir)
-        .map_err(|e| RunError::StateDir(config.state_dir.clone(), e))?;
+    prepare_state_dir(&config)?;
     let names = vec![format!("gateway.{}", config.domain), config.domain.clone()];
-    let identity = crate::tls::load_or_generate(
+    let mut identity = crate::tls::load_or_generate(
         config.cert.as_deref(),
         config.key.as_deref(),
         &config.state_dir,
         &names,
     )?;
+    if identity.generated {
+        info!(path = %identity.cert_path.display(), "generated a self-signed certificate");
+    }
+    let renewed = crate::tls::renew_if_due(&identity, &config.state_dir, &names, unix_now_i64())?;
+    if let Some(new) = renewed {
+        warn!(
+            path = %new.cert_path.display(),
+            "THE CERTIFICATE PIN CHANGED: the generated certificate was near its end and was renewed; \
+             give clients the new pin below"
+        );
+        identity = new;
+    }
     let pin = identity
         .chain
         .first()
         .map(crate::tls::pin_sha256)
         .transpose()?
         .unwrap_or_default();
-    if identity.generated {
-        info!(path = %identity.cert_path.display(), "generated a self-signed certificate");
+    if let Some(leaf) = identity.chain.first().filter(|_| identity.managed) {
+        let days = (crate::tls::not_after_unix(leaf)? - unix_now_i64()) / 86_400;
+        info!(
+            valid_days = days,
+            "the generated certificate is renewed automatically {} days before its end (the pin then changes)",
+            crate::tls::RENEW_BEFORE_DAYS
+        );
     }
     info!(
         "certificate pin: {pin} (clients: openconnect --servercert {pin} https://{}/)",
         config.listen
     );
-    let tls = crate::tls::server_config(&identity)?;
+    let (tls, cert_swap) = crate::tls::server_config_swappable(&identity)?;
 
     let cancel = CancellationToken::new();
     let shared =
         Arc::new(Shared::new(config.clone(), pin, cancel.clone()).map_err(RunError::Setup)?);
-    shared.load_state();
+    shared.load_state(opts.discard_state)?;
     // Sessions restored from the state file follow the users file as it is
     // now (a user deleted while the gateway was down loses them).
     shared.check_accounts();
@@ -1169,6 +1400,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(timer_loop(shared.clone()));
+    tasks.spawn(saver_loop(shared.clone()));
+    if identity.managed {
+        tasks.spawn(cert_renewal_loop(
+            shared.clone(),
+            identity,
+            cert_swap,
+            names,
+        ));
+    }
     tasks.spawn(crate::dataplane::tun_reader(shared.clone(), tun.clone()));
     tasks.spawn(crate::tunnel::accept_loop(
         shared.clone(),
@@ -1212,7 +1452,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     cancel.cancel();
     // Save first: tunnels ending below would mark their sessions
     // disconnected; the saved state keeps them resumable either way.
-    shared.save_state(true);
+    let _ = shared.save_state(true);
     // Close every live tunnel without DISCONNECT: clients keep retrying and
     // resume with their cookies when the gateway is back.
     let handles: Vec<TunnelHandle> = shared.tunnel_table().values().cloned().collect();
@@ -1228,7 +1468,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             r = tasks.join_next() => if r.is_none() { break },
         }
     }
-    shared.save_state(true);
+    let _ = shared.save_state(true);
     let _ = std::fs::remove_file(&config.ctl_socket);
     info!("stopped");
     Ok(())

@@ -51,6 +51,11 @@ enum Cmd {
         /// Where logs go (containers: stdout).
         #[arg(long, env = "INTRAGATE_LOG_TARGET", default_value = "stderr", value_parser = ["stdout", "stderr"])]
         log_target: String,
+        /// Start even when neither state.json nor state.json.prev can be read: move
+        /// them aside (state.json.corrupt-TIME) and start with empty pools. Without
+        /// it the gateway refuses to start rather than lose every sticky address.
+        #[arg(long)]
+        discard_state: bool,
     },
     /// Validate the config and policy files; print every error with file and line.
     Check,
@@ -386,6 +391,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             state_dir,
             log_format,
             log_target,
+            discard_state,
         } => {
             init_logging(log_format == "json", log_target == "stdout");
             let ov = Overrides {
@@ -399,7 +405,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            rt.block_on(intragate::gateway::run(config, shutdown_signal()))?;
+            let opts = intragate::gateway::RunOptions { discard_state };
+            rt.block_on(intragate::gateway::run_with(
+                config,
+                opts,
+                shutdown_signal(),
+            ))?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Check => {

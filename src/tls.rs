@@ -1,6 +1,13 @@
 //! TLS server configuration: the configured certificate, or a self-signed
-//! one generated once and kept in the state directory; and its
-//! `pin-sha256:` fingerprint (what `openconnect --servercert` takes).
+//! one generated and kept in the state directory; and its `pin-sha256:`
+//! fingerprint (what `openconnect --servercert` takes).
+//!
+//! The generated certificate is valid for [`GENERATED_LIFETIME_DAYS`] and is
+//! renewed (new key, so a new pin) when less than [`RENEW_BEFORE_DAYS`]
+//! remain: at start and by a daily check ([`renew_if_due`]); the running
+//! listener switches to it through [`CertSwap`]. A configured certificate,
+//! or one an administrator put in the state directory that is not
+//! self-signed, is never touched.
 //!
 //! EC private keys written by GnuTLS `certtool` (what ocserv's documentation
 //! uses) carry the private scalar INTEGER-style (a byte too long, or short);
@@ -8,13 +15,24 @@
 
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use base64::Engine;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use sha2::{Digest, Sha256};
+
+/// Lifetime of the generated self-signed certificate: two years.
+pub const GENERATED_LIFETIME_DAYS: i64 = 730;
+/// The generated certificate is renewed when fewer days than this remain.
+pub const RENEW_BEFORE_DAYS: i64 = 30;
+/// The generated certificate is valid from this long before its creation
+/// (clients whose clock is a little behind).
+const BACKDATE_DAYS: i64 = 1;
+const DAY_SECS: i64 = 86_400;
 
 /// TLS setup errors.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +105,10 @@ pub struct Identity {
     pub key_path: PathBuf,
     /// True when we generated it this start.
     pub generated: bool,
+    /// The gateway's own self-signed certificate in the state directory
+    /// (no `cert`/`key` configured): renewed automatically before it
+    /// expires.
+    pub managed: bool,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -361,17 +383,7 @@ fn fix_ec_private_key(der: &[u8], outer: Option<EcCurve>) -> Option<(Vec<u8>, Ec
 }
 
 fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), TlsError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
-    f.write_all(data).map_err(io_err(&tmp))?;
-    f.sync_all().map_err(io_err(&tmp))?;
-    fs::rename(&tmp, path).map_err(io_err(path))
+    crate::state::file::write_atomic(path, data, mode).map_err(io_err(path))
 }
 
 /// Load the configured certificate, or the generated one from `state_dir`
@@ -389,20 +401,43 @@ pub fn load_or_generate(
             cert_path: c.to_path_buf(),
             key_path: k.to_path_buf(),
             generated: false,
+            managed: false,
         });
     }
     let cpath = state_dir.join("cert.pem");
     let kpath = state_dir.join("key.pem");
     if cpath.exists() && kpath.exists() {
+        let chain = read_chain(&cpath)?;
+        let key = read_key(&kpath)?;
+        let managed = chain.first().is_some_and(self_signed);
+        if managed && !pair_matches(&chain, &key) {
+            // A renewal interrupted between writing the key and the
+            // certificate: make a new pair (the pin was changing anyway).
+            tracing::warn!(
+                cert = %cpath.display(),
+                "the generated certificate does not match its key (interrupted renewal?); generating a new one: THE PIN CHANGES"
+            );
+            return generate(state_dir, names, unix_now());
+        }
         return Ok(Identity {
-            chain: read_chain(&cpath)?,
-            key: read_key(&kpath)?,
+            chain,
+            key,
             cert_path: cpath,
             key_path: kpath,
             generated: false,
+            managed,
         });
     }
-    fs::create_dir_all(state_dir).map_err(io_err(state_dir))?;
+    generate(state_dir, names, unix_now())
+}
+
+/// Generate the self-signed certificate and its key into `state_dir`
+/// (`cert.pem`, `key.pem`), valid from a day before `now_unix` for
+/// [`GENERATED_LIFETIME_DAYS`].
+pub fn generate(state_dir: &Path, names: &[String], now_unix: i64) -> Result<Identity, TlsError> {
+    let cpath = state_dir.join("cert.pem");
+    let kpath = state_dir.join("key.pem");
+    crate::state::file::ensure_dir(state_dir, 0o700, None).map_err(io_err(state_dir))?;
     let key_pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| TlsError::Generate(e.to_string()))?;
     let mut params = rcgen::CertificateParams::new(names.to_vec())
@@ -411,11 +446,20 @@ pub fn load_or_generate(
         rcgen::DnType::CommonName,
         names.first().cloned().unwrap_or_default(),
     );
-    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    params.not_after = rcgen::date_time_ymd(2044, 1, 1);
+    let day = |unix: i64| {
+        let c = crate::state::file::civil_utc(unix);
+        let year = i32::try_from(c.year).unwrap_or(9999);
+        let month = u8::try_from(c.month).unwrap_or(1);
+        let day = u8::try_from(c.day).unwrap_or(1);
+        rcgen::date_time_ymd(year, month, day)
+    };
+    params.not_before = day(now_unix - BACKDATE_DAYS * DAY_SECS);
+    params.not_after = day(now_unix + GENERATED_LIFETIME_DAYS * DAY_SECS);
     let cert = params
         .self_signed(&key_pair)
         .map_err(|e| TlsError::Generate(e.to_string()))?;
+    // Key first: a crash between the two leaves a pair that does not match,
+    // which the next start detects and regenerates.
     write_private(&kpath, key_pair.serialize_pem().as_bytes(), 0o600)?;
     write_private(&cpath, cert.pem().as_bytes(), 0o644)?;
     Ok(Identity {
@@ -424,6 +468,106 @@ pub fn load_or_generate(
         cert_path: cpath,
         key_path: kpath,
         generated: true,
+        managed: true,
+    })
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Issuer = subject: the generated kind (an administrator's certificate
+/// from a CA is never renewed by the gateway).
+fn self_signed(cert: &CertificateDer<'_>) -> bool {
+    x509_parser::parse_x509_certificate(cert.as_ref())
+        .is_ok_and(|(_, c)| c.tbs_certificate.issuer.as_raw() == c.tbs_certificate.subject.as_raw())
+}
+
+fn pair_matches(chain: &[CertificateDer<'static>], key: &PrivateKeyDer<'static>) -> bool {
+    let provider = rustls::crypto::ring::default_provider();
+    CertifiedKey::from_der(chain.to_vec(), key.clone_key(), &provider).is_ok()
+}
+
+/// The end of a certificate's validity, in Unix seconds.
+pub fn not_after_unix(cert: &CertificateDer<'_>) -> Result<i64, TlsError> {
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| TlsError::Pem {
+            path: PathBuf::from("<certificate>"),
+            what: format!("cannot parse certificate: {e}"),
+        })?;
+    Ok(parsed.validity().not_after.timestamp())
+}
+
+/// Is a certificate ending at `not_after_unix` due for renewal at `now_unix`?
+pub fn renewal_due(not_after_unix: i64, now_unix: i64) -> bool {
+    not_after_unix.saturating_sub(now_unix) < RENEW_BEFORE_DAYS * DAY_SECS
+}
+
+/// For the gateway's own certificate (`id.managed`), close to its end at
+/// `now_unix`: a new one, written to `state_dir`. `None` when nothing is to
+/// be done (not managed, or not due).
+pub fn renew_if_due(
+    id: &Identity,
+    state_dir: &Path,
+    names: &[String],
+    now_unix: i64,
+) -> Result<Option<Identity>, TlsError> {
+    let Some(leaf) = id.chain.first().filter(|_| id.managed) else {
+        return Ok(None);
+    };
+    if !renewal_due(not_after_unix(leaf)?, now_unix) {
+        return Ok(None);
+    }
+    generate(state_dir, names, now_unix).map(Some)
+}
+
+/// The certificate the TLS listener presents, replaceable while it runs
+/// (renewal of the generated certificate).
+#[derive(Debug)]
+pub struct CertSwap(ArcSwap<CertifiedKey>);
+
+impl CertSwap {
+    /// Present `id` to new connections from now on.
+    pub fn replace(&self, id: &Identity) -> Result<(), TlsError> {
+        self.0.store(Arc::new(certified_key(id)?));
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for CertSwap {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// The chain and key as rustls signs with them; errors name the files.
+fn certified_key(id: &Identity) -> Result<CertifiedKey, TlsError> {
+    let provider = rustls::crypto::ring::default_provider();
+    // Load the key on its own first, so that a refusal names the key file
+    // rather than the pair.
+    provider
+        .key_provider
+        .load_private_key(id.key.clone_key())
+        .map_err(|source| TlsError::Key {
+            path: id.key_path.clone(),
+            source,
+        })?;
+    CertifiedKey::from_der(id.chain.clone(), id.key.clone_key(), &provider).map_err(|source| {
+        match source {
+            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
+                TlsError::KeyMismatch {
+                    cert: id.cert_path.clone(),
+                    key: id.key_path.clone(),
+                }
+            }
+            source => TlsError::Pair {
+                cert: id.cert_path.clone(),
+                key: id.key_path.clone(),
+                source,
+            },
+        }
     })
 }
 
@@ -444,35 +588,22 @@ pub fn pin_sha256(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
 
 /// A rustls server config (ring provider, TLS 1.2 and 1.3, HTTP/1.1 only).
 pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_swappable(id).map(|(cfg, _)| cfg)
+}
+
+/// Like [`server_config`], with the handle that replaces the certificate
+/// of the running listener.
+pub fn server_config_swappable(
+    id: &Identity,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<CertSwap>), TlsError> {
+    let swap = Arc::new(CertSwap(ArcSwap::from_pointee(certified_key(id)?)));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    // Load the key on its own first, so that a refusal names the key file
-    // rather than the pair.
-    provider
-        .key_provider
-        .load_private_key(id.key.clone_key())
-        .map_err(|source| TlsError::Key {
-            path: id.key_path.clone(),
-            source,
-        })?;
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(id.chain.clone(), id.key.clone_key())
-        .map_err(|source| match source {
-            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-                TlsError::KeyMismatch {
-                    cert: id.cert_path.clone(),
-                    key: id.key_path.clone(),
-                }
-            }
-            source => TlsError::Pair {
-                cert: id.cert_path.clone(),
-                key: id.key_path.clone(),
-                source,
-            },
-        })?;
+        .with_cert_resolver(swap.clone());
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    Ok((Arc::new(cfg), swap))
 }
 
 #[cfg(test)]
@@ -660,6 +791,124 @@ nhCfq0x20mi4JnA+LvpaBnDD1C0uKpPG
         assert_eq!(pa, pin_sha256(&b.chain[0]).expect("pin"));
         assert!(pa.starts_with("pin-sha256:") && pa.len() == 11 + 44, "{pa}");
         server_config(&b).expect("rustls accepts it");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    fn pin_of(id: &Identity) -> String {
+        pin_sha256(&id.chain[0]).expect("pin")
+    }
+
+    #[test]
+    fn generated_certificate_lasts_two_years_and_is_renewed_a_month_before() {
+        let dir = temp_dir("renew");
+        let names = vec!["gw.test".to_string()];
+        // A fake clock: 2025-06-15T12:00:00Z.
+        let t0: i64 = 1_749_988_800;
+        let a = generate(&dir, &names, t0).expect("generate");
+        assert!(a.managed && a.generated);
+        let (_, parsed) = x509_parser::parse_x509_certificate(a.chain[0].as_ref()).expect("x509");
+        let nb = parsed.validity().not_before.timestamp();
+        let na = not_after_unix(&a.chain[0]).expect("not_after");
+        assert!((t0 - 2 * DAY_SECS..t0).contains(&nb), "not_before {nb}");
+        assert_eq!((na - t0 + DAY_SECS - 1) / DAY_SECS, GENERATED_LIFETIME_DAYS);
+        // Not due until 30 days remain.
+        for now in [t0, t0 + 365 * DAY_SECS, na - 31 * DAY_SECS] {
+            assert!(renew_if_due(&a, &dir, &names, now)
+                .expect("check")
+                .is_none());
+        }
+        assert!(!renewal_due(na, na - 30 * DAY_SECS));
+        assert!(renewal_due(na, na - 30 * DAY_SECS + 1));
+        assert!(renewal_due(na, na + 1), "expired: renew too");
+        let now = na - 29 * DAY_SECS;
+        let b = renew_if_due(&a, &dir, &names, now)
+            .expect("renew")
+            .expect("due");
+        assert_ne!(pin_of(&a), pin_of(&b), "a new key");
+        assert_eq!(
+            (not_after_unix(&b.chain[0]).expect("na") - now + DAY_SECS - 1) / DAY_SECS,
+            GENERATED_LIFETIME_DAYS
+        );
+        // What the next start loads: the renewed pair, still managed.
+        let c = load_or_generate(None, None, &dir, &names).expect("load");
+        assert!(c.managed && !c.generated);
+        assert_eq!(pin_of(&c), pin_of(&b));
+        let leftovers: Vec<_> = fs::read_dir(&dir)
+            .expect("dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn administrators_certificates_are_never_renewed() {
+        let dir = temp_dir("admin-cert");
+        let far = 5_000_000_000; // 2128: CERT33 (to 2124) has expired
+        let cert = write(&dir, "server-cert.pem", CERT33);
+        let key = write(&dir, "server-key.pem", KEY33_CERTTOOL);
+        let id = load_or_generate(Some(&cert), Some(&key), &dir, &[]).expect("load");
+        assert!(!id.managed);
+        assert!(renew_if_due(&id, &dir, &[], far).expect("check").is_none());
+        // A CA-signed certificate dropped into the state directory as
+        // cert.pem/key.pem (no cert/key configured) is not ours either.
+        let ca_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("ca key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("ca");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(rcgen::DnType::CommonName, "Example CA");
+        let issuer = rcgen::Issuer::new(ca, &ca_key);
+        let leaf_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
+            .expect("leaf")
+            .signed_by(&leaf_key, &issuer)
+            .expect("sign");
+        let state = dir.join("state");
+        fs::create_dir_all(&state).expect("state");
+        write(&state, "cert.pem", leaf.pem());
+        write(&state, "key.pem", leaf_key.serialize_pem());
+        let id = load_or_generate(None, None, &state, &[]).expect("load");
+        assert!(!id.managed && !id.generated);
+        assert!(renew_if_due(&id, &state, &[], far)
+            .expect("check")
+            .is_none());
+        assert_eq!(
+            fs::read_to_string(state.join("cert.pem")).expect("cert"),
+            leaf.pem()
+        );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn interrupted_renewal_is_repaired_at_start() {
+        let dir = temp_dir("torn");
+        let names = vec!["gw.test".to_string()];
+        let a = generate(&dir, &names, unix_now()).expect("a");
+        let key_a = fs::read(dir.join("key.pem")).expect("key");
+        let _b = generate(&dir, &names, unix_now()).expect("b");
+        fs::write(dir.join("key.pem"), key_a).expect("torn pair");
+        let c = load_or_generate(None, None, &dir, &names).expect("repaired");
+        assert!(c.generated && c.managed);
+        assert_ne!(pin_of(&c), pin_of(&a));
+        server_config(&c).expect("a matching pair");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_running_listener_switches_to_the_renewed_certificate() {
+        let dir = temp_dir("swap");
+        let names = vec!["gw.test".to_string()];
+        let a = generate(&dir, &names, unix_now()).expect("a");
+        let pem_a = fs::read_to_string(&a.cert_path).expect("pem a");
+        let (cfg, swap) = server_config_swappable(&a).expect("config");
+        handshake(cfg.clone(), &pem_a);
+        let b = generate(&dir, &names, unix_now()).expect("b");
+        let pem_b = fs::read_to_string(&b.cert_path).expect("pem b");
+        swap.replace(&b).expect("swap");
+        // Same ServerConfig (the acceptor is not rebuilt): new certificate.
+        handshake(cfg, &pem_b);
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -9,8 +9,6 @@
 use std::cell::RefCell;
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -598,8 +596,11 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
-/// Write users atomically (temp file + rename), mode 0600. Users without a
-/// group are written with an empty groups field (never `*`).
+/// Write users atomically, mode 0600: a temp file beside it created with
+/// `O_CREAT|O_EXCL|O_NOFOLLOW` (a planted symlink is never followed),
+/// fsync, rename, fsync of the directory; on any failure the temp file is
+/// removed and the old file stays. Users without a group are written with
+/// an empty groups field (never `*`).
 pub fn write(path: &Path, users: &[User]) -> Result<(), UserError> {
     let io = |source| UserError::Io {
         path: path.to_path_buf(),
@@ -610,26 +611,13 @@ pub fn write(path: &Path, users: &[User]) -> Result<(), UserError> {
             fs::create_dir_all(dir).map_err(io)?;
         }
     }
-    let tmp = path.with_extension("tmp");
     let mut text = String::from(
         "# intragate users: name:group1,group2:hash (Argon2id, or SHA-crypt imported from ocpasswd)\n",
     );
     for u in users {
         text.push_str(&format!("{}:{}:{}\n", u.name, u.groups.join(","), u.hash));
     }
-    {
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-    }
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o600)).map_err(io)?;
-    fs::rename(&tmp, path).map_err(io)
+    crate::state::file::write_atomic(path, text.as_bytes(), 0o600).map_err(io)
 }
 
 /// Read the users file; a missing file is an empty database. Every hash
@@ -957,6 +945,7 @@ impl UserDb {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     /// `printf 'pw\npw\n' | ocpasswd -c ocp.txt alice` (password `pw`).
     const OCPASSWD_ALICE: &str =
@@ -1100,6 +1089,35 @@ mod tests {
             db.authenticate("alice", "s3cret").expect("auth"),
             AuthOutcome::Denied
         );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn writes_leave_no_temp_file_and_follow_no_symlink() {
+        let dir = temp_dir("tmpfiles");
+        fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("users");
+        // The old fixed temp name, planted as a symlink to another file:
+        // `user add` writes around it and the other file is untouched.
+        let victim = dir.join("victim");
+        fs::write(&victim, "precious\n").expect("victim");
+        std::os::unix::fs::symlink(&victim, dir.join("users.tmp")).expect("symlink");
+        add(&path, "alice", &[], "s3cret").expect("add");
+        assert_eq!(fs::read_to_string(&victim).expect("victim"), "precious\n");
+        assert!(fs::symlink_metadata(&path).expect("users").is_file());
+        // A write that fails (here the rename: a directory is in the way)
+        // leaves nothing behind.
+        let blocked = dir.join("blocked");
+        fs::create_dir_all(blocked.join("x")).expect("blocking dir");
+        let users = read(&path).expect("read");
+        assert!(matches!(write(&blocked, &users), Err(UserError::Io { .. })));
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .expect("ls")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["blocked", "users", "users.tmp", "victim"]);
         let _ = fs::remove_dir_all(&dir);
     }
 

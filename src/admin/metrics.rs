@@ -237,6 +237,22 @@ pub fn render(shared: &Shared) -> String {
         let _ = writeln!(out, "# HELP intragate_fd_limit The open-file limit (RLIMIT_NOFILE): one descriptor per tunnel.\n# TYPE intragate_fd_limit gauge\nintragate_fd_limit {}", fds.limit());
         let _ = writeln!(out, "# HELP intragate_open_fds Open file descriptors (estimate, recounted from /proc).\n# TYPE intragate_open_fds gauge\nintragate_open_fds {}", fds.in_use());
     }
+    let st = shared.persist.to_json(shared.state_dirty());
+    counter(
+        &mut out,
+        "intragate_state_write_failures_total",
+        "Failed writes of the state file (retried with back-off).",
+        &st["write_failures"],
+    );
+    counter(
+        &mut out,
+        "intragate_state_writes_total",
+        "Successful writes of the state file.",
+        &st["writes"],
+    );
+    let _ = writeln!(out, "# HELP intragate_state_write_failing 1 while the last write of the state file failed.\n# TYPE intragate_state_write_failing gauge\nintragate_state_write_failing {}", u8::from(st["consecutive_failures"].as_u64().unwrap_or(0) > 0));
+    let _ = writeln!(out, "# HELP intragate_state_unsaved 1 while changes (leases, sessions) are not yet on disk.\n# TYPE intragate_state_unsaved gauge\nintragate_state_unsaved {}", u8::from(st["unsaved_changes"].as_bool().unwrap_or(false)));
+    let _ = writeln!(out, "# HELP intragate_state_last_success_timestamp_seconds When the state file was last written.\n# TYPE intragate_state_last_success_timestamp_seconds gauge\nintragate_state_last_success_timestamp_seconds {}", st["last_success_unix"].as_u64().unwrap_or(0));
     let _ = writeln!(out, "# HELP intragate_pool_leased Addresses leased per pool.\n# TYPE intragate_pool_leased gauge");
     for (name, leased, _) in &pools {
         let _ = writeln!(out, "intragate_pool_leased{{pool=\"{name}\"}} {leased}");

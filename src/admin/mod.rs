@@ -59,7 +59,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> std::io::Result<UnixListener> {
 }
 
 /// Look a group up in /etc/group (no NSS: appliances keep groups local).
-fn group_id(name: &str) -> Option<u32> {
+pub(crate) fn group_id(name: &str) -> Option<u32> {
     let text = std::fs::read_to_string("/etc/group").ok()?;
     text.lines().find_map(|l| {
         let mut f = l.split(':');
@@ -190,7 +190,13 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
     match cmd {
         "health" => {
             let sessions = shared.core().len();
-            json!({"ok": true, "status": "running", "sessions": sessions, "pin": shared.pin})
+            let pin = shared.pin.load();
+            // Unhealthy (ctl exits non-zero, Docker's HEALTHCHECK fails)
+            // while the state file cannot be written.
+            match shared.persist.health(crate::gateway::unix_now()) {
+                Ok(()) => json!({"ok": true, "status": "running", "sessions": sessions, "pin": pin.as_str()}),
+                Err(e) => json!({"ok": false, "status": "degraded", "error": e, "sessions": sessions, "pin": pin.as_str()}),
+            }
         }
         "stats" => {
             let mut v = shared.stats.to_json();
@@ -202,6 +208,10 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
                 drop(core);
                 o.insert("conntrack".into(), shared.flow_stats_json());
                 o.insert("fds".into(), crate::fdlimit::budget().to_json());
+                o.insert(
+                    "state".into(),
+                    shared.persist.to_json(shared.state_dirty()),
+                );
                 o.insert("ok".into(), json!(true));
             }
             v

@@ -470,6 +470,14 @@ pub struct SessionRecord {
     /// older state file).
     #[serde(default)]
     pub account: u64,
+    /// Had a tunnel been up? (false: authenticated, waiting for its first
+    /// CONNECT; files from before this field hold connected sessions only.)
+    #[serde(default = "connected_default")]
+    pub connected: bool,
+}
+
+fn connected_default() -> bool {
+    true
 }
 
 /// Pools, sessions and DNS records of one gateway, as one deterministic
@@ -486,8 +494,8 @@ pub struct GatewayState {
     offers: HashMap<String, PendingOffer>,
     next_id: u64,
     events: VecDeque<Event>,
-    leases_dirty: bool,
-    sessions_dirty: bool,
+    /// Bumped on every change worth persisting (see `state_version`).
+    version: u64,
     dns: DnsRecords,
 }
 
@@ -529,8 +537,7 @@ impl GatewayState {
             offers: HashMap::new(),
             next_id: 1,
             events: VecDeque::new(),
-            leases_dirty: false,
-            sessions_dirty: false,
+            version: 0,
             dns: DnsRecords::default(),
         })
     }
@@ -749,8 +756,7 @@ impl GatewayState {
             }
         };
         let nat = pool_name == NAT_POOL;
-        self.leases_dirty = true;
-        self.sessions_dirty = true;
+        self.version += 1;
         let id = SessionId(self.next_id);
         self.next_id += 1;
         // Users behind NAT cannot be reached: no DNS name.
@@ -872,7 +878,7 @@ impl GatewayState {
         if client_addr.is_some() {
             s.client_addr = client_addr;
         }
-        self.sessions_dirty = true;
+        self.version += 1;
         Ok(s)
     }
 
@@ -938,8 +944,7 @@ impl GatewayState {
                 let _ = pool.release(s.addr, now);
             }
         }
-        self.leases_dirty = true;
-        self.sessions_dirty = true;
+        self.version += 1;
         self.events.push_back(Event::Closed {
             id,
             user: s.user,
@@ -990,7 +995,7 @@ impl GatewayState {
                     };
                     if s.account == 0 {
                         s.account = *stamp;
-                        self.sessions_dirty = true;
+                        self.version += 1;
                     } else if s.account != *stamp {
                         let why = "the password was changed; log on again".to_string();
                         self.close(id, CloseReason::Revoked(why), now, true);
@@ -999,7 +1004,7 @@ impl GatewayState {
                     }
                     if s.groups != *groups {
                         s.groups.clone_from(groups);
-                        self.sessions_dirty = true;
+                        self.version += 1;
                         match self.reevaluate(id, now) {
                             Reevaluation::Unchanged => {}
                             Reevaluation::Changed => out.reevaluated += 1,
@@ -1207,14 +1212,14 @@ impl GatewayState {
         self.dns.set_static_labels(labels);
     }
 
-    /// Did leases change since the last `take_leases_dirty`?
-    pub fn take_leases_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.leases_dirty)
-    }
-
-    /// Did sessions change since the last `take_sessions_dirty`?
-    pub fn take_sessions_dirty(&mut self) -> bool {
-        std::mem::take(&mut self.sessions_dirty)
+    /// A counter that grows with every change of what
+    /// [`pool_snapshots`](Self::pool_snapshots) and
+    /// [`session_records`](Self::session_records) return (leases, sessions
+    /// opened, attached or closed). The shell remembers the version it last
+    /// wrote: the state is dirty while they differ, so a failed write
+    /// leaves it dirty.
+    pub fn state_version(&self) -> u64 {
+        self.version
     }
 
     /// Snapshot of every pool, for the state file.
@@ -1225,12 +1230,12 @@ impl GatewayState {
             .collect()
     }
 
-    /// The sessions that can resume after a restart (all but those that
-    /// never connected).
+    /// The sessions that can resume after a restart: all of them, those
+    /// still waiting for their first CONNECT included (their cookie was
+    /// handed out, so it must work after a restart too).
     pub fn session_records(&self, now: Instant) -> Vec<SessionRecord> {
         self.sessions
             .values()
-            .filter(|s| s.state != SessionState::Authenticated)
             .map(|s| SessionRecord {
                 user: s.user.clone(),
                 groups: s.groups.clone(),
@@ -1241,13 +1246,17 @@ impl GatewayState {
                 client_addr: s.client_addr,
                 age_secs: now.saturating_duration_since(s.created).as_secs(),
                 account: s.account,
+                connected: s.state != SessionState::Authenticated,
             })
             .collect()
     }
 
     /// Restore pools and resumable sessions from the state files of a
     /// previous run. Restored sessions are disconnected (their clients
-    /// reconnect with their cookies) and get a fresh reconnect window.
+    /// reconnect with their cookies) and get a fresh reconnect window;
+    /// sessions that had not connected yet stay authenticated and keep what
+    /// is left of their connect timeout (counted from the logon, downtime
+    /// included).
     /// Leases without a restored session are released: their users keep
     /// the address sticky, and others wait out the quarantine. Returns the
     /// number of sessions restored.
@@ -1273,10 +1282,16 @@ impl GatewayState {
                 .pools
                 .get(&r.pool)
                 .is_some_and(|p| p.holder(r.addr) == Some(key.as_str()));
+            let age = Duration::from_secs(r.age_secs) + elapsed;
+            let expired = if r.connected {
+                elapsed >= policy.reconnect_window
+            } else {
+                age >= self.settings.connect_timeout
+            };
             if !leased
                 || self.by_addr.contains_key(&r.addr)
                 || self.by_token.contains_key(&r.token)
-                || elapsed >= policy.reconnect_window
+                || expired
             {
                 continue;
             }
@@ -1288,9 +1303,7 @@ impl GatewayState {
             } else {
                 self.dns.register(&key, id, r.addr)
             };
-            let created = now
-                .checked_sub(Duration::from_secs(r.age_secs) + elapsed)
-                .unwrap_or(now);
+            let created = now.checked_sub(age).unwrap_or(now);
             self.sessions.insert(
                 id,
                 Session {
@@ -1304,7 +1317,11 @@ impl GatewayState {
                     pool: r.pool.clone(),
                     dns_label: dns.as_ref().ok().cloned(),
                     nat,
-                    state: SessionState::Disconnected { since: now },
+                    state: if r.connected {
+                        SessionState::Disconnected { since: now }
+                    } else {
+                        SessionState::Authenticated
+                    },
                     created,
                     last_activity: now,
                     connects: 0,
@@ -1340,8 +1357,7 @@ impl GatewayState {
                 let _ = pool.release(a, now);
             }
         }
-        self.leases_dirty = true;
-        self.sessions_dirty = true;
+        self.version += 1;
         restored
     }
 }
@@ -1904,32 +1920,70 @@ mod tests {
         let a = opened(g.handle_logon(req("alice", "a"), t0));
         g.handle_attach("a", Some("laptop".into()), None, t0)
             .expect("attach");
-        let b = opened(g.handle_logon(req("bob", "b"), t0)); // never connected: not resumable
+        let b = opened(g.handle_logon(req("bob", "b"), t0)); // not connected yet
         let addr_a = g.session(a).expect("a").addr;
         let addr_b = g.session(b).expect("b").addr;
         let t1 = t0 + Duration::from_secs(20);
         let pools = g.pool_snapshots(t1);
         let records = g.session_records(t1);
-        assert_eq!(records.len(), 1);
+        assert_eq!(records.len(), 2);
 
         let t2 = Instant::now() + Duration::from_secs(1000);
         let mut h = state("198.18.64.0/28", 1);
-        assert_eq!(h.restore(&pools, &records, t2, Duration::from_secs(5)), 1);
+        assert_eq!(h.restore(&pools, &records, t2, Duration::from_secs(5)), 2);
         let s = h.session_by_token("a").expect("restored");
         assert_eq!(s.addr, addr_a);
         assert!(matches!(s.state, SessionState::Disconnected { .. }));
         assert_eq!(h.dns().lookup("alice", false), Some(addr_a));
+        // bob's cookie works after the restart; he still has to connect
+        // within the connect timeout of his logon (60 s; 25 s have passed).
+        let sb = h.session_by_token("b").expect("bob restored");
+        assert_eq!((sb.addr, sb.state), (addr_b, SessionState::Authenticated));
         let _ = drain(&mut h);
         assert!(h.handle_attach("a", None, None, t2).is_ok());
+        h.handle_timeout(t2 + Duration::from_secs(36));
+        assert!(h.session_by_token("b").is_none(), "connect timeout kept");
+        let _ = drain(&mut h);
         // bob's lease was released, but his address stays his (sticky).
         let carol = opened(h.handle_logon(req("carol", "c"), t2));
         assert_ne!(h.session(carol).expect("c").addr, addr_b);
         let bob = opened(h.handle_logon(req("bob", "b2"), t2));
         assert_eq!(h.session(bob).expect("b").addr, addr_b);
+        // Down for longer than the connect timeout: bob's logon is gone.
+        let mut k = state("198.18.64.0/28", 1);
+        assert_eq!(k.restore(&pools, &records, t2, Duration::from_secs(45)), 1);
         // Down for longer than the reconnect window: nothing resumes.
         let mut k = state("198.18.64.0/28", 1);
         assert_eq!(k.restore(&pools, &records, t2, Duration::from_secs(181)), 0);
         assert!(k.is_empty());
+    }
+
+    #[test]
+    fn state_version_grows_with_every_persisted_change() {
+        let t0 = Instant::now();
+        let mut g = state("198.18.64.0/28", 1);
+        let v0 = g.state_version();
+        let a = opened(g.handle_logon(req("alice", "a"), t0));
+        let v1 = g.state_version();
+        assert!(v1 > v0, "logon");
+        // Reading the state (as the saver does) changes nothing.
+        let _ = (g.pool_snapshots(t0), g.session_records(t0));
+        assert_eq!(g.state_version(), v1);
+        g.handle_attach("a", None, None, t0).expect("attach");
+        let v2 = g.state_version();
+        assert!(v2 > v1, "attach");
+        g.handle_logoff(a, CloseReason::Logoff, t0);
+        assert!(g.state_version() > v2, "logoff");
+    }
+
+    #[test]
+    fn records_of_older_files_are_connected_sessions() {
+        let r: SessionRecord = serde_json::from_str(
+            r#"{"user":"alice","groups":[],"token":"t","addr":"198.18.64.2",
+                "pool":"default","device":null,"client_addr":null,"age_secs":5}"#,
+        )
+        .expect("old record");
+        assert!(r.connected);
     }
 
     #[derive(Debug, Clone)]

@@ -384,6 +384,8 @@ impl Conn {
             return self.refuse("The session ended before it could start").await;
         };
         self.shared.stats.logons.fetch_add(1, Ordering::Relaxed);
+        // On disk before the cookie is handed out (bounded wait).
+        self.shared.persist_now().await;
         info!(session = %id, user = %name, client = %self.ip, "logon");
         let xml = auth_xml::auth_complete_xml(&token, Some("Welcome to intragate."));
         let cookie = format!("webvpn={token}; Secure; HttpOnly");
