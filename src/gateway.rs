@@ -1328,6 +1328,17 @@ pub async fn run_with(
     // Every tunnel is a socket: the usual soft limit of 1024 would cap the
     // gateway near 1,000 sessions.
     let nofile = crate::fdlimit::raise_nofile();
+    // Listen before the slow work (certificate, state, TUN, DNS): clients
+    // reconnecting meanwhile wait in the backlog instead of being refused
+    // (openconnect would back off 10 s). Under socket activation the
+    // service manager's socket is used, and a restart refuses nobody.
+    let (std_listener, origin) = crate::listener::open(config.listen).map_err(|e| match e {
+        crate::listener::ListenError::Bind(a, e) => RunError::Listen(a, e),
+        e => RunError::Setup(e.to_string()),
+    })?;
+    if origin == crate::listener::Origin::Activated {
+        info!("listening on the socket passed by the service manager (socket activation)");
+    }
     prepare_state_dir(&config)?;
     let names = vec![format!("gateway.{}", config.domain), config.domain.clone()];
     let mut identity = crate::tls::load_or_generate(
@@ -1387,8 +1398,7 @@ pub async fn run_with(
         None
     };
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
+    let listener = tokio::net::TcpListener::from_std(std_listener)
         .map_err(|e| RunError::Listen(config.listen, e))?;
     let ctl = crate::admin::bind(&config.ctl_socket, config.ctl_group.as_deref()).map_err(|e| {
         RunError::Setup(format!(
