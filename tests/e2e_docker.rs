@@ -502,7 +502,14 @@ fn container_image_serves_openconnect_users() {
     assert_eq!(cfg["StopSignal"], "SIGTERM", "{cfg}");
     assert_eq!(
         meta["Healthcheck"]["Test"],
-        serde_json::json!(["CMD", "/usr/local/bin/intragate", "ctl", "--timeout", "4", "health"]),
+        serde_json::json!([
+            "CMD",
+            "/usr/local/bin/intragate",
+            "ctl",
+            "--timeout",
+            "4",
+            "health"
+        ]),
         "{meta}"
     );
     eprintln!(

@@ -8,11 +8,7 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
-
-const S: Duration = Duration::from_secs(1);
 
 /// `openconnect --authenticate` for `user` with `password` from user host
 /// `idx`, plus `extra` arguments: its whole output (it must fail).
@@ -24,30 +20,7 @@ fn refused_output(
     password: &str,
     extra: &[&str],
 ) -> String {
-    let user_arg = format!("--user={user}");
-    let url = topo.url();
-    let mut args = vec![
-        "netns",
-        "exec",
-        topo.user(idx),
-        "openconnect",
-        "--authenticate",
-        "--protocol=anyconnect",
-        "--no-dtls",
-        &user_arg,
-        "--passwd-on-stdin",
-        "--non-inter",
-        "--servercert",
-        &gw.pin,
-    ];
-    args.extend_from_slice(extra);
-    args.push(&url);
-    let o = run_cmd(
-        "ip",
-        &args,
-        Some(format!("{password}\n").as_bytes()),
-        30 * S,
-    );
+    let o = authenticate_with(topo, idx, gw, user, password, extra);
     assert!(
         !o.ok(),
         "openconnect logged on although it should be refused: {o}"

@@ -1238,27 +1238,7 @@ pub fn authenticate(
     user: &str,
     password: &str,
 ) -> Result<String, CmdOut> {
-    let args = [
-        "netns",
-        "exec",
-        topo.user(idx),
-        "openconnect",
-        "--authenticate",
-        "--protocol=anyconnect",
-        "--no-dtls",
-        &format!("--user={user}"),
-        "--passwd-on-stdin",
-        "--non-inter",
-        "--servercert",
-        &gw.pin,
-        &topo.url(),
-    ];
-    let o = run_cmd(
-        "ip",
-        &args,
-        Some(format!("{password}\n").as_bytes()),
-        Duration::from_secs(20),
-    );
+    let o = authenticate_with(topo, idx, gw, user, password, &[]);
     if !o.ok() {
         return Err(o);
     }
@@ -1268,6 +1248,43 @@ pub fn authenticate(
         }
     }
     Err(o)
+}
+
+/// `openconnect --authenticate` for `user` from user host `idx` with
+/// `password` on stdin and `extra` arguments (e.g. `--form-entry`): what it
+/// did.
+pub fn authenticate_with(
+    topo: &Topology,
+    idx: usize,
+    gw: &Gateway,
+    user: &str,
+    password: &str,
+    extra: &[&str],
+) -> CmdOut {
+    let user_arg = format!("--user={user}");
+    let url = topo.url();
+    let mut args = vec![
+        "netns",
+        "exec",
+        topo.user(idx),
+        "openconnect",
+        "--authenticate",
+        "--protocol=anyconnect",
+        "--no-dtls",
+        &user_arg,
+        "--passwd-on-stdin",
+        "--non-inter",
+        "--servercert",
+        &gw.pin,
+    ];
+    args.extend_from_slice(extra);
+    args.push(&url);
+    run_cmd(
+        "ip",
+        &args,
+        Some(format!("{password}\n").as_bytes()),
+        Duration::from_secs(30),
+    )
 }
 
 // ---------------------------------------------------------------------------
