@@ -96,8 +96,9 @@ pub fn open(addr: SocketAddr) -> Result<(std::net::TcpListener, Origin), ListenE
     let bind = |s: &socket2::Socket| -> std::io::Result<()> {
         s.set_reuse_address(true)?;
         if addr.is_ipv6() {
-            s.set_only_v6(false)
-                .or_else(|_| Ok::<(), std::io::Error>(()))?;
+            // Dual-stack where the system allows it; an IPv6-only socket
+            // still serves IPv6 clients.
+            let _ = s.set_only_v6(false);
         }
         s.bind(&addr.into())?;
         s.listen(BACKLOG)?;
