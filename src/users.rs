@@ -739,10 +739,28 @@ struct Loaded {
     /// Was it read at least once (a missing file counts)?
     read: bool,
     users: Vec<User>,
+    /// Lowercase name → index in `users` (names are unique
+    /// case-insensitively).
+    index: std::collections::HashMap<String, usize>,
+    /// Each user's account as sessions see it (`account_of`), by index.
+    accounts: Vec<crate::core::session::Account>,
     /// Verified against for unknown usernames (see `decoy_for`).
     decoy: StoredHash,
     /// Bumped on every successful re-read.
     generation: u64,
+}
+
+impl Loaded {
+    fn user(&self, name: &str) -> Option<usize> {
+        self.index.get(&name.to_ascii_lowercase()).copied()
+    }
+
+    fn account(&self, name: &str) -> crate::core::session::Account {
+        match self.user(name).and_then(|i| self.accounts.get(i)) {
+            Some(a) => a.clone(),
+            None => crate::core::session::Account::Revoked(format!("user '{name}' was deleted")),
+        }
+    }
 }
 
 /// What tells one version of the users file from another: `intragate user`
@@ -838,6 +856,8 @@ impl UserDb {
                 id: None,
                 read: false,
                 users: Vec::new(),
+                index: std::collections::HashMap::new(),
+                accounts: Vec::new(),
                 decoy: StoredHash::default_decoy(),
                 generation: 0,
             }),
@@ -876,6 +896,15 @@ impl UserDb {
             );
         }
         cache.decoy = decoy_for(&users);
+        cache.index = users
+            .iter()
+            .enumerate()
+            .map(|(i, u)| (u.name.to_ascii_lowercase(), i))
+            .collect();
+        cache.accounts = users
+            .iter()
+            .map(|u| account_of(std::slice::from_ref(u), &u.name))
+            .collect();
         cache.users = users;
         cache.id = id;
         cache.read = true;
@@ -886,7 +915,7 @@ impl UserDb {
     /// The account of `name` as the file says now (re-read if it changed).
     pub fn account(&self, name: &str) -> Result<crate::core::session::Account, UserError> {
         self.refresh()?;
-        Ok(account_of(&self.cache().users, name))
+        Ok(self.cache().account(name))
     }
 
     /// The accounts of `names` as the file says now, from one read.
@@ -896,7 +925,7 @@ impl UserDb {
     ) -> Result<Vec<crate::core::session::Account>, UserError> {
         self.refresh()?;
         let cache = self.cache();
-        Ok(names.iter().map(|n| account_of(&cache.users, n)).collect())
+        Ok(names.iter().map(|n| cache.account(n)).collect())
     }
 
     fn lookup(&self, name: &str) -> Result<Lookup, UserError> {
@@ -904,9 +933,9 @@ impl UserDb {
         let cache = self.cache();
         Ok(
             match cache
-                .users
-                .iter()
-                .find(|u| u.name.eq_ignore_ascii_case(name) && u.hash_scheme().is_ok())
+                .user(name)
+                .and_then(|i| cache.users.get(i))
+                .filter(|u| u.hash_scheme().is_ok())
             {
                 Some(u) => Lookup::Known(u.clone()),
                 None => Lookup::Unknown(cache.decoy.clone()),
