@@ -1264,6 +1264,9 @@ pub fn load_policies(
 }
 
 #[cfg(test)]
+mod example_tests;
+
+#[cfg(test)]
 mod tests {
 
     #[test]

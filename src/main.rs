@@ -42,7 +42,7 @@ enum Cmd {
         /// Replace the configured pools with one pool of this CIDR.
         #[arg(long, env = "INTRAGATE_POOL")]
         pool: Option<String>,
-        /// State directory (certificate, leases).
+        /// State directory (state.json: leases and sessions; the generated certificate; ctl.sock).
         #[arg(long, env = "INTRAGATE_STATE_DIR")]
         state_dir: Option<String>,
         /// Log format.
