@@ -11,6 +11,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod fdlimit;
 pub mod gateway;
+pub mod netif;
 pub mod plugin;
 pub mod state;
 pub mod stats;
