@@ -15,7 +15,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::core::bans::BanConfig;
+use crate::core::conntrack::InboundRule;
 use crate::core::policy::{GroupMatch, Policy, PolicySet};
+use crate::netif::HostNetwork;
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/intragate/intragate.toml";
@@ -289,8 +291,23 @@ pub struct Config {
     pub ctl_group: Option<String>,
     /// Prometheus `/metrics` listen address (None: off).
     pub metrics_listen: Option<SocketAddr>,
-    /// Internal networks: routes pushed to clients, sources allowed inbound.
+    /// Internal networks (`[network] internal`): routes pushed to clients
+    /// (empty: a full tunnel), sources allowed inbound.
     pub internal: Vec<IpNetwork>,
+    /// The networks on the gateway's internal side: `internal` when set,
+    /// else the subnets of this host's attached interfaces (see
+    /// [`crate::netif::attached_networks`]). Policies without `inbound`
+    /// accept new connections to their users from these, and they may
+    /// query the DNS server.
+    pub lan: Vec<IpNetwork>,
+    /// `lan` is this host's attached networks: `[network] internal` is empty.
+    pub lan_is_attached: bool,
+    /// The policies that leave `inbound` out (and so accept `lan`),
+    /// the built-in policy included.
+    pub default_inbound_policies: Vec<String>,
+    /// This host's interface addresses the config was loaded with
+    /// (discovered once at start; `reload` loads with the same list).
+    pub host_networks: Vec<HostNetwork>,
     /// DNS servers pushed to clients.
     pub dns: Vec<IpAddr>,
     /// Default for user-to-user traffic (policies may override).
@@ -460,8 +477,22 @@ pub fn ctl_socket_path(path: Option<&Path>, ov: &Overrides) -> Result<PathBuf, S
 
 impl Config {
     /// Load a config file (or the built-in defaults when `path` is None),
-    /// apply overrides, then load and validate the policy files.
+    /// apply overrides, then load and validate the policy files; as if this
+    /// host had no network interfaces (with `[network] internal` empty,
+    /// policies without `inbound` then accept nothing inbound). The daemon
+    /// uses [`Config::load_on_host`].
     pub fn load(path: Option<&Path>, ov: &Overrides) -> Result<Config, ConfigErrors> {
+        Self::load_on_host(path, ov, &[])
+    }
+
+    /// [`Config::load`] on a host with these interface addresses
+    /// ([`crate::netif::discover`]): with `[network] internal` empty, the
+    /// subnets of the attached ones are the internal side (`lan`).
+    pub fn load_on_host(
+        path: Option<&Path>,
+        ov: &Overrides,
+        host: &[HostNetwork],
+    ) -> Result<Config, ConfigErrors> {
         let (file, text) = match path {
             Some(p) => match std::fs::read_to_string(p) {
                 Ok(t) => (p.to_path_buf(), t),
@@ -475,15 +506,28 @@ impl Config {
             },
             None => (PathBuf::from("<built-in defaults>"), String::new()),
         };
-        Self::from_str_at(&file, &text, path.is_some(), ov)
+        Self::from_str_on_host(&file, &text, path.is_some(), ov, host)
     }
 
-    /// Parse config text as if it came from `file`.
+    /// Parse config text as if it came from `file` (on a host without
+    /// interfaces: see [`Config::load`]).
     pub fn from_str_at(
         file: &Path,
         text: &str,
         from_file: bool,
         ov: &Overrides,
+    ) -> Result<Config, ConfigErrors> {
+        Self::from_str_on_host(file, text, from_file, ov, &[])
+    }
+
+    /// Parse config text as if it came from `file`, on a host with these
+    /// interface addresses.
+    pub fn from_str_on_host(
+        file: &Path,
+        text: &str,
+        from_file: bool,
+        ov: &Overrides,
+        host: &[HostNetwork],
     ) -> Result<Config, ConfigErrors> {
         let mut cx = Ctx {
             file,
@@ -696,7 +740,8 @@ impl Config {
             }
         }
         let dns_ttl = rd.ttl.as_ref().map_or(60, |t| *t.get_ref());
-        if dns_ttl == 0 || dns_ttl > 86_400 {
+        let dns_ttl_ok = (1..=86_400).contains(&dns_ttl);
+        if !dns_ttl_ok {
             let span = rd.ttl.as_ref().map(|t| t.span()).unwrap_or(0..0);
             cx.err_at(span, format!("dns.ttl: {dns_ttl} is outside 1..=86400"));
         }
@@ -709,9 +754,13 @@ impl Config {
             allowed_clients: dns_allowed,
         };
 
-        // Pools.
+        // Pools. Every pool's name is known to the policies, even when the
+        // pool itself has an error: a policy naming it must not be reported
+        // again as naming an unknown pool.
         let mut pools = Vec::new();
+        let mut pool_names: Vec<String> = Vec::new();
         if let Some(cidr) = &ov.pool {
+            pool_names.push("default".into());
             match cidr.parse::<IpNetwork>() {
                 Ok(n) => pools.push(PoolSpec {
                     name: "default".into(),
@@ -729,6 +778,9 @@ impl Config {
         } else {
             for p in &raw.pool {
                 let p = p.get_ref();
+                if !pool_names.contains(p.name.get_ref()) {
+                    pool_names.push(p.name.get_ref().clone());
+                }
                 let Some(cidr) = cx.net(&p.cidr, "pool.cidr") else {
                     continue;
                 };
@@ -746,7 +798,7 @@ impl Config {
                     );
                     continue;
                 }
-                if dns_server.enabled {
+                if dns_server.enabled && dns_ttl_ok {
                     if let Some(q) = p.quarantine {
                         if q < u64::from(dns_ttl) {
                             cx.err_at(
@@ -793,6 +845,9 @@ impl Config {
                     exclude,
                 });
             }
+            if pool_names.is_empty() {
+                pool_names.push("default".into());
+            }
             if pools.is_empty() {
                 pools.push(PoolSpec {
                     name: "default".into(),
@@ -809,16 +864,20 @@ impl Config {
         // IPv4 pool (routed to the gateway already, never handed out).
         let rn = &raw.nat;
         let mut nat_address = None;
+        let mut nat_address_bad = false;
         if let Some(a) = &rn.address {
             match a.get_ref().parse::<IpAddr>() {
                 Ok(ip) => nat_address = Some(ip),
-                Err(_) => cx.err_at(
-                    a.span(),
-                    format!("nat.address: '{}' is not an IP address", a.get_ref()),
-                ),
+                Err(_) => {
+                    nat_address_bad = true;
+                    cx.err_at(
+                        a.span(),
+                        format!("nat.address: '{}' is not an IP address", a.get_ref()),
+                    )
+                }
             }
         }
-        if nat_address.is_none() {
+        if nat_address.is_none() && !nat_address_bad {
             nat_address = pools.iter().find_map(|p| match p.cidr {
                 IpNetwork::V4(n) if n.prefix() <= 29 => {
                     let last = u32::from(n.broadcast()).saturating_sub(1);
@@ -906,19 +965,39 @@ impl Config {
         let ctl_group = g.ctl_group.as_ref().map(|s| s.get_ref().clone());
         let mut errors = cx.errors;
         let client_to_client = session_defaults.client_to_client;
-        let policies = match load_policies(&policies_dir, &pools, &internal, &session_defaults) {
-            Ok(p) => p,
-            Err(mut e) => {
-                errors.append(&mut e.0);
-                PolicySet::default()
-            }
+        // The internal side: `[network] internal`, else the networks this
+        // host is attached to (routes stay a full tunnel: nothing to narrow
+        // them to was given).
+        let lan_is_attached = internal.is_empty();
+        let lan = if lan_is_attached {
+            let mut users: Vec<IpNetwork> = pools.iter().map(|p| p.cidr).collect();
+            users.push(nat.tunnel_pool);
+            crate::netif::attached_networks(host, &tun_name, &users)
+        } else {
+            internal.clone()
         };
+        let policy_defaults = PolicyDefaults {
+            pool: pool_names.first().cloned().unwrap_or_default(),
+            pool_names,
+            routes: internal.clone(),
+            inbound_from: lan.clone(),
+            session: session_defaults,
+        };
+        let (policies, default_inbound_policies) =
+            match load_policies(&policies_dir, &policy_defaults) {
+                Ok(l) => (l.set, l.default_inbound),
+                Err(mut e) => {
+                    errors.append(&mut e.0);
+                    (PolicySet::default(), Vec::new())
+                }
+            };
         // Spillover NAT needs a NAT address the gateway routes into its TUN
         // device: one inside a pool (the internal network routes the pools
         // to the gateway, the gateway routes them into the TUN).
         let wants_nat =
             pools.iter().any(|p| p.spillover) || policies.policies().iter().any(|p| p.nat);
-        if wants_nat {
+        // A NAT address that did not parse was reported above.
+        if wants_nat && !nat_address_bad {
             let span = raw.nat.address.as_ref().map(|a| a.span());
             let line = span.map(|s| line_of(text, s.start));
             match nat.address {
@@ -955,6 +1034,10 @@ impl Config {
             ctl_group,
             metrics_listen,
             internal,
+            lan,
+            lan_is_attached,
+            default_inbound_policies,
+            host_networks: host.to_vec(),
             dns,
             client_to_client,
             max_sessions_per_user: max_per_user,
@@ -976,6 +1059,98 @@ impl Config {
             policies,
         })
     }
+}
+
+impl Config {
+    /// Settings that work but are probably mistakes: a pool overlapping an
+    /// internal network or a network this host is attached to.
+    /// `intragate check` prints them; the daemon logs them at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let attached = crate::netif::attached_interfaces(&self.host_networks, &self.tun_name);
+        pool_overlap_warnings(&self.pools, &self.internal, &attached)
+    }
+
+    /// With `[network] internal` empty: what that means, naming the key.
+    pub fn internal_empty_warning(&self) -> Option<String> {
+        if !self.lan_is_attached {
+            return None;
+        }
+        let file = self.source.as_ref().map_or_else(
+            || format!("{DEFAULT_CONFIG_PATH} (or the file given with --config)"),
+            |p| p.display().to_string(),
+        );
+        Some(format!(
+            "[network] internal is not set: clients get a full tunnel (all their traffic goes \
+             through the gateway) and new connections to users are accepted from this host's \
+             attached networks ({}); set [network] internal = [\"NETWORK/PREFIX\", ...] in \
+             {file} to push only those routes and accept inbound from those networks only",
+            list_or_none(&self.lan)
+        ))
+    }
+
+    /// Which sources policies without `inbound` accept, and why (None when
+    /// every policy sets `inbound`).
+    pub fn default_inbound_summary(&self) -> Option<String> {
+        if self.default_inbound_policies.is_empty() {
+            return None;
+        }
+        let source = if self.lan_is_attached {
+            "this host's attached networks, as [network] internal is empty"
+        } else {
+            "[network] internal"
+        };
+        Some(format!(
+            "new connections to users are accepted from {} ({source}) under the policies that \
+             do not set inbound: {}",
+            list_or_none(&self.lan),
+            self.default_inbound_policies.join(", ")
+        ))
+    }
+}
+
+fn list_or_none(nets: &[IpNetwork]) -> String {
+    if nets.is_empty() {
+        "none".into()
+    } else {
+        nets.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// A warning for each pool that overlaps an internal network or the
+/// subnet of one of this host's attached interfaces (`(name, subnet)`).
+pub fn pool_overlap_warnings(
+    pools: &[PoolSpec],
+    internal: &[IpNetwork],
+    attached: &[(&str, IpNetwork)],
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for p in pools {
+        for n in internal.iter().filter(|n| overlaps(p.cidr, **n)) {
+            out.push(format!(
+                "pool '{}' ({}) overlaps the internal network {n} ([network] internal): hosts \
+                 there reach users only if that network routes {} to this gateway; choose a pool \
+                 outside the internal networks unless it is routed so",
+                p.name, p.cidr, p.cidr
+            ));
+        }
+        let mut seen: Vec<IpNetwork> = Vec::new();
+        for (ifname, n) in attached.iter().filter(|(_, n)| overlaps(p.cidr, *n)) {
+            if seen.contains(n) {
+                continue;
+            }
+            seen.push(*n);
+            out.push(format!(
+                "pool '{}' ({}) overlaps {n}, the network of this host's interface {ifname}: \
+                 hosts on it would look for users on the link instead of routing to the gateway; \
+                 choose a pool that is not one of the gateway's own networks",
+                p.name, p.cidr
+            ));
+        }
+    }
+    out
 }
 
 fn parse_proto(s: &str) -> Result<crate::core::conntrack::Proto, String> {
@@ -1065,15 +1240,56 @@ pub fn valid_domain(d: &str) -> bool {
         })
 }
 
+/// What policies that leave a key out get, and what they may name.
+#[derive(Debug, Clone)]
+pub struct PolicyDefaults {
+    /// The name of every `[[pool]]`, those with errors included (they were
+    /// reported; a policy naming one is not reported again).
+    pub pool_names: Vec<String>,
+    /// Pool of policies without `pool` (the first pool).
+    pub pool: String,
+    /// Routes of policies without `routes`: `[network] internal` (empty:
+    /// a full tunnel).
+    pub routes: Vec<IpNetwork>,
+    /// Sources accepted inbound, any protocol and port, by policies
+    /// without `inbound` ([`Config::lan`]).
+    pub inbound_from: Vec<IpNetwork>,
+    /// Gateway-wide session settings.
+    pub session: SessionDefaults,
+}
+
+impl PolicyDefaults {
+    fn inbound(&self) -> Vec<InboundRule> {
+        self.inbound_from
+            .iter()
+            .map(|n| InboundRule {
+                from: *n,
+                proto: None,
+                ports: None,
+            })
+            .collect()
+    }
+}
+
+/// Policies as loaded.
+#[derive(Debug, Clone)]
+pub struct LoadedPolicies {
+    /// The policies, first match wins.
+    pub set: PolicySet,
+    /// Names of the policies that leave `inbound` out (the built-in one
+    /// included).
+    pub default_inbound: Vec<String>,
+}
+
 /// Load `*.toml` from the policy directory in name order. A missing directory
 /// yields the built-in policy: everyone, first pool, gateway defaults.
 pub fn load_policies(
     dir: &Path,
-    pools: &[PoolSpec],
-    internal: &[IpNetwork],
-    d: &SessionDefaults,
-) -> Result<PolicySet, ConfigErrors> {
-    let default_pool = pools.first().map(|p| p.name.clone()).unwrap_or_default();
+    defaults: &PolicyDefaults,
+) -> Result<LoadedPolicies, ConfigErrors> {
+    let d = &defaults.session;
+    let default_pool = defaults.pool.clone();
+    let mut default_inbound = Vec::new();
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok().map(|e| e.path()))
@@ -1140,8 +1356,8 @@ pub fn load_policies(
             }
             let pool = match &p.pool {
                 Some(s) => {
-                    if !pools.iter().any(|q| q.name == *s.get_ref()) {
-                        let known: Vec<&str> = pools.iter().map(|q| q.name.as_str()).collect();
+                    if !defaults.pool_names.contains(s.get_ref()) {
+                        let known = &defaults.pool_names;
                         cx.err_at(
                             s.span(),
                             format!(
@@ -1164,18 +1380,13 @@ pub fn load_policies(
                         }
                     }
                 }
-                None => routes.extend_from_slice(internal),
+                None => routes.extend_from_slice(&defaults.routes),
             }
             let mut inbound = Vec::new();
             match &p.inbound {
                 None => {
-                    for n in internal {
-                        inbound.push(crate::core::conntrack::InboundRule {
-                            from: *n,
-                            proto: None,
-                            ports: None,
-                        });
-                    }
+                    inbound = defaults.inbound();
+                    default_inbound.push(name.clone());
                 }
                 Some(list) => {
                     for r in list {
@@ -1238,29 +1449,27 @@ pub fn load_policies(
         return Err(ConfigErrors(errors));
     }
     if policies.is_empty() {
+        let name = "built-in default".to_string();
+        default_inbound.push(name.clone());
         policies.push(Policy {
-            name: "built-in default".into(),
+            name,
             matches: vec![GroupMatch::Any],
             pool: default_pool,
             client_to_client: d.client_to_client,
-            routes: internal.to_vec(),
+            routes: defaults.routes.clone(),
             max_sessions_per_user: d.max_sessions_per_user,
             idle_timeout: d.idle_timeout,
             session_timeout: d.session_timeout,
             reconnect_window: d.reconnect_window,
-            inbound: internal
-                .iter()
-                .map(|n| crate::core::conntrack::InboundRule {
-                    from: *n,
-                    proto: None,
-                    ports: None,
-                })
-                .collect(),
+            inbound: defaults.inbound(),
             derived: vec![],
             nat: false,
         });
     }
-    Ok(PolicySet::new(policies))
+    Ok(LoadedPolicies {
+        set: PolicySet::new(policies),
+        default_inbound,
+    })
 }
 
 #[cfg(test)]
@@ -1396,5 +1605,274 @@ mod tests {
             "{s}"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A config file and one policy file in a fresh directory; the errors
+    /// as "FILE:LINE: message" with the directory left out.
+    struct Fixture {
+        dir: PathBuf,
+    }
+
+    impl Fixture {
+        fn new(tag: &str, config: &str, policy: &str) -> Fixture {
+            let dir =
+                std::env::temp_dir().join(format!("intragate-cfg-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(dir.join("policies")).expect("mkdir");
+            std::fs::write(dir.join("intragate.toml"), config).expect("write");
+            if !policy.is_empty() {
+                std::fs::write(dir.join("policies/10-p.toml"), policy).expect("write");
+            }
+            Fixture { dir }
+        }
+
+        fn load(&self, host: &[HostNetwork]) -> Result<Config, ConfigErrors> {
+            Config::load_on_host(
+                Some(&self.dir.join("intragate.toml")),
+                &Overrides::default(),
+                host,
+            )
+        }
+
+        fn errors(&self) -> Vec<String> {
+            let e = self.load(&[]).expect_err("errors expected");
+            let prefix = format!("{}/", self.dir.display());
+            e.0.iter()
+                .map(|e| e.to_string().replace(&prefix, ""))
+                .collect()
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    const STAFF_POLICY: &str =
+        "[[policy]]\nname = \"staff\"\ngroups = [\"staff\"]\npool = \"staff\"\n";
+
+    #[test]
+    fn a_bad_pool_cidr_is_one_error_not_also_an_unknown_pool() {
+        // Before: also "10-p.toml:4: policy 'staff': unknown pool 'staff'
+        // (configured pools: default)".
+        let f = Fixture::new(
+            "pool33",
+            "[[pool]]\nname = \"staff\"\ncidr = \"198.18.0.0/33\"\n",
+            STAFF_POLICY,
+        );
+        assert_eq!(
+            f.errors(),
+            ["intragate.toml:3: pool.cidr: '198.18.0.0/33' is not a CIDR (invalid address: 198.18.0.0/33)"]
+        );
+    }
+
+    #[test]
+    fn an_overlapping_pool_is_one_error_not_also_an_unknown_pool() {
+        let f = Fixture::new(
+            "pooloverlap",
+            "[[pool]]\nname = \"a\"\ncidr = \"198.18.0.0/24\"\n[[pool]]\nname = \"staff\"\ncidr = \"198.18.0.128/25\"\n",
+            STAFF_POLICY,
+        );
+        assert_eq!(
+            f.errors(),
+            ["intragate.toml:6: pool 'staff' overlaps pool 'a'"]
+        );
+        // A pool that really is missing is still reported, with the
+        // configured names (those with errors included).
+        let f = Fixture::new(
+            "poolmissing",
+            "[[pool]]\nname = \"a\"\ncidr = \"198.18.0.0/33\"\n",
+            STAFF_POLICY,
+        );
+        assert_eq!(
+            f.errors(),
+            [
+                "intragate.toml:3: pool.cidr: '198.18.0.0/33' is not a CIDR (invalid address: 198.18.0.0/33)",
+                "policies/10-p.toml:4: policy 'staff': unknown pool 'staff' (configured pools: a)",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_inbound_protocol_is_reported_once() {
+        let f = Fixture::new(
+            "badproto",
+            "[[pool]]\nname = \"staff\"\ncidr = \"198.18.0.0/33\"\n",
+            "[[policy]]\nname = \"staff\"\ngroups = [\"staff\"]\npool = \"staff\"\n\
+             inbound = [{ from = \"198.18.1.0/24\", proto = \"rdp\", ports = \"3389\" }]\n",
+        );
+        assert_eq!(
+            f.errors(),
+            [
+                "intragate.toml:3: pool.cidr: '198.18.0.0/33' is not a CIDR (invalid address: 198.18.0.0/33)",
+                "policies/10-p.toml:5: policy 'staff': inbound: protocol 'rdp': use tcp, udp or icmp",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_nat_address_or_dns_ttl_does_not_cascade() {
+        // Before: also "spillover NAT is used ... but there is no NAT address".
+        let f = Fixture::new(
+            "badnat",
+            "[nat]\naddress = \"nope\"\n[[pool]]\nname = \"staff\"\ncidr = \"198.18.0.0/30\"\nmode = \"spillover\"\n",
+            "",
+        );
+        assert_eq!(
+            f.errors(),
+            ["intragate.toml:2: nat.address: 'nope' is not an IP address"]
+        );
+        // Before: also "quarantine (300 s) must be at least the DNS TTL (100000 s)".
+        let f = Fixture::new(
+            "badttl",
+            "[dns]\nttl = 100000\n[[pool]]\nname = \"staff\"\ncidr = \"198.18.0.0/24\"\nquarantine = 300\n",
+            "",
+        );
+        assert_eq!(
+            f.errors(),
+            ["intragate.toml:2: dns.ttl: 100000 is outside 1..=86400"]
+        );
+    }
+
+    fn host() -> Vec<HostNetwork> {
+        let h = |i: &str, a: &str, lo: bool, p2p: bool| HostNetwork {
+            interface: i.into(),
+            address: a.parse().expect("cidr"),
+            loopback: lo,
+            point_to_point: p2p,
+        };
+        vec![
+            h("lo", "127.0.0.1/8", true, false),
+            h("eth0", "198.18.1.1/24", false, false),
+            h("eth0", "fe80::1/64", false, false),
+            h("eth1", "fd00:18::1/64", false, false),
+            h("intragate0", "198.18.128.1/20", false, true),
+            h("wg0", "10.8.0.1/24", false, true),
+        ]
+    }
+
+    fn inbound_from(p: &Policy) -> Vec<String> {
+        p.inbound.iter().map(|r| r.from.to_string()).collect()
+    }
+
+    #[test]
+    fn without_internal_inbound_defaults_to_the_attached_networks() {
+        let c = Config::from_str_on_host(
+            Path::new("/nonexistent/intragate.toml"),
+            "",
+            true,
+            &Overrides::default(),
+            &host(),
+        )
+        .expect("config");
+        assert!(c.lan_is_attached);
+        let lan: Vec<String> = c.lan.iter().map(ToString::to_string).collect();
+        assert_eq!(lan, ["198.18.1.0/24", "fd00:18::/64"]);
+        let p = &c.policies.policies()[0];
+        assert_eq!(inbound_from(p), lan);
+        assert!(p
+            .inbound
+            .iter()
+            .all(|r| r.proto.is_none() && r.ports.is_none()));
+        // Routes stay a full tunnel.
+        assert!(p.routes.is_empty());
+        assert_eq!(c.default_inbound_policies, ["built-in default"]);
+        let w = c.internal_empty_warning().expect("warning");
+        assert!(w.contains("[network] internal"), "{w}");
+        let s = c.default_inbound_summary().expect("summary");
+        assert!(s.contains("198.18.1.0/24, fd00:18::/64"), "{s}");
+        // Without interfaces (as `Config::load`): nothing inbound.
+        let c = parse("").expect("config");
+        assert!(c.policies.policies()[0].inbound.is_empty());
+    }
+
+    #[test]
+    fn internal_and_explicit_inbound_win_over_the_attached_networks() {
+        let f = Fixture::new(
+            "inbound",
+            "[network]\ninternal = [\"198.18.5.0/24\"]\n",
+            "[[policy]]\nname = \"none\"\ngroups = [\"guests\"]\ninbound = []\n\
+             [[policy]]\nname = \"rdp\"\ngroups = [\"helpdesk\"]\n\
+             inbound = [{ from = \"198.18.9.0/24\", proto = \"tcp\", ports = \"3389\" }]\n\
+             [[policy]]\nname = \"rest\"\ngroups = [\"*\"]\n",
+        );
+        let c = f.load(&host()).expect("config");
+        assert!(!c.lan_is_attached);
+        assert!(c.internal_empty_warning().is_none());
+        let by = |n: &str| {
+            c.policies
+                .policies()
+                .iter()
+                .find(|p| p.name == n)
+                .map(inbound_from)
+                .expect("policy")
+        };
+        assert!(by("none").is_empty());
+        assert_eq!(by("rdp"), ["198.18.9.0/24"]);
+        assert_eq!(by("rest"), ["198.18.5.0/24"]);
+        assert_eq!(c.default_inbound_policies, ["rest"]);
+        // Without internal: the explicit ones are still unchanged.
+        std::fs::write(f.dir.join("intragate.toml"), "").expect("write");
+        let c = f.load(&host()).expect("config");
+        let rest = &c.policies.policies()[2];
+        assert_eq!(inbound_from(rest), ["198.18.1.0/24", "fd00:18::/64"]);
+        assert!(c.policies.policies()[0].inbound.is_empty());
+        assert_eq!(inbound_from(&c.policies.policies()[1]), ["198.18.9.0/24"]);
+    }
+
+    #[test]
+    fn pools_overlapping_internal_or_attached_networks_are_warned_about() {
+        let pool = |name: &str, cidr: &str| PoolSpec {
+            name: name.into(),
+            cidr: cidr.parse().expect("cidr"),
+            quarantine: DEFAULT_QUARANTINE,
+            exclude: vec![],
+            spillover: false,
+        };
+        let pools = [
+            pool("a", "198.18.64.0/24"),
+            pool("b", "198.18.1.128/25"),
+            pool("c", "198.18.96.0/24"),
+        ];
+        let internal: Vec<IpNetwork> = vec!["198.18.64.0/18".parse().expect("cidr")];
+        let attached: Vec<(&str, IpNetwork)> = vec![
+            ("eth0", "198.18.1.0/24".parse().expect("cidr")),
+            ("eth1", "198.18.1.0/24".parse().expect("cidr")),
+            ("eth2", "198.18.200.0/24".parse().expect("cidr")),
+        ];
+        let w = pool_overlap_warnings(&pools, &internal, &attached);
+        assert_eq!(w.len(), 3, "{w:#?}");
+        assert!(
+            w[0].starts_with(
+                "pool 'a' (198.18.64.0/24) overlaps the internal network 198.18.64.0/18"
+            ),
+            "{}",
+            w[0]
+        );
+        assert!(w[1].starts_with("pool 'b' (198.18.1.128/25) overlaps 198.18.1.0/24, the network of this host's interface eth0"), "{}", w[1]);
+        assert!(
+            w[2].starts_with("pool 'c' (198.18.96.0/24) overlaps the internal network"),
+            "{}",
+            w[2]
+        );
+        assert!(pool_overlap_warnings(&pools[..1], &[], &attached).is_empty());
+        // Through the config: the gateway's own TUN device is not "attached".
+        let c = Config::from_str_on_host(
+            Path::new("/x/intragate.toml"),
+            "[[pool]]\nname = \"p\"\ncidr = \"198.18.1.0/24\"\n",
+            true,
+            &Overrides::default(),
+            &host(),
+        )
+        .expect("config");
+        let w = c.warnings();
+        assert_eq!(w.len(), 1, "{w:#?}");
+        assert!(w[0].contains("interface eth0"), "{}", w[0]);
+        // ... and a pool on an attached network is not an inbound source.
+        assert_eq!(
+            c.lan.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            ["fd00:18::/64"]
+        );
     }
 }

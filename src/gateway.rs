@@ -25,6 +25,7 @@ use crate::config::Config;
 use crate::core::bans::BanTable;
 use crate::core::conntrack::{FlowBudget, InboundRule, SessionFlows, TrackConfig, UserCtx};
 use crate::core::expect::DerivedRule;
+use crate::core::log_limit::{LogVerdict, PairLogLimit};
 use crate::core::nat::{NatOwner, NatPortTable, NatPorts, NatPortsConfig};
 use crate::core::pool::{PoolConfig, PoolSnapshot};
 use crate::core::route::DropReason;
@@ -223,6 +224,9 @@ pub struct Shared {
     pub users_error: Mutex<Option<String>>,
     /// The DNS handler (kept to reload zones), once the server runs.
     pub dns: std::sync::OnceLock<crate::dns::IntragateDns<SessionRecords>>,
+    /// Refused inbound connections are logged once per (source,
+    /// destination) pair per minute (taken only on that drop path).
+    pub inbound_denied_log: Mutex<PairLogLimit>,
 }
 
 /// The NAT port table behind its lock, locked per call (conntrack calls it
@@ -566,9 +570,12 @@ impl Shared {
     /// `reload` answer and the log; a file that does not load changes
     /// nothing and says why.
     pub fn reload(&self) -> Result<serde_json::Value, String> {
-        let fresh = Config::load(
+        // The interfaces as discovered at start: a reload changes policies,
+        // not what "attached" means.
+        let fresh = Config::load_on_host(
             self.config.source.as_deref(),
             &crate::config::Overrides::default(),
+            &self.config.host_networks,
         )
         .map_err(|e| e.to_string())?;
         let pools_now: Vec<_> = self
@@ -675,6 +682,49 @@ impl Shared {
             Err(TrySendError::Full(_)) => self.stats.drop(DropReason::BufferOverflow),
             Err(TrySendError::Closed(_)) => self.stats.drop(DropReason::NoSession),
         }
+    }
+
+    /// A new connection from the internal network to `user_addr` that no
+    /// inbound rule of the session's policy accepts: logged at INFO once
+    /// per (source, destination) pair per minute (the counter
+    /// `drops.inbound_denied` counts every packet).
+    pub fn log_inbound_denied(
+        &self,
+        info: &crate::wire::ip::IpInfo,
+        user_addr: IpAddr,
+        port: &Port,
+        policy: &str,
+    ) {
+        let verdict = self
+            .inbound_denied_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(info.src, user_addr, Instant::now());
+        let LogVerdict::Log { suppressed } = verdict else {
+            return;
+        };
+        let user = self.core().session(port.id).map(|s| s.user.clone());
+        let proto = match info.protocol {
+            6 => "tcp",
+            17 => "udp",
+            1 | 58 => "icmp",
+            _ => "other",
+        };
+        let dport = info.ports.map(|(_, d)| d);
+        let icmp_type = info.icmp.map(|(ty, _, _)| ty);
+        info!(
+            from = %info.src,
+            to = %user_addr,
+            user = user.as_deref().unwrap_or("?"),
+            session = %port.id,
+            policy,
+            proto,
+            port = dport,
+            icmp_type,
+            not_logged_before = (suppressed > 0).then_some(suppressed),
+            "inbound connection refused: no inbound rule of policy '{policy}' accepts it \
+             (logged once per source and destination per minute)"
+        );
     }
 
     /// Expire idle flows and expectations; log what the FTP ALG refused.
@@ -853,6 +903,7 @@ impl Shared {
             dns: std::sync::OnceLock::new(),
             accounts_checked: AtomicU64::new(0),
             users_error: Mutex::new(None),
+            inbound_denied_log: Mutex::new(PairLogLimit::default()),
             config,
         })
     }
@@ -1193,7 +1244,8 @@ fn start_dns(
     }
     let pools: Vec<IpNetwork> = cfg.pools.iter().map(|p| p.cidr).collect();
     let mut allowed = pools.clone();
-    allowed.extend(cfg.internal.iter().copied());
+    // The internal side (`[network] internal`, else the attached networks).
+    allowed.extend(cfg.lan.iter().copied());
     allowed.extend(cfg.dns_server.allowed_clients.iter().copied());
     allowed.extend(
         ["127.0.0.0/8", "::1/128"]
@@ -1319,6 +1371,21 @@ fn prepare_state_dir(config: &Config) -> Result<(), RunError> {
     Ok(())
 }
 
+/// Say once at start what the defaults mean here: the warning when
+/// `[network] internal` is empty, where inbound connections are accepted
+/// from, and pools overlapping the host's networks.
+fn log_network_defaults(config: &Config) {
+    if let Some(w) = config.internal_empty_warning() {
+        warn!("{w}");
+    }
+    if let Some(line) = config.default_inbound_summary() {
+        info!("{line}");
+    }
+    for w in config.warnings() {
+        warn!("{w}");
+    }
+}
+
 /// Run the gateway until `shutdown` completes, with `opts`.
 pub async fn run_with(
     config: Config,
@@ -1339,6 +1406,7 @@ pub async fn run_with(
     if origin == crate::listener::Origin::Activated {
         info!("listening on the socket passed by the service manager (socket activation)");
     }
+    log_network_defaults(&config);
     prepare_state_dir(&config)?;
     let names = vec![format!("gateway.{}", config.domain), config.domain.clone()];
     let mut identity = crate::tls::load_or_generate(

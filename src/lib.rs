@@ -12,6 +12,7 @@ pub mod dns;
 pub mod fdlimit;
 pub mod gateway;
 pub mod listener;
+pub mod netif;
 pub mod plugin;
 pub mod state;
 pub mod stats;

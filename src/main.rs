@@ -312,6 +312,16 @@ fn env_overrides() -> Overrides {
     }
 }
 
+/// This host's interface addresses, for the defaults that depend on them
+/// (with `[network] internal` empty, inbound is accepted from the attached
+/// networks). A failure leaves the list empty, said once.
+fn host_networks() -> Vec<intragate::netif::HostNetwork> {
+    intragate::netif::discover().unwrap_or_else(|e| {
+        eprintln!("intragate: cannot list this host's network interfaces: {e}");
+        Vec::new()
+    })
+}
+
 fn load(cli: &Option<PathBuf>, ov: &Overrides) -> Result<Config> {
     let path = config_path(cli);
     Config::load(path.as_deref(), ov).map_err(|e| anyhow::anyhow!("{e}"))
@@ -400,7 +410,9 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 pool,
                 state_dir,
             };
-            let config = load(&cli.config, &ov)?;
+            let path = config_path(&cli.config);
+            let config = Config::load_on_host(path.as_deref(), &ov, &host_networks())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
@@ -415,7 +427,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
         }
         Cmd::Check => {
             let path = config_path(&cli.config);
-            match Config::load(path.as_deref(), &env_overrides()) {
+            match Config::load_on_host(path.as_deref(), &env_overrides(), &host_networks()) {
                 Ok(c) => {
                     println!(
                         "{}: OK ({} pool(s), {} polic{}, users file {})",
@@ -430,6 +442,13 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         },
                         c.users_file.display()
                     );
+                    // Warnings do not fail the check: the config works as written.
+                    for w in c.internal_empty_warning().into_iter().chain(c.warnings()) {
+                        eprintln!("warning: {w}");
+                    }
+                    if let Some(line) = c.default_inbound_summary() {
+                        println!("{line}");
+                    }
                     if let Err(e) = intragate::users::read(&c.users_file) {
                         eprintln!("{e}");
                         return Ok(ExitCode::from(1));

@@ -10,6 +10,7 @@ pub mod bans;
 pub mod conntrack;
 pub mod dns_records;
 pub mod expect;
+pub mod log_limit;
 pub mod nat;
 pub mod policy;
 pub mod pool;

@@ -197,7 +197,10 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         }
         // Rare (the FTP ALG changed the length): one copy.
         Ok(Outcome::ForwardScratch) => shared.deliver(&port, Bytes::copy_from_slice(scratch)),
-        Err(NatDrop::InboundDenied) => shared.stats.drop(DropReason::InboundDenied),
+        Err(NatDrop::InboundDenied) => {
+            shared.stats.drop(DropReason::InboundDenied);
+            shared.log_inbound_denied(&info, user_addr, &port, &rules.policy);
+        }
         Err(d) => shared.stats.nat_drop(d),
     }
 }

@@ -607,6 +607,17 @@ impl Conn {
                 // through the tunnel too.
                 split.push(p);
             }
+            if policy.client_to_client {
+                // Users in the other pools too: the gateway forwards
+                // between sessions whatever their pool (`route::from_user`),
+                // the client needs the routes (of its own address family:
+                // its packets carry its one address as the source).
+                for q in &cfg.pools {
+                    if q.cidr.is_ipv4() == addr.is_ipv4() && !split.contains(&q.cidr) {
+                        split.push(q.cidr);
+                    }
+                }
+            }
             if behind_nat {
                 if let Some(g) = gateway_addr {
                     split.push(IpNetwork::from(g));
