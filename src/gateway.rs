@@ -1437,7 +1437,7 @@ pub async fn run_with(
         let days = (crate::tls::not_after_unix(leaf)? - unix_now_i64()) / 86_400;
         info!(
             valid_days = days,
-            "the generated certificate is renewed automatically {} days before its end (the pin then changes)",
+            "this self-signed certificate is renewed automatically {} days before its end (the pin then changes)",
             crate::tls::RENEW_BEFORE_DAYS
         );
     }
