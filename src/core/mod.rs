@@ -13,5 +13,6 @@ pub mod expect;
 pub mod nat;
 pub mod policy;
 pub mod pool;
+pub mod replay;
 pub mod route;
 pub mod session;
