@@ -5,7 +5,7 @@
 //! path (logon, CONNECT, timers), never across `.await` and never per packet.
 //! The packet path reads only `routes` (a sharded `DashMap`) and atomics.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -39,15 +39,18 @@ use crate::users::UserDb;
 ///
 /// The queue lives as long as the session, not the tunnel: while the tunnel
 /// is down, packets for the user wait in it (bounded; overflow is dropped
-/// and counted) and are delivered in order when the client reconnects.
+/// and counted) and are delivered in order when the client reconnects,
+/// after what the previous tunnel wrote and the client's TCP never
+/// acknowledged ([`UserQueue::first`]).
 #[derive(Debug)]
 pub struct Port {
     /// Session.
     pub id: SessionId,
     /// Packets toward the user.
     pub tx: mpsc::Sender<Bytes>,
-    /// The queue's receiving end, held by the live tunnel's writer.
-    pub rx: Arc<tokio::sync::Mutex<mpsc::Receiver<Bytes>>>,
+    /// The queue's receiving end and the packets that go out before it,
+    /// held (locked) by the live tunnel for its lifetime.
+    pub queue: Arc<tokio::sync::Mutex<UserQueue>>,
     /// The session's policy rules, swapped in place when the policy that
     /// applies changes (reload, groups changed).
     pub rules: ArcSwap<PortRules>,
@@ -55,10 +58,6 @@ pub struct Port {
     pub up: AtomicBool,
     /// Last traffic from the user, in ms since `Shared::epoch` (0 = none).
     pub activity: AtomicU64,
-    /// A packet taken from the queue while the client was silent: it goes
-    /// out before anything else when the path is confirmed (possibly by the
-    /// next tunnel of the session).
-    pub held: std::sync::Mutex<Option<Bytes>>,
     /// The session's tracked connections (its own lock: no global lock on
     /// the packet path).
     pub flows: std::sync::Mutex<SessionFlows>,
@@ -81,26 +80,21 @@ pub struct PortRules {
     pub derived: Vec<DerivedRule>,
 }
 
+/// The session's packets toward the user, owned by whichever tunnel holds
+/// the lock (one at a time: a new tunnel of the session waits until the
+/// previous one has given its unacknowledged packets back).
+#[derive(Debug)]
+pub struct UserQueue {
+    /// Packets that go out before the queue, oldest first: those an ended
+    /// tunnel of the session wrote and the client's TCP had not
+    /// acknowledged (DESIGN.md §5), then one taken from the queue while the
+    /// client was silent (held until the path is confirmed).
+    pub first: VecDeque<Bytes>,
+    /// The queue (bounded by `buffer_packets`).
+    pub rx: mpsc::Receiver<Bytes>,
+}
+
 impl Port {
-    fn held_slot(&self) -> std::sync::MutexGuard<'_, Option<Bytes>> {
-        self.held.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Take the held packet, if any.
-    pub fn take_held(&self) -> Option<Bytes> {
-        self.held_slot().take()
-    }
-
-    /// Hold a packet (there is room for one; the queue holds the rest).
-    pub fn hold(&self, pkt: Bytes) {
-        *self.held_slot() = Some(pkt);
-    }
-
-    /// Is a packet held?
-    pub fn has_held(&self) -> bool {
-        self.held_slot().is_some()
-    }
-
     /// The session's flow table.
     pub fn flows(&self) -> MutexGuard<'_, SessionFlows> {
         self.flows.lock().unwrap_or_else(|p| p.into_inner())
@@ -324,7 +318,10 @@ impl Shared {
                     let port = Port {
                         id: *id,
                         tx,
-                        rx: Arc::new(tokio::sync::Mutex::new(rx)),
+                        queue: Arc::new(tokio::sync::Mutex::new(UserQueue {
+                            first: VecDeque::new(),
+                            rx,
+                        })),
                         rules: ArcSwap::from_pointee(PortRules {
                             policy: policy.clone(),
                             // Users behind NAT are reachable by nobody, other
@@ -336,7 +333,6 @@ impl Shared {
                         }),
                         up: AtomicBool::new(false),
                         activity: AtomicU64::new(0),
-                        held: std::sync::Mutex::new(None),
                         flows: std::sync::Mutex::new(SessionFlows::new(
                             *id,
                             track,

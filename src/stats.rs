@@ -104,6 +104,9 @@ pub struct Stats {
     pub transfers: AtomicU64,
     /// Tunnels that resumed an existing session (reconnects).
     pub reconnects: AtomicU64,
+    /// Packets an ended tunnel had written and the client's TCP had not
+    /// acknowledged, put back to go first on the session's next tunnel.
+    pub replayed: AtomicU64,
     /// Sessions disconnected on request (resumable).
     pub disconnects: AtomicU64,
     /// Sessions whose policy changed in place (reload, groups changed).
@@ -225,6 +228,7 @@ impl Stats {
             "closed": closed,
             "transfers": self.transfers.load(Relaxed),
             "reconnects": self.reconnects.load(Relaxed),
+            "replayed": self.replayed.load(Relaxed),
             "disconnects": self.disconnects.load(Relaxed),
             "reevaluations": self.reevaluations.load(Relaxed),
             "refused": refused,

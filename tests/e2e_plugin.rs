@@ -1009,3 +1009,107 @@ fn plugin_bulk_tcp_intact_and_coalesced() {
         panic!("{e}\n{}", p.log());
     }
 }
+
+/// Issue 13 §2 with the plug-in: the internal host streams 100 numbered
+/// datagrams, 20 ms apart, to bob's intranet IP; his link is cut after the
+/// first 10 arrive and restored after `cut`; then his plug-in's connection
+/// is killed (`ss -K`, as when the device's network changes), so it
+/// reconnects with its cookie at once. All 100 arrive, in order (a
+/// duplicate at the boundary is allowed, a gap is not).
+fn plugin_stream_across_cut(cut: Duration, port: &str) {
+    let (dir, topo, gw) = setup(&[("bob", PW_BOB)]);
+    let ns = topo.user(0).to_string();
+    let mut p = Plugin::start(
+        &ns,
+        &topo.url(),
+        &gw.pin,
+        &dir.path,
+        opts("bob", PW_BOB, "igp2", &[]),
+    );
+    let st = p
+        .wait_up(20 * S)
+        .unwrap_or_else(|e| panic!("{e}\n--- gateway ---\n{}", gw.log()));
+    let addr = Plugin::address(&st);
+    let i = topo.internal.name.as_str();
+    let listener = start_server(
+        &ns,
+        &dir.path,
+        &format!("udp{port}"),
+        &["udp-serve", &addr, port, "90"],
+    );
+    let o = probe(
+        i,
+        &dir.path,
+        &["udp-send", &addr, port, "warmup", "10"],
+        15 * S,
+    );
+    assert!(o.ok(), "internal -> bob UDP before the cut: {o}");
+
+    let mut stream = start_udp_stream(i, &dir.path, &addr, port, 100, "seq", 20);
+    let seqs = || stream_seqs(&listener.log_text(), "seq");
+    assert!(
+        wait_until(10 * S, || seqs().len() >= 10),
+        "the stream does not reach bob: {:?}",
+        seqs()
+    );
+    topo.cut_link(0);
+    let t_cut = Instant::now();
+    std::thread::sleep(cut);
+    topo.restore_link(0);
+    let filter = format!("dst {LISTEN_IP} and dport = :{LISTEN_PORT}");
+    let k = ns_run(&ns, &["ss", "-K", "-t", &filter], 5 * S);
+    assert!(k.ok(), "ss -K: {k}");
+    let back = wait_until(30 * S, || {
+        p.status()
+            .is_some_and(|s| s["state"] == "connected" && s["reconnects"].as_u64() >= Some(1))
+    });
+    let all = wait_until(20 * S, || distinct_seqs(&seqs()) >= 100);
+    let _ = stream.wait_exit(10 * S);
+    std::thread::sleep(S);
+    let got = seqs();
+    let verdict = judge_stream(&got, 100);
+    let stats = gw.stats().unwrap_or_default();
+    eprintln!(
+        "cut {cut:?}: {} arrived ({} distinct) {:?} after the cut; verdict {verdict:?}; \
+         replayed by the gateway: {}",
+        got.len(),
+        distinct_seqs(&got),
+        t_cut.elapsed(),
+        stats["replayed"]
+    );
+    assert!(
+        back && all && verdict.is_ok(),
+        "reconnected: {back}; {verdict:?}\narrivals: {got:?}\nstats: {stats}\n\
+         --- plug-in ---\n{}\n--- gateway ---\n{}",
+        tail(&p.log(), 3000),
+        tail(&gw.log(), 5000)
+    );
+    assert_eq!(
+        stats["drops"]["buffer_overflow"].as_u64(),
+        Some(0),
+        "{stats}"
+    );
+    assert_eq!(Plugin::address(&p.status().unwrap()), addr);
+    let st = p.logoff(10 * S);
+    assert!(st.is_some_and(|s| s.success()), "exit {st:?}\n{}", p.log());
+}
+
+/// Issue 13 §2, (a): a brief cut (0.3 s, the gateway never saw 1.5 s of
+/// silence) and an immediate reconnect.
+#[test]
+fn plugin_stream_survives_a_brief_cut() {
+    if !e2e_enabled() {
+        return;
+    }
+    plugin_stream_across_cut(Duration::from_millis(300), "7204");
+}
+
+/// Issue 13 §2, (b): a 3 s cut (past the gateway's 1.5 s hold after
+/// silence), then an immediate reconnect.
+#[test]
+fn plugin_stream_survives_a_cut_past_the_silence_hold() {
+    if !e2e_enabled() {
+        return;
+    }
+    plugin_stream_across_cut(3 * S, "7205");
+}

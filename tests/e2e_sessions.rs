@@ -963,3 +963,137 @@ fn buffered_udp_survive_a_dead_old_connection() {
     );
     assert_eq!(stat(&gw, "/drops/buffer_overflow"), 0);
 }
+
+/// How the stream of issue 13 §2 crosses the cut of alice's link.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// Link back after 0.3 s and an immediate reconnect: the gateway never
+    /// saw 1.5 s of silence and wrote everything into the dead connection.
+    Brief,
+    /// Link back after 3 s: the gateway wrote into the dead connection
+    /// until 1.5 s of silence, then held the rest.
+    PastTheHold,
+}
+
+impl Cut {
+    fn length(self) -> Duration {
+        match self {
+            Cut::Brief => Duration::from_millis(300),
+            Cut::PastTheHold => 3 * S,
+        }
+    }
+}
+
+/// Issue 13 §2 (session reliability loses nothing under the buffer limit):
+/// the internal host streams 100 numbered datagrams, 20 ms apart, to
+/// alice's intranet IP; her link is cut after the first 10 arrive; when it
+/// is back her openconnect reconnects at once (SIGUSR2). All 100 arrive, in
+/// order (a duplicate at the boundary is allowed, a gap is not): what the
+/// gateway wrote into the dead connection and her TCP never acknowledged is
+/// sent again on the new tunnel, before what was held.
+///
+/// IPv6 is on in alice's namespace (her kernel's router solicitations and
+/// MLD reports go into the tunnel as link-local DATA frames), and link-local
+/// pings go into the tunnel during the cut: they must not pass for signs
+/// of life (unit test: `core::replay::tests::signs_of_life`).
+fn stream_across_cut(cut: Cut, port: &str) {
+    // keepalive = 1, and alice's echoes of the stream are user traffic: the
+    // gateway hears her all the time before the cut.
+    let (dir, topo, gw) = setup(1, "keepalive = 1\n");
+    let (mut a, ta) = up(&topo, 0, &gw, &dir, "devA", &[]);
+    let ns = topo.user(0);
+    let v6 = ns_run(
+        ns,
+        &["sysctl", "-n", "net.ipv6.conf.oc0.disable_ipv6"],
+        5 * S,
+    );
+    assert_eq!(v6.stdout.trim(), "0", "IPv6 should be on on oc0: {v6}");
+    let addr = ta.addr.to_string();
+    let i = topo.internal.name.as_str();
+    let listener = start_server(
+        ns,
+        &dir.path,
+        &format!("udp{port}"),
+        &["udp-serve", &addr, port, "90"],
+    );
+    let o = probe(
+        i,
+        &dir.path,
+        &["udp-send", &addr, port, "warmup", "10"],
+        15 * S,
+    );
+    assert!(o.ok(), "internal -> alice UDP before the cut: {o}");
+
+    let mut stream = start_udp_stream(i, &dir.path, &addr, port, 100, "seq", 20);
+    let seqs = || stream_seqs(&listener.log_text(), "seq");
+    assert!(
+        wait_until(10 * S, || seqs().len() >= 10),
+        "the stream does not reach alice: {:?}\n{}",
+        seqs(),
+        stream.log_text()
+    );
+    topo.cut_link(0);
+    let t_cut = Instant::now();
+    let before = seqs().len();
+    let _chatter = Proc::spawn_in(
+        ns,
+        "ping6-link-local",
+        &["ping", "-6", "-n", "-c", "3", "-i", "0.1", "ff02::2%oc0"],
+        dir.path.join(format!("ping6-{port}.log")),
+    );
+    std::thread::sleep(cut.length());
+    topo.restore_link(0);
+    a.proc.signal(libc::SIGUSR2);
+    let back = wait_until(25 * S, || a.count_reason("reconnect") >= 1);
+    let all = wait_until(20 * S, || distinct_seqs(&seqs()) >= 100);
+    let _ = stream.wait_exit(10 * S);
+    // Late duplicates, if any.
+    std::thread::sleep(S);
+    let got = seqs();
+    let verdict = judge_stream(&got, 100);
+    eprintln!(
+        "{cut:?}: {before} datagrams before the cut, link back after {:?}; \
+         {} arrived ({} distinct) {:?} after the cut; verdict {verdict:?}; \
+         replayed by the gateway: {}",
+        cut.length(),
+        got.len(),
+        distinct_seqs(&got),
+        t_cut.elapsed(),
+        stat(&gw, "/replayed")
+    );
+    assert!(
+        back && all && verdict.is_ok(),
+        "reconnected: {back}; {verdict:?}\narrivals: {got:?}\n\
+         stats: {}\n--- client ---\n{}\n--- gateway ---\n{}",
+        gw.stats().map(|v| v.to_string()).unwrap_or_default(),
+        tail(&a.log(), 3000),
+        tail(&gw.log(), 5000)
+    );
+    assert_eq!(stat(&gw, "/drops/buffer_overflow"), 0);
+    assert!(a.proc.exited().is_none(), "alice's client exited");
+    let list = gw.sessions();
+    assert!(
+        list.len() == 1 && s(&list[0], "address") == addr && s(&list[0], "state") == "active",
+        "{list:#?}"
+    );
+}
+
+/// Issue 13 §2, (a): a brief cut and an immediate reconnect (no 1.5 s of
+/// silence: the gateway never held anything).
+#[test]
+fn stream_survives_a_brief_cut_and_immediate_reconnect() {
+    if !e2e_enabled() {
+        return;
+    }
+    stream_across_cut(Cut::Brief, "7102");
+}
+
+/// Issue 13 §2, (b): a cut longer than the 1.5 s silence after which the
+/// gateway holds packets.
+#[test]
+fn stream_survives_a_cut_past_the_silence_hold() {
+    if !e2e_enabled() {
+        return;
+    }
+    stream_across_cut(Cut::PastTheHold, "7103");
+}

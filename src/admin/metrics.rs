@@ -162,6 +162,12 @@ pub fn render(shared: &Shared) -> String {
     );
     counter(
         &mut out,
+        "intragate_replayed_packets_total",
+        "Packets a dropped tunnel had written and the client's TCP had not acknowledged, sent again first on the session's next tunnel.",
+        &s["replayed"],
+    );
+    counter(
+        &mut out,
         "intragate_tunnels_total",
         "Tunnels established.",
         &s["tunnels"],

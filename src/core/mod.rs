@@ -14,5 +14,6 @@ pub mod log_limit;
 pub mod nat;
 pub mod policy;
 pub mod pool;
+pub mod replay;
 pub mod route;
 pub mod session;

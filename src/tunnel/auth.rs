@@ -665,7 +665,9 @@ impl Conn {
         ]);
 
         // The session's port exists since logon; take over its queue (a
-        // previous tunnel of this session, if any, is ended first).
+        // previous tunnel of this session, if any, is ended first, and puts
+        // what its client's TCP did not acknowledge back at the queue's
+        // front before it lets go).
         let port = shared.routes.get(&addr).map(|p| p.value().clone());
         let Some(port) = port.filter(|p| p.id == id) else {
             return self.refuse("The session ended").await;
@@ -686,8 +688,11 @@ impl Conn {
             old.cancel.cancel();
             info!(session = %id, "a new tunnel replaces the previous one of this session");
         }
-        let rx = match tokio::time::timeout(Duration::from_secs(5), port.rx.clone().lock_owned())
-            .await
+        let queue = match tokio::time::timeout(
+            Duration::from_secs(5),
+            port.queue.clone().lock_owned(),
+        )
+        .await
         {
             Ok(g) => g,
             Err(_) => {
@@ -722,7 +727,7 @@ impl Conn {
             addr,
             generation,
             port,
-            rx,
+            queue,
             ctl_rx,
             cancel,
             mtu: usize::from(mtu),

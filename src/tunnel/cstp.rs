@@ -21,7 +21,15 @@
 //! Back-pressure: while rustls holds records the socket did not take, the
 //! queue is not read (it fills, and further packets are dropped and
 //! counted as `queue_full`).
+//!
+//! Session reliability (DESIGN.md §5): every packet written toward the user
+//! stays in a [`ReplayRing`] until the client confirms it (a DPD-RESP to a
+//! DPD-REQ sent after it: the client has read every record before the
+//! request). When the tunnel ends without a logoff, the unconfirmed packets
+//! go back to the front of the session's queue ([`UserQueue::first`]), so
+//! the next tunnel of the session sends them first, in order.
 
+use std::collections::VecDeque;
 use std::io::{Read as _, Write as _};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
@@ -38,9 +46,10 @@ use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::Stream;
 use crate::core::conntrack::{NatDrop, Outcome};
+use crate::core::replay::{shows_client_alive, ReplayRing};
 use crate::core::route::{self, DropReason, UserView, Verdict};
 use crate::core::session::{CloseReason, SessionId};
-use crate::gateway::{LockedNat, Port, Shared, TunnelCtl};
+use crate::gateway::{LockedNat, Port, Shared, TunnelCtl, UserQueue};
 use crate::tls::SyncTcp;
 use crate::wire::cstp::{self, FrameType, LOGOFF_CODE};
 
@@ -58,15 +67,17 @@ const READS_PER_WAKE: usize = 4;
 const TRIM_AFTER: Duration = Duration::from_secs(10);
 /// Deadline for DISCONNECT and close_notify when the gateway closes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
-/// Session reliability: when nothing has come from the client for this
-/// long, the path may be cut. Packets for the user are then held in the
-/// session's queue (not written into a connection that may be dead, where a
-/// reconnect would lose them) and the client is probed with DPD-REQ. Only a
-/// DPD-RESP to a probe sent during the hold releases them: bytes the
-/// client's kernel retransmits after the client gave the connection up
-/// prove nothing. A silent client costs one probe and one round trip of
-/// delay per interval; a cut loses at most what was written in the
-/// interval before it.
+/// Session reliability: when no sign of life (see
+/// [`shows_client_alive`]) has come from the client for this long, the path
+/// may be cut. Packets for the user are then held in the session's queue
+/// (not written into a connection that may be dead) and the client is
+/// probed with DPD-REQ. Only a DPD-RESP to a probe sent during the hold
+/// releases them: bytes the client's kernel retransmits after the client
+/// gave the connection up prove nothing. A silent client costs one probe
+/// and one round trip of delay. Correctness does not depend on it (what
+/// the client did not confirm is sent again, see the module doc); it keeps
+/// what a cut connection swallows, and a reconnect sends twice, short, and
+/// the replay ring under its cap.
 const HOLD_AFTER_SILENCE: Duration = Duration::from_millis(1500);
 
 /// Decode buffer growth step; a frame larger than what is left simply
@@ -82,8 +93,8 @@ pub(crate) struct TunnelStart {
     pub(crate) generation: u64,
     /// The session's port (queue toward the user, activity).
     pub(crate) port: Arc<Port>,
-    /// The port's receiver, held for the tunnel's lifetime.
-    pub(crate) rx: tokio::sync::OwnedMutexGuard<mpsc::Receiver<Bytes>>,
+    /// The port's queue, held for the tunnel's lifetime.
+    pub(crate) queue: tokio::sync::OwnedMutexGuard<UserQueue>,
     pub(crate) ctl_rx: mpsc::Receiver<TunnelCtl>,
     pub(crate) cancel: tokio_util::sync::CancellationToken,
     pub(crate) mtu: usize,
@@ -117,7 +128,7 @@ pub(crate) async fn run_tunnel(
         addr,
         generation,
         port,
-        mut rx,
+        mut queue,
         ctl_rx,
         cancel,
         mtu,
@@ -137,15 +148,23 @@ pub(crate) async fn run_tunnel(
         scratch: Vec::new(),
         last_rx: shared.now_ms(),
         last_rx_at: Instant::now(),
-        dpd_resp: 0,
+        alive: false,
+        probe_answered: None,
+        ring: ReplayRing::new(shared.config.buffer_packets),
     };
     let end = tokio::select! {
-        e = t.run(&mut rx, ctl_rx, &tun, dead_after) => e,
+        e = t.run(&mut queue, ctl_rx, &tun, dead_after) => e,
         _ = cancel.cancelled() => End::Closed,
     };
+    // Before the queue is let go (a new tunnel of the session waits for
+    // it): what the client did not confirm goes back to its front. A
+    // logoff closes the session: nothing to keep.
+    if !matches!(end, End::Logoff) {
+        t.give_back_unconfirmed(&mut queue);
+    }
     drop(t);
     port.up.store(false, Relaxed);
-    drop(rx);
+    drop(queue);
     let now = Instant::now();
     let current = {
         let mut t = shared.tunnel_table();
@@ -235,6 +254,17 @@ fn read_draining(tcp: &TcpStream, buf: &mut [u8], drained: &mut bool) -> std::io
     r
 }
 
+/// What became of one packet from the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Forwarded (TUN batch or another user's queue).
+    Forwarded,
+    /// Dropped as link-local chatter.
+    LinkLocal,
+    /// Dropped for another reason (counted).
+    Dropped,
+}
+
 /// Outcome of one socket read.
 enum Read {
     /// Bytes were read and fed to rustls; `true` if the client closed TLS.
@@ -263,17 +293,23 @@ struct Tunnel<'a> {
     queued: usize,
     /// Packets the FTP ALG rewrites to another length are built here.
     scratch: Vec<u8>,
-    /// When bytes last came from the client (ms since `Shared::epoch`).
+    /// When the client last showed a sign of life (ms since
+    /// `Shared::epoch`; see [`shows_client_alive`]): the hold after silence.
     last_rx: u64,
+    /// When bytes last came from the client: dead peer, trimming.
     last_rx_at: Instant,
-    /// When the last DPD-RESP came (ms since `Shared::epoch`).
-    dpd_resp: u64,
+    /// A sign of life was decoded since `last_rx` was last set.
+    alive: bool,
+    /// When the probe the client answered last was sent.
+    probe_answered: Option<Instant>,
+    /// Packets written toward the user and not yet confirmed by the client.
+    ring: ReplayRing<Bytes>,
 }
 
 impl Tunnel<'_> {
     async fn run(
         &mut self,
-        rx: &mut mpsc::Receiver<Bytes>,
+        q: &mut UserQueue,
         mut ctl: mpsc::Receiver<TunnelCtl>,
         tun: &AsyncDevice,
         dead_after: Duration,
@@ -282,39 +318,54 @@ impl Tunnel<'_> {
             return end;
         }
         let hold_ms = u64::try_from(HOLD_AFTER_SILENCE.as_millis()).unwrap_or(u64::MAX);
-        let mut holding = false;
-        // When the last probe of this hold was sent (0: none yet).
-        let mut probe_sent = 0u64;
-        // Dead peer and trimming share one timer that is re-armed only when
-        // it fires (not per wake-up: a timer per loop turn is a timer-wheel
-        // insert and removal per packet batch).
+        // Since when packets are held (None: not holding).
+        let mut holding: Option<Instant> = None;
+        // Dead peer, trimming and the next probe share one timer that is
+        // re-armed only when it fires (not per wake-up: a timer per loop turn
+        // is a timer-wheel insert and removal per packet batch), or brought
+        // forward when a probe falls due earlier.
         let housekeeping = tokio::time::sleep_until(self.next_housekeeping(dead_after).into());
         tokio::pin!(housekeeping);
         loop {
+            let now_at = Instant::now();
             let now = self.shared.now_ms();
             let silent = |now: u64, last_rx: u64| now.saturating_sub(last_rx) > hold_ms;
-            if !holding && silent(now, self.last_rx) && (self.port.has_held() || !rx.is_empty()) {
-                holding = true;
-                probe_sent = 0;
+            if holding.is_none()
+                && silent(now, self.last_rx)
+                && (!q.first.is_empty() || !q.rx.is_empty())
+            {
+                holding = Some(now_at);
             }
-            if holding && probe_sent > 0 && self.dpd_resp >= probe_sent {
-                holding = false;
-            }
-            if !holding {
-                if let Some(pkt) = self.port.take_held() {
-                    if let Err(end) = self.write_frame(FrameType::Data, &pkt) {
-                        self.port.hold(pkt);
-                        return end;
-                    }
+            // Released by the answer to a probe sent during the hold.
+            if let (Some(since), Some(sent)) = (holding, self.probe_answered) {
+                if sent >= since {
+                    holding = None;
                 }
-            } else if now.saturating_sub(probe_sent) > hold_ms {
-                probe_sent = now.max(1);
+            }
+            let probe = if holding.is_some() {
+                // One probe at a time: one sent before the hold is answered
+                // first, then another one goes out.
+                !self.ring.probe_outstanding()
+            } else {
+                if let Err(end) = self.write_first(&mut q.first) {
+                    return end;
+                }
+                self.ring.poll_probe(now_at)
+            };
+            if probe {
                 if let Err(end) = self.write_frame(FrameType::DpdReq, &[]) {
                     return end;
                 }
+                self.ring.handle_probe_sent(now_at);
             }
             if let Err(end) = self.flush() {
                 return end;
+            }
+            if let Some(at) = self.ring.poll_timeout() {
+                let at = tokio::time::Instant::from_std(at);
+                if at < housekeeping.deadline() {
+                    housekeeping.as_mut().reset(at);
+                }
             }
             let want_write = self.tls.wants_write();
             let step = tokio::select! {
@@ -340,15 +391,14 @@ impl Tunnel<'_> {
                     Ok(()) => Ok(()), // flushed at the top of the loop
                     Err(e) => Err(End::Dropped(format!("write error: {e}"))),
                 },
-                () = tokio::time::sleep(HOLD_AFTER_SILENCE), if holding => Ok(()),
-                p = rx.recv(), if !want_write && !self.port.has_held() => match p {
+                p = q.rx.recv(), if !want_write && q.first.is_empty() => match p {
                     // Decide with the clock of this moment: the wait may
                     // have been long.
-                    Some(pkt) if holding || silent(self.shared.now_ms(), self.last_rx) => {
-                        self.port.hold(pkt);
+                    Some(pkt) if holding.is_some() || silent(self.shared.now_ms(), self.last_rx) => {
+                        q.first.push_back(pkt);
                         Ok(())
                     }
-                    Some(pkt) => self.write_batch(pkt, rx),
+                    Some(pkt) => self.write_batch(pkt, q),
                     None => return End::Closed,
                 },
                 () = &mut housekeeping => {
@@ -362,6 +412,7 @@ impl Tunnel<'_> {
                     if now >= self.last_rx_at + TRIM_AFTER {
                         self.trim();
                     }
+                    // A probe that fell due goes out at the top of the loop.
                     housekeeping
                         .as_mut()
                         .reset(self.next_housekeeping(dead_after).into());
@@ -391,7 +442,8 @@ impl Tunnel<'_> {
     }
 
     /// When the peer is dead if nothing comes, or the buffers are due for
-    /// trimming, whichever is first.
+    /// trimming, whichever is first (a due probe brings the timer forward,
+    /// see `run`).
     fn next_housekeeping(&self, dead_after: Duration) -> Instant {
         let dead_at = self.last_rx_at + dead_after;
         let trim_at = self.last_rx_at + TRIM_AFTER;
@@ -408,6 +460,7 @@ impl Tunnel<'_> {
             self.plain = BytesMut::new();
         }
         self.out = Vec::new();
+        self.ring.shrink();
     }
 
     /// Hands one frame to rustls: one write, so one TLS record.
@@ -427,19 +480,56 @@ impl Tunnel<'_> {
         Ok(())
     }
 
-    /// `first` and what else waits in the queue, as one batch of records.
-    fn write_batch(&mut self, first: Bytes, rx: &mut mpsc::Receiver<Bytes>) -> Result<(), End> {
-        self.write_frame(FrameType::Data, &first)?;
-        for _ in 1..WRITE_BATCH {
+    /// A packet toward the user; it stays in the ring until the client
+    /// confirms it. On failure the packet is handed back.
+    fn write_data(&mut self, pkt: Bytes) -> Result<(), (End, Bytes)> {
+        match self.write_frame(FrameType::Data, &pkt) {
+            Ok(()) => {
+                self.ring.push(pkt);
+                Ok(())
+            }
+            Err(end) => Err((end, pkt)),
+        }
+    }
+
+    /// The packets that go before the queue (given back by an ended
+    /// tunnel, or held during silence), a batch at a time.
+    fn write_first(&mut self, first: &mut VecDeque<Bytes>) -> Result<(), End> {
+        for _ in 0..WRITE_BATCH {
             if self.queued >= MAX_QUEUED {
                 break;
             }
-            match rx.try_recv() {
-                Ok(pkt) => self.write_frame(FrameType::Data, &pkt)?,
-                Err(_) => break,
+            let Some(pkt) = first.pop_front() else {
+                break;
+            };
+            if let Err((end, pkt)) = self.write_data(pkt) {
+                first.push_front(pkt);
+                return Err(end);
             }
         }
         Ok(())
+    }
+
+    /// `head` and what else waits in the queue, as one batch of records.
+    fn write_batch(&mut self, head: Bytes, q: &mut UserQueue) -> Result<(), End> {
+        let mut pkt = head;
+        for _ in 1..WRITE_BATCH {
+            if let Err((end, pkt)) = self.write_data(pkt) {
+                q.first.push_front(pkt);
+                return Err(end);
+            }
+            if self.queued >= MAX_QUEUED {
+                return Ok(());
+            }
+            match q.rx.try_recv() {
+                Ok(p) => pkt = p,
+                Err(_) => return Ok(()),
+            }
+        }
+        self.write_data(pkt).map_err(|(end, pkt)| {
+            q.first.push_front(pkt);
+            end
+        })
     }
 
     /// Writes queued records to the socket until done or it would block.
@@ -457,6 +547,33 @@ impl Tunnel<'_> {
         }
         self.queued = 0;
         Ok(())
+    }
+
+    /// The tunnel ends without a logoff: the packets the client did not
+    /// confirm (written into the dying connection, or still in rustls) go
+    /// back to the front of the session's queue, in order, before what was
+    /// there (a held packet, the queue), so the next tunnel of the session
+    /// sends them first. Copied: they may wait for the reconnect window and
+    /// must not pin the data plane's packet buffers.
+    fn give_back_unconfirmed(&mut self, q: &mut UserQueue) {
+        let back = self.ring.take_unconfirmed();
+        let stats = &self.shared.stats;
+        for _ in 0..back.lost {
+            stats.drop(DropReason::BufferOverflow);
+        }
+        let n = back.packets.len();
+        for pkt in back.packets.into_iter().rev() {
+            q.first.push_front(Bytes::copy_from_slice(&pkt));
+        }
+        stats.replayed.fetch_add(n as u64, Relaxed);
+        if n as u64 + back.lost > 0 {
+            info!(
+                addr = %self.addr,
+                packets = n,
+                lost_over_buffer = back.lost,
+                "packets the client did not confirm go first on its next tunnel"
+            );
+        }
     }
 
     /// close_notify and a TCP shutdown, waiting at most [`CLOSE_FLUSH`].
@@ -530,8 +647,10 @@ impl Tunnel<'_> {
             result
         });
         if heard {
-            self.last_rx = self.shared.now_ms();
             self.last_rx_at = Instant::now();
+        }
+        if std::mem::take(&mut self.alive) {
+            self.last_rx = self.shared.now_ms();
         }
         result
     }
@@ -601,11 +720,16 @@ impl Tunnel<'_> {
             let mut frame = self.plain.split_to(total);
             frame.advance(range.start);
             frame.truncate(range.len());
+            let fate = match ty {
+                FrameType::Data => self.forward(frame, batch),
+                _ => Fate::Dropped,
+            };
+            self.alive |= shows_client_alive(ty, fate == Fate::LinkLocal);
             match ty {
                 FrameType::Data => {
                     // Only forwarded traffic counts as activity (not the
                     // client's IPv6 chatter, which is dropped).
-                    if self.forward(frame, batch) {
+                    if fate == Fate::Forwarded {
                         self.port.activity.store(self.shared.now_ms(), Relaxed);
                     }
                     if batch.len >= IDEAL_BATCH_SIZE {
@@ -613,7 +737,12 @@ impl Tunnel<'_> {
                     }
                 }
                 FrameType::DpdReq => self.write_frame(FrameType::DpdResp, &[])?,
-                FrameType::DpdResp => self.dpd_resp = self.shared.now_ms(),
+                FrameType::DpdResp => {
+                    // The client read everything before our probe.
+                    if let Some(sent) = self.ring.handle_probe_answered() {
+                        self.probe_answered = Some(sent);
+                    }
+                }
                 FrameType::Keepalive => {}
                 FrameType::Disconnect | FrameType::Terminate => {
                     self.flush_tun(batch, tun);
@@ -628,13 +757,13 @@ impl Tunnel<'_> {
         }
     }
 
-    /// Forward one packet from the user; true if it went somewhere.
+    /// Forward one packet from the user; what became of it.
     ///
     /// Order: anti-spoofing and routing (`route::from_user`), then
     /// connection tracking (state, inbound expectations, spillover NAT, FTP
     /// ALG) for everything that leaves through the TUN device (batched).
     /// User-to-user packets go straight to the peer's queue.
-    fn forward(&mut self, mut pkt: BytesMut, batch: &mut TunBatch) -> bool {
+    fn forward(&mut self, mut pkt: BytesMut, batch: &mut TunBatch) -> Fate {
         let shared = self.shared;
         // The rules in force now (a reload or a group change swaps them).
         let port = self.port;
@@ -652,13 +781,13 @@ impl Tunnel<'_> {
                 let peer = shared.routes.get(&dst).map(|p| p.value().clone());
                 let Some(peer) = peer else {
                     shared.stats.drop(DropReason::NoSession);
-                    return false;
+                    return Fate::Dropped;
                 };
                 shared.stats.packets_from_users.fetch_add(1, Relaxed);
                 let len = pkt.len() as u64;
                 shared.stats.bytes_from_users.fetch_add(len, Relaxed);
                 shared.deliver(&peer, pkt.freeze());
-                return true;
+                return Fate::Forwarded;
             }
             Verdict::ToTun => true,
             // Not routed by the policy: only an existing flow or an
@@ -669,7 +798,11 @@ impl Tunnel<'_> {
                 if r == DropReason::SpoofedSource {
                     debug!(addr = %self.addr, "dropped a packet with a spoofed source address");
                 }
-                return false;
+                return if r == DropReason::LinkLocal {
+                    Fate::LinkLocal
+                } else {
+                    Fate::Dropped
+                };
             }
         };
         let ctx = port.ctx(&rules, self.addr, authorized, &shared.config.nat.ftp_ports);
@@ -685,16 +818,16 @@ impl Tunnel<'_> {
             Ok(Outcome::ForwardScratch) => &self.scratch,
             Err(NatDrop::DestinationNotAllowed) => {
                 shared.stats.drop(DropReason::DestinationNotAllowed);
-                return false;
+                return Fate::Dropped;
             }
             Err(d) => {
                 shared.stats.nat_drop(d);
-                return false;
+                return Fate::Dropped;
             }
         };
         let Some(buf) = batch.bufs.get_mut(batch.len) else {
             shared.stats.drop(DropReason::TunWriteFailed);
-            return false;
+            return Fate::Dropped;
         };
         buf.clear();
         buf.resize(VIRTIO_NET_HDR_LEN, 0);
@@ -705,7 +838,7 @@ impl Tunnel<'_> {
             .stats
             .bytes_from_users
             .fetch_add(out.len() as u64, Relaxed);
-        true
+        Fate::Forwarded
     }
 
     /// Writes the batched packets to the TUN device (GRO-coalesced when

@@ -1341,6 +1341,80 @@ pub fn probe(ns: &str, dir: &Path, args: &[&str], timeout: Duration) -> CmdOut {
     ns_run(ns, &a, timeout)
 }
 
+/// `count` datagrams `<prefix>-N` (N = 0..count), `gap_ms` apart, from `ns`
+/// to `addr:port`, in the background (`udp-burst` of the probe script).
+pub fn start_udp_stream(
+    ns: &str,
+    dir: &Path,
+    addr: &str,
+    port: &str,
+    count: u32,
+    prefix: &str,
+    gap_ms: u32,
+) -> Proc {
+    let script = probe_script(dir);
+    let (count, gap) = (count.to_string(), gap_ms.to_string());
+    Proc::spawn_in(
+        ns,
+        "udp-stream",
+        &[
+            PYTHON,
+            "-u",
+            script.to_str().unwrap(),
+            "udp-burst",
+            addr,
+            port,
+            &count,
+            prefix,
+            &gap,
+        ],
+        dir.join(format!("udp-stream-{}.log", unique("b"))),
+    )
+}
+
+/// The numbers of the `<prefix>-N` datagrams a `udp-serve` log shows, in
+/// arrival order.
+pub fn stream_seqs(log: &str, prefix: &str) -> Vec<u32> {
+    let tag = format!(" {prefix}-");
+    log.lines()
+        .filter_map(|l| l.rsplit_once(tag.as_str()))
+        .filter_map(|(_, n)| n.trim().parse().ok())
+        .collect()
+}
+
+/// How many different numbers arrived.
+pub fn distinct_seqs(seqs: &[u32]) -> usize {
+    seqs.iter().collect::<std::collections::BTreeSet<_>>().len()
+}
+
+/// Judges a stream of `n` numbered datagrams: every number arrived and the
+/// first arrivals are in order; a number arriving again later (a duplicate
+/// at a reconnect's boundary) is allowed. Ok(number of duplicates).
+pub fn judge_stream(got: &[u32], n: u32) -> Result<usize, String> {
+    let mut seen = vec![false; n as usize];
+    let mut firsts = Vec::new();
+    for &x in got {
+        let Some(s) = seen.get_mut(x as usize) else {
+            return Err(format!("unexpected number {x}"));
+        };
+        if !*s {
+            *s = true;
+            firsts.push(x);
+        }
+    }
+    let missing: Vec<u32> = (0..n).filter(|i| !seen[*i as usize]).collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "{} of {n} arrived; missing {missing:?}",
+            n as usize - missing.len()
+        ));
+    }
+    if firsts.iter().copied().ne(0..n) {
+        return Err(format!("first arrivals out of order: {firsts:?}"));
+    }
+    Ok(got.len() - n as usize)
+}
+
 /// `bulk-client GET`: fetch `bytes` from a `bulk-serve` server `srv` and
 /// check that what arrived is what it sent (length and SHA-256).
 pub fn bulk_get(
