@@ -816,7 +816,12 @@ impl Shared {
 
     /// Milliseconds since `epoch` (for `Port::activity`).
     pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis())
+        self.ms_at(Instant::now())
+    }
+
+    /// `at` in milliseconds since `epoch` (at least 1).
+    pub fn ms_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_millis())
             .unwrap_or(u64::MAX)
             .max(1)
     }

@@ -328,7 +328,7 @@ impl Tunnel<'_> {
         tokio::pin!(housekeeping);
         loop {
             let now_at = Instant::now();
-            let now = self.shared.now_ms();
+            let now = self.shared.ms_at(now_at);
             let silent = |now: u64, last_rx: u64| now.saturating_sub(last_rx) > hold_ms;
             if holding.is_none()
                 && silent(now, self.last_rx)
