@@ -1,0 +1,149 @@
+//! State-file writes (a benchmark, not a timed test): what the durable
+//! logon costs (issue 12 §6).
+//!
+//! `cargo bench --bench state` (release profile). Reports:
+//! - one state write with 1,000 sessions (snapshot under the core lock,
+//!   JSON, temp file, fsync, link, rename, fsync of the directory), in the
+//!   system temp directory or `INTRAGATE_MEASURE_DIR`;
+//! - logons per second when each logon waits for its write (`persist_now`,
+//!   as `complete()` does) against the real saver loop, and without waiting:
+//!   32 tasks log on and off 300 times (the logon benchmark's shape minus TLS
+//!   and the password check); `INTRAGATE_MEASURE_BASE=N` adds N other
+//!   sessions to every file.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use intragate::core::session::{CloseReason, LogonOutcome, LogonRequest};
+use intragate::gateway::Shared;
+
+/// A gateway (`Shared`, no sockets) whose state directory is `dir/state`.
+fn shared_in(dir: &Path) -> Shared {
+    let cfg = dir.join("intragate.toml");
+    std::fs::write(
+        &cfg,
+        "[gateway]\nstate_dir = \"state\"\nusers_file = \"users\"\npolicies_dir = \"policies\"\n\
+         [[pool]]\nname = \"default\"\ncidr = \"198.18.64.0/18\"\n",
+    )
+    .expect("config");
+    let config = intragate::config::Config::load(Some(&cfg), &Default::default()).expect("config");
+    std::fs::create_dir_all(&config.state_dir).expect("state dir");
+    Shared::new(config, "pin".into(), Default::default()).expect("shared")
+}
+
+fn logon(shared: &Shared, user: &str) {
+    let mut core = shared.core();
+    let r = core.handle_logon(
+        LogonRequest {
+            user: user.into(),
+            groups: vec![],
+            token: format!("cookie-{user}-{:016x}", rand::random::<u64>()),
+            offer_token: format!("offer-{user}"),
+            client_addr: None,
+            account: 0,
+        },
+        Instant::now(),
+    );
+    assert!(matches!(r, Ok(LogonOutcome::Opened(_))), "{r:?}");
+    shared.process_events(core);
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "intragate-bench-{tag}-{}-{:x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&d).expect("temp dir");
+    d
+}
+
+fn write_time() {
+    let dir =
+        std::env::var_os("INTRAGATE_MEASURE_DIR").map_or_else(|| temp_dir("time"), PathBuf::from);
+    let shared = shared_in(&dir);
+    for i in 0..1000 {
+        logon(&shared, &format!("user{i:04}"));
+    }
+    let mut times = Vec::new();
+    for _ in 0..21 {
+        let t = Instant::now();
+        shared.save_state(true).expect("write");
+        times.push(t.elapsed());
+    }
+    times.sort();
+    let bytes = shared.persist.to_json(false)["last_bytes"].clone();
+    println!(
+        "state write, 1000 sessions ({bytes} bytes) in {}: min {:?}, median {:?}, max {:?}",
+        shared.config.state_dir.display(),
+        times[0],
+        times[10],
+        times[20]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn logon_rate() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let base: usize = std::env::var("INTRAGATE_MEASURE_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    for wait in [true, false, true, false] {
+        let dir = temp_dir("rate");
+        let shared = Arc::new(shared_in(&dir));
+        for i in 0..base {
+            logon(&shared, &format!("base{i:05}"));
+        }
+        let (rate, writes) = rt.block_on(async {
+            let saver = tokio::spawn(intragate::gateway::saver_loop(shared.clone()));
+            let next = Arc::new(AtomicUsize::new(0));
+            let t = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..32 {
+                let (shared, next) = (shared.clone(), next.clone());
+                tasks.spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= 300 {
+                            return;
+                        }
+                        let user = format!("u{i}");
+                        logon(&shared, &user);
+                        if wait {
+                            shared.persist_now().await;
+                        }
+                        {
+                            let mut core = shared.core();
+                            let id = core.sessions().find(|s| s.user == user).map(|s| s.id);
+                            if let Some(id) = id {
+                                core.handle_logoff(id, CloseReason::Logoff, Instant::now());
+                            }
+                            shared.process_events(core);
+                        }
+                        tokio::task::yield_now().await;
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+            let rate = 300.0 / t.elapsed().as_secs_f64();
+            shared.shutdown.cancel();
+            let _ = saver.await;
+            (rate, shared.persist.to_json(false)["writes"].clone())
+        });
+        println!("logons waiting for their write: {wait}: {rate:.0} per s, {writes} writes for 300 logons ({base} other sessions)");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+fn main() {
+    write_time();
+    logon_rate();
+}
