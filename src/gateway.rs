@@ -524,19 +524,18 @@ impl Shared {
         }
         let rules = port.rules.load();
         let ctx = port.ctx(&rules, addr, true, &self.config.nat.ftp_ports);
-        let routes = &rules.routes;
-        // As `route::from_user` judges a new packet.
-        let gw = &self.gateway_addrs;
-        let authorized = |dst: IpAddr| {
-            gw.contains(&dst) || routes.is_empty() || routes.iter().any(|n| n.contains(dst))
+        let view = crate::core::route::UserView {
+            addr,
+            client_to_client: rules.client_to_client,
+            routes: &rules.routes,
         };
-        let n = port.flows().retain_allowed(
+        let dropped = port.flows().retain_allowed(
             &ctx,
-            authorized,
+            |dst| view.allows(dst, &self.gateway_addrs),
             &mut LockedNat(&self.nat_ports),
             Instant::now(),
         );
-        n
+        dropped
     }
 
     /// Check the account behind the session with cookie `token` against

@@ -45,13 +45,6 @@ groups = ["contractors"]
 pool = "other"
 "#;
 
-/// A second pool, inside the internal host's route to 198.18.64.0/20.
-const SECOND_POOL: &str = r#"
-[[pool]]
-name = "other"
-cidr = "198.18.66.0/28"
-"#;
-
 fn setup(n_users: usize) -> (TempDir, Topology, Gateway) {
     let dir = TempDir::new("acc");
     let topo = Topology::new(n_users);
@@ -60,9 +53,7 @@ fn setup(n_users: usize) -> (TempDir, Topology, Gateway) {
         ..GatewayOpts::default()
     };
     let cfg = write_gateway_config(&dir.path, &opts);
-    let p = dir.path.join("policies");
-    fs::create_dir_all(&p).unwrap();
-    fs::write(p.join("10-e2e.toml"), POLICIES).unwrap();
+    write_policy(&dir.path, POLICIES);
     add_user(&cfg, "alice", "staff", PW_ALICE);
     add_user(&cfg, "bob", "staff", PW_BOB);
     let gw = Gateway::start(&topo, &dir.path, cfg);
@@ -390,10 +381,6 @@ fn lines_in(p: &Proc) -> usize {
         .count()
 }
 
-fn write_policies(dir: &Path, text: &str) {
-    fs::write(dir.join("policies").join("10-e2e.toml"), text).unwrap();
-}
-
 /// `ctl reload` applies to live sessions at once (issue #13 §1): narrowing
 /// `inbound` stops an open connection from the internal network and
 /// refuses new ones; narrowing `routes` is enforced by the gateway at once
@@ -441,7 +428,7 @@ fn reload_applies_to_live_sessions() {
         1,
     );
     assert_ne!(narrowed, POLICIES);
-    write_policies(&dir.path, &narrowed);
+    write_policy(&dir.path, &narrowed);
     let o = gw.ctl(&["reload"]);
     assert!(o.ok(), "ctl reload: {o}");
     let at_reload = lines_in(&server);
@@ -489,7 +476,7 @@ fn reload_applies_to_live_sessions() {
     drop(client);
 
     // A bad file: refused with the reason, the narrowed policy stays.
-    write_policies(
+    write_policy(
         &dir.path,
         "[[policy]]\nname = \"broken\"\ngroups = [\"staff\"]\npool = \"nowhere\"\n",
     );
@@ -521,7 +508,7 @@ fn reload_applies_to_live_sessions() {
         "name = \"staff\"\ngroups = [\"staff\"]\npool = \"other\"\n",
         1,
     );
-    write_policies(&dir.path, &moved);
+    write_policy(&dir.path, &moved);
     let o = gw.ctl(&["reload"]);
     assert!(
         o.ok() && o.stdout.contains("sessions ended") && o.stdout.contains("(alice)"),

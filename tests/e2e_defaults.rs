@@ -41,12 +41,6 @@ fn config_without_internal(dir: &Path, opts: &GatewayOpts) -> PathBuf {
     cfg
 }
 
-fn write_policy(dir: &Path, toml: &str) {
-    let p = dir.join("policies");
-    fs::create_dir_all(&p).unwrap();
-    fs::write(p.join("10-e2e.toml"), toml).unwrap();
-}
-
 /// Gateway log lines that say a connection from `from` to `to` was refused.
 fn refused_lines(gw: &Gateway, from: &str, to: &str) -> Vec<String> {
     gw.log()
@@ -58,16 +52,6 @@ fn refused_lines(gw: &Gateway, from: &str, to: &str) -> Vec<String> {
         })
         .map(str::to_owned)
         .collect()
-}
-
-/// One ping (1 s wait) from `ns`, optionally from a chosen source.
-fn ping_once(ns: &str, src: Option<&str>, dst: &str) -> CmdOut {
-    let mut a = vec!["ping", "-n", "-c", "1", "-W", "1"];
-    if let Some(s) = src {
-        a.extend_from_slice(&["-I", s]);
-    }
-    a.push(dst);
-    ns_run(ns, &a, 5 * S)
 }
 
 fn stat_inbound_denied(gw: &Gateway) -> u64 {
@@ -323,12 +307,6 @@ name = "pool-b"
 groups = ["b"]
 pool = "other"
 client_to_client = true
-"#;
-
-const SECOND_POOL: &str = r#"
-[[pool]]
-name = "other"
-cidr = "198.18.66.0/28"
 "#;
 
 /// The split-include networks the client was given ("a.b.c.d/len").

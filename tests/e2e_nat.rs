@@ -301,16 +301,6 @@ fn tcp_connect(ns: &str, dir: &Path, src: &str, host: &str, port: u16, timeout_s
     )
 }
 
-/// One ping (1 s wait) from `ns`, optionally from a chosen source address.
-fn ping_once(ns: &str, src: Option<&str>, dst: &str) -> CmdOut {
-    let mut a = vec!["ping", "-n", "-c", "1", "-W", "1"];
-    if let Some(s) = src {
-        a.extend_from_slice(&["-I", s]);
-    }
-    a.push(dst);
-    ns_run(ns, &a, 5 * S)
-}
-
 /// Three pings must all fail (an allowed one needs at most one retry).
 fn ping_never(ns: &str, src: Option<&str>, dst: &str) -> Result<(), CmdOut> {
     for _ in 0..3 {
@@ -320,12 +310,6 @@ fn ping_never(ns: &str, src: Option<&str>, dst: &str) -> Result<(), CmdOut> {
         }
     }
     Ok(())
-}
-
-fn write_policy(dir: &Path, toml: &str) {
-    let p = dir.join("policies");
-    fs::create_dir_all(&p).unwrap();
-    fs::write(p.join("10-e2e.toml"), toml).unwrap();
 }
 
 /// Temp dir + topology (with the second internal address) + a running

@@ -1031,27 +1031,8 @@ fn plugin_stream_across_cut(cut: Duration, port: &str) {
         .unwrap_or_else(|e| panic!("{e}\n--- gateway ---\n{}", gw.log()));
     let addr = Plugin::address(&st);
     let i = topo.internal.name.as_str();
-    let listener = start_server(
-        &ns,
-        &dir.path,
-        &format!("udp{port}"),
-        &["udp-serve", &addr, port, "90"],
-    );
-    let o = probe(
-        i,
-        &dir.path,
-        &["udp-send", &addr, port, "warmup", "10"],
-        15 * S,
-    );
-    assert!(o.ok(), "internal -> bob UDP before the cut: {o}");
-
-    let mut stream = start_udp_stream(i, &dir.path, &addr, port, 100, "seq", 20);
+    let (listener, mut stream) = numbered_stream_to(&ns, i, &dir.path, &addr, port);
     let seqs = || stream_seqs(&listener.log_text(), "seq");
-    assert!(
-        wait_until(10 * S, || seqs().len() >= 10),
-        "the stream does not reach bob: {:?}",
-        seqs()
-    );
     topo.cut_link(0);
     let t_cut = Instant::now();
     std::thread::sleep(cut);

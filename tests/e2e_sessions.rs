@@ -135,6 +135,18 @@ fn tunnels_up_for(gw: &Gateway, device: &str) -> usize {
         .count()
 }
 
+/// After a cut: nothing overflowed, alice's client still runs, and her one
+/// session is active again on `addr`.
+fn assert_resumed(gw: &Gateway, a: &mut Client, addr: &str) {
+    assert_eq!(stat(gw, "/drops/buffer_overflow"), 0);
+    assert!(a.proc.exited().is_none(), "alice's client exited");
+    let list = gw.sessions();
+    assert!(
+        list.len() == 1 && s(&list[0], "address") == addr && s(&list[0], "state") == "active",
+        "{list:#?}"
+    );
+}
+
 fn count_in(text: &str, needle: &str) -> usize {
     text.matches(needle).count()
 }
@@ -537,13 +549,7 @@ fn buffered_udp_delivered_in_order_after_reconnect() {
         a.count_reason("reconnect"),
         gw.stats()
     );
-    assert_eq!(stat(&gw, "/drops/buffer_overflow"), 0);
-    assert!(a.proc.exited().is_none(), "alice's client exited");
-    let list = gw.sessions();
-    assert!(
-        list.len() == 1 && s(&list[0], "address") == addr && s(&list[0], "state") == "active",
-        "{list:#?}"
-    );
+    assert_resumed(&gw, &mut a, &addr);
 }
 
 /// Scenario 6: `ctl disconnect --session` ends one tunnel and leaves the
@@ -1010,28 +1016,8 @@ fn stream_across_cut(cut: Cut, port: &str) {
     assert_eq!(v6.stdout.trim(), "0", "IPv6 should be on on oc0: {v6}");
     let addr = ta.addr.to_string();
     let i = topo.internal.name.as_str();
-    let listener = start_server(
-        ns,
-        &dir.path,
-        &format!("udp{port}"),
-        &["udp-serve", &addr, port, "90"],
-    );
-    let o = probe(
-        i,
-        &dir.path,
-        &["udp-send", &addr, port, "warmup", "10"],
-        15 * S,
-    );
-    assert!(o.ok(), "internal -> alice UDP before the cut: {o}");
-
-    let mut stream = start_udp_stream(i, &dir.path, &addr, port, 100, "seq", 20);
+    let (listener, mut stream) = numbered_stream_to(ns, i, &dir.path, &addr, port);
     let seqs = || stream_seqs(&listener.log_text(), "seq");
-    assert!(
-        wait_until(10 * S, || seqs().len() >= 10),
-        "the stream does not reach alice: {:?}\n{}",
-        seqs(),
-        stream.log_text()
-    );
     topo.cut_link(0);
     let t_cut = Instant::now();
     let before = seqs().len();
@@ -1069,13 +1055,7 @@ fn stream_across_cut(cut: Cut, port: &str) {
         tail(&a.log(), 3000),
         tail(&gw.log(), 5000)
     );
-    assert_eq!(stat(&gw, "/drops/buffer_overflow"), 0);
-    assert!(a.proc.exited().is_none(), "alice's client exited");
-    let list = gw.sessions();
-    assert!(
-        list.len() == 1 && s(&list[0], "address") == addr && s(&list[0], "state") == "active",
-        "{list:#?}"
-    );
+    assert_resumed(&gw, &mut a, &addr);
 }
 
 /// Issue 13 §2, (a): a brief cut and an immediate reconnect (no 1.5 s of

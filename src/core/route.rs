@@ -138,10 +138,25 @@ pub fn from_user(
             Verdict::Drop(DropReason::ClientToClientDenied)
         };
     }
-    if user.routes.is_empty() || user.routes.iter().any(|n| n.contains(info.dst)) {
+    if user.routes_allow(info.dst) {
         Verdict::ToTun
     } else {
         Verdict::Drop(DropReason::DestinationNotAllowed)
+    }
+}
+
+impl UserView<'_> {
+    /// May the user reach `dst` (not another user) through the gateway:
+    /// one of the gateway's own addresses, or a destination its routes
+    /// allow (no routes: a full tunnel, everything)? A new packet is judged
+    /// by this in [`from_user`], and tracked flows by it when the policy
+    /// changes.
+    pub fn allows(&self, dst: IpAddr, gateway_addrs: &[IpAddr]) -> bool {
+        gateway_addrs.contains(&dst) || self.routes_allow(dst)
+    }
+
+    fn routes_allow(&self, dst: IpAddr) -> bool {
+        self.routes.is_empty() || self.routes.iter().any(|n| n.contains(dst))
     }
 }
 

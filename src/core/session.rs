@@ -147,7 +147,10 @@ pub enum Reevaluation {
     /// The same policy applies (or the session is gone).
     Unchanged,
     /// Another policy applies in place.
-    Changed,
+    Changed {
+        /// Its routes differ from those pushed to the client at CONNECT.
+        routes_changed: bool,
+    },
     /// The session was closed.
     Closed,
 }
@@ -569,26 +572,16 @@ impl GatewayState {
         let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         ids.sort();
         for id in ids {
-            let before = self
-                .sessions
-                .get(&id)
-                .map(|s| (s.user.clone(), s.policy.routes.clone()));
+            let user = self.sessions.get(&id).map(|s| s.user.clone());
             match self.reevaluate(id, now) {
                 Reevaluation::Unchanged => {}
-                Reevaluation::Changed => {
+                Reevaluation::Changed { routes_changed } => {
                     out.reevaluated.push(id);
-                    let after = self.sessions.get(&id).map(|s| s.policy.routes.clone());
-                    if let (Some((_, b)), Some(a)) = (&before, after) {
-                        if *b != a {
-                            out.stale_client_routes.push(id);
-                        }
+                    if routes_changed {
+                        out.stale_client_routes.push(id);
                     }
                 }
-                Reevaluation::Closed => {
-                    if let Some((user, _)) = before {
-                        out.closed.push((id, user));
-                    }
-                }
+                Reevaluation::Closed => out.closed.extend(user.map(|u| (id, u))),
             }
         }
         out
@@ -1007,7 +1000,7 @@ impl GatewayState {
                         self.version += 1;
                         match self.reevaluate(id, now) {
                             Reevaluation::Unchanged => {}
-                            Reevaluation::Changed => out.reevaluated += 1,
+                            Reevaluation::Changed { .. } => out.reevaluated += 1,
                             Reevaluation::Closed => out.closed += 1,
                         }
                     }
@@ -1061,7 +1054,7 @@ impl GatewayState {
             inbound: new.inbound,
             derived: new.derived,
         });
-        Reevaluation::Changed
+        Reevaluation::Changed { routes_changed }
     }
 
     /// The users that hold sessions or pending transfer offers (as logged
@@ -1613,7 +1606,13 @@ mod tests {
             idle_timeout: Some(Duration::from_secs(60)),
             ..policy(2)
         }]);
-        assert_eq!(g.reevaluate(a, t0), Reevaluation::Changed);
+        assert_eq!(
+            g.reevaluate(a, t0),
+            Reevaluation::Changed {
+                routes_changed: true
+            },
+            "staff's routes went from 198.18.1.0/24 to a full tunnel"
+        );
         g.handle_timeout(t0 + Duration::from_secs(61));
         assert!(g.session(a).is_none(), "the new idle timeout holds");
     }

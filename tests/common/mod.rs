@@ -755,6 +755,22 @@ fn sessions_table_body(extra: &str) -> String {
     body
 }
 
+/// Write `toml` as the gateway's policy file (`dir/policies/10-e2e.toml`),
+/// replacing the previous one.
+pub fn write_policy(dir: &Path, toml: &str) {
+    let p = dir.join("policies");
+    fs::create_dir_all(&p).unwrap();
+    fs::write(p.join("10-e2e.toml"), toml).unwrap();
+}
+
+/// A second pool (for `GatewayOpts::extra`), inside the internal host's
+/// route to 198.18.64.0/20.
+pub const SECOND_POOL: &str = r#"
+[[pool]]
+name = "other"
+cidr = "198.18.66.0/28"
+"#;
+
 /// `intragate user add NAME --group G --password-stdin --config CFG`.
 pub fn add_user(config: &Path, name: &str, group: &str, password: &str) {
     run_cmd(
@@ -1291,6 +1307,16 @@ pub fn authenticate_with(
 // Traffic helpers (python3 probe script, ping)
 // ---------------------------------------------------------------------------
 
+/// One ping (1 s wait) from `ns`, optionally from a chosen source address.
+pub fn ping_once(ns: &str, src: Option<&str>, dst: &str) -> CmdOut {
+    let mut a = vec!["ping", "-n", "-c", "1", "-W", "1"];
+    if let Some(s) = src {
+        a.extend_from_slice(&["-I", s]);
+    }
+    a.push(dst);
+    ns_run(ns, &a, Duration::from_secs(5))
+}
+
 /// Write the probe script into `dir` and return its path.
 pub fn probe_script(dir: &Path) -> PathBuf {
     let p = dir.join("netprobe.py");
@@ -1370,6 +1396,45 @@ pub fn start_udp_stream(
         ],
         dir.join(format!("udp-stream-{}.log", unique("b"))),
     )
+}
+
+/// A UDP listener on `addr:port` in the user's namespace `user_ns`, one
+/// warm-up datagram from `from_ns`, then a stream of 100 datagrams
+/// `seq0`..`seq99`, 20 ms apart, from `from_ns`: returns (listener, stream)
+/// once the first 10 arrived (`stream_seqs(&listener.log_text(), "seq")`).
+pub fn numbered_stream_to(
+    user_ns: &str,
+    from_ns: &str,
+    dir: &Path,
+    addr: &str,
+    port: &str,
+) -> (Proc, Proc) {
+    let listener = start_server(
+        user_ns,
+        dir,
+        &format!("udp{port}"),
+        &["udp-serve", addr, port, "90"],
+    );
+    let o = probe(
+        from_ns,
+        dir,
+        &["udp-send", addr, port, "warmup", "10"],
+        Duration::from_secs(15),
+    );
+    assert!(o.ok(), "{from_ns} -> {addr} UDP before the cut: {o}");
+    let stream = start_udp_stream(from_ns, dir, addr, port, 100, "seq", 20);
+    assert!(
+        wait_until(Duration::from_secs(10), || stream_seqs(
+            &listener.log_text(),
+            "seq"
+        )
+        .len()
+            >= 10),
+        "the stream does not reach {addr}: {:?}\n{}",
+        stream_seqs(&listener.log_text(), "seq"),
+        stream.log_text()
+    );
+    (listener, stream)
 }
 
 /// The numbers of the `<prefix>-N` datagrams a `udp-serve` log shows, in
