@@ -6,7 +6,7 @@
 
 pub mod admin;
 pub mod config;
-pub mod core;
+pub use intragate_core as core;
 pub mod dataplane;
 pub mod dns;
 pub mod fdlimit;
@@ -19,4 +19,4 @@ pub mod stats;
 pub mod tls;
 pub mod tunnel;
 pub mod users;
-pub mod wire;
+pub use intragate_wire as wire;

@@ -13,7 +13,7 @@
 //!   truncation over UDP and counters for every drop ([`DnsStats`]).
 //! - [`load_zones`] / [`StaticZones`], the zone-file loader.
 //!
-//! The record set itself lives with the session table in `src/core/`; this
+//! The record set itself lives with the session table in `crates/core/`; this
 //! module only reads it through [`DynamicRecords`].
 //!
 //! [`RequestHandler`]: hickory_server::server::RequestHandler

@@ -34,7 +34,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::wire::cstp::FrameType;
+use intragate_wire::cstp::FrameType;
 
 /// Longest wait before unconfirmed packets get a probe (when fewer than a
 /// quarter of the ring were written).
@@ -328,7 +328,7 @@ mod tests {
 
     #[test]
     fn signs_of_life() {
-        use crate::core::route::{self, DropReason, UserView, Verdict};
+        use crate::route::{self, DropReason, UserView, Verdict};
         // An IPv6 router solicitation from the client's link-local address
         // to ff02::2, as its kernel sends on the tunnel interface.
         let mut rs = vec![0x60, 0, 0, 0, 0, 8, 58, 255];

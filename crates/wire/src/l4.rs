@@ -3,7 +3,7 @@
 //! its incremental update.
 //!
 //! Everything works on the L4 bytes of a packet already validated by
-//! [`crate::wire::ip::parse`] (`&pkt[info.header_len..info.total_len]`).
+//! [`crate::ip::parse`] (`&pkt[info.header_len..info.total_len]`).
 //! Getters and setters are bounds-checked and return [`L4Error`] instead of
 //! panicking; [`tcp::parse`] checks the header length once so that its
 //! result is consistent with the buffer. Nothing here allocates.
@@ -402,7 +402,7 @@ pub mod icmp {
 /// The field itself must be zero in `seg`, or be skipped by passing its
 /// offset in `skip`.
 pub fn segment_checksum(src: IpAddr, dst: IpAddr, proto: u8, seg: &[u8], skip: usize) -> u16 {
-    let init = if proto == crate::wire::ip::proto::ICMP {
+    let init = if proto == crate::ip::proto::ICMP {
         0
     } else {
         csum::pseudo_header(src, dst, proto, seg.len())

@@ -4,7 +4,7 @@
 //! policy) would refuse it.
 //!
 //! An [`Expectations`] table belongs to one session (inside
-//! [`crate::core::conntrack::SessionFlows`]) and is bounded: when full, the
+//! [`crate::conntrack::SessionFlows`]) and is bounded: when full, the
 //! oldest entry is evicted and counted. Every entry has a deadline; expired
 //! entries never match, and [`Expectations::expire`] hands them back so the
 //! caller can return the NAT port an entry may hold. Lookups are linear
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 
-use crate::core::conntrack::{Direction, FlowKey, Proto};
+use crate::conntrack::{Direction, FlowKey, Proto};
 
 /// Default bound on expectations per session. Linux allows one pending
 /// expectation per FTP control connection (`nf_conntrack_ftp`

@@ -4,7 +4,7 @@
 //! breaks; parsers themselves may return `Ok` or `Err` but never panic.
 #![allow(clippy::panic, clippy::unwrap_used)]
 
-use crate::wire::{auth_xml, cstp, http, ip};
+use crate::{auth_xml, cstp, http, ip};
 
 /// The `cstp_decode` target: decoded frames lie inside the input, their
 /// headers re-encode to the same bytes, and the checked view agrees.
@@ -108,7 +108,7 @@ pub fn ip_packet(data: &[u8]) {
 
 /// The `ftp_cmd` target: the PORT/EPRT/227/229 parser and formatter agree.
 pub fn ftp_cmd(data: &[u8]) {
-    if let Err(b) = crate::wire::ftp_cmd::fuzz_check(data) {
+    if let Err(b) = crate::ftp_cmd::fuzz_check(data) {
         panic!("{b}")
     }
 }

@@ -20,9 +20,9 @@ use std::fmt;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use crate::core::dns_records::{DnsRecords, NameError};
-use crate::core::policy::{Policy, PolicySet};
-use crate::core::pool::{IpPool, PoolConfig, PoolError, PoolSnapshot};
+use crate::dns_records::{DnsRecords, NameError};
+use crate::policy::{Policy, PolicySet};
+use crate::pool::{IpPool, PoolConfig, PoolError, PoolSnapshot};
 
 /// The name of the internal pool of non-routable tunnel addresses for users
 /// behind spillover NAT.
@@ -269,9 +269,9 @@ pub enum Event {
         /// Behind spillover NAT.
         nat: bool,
         /// Its inbound rules.
-        inbound: Vec<crate::core::conntrack::InboundRule>,
+        inbound: Vec<crate::conntrack::InboundRule>,
         /// Its derived-port rules.
-        derived: Vec<crate::core::expect::DerivedRule>,
+        derived: Vec<crate::expect::DerivedRule>,
         /// Name of its policy.
         policy: String,
     },
@@ -305,9 +305,9 @@ pub enum Event {
         /// The routes differ from those pushed to the client at CONNECT.
         routes_changed: bool,
         /// Its inbound rules.
-        inbound: Vec<crate::core::conntrack::InboundRule>,
+        inbound: Vec<crate::conntrack::InboundRule>,
         /// Its derived-port rules.
-        derived: Vec<crate::core::expect::DerivedRule>,
+        derived: Vec<crate::expect::DerivedRule>,
     },
     /// End the session's tunnel but keep the session (resumable).
     Disconnected {
@@ -1358,7 +1358,7 @@ impl GatewayState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::policy::GroupMatch;
+    use crate::policy::GroupMatch;
     use proptest::prelude::*;
 
     fn policy(max_per_user: u32) -> Policy {

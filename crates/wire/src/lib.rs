@@ -16,6 +16,9 @@
 //! per parser with a committed seed corpus, replayed on stable by
 //! `tests/fuzz_corpus.rs`.
 
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
 pub mod auth_xml;
 pub mod cstp;
 pub mod ftp_cmd;

@@ -17,8 +17,8 @@
 
 pub mod ftp;
 
-use crate::wire::ftp_cmd::Prefix;
-pub use crate::wire::ftp_cmd::MAX_LINE;
+use intragate_wire::ftp_cmd::Prefix;
+pub use intragate_wire::ftp_cmd::MAX_LINE;
 
 /// `a` before `b` in sequence space.
 pub(crate) fn seq_lt(a: u32, b: u32) -> bool {
@@ -413,7 +413,7 @@ impl SeqMap {
 #[allow(clippy::indexing_slicing)]
 mod tests {
     use super::*;
-    use crate::wire::ftp_cmd::client_prefix;
+    use intragate_wire::ftp_cmd::client_prefix;
 
     fn collect(sc: &mut LineScanner, input: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
         let mut passed = Vec::new();

@@ -30,11 +30,11 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
-use crate::core::conntrack::{NatDrop, Proto};
-use crate::core::expect::PortRange;
-use crate::core::session::SessionId;
-use crate::wire::ip::{self, proto};
-use crate::wire::l4::{self, csum, icmp, tcp, udp, L4Error};
+use crate::conntrack::{NatDrop, Proto};
+use crate::expect::PortRange;
+use crate::session::SessionId;
+use intragate_wire::ip::{self, proto};
+use intragate_wire::l4::{self, csum, icmp, tcp, udp, L4Error};
 
 /// Default first NAT port: above the well-known ports (RFC 6335 §6).
 pub const NAT_PORT_FIRST: u16 = 1024;
@@ -642,7 +642,7 @@ pub(crate) fn rewrite_icmp_error(
 #[allow(clippy::indexing_slicing)]
 pub(crate) mod tests {
     use super::*;
-    use crate::core::conntrack::tests::pkt;
+    use crate::conntrack::tests::pkt;
     use proptest::prelude::*;
 
     fn owner(s: u64, port: u16) -> NatOwner {

@@ -4,6 +4,7 @@
 //! cookies) comes in as arguments. The shells (`tunnel`, `dataplane`,
 //! `admin`) own sockets, tasks and the clock.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod alg;
 pub mod bans;

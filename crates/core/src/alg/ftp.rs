@@ -38,9 +38,9 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use super::{seq_gt, seq_le, seq_len, seq_lt, seq_max, seq_min, LineScanner, ScanEvent, SeqMap};
-use crate::core::conntrack::NatDrop;
-use crate::wire::ftp_cmd::{self, Announce};
-use crate::wire::l4::tcp::{self, TcpHeader};
+use crate::conntrack::NatDrop;
+use intragate_wire::ftp_cmd::{self, Announce};
+use intragate_wire::l4::tcp::{self, TcpHeader};
 
 /// The well-known FTP control port (RFC 959 §3.2; IANA).
 pub const FTP_CONTROL_PORT: u16 = 21;

@@ -10,7 +10,7 @@
 //!   anti-spoofing and the authorization decision (`UserCtx::authorized`);
 //! - the TUN reader (network → user): [`SessionFlows::inbound`], after
 //!   finding the session by destination address, or for the NAT address by
-//!   [`crate::core::nat::inbound_nat_key`] and [`crate::core::nat::NatPorts`].
+//!   [`crate::nat::inbound_nat_key`] and [`crate::nat::NatPorts`].
 //!
 //! Both rewrite the packet in place when its length does not change (NAT,
 //! sequence-number adjustment) and return [`Outcome::Forward`]; when the FTP
@@ -45,7 +45,7 @@
 //! The shell holds the session's mutex for a whole call; the NAT table is
 //! locked inside (per [`NatPortTable`] call), never the other way round:
 //! for a packet to the NAT address the shell looks the session up with
-//! [`crate::core::nat::NatPorts`] first, releases that lock, then locks the
+//! [`crate::nat::NatPorts`] first, releases that lock, then locks the
 //! session.
 //!
 //! # Decisions the design left open
@@ -81,16 +81,16 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 
-use crate::core::alg::ftp::{FtpAlg, FtpHost, UpVerdict};
-use crate::core::alg::SeqMap;
-use crate::core::expect::{
+use crate::alg::ftp::{FtpAlg, FtpHost, UpVerdict};
+use crate::alg::SeqMap;
+use crate::expect::{
     DerivedRule, ExpectOrigin, Expectation, Expectations, PortRange, Reuse, FTP_EXPECT_LIFETIME,
     MAX_EXPECTATIONS,
 };
-use crate::core::nat::{self, NatOwner, NatPortTable, Side};
-use crate::core::session::SessionId;
-use crate::wire::ip::{self, IpInfo};
-use crate::wire::l4::{self, csum, icmp, tcp};
+use crate::nat::{self, NatOwner, NatPortTable, Side};
+use crate::session::SessionId;
+use intragate_wire::ip::{self, IpInfo};
+use intragate_wire::l4::{self, csum, icmp, tcp};
 
 /// Idle timeout of an established TCP connection: 2 h 4 min, RFC 5382
 /// REQ-5 ("MUST NOT be less than 2 hours 4 minutes").
@@ -979,7 +979,7 @@ fn unmap_acks(buf: &mut [u8], hl: usize, h: &tcp::TcpHeader, map: &SeqMap) -> Re
             let right = l4::be32(seg, l_at + 4)?;
             let r = map.unmap(right, false);
             let l = map.unmap(left, true);
-            let l = if crate::core::alg::seq_gt(l, r) { r } else { l };
+            let l = if crate::alg::seq_gt(l, r) { r } else { l };
             patch(seg, l_at, &l.to_be_bytes(), &mut check)?;
             patch(seg, l_at + 4, &r.to_be_bytes(), &mut check)?;
         }
@@ -1073,12 +1073,12 @@ fn track_tcp(
     }
     let fin = u32::from(h.has(tcp::FIN));
     let end = seq.wrapping_add(len).wrapping_add(fin);
-    if !x.seen || crate::core::alg::seq_gt(end, x.end) {
+    if !x.seen || crate::alg::seq_gt(end, x.end) {
         x.end = end;
     }
     x.seen = true;
     if h.has(tcp::ACK) {
-        if !x.acked || crate::core::alg::seq_gt(h.ack, x.ack) {
+        if !x.acked || crate::alg::seq_gt(h.ack, x.ack) {
             x.ack = h.ack;
         }
         x.acked = true;
@@ -1095,7 +1095,7 @@ fn track_tcp(
     if *state == TcpState::SynRecv && side == 0 && h.has(tcp::ACK) {
         *state = TcpState::Established;
     }
-    let acked = |f: u32, by: &TcpDir| by.acked && crate::core::alg::seq_le(f, by.ack);
+    let acked = |f: u32, by: &TcpDir| by.acked && crate::alg::seq_le(f, by.ack);
     *state = match (x.fin, y.fin) {
         (Some(_), Some(_)) => TcpState::TimeWait,
         (Some(f), None) if acked(f, y) => TcpState::CloseWait,
@@ -2270,15 +2270,15 @@ fn tcp_header(p: &Packet<'_>) -> Result<tcp::TcpHeader, NatDrop> {
 #[allow(clippy::indexing_slicing)]
 pub(crate) mod tests {
     use super::*;
-    use crate::core::alg::ftp::HOLD_RELEASE_AFTER;
-    use crate::core::nat::{NatPorts, NatPortsConfig};
+    use crate::alg::ftp::HOLD_RELEASE_AFTER;
+    use crate::nat::{NatPorts, NatPortsConfig};
     use proptest::prelude::*;
 
     /// Packet builders and checkers for tests (real headers, real
     /// checksums).
     pub(crate) mod pkt {
-        use crate::wire::ip::{self, proto};
-        use crate::wire::l4::{self, csum};
+        use intragate_wire::ip::{self, proto};
+        use intragate_wire::l4::{self, csum};
         use std::net::IpAddr;
 
         pub(crate) const FIN: u8 = 0x01;
@@ -2816,7 +2816,7 @@ pub(crate) mod tests {
         let nport = info.ports.expect("ports").0;
         assert_eq!(nport, 1024, "first port of the range");
         assert_eq!(
-            crate::core::nat::inbound_nat_key(&pkt::swap(&sent)),
+            crate::nat::inbound_nat_key(&pkt::swap(&sent)),
             Ok((Proto::Udp, 1024))
         );
         // The reply comes back to NAT:1024 and reaches the user unchanged.
@@ -4199,12 +4199,12 @@ pub(crate) mod tests {
             pub(super) fn expected(&self, cmds: &[Vec<u8>]) -> Vec<u8> {
                 let mut v = Vec::new();
                 for cmd in cmds {
-                    match crate::wire::ftp_cmd::parse_client(cmd) {
+                    match intragate_wire::ftp_cmd::parse_client(cmd) {
                         Ok(Some(a)) => {
-                            let (_, eol) = crate::wire::ftp_cmd::split_eol(cmd).expect("eol");
+                            let (_, eol) = intragate_wire::ftp_cmd::split_eol(cmd).expect("eol");
                             let user_port = match a {
-                                crate::wire::ftp_cmd::Announce::Port { addr, .. } => addr.port(),
-                                crate::wire::ftp_cmd::Announce::Eprt { addr, .. } => addr.port(),
+                                intragate_wire::ftp_cmd::Announce::Port { addr, .. } => addr.port(),
+                                intragate_wire::ftp_cmd::Announce::Eprt { addr, .. } => addr.port(),
                                 _ => unreachable!(),
                             };
                             let np = self
@@ -4219,16 +4219,18 @@ pub(crate) mod tests {
                                 )
                                 .expect("mapped");
                             let f = match a {
-                                crate::wire::ftp_cmd::Announce::Port { command, .. } => {
-                                    crate::wire::ftp_cmd::format_port(
+                                intragate_wire::ftp_cmd::Announce::Port { command, .. } => {
+                                    intragate_wire::ftp_cmd::format_port(
                                         command,
                                         std::net::SocketAddrV4::new(NAT.into(), np),
                                         eol,
                                     )
                                 }
-                                crate::wire::ftp_cmd::Announce::Eprt {
-                                    command, delimiter, ..
-                                } => crate::wire::ftp_cmd::format_eprt(
+                                intragate_wire::ftp_cmd::Announce::Eprt {
+                                    command,
+                                    delimiter,
+                                    ..
+                                } => intragate_wire::ftp_cmd::format_eprt(
                                     command,
                                     delimiter,
                                     SocketAddr::new(ip4(NAT), np),
@@ -4309,12 +4311,12 @@ pub(crate) mod tests {
                             });
                             let (ack, blocks) = sim.ack(upto, sack);
                             let sent_end = ISN.wrapping_add(1).wrapping_add(u32::try_from(b).expect("b"));
-                            prop_assert!(crate::core::alg::seq_le(ack, sent_end));
-                            prop_assert!(crate::core::alg::seq_le(last_ack, ack), "ack went back");
+                            prop_assert!(crate::alg::seq_le(ack, sent_end));
+                            prop_assert!(crate::alg::seq_le(last_ack, ack), "ack went back");
                             last_ack = ack;
                             for (l, r) in blocks {
-                                prop_assert!(crate::core::alg::seq_le(l, r));
-                                prop_assert!(crate::core::alg::seq_le(r, sent_end));
+                                prop_assert!(crate::alg::seq_le(l, r));
+                                prop_assert!(crate::alg::seq_le(r, sent_end));
                             }
                         }
                         _ => {}
@@ -4327,7 +4329,7 @@ pub(crate) mod tests {
             prop_assert_eq!(String::from_utf8_lossy(&got), String::from_utf8_lossy(&expected));
             let (ack, _) = sim.ack(expected.len(), None);
             prop_assert_eq!(ack, ISN.wrapping_add(1).wrapping_add(u32::try_from(stream.len()).expect("len")));
-            let ports = cmds.iter().filter(|c| crate::wire::ftp_cmd::parse_client(c).ok().flatten().is_some()).count();
+            let ports = cmds.iter().filter(|c| intragate_wire::ftp_cmd::parse_client(c).ok().flatten().is_some()).count();
             prop_assert_eq!(sim.t.expectations().count(), ports);
             prop_assert_eq!(sim.t.stats().ftp_rewritten, ports as u64);
             sim.t.clear(&mut sim.nat);
