@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use intragate::core::session::{CloseReason, LogonOutcome, LogonRequest};
-use intragate::gateway::Shared;
+use intragate::shared::Shared;
 
 /// A gateway (`Shared`, no sockets) whose state directory is `dir/state`.
 fn shared_in(dir: &Path) -> Shared {
@@ -48,7 +48,7 @@ fn logon(shared: &Shared, user: &str) {
         Instant::now(),
     );
     assert!(matches!(r, Ok(LogonOutcome::Opened(_))), "{r:?}");
-    shared.process_events(core);
+    drop(core);
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -68,10 +68,14 @@ fn write_time() {
     for i in 0..1000 {
         logon(&shared, &format!("user{i:04}"));
     }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let mut times = Vec::new();
     for _ in 0..21 {
         let t = Instant::now();
-        shared.save_state(true).expect("write");
+        rt.block_on(shared.save_state(true)).expect("write");
         times.push(t.elapsed());
     }
     times.sort();
@@ -126,7 +130,7 @@ fn logon_rate() {
                             if let Some(id) = id {
                                 core.handle_logoff(id, CloseReason::Logoff, Instant::now());
                             }
-                            shared.process_events(core);
+                            drop(core);
                         }
                         tokio::task::yield_now().await;
                     }

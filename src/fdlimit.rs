@@ -18,14 +18,12 @@
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::gateway::Shared;
-use crate::stats::RefuseReason;
+use crate::stats::{RefuseReason, Stats};
 
 /// Descriptors kept free for what must keep working at the limit. New
 /// sessions may not use any of them; of the 64:
@@ -393,14 +391,14 @@ const LOW_SUMMARY_INTERVAL: Duration = Duration::from_secs(10);
 /// Recount open descriptors and re-read the limit (an administrator may
 /// change it with `prlimit --pid`) until shutdown; log when the reserve is
 /// touched and when it is free again.
-pub async fn monitor(shared: Arc<Shared>) {
+pub async fn monitor(stats: &Stats, shutdown: CancellationToken) {
     let b = budget();
     if b.limit() == 0 {
         // Nothing to watch; a gateway task must not end before shutdown.
-        shared.shutdown.cancelled().await;
+        shutdown.cancelled().await;
         return;
     }
-    let refused = || shared.stats.refused(RefuseReason::FdLimit);
+    let refused = || stats.refused(RefuseReason::FdLimit);
     let mut summary = (Instant::now(), refused());
     loop {
         let period = if b.free() < 4 * FD_RESERVE {
@@ -409,7 +407,7 @@ pub async fn monitor(shared: Arc<Shared>) {
             RECOUNT_FAR
         };
         tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(period) => {}
         }
         let counted =

@@ -14,6 +14,7 @@ pub mod gateway;
 pub mod listener;
 pub mod netif;
 pub mod plugin;
+pub mod shared;
 pub mod state;
 pub mod stats;
 pub mod tls;

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use crate::fdlimit::{self, AcceptBackoff, Need};
-use crate::gateway::Shared;
+use crate::shared::Shared;
 
 /// Time a scraper gets to send its request head, and to take the reply.
 const METRICS_IO_TIMEOUT: Duration = Duration::from_secs(5);

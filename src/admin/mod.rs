@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::core::session::{CloseReason, GatewayState, Session, SessionId};
 use crate::fdlimit::AcceptBackoff;
-use crate::gateway::Shared;
+use crate::shared::Shared;
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 4096;
@@ -193,7 +193,7 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
             let pin = shared.pin.load();
             // Unhealthy (ctl exits non-zero, Docker's HEALTHCHECK fails)
             // while the state file cannot be written.
-            match shared.persist.health(crate::gateway::unix_now()) {
+            match shared.persist.health(crate::shared::unix_now()) {
                 Ok(()) => json!({"ok": true, "status": "running", "sessions": sessions, "pin": pin.as_str()}),
                 Err(e) => json!({"ok": false, "status": "degraded", "error": e, "sessions": sessions, "pin": pin.as_str()}),
             }
@@ -257,7 +257,7 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
                     core.handle_disconnect(*id, "disconnected by the administrator", now);
                 }
             }
-            shared.process_events(core);
+            drop(core);
             info!(count = ids.len(), "ctl {cmd}");
             let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
             json!({"ok": true, "sessions": names})
@@ -308,7 +308,7 @@ pub fn answer(shared: &Shared, req: &Value) -> Value {
         },
         "conntrack" => {
             let flows = shared.conntrack_json(req.get("user").and_then(Value::as_str));
-            json!({"ok": true, "flows": flows, "tracked": shared.flow_budget.used(), "cap": shared.flow_budget.cap()})
+            json!({"ok": true, "flows": flows, "tracked": shared.data.flow_budget.used(), "cap": shared.data.flow_budget.cap()})
         }
         other => err(format!(
             "unknown command '{other}' (health, stats, sessions, show, disconnect, logoff, pool, dns, conntrack, bans, unban, reload)"
@@ -376,6 +376,9 @@ pub async fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Valu
         .await
         .map_err(|_| CtlError::Timeout(timeout))?
 }
+
+#[cfg(test)]
+mod state_tests;
 
 #[cfg(test)]
 mod tests {

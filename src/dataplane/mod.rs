@@ -14,7 +14,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 use crate::core::conntrack::{NatDrop, Outcome};
 use crate::core::nat::NatPortTable;
 use crate::core::route::{self, DropReason};
-use crate::gateway::{LockedNat, Shared};
+use crate::shared::{LockedNat, Shared};
 use crate::wire::ip;
 
 /// Largest packet (or super-packet) the TUN device can hand us.
@@ -166,7 +166,7 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
     let user_addr = if nat_addr == Some(info.dst) {
         let owner = crate::core::nat::inbound_nat_key(pkt)
             .ok()
-            .and_then(|(proto, port)| LockedNat(&shared.nat_ports).lookup(proto, port));
+            .and_then(|(proto, port)| LockedNat(&shared.data.nat_ports).lookup(proto, port));
         match owner {
             Some(o) => o.addr,
             None => {
@@ -177,7 +177,12 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
     } else {
         info.dst
     };
-    let Some(port) = shared.routes.get(&user_addr).map(|p| p.value().clone()) else {
+    let Some(port) = shared
+        .data
+        .routes
+        .get(&user_addr)
+        .map(|p| p.value().clone())
+    else {
         shared.stats.drop(DropReason::NoSession);
         return;
     };
@@ -187,7 +192,7 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         &ctx,
         pkt,
         scratch,
-        &mut LockedNat(&shared.nat_ports),
+        &mut LockedNat(&shared.data.nat_ports),
         Instant::now(),
     );
     match outcome {

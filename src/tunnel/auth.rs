@@ -15,7 +15,7 @@ use crate::core::session::{
     Account, CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId, TransferError,
     TransferOffer,
 };
-use crate::gateway::{TunnelCtl, TunnelHandle};
+use crate::shared::{TunnelCtl, TunnelHandle};
 use crate::stats::RefuseReason;
 use crate::users::AuthOutcome;
 use crate::wire::auth_xml::{self, ClientMessage, ClientMessageKind, Form, Input};
@@ -221,7 +221,7 @@ impl Conn {
                         self.shared.stats.logoffs.fetch_add(1, Ordering::Relaxed);
                         info!(session = %id, client = %self.ip, "logout request");
                     }
-                    self.shared.process_events(core);
+                    drop(core);
                 }
                 let _ = self
                     .respond(200, "OK", &[("Content-Type", "text/xml")], b"", false)
@@ -351,7 +351,7 @@ impl Conn {
                 },
                 Instant::now(),
             );
-            shared.process_events(core);
+            drop(core);
             r
         };
         match result {
@@ -405,7 +405,7 @@ impl Conn {
                 .ok()
                 .and_then(|id| core.session(*id))
                 .map(|s| s.user.clone());
-            self.shared.process_events(core);
+            drop(core);
             r.map(|id| (id, user.unwrap_or_default()))
         };
         match result {
@@ -485,7 +485,7 @@ impl Conn {
                 }
             };
             info!(%user, client = %self.ip, path, except_this, "workspace control");
-            self.shared.process_events(core);
+            drop(core);
             Some(body)
         };
         let Some(body) = body else {
@@ -547,7 +547,7 @@ impl Conn {
                 .ok()
                 .and_then(|(_, _, _, pool, _, _)| core.pool(pool));
             let prefix = pool.map(|p| (p.cidr(), p.gateway_addr()));
-            shared.process_events(core);
+            drop(core);
             r.map(|x| (x, prefix))
         };
         let ((id, user, addr, _pool, policy, connects), pool_info) = match attached {
@@ -565,7 +565,7 @@ impl Conn {
         // Users behind NAT reach the gateway's DNS at its first intranet
         // pool address (their tunnel pool's first address is not served).
         let gateway_addr = if behind_nat {
-            shared.gateway_addrs.first().copied()
+            shared.data.gateway_addrs.first().copied()
         } else {
             pool_info.map(|(_, g)| g)
         };
@@ -668,7 +668,7 @@ impl Conn {
         // previous tunnel of this session, if any, is ended first, and puts
         // what its client's TCP did not acknowledge back at the queue's
         // front before it lets go).
-        let port = shared.routes.get(&addr).map(|p| p.value().clone());
+        let port = shared.data.routes.get(&addr).map(|p| p.value().clone());
         let Some(port) = port.filter(|p| p.id == id) else {
             return self.refuse("The session ended").await;
         };

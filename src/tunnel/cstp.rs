@@ -49,7 +49,7 @@ use crate::core::conntrack::{NatDrop, Outcome};
 use crate::core::replay::{shows_client_alive, ReplayRing};
 use crate::core::route::{self, DropReason, UserView, Verdict};
 use crate::core::session::{CloseReason, SessionId};
-use crate::gateway::{LockedNat, Port, Shared, TunnelCtl, UserQueue};
+use crate::shared::{LockedNat, Port, Shared, TunnelCtl, UserQueue};
 use crate::tls::SyncTcp;
 use crate::wire::cstp::{self, FrameType, LOGOFF_CODE};
 
@@ -180,14 +180,14 @@ pub(crate) async fn run_tunnel(
             info!(session = %id, %user, %addr, "client logged off");
             let mut core = shared.core();
             core.handle_logoff(id, CloseReason::Logoff, now);
-            shared.process_events(core);
+            drop(core);
         }
         End::Closed => debug!(session = %id, "tunnel closed by the gateway"),
         End::Dropped(why) if current => {
             info!(session = %id, %user, %addr, reason = %why, window_s = shared.config.reconnect_window.as_secs(), "tunnel dropped; session kept for reconnect");
             let mut core = shared.core();
             core.handle_detach(id, now);
-            shared.process_events(core);
+            drop(core);
         }
         End::Dropped(why) => debug!(session = %id, reason = %why, "superseded tunnel ended"),
     }
@@ -773,12 +773,12 @@ impl Tunnel<'_> {
             client_to_client: rules.client_to_client,
             routes: &rules.routes,
         };
-        let verdict = route::from_user(&pkt, self.mtu, &view, &shared.gateway_addrs, |dst| {
-            shared.routes.get(&dst).map(|p| p.client_to_client())
+        let verdict = route::from_user(&pkt, self.mtu, &view, &shared.data.gateway_addrs, |dst| {
+            shared.data.routes.get(&dst).map(|p| p.client_to_client())
         });
         let authorized = match verdict {
             Verdict::ToSession(dst) => {
-                let peer = shared.routes.get(&dst).map(|p| p.value().clone());
+                let peer = shared.data.routes.get(&dst).map(|p| p.value().clone());
                 let Some(peer) = peer else {
                     shared.stats.drop(DropReason::NoSession);
                     return Fate::Dropped;
@@ -810,7 +810,7 @@ impl Tunnel<'_> {
             &ctx,
             &mut pkt,
             &mut self.scratch,
-            &mut LockedNat(&shared.nat_ports),
+            &mut LockedNat(&shared.data.nat_ports),
             Instant::now(),
         );
         let out: &[u8] = match outcome {

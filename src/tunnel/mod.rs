@@ -21,7 +21,7 @@ use tun_rs::AsyncDevice;
 
 use crate::core::bans::ConnectionAdmission;
 use crate::fdlimit::{self, AcceptBackoff, FdSlot};
-use crate::gateway::{Shared, UnauthSlot};
+use crate::shared::{Shared, UnauthSlot};
 use crate::stats::RefuseReason;
 use crate::wire::http::{self, Limits, RequestHead};
 
