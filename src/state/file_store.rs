@@ -40,12 +40,12 @@ struct Committed {
     written_at_unix: u64,
 }
 
-/// The document as read: records kept as raw JSON.
+/// The document as read: records kept as raw JSON. `saved_at_unix` and
+/// `pools` are required, as they always were: anything else (`[]`, `{}`)
+/// is not a state file.
 #[derive(Deserialize)]
 struct RawFile {
-    #[serde(default)]
     saved_at_unix: u64,
-    #[serde(default)]
     pools: BTreeMap<String, Box<RawValue>>,
     #[serde(default)]
     sessions: Vec<Box<RawValue>>,
@@ -367,6 +367,21 @@ mod tests {
                 .expect("json");
         assert_eq!(doc["sessions"], serde_json::json!([]));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn documents_that_are_not_state_files_are_unusable() {
+        for bad in [&b"[]"[..], b"{}", b"{\"pools\":{}}", b"null"] {
+            let dir = temp_dir("bad");
+            std::fs::write(dir.join(file::CURRENT), bad).expect("write");
+            let e = FileStore::new(&dir)
+                .load(false)
+                .await
+                .expect_err("unusable");
+            assert!(matches!(e, StoreError::Unusable(_)), "{e}");
+            assert_eq!(std::fs::read(dir.join(file::CURRENT)).expect("kept"), bad);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     }
 
     #[tokio::test]
