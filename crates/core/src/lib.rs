@@ -9,6 +9,7 @@
 pub mod alg;
 pub mod bans;
 pub mod conntrack;
+pub mod deadlines;
 pub mod dns_records;
 pub mod expect;
 pub mod log_limit;
