@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use intragate::admin::protocol::{self, Request};
 use intragate::config::{Config, Overrides, DEFAULT_CONFIG_PATH};
 
 #[derive(Parser)]
@@ -66,12 +67,19 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
-    /// Talk to the running daemon over its control socket.
+    /// Talk to the running daemon over its control socket (text, or --json).
+    ///
+    /// Every command prints text (a table, lines or one line) or, with
+    /// --json, the daemon's reply as JSON.
     Ctl {
         /// Give up when the daemon has not answered within SECS seconds
         /// (connect, request and reply); exit 1 with an error then.
         #[arg(long, global = true, value_name = "SECS", default_value = "5", value_parser = parse_timeout, env = "INTRAGATE_CTL_TIMEOUT")]
         timeout: std::time::Duration,
+        /// Print the daemon's reply as JSON (pretty; stable field names;
+        /// errors too, as {"ok": false, "error": ...}) instead of text.
+        #[arg(long, global = true)]
+        json: bool,
         #[command(subcommand)]
         cmd: CtlCmd,
     },
@@ -131,7 +139,7 @@ enum UserCmd {
 
 /// Which sessions a ctl command acts on.
 #[derive(clap::Args, Clone)]
-struct Selector {
+struct SelectorArgs {
     /// All sessions of this user.
     #[arg(long, conflicts_with_all = ["session", "address"])]
     user: Option<String>,
@@ -149,133 +157,101 @@ struct Selector {
     except_device: Option<String>,
 }
 
-impl Selector {
-    fn to_json(&self, cmd: &str) -> serde_json::Value {
-        serde_json::json!({"cmd": cmd, "user": self.user, "session": self.session,
-            "address": self.address, "except_session": self.except_session,
-            "except_device": self.except_device})
+impl From<SelectorArgs> for protocol::Selector {
+    fn from(a: SelectorArgs) -> Self {
+        Self {
+            user: a.user,
+            session: a.session,
+            address: a.address,
+            except_session: a.except_session,
+            except_device: a.except_device,
+        }
     }
 }
 
 #[derive(Subcommand)]
 enum CtlCmd {
-    /// Is the daemon up? Exit 0 if so (for container health checks).
+    /// Is the daemon up? One line: "ok: N session(s)".
+    ///
+    /// Exit 0 when the daemon answers and can write its state; else the
+    /// reason on stderr and exit 1 (container health checks).
     Health,
-    /// Counters: logons, refusals, closes and packet drops by reason, pools.
-    Stats {
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// List sessions.
+    /// Counters as grouped "name value" lines, and the pools.
+    ///
+    /// Logons, refusals, closes and packet drops by reason, the data path's
+    /// system calls, DNS, conntrack, file descriptors, the state file.
+    Stats,
+    /// Sessions as a table: id, user, address, state, idle, age, device, client.
     Sessions {
         /// Only this user's sessions.
         #[arg(long)]
         user: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
-    /// Show sessions in detail (by --user, --session or --address).
+    /// Sessions in detail as "key: value" lines (by --user, --session or --address).
+    ///
+    /// Every field: groups, DNS name, policy, pool, connects, age, idle, ...
     Show {
         #[command(flatten)]
-        sel: Selector,
+        sel: SelectorArgs,
     },
-    /// End sessions' tunnels but keep the sessions resumable for the reconnect window.
+    /// End sessions' tunnels; prints the sessions acted on.
+    ///
+    /// The sessions stay resumable for the reconnect window.
     Disconnect {
         #[command(flatten)]
-        sel: Selector,
+        sel: SelectorArgs,
     },
-    /// Close sessions: tunnels end, addresses and DNS names are released.
+    /// Close sessions; prints the sessions acted on.
+    ///
+    /// Tunnels end, addresses and DNS names are released.
     Logoff {
         #[command(flatten)]
-        sel: Selector,
+        sel: SelectorArgs,
     },
-    /// Pools: size, leased, quarantined, sticky.
+    /// Address pools as a table: range, gateway, size, leased, quarantined, sticky.
     Pool,
-    /// The DNS records of the live sessions.
+    /// The live sessions' DNS records, "NAME ADDRESS" per line.
     Dns,
-    /// Tracked connections (optionally of one user).
+    /// Tracked connections as a table (optionally one user's).
+    ///
+    /// Session, protocol, both ends, state, who opened it, idle time; then
+    /// how many flows are tracked of the cap.
     Conntrack {
         /// Only this user's flows.
         #[arg(long)]
         user: Option<String>,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
     },
-    /// Banned client addresses.
+    /// Banned client addresses as a table: score, time left.
     Bans,
-    /// Lift the ban of a client address.
+    /// Lift the ban of a client address; says whether there was one.
     Unban {
         /// The address.
         address: String,
     },
-    /// Re-read policies (same as SIGHUP) and apply them to every session at
-    /// once: same pool, in place; another pool or none, the session ends.
-    /// Prints what changed. A file with errors changes nothing.
-    Reload {
-        /// Print the answer as JSON.
-        #[arg(long)]
-        json: bool,
-    },
+    /// Re-read policies (same as SIGHUP); prints what changed.
+    ///
+    /// They apply to every session at once: same pool, in place; another
+    /// pool or none, the session ends. A file with errors changes nothing.
+    Reload,
 }
 
-/// The `ctl reload` answer for people.
-fn print_reload(r: &serde_json::Value) {
-    let names = |k: &str| -> String {
-        let v: Vec<&str> = r[k]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|x| x.as_str())
-            .collect();
-        if v.is_empty() {
-            "none".into()
-        } else {
-            v.join(", ")
+impl CtlCmd {
+    /// What this command asks the daemon.
+    fn into_request(self) -> Request {
+        match self {
+            CtlCmd::Health => Request::Health,
+            CtlCmd::Stats => Request::Stats,
+            CtlCmd::Sessions { user } => Request::Sessions { user },
+            CtlCmd::Show { sel } => Request::Show(sel.into()),
+            CtlCmd::Disconnect { sel } => Request::Disconnect(sel.into()),
+            CtlCmd::Logoff { sel } => Request::Logoff(sel.into()),
+            CtlCmd::Pool => Request::Pool,
+            CtlCmd::Dns => Request::Dns,
+            CtlCmd::Conntrack { user } => Request::Conntrack { user },
+            CtlCmd::Bans => Request::Bans,
+            CtlCmd::Unban { address } => Request::Unban { address },
+            CtlCmd::Reload => Request::Reload,
         }
-    };
-    let sessions = |k: &str| -> Vec<String> {
-        r[k].as_array()
-            .into_iter()
-            .flatten()
-            .map(|s| {
-                format!(
-                    "{} ({})",
-                    s["id"].as_str().unwrap_or("?"),
-                    s["user"].as_str().unwrap_or("?")
-                )
-            })
-            .collect()
-    };
-    println!(
-        "reloaded: {} policies (added: {}; removed: {}; changed: {})",
-        r["policies"],
-        names("added"),
-        names("removed"),
-        names("changed")
-    );
-    if let Some(n) = r["static_dns_records"].as_u64() {
-        println!("static DNS records: {n}");
-    }
-    println!(
-        "sessions now under a changed policy (same address): {}",
-        r["sessions_reevaluated"]
-    );
-    let closed = sessions("sessions_closed");
-    if !closed.is_empty() {
-        println!(
-            "sessions ended (no policy, or another address pool): {}",
-            closed.join(", ")
-        );
-    }
-    let stale = sessions("stale_client_routes");
-    if !stale.is_empty() {
-        println!(
-            "clients keeping the routes given at logon until they log on again (the gateway enforces the new ones now): {}",
-            stale.join(", ")
-        );
     }
 }
 
@@ -546,107 +522,27 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Ctl { timeout, cmd } => {
+        Cmd::Ctl { timeout, json, cmd } => {
             // The socket alone: ctl must work while a policy file is broken.
             let ctl_socket = intragate::config::ctl_socket_path(
                 config_path(&cli.config).as_deref(),
                 &env_overrides(),
             )
             .map_err(|e| anyhow::anyhow!(e))?;
-            let (req, json_out) = match &cmd {
-                CtlCmd::Health => (serde_json::json!({"cmd": "health"}), false),
-                CtlCmd::Stats { json } => (serde_json::json!({"cmd": "stats"}), *json),
-                CtlCmd::Sessions { user, json } => {
-                    (serde_json::json!({"cmd": "sessions", "user": user}), *json)
-                }
-                CtlCmd::Show { sel } => (sel.to_json("show"), true),
-                CtlCmd::Disconnect { sel } => (sel.to_json("disconnect"), false),
-                CtlCmd::Logoff { sel } => (sel.to_json("logoff"), false),
-                CtlCmd::Pool => (serde_json::json!({"cmd": "pool"}), true),
-                CtlCmd::Dns => (serde_json::json!({"cmd": "dns"}), false),
-                CtlCmd::Conntrack { user, json } => {
-                    (serde_json::json!({"cmd": "conntrack", "user": user}), *json)
-                }
-                CtlCmd::Bans => (serde_json::json!({"cmd": "bans"}), true),
-                CtlCmd::Unban { address } => (
-                    serde_json::json!({"cmd": "unban", "address": address}),
-                    false,
-                ),
-                CtlCmd::Reload { json } => (serde_json::json!({"cmd": "reload"}), *json),
-            };
+            let req = cmd.into_request();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
             let reply = rt.block_on(intragate::admin::request(&ctl_socket, &req, timeout))?;
-            if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
-                bail!(
-                    "{}",
-                    reply
-                        .get("error")
-                        .and_then(|v| v.as_str())
-                        .unwrap_or("request failed")
-                );
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reply.to_value())?);
             }
-            let txt = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_string();
-            match cmd {
-                _ if json_out => println!("{}", serde_json::to_string_pretty(&reply)?),
-                CtlCmd::Health => println!("ok: {} session(s)", reply["sessions"]),
-                CtlCmd::Stats { .. } => println!("{}", serde_json::to_string_pretty(&reply)?),
-                CtlCmd::Sessions { .. } => {
-                    println!("ID       USER                 ADDRESS          STATE         DEVICE           CLIENT");
-                    for s in reply["sessions"].as_array().into_iter().flatten() {
-                        println!(
-                            "{:<8} {:<20} {:<16} {:<13} {:<16} {}",
-                            txt(&s["id"]),
-                            txt(&s["user"]),
-                            txt(&s["address"]),
-                            txt(&s["state"]),
-                            txt(&s["device"]),
-                            txt(&s["client"]),
-                        );
-                    }
-                }
-                CtlCmd::Disconnect { .. } | CtlCmd::Logoff { .. } => {
-                    let ids: Vec<String> = reply["sessions"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(txt)
-                        .collect();
-                    println!("{} session(s): {}", ids.len(), ids.join(" "));
-                }
-                CtlCmd::Dns => {
-                    for r in reply["records"].as_array().into_iter().flatten() {
-                        println!("{:<40} {}", txt(&r["name"]), txt(&r["address"]));
-                    }
-                }
-                CtlCmd::Unban { .. } => println!(
-                    "{}",
-                    if reply["was_banned"].as_bool() == Some(true) {
-                        "unbanned"
-                    } else {
-                        "was not banned"
-                    }
-                ),
-                CtlCmd::Reload { .. } => print_reload(&reply["reloaded"]),
-                CtlCmd::Conntrack { .. } => {
-                    println!("SESSION  PROTO USER                   REMOTE                 STATE        ORIGIN    IDLE");
-                    for f in reply["flows"].as_array().into_iter().flatten() {
-                        println!(
-                            "{:<8} {:<5} {:<22} {:<22} {:<12} {:<9} {}s",
-                            txt(&f["session"]),
-                            txt(&f["proto"]),
-                            txt(&f["user"]),
-                            txt(&f["remote"]),
-                            txt(&f["state"]),
-                            txt(&f["origin"]),
-                            f["idle_s"]
-                        );
-                    }
-                    println!("{} of {} flows tracked", reply["tracked"], reply["cap"]);
-                }
-                _ => println!("{}", serde_json::to_string_pretty(&reply)?),
+            if let Some(e) = reply.error_message() {
+                bail!("{e}");
+            }
+            if !json {
+                print!("{}", intragate::admin::text::render(&req, &reply));
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -46,9 +46,9 @@ fn refusals(gw: &Gateway) -> (u64, u64) {
     (get("bad_credentials"), get("banned"))
 }
 
-/// The ban listed by `ctl bans` for user host 0's address: its score.
+/// The ban listed by `ctl bans --json` for user host 0's address: its score.
 fn listed_ban_score(gw: &Gateway, topo: &Topology) -> Option<u64> {
-    let o = gw.ctl(&["bans"]);
+    let o = gw.ctl(&["bans", "--json"]);
     assert!(o.ok(), "ctl bans failed: {o}");
     let v: serde_json::Value = serde_json::from_str(o.stdout.trim())
         .unwrap_or_else(|e| panic!("ctl bans: bad JSON ({e}): {o}"));

@@ -630,7 +630,7 @@ fn ctl_logoff_except_device() {
         ping_ok(topo.user(1), INTERNAL_IP, 10 * S),
         "B: no ping at the end"
     );
-    let pool = gw.ctl(&["pool"]);
+    let pool = gw.ctl(&["pool", "--json"]);
     let v: Value = serde_json::from_str(pool.stdout.trim()).unwrap_or_default();
     assert_eq!(
         v.pointer("/pools/0/leased").and_then(Value::as_u64),

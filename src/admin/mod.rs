@@ -2,9 +2,16 @@
 //! `/metrics` endpoint.
 //!
 //! The control socket is a Unix socket, mode 0600 (root), or 0660 with the
-//! configured `ctl_group`; one JSON request line in, one JSON reply line out.
+//! configured `ctl_group`; one JSON request line in, one JSON reply line out
+//! ([`protocol`]). The daemon's end is here, the client's in [`client`],
+//! the text `ctl` prints in [`text`].
 
+pub mod client;
 pub mod metrics;
+pub mod protocol;
+pub mod text;
+
+pub use client::{request, CtlError};
 
 use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
@@ -12,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
@@ -20,6 +27,10 @@ use tracing::{debug, info, warn};
 use crate::core::session::{CloseReason, GatewayState, Session, SessionId};
 use crate::fdlimit::AcceptBackoff;
 use crate::shared::Shared;
+use protocol::{
+    Ban, BanList, Conntrack, DnsRecord, DnsRecords, Health, HealthStatus, PoolList, PoolRow,
+    Reloaded, Reply, Request, Selector, SessionIds, SessionList, SessionRow, Stats, Unbanned,
+};
 
 /// Longest request line accepted.
 const MAX_REQUEST: usize = 4096;
@@ -113,38 +124,56 @@ async fn handle(shared: Arc<Shared>, conn: UnixStream) -> std::io::Result<()> {
     tokio::time::timeout(CTL_IO_TIMEOUT, rd.read_line(&mut line))
         .await
         .map_err(|_| timed_out("the client sent no request line"))??;
-    let reply = match serde_json::from_str::<Value>(&line) {
-        Ok(req) => answer(&shared, &req),
-        Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
-    };
-    let mut out = reply.to_string();
+    let mut out = answer_line(&shared, &line);
     out.push('\n');
     tokio::time::timeout(CTL_IO_TIMEOUT, wr.write_all(out.as_bytes()))
         .await
         .map_err(|_| timed_out("the client did not take the reply"))?
 }
 
-fn err(msg: impl Into<String>) -> Value {
-    json!({"ok": false, "error": msg.into()})
+/// Answer one request line as it came off the socket; a line that is not a
+/// request gets an error reply saying why.
+fn answer_line(shared: &Shared, line: &str) -> String {
+    match Request::decode(line) {
+        Ok(req) => respond(shared, req),
+        Err(e) => Reply::error(e.to_string()),
+    }
+    .encode()
 }
 
-/// A session as JSON.
+/// Answer one request given as JSON, with the JSON a client would read
+/// (`{"ok": .., ...}`).
+pub fn answer(shared: &Shared, req: &Value) -> Value {
+    match Request::from_value(req.clone()) {
+        Ok(req) => respond(shared, req),
+        Err(e) => Reply::error(e.to_string()),
+    }
+    .to_value()
+}
+
+/// A session as `ctl sessions` and `ctl show` list it.
+pub fn session_row(s: &Session, domain: &str, now: Instant) -> SessionRow {
+    SessionRow {
+        id: s.id.to_string(),
+        user: s.user.clone(),
+        groups: s.groups.clone(),
+        address: s.addr,
+        dns_name: s.dns_label.as_ref().map(|l| format!("{l}.{domain}")),
+        state: s.state.as_str().into(),
+        device: s.device.clone(),
+        client: s.client_addr,
+        policy: s.policy.name.clone(),
+        pool: s.pool.clone(),
+        connects: s.connects,
+        age_s: now.saturating_duration_since(s.created).as_secs(),
+        idle_s: now.saturating_duration_since(s.last_activity).as_secs(),
+    }
+}
+
+/// A session as JSON (the fields of [`SessionRow`]).
 pub fn session_json(s: &Session, domain: &str, now: Instant) -> Value {
-    json!({
-        "id": s.id.to_string(),
-        "user": s.user,
-        "groups": s.groups,
-        "address": s.addr.to_string(),
-        "dns_name": s.dns_label.as_ref().map(|l| format!("{l}.{domain}")),
-        "state": s.state.as_str(),
-        "device": s.device,
-        "client": s.client_addr.map(|a| a.to_string()),
-        "policy": s.policy.name,
-        "pool": s.pool,
-        "connects": s.connects,
-        "age_s": now.saturating_duration_since(s.created).as_secs(),
-        "idle_s": now.saturating_duration_since(s.last_activity).as_secs(),
-    })
+    // Strings, addresses and numbers: serialising cannot fail.
+    serde_json::to_value(session_row(s, domain, now)).unwrap_or_default()
 }
 
 fn parse_id(s: &str) -> Option<SessionId> {
@@ -153,17 +182,16 @@ fn parse_id(s: &str) -> Option<SessionId> {
 
 /// The sessions a request selects: `session`, `address` or `user`, less
 /// `except_session` / `except_device`.
-fn select(core: &GatewayState, req: &Value) -> Result<Vec<SessionId>, String> {
-    let s = |k: &str| req.get(k).and_then(Value::as_str);
-    let mut ids: Vec<SessionId> = if let Some(id) = s("session") {
+fn select(core: &GatewayState, sel: &Selector) -> Result<Vec<SessionId>, String> {
+    let mut ids: Vec<SessionId> = if let Some(id) = &sel.session {
         let id = parse_id(id).ok_or_else(|| format!("'{id}' is not a session id (e.g. s12)"))?;
         core.session(id).map(|x| x.id).into_iter().collect()
-    } else if let Some(a) = s("address") {
+    } else if let Some(a) = &sel.address {
         let a: IpAddr = a
             .parse()
             .map_err(|_| format!("'{a}' is not an IP address"))?;
         core.session_by_addr(a).map(|x| x.id).into_iter().collect()
-    } else if let Some(u) = s("user") {
+    } else if let Some(u) = &sel.user {
         core.sessions()
             .filter(|x| x.user.eq_ignore_ascii_case(u))
             .map(|x| x.id)
@@ -171,210 +199,207 @@ fn select(core: &GatewayState, req: &Value) -> Result<Vec<SessionId>, String> {
     } else {
         return Err("name the sessions: --user, --session or --address".into());
     };
-    if let Some(e) = s("except_session") {
+    if let Some(e) = &sel.except_session {
         let e = parse_id(e).ok_or_else(|| format!("'{e}' is not a session id"))?;
         ids.retain(|i| *i != e);
     }
-    if let Some(d) = s("except_device") {
-        ids.retain(|i| core.session(*i).and_then(|x| x.device.as_deref()) != Some(d));
+    if let Some(d) = &sel.except_device {
+        ids.retain(|i| core.session(*i).and_then(|x| x.device.as_deref()) != Some(d.as_str()));
     }
     ids.sort();
     Ok(ids)
 }
 
 /// Answer one request.
-pub fn answer(shared: &Shared, req: &Value) -> Value {
-    let cmd = req.get("cmd").and_then(Value::as_str).unwrap_or("");
+pub fn respond(shared: &Shared, req: Request) -> Reply {
     let now = Instant::now();
     let domain = &shared.config.domain;
-    match cmd {
-        "health" => {
+    match req {
+        Request::Health => {
             let sessions = shared.core().len();
-            let pin = shared.pin.load();
+            let pin = shared.pin.load().as_str().to_string();
             // Unhealthy (ctl exits non-zero, Docker's HEALTHCHECK fails)
             // while the state file cannot be written.
-            match shared.persist.health(crate::shared::unix_now()) {
-                Ok(()) => json!({"ok": true, "status": "running", "sessions": sessions, "pin": pin.as_str()}),
-                Err(e) => json!({"ok": false, "status": "degraded", "error": e, "sessions": sessions, "pin": pin.as_str()}),
-            }
+            let (status, error) = match shared.persist.health(crate::shared::unix_now()) {
+                Ok(()) => (HealthStatus::Running, None),
+                Err(e) => (HealthStatus::Degraded, Some(e)),
+            };
+            Reply::Health(Health {
+                status,
+                sessions,
+                pin,
+                error,
+            })
         }
-        "stats" => {
-            let mut v = shared.stats.to_json();
+        Request::Stats => {
+            let mut counters = object(shared.stats.to_json());
             let core = shared.core();
-            if let Some(o) = v.as_object_mut() {
-                o.insert("sessions".into(), json!(core.len()));
-                o.insert("pools".into(), pools_json(&core, now));
-                o.insert("dns".into(), shared.dns_stats.to_json());
-                drop(core);
-                o.insert("conntrack".into(), shared.flow_stats_json());
-                o.insert("fds".into(), crate::fdlimit::budget().to_json());
-                o.insert(
-                    "state".into(),
-                    shared.persist.to_json(shared.state_dirty()),
-                );
-                o.insert("ok".into(), json!(true));
+            let sessions = core.len();
+            let pools = pools(&core, now);
+            drop(core);
+            // The fields of `Stats` win over a counter of the same name.
+            for k in [
+                "ok",
+                "sessions",
+                "pools",
+                "dns",
+                "conntrack",
+                "fds",
+                "state",
+            ] {
+                counters.remove(k);
             }
-            v
+            Reply::Stats(Box::new(Stats {
+                sessions,
+                pools,
+                dns: object(shared.dns_stats.to_json()),
+                conntrack: object(shared.flow_stats_json()),
+                fds: object(crate::fdlimit::budget().to_json()),
+                state: object(shared.persist.to_json(shared.state_dirty())),
+                counters,
+            }))
         }
-        "sessions" => {
-            let user = req.get("user").and_then(Value::as_str);
+        Request::Sessions { user } => {
             let core = shared.core();
-            let mut list: Vec<Value> = core
+            let mut sessions: Vec<SessionRow> = core
                 .sessions()
-                .filter(|s| user.is_none_or(|u| s.user.eq_ignore_ascii_case(u)))
-                .map(|s| session_json(s, domain, now))
+                .filter(|s| {
+                    user.as_deref()
+                        .is_none_or(|u| s.user.eq_ignore_ascii_case(u))
+                })
+                .map(|s| session_row(s, domain, now))
                 .collect();
-            list.sort_by(|a, b| {
-                (a["user"].as_str(), a["id"].as_str()).cmp(&(b["user"].as_str(), b["id"].as_str()))
-            });
-            json!({"ok": true, "sessions": list})
+            sessions.sort_by(|a, b| (&a.user, &a.id).cmp(&(&b.user, &b.id)));
+            Reply::Sessions(SessionList { sessions })
         }
-        "show" => {
+        Request::Show(sel) => {
             let core = shared.core();
-            match select(&core, req) {
-                Ok(ids) if !ids.is_empty() => {
-                    let list: Vec<Value> = ids
+            match select(&core, &sel) {
+                Ok(ids) if !ids.is_empty() => Reply::Sessions(SessionList {
+                    sessions: ids
                         .iter()
                         .filter_map(|i| core.session(*i))
-                        .map(|s| session_json(s, domain, now))
-                        .collect();
-                    json!({"ok": true, "sessions": list})
-                }
-                Ok(_) => err("no such session"),
-                Err(e) => err(e),
+                        .map(|s| session_row(s, domain, now))
+                        .collect(),
+                }),
+                Ok(_) => Reply::error("no such session"),
+                Err(e) => Reply::error(e),
             }
         }
-        "disconnect" | "logoff" => {
-            let mut core = shared.core();
-            let ids = match select(&core, req) {
-                Ok(ids) => ids,
-                Err(e) => return err(e),
-            };
-            for id in &ids {
-                if cmd == "logoff" {
-                    core.handle_logoff(*id, CloseReason::Admin("intragate ctl".into()), now);
-                } else {
-                    core.handle_disconnect(*id, "disconnected by the administrator", now);
-                }
-            }
-            drop(core);
-            info!(count = ids.len(), "ctl {cmd}");
-            let names: Vec<String> = ids.iter().map(ToString::to_string).collect();
-            json!({"ok": true, "sessions": names})
-        }
-        "pool" => {
+        Request::Disconnect(sel) => end_sessions(shared, &sel, false, now),
+        Request::Logoff(sel) => end_sessions(shared, &sel, true, now),
+        Request::Pool => {
             let core = shared.core();
-            json!({"ok": true, "pools": pools_json(&core, now)})
+            Reply::Pools(PoolList {
+                pools: pools(&core, now),
+            })
         }
-        "dns" => {
+        Request::Dns => {
             let core = shared.core();
-            let mut list: Vec<Value> = core
+            let mut records: Vec<DnsRecord> = core
                 .dns()
                 .entries()
-                .map(|(l, a)| json!({"name": format!("{l}.{domain}"), "address": a.to_string()}))
+                .map(|(l, a)| DnsRecord {
+                    name: format!("{l}.{domain}"),
+                    address: a,
+                })
                 .collect();
-            list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-            json!({"ok": true, "records": list})
+            records.sort_by(|a, b| a.name.cmp(&b.name));
+            Reply::Dns(DnsRecords { records })
         }
-        "bans" => {
-            let list: Vec<Value> = shared
+        Request::Bans => {
+            let bans = shared
                 .bans()
                 .banned(now)
                 .iter()
-                .map(|b| {
-                    json!({"address": format!("{}/{}", b.ip, b.prefix_len()), "score": b.score,
-                           "remaining_s": b.until.saturating_duration_since(now).as_secs()})
+                .map(|b| Ban {
+                    address: format!("{}/{}", b.ip, b.prefix_len()),
+                    score: b.score,
+                    remaining_s: b.until.saturating_duration_since(now).as_secs(),
                 })
                 .collect();
-            json!({"ok": true, "bans": list})
+            Reply::Bans(BanList { bans })
         }
-        "unban" => {
-            let Some(a) = req.get("address").and_then(Value::as_str) else {
-                return err("give the address to unban");
-            };
-            let Ok(ip) = a.parse::<IpAddr>() else {
-                return err(format!("'{a}' is not an IP address"));
+        Request::Unban { address } => {
+            let Ok(ip) = address.parse::<IpAddr>() else {
+                return Reply::error(format!("'{address}' is not an IP address"));
             };
             let was = shared.bans().unban(ip);
             info!(address = %ip, was_banned = was, "ctl unban");
-            json!({"ok": true, "was_banned": was})
+            Reply::Unban(Unbanned { was_banned: was })
         }
-        "reload" => match shared.reload() {
-            Ok(summary) => json!({"ok": true, "reloaded": summary}),
+        Request::Reload => match shared.reload() {
+            Ok(summary) => match serde_json::from_value(summary) {
+                Ok(reloaded) => Reply::Reload(Reloaded { reloaded }),
+                Err(e) => Reply::error(format!(
+                    "reloaded, but the summary of what changed cannot be read: {e}"
+                )),
+            },
             Err(e) => {
                 warn!("reload refused: {e}");
-                err(e)
+                Reply::error(e)
             }
         },
-        "conntrack" => {
-            let flows = shared.conntrack_json(req.get("user").and_then(Value::as_str));
-            json!({"ok": true, "flows": flows, "tracked": shared.data.flow_budget.used(), "cap": shared.data.flow_budget.cap()})
+        Request::Conntrack { user } => {
+            let flows = shared.conntrack_json(user.as_deref());
+            match serde_json::from_value(flows) {
+                Ok(flows) => Reply::Conntrack(Conntrack {
+                    flows,
+                    tracked: shared.data.flow_budget.used(),
+                    cap: shared.data.flow_budget.cap(),
+                }),
+                Err(e) => Reply::error(format!("the flow list cannot be read: {e}")),
+            }
         }
-        other => err(format!(
-            "unknown command '{other}' (health, stats, sessions, show, disconnect, logoff, pool, dns, conntrack, bans, unban, reload)"
-        )),
     }
 }
 
-fn pools_json(core: &GatewayState, now: Instant) -> Value {
-    let pools: Vec<Value> = core
-        .pools()
+/// `disconnect` (tunnels end, sessions stay resumable) or `logoff`.
+fn end_sessions(shared: &Shared, sel: &Selector, logoff: bool, now: Instant) -> Reply {
+    let mut core = shared.core();
+    let ids = match select(&core, sel) {
+        Ok(ids) => ids,
+        Err(e) => return Reply::error(e),
+    };
+    for id in &ids {
+        if logoff {
+            core.handle_logoff(*id, CloseReason::Admin("intragate ctl".into()), now);
+        } else {
+            core.handle_disconnect(*id, "disconnected by the administrator", now);
+        }
+    }
+    drop(core);
+    let cmd = if logoff { "logoff" } else { "disconnect" };
+    info!(count = ids.len(), "ctl {cmd}");
+    Reply::Ended(SessionIds {
+        sessions: ids.iter().map(ToString::to_string).collect(),
+    })
+}
+
+fn pools(core: &GatewayState, now: Instant) -> Vec<PoolRow> {
+    core.pools()
         .map(|p| {
             let s = p.stats(now);
-            json!({"name": p.name(), "cidr": p.cidr().to_string(), "gateway": p.gateway_addr().to_string(),
-                   "size": s.size.to_string(), "leased": s.leased,
-                   "quarantined": s.quarantined, "sticky": s.sticky})
+            PoolRow {
+                name: p.name().into(),
+                cidr: p.cidr().to_string(),
+                gateway: p.gateway_addr(),
+                size: s.size.to_string(),
+                leased: s.leased,
+                quarantined: s.quarantined,
+                sticky: s.sticky,
+            }
         })
-        .collect();
-    json!(pools)
+        .collect()
 }
 
-/// Why a control request failed (client side).
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum CtlError {
-    /// No daemon listens on the socket (or it may not be opened).
-    #[error("cannot connect to the control socket {}: {error} (is the gateway running, and are you root or in ctl_group?)", path.display())]
-    Connect {
-        /// The socket.
-        path: std::path::PathBuf,
-        /// What connect(2) said.
-        error: std::io::Error,
-    },
-    /// The daemon took longer than the timeout.
-    #[error("the gateway did not answer within {} s (is it overloaded or stuck?)", .0.as_secs_f64())]
-    Timeout(Duration),
-    /// The connection broke.
-    #[error("the control connection failed: {0}")]
-    Io(#[from] std::io::Error),
-    /// The reply was not one JSON line.
-    #[error("the gateway's reply is not JSON: {0}")]
-    BadReply(#[from] serde_json::Error),
-}
-
-/// Client side: send one request, return the reply; connecting, sending
-/// and reading the reply together take at most `timeout`.
-pub async fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, CtlError> {
-    let exchange = async {
-        let mut s = UnixStream::connect(path)
-            .await
-            .map_err(|error| CtlError::Connect {
-                path: path.to_path_buf(),
-                error,
-            })?;
-        let mut line = req.to_string();
-        line.push('\n');
-        s.write_all(line.as_bytes()).await?;
-        let mut reply = String::new();
-        BufReader::new(s)
-            .take(16 * 1024 * 1024)
-            .read_line(&mut reply)
-            .await?;
-        Ok(serde_json::from_str(&reply)?)
-    };
-    tokio::time::timeout(timeout, exchange)
-        .await
-        .map_err(|_| CtlError::Timeout(timeout))?
+/// A JSON object's fields (the counter groups are objects; anything else
+/// has none).
+fn object(v: Value) -> serde_json::Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
 }
 
 #[cfg(test)]
@@ -383,40 +408,272 @@ mod state_tests;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
-    #[tokio::test]
-    async fn request_times_out_on_a_daemon_that_accepts_but_never_answers() {
-        let dir = std::env::temp_dir().join(format!("igctl-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("ctl.sock");
-        let _ = std::fs::remove_file(&path);
-        let l = UnixListener::bind(&path).unwrap();
-        let silent = tokio::spawn(async move {
-            let (c, _) = l.accept().await.unwrap();
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            drop(c);
-        });
-        let t0 = std::time::Instant::now();
-        let r = request(&path, &json!({"cmd": "health"}), Duration::from_millis(300)).await;
-        let took = t0.elapsed();
-        silent.abort();
-        let _ = std::fs::remove_dir_all(&dir);
-        let e = r.expect_err("a silent daemon must not give a reply");
-        assert!(matches!(e, CtlError::Timeout(_)), "{e:?}");
-        assert_eq!(
-            e.to_string(),
-            "the gateway did not answer within 0.3 s (is it overloaded or stuck?)"
-        );
-        assert!(took < Duration::from_secs(2), "took {took:?}");
+    /// A gateway's shared state over a temporary directory (no sockets).
+    struct Gw {
+        dir: std::path::PathBuf,
+        shared: Shared,
     }
 
-    #[tokio::test]
-    async fn request_names_the_socket_when_nothing_listens() {
-        let path = std::env::temp_dir().join(format!("igctl-none-{}.sock", std::process::id()));
-        let e = request(&path, &json!({"cmd": "health"}), Duration::from_secs(1))
-            .await
-            .expect_err("nothing listens");
-        assert!(matches!(e, CtlError::Connect { .. }), "{e:?}");
-        assert!(e.to_string().contains(&path.display().to_string()), "{e}");
+    impl Drop for Gw {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn gateway(tag: &str) -> Gw {
+        let dir = std::env::temp_dir().join(format!(
+            "intragate-admin-{tag}-{}-{:x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(dir.join("policies")).expect("dir");
+        std::fs::write(dir.join("policies/10-all.toml"), POLICY).expect("policy");
+        let cfg = dir.join("intragate.toml");
+        std::fs::write(
+            &cfg,
+            "[gateway]\nstate_dir = \"state\"\nusers_file = \"users\"\ndomain = \"vpn.example\"\n\
+             policies_dir = \"policies\"\n[[pool]]\nname = \"default\"\ncidr = \"198.18.64.0/24\"\n",
+        )
+        .expect("config");
+        let config = crate::config::Config::load(Some(&cfg), &crate::config::Overrides::default())
+            .expect("config");
+        std::fs::create_dir_all(&config.state_dir).expect("state dir");
+        let shared = Shared::new(
+            config,
+            "pin-sha256:test".into(),
+            tokio_util::sync::CancellationToken::new(),
+        )
+        .expect("shared");
+        Gw { dir, shared }
+    }
+
+    const POLICY: &str =
+        "[[policy]]\nname = \"everyone\"\ngroups = [\"*\"]\nmax_sessions_per_user = 5\n";
+
+    fn logon(shared: &Shared, user: &str, device: &str) -> SessionId {
+        use crate::core::session::{LogonOutcome, LogonRequest};
+        let mut core = shared.core();
+        let token = format!("cookie-{user}-{:016x}", rand::random::<u64>());
+        let r = core.handle_logon(
+            LogonRequest {
+                user: user.into(),
+                groups: vec![],
+                token: token.clone(),
+                offer_token: format!("offer-{user}-{device}"),
+                client_addr: None,
+                account: 0,
+            },
+            Instant::now(),
+        );
+        let Ok(LogonOutcome::Opened(id)) = r else {
+            panic!("logon of {user}: {r:?}");
+        };
+        let attached = core.handle_attach(&token, Some(device.into()), None, Instant::now());
+        assert!(attached.is_ok(), "attach of {user}: {attached:?}");
+        drop(core);
+        id
+    }
+
+    /// Ask as a client would: the request through its JSON line, the reply
+    /// back through its own.
+    fn ask(shared: &Shared, req: Request) -> Reply {
+        let line = answer_line(shared, &req.encode());
+        Reply::decode(&req, &line).unwrap_or_else(|e| panic!("{req:?}: {e}: {line}"))
+    }
+
+    #[test]
+    fn a_malformed_request_gets_an_error_reply() {
+        let gw = gateway("bad");
+        for (line, says) in [
+            ("", "bad request"),
+            ("{\"cmd\":", "bad request"),
+            ("[\"health\"]", "no \"cmd\""),
+            (
+                "{\"cmd\":\"halt\"}",
+                "unknown command 'halt' (health, stats",
+            ),
+            ("{\"cmd\":\"unban\"}", "missing field `address`"),
+            (
+                "{\"cmd\":\"show\",\"session\":12}",
+                "bad request for 'show'",
+            ),
+        ] {
+            let v: Value = serde_json::from_str(&answer_line(&gw.shared, line)).expect("json");
+            assert_eq!(v["ok"], false, "{line}: {v}");
+            let e = v["error"].as_str().unwrap_or_default();
+            assert!(e.contains(says), "{line}: {e}");
+        }
+        let v = answer(&gw.shared, &json!({"cmd": "nope"}));
+        assert_eq!(v["ok"], false, "{v}");
+    }
+
+    #[test]
+    fn every_request_gets_its_reply() {
+        let gw = gateway("all");
+        let shared = &gw.shared;
+        let a1 = logon(shared, "alice", "devA");
+        let a2 = logon(shared, "alice", "devB");
+        let b = logon(shared, "bob", "devC");
+
+        let Reply::Health(h) = ask(shared, Request::Health) else {
+            panic!("health")
+        };
+        assert_eq!((h.status, h.sessions), (HealthStatus::Running, 3));
+        assert_eq!(h.pin, "pin-sha256:test");
+
+        let Reply::Stats(s) = ask(shared, Request::Stats) else {
+            panic!("stats")
+        };
+        assert_eq!(s.sessions, 3);
+        assert_eq!(s.pools[0].leased, 3, "{s:?}");
+        assert!(s.counters["drops"].is_object(), "{s:?}");
+        assert!(s.conntrack.contains_key("cap"), "{s:?}");
+
+        let Reply::Sessions(l) = ask(shared, Request::Sessions { user: None }) else {
+            panic!("sessions")
+        };
+        let who: Vec<(&str, &str)> = l
+            .sessions
+            .iter()
+            .map(|s| (s.user.as_str(), s.device.as_deref().unwrap_or("")))
+            .collect();
+        assert_eq!(who, [("alice", "devA"), ("alice", "devB"), ("bob", "devC")]);
+        assert_eq!(l.sessions[2].dns_name.as_deref(), Some("bob.vpn.example"));
+        let Reply::Sessions(l) = ask(
+            shared,
+            Request::Sessions {
+                user: Some("ALICE".into()),
+            },
+        ) else {
+            panic!("sessions")
+        };
+        assert_eq!(l.sessions.len(), 2);
+
+        let bob = Selector {
+            session: Some(b.to_string()),
+            ..Selector::default()
+        };
+        let Reply::Sessions(l) = ask(shared, Request::Show(bob.clone())) else {
+            panic!("show")
+        };
+        assert_eq!(l.sessions[0].user, "bob");
+        let by_addr = Selector {
+            address: Some(l.sessions[0].address.to_string()),
+            ..Selector::default()
+        };
+        assert_eq!(ask(shared, Request::Show(by_addr)), Reply::Sessions(l));
+
+        let Reply::Dns(d) = ask(shared, Request::Dns) else {
+            panic!("dns")
+        };
+        assert!(
+            d.records.iter().any(|r| r.name == "bob.vpn.example"),
+            "{d:?}"
+        );
+
+        let Reply::Pools(p) = ask(shared, Request::Pool) else {
+            panic!("pool")
+        };
+        assert_eq!(
+            (p.pools[0].name.as_str(), p.pools[0].leased),
+            ("default", 3)
+        );
+
+        assert_eq!(
+            ask(shared, Request::Bans),
+            Reply::Bans(protocol::BanList { bans: vec![] })
+        );
+        assert_eq!(
+            ask(
+                shared,
+                Request::Unban {
+                    address: "203.0.113.7".into()
+                }
+            ),
+            Reply::Unban(Unbanned { was_banned: false })
+        );
+        let Reply::Conntrack(c) = ask(shared, Request::Conntrack { user: None }) else {
+            panic!("conntrack")
+        };
+        assert!(c.flows.is_empty() && c.cap > 0, "{c:?}");
+
+        let spare_b = Selector {
+            user: Some("alice".into()),
+            except_device: Some("devB".into()),
+            ..Selector::default()
+        };
+        assert_eq!(
+            ask(shared, Request::Disconnect(spare_b.clone())),
+            Reply::Ended(SessionIds {
+                sessions: vec![a1.to_string()]
+            })
+        );
+        let spare_a1 = Selector {
+            user: Some("alice".into()),
+            except_session: Some(a1.to_string()),
+            ..Selector::default()
+        };
+        assert_eq!(
+            ask(shared, Request::Logoff(spare_a1)),
+            Reply::Ended(SessionIds {
+                sessions: vec![a2.to_string()]
+            })
+        );
+        assert_eq!(shared.core().len(), 2);
+
+        // A new policy: the summary says what changed.
+        std::fs::write(
+            gw.dir.join("policies/20-staff.toml"),
+            "[[policy]]\nname = \"staff\"\ngroups = [\"staff\"]\n",
+        )
+        .expect("policy");
+        let Reply::Reload(r) = ask(shared, Request::Reload) else {
+            panic!("reload")
+        };
+        assert_eq!(r.reloaded.policies, 2, "{r:?}");
+        assert_eq!(r.reloaded.added, ["staff"], "{r:?}");
+    }
+
+    #[test]
+    fn requests_that_cannot_be_answered_say_why() {
+        let gw = gateway("why");
+        let shared = &gw.shared;
+        logon(shared, "alice", "devA");
+        let error = |req: Request| match ask(shared, req) {
+            Reply::Error(e) => e.error,
+            r => panic!("not an error: {r:?}"),
+        };
+        assert_eq!(
+            error(Request::Show(Selector::default())),
+            "name the sessions: --user, --session or --address"
+        );
+        let nobody = Selector {
+            user: Some("nobody".into()),
+            ..Selector::default()
+        };
+        assert_eq!(error(Request::Show(nobody)), "no such session");
+        let bad_id = Selector {
+            session: Some("x1".into()),
+            ..Selector::default()
+        };
+        assert_eq!(
+            error(Request::Logoff(bad_id)),
+            "'x1' is not a session id (e.g. s12)"
+        );
+        assert_eq!(
+            error(Request::Unban {
+                address: "gateway".into()
+            }),
+            "'gateway' is not an IP address"
+        );
+        std::fs::write(
+            gw.dir.join("policies/10-all.toml"),
+            "[[policy]]\nname = \"x\"\ngroups = [\"*\"]\npool = \"nowhere\"\n",
+        )
+        .expect("policy");
+        assert!(error(Request::Reload).contains("nowhere"));
+        assert_eq!(shared.core().len(), 1, "a refused request changes nothing");
     }
 }

@@ -1,0 +1,431 @@
+//! What `intragate ctl` prints without `--json`: tables, `key: value`
+//! lines, one line for `health`. Some lines are read by scripts and tests
+//! and stay as they are: `health` starts with `ok`, `dns` is `NAME ADDRESS`
+//! per line, `disconnect`/`logoff` say `N session(s): s1 s2`, and the
+//! `reload` sentences.
+
+use std::fmt::Write as _;
+
+use serde_json::{Map, Value};
+
+use super::protocol::{
+    BanList, Conntrack, DnsRecords, Health, HealthStatus, PoolRow, ReloadSummary, Reply, Request,
+    SessionRef, SessionRow, Stats,
+};
+
+/// The reply to `req` for people, ending with a newline (empty for an
+/// empty `dns`).
+pub fn render(req: &Request, reply: &Reply) -> String {
+    match reply {
+        Reply::Health(h) => health(h),
+        Reply::Stats(s) => stats(s),
+        Reply::Sessions(l) if matches!(req, Request::Show(_)) => show(&l.sessions),
+        Reply::Sessions(l) => sessions(&l.sessions),
+        Reply::Ended(e) => format!(
+            "{} session(s): {}\n",
+            e.sessions.len(),
+            e.sessions.join(" ")
+        ),
+        Reply::Pools(p) => pools(&p.pools),
+        Reply::Dns(d) => dns(d),
+        Reply::Bans(b) => bans(b),
+        Reply::Unban(u) if u.was_banned => "unbanned\n".into(),
+        Reply::Unban(_) => "was not banned\n".into(),
+        Reply::Reload(r) => reload(&r.reloaded),
+        Reply::Conntrack(c) => conntrack(c),
+        Reply::Error(e) => format!("error: {}\n", e.error),
+    }
+}
+
+fn health(h: &Health) -> String {
+    match h.status {
+        HealthStatus::Running => format!("ok: {} session(s)\n", h.sessions),
+        HealthStatus::Degraded => format!(
+            "degraded: {} session(s): {}\n",
+            h.sessions,
+            h.error.as_deref().unwrap_or("unknown error")
+        ),
+    }
+}
+
+/// Columns padded to their widest cell; the last column is not padded.
+fn table(indent: &str, header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::from(indent);
+        for (i, c) in cells.enumerate() {
+            if i + 1 == width.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = width[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for r in rows {
+        line(&mut r.iter().map(String::as_str));
+    }
+    out
+}
+
+/// `59s`, `3m20s`, `2h05m`, `3d04h`.
+fn duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m{:02}s", secs / 60, secs % 60),
+        3600..86_400 => format!("{}h{:02}m", secs / 3600, secs % 3600 / 60),
+        _ => format!("{}d{:02}h", secs / 86_400, secs % 86_400 / 3600),
+    }
+}
+
+fn or_dash(v: Option<impl ToString>) -> String {
+    v.map_or_else(|| "-".into(), |v| v.to_string())
+}
+
+fn sessions(list: &[SessionRow]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|s| {
+            vec![
+                s.id.clone(),
+                s.user.clone(),
+                s.address.to_string(),
+                s.state.clone(),
+                duration(s.idle_s),
+                duration(s.age_s),
+                or_dash(s.device.as_ref()),
+                or_dash(s.client),
+            ]
+        })
+        .collect();
+    table(
+        "",
+        &[
+            "ID", "USER", "ADDRESS", "STATE", "IDLE", "AGE", "DEVICE", "CLIENT",
+        ],
+        &rows,
+    )
+}
+
+fn show(list: &[SessionRow]) -> String {
+    let mut out = String::new();
+    for (i, s) in list.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let groups = if s.groups.is_empty() {
+            "-".into()
+        } else {
+            s.groups.join(", ")
+        };
+        let lines = [
+            ("id", s.id.clone()),
+            ("user", s.user.clone()),
+            ("groups", groups),
+            ("address", s.address.to_string()),
+            ("dns_name", or_dash(s.dns_name.as_ref())),
+            ("state", s.state.clone()),
+            ("device", or_dash(s.device.as_ref())),
+            ("client", or_dash(s.client)),
+            ("policy", s.policy.clone()),
+            ("pool", s.pool.clone()),
+            ("connects", s.connects.to_string()),
+            ("age", format!("{} ({} s)", duration(s.age_s), s.age_s)),
+            ("idle", format!("{} ({} s)", duration(s.idle_s), s.idle_s)),
+        ];
+        for (k, v) in lines {
+            let _ = writeln!(out, "{:<10}{v}", format!("{k}:"));
+        }
+    }
+    out
+}
+
+fn pools(list: &[PoolRow]) -> String {
+    pool_table("", list)
+}
+
+fn pool_table(indent: &str, list: &[PoolRow]) -> String {
+    let rows: Vec<Vec<String>> = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.cidr.clone(),
+                p.gateway.to_string(),
+                p.size.clone(),
+                p.leased.to_string(),
+                p.quarantined.to_string(),
+                p.sticky.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        indent,
+        &[
+            "NAME",
+            "CIDR",
+            "GATEWAY",
+            "SIZE",
+            "LEASED",
+            "QUARANTINED",
+            "STICKY",
+        ],
+        &rows,
+    )
+}
+
+fn dns(d: &DnsRecords) -> String {
+    // `NAME ADDRESS` per line, no header: scripts split these lines.
+    d.records
+        .iter()
+        .map(|r| format!("{:<40} {}\n", r.name, r.address))
+        .collect()
+}
+
+fn bans(b: &BanList) -> String {
+    let rows: Vec<Vec<String>> = b
+        .bans
+        .iter()
+        .map(|b| {
+            vec![
+                b.address.clone(),
+                b.score.to_string(),
+                duration(b.remaining_s),
+            ]
+        })
+        .collect();
+    table("", &["ADDRESS", "SCORE", "REMAINING"], &rows)
+}
+
+fn conntrack(c: &Conntrack) -> String {
+    let rows: Vec<Vec<String>> = c
+        .flows
+        .iter()
+        .map(|f| {
+            vec![
+                f.session.clone(),
+                f.proto.clone(),
+                f.user.clone(),
+                f.remote.clone(),
+                f.state.clone(),
+                f.origin.clone(),
+                format!("{}s", f.idle_s),
+            ]
+        })
+        .collect();
+    let mut out = table(
+        "",
+        &[
+            "SESSION", "PROTO", "USER", "REMOTE", "STATE", "ORIGIN", "IDLE",
+        ],
+        &rows,
+    );
+    let _ = writeln!(out, "{} of {} flows tracked", c.tracked, c.cap);
+    out
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        v => v.to_string(),
+    }
+}
+
+/// `key  value` lines, keys padded to the widest.
+fn pairs<'a>(indent: &str, items: impl Iterator<Item = (&'a str, String)>) -> String {
+    let items: Vec<(&str, String)> = items.collect();
+    let w = items.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for (k, v) in items {
+        let _ = writeln!(out, "{indent}{k:<w$}  {v}");
+    }
+    out
+}
+
+fn group(out: &mut String, name: &str, fields: &Map<String, Value>) {
+    let _ = writeln!(out, "{name}:");
+    out.push_str(&pairs(
+        "  ",
+        fields.iter().map(|(k, v)| (k.as_str(), scalar(v))),
+    ));
+}
+
+fn stats(s: &Stats) -> String {
+    let top = std::iter::once(("sessions", s.sessions.to_string())).chain(
+        s.counters
+            .iter()
+            .filter(|(_, v)| !v.is_object())
+            .map(|(k, v)| (k.as_str(), scalar(v))),
+    );
+    let mut out = pairs("", top);
+    for (k, v) in &s.counters {
+        if let Value::Object(fields) = v {
+            group(&mut out, k, fields);
+        }
+    }
+    group(&mut out, "dns", &s.dns);
+    group(&mut out, "conntrack", &s.conntrack);
+    group(&mut out, "fds", &s.fds);
+    group(&mut out, "state", &s.state);
+    out.push_str("pools:\n");
+    out.push_str(&pool_table("  ", &s.pools));
+    out
+}
+
+fn reload(r: &ReloadSummary) -> String {
+    let names = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let sessions = |v: &[SessionRef]| -> String {
+        v.iter()
+            .map(|s| format!("{} ({})", s.id, s.user))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut out = format!(
+        "reloaded: {} policies (added: {}; removed: {}; changed: {})\n",
+        r.policies,
+        names(&r.added),
+        names(&r.removed),
+        names(&r.changed)
+    );
+    if let Some(n) = r.static_dns_records {
+        let _ = writeln!(out, "static DNS records: {n}");
+    }
+    let _ = writeln!(
+        out,
+        "sessions now under a changed policy (same address): {}",
+        r.sessions_reevaluated
+    );
+    if !r.sessions_closed.is_empty() {
+        let _ = writeln!(
+            out,
+            "sessions ended (no policy, or another address pool): {}",
+            sessions(&r.sessions_closed)
+        );
+    }
+    if !r.stale_client_routes.is_empty() {
+        let _ = writeln!(
+            out,
+            "clients keeping the routes given at logon until they log on again (the gateway enforces the new ones now): {}",
+            sessions(&r.stale_client_routes)
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::protocol::tests::every_reply;
+
+    fn text_of(cmd: &str) -> String {
+        let (req, reply) = every_reply()
+            .into_iter()
+            .find(|(r, _)| r.encode().contains(&format!("\"cmd\":\"{cmd}\"")))
+            .unwrap_or_else(|| panic!("no {cmd} fixture"));
+        render(&req, &reply)
+    }
+
+    #[test]
+    fn the_lines_scripts_read_stay() {
+        assert_eq!(text_of("health"), "ok: 2 session(s)\n");
+        assert_eq!(
+            text_of("dns"),
+            format!("{:<40} 198.18.128.7\n", "alice.vpn.example")
+        );
+        assert_eq!(text_of("logoff"), "1 session(s): s1\n");
+        assert_eq!(text_of("unban"), "unbanned\n");
+        let r = text_of("reload");
+        assert!(
+            r.starts_with(
+                "reloaded: 2 policies (added: guests; removed: none; changed: staff)\n\
+                 sessions now under a changed policy (same address): 1\n"
+            ),
+            "{r}"
+        );
+        assert!(
+            r.contains("sessions ended (no policy, or another address pool): s2 (bob)\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("keeping the routes") && r.contains("s1 (alice)"),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn tables_line_up() {
+        let t = text_of("sessions");
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("ID  USER   ADDRESS"), "{t}");
+        assert!(
+            lines[1]
+                .starts_with("s1  alice  198.18.128.7  active  4s    1h02m  -       2001:db8::7"),
+            "{t}"
+        );
+        let c = lines[0].find("CLIENT").expect("CLIENT");
+        assert_eq!(&lines[2][c..], "2001:db8::7", "{t}");
+
+        let p = text_of("pool");
+        assert_eq!(
+            p,
+            "NAME     CIDR             GATEWAY       SIZE  LEASED  QUARANTINED  STICKY\n\
+             default  198.18.128.0/24  198.18.128.1  253   1       0            3\n"
+        );
+        assert_eq!(
+            text_of("bans"),
+            "ADDRESS         SCORE  REMAINING\n203.0.113.7/32  80     10m00s\n"
+        );
+        let c = text_of("conntrack");
+        assert!(c.ends_with("\n1 of 100 flows tracked\n"), "{c}");
+    }
+
+    #[test]
+    fn show_is_key_value_lines() {
+        let (_, reply) = every_reply()
+            .into_iter()
+            .find(|(r, _)| matches!(r, Request::Sessions { .. }))
+            .expect("sessions fixture");
+        let t = render(&Request::Show(Default::default()), &reply);
+        assert!(t.starts_with("id:       s1\nuser:     alice\n"), "{t}");
+        assert!(t.contains("\nage:      1h02m (3725 s)\n"), "{t}");
+        assert!(
+            t.contains("\n\nid:       s2\n"),
+            "a blank line between sessions: {t}"
+        );
+    }
+
+    #[test]
+    fn stats_are_grouped() {
+        let t = text_of("stats");
+        assert!(t.starts_with("sessions  2\nlogons    3\n"), "{t}");
+        assert!(t.contains("\ndrops:\n  malformed  1\n"), "{t}");
+        assert!(t.contains("\nio:\n  tun_reads  9\n"), "{t}");
+        assert!(t.contains("\nfds:\n  free   -\n  limit  1024\n"), "{t}");
+        assert!(t.contains("\npools:\n  NAME "), "{t}");
+    }
+
+    #[test]
+    fn durations_read_well() {
+        assert_eq!(duration(0), "0s");
+        assert_eq!(duration(59), "59s");
+        assert_eq!(duration(200), "3m20s");
+        assert_eq!(duration(7500), "2h05m");
+        assert_eq!(duration(3 * 86_400 + 4 * 3600 + 5), "3d04h");
+    }
+}
