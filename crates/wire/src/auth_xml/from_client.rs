@@ -5,6 +5,8 @@
 use quick_xml::events::BytesStart;
 
 use super::walk::{self, Visitor, WalkError};
+#[cfg(doc)]
+use super::{auth_request_xml, MAX_DEPTH};
 use super::{MAX_BODY, MAX_FIELDS, MAX_VALUE_LEN};
 
 /// Why a client auth body was refused.
