@@ -3,9 +3,15 @@
 //! Every error names the file and the line, so `intragate check` can point an
 //! administrator at the mistake. Loading does I/O (reads files); everything it
 //! produces is plain data handed to the core.
+//!
+//! One module per section of the file, each owning its raw (serde) struct,
+//! its defaults and its validation: `gateway.rs` (`[gateway]`),
+//! `network.rs`, `sessions.rs`, `security.rs`, `dns.rs`, `pools.rs`
+//! (`[[pool]]`), `nat.rs`, and `policies.rs` (the policy files).
+//! [`Config::from_str_on_host`] runs them in file order and assembles the
+//! flat [`Config`]; `errors.rs` holds the error types and the context that
+//! gives each error its line.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,246 +21,69 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::core::bans::BanConfig;
-use crate::core::conntrack::InboundRule;
-use crate::core::policy::{GroupMatch, Policy, PolicySet};
+use crate::core::policy::PolicySet;
 use crate::netif::HostNetwork;
+
+mod dns;
+mod errors;
+mod gateway;
+mod nat;
+mod network;
+mod policies;
+mod pools;
+mod security;
+mod sessions;
+
+pub use dns::DnsSettings;
+pub use errors::{ConfigError, ConfigErrors};
+pub use gateway::{ctl_socket_path, valid_domain};
+pub use nat::NatSettings;
+pub use policies::{load_policies, LoadedPolicies, PolicyDefaults};
+pub use pools::{pool_overlap_warnings, PoolSpec};
+pub use sessions::SessionDefaults;
+
+use errors::{line_of, Ctx};
+// What the tests beside this file reach for.
+#[cfg(test)]
+use crate::core::policy::Policy;
+#[cfg(test)]
+use policies::{parse_derived, parse_inbound, RawPolicyFile};
+#[cfg(test)]
+use pools::DEFAULT_QUARANTINE;
 
 /// Where the daemon looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/intragate/intragate.toml";
 /// Default state directory (certificate, leases).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/intragate";
 
-/// A configuration error with its location.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    /// File the error is in.
-    pub file: PathBuf,
-    /// 1-based line, when known.
-    pub line: Option<usize>,
-    /// What is wrong.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-/// All errors found while loading (we report every one, not only the first).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigErrors(pub Vec<ConfigError>);
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                writeln!(f)?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigErrors {}
-
 // ---------------------------------------------------------------------------
-// Raw file format (serde). `deny_unknown_fields` so a typo is an error, not a
-// silently ignored setting.
+// Raw file format (serde): one struct per section, in its module.
+// `deny_unknown_fields` so a typo is an error, not a silently ignored
+// setting.
 // ---------------------------------------------------------------------------
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
-    gateway: RawGateway,
+    gateway: gateway::RawGateway,
     #[serde(default)]
-    network: RawNetwork,
+    network: network::RawNetwork,
     #[serde(default)]
-    sessions: RawSessions,
+    sessions: sessions::RawSessions,
     #[serde(default)]
-    security: RawSecurity,
+    security: security::RawSecurity,
     #[serde(default)]
-    dns: RawDns,
+    dns: dns::RawDns,
     #[serde(default)]
-    nat: RawNat,
+    nat: nat::RawNat,
     #[serde(default)]
-    pool: Vec<Spanned<RawPool>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDns {
-    enabled: Option<bool>,
-    listen: Option<Vec<Spanned<String>>>,
-    ttl: Option<Spanned<u32>>,
-    upstreams: Option<Vec<Spanned<String>>>,
-    max_qps_per_client: Option<u32>,
-    allowed_clients: Option<Vec<Spanned<String>>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawGateway {
-    listen: Option<Spanned<String>>,
-    domain: Option<Spanned<String>>,
-    state_dir: Option<String>,
-    users_file: Option<String>,
-    policies_dir: Option<String>,
-    dns_dir: Option<String>,
-    cert: Option<String>,
-    key: Option<String>,
-    tun_name: Option<Spanned<String>>,
-    tun_offload: Option<bool>,
-    mtu: Option<Spanned<u16>>,
-    ctl_socket: Option<String>,
-    ctl_group: Option<Spanned<String>>,
-    metrics_listen: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNetwork {
-    internal: Option<Vec<Spanned<String>>>,
-    dns: Option<Vec<Spanned<String>>>,
-    client_to_client: Option<bool>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSessions {
-    max_per_user: Option<Spanned<u32>>,
-    dpd: Option<Spanned<u64>>,
-    keepalive: Option<Spanned<u64>>,
-    reconnect_window: Option<u64>,
-    max_sessions: Option<usize>,
-    idle_timeout: Option<u64>,
-    session_timeout: Option<u64>,
-    transfer_window: Option<Spanned<u64>>,
-    buffer_packets: Option<Spanned<usize>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSecurity {
-    ban_max_score: Option<u32>,
-    ban_wrong_password_points: Option<u32>,
-    ban_time: Option<u64>,
-    ban_reset_after: Option<u64>,
-    max_unauthenticated_per_ip: Option<usize>,
-    max_unauthenticated: Option<usize>,
-    handshake_timeout: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPool {
-    name: Spanned<String>,
-    cidr: Spanned<String>,
-    quarantine: Option<u64>,
-    #[serde(default)]
-    exclude: Vec<Spanned<String>>,
-    mode: Option<Spanned<String>>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicyFile {
-    #[serde(default)]
-    policy: Vec<Spanned<RawPolicy>>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawPolicy {
-    name: Spanned<String>,
-    #[serde(default)]
-    groups: Vec<Spanned<String>>,
-    #[serde(default)]
-    users: Vec<Spanned<String>>,
-    pool: Option<Spanned<String>>,
-    client_to_client: Option<bool>,
-    routes: Option<Vec<Spanned<String>>>,
-    max_sessions_per_user: Option<u32>,
-    idle_timeout: Option<u64>,
-    session_timeout: Option<u64>,
-    reconnect_window: Option<u64>,
-    inbound: Option<Vec<Spanned<RawInbound>>>,
-    #[serde(default)]
-    derived: Vec<Spanned<RawDerived>>,
-    nat: Option<bool>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawInbound {
-    from: String,
-    proto: Option<String>,
-    ports: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawDerived {
-    proto: String,
-    server: String,
-    port: u16,
-    callback_proto: String,
-    user_ports: String,
-    seconds: u64,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNat {
-    address: Option<Spanned<String>>,
-    tunnel_pool: Option<Spanned<String>>,
-    #[serde(default)]
-    ftp_ports: Vec<u16>,
-    max_flows_per_session: Option<usize>,
-    max_flows: Option<usize>,
+    pool: Vec<Spanned<pools::RawPool>>,
 }
 
 // ---------------------------------------------------------------------------
 // Validated configuration.
 // ---------------------------------------------------------------------------
-
-/// One intranet IP pool as configured.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PoolSpec {
-    /// Name policies refer to.
-    pub name: String,
-    /// The CIDR handed out from.
-    pub cidr: IpNetwork,
-    /// How long a released address is kept from other users.
-    pub quarantine: Duration,
-    /// Addresses never handed out.
-    pub exclude: Vec<IpAddr>,
-    /// When exhausted: put further users behind NAT instead of refusing.
-    pub spillover: bool,
-}
-
-/// Connection tracking and spillover NAT (`[nat]`).
-#[derive(Debug, Clone)]
-pub struct NatSettings {
-    /// The address NATed users' traffic leaves with (never handed out; the
-    /// internal network routes it to the gateway like the pools).
-    pub address: Option<IpAddr>,
-    /// Non-routable tunnel addresses for users behind NAT.
-    pub tunnel_pool: IpNetwork,
-    /// Ports the FTP ALG follows (21 always).
-    pub ftp_ports: Vec<u16>,
-    /// Tracked flows per session.
-    pub max_flows_per_session: usize,
-    /// Tracked flows in all.
-    pub max_flows: usize,
-}
 
 /// The validated configuration of a gateway.
 #[derive(Debug, Clone)]
@@ -348,25 +177,6 @@ pub struct Config {
     pub policies: PolicySet,
 }
 
-/// The embedded DNS server's settings (`[dns]`).
-#[derive(Debug, Clone)]
-pub struct DnsSettings {
-    /// Serve DNS at all.
-    pub enabled: bool,
-    /// Extra listen addresses (the gateway's pool addresses, port 53, are
-    /// always listened on when enabled).
-    pub listen: Vec<SocketAddr>,
-    /// TTL of generated records, seconds.
-    pub ttl: u32,
-    /// Upstream resolvers for other names (empty: REFUSED).
-    pub upstreams: Vec<SocketAddr>,
-    /// Per-client query rate limit (0: none).
-    pub max_qps_per_client: u32,
-    /// Extra networks allowed to query (pools, internal networks and
-    /// loopback always are).
-    pub allowed_clients: Vec<IpNetwork>,
-}
-
 /// Environment-variable / command-line overrides of common settings.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
@@ -378,101 +188,6 @@ pub struct Overrides {
     pub pool: Option<String>,
     /// State directory.
     pub state_dir: Option<String>,
-}
-
-const DEFAULT_MTU: u16 = 1400;
-const DEFAULT_POOL: &str = "198.18.128.0/20";
-const DEFAULT_DOMAIN: &str = "vpn.internal";
-/// Quarantine default: five minutes, well above the DNS TTL (60 s).
-const DEFAULT_QUARANTINE: Duration = Duration::from_secs(300);
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text.get(..offset.min(text.len()))
-        .map(|s| s.bytes().filter(|b| *b == b'\n').count() + 1)
-        .unwrap_or(1)
-}
-
-struct Ctx<'a> {
-    file: &'a Path,
-    text: &'a str,
-    errors: Vec<ConfigError>,
-}
-
-impl Ctx<'_> {
-    fn err_at(&mut self, span: std::ops::Range<usize>, message: impl Into<String>) {
-        self.errors.push(ConfigError {
-            file: self.file.to_path_buf(),
-            line: Some(line_of(self.text, span.start)),
-            message: message.into(),
-        });
-    }
-    fn net(&mut self, s: &Spanned<String>, what: &str) -> Option<IpNetwork> {
-        match s.get_ref().parse::<IpNetwork>() {
-            Ok(n) => Some(n),
-            Err(e) => {
-                self.err_at(
-                    s.span(),
-                    format!("{what}: '{}' is not a CIDR ({e})", s.get_ref()),
-                );
-                None
-            }
-        }
-    }
-}
-
-/// Resolve `p` relative to the directory of the config file.
-fn rel(base: &Path, p: &str) -> PathBuf {
-    let p = PathBuf::from(p);
-    if p.is_absolute() {
-        p
-    } else {
-        base.join(p)
-    }
-}
-
-/// The control socket a config file names, read from its `[gateway]` table
-/// alone: `intragate ctl` must reach the daemon even when a policy or zone
-/// file has errors (e.g. to hear why `reload` refuses it).
-pub fn ctl_socket_path(path: Option<&Path>, ov: &Overrides) -> Result<PathBuf, String> {
-    #[derive(serde::Deserialize, Default)]
-    struct Gw {
-        state_dir: Option<String>,
-        ctl_socket: Option<String>,
-    }
-    #[derive(serde::Deserialize, Default)]
-    struct Top {
-        #[serde(default)]
-        gateway: Gw,
-    }
-    let (top, base) = match path {
-        Some(p) => {
-            let text = std::fs::read_to_string(p)
-                .map_err(|e| format!("{}: cannot read: {e}", p.display()))?;
-            // Only the two keys matter here; anything else is checked by `intragate check`.
-            let v: toml::Value =
-                toml::from_str(&text).map_err(|e| format!("{}: {e}", p.display()))?;
-            let top: Top = v.try_into().unwrap_or_default();
-            let base = p
-                .parent()
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| PathBuf::from("."));
-            (top, base)
-        }
-        None => (Top::default(), PathBuf::from("/etc/intragate")),
-    };
-    let state_dir = rel(
-        &base,
-        &ov.state_dir
-            .clone()
-            .or(top.gateway.state_dir)
-            .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-    );
-    Ok(top
-        .gateway
-        .ctl_socket
-        .as_deref()
-        .map(|p| rel(&base, p))
-        .unwrap_or_else(|| state_dir.join("ctl.sock")))
 }
 
 impl Config {
@@ -529,11 +244,6 @@ impl Config {
         ov: &Overrides,
         host: &[HostNetwork],
     ) -> Result<Config, ConfigErrors> {
-        let mut cx = Ctx {
-            file,
-            text,
-            errors: Vec::new(),
-        };
         let raw: RawConfig = match toml::from_str(text) {
             Ok(r) => r,
             Err(e) => {
@@ -550,509 +260,94 @@ impl Config {
                 .map(Path::to_path_buf)
                 .unwrap_or_else(|| PathBuf::from("."))
         } else {
-            PathBuf::from("/etc/intragate")
+            PathBuf::from(gateway::DEFAULT_BASE_DIR)
         };
-        let g = &raw.gateway;
-
-        let listen_s = ov
-            .listen
-            .clone()
-            .or_else(|| g.listen.as_ref().map(|s| s.get_ref().clone()))
-            .unwrap_or_else(|| "0.0.0.0:443".into());
-        let listen = match listen_s.parse::<SocketAddr>() {
-            Ok(a) => a,
-            Err(_) => {
-                let span = g.listen.as_ref().map(|s| s.span()).unwrap_or(0..0);
-                cx.err_at(
-                    span,
-                    format!("listen: '{listen_s}' is not ADDRESS:PORT (e.g. 0.0.0.0:443)"),
-                );
-                SocketAddr::from(([0, 0, 0, 0], 443))
-            }
+        let mut cx = Ctx {
+            file,
+            text,
+            errors: Vec::new(),
         };
 
-        let domain = ov
-            .domain
-            .clone()
-            .or_else(|| g.domain.as_ref().map(|s| s.get_ref().clone()))
-            .unwrap_or_else(|| DEFAULT_DOMAIN.into())
-            .trim_end_matches('.')
-            .to_ascii_lowercase();
-        if !valid_domain(&domain) {
-            let span = g.domain.as_ref().map(|s| s.span()).unwrap_or(0..0);
-            cx.err_at(
-                span,
-                format!("domain: '{domain}' is not a valid DNS name (letters, digits, '-', dots)"),
-            );
-        }
+        // Each section reports its errors in this order.
+        let gw = gateway::Listener::read(&raw.gateway, ov, &base, &mut cx);
+        let network = network::Network::read(&raw.network, &mut cx);
+        let sessions = sessions::Sessions::read(&raw.sessions, &mut cx);
+        let security = security::Security::read(&raw.security);
+        let dns_server = DnsSettings::read(&raw.dns, &mut cx);
+        let pools::Pools {
+            specs: mut pools,
+            names: pool_names,
+        } = pools::Pools::read(&raw.pool, ov, &dns_server, &mut cx);
+        let nat = NatSettings::read(&raw.nat, &mut pools, &mut cx);
+        pools::check_sizes(&pools, &mut cx);
+        let admin = gateway::Admin::read(&raw.gateway, &base, &gw.state_dir, &mut cx);
 
-        let state_dir = PathBuf::from(
-            ov.state_dir
-                .clone()
-                .or_else(|| g.state_dir.clone())
-                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
-        );
-        let state_dir = if state_dir.is_absolute() {
-            state_dir
-        } else {
-            base.join(state_dir)
-        };
-
-        let tun_name = g
-            .tun_name
-            .as_ref()
-            .map(|s| s.get_ref().clone())
-            .unwrap_or_else(|| "intragate0".into());
-        if tun_name.is_empty()
-            || tun_name.len() > 15
-            || !tun_name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        {
-            let span = g.tun_name.as_ref().map(|s| s.span()).unwrap_or(0..0);
-            cx.err_at(
-                span,
-                "tun_name: 1 to 15 characters of letters, digits, '-', '_', '.'",
-            );
-        }
-        let mtu = g.mtu.as_ref().map(|s| *s.get_ref()).unwrap_or(DEFAULT_MTU);
-        if !(576..=9000).contains(&mtu) {
-            let span = g.mtu.as_ref().map(|s| s.span()).unwrap_or(0..0);
-            cx.err_at(span, format!("mtu: {mtu} is outside 576..=9000"));
-        }
-
-        let mut internal = Vec::new();
-        if let Some(list) = &raw.network.internal {
-            for s in list {
-                if let Some(n) = cx.net(s, "network.internal") {
-                    internal.push(n);
-                }
-            }
-        }
-        let mut dns = Vec::new();
-        if let Some(list) = &raw.network.dns {
-            for s in list {
-                match s.get_ref().parse::<IpAddr>() {
-                    Ok(a) => dns.push(a),
-                    Err(_) => cx.err_at(
-                        s.span(),
-                        format!("network.dns: '{}' is not an IP address", s.get_ref()),
-                    ),
-                }
-            }
-        }
-
-        let se = &raw.sessions;
-        let max_per_user = se.max_per_user.as_ref().map(|s| *s.get_ref()).unwrap_or(1);
-        if max_per_user == 0 {
-            if let Some(s) = &se.max_per_user {
-                cx.err_at(s.span(), "sessions.max_per_user must be at least 1");
-            }
-        }
-        let dpd = se.dpd.as_ref().map(|s| *s.get_ref()).unwrap_or(30);
-        let keepalive = se.keepalive.as_ref().map(|s| *s.get_ref()).unwrap_or(20);
-        if dpd == 0 {
-            if let Some(s) = &se.dpd {
-                cx.err_at(s.span(), "sessions.dpd must be at least 1 second");
-            }
-        }
-        if keepalive == 0 {
-            if let Some(s) = &se.keepalive {
-                cx.err_at(s.span(), "sessions.keepalive must be at least 1 second");
-            }
-        }
-
-        let transfer_window = se.transfer_window.as_ref().map_or(120, |s| *s.get_ref());
-        if transfer_window == 0 {
-            if let Some(s) = &se.transfer_window {
-                cx.err_at(
-                    s.span(),
-                    "sessions.transfer_window must be at least 1 second",
-                );
-            }
-        }
-        let buffer_packets = se.buffer_packets.as_ref().map_or(512, |s| *s.get_ref());
-        if !(16..=65536).contains(&buffer_packets) {
-            let span = se.buffer_packets.as_ref().map(|s| s.span()).unwrap_or(0..0);
-            cx.err_at(
-                span,
-                format!("sessions.buffer_packets: {buffer_packets} is outside 16..=65536"),
-            );
-        }
-        let session_defaults = SessionDefaults {
-            client_to_client: raw.network.client_to_client.unwrap_or(true),
-            max_sessions_per_user: max_per_user,
-            idle_timeout: nonzero_secs(se.idle_timeout),
-            session_timeout: nonzero_secs(se.session_timeout),
-            reconnect_window: Duration::from_secs(se.reconnect_window.unwrap_or(180)),
-        };
-
-        let sec = &raw.security;
-        let defaults = BanConfig::default();
-        let bans = BanConfig {
-            max_score: sec.ban_max_score.unwrap_or(defaults.max_score),
-            wrong_password_points: sec
-                .ban_wrong_password_points
-                .unwrap_or(defaults.wrong_password_points),
-            ban_time: sec
-                .ban_time
-                .map(Duration::from_secs)
-                .unwrap_or(defaults.ban_time),
-            reset_after: sec
-                .ban_reset_after
-                .map(Duration::from_secs)
-                .unwrap_or(defaults.reset_after),
-            ..defaults
-        };
-
-        // DNS.
-        let rd = &raw.dns;
-        let sock =
-            |cx: &mut Ctx<'_>, v: &Spanned<String>, what: &str, port: u16| -> Option<SocketAddr> {
-                let t = v.get_ref();
-                t.parse::<SocketAddr>()
-                    .ok()
-                    .or_else(|| t.parse::<IpAddr>().ok().map(|a| SocketAddr::new(a, port)))
-                    .or_else(|| {
-                        cx.err_at(
-                            v.span(),
-                            format!("{what}: '{t}' is not ADDRESS or ADDRESS:PORT"),
-                        );
-                        None
-                    })
-            };
-        let mut dns_listen = Vec::new();
-        for v in rd.listen.iter().flatten() {
-            if let Some(a) = sock(&mut cx, v, "dns.listen", 53) {
-                dns_listen.push(a);
-            }
-        }
-        let mut upstreams = Vec::new();
-        for v in rd.upstreams.iter().flatten() {
-            if let Some(a) = sock(&mut cx, v, "dns.upstreams", 53) {
-                upstreams.push(a);
-            }
-        }
-        let mut dns_allowed = Vec::new();
-        for v in rd.allowed_clients.iter().flatten() {
-            if let Some(n) = cx.net(v, "dns.allowed_clients") {
-                dns_allowed.push(n);
-            }
-        }
-        let dns_ttl = rd.ttl.as_ref().map_or(60, |t| *t.get_ref());
-        let dns_ttl_ok = (1..=86_400).contains(&dns_ttl);
-        if !dns_ttl_ok {
-            let span = rd.ttl.as_ref().map(|t| t.span()).unwrap_or(0..0);
-            cx.err_at(span, format!("dns.ttl: {dns_ttl} is outside 1..=86400"));
-        }
-        let dns_server = DnsSettings {
-            enabled: rd.enabled.unwrap_or(true),
-            listen: dns_listen,
-            ttl: dns_ttl,
-            upstreams,
-            max_qps_per_client: rd.max_qps_per_client.unwrap_or(200),
-            allowed_clients: dns_allowed,
-        };
-
-        // Pools. Every pool's name is known to the policies, even when the
-        // pool itself has an error: a policy naming it must not be reported
-        // again as naming an unknown pool.
-        let mut pools = Vec::new();
-        let mut pool_names: Vec<String> = Vec::new();
-        if let Some(cidr) = &ov.pool {
-            pool_names.push("default".into());
-            match cidr.parse::<IpNetwork>() {
-                Ok(n) => pools.push(PoolSpec {
-                    name: "default".into(),
-                    cidr: n,
-                    quarantine: DEFAULT_QUARANTINE.max(Duration::from_secs(u64::from(dns_ttl))),
-                    exclude: vec![],
-                    spillover: false,
-                }),
-                Err(e) => cx.errors.push(ConfigError {
-                    file: PathBuf::from("<environment INTRAGATE_POOL>"),
-                    line: None,
-                    message: format!("'{cidr}' is not a CIDR ({e})"),
-                }),
-            }
-        } else {
-            for p in &raw.pool {
-                let p = p.get_ref();
-                if !pool_names.contains(p.name.get_ref()) {
-                    pool_names.push(p.name.get_ref().clone());
-                }
-                let Some(cidr) = cx.net(&p.cidr, "pool.cidr") else {
-                    continue;
-                };
-                if pools.iter().any(|q: &PoolSpec| q.name == *p.name.get_ref()) {
-                    cx.err_at(
-                        p.name.span(),
-                        format!("pool '{}' is defined twice", p.name.get_ref()),
-                    );
-                    continue;
-                }
-                if let Some(other) = pools.iter().find(|q: &&PoolSpec| overlaps(q.cidr, cidr)) {
-                    cx.err_at(
-                        p.cidr.span(),
-                        format!("pool '{}' overlaps pool '{}'", p.name.get_ref(), other.name),
-                    );
-                    continue;
-                }
-                if dns_server.enabled && dns_ttl_ok {
-                    if let Some(q) = p.quarantine {
-                        if q < u64::from(dns_ttl) {
-                            cx.err_at(
-                                p.name.span(),
-                                format!(
-                                    "pool '{}': quarantine ({q} s) must be at least the DNS TTL ({dns_ttl} s), or a released address could still be cached under the old user's name",
-                                    p.name.get_ref()
-                                ),
-                            );
-                        }
-                    }
-                }
-                let mut exclude = Vec::new();
-                for e in &p.exclude {
-                    match e.get_ref().parse::<IpAddr>() {
-                        Ok(a) if cidr.contains(a) => exclude.push(a),
-                        Ok(a) => cx.err_at(e.span(), format!("exclude: {a} is not inside {cidr}")),
-                        Err(_) => cx.err_at(
-                            e.span(),
-                            format!("exclude: '{}' is not an IP address", e.get_ref()),
-                        ),
-                    }
-                }
-                let spillover = match p.mode.as_ref().map(|m| m.get_ref().as_str()) {
-                    None | Some("refuse") => false,
-                    Some("spillover") => true,
-                    Some(other) => {
-                        let span = p.mode.as_ref().map(|m| m.span()).unwrap_or(0..0);
-                        cx.err_at(
-                            span,
-                            format!("pool mode '{other}': use \"refuse\" or \"spillover\""),
-                        );
-                        false
-                    }
-                };
-                pools.push(PoolSpec {
-                    spillover,
-                    name: p.name.get_ref().clone(),
-                    cidr,
-                    quarantine: p
-                        .quarantine
-                        .map(Duration::from_secs)
-                        .unwrap_or(DEFAULT_QUARANTINE.max(Duration::from_secs(u64::from(dns_ttl)))),
-                    exclude,
-                });
-            }
-            if pool_names.is_empty() {
-                pool_names.push("default".into());
-            }
-            if pools.is_empty() {
-                pools.push(PoolSpec {
-                    name: "default".into(),
-                    cidr: DEFAULT_POOL.parse().unwrap_or_else(|_| {
-                        IpNetwork::V4(ipnetwork::Ipv4Network::from(std::net::Ipv4Addr::LOCALHOST))
-                    }),
-                    quarantine: DEFAULT_QUARANTINE,
-                    exclude: vec![],
-                    spillover: false,
-                });
-            }
-        }
-        // NAT: the address defaults to the last usable address of the first
-        // IPv4 pool (routed to the gateway already, never handed out).
-        let rn = &raw.nat;
-        let mut nat_address = None;
-        let mut nat_address_bad = false;
-        if let Some(a) = &rn.address {
-            match a.get_ref().parse::<IpAddr>() {
-                Ok(ip) => nat_address = Some(ip),
-                Err(_) => {
-                    nat_address_bad = true;
-                    cx.err_at(
-                        a.span(),
-                        format!("nat.address: '{}' is not an IP address", a.get_ref()),
-                    )
-                }
-            }
-        }
-        if nat_address.is_none() && !nat_address_bad {
-            nat_address = pools.iter().find_map(|p| match p.cidr {
-                IpNetwork::V4(n) if n.prefix() <= 29 => {
-                    let last = u32::from(n.broadcast()).saturating_sub(1);
-                    Some(IpAddr::V4(std::net::Ipv4Addr::from(last)))
-                }
-                _ => None,
-            });
-        }
-        if let Some(a) = nat_address {
-            for p in pools.iter_mut() {
-                if p.cidr.contains(a) && !p.exclude.contains(&a) {
-                    p.exclude.push(a);
-                }
-            }
-        }
-        let tunnel_pool = match &rn.tunnel_pool {
-            None => "100.64.0.0/16"
-                .parse()
-                .unwrap_or(IpNetwork::V4(ipnetwork::Ipv4Network::from(
-                    std::net::Ipv4Addr::UNSPECIFIED,
-                ))),
-            Some(t) => {
-                cx.net(t, "nat.tunnel_pool")
-                    .unwrap_or(IpNetwork::V4(ipnetwork::Ipv4Network::from(
-                        std::net::Ipv4Addr::UNSPECIFIED,
-                    )))
-            }
-        };
-        let nat = NatSettings {
-            address: nat_address,
-            tunnel_pool,
-            ftp_ports: {
-                let mut v = vec![21u16];
-                v.extend(rn.ftp_ports.iter().copied().filter(|p| *p != 21));
-                v
-            },
-            max_flows_per_session: rn.max_flows_per_session.unwrap_or(4096),
-            max_flows: rn.max_flows.unwrap_or(1_000_000),
-        };
-        for p in &pools {
-            if crate::core::pool::IpPool::new(crate::core::pool::PoolConfig {
-                name: p.name.clone(),
-                cidr: p.cidr,
-                quarantine: p.quarantine,
-                exclude: p.exclude.clone(),
-            })
-            .is_err()
-            {
-                cx.errors.push(ConfigError {
-                    file: file.to_path_buf(),
-                    line: None,
-                    message: format!(
-                        "pool '{}' ({}) is too small: IPv4 needs at least a /30, IPv6 a /126",
-                        p.name, p.cidr
-                    ),
-                });
-            }
-        }
-
-        let users_file = rel(&base, g.users_file.as_deref().unwrap_or("users"));
-        let policies_dir = rel(&base, g.policies_dir.as_deref().unwrap_or("policies"));
-        let dns_dir = rel(&base, g.dns_dir.as_deref().unwrap_or("dns"));
-        let ctl_socket = g
-            .ctl_socket
-            .as_deref()
-            .map(|p| rel(&base, p))
-            .unwrap_or_else(|| state_dir.join("ctl.sock"));
-
-        let metrics_listen = match &g.metrics_listen {
-            None => None,
-            Some(m) => match m.get_ref().parse::<SocketAddr>() {
-                Ok(a) => Some(a),
-                Err(_) => {
-                    cx.err_at(
-                        m.span(),
-                        format!(
-                            "metrics_listen: '{}' is not ADDRESS:PORT (e.g. 127.0.0.1:9108)",
-                            m.get_ref()
-                        ),
-                    );
-                    None
-                }
-            },
-        };
-        let ctl_group = g.ctl_group.as_ref().map(|s| s.get_ref().clone());
-        let mut errors = cx.errors;
-        let client_to_client = session_defaults.client_to_client;
         // The internal side: `[network] internal`, else the networks this
         // host is attached to (routes stay a full tunnel: nothing to narrow
         // them to was given).
-        let lan_is_attached = internal.is_empty();
+        let lan_is_attached = network.internal.is_empty();
         let lan = if lan_is_attached {
             let mut users: Vec<IpNetwork> = pools.iter().map(|p| p.cidr).collect();
             users.push(nat.tunnel_pool);
-            crate::netif::attached_networks(host, &tun_name, &users)
+            crate::netif::attached_networks(host, &gw.tun_name, &users)
         } else {
-            internal.clone()
+            network.internal.clone()
         };
         let policy_defaults = PolicyDefaults {
             pool: pool_names.first().cloned().unwrap_or_default(),
             pool_names,
-            routes: internal.clone(),
+            routes: network.internal.clone(),
             inbound_from: lan.clone(),
-            session: session_defaults,
+            session: sessions.defaults(network.client_to_client),
         };
         let (policies, default_inbound_policies) =
-            match load_policies(&policies_dir, &policy_defaults) {
+            match load_policies(&admin.policies_dir, &policy_defaults) {
                 Ok(l) => (l.set, l.default_inbound),
                 Err(mut e) => {
-                    errors.append(&mut e.0);
+                    cx.errors.append(&mut e.0);
                     (PolicySet::default(), Vec::new())
                 }
             };
-        // Spillover NAT needs a NAT address the gateway routes into its TUN
-        // device: one inside a pool (the internal network routes the pools
-        // to the gateway, the gateway routes them into the TUN).
-        let wants_nat =
-            pools.iter().any(|p| p.spillover) || policies.policies().iter().any(|p| p.nat);
-        // A NAT address that did not parse was reported above.
-        if wants_nat && !nat_address_bad {
-            let span = raw.nat.address.as_ref().map(|a| a.span());
-            let line = span.map(|s| line_of(text, s.start));
-            match nat.address {
-                None => errors.push(ConfigError {
-                    file: file.to_path_buf(),
-                    line,
-                    message: "spillover NAT is used (a pool with mode = \"spillover\" or a policy with nat = true) but there is no NAT address: set [nat] address to an address inside a pool (the default, the last address of the first IPv4 pool, needs a pool of /29 or larger)".into(),
-                }),
-                Some(a) if !pools.iter().any(|p| p.cidr.contains(a)) => errors.push(ConfigError {
-                    file: file.to_path_buf(),
-                    line,
-                    message: format!("nat.address {a} must be inside one of the pools, so that replies to it reach the gateway's TUN device"),
-                }),
-                Some(_) => {}
-            }
-        }
-        if !errors.is_empty() {
-            return Err(ConfigErrors(errors));
+        nat.check_spillover(&raw.nat, &pools, &policies, &mut cx);
+        if !cx.errors.is_empty() {
+            return Err(ConfigErrors(cx.errors));
         }
         Ok(Config {
             source: from_file.then(|| file.to_path_buf()),
-            listen,
-            domain,
-            state_dir,
-            users_file,
-            policies_dir,
-            dns_dir,
-            cert: g.cert.as_deref().map(|p| rel(&base, p)),
-            key: g.key.as_deref().map(|p| rel(&base, p)),
-            tun_name,
-            tun_offload: g.tun_offload.unwrap_or(true),
-            mtu,
-            ctl_socket,
-            ctl_group,
-            metrics_listen,
-            internal,
+            listen: gw.listen,
+            domain: gw.domain,
+            state_dir: gw.state_dir,
+            users_file: admin.users_file,
+            policies_dir: admin.policies_dir,
+            dns_dir: admin.dns_dir,
+            cert: admin.cert,
+            key: admin.key,
+            tun_name: gw.tun_name,
+            tun_offload: gw.tun_offload,
+            mtu: gw.mtu,
+            ctl_socket: admin.ctl_socket,
+            ctl_group: admin.ctl_group,
+            metrics_listen: admin.metrics_listen,
+            internal: network.internal,
             lan,
             lan_is_attached,
             default_inbound_policies,
             host_networks: host.to_vec(),
-            dns,
-            client_to_client,
-            max_sessions_per_user: max_per_user,
-            dpd: Duration::from_secs(dpd),
-            keepalive: Duration::from_secs(keepalive),
-            reconnect_window: Duration::from_secs(se.reconnect_window.unwrap_or(180)),
-            idle_timeout: nonzero_secs(se.idle_timeout),
-            session_timeout: nonzero_secs(se.session_timeout),
-            transfer_window: Duration::from_secs(transfer_window),
-            buffer_packets,
-            max_sessions: se.max_sessions.unwrap_or(100_000),
-            bans,
-            max_unauthenticated_per_ip: sec.max_unauthenticated_per_ip.unwrap_or(32),
-            max_unauthenticated: sec.max_unauthenticated.unwrap_or(4096),
-            handshake_timeout: Duration::from_secs(sec.handshake_timeout.unwrap_or(30)),
+            dns: network.dns,
+            client_to_client: network.client_to_client,
+            max_sessions_per_user: sessions.max_per_user,
+            dpd: sessions.dpd,
+            keepalive: sessions.keepalive,
+            reconnect_window: sessions.reconnect_window,
+            idle_timeout: sessions.idle_timeout,
+            session_timeout: sessions.session_timeout,
+            transfer_window: sessions.transfer_window,
+            buffer_packets: sessions.buffer_packets,
+            max_sessions: sessions.max_sessions,
+            bans: security.bans,
+            max_unauthenticated_per_ip: security.max_unauthenticated_per_ip,
+            max_unauthenticated: security.max_unauthenticated,
+            handshake_timeout: security.handshake_timeout,
             dns_server,
             nat,
             pools,
@@ -1117,359 +412,6 @@ fn list_or_none(nets: &[IpNetwork]) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     }
-}
-
-/// A warning for each pool that overlaps an internal network or the
-/// subnet of one of this host's attached interfaces (`(name, subnet)`).
-pub fn pool_overlap_warnings(
-    pools: &[PoolSpec],
-    internal: &[IpNetwork],
-    attached: &[(&str, IpNetwork)],
-) -> Vec<String> {
-    let mut out = Vec::new();
-    for p in pools {
-        for n in internal.iter().filter(|n| overlaps(p.cidr, **n)) {
-            out.push(format!(
-                "pool '{}' ({}) overlaps the internal network {n} ([network] internal): hosts \
-                 there reach users only if that network routes {} to this gateway; choose a pool \
-                 outside the internal networks unless it is routed so",
-                p.name, p.cidr, p.cidr
-            ));
-        }
-        let mut seen: Vec<IpNetwork> = Vec::new();
-        for (ifname, n) in attached.iter().filter(|(_, n)| overlaps(p.cidr, *n)) {
-            if seen.contains(n) {
-                continue;
-            }
-            seen.push(*n);
-            out.push(format!(
-                "pool '{}' ({}) overlaps {n}, the network of this host's interface {ifname}: \
-                 hosts on it would look for users on the link instead of routing to the gateway; \
-                 choose a pool that is not one of the gateway's own networks",
-                p.name, p.cidr
-            ));
-        }
-    }
-    out
-}
-
-fn parse_proto(s: &str) -> Result<crate::core::conntrack::Proto, String> {
-    use crate::core::conntrack::Proto;
-    match s.to_ascii_lowercase().as_str() {
-        "tcp" => Ok(Proto::Tcp),
-        "udp" => Ok(Proto::Udp),
-        "icmp" | "icmpv6" => Ok(Proto::Icmp),
-        other => Err(format!("protocol '{other}': use tcp, udp or icmp")),
-    }
-}
-
-/// "3389" or "5900-5910".
-fn parse_ports(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
-    let bad = || format!("ports '{s}': use a port (3389) or a range (5900-5910)");
-    let (a, b) = s.split_once('-').unwrap_or((s, s));
-    let a: u16 = a.trim().parse().map_err(|_| bad())?;
-    let b: u16 = b.trim().parse().map_err(|_| bad())?;
-    if a > b {
-        return Err(bad());
-    }
-    Ok(a..=b)
-}
-
-fn parse_inbound(r: &RawInbound) -> Result<crate::core::conntrack::InboundRule, String> {
-    Ok(crate::core::conntrack::InboundRule {
-        from: r
-            .from
-            .parse()
-            .map_err(|_| format!("from '{}' is not a CIDR", r.from))?,
-        proto: r.proto.as_deref().map(parse_proto).transpose()?,
-        ports: r.ports.as_deref().map(parse_ports).transpose()?,
-    })
-}
-
-fn parse_derived(r: &RawDerived) -> Result<crate::core::expect::DerivedRule, String> {
-    if r.seconds == 0 || r.seconds > 86_400 {
-        return Err(format!("seconds {} is outside 1..=86400", r.seconds));
-    }
-    Ok(crate::core::expect::DerivedRule {
-        proto: parse_proto(&r.proto)?,
-        server: r
-            .server
-            .parse()
-            .map_err(|_| format!("server '{}' is not a CIDR", r.server))?,
-        server_port: r.port,
-        callback_proto: parse_proto(&r.callback_proto)?,
-        user_ports: parse_ports(&r.user_ports)?,
-        lifetime: Duration::from_secs(r.seconds),
-    })
-}
-
-fn nonzero_secs(v: Option<u64>) -> Option<Duration> {
-    v.filter(|s| *s > 0).map(Duration::from_secs)
-}
-
-/// Gateway-wide defaults that policies may override.
-#[derive(Debug, Clone)]
-pub struct SessionDefaults {
-    /// User-to-user traffic allowed.
-    pub client_to_client: bool,
-    /// Sessions per user.
-    pub max_sessions_per_user: u32,
-    /// Idle timeout.
-    pub idle_timeout: Option<Duration>,
-    /// Absolute session lifetime.
-    pub session_timeout: Option<Duration>,
-    /// Reconnect window.
-    pub reconnect_window: Duration,
-}
-
-fn overlaps(a: IpNetwork, b: IpNetwork) -> bool {
-    a.contains(b.network()) || b.contains(a.network())
-}
-
-/// True for a syntactically valid DNS name (labels 1..=63 of `[a-z0-9-]`,
-/// not starting or ending with '-', 253 bytes at most).
-pub fn valid_domain(d: &str) -> bool {
-    !d.is_empty()
-        && d.len() <= 253
-        && d.split('.').all(|l| {
-            !l.is_empty()
-                && l.len() <= 63
-                && !l.starts_with('-')
-                && !l.ends_with('-')
-                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
-/// What policies that leave a key out get, and what they may name.
-#[derive(Debug, Clone)]
-pub struct PolicyDefaults {
-    /// The name of every `[[pool]]`, those with errors included (they were
-    /// reported; a policy naming one is not reported again).
-    pub pool_names: Vec<String>,
-    /// Pool of policies without `pool` (the first pool).
-    pub pool: String,
-    /// Routes of policies without `routes`: `[network] internal` (empty:
-    /// a full tunnel).
-    pub routes: Vec<IpNetwork>,
-    /// Sources accepted inbound, any protocol and port, by policies
-    /// without `inbound` ([`Config::lan`]).
-    pub inbound_from: Vec<IpNetwork>,
-    /// Gateway-wide session settings.
-    pub session: SessionDefaults,
-}
-
-impl PolicyDefaults {
-    fn inbound(&self) -> Vec<InboundRule> {
-        self.inbound_from
-            .iter()
-            .map(|n| InboundRule {
-                from: *n,
-                proto: None,
-                ports: None,
-            })
-            .collect()
-    }
-}
-
-/// Policies as loaded.
-#[derive(Debug, Clone)]
-pub struct LoadedPolicies {
-    /// The policies, first match wins.
-    pub set: PolicySet,
-    /// Names of the policies that leave `inbound` out (the built-in one
-    /// included).
-    pub default_inbound: Vec<String>,
-}
-
-/// Load `*.toml` from the policy directory in name order. A missing directory
-/// yields the built-in policy: everyone, first pool, gateway defaults.
-pub fn load_policies(
-    dir: &Path,
-    defaults: &PolicyDefaults,
-) -> Result<LoadedPolicies, ConfigErrors> {
-    let d = &defaults.session;
-    let default_pool = defaults.pool.clone();
-    let mut default_inbound = Vec::new();
-    let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
-        Ok(rd) => rd
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            return Err(ConfigErrors(vec![ConfigError {
-                file: dir.to_path_buf(),
-                line: None,
-                message: format!("cannot read policy directory: {e}"),
-            }]))
-        }
-    };
-    files.sort();
-    let mut errors = Vec::new();
-    let mut policies = Vec::new();
-    let mut names: BTreeMap<String, PathBuf> = BTreeMap::new();
-    for f in &files {
-        let text = match std::fs::read_to_string(f) {
-            Ok(t) => t,
-            Err(e) => {
-                errors.push(ConfigError {
-                    file: f.clone(),
-                    line: None,
-                    message: format!("cannot read: {e}"),
-                });
-                continue;
-            }
-        };
-        let raw: RawPolicyFile = match toml::from_str(&text) {
-            Ok(r) => r,
-            Err(e) => {
-                errors.push(ConfigError {
-                    file: f.clone(),
-                    line: e.span().map(|s| line_of(&text, s.start)),
-                    message: e.message().to_string(),
-                });
-                continue;
-            }
-        };
-        let mut cx = Ctx {
-            file: f,
-            text: &text,
-            errors: Vec::new(),
-        };
-        for p in &raw.policy {
-            let span = p.span();
-            let p = p.get_ref();
-            let name = p.name.get_ref().clone();
-            if let Some(prev) = names.get(&name) {
-                cx.err_at(
-                    p.name.span(),
-                    format!("policy '{name}' is already defined in {}", prev.display()),
-                );
-                continue;
-            }
-            names.insert(name.clone(), f.clone());
-            if p.groups.is_empty() && p.users.is_empty() {
-                cx.err_at(
-                    span.clone(),
-                    format!("policy '{name}' matches nobody: give groups = [\"*\"] or a list of groups/users"),
-                );
-            }
-            let pool = match &p.pool {
-                Some(s) => {
-                    if !defaults.pool_names.contains(s.get_ref()) {
-                        let known = &defaults.pool_names;
-                        cx.err_at(
-                            s.span(),
-                            format!(
-                                "policy '{name}': unknown pool '{}' (configured pools: {})",
-                                s.get_ref(),
-                                known.join(", ")
-                            ),
-                        );
-                    }
-                    s.get_ref().clone()
-                }
-                None => default_pool.clone(),
-            };
-            let mut routes = Vec::new();
-            match &p.routes {
-                Some(list) => {
-                    for r in list {
-                        if let Some(n) = cx.net(r, "routes") {
-                            routes.push(n);
-                        }
-                    }
-                }
-                None => routes.extend_from_slice(&defaults.routes),
-            }
-            let mut inbound = Vec::new();
-            match &p.inbound {
-                None => {
-                    inbound = defaults.inbound();
-                    default_inbound.push(name.clone());
-                }
-                Some(list) => {
-                    for r in list {
-                        match parse_inbound(r.get_ref()) {
-                            Ok(rule) => inbound.push(rule),
-                            Err(e) => cx.err_at(r.span(), format!("policy '{name}': inbound: {e}")),
-                        }
-                    }
-                }
-            }
-            let mut derived = Vec::new();
-            for r in &p.derived {
-                match parse_derived(r.get_ref()) {
-                    Ok(rule) => derived.push(rule),
-                    Err(e) => cx.err_at(r.span(), format!("policy '{name}': derived: {e}")),
-                }
-            }
-            let groups = p
-                .groups
-                .iter()
-                .map(|g| {
-                    if g.get_ref() == "*" {
-                        GroupMatch::Any
-                    } else {
-                        GroupMatch::Group(g.get_ref().clone())
-                    }
-                })
-                .chain(
-                    p.users
-                        .iter()
-                        .map(|u| GroupMatch::User(u.get_ref().clone())),
-                )
-                .collect();
-            policies.push(Policy {
-                name,
-                matches: groups,
-                pool,
-                client_to_client: p.client_to_client.unwrap_or(d.client_to_client),
-                routes,
-                max_sessions_per_user: p.max_sessions_per_user.unwrap_or(d.max_sessions_per_user),
-                idle_timeout: match p.idle_timeout {
-                    Some(v) => nonzero_secs(Some(v)),
-                    None => d.idle_timeout,
-                },
-                session_timeout: match p.session_timeout {
-                    Some(v) => nonzero_secs(Some(v)),
-                    None => d.session_timeout,
-                },
-                reconnect_window: p
-                    .reconnect_window
-                    .map_or(d.reconnect_window, Duration::from_secs),
-                inbound,
-                derived,
-                nat: p.nat.unwrap_or(false),
-            });
-        }
-        errors.append(&mut cx.errors);
-    }
-    if !errors.is_empty() {
-        return Err(ConfigErrors(errors));
-    }
-    if policies.is_empty() {
-        let name = "built-in default".to_string();
-        default_inbound.push(name.clone());
-        policies.push(Policy {
-            name,
-            matches: vec![GroupMatch::Any],
-            pool: default_pool,
-            client_to_client: d.client_to_client,
-            routes: defaults.routes.clone(),
-            max_sessions_per_user: d.max_sessions_per_user,
-            idle_timeout: d.idle_timeout,
-            session_timeout: d.session_timeout,
-            reconnect_window: d.reconnect_window,
-            inbound: defaults.inbound(),
-            derived: vec![],
-            nat: false,
-        });
-    }
-    Ok(LoadedPolicies {
-        set: PolicySet::new(policies),
-        default_inbound,
-    })
 }
 
 #[cfg(test)]

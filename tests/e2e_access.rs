@@ -341,39 +341,6 @@ fn group_change_reevaluates_live_session() {
     );
 }
 
-/// Counts the lines a TCP peer sends (server in the user's namespace) while
-/// a client on the internal host sends one every 100 ms: an open
-/// connection, like an RDP session from the help desk.
-const STREAM_PY: &str = r#"
-import socket, sys, time
-mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-if mode == "serve":
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, port)); s.listen(1); s.settimeout(30)
-    print("LISTENING", flush=True)
-    c, _ = s.accept(); c.settimeout(60)
-    buf = b""
-    while True:
-        try:
-            d = c.recv(4096)
-        except Exception as e:
-            print("ERR", e, flush=True); break
-        if not d: print("EOF", flush=True); break
-        buf += d
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            print("LINE", line.decode(), flush=True)
-else:
-    c = socket.create_connection((host, port), timeout=5)
-    print("CONNECTED", flush=True)
-    for i in range(400):
-        try:
-            c.sendall(b"%d\n" % i)
-        except Exception as e:
-            print("ERR", e, flush=True); break
-        time.sleep(0.1)
-"#;
-
 fn lines_in(p: &Proc) -> usize {
     p.log_text()
         .lines()
@@ -395,8 +362,7 @@ fn reload_applies_to_live_sessions() {
     let (dir, topo, gw) = setup(1);
     let (mut alice, ta) = logon(&topo, 0, &gw, &dir.path, "alice", PW_ALICE);
     let addr = ta.addr.to_string();
-    let py = dir.path.join("stream.py");
-    fs::write(&py, STREAM_PY).unwrap();
+    let py = py_script("line_stream.py");
     let py = py.to_str().unwrap();
     let server = Proc::spawn_in(
         topo.user(0),

@@ -18,27 +18,13 @@ const S: Duration = Duration::from_secs(1);
 /// The gateway's internal address, where internal hosts ask.
 const GW_DNS: &str = "198.18.1.1";
 
-fn have(prog: &str) -> bool {
-    run_cmd("sh", &["-c", &format!("command -v {prog}")], None, 5 * S).ok()
-}
-
+/// The harness, dig and dnsmasq (Debian: dnsutils, dnsmasq-base).
 fn prerequisites() -> bool {
-    if !e2e_enabled() {
-        return false;
-    }
-    for prog in ["dig", "dnsmasq"] {
-        if !have(prog) {
-            let strict = std::env::var("CI").is_ok_and(|v| v == "true")
-                || std::env::var("INTRAGATE_E2E").is_ok_and(|v| v == "1");
-            assert!(
-                !strict,
-                "{prog} is missing (apt-get install dnsutils dnsmasq-base)"
-            );
-            println!("skipping: {prog} is missing");
-            return false;
-        }
-    }
-    true
+    require(&[
+        Prereq::Harness,
+        Prereq::OnPath("dig"),
+        Prereq::OnPath("dnsmasq"),
+    ])
 }
 
 /// `dig` from a namespace: (status, answers).

@@ -40,13 +40,6 @@ const POOL: &str = "198.18.64.0/28";
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
-fn strict() -> bool {
-    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
-        || std::env::var("INTRAGATE_E2E")
-            .map(|v| v == "1")
-            .unwrap_or(false)
-}
-
 /// `podman --runtime runc ARGS..` with a hard timeout.
 fn podman(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CmdOut {
     let mut a = vec!["--runtime", "runc"];
@@ -54,37 +47,24 @@ fn podman(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CmdOut {
     run_cmd("podman", &a, stdin, timeout)
 }
 
-fn missing_container_prerequisite() -> Option<String> {
-    if !run_cmd("podman", &["--version"], None, 10 * S).ok() {
-        return Some("podman not installed".into());
-    }
-    if !run_cmd("runc", &["--version"], None, 10 * S).ok() {
-        return Some("runc not installed".into());
-    }
+/// `podman --runtime runc info` works.
+fn podman_runc_works() -> Option<String> {
     let o = podman(
         &["info", "--format", "{{.Host.OCIRuntime.Name}}"],
         None,
         60 * S,
     );
-    if !o.ok() {
-        return Some(format!("`podman --runtime runc info` does not work: {o}"));
-    }
-    None
+    (!o.ok()).then(|| format!("`podman --runtime runc info` does not work: {o}"))
 }
 
 /// The harness's prerequisites plus podman and runc.
 fn enabled() -> bool {
-    if !e2e_enabled() {
-        return false;
-    }
-    match missing_container_prerequisite() {
-        None => true,
-        Some(why) if strict() => panic!("e2e prerequisite missing (CI/INTRAGATE_E2E set): {why}"),
-        Some(why) => {
-            eprintln!("skipping: {why}");
-            false
-        }
-    }
+    require(&[
+        Prereq::Harness,
+        Prereq::Runs("podman", &["--version"]),
+        Prereq::Runs("runc", &["--version"]),
+        Prereq::Check(&podman_runc_works),
+    ])
 }
 
 fn pid_alive(pid: &str) -> bool {

@@ -168,7 +168,6 @@ fn user_reaches_internal_host() {
     );
     let o = probe(
         a,
-        &dir.path,
         &["tcp-send", INTERNAL_IP, "7001", "hello-tcp", "10"],
         15 * S,
     );
@@ -192,7 +191,6 @@ fn user_reaches_internal_host() {
     );
     let o = probe(
         a,
-        &dir.path,
         &["udp-send", INTERNAL_IP, "7002", "hello-udp", "10"],
         15 * S,
     );
@@ -233,7 +231,6 @@ fn internal_host_reaches_user() {
     );
     let o = probe(
         i,
-        &dir.path,
         &["tcp-send", &addr, "3389", "helpdesk-rdp", "10"],
         15 * S,
     );
@@ -290,7 +287,6 @@ fn user_reaches_other_user() {
     );
     let o = probe(
         topo.user(0),
-        &dir.path,
         &["tcp-send", &bob_ip, "5001", "hi-bob", "10"],
         15 * S,
     );
@@ -339,7 +335,6 @@ fn spoofed_source_is_dropped() {
     for n in 0..3 {
         probe(
             b,
-            &dir.path,
             &[
                 "raw-udp",
                 spoofed,
@@ -353,7 +348,6 @@ fn spoofed_source_is_dropped() {
     }
     probe(
         b,
-        &dir.path,
         &["raw-udp", &bob_ip, INTERNAL_IP, "7005", "control"],
         10 * S,
     )
@@ -549,7 +543,7 @@ fn hostile_input_battery() {
         .unwrap_or_else(|o| panic!("openconnect --authenticate for mallory failed: {o}"));
 
     let release = dir.join("release-half-open");
-    let script = probe_script(&dir.path);
+    let script = probe_script();
     let mut battery = Proc::spawn_in(
         topo.user(2),
         "hostile battery",
@@ -843,7 +837,7 @@ fn bulk_tcp_intact_with_and_without_tun_offload() {
         );
         let before = gw.stats().unwrap()["io"].clone();
 
-        if let Err(e) = bulk_get(a, &dir.path, &srv, INTERNAL_IP, "7010", N) {
+        if let Err(e) = bulk_get(a, &srv, INTERNAL_IP, "7010", N) {
             panic!("offload={offload}: {e}\n{}", gw.log());
         }
 
@@ -851,7 +845,7 @@ fn bulk_tcp_intact_with_and_without_tun_offload() {
         // are the internal host's ACKs, one packet each).
         let mid = gw.stats().unwrap()["io"].clone();
         let rx_before = tun_rx_packets(&topo);
-        if let Err(e) = bulk_put(a, &dir.path, INTERNAL_IP, "7010", N) {
+        if let Err(e) = bulk_put(a, INTERNAL_IP, "7010", N) {
             panic!("offload={offload}: {e}\n{}", gw.log());
         }
 

@@ -38,221 +38,14 @@ const NAT_TUNNEL_POOL: &str = "198.19.250.0/24";
 // Helpers
 // ---------------------------------------------------------------------------
 
-/// Helper script for these tests (bounded by explicit timeouts everywhere).
-const NATPROBE_PY: &str = r###"
-import socket, sys, time
-
-def out(*a):
-    print(*a, flush=True)
-
-def serve(host, port, seconds):
-    # Accept connections until `seconds` pass; print ACCEPTED <peer>, read
-    # one line, answer it.
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, int(port))); s.listen(16)
-    out("LISTENING")
-    end = time.time() + float(seconds)
-    while time.time() < end:
-        s.settimeout(max(0.05, end - time.time()))
-        try:
-            c, peer = s.accept()
-        except socket.timeout:
-            break
-        out("ACCEPTED", peer[0], peer[1])
-        c.settimeout(2)
-        try:
-            data = b""
-            while not data.endswith(b"\n") and len(data) < 4096:
-                d = c.recv(4096)
-                if not d: break
-                data += d
-            c.sendall(b"pong " + data)
-        except Exception as e:
-            out("ERR", repr(e))
-        c.close()
-    out("DONE")
-
-def connect(src, host, port, timeout):
-    # TCP from source address `src` ("-": any): CONNECTED <reply> (exit 0),
-    # or TIMEOUT / REFUSED / ERROR (exit 1).
-    s = socket.socket()
-    if src != "-":
-        s.bind((src, 0))
-    s.settimeout(float(timeout))
-    try:
-        s.connect((host, int(port)))
-        s.sendall(b"ping\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            d = s.recv(4096)
-            if not d: break
-            data += d
-        out("CONNECTED", data.decode(errors="replace").strip())
-        sys.exit(0)
-    except socket.timeout:
-        out("TIMEOUT"); sys.exit(1)
-    except ConnectionRefusedError:
-        out("REFUSED"); sys.exit(1)
-    except OSError as e:
-        out("ERROR", repr(e)); sys.exit(1)
-
-def udp_from(src, host, port, timeout):
-    # One UDP exchange from source `src` ("-": any), retried every 0.5 s:
-    # REPLY <text> (exit 0), REFUSED (an ICMP port unreachable came back)
-    # or TIMEOUT (exit 1).
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    if src != "-":
-        s.bind((src, 0))
-    s.connect((host, int(port)))
-    s.settimeout(0.5)
-    end = time.time() + float(timeout)
-    while time.time() < end:
-        try:
-            s.send(b"udp-ping")
-            d = s.recv(65535)
-            out("REPLY", d.decode(errors="replace")); sys.exit(0)
-        except socket.timeout:
-            pass
-        except ConnectionRefusedError:
-            out("REFUSED"); sys.exit(1)
-    out("TIMEOUT"); sys.exit(1)
-
-def hold(host, port, seconds):
-    # Open a TCP connection and keep it open `seconds`, then close it.
-    s = socket.create_connection((host, int(port)), timeout=5)
-    out("HOLDING", s.getsockname()[0], s.getsockname()[1])
-    time.sleep(float(seconds))
-    s.close()
-    out("CLOSED")
-
-class Ftp:
-    def __init__(self, host, timeout):
-        self.s = socket.create_connection((host, 21), timeout=float(timeout))
-        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
-    def reply(self, timeout):
-        # One complete reply (multi-line aware) or None on timeout.
-        self.s.settimeout(float(timeout))
-        end = time.time() + float(timeout)
-        try:
-            while True:
-                lines = self.buf.split(b"\r\n")
-                for i, l in enumerate(lines[:-1]):
-                    if len(l) >= 4 and l[:3].isdigit() and l[3:4] == b" ":
-                        r = b"\r\n".join(lines[:i + 1])
-                        self.buf = b"\r\n".join(lines[i + 1:])
-                        return r.decode(errors="replace")
-                if time.time() >= end:
-                    return None
-                d = self.s.recv(4096)
-                if not d:
-                    return "<closed>"
-                self.buf += d
-        except (socket.timeout, TimeoutError):
-            return None
-        except OSError as e:
-            return "<error %r>" % e
-    def send(self, *parts, gap=0.3):
-        # Each part is its own write (TCP_NODELAY): its own segment, `gap`
-        # seconds apart.
-        for i, p in enumerate(parts):
-            if i: time.sleep(gap)
-            self.s.sendall(p.encode())
-
-def ftp_forge(host, kind, target, tport, split, timeout):
-    # Log on anonymously, send PORT/EPRT naming target:tport (split across two
-    # segments when split == "split"), then if the server accepted it, LIST.
-    f = Ftp(host, timeout)
-    out("BANNER", f.reply(timeout))
-    f.send("USER anonymous\r\n")
-    r = f.reply(timeout); out("USER", r)
-    if r and r.startswith("331"):
-        f.send("PASS e2e@\r\n"); out("PASS", f.reply(timeout))
-    tport = int(tport)
-    if kind == "PORT":
-        cmd = "PORT %s,%d,%d\r\n" % (target.replace(".", ","), tport >> 8, tport & 255)
-    else:
-        cmd = "EPRT |1|%s|%d|\r\n" % (target, tport)
-    if split == "split":
-        k = len(cmd) // 2
-        f.send(cmd[:k], cmd[k:])
-    else:
-        f.send(cmd)
-    r = f.reply(timeout)
-    out("PORT-REPLY", r if r is not None else "NONE")
-    if r and r.startswith("200"):
-        f.send("LIST\r\n")
-        out("LIST-REPLY", f.reply(timeout))
-        out("LIST-END", f.reply(timeout))
-    f.s.close()
-    out("END")
-
-def ftp_active(host, kind, split, gap, path, rounds, timeout):
-    # Active-mode RETR of `path`, `rounds` times on one control connection,
-    # each with PORT/EPRT naming our own address (split across two segments
-    # `gap` seconds apart when split == "split"). Prints SHA256 <hex> <len>
-    # per round.
-    import hashlib
-    f = Ftp(host, timeout)
-    out("BANNER", f.reply(timeout))
-    f.send("USER anonymous\r\n")
-    r = f.reply(timeout); out("USER", r)
-    if r and r.startswith("331"):
-        f.send("PASS e2e@\r\n"); out("PASS", f.reply(timeout))
-    f.send("TYPE I\r\n"); out("TYPE", f.reply(timeout))
-    me = f.s.getsockname()[0]
-    for n in range(int(rounds)):
-        l = socket.socket(); l.bind((me, 0)); l.listen(1); l.settimeout(float(timeout))
-        port = l.getsockname()[1]
-        if kind == "PORT":
-            cmd = "PORT %s,%d,%d\r\n" % (me.replace(".", ","), port >> 8, port & 255)
-        else:
-            cmd = "EPRT |1|%s|%d|\r\n" % (me, port)
-        if split == "split":
-            k = len(cmd) // 2
-            f.send(cmd[:k], cmd[k:], gap=float(gap))
-        else:
-            f.send(cmd)
-        r = f.reply(timeout); out("PORT-REPLY", r)
-        if not r or not r.startswith("200"):
-            sys.exit(1)
-        f.send("RETR %s\r\n" % path)
-        r = f.reply(timeout); out("RETR-REPLY", r)
-        if not r or not r.startswith("150"):
-            sys.exit(1)
-        try:
-            c, peer = l.accept()
-        except socket.timeout:
-            out("NO-DATA-CONNECTION"); sys.exit(1)
-        out("DATA-FROM", peer[0])
-        c.settimeout(float(timeout))
-        h = hashlib.sha256(); total = 0
-        while True:
-            d = c.recv(65536)
-            if not d: break
-            h.update(d); total += len(d)
-        c.close(); l.close()
-        out("SHA256", h.hexdigest(), total)
-        out("DONE-REPLY", f.reply(timeout))
-    f.send("QUIT\r\n"); out("QUIT", f.reply(timeout))
-    f.s.close()
-
-cmd, args = sys.argv[1], sys.argv[2:]
-{"serve": serve, "connect": connect, "hold": hold, "ftp-forge": ftp_forge,
- "ftp-active": ftp_active, "udp-from": udp_from}[cmd](*args)
-"###;
-
-fn natprobe_path(dir: &Path) -> PathBuf {
-    let p = dir.join("natprobe.py");
-    if !p.exists() {
-        fs::write(&p, NATPROBE_PY).unwrap();
-    }
-    p
+/// `tests/py/natprobe.py`.
+fn natprobe_path() -> PathBuf {
+    py_script("natprobe.py")
 }
 
 /// Run a natprobe subcommand to completion in `ns`.
-fn natprobe(ns: &str, dir: &Path, args: &[&str], timeout: Duration) -> CmdOut {
-    let script = natprobe_path(dir);
+fn natprobe(ns: &str, args: &[&str], timeout: Duration) -> CmdOut {
+    let script = natprobe_path();
     let mut a = vec![PYTHON, "-u", script.to_str().unwrap()];
     a.extend_from_slice(args);
     ns_run(ns, &a, timeout)
@@ -260,7 +53,7 @@ fn natprobe(ns: &str, dir: &Path, args: &[&str], timeout: Duration) -> CmdOut {
 
 /// A natprobe `serve` on `host:port` in `ns` for `seconds`, once listening.
 fn natserve(ns: &str, dir: &Path, name: &str, host: &str, port: u16, seconds: u32) -> Proc {
-    let script = natprobe_path(dir);
+    let script = natprobe_path();
     let port_s = port.to_string();
     let secs = seconds.to_string();
     let p = Proc::spawn_in(
@@ -286,10 +79,9 @@ fn natserve(ns: &str, dir: &Path, name: &str, host: &str, port: u16, seconds: u3
 }
 
 /// TCP connection attempt from `src` ("-" = any source) in `ns`.
-fn tcp_connect(ns: &str, dir: &Path, src: &str, host: &str, port: u16, timeout_s: f64) -> CmdOut {
+fn tcp_connect(ns: &str, src: &str, host: &str, port: u16, timeout_s: f64) -> CmdOut {
     natprobe(
         ns,
-        dir,
         &[
             "connect",
             src,
@@ -509,12 +301,11 @@ fn curl_all_modes(ns: &str, dir: &Path, who: &str, ftp: &FtpServer) -> Vec<Strin
 /// line is released unrewritten by design), two transfers per control
 /// connection (so a rewrite's sequence offset must hold for the rest of the
 /// connection and add up). Returns the failures.
-fn ftp_active_split(ns: &str, dir: &Path, who: &str, ftp: &FtpServer) -> Vec<String> {
+fn ftp_active_split(ns: &str, who: &str, ftp: &FtpServer) -> Vec<String> {
     let mut failures = Vec::new();
     for kind in ["PORT", "EPRT"] {
         let o = natprobe(
             ns,
-            dir,
             &[
                 "ftp-active",
                 INTERNAL_IP,
@@ -540,24 +331,13 @@ fn ftp_active_split(ns: &str, dir: &Path, who: &str, ftp: &FtpServer) -> Vec<Str
     failures
 }
 
+/// vsftpd and curl. `vsftpd -v` prints its version and exits 0 (some builds:
+/// on stdin), so only whether it starts is checked.
 fn prereq_ftp() -> bool {
-    for (prog, arg) in [("vsftpd", "-v"), ("curl", "--version")] {
-        let o = run_cmd(prog, &[arg], None, 10 * S);
-        // vsftpd -v prints its version and exits 0 (some builds: on stdin).
-        if o.status.is_none()
-            || o.stderr.contains("spawn failed")
-            || o.stdout.contains("spawn failed")
-        {
-            if std::env::var("INTRAGATE_E2E").as_deref() == Ok("1")
-                || std::env::var("CI").as_deref() == Ok("true")
-            {
-                panic!("e2e prerequisite missing: {prog}: {o}");
-            }
-            eprintln!("skipping: {prog} not installed");
-            return false;
-        }
-    }
-    true
+    require(&[
+        Prereq::Starts("vsftpd", &["-v"]),
+        Prereq::Starts("curl", &["--version"]),
+    ])
 }
 
 fn in_cidr(a: Ipv4Addr, cidr: &str) -> bool {
@@ -602,7 +382,7 @@ fn ftp_with_intranet_ip() {
     // to the ALG's expectations).
     let _srv = natserve(topo.user(0), &dir.path, "alice-7777", "0.0.0.0", 7777, 40);
     let denied0 = stat(&gw, "drops", "inbound_denied");
-    let o = tcp_connect(&topo.internal.name, &dir.path, "-", &alice_ip, 7777, 2.0);
+    let o = tcp_connect(&topo.internal.name, "-", &alice_ip, 7777, 2.0);
     assert!(
         !o.ok(),
         "inbound = [] but the internal host connected to alice:7777: {o}"
@@ -614,7 +394,7 @@ fn ftp_with_intranet_ip() {
     );
 
     let mut failures = curl_all_modes(topo.user(0), &dir.path, "alice", &ftp);
-    failures.extend(ftp_active_split(topo.user(0), &dir.path, "alice", &ftp));
+    failures.extend(ftp_active_split(topo.user(0), "alice", &ftp));
     assert!(
         failures.is_empty(),
         "FTP downloads failed:\n{}\n--- vsftpd log ---\n{}\n--- stats ---\n{:?}",
@@ -729,7 +509,7 @@ fn ftp_behind_spillover_nat() {
         9000,
         40,
     );
-    let o = tcp_connect(topo.user(1), &dir.path, "-", INTERNAL_IP, 9000, 5.0);
+    let o = tcp_connect(topo.user(1), "-", INTERNAL_IP, 9000, 5.0);
     assert!(o.ok(), "bob cannot reach the internal host's TCP 9000: {o}");
     assert!(
         o.stdout.contains("CONNECTED pong ping"),
@@ -746,14 +526,13 @@ fn ftp_behind_spillover_nat() {
     );
     // Errors come back translated: a RST from a closed TCP port, an ICMP
     // port unreachable (embedded packet translated) from a closed UDP port.
-    let o = tcp_connect(topo.user(1), &dir.path, "-", INTERNAL_IP, 9009, 5.0);
+    let o = tcp_connect(topo.user(1), "-", INTERNAL_IP, 9009, 5.0);
     assert!(
         o.stdout.contains("REFUSED"),
         "bob's TCP to a closed port should be refused (RST through NAT): {o}"
     );
     let o = natprobe(
         topo.user(1),
-        &dir.path,
         &["udp-from", "-", INTERNAL_IP, "9009", "3"],
         15 * S,
     );
@@ -770,7 +549,7 @@ fn ftp_behind_spillover_nat() {
     // FTP in every mode (active needs the PORT/EPRT rewrite; vsftpd runs
     // without port_promiscuous, so it would refuse an unrewritten PORT).
     let mut failures = curl_all_modes(topo.user(1), &dir.path, "bob", &ftp);
-    failures.extend(ftp_active_split(topo.user(1), &dir.path, "bob", &ftp));
+    failures.extend(ftp_active_split(topo.user(1), "bob", &ftp));
     let vlog = ftp.log_text();
     assert!(
         failures.is_empty(),
@@ -826,7 +605,7 @@ fn ftp_behind_spillover_nat() {
         .ip(&["route", "add", NAT_TUNNEL_POOL, "dev", "igt0"]);
     let _bob_srv = natserve(topo.user(1), &dir.path, "bob-7777", "0.0.0.0", 7777, 40);
     let st0 = gw.stats().unwrap();
-    let o = tcp_connect(&topo.internal.name, &dir.path, "-", &bob_ip, 7777, 2.0);
+    let o = tcp_connect(&topo.internal.name, "-", &bob_ip, 7777, 2.0);
     assert!(
         !o.ok(),
         "the internal host connected to bob's tunnel address: {o}"
@@ -840,7 +619,7 @@ fn ftp_behind_spillover_nat() {
         stats_diff(&st0, &st_mid)
     );
     // Nor through the NAT address (no mapping for an unsolicited port).
-    let o = tcp_connect(&topo.internal.name, &dir.path, "-", NAT_ADDR, 7777, 2.0);
+    let o = tcp_connect(&topo.internal.name, "-", NAT_ADDR, 7777, 2.0);
     assert!(
         !o.ok(),
         "the internal host connected to {NAT_ADDR}:7777: {o}"
@@ -886,7 +665,7 @@ fn ftp_behind_spillover_nat() {
     if let Err(o) = ping_never(topo.user(0), None, &bob_ip) {
         panic!("alice pinged bob's NAT tunnel address: {o}");
     }
-    let o = tcp_connect(topo.user(0), &dir.path, "-", &bob_ip, 7777, 2.0);
+    let o = tcp_connect(topo.user(0), "-", &bob_ip, 7777, 2.0);
     assert!(!o.ok(), "alice connected to bob's NAT tunnel address: {o}");
 }
 
@@ -915,7 +694,6 @@ fn forged_port_refused() {
     let victim0 = natserve(&int, &dir.path, "victim-control", THIRD_IP, 6001, 40);
     let o = natprobe(
         &int,
-        &dir.path,
         &[
             "ftp-forge",
             INTERNAL_IP,
@@ -946,7 +724,6 @@ fn forged_port_refused() {
     for (kind, split) in [("PORT", "whole"), ("EPRT", "split")] {
         let o = natprobe(
             topo.user(0),
-            &dir.path,
             &["ftp-forge", INTERNAL_IP, kind, THIRD_IP, "6002", split, "4"],
             30 * S,
         );
@@ -1033,7 +810,7 @@ inbound = [
     let _vnc = natserve(topo.user(0), &dir.path, "alice-vnc", "0.0.0.0", 5900, 50);
 
     // Allowed source, allowed port.
-    let o = tcp_connect(&int, &dir.path, INTERNAL_IP, &alice_ip, 3389, 5.0);
+    let o = tcp_connect(&int, INTERNAL_IP, &alice_ip, 3389, 5.0);
     assert!(
         o.ok() && o.stdout.contains("CONNECTED pong ping"),
         "RDP from {INTERNAL_IP} (allowed) to alice:3389 failed: {o}"
@@ -1042,7 +819,7 @@ inbound = [
 
     // Disallowed source, allowed port.
     let d0 = stat(&gw, "drops", "inbound_denied");
-    let o = tcp_connect(&int, &dir.path, THIRD_IP, &alice_ip, 3389, 3.0);
+    let o = tcp_connect(&int, THIRD_IP, &alice_ip, 3389, 3.0);
     assert!(
         !o.ok(),
         "RDP from {THIRD_IP} (not allowed) reached alice:3389: {o}"
@@ -1058,7 +835,7 @@ inbound = [
         "drops.inbound_denied did not grow ({d0} -> {d1}) for the refused SYN from {THIRD_IP}"
     );
     // Allowed source, port not in the rule.
-    let o = tcp_connect(&int, &dir.path, INTERNAL_IP, &alice_ip, 5900, 3.0);
+    let o = tcp_connect(&int, INTERNAL_IP, &alice_ip, 5900, 3.0);
     assert!(!o.ok(), "VNC (5900, not in the rule) reached alice: {o}");
     let d2 = stat(&gw, "drops", "inbound_denied");
     assert!(
@@ -1096,7 +873,6 @@ inbound = [
     );
     let o = natprobe(
         &int,
-        &dir.path,
         &["udp-from", INTERNAL_IP, &alice_ip, "5000", "3"],
         15 * S,
     );
@@ -1106,14 +882,12 @@ inbound = [
     );
     let o = natprobe(
         &int,
-        &dir.path,
         &["udp-from", THIRD_IP, &alice_ip, "5000", "2"],
         15 * S,
     );
     assert!(!o.ok(), "UDP from {THIRD_IP} reached alice:5000: {o}");
     let o = natprobe(
         &int,
-        &dir.path,
         &["udp-from", INTERNAL_IP, &alice_ip, "5001", "2"],
         15 * S,
     );
@@ -1126,7 +900,7 @@ inbound = [
 
     // Replies of flows alice starts always pass, whoever the peer is.
     let _srv3 = natserve(&int, &dir.path, "third-echo", THIRD_IP, 9001, 40);
-    let o = tcp_connect(topo.user(0), &dir.path, "-", THIRD_IP, 9001, 5.0);
+    let o = tcp_connect(topo.user(0), "-", THIRD_IP, 9001, 5.0);
     assert!(
         o.ok(),
         "alice's own connection to {THIRD_IP}:9001 failed (replies must pass): {o}"
@@ -1171,7 +945,7 @@ derived = [ {{ proto = "tcp", server = "{INTERNAL_IP}/32", port = 7000, callback
     );
 
     // Before the trigger: no callback.
-    let o = tcp_connect(&int, &dir.path, INTERNAL_IP, &alice_ip, 7105, 2.0);
+    let o = tcp_connect(&int, INTERNAL_IP, &alice_ip, 7105, 2.0);
     assert!(
         !o.ok(),
         "callback to alice:7105 passed before any trigger: {o}"
@@ -1179,7 +953,7 @@ derived = [ {{ proto = "tcp", server = "{INTERNAL_IP}/32", port = 7000, callback
 
     // Trigger: alice connects to the server's port 7000.
     let t0 = Instant::now();
-    let o = tcp_connect(topo.user(0), &dir.path, "-", INTERNAL_IP, 7000, 5.0);
+    let o = tcp_connect(topo.user(0), "-", INTERNAL_IP, 7000, 5.0);
     let t1 = Instant::now();
     assert!(
         o.ok(),
@@ -1187,7 +961,7 @@ derived = [ {{ proto = "tcp", server = "{INTERNAL_IP}/32", port = 7000, callback
     );
 
     // Within the window: the server calls back on 7105.
-    let o = tcp_connect(&int, &dir.path, INTERNAL_IP, &alice_ip, 7105, 2.0);
+    let o = tcp_connect(&int, INTERNAL_IP, &alice_ip, 7105, 2.0);
     let in_window = t0.elapsed();
     assert!(
         in_window < Duration::from_secs(5),
@@ -1200,10 +974,10 @@ derived = [ {{ proto = "tcp", server = "{INTERNAL_IP}/32", port = 7000, callback
     assert!(cb.log_text().contains(&format!("ACCEPTED {INTERNAL_IP} ")));
     // Still within the window: a port outside the range, and another host,
     // are refused (run in parallel to stay inside the window).
-    let (dpath, int2, aip2) = (dir.path.clone(), int.clone(), alice_ip.clone());
-    let h1 = std::thread::spawn(move || tcp_connect(&int2, &dpath, INTERNAL_IP, &aip2, 7111, 1.5));
-    let (dpath, int2, aip2) = (dir.path.clone(), int.clone(), alice_ip.clone());
-    let h2 = std::thread::spawn(move || tcp_connect(&int2, &dpath, THIRD_IP, &aip2, 7105, 1.5));
+    let (int2, aip2) = (int.clone(), alice_ip.clone());
+    let h1 = std::thread::spawn(move || tcp_connect(&int2, INTERNAL_IP, &aip2, 7111, 1.5));
+    let (int2, aip2) = (int.clone(), alice_ip.clone());
+    let h2 = std::thread::spawn(move || tcp_connect(&int2, THIRD_IP, &aip2, 7105, 1.5));
     let (o1, o2) = (h1.join().unwrap(), h2.join().unwrap());
     assert!(
         !o1.ok(),
@@ -1222,7 +996,7 @@ derived = [ {{ proto = "tcp", server = "{INTERNAL_IP}/32", port = 7000, callback
     let after = t1 + Duration::from_millis(6500);
     std::thread::sleep(after.saturating_duration_since(Instant::now()));
     let d0 = stat(&gw, "drops", "inbound_denied");
-    let o = tcp_connect(&int, &dir.path, INTERNAL_IP, &alice_ip, 7105, 3.0);
+    let o = tcp_connect(&int, INTERNAL_IP, &alice_ip, 7105, 3.0);
     assert!(
         !o.ok(),
         "callback to alice:7105 still passed {:?} after the trigger (window 5 s): {o}",
@@ -1275,7 +1049,7 @@ fn ctl_conntrack_shows_flows() {
         &[
             PYTHON,
             "-u",
-            natprobe_path(&dir.path).to_str().unwrap(),
+            natprobe_path().to_str().unwrap(),
             "hold",
             INTERNAL_IP,
             "9100",
@@ -1297,7 +1071,6 @@ fn ctl_conntrack_shows_flows() {
         .unwrap();
     probe(
         topo.user(0),
-        &dir.path,
         &["udp-send", INTERNAL_IP, "9200", "hello", "5"],
         15 * S,
     )

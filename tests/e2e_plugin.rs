@@ -75,7 +75,6 @@ fn tcp_roundtrip(topo: &Topology, dir: &Path, user_ns: &str, port: &str) {
     );
     let o = probe(
         user_ns,
-        dir,
         &["tcp-send", INTERNAL_IP, port, "hello-through-plugin", "10"],
         Duration::from_secs(20),
     );
@@ -250,7 +249,7 @@ fn plugin_reconnects_after_link_cut() {
     let addr = Plugin::address(&st);
 
     // A TCP conversation across the cut.
-    let script = hold_script(&dir.path);
+    let script = hold_script();
     let server = Proc::spawn_in(
         &topo.internal.name,
         "hold-serve",
@@ -347,16 +346,7 @@ fn plugin_reconnects_after_link_cut() {
 /// `none` timeouts), pings and talks TCP through it, logs off.
 #[test]
 fn plugin_logs_on_to_ocserv() {
-    if !e2e_enabled() {
-        return;
-    }
-    if !run_cmd("ocserv", &["-v"], None, 5 * S).ok() {
-        if std::env::var("CI").is_ok_and(|v| v == "true")
-            || std::env::var("INTRAGATE_E2E").is_ok_and(|v| v == "1")
-        {
-            panic!("ocserv not installed (CI/INTRAGATE_E2E set)");
-        }
-        eprintln!("skipping: ocserv not installed");
+    if !require(&[Prereq::Harness, Prereq::Runs("ocserv", &["-v"])]) {
         return;
     }
     let host_before = host_resolv();
@@ -988,7 +978,7 @@ fn plugin_bulk_tcp_intact_and_coalesced() {
 
     let frames_before = gw.stats().unwrap()["io"]["frames_out"].as_u64().unwrap();
     let rx_before = dev_rx_packets(&ns, "igp0");
-    let got = bulk_get(&ns, &dir.path, &srv, INTERNAL_IP, "7011", N);
+    let got = bulk_get(&ns, &srv, INTERNAL_IP, "7011", N);
     let rx = dev_rx_packets(&ns, "igp0") - rx_before;
     let frames = gw.stats().unwrap()["io"]["frames_out"].as_u64().unwrap() - frames_before;
     if let Err(e) = got {
@@ -1005,7 +995,7 @@ fn plugin_bulk_tcp_intact_and_coalesced() {
         "offload on, but {frames} frames reached igp0 as {rx} packets (GRO did not coalesce)"
     );
 
-    if let Err(e) = bulk_put(&ns, &dir.path, INTERNAL_IP, "7011", N) {
+    if let Err(e) = bulk_put(&ns, INTERNAL_IP, "7011", N) {
         panic!("{e}\n{}", p.log());
     }
 }

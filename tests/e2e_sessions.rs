@@ -487,23 +487,13 @@ fn buffered_udp_delivered_in_order_after_reconnect() {
         "udp7100",
         &["udp-serve", &addr, "7100", "90"],
     );
-    let o = probe(
-        i,
-        &dir.path,
-        &["udp-send", &addr, "7100", "warmup", "10"],
-        15 * S,
-    );
+    let o = probe(i, &["udp-send", &addr, "7100", "warmup", "10"], 15 * S);
     assert!(o.ok(), "internal -> alice UDP before the cut: {o}");
 
     topo.cut_link(0);
     let t_cut = Instant::now();
     std::thread::sleep(3 * S);
-    let o = probe(
-        i,
-        &dir.path,
-        &["udp-burst", &addr, "7100", "100", "seq", "20"],
-        20 * S,
-    );
+    let o = probe(i, &["udp-burst", &addr, "7100", "100", "seq", "20"], 20 * S);
     assert!(o.ok(), "udp-burst: {o}");
     let sent_at = t_cut.elapsed();
     std::thread::sleep((10 * S).saturating_sub(t_cut.elapsed()));
@@ -914,23 +904,13 @@ fn buffered_udp_survive_a_dead_old_connection() {
         "udp7101",
         &["udp-serve", &addr, "7101", "90"],
     );
-    let o = probe(
-        i,
-        &dir.path,
-        &["udp-send", &addr, "7101", "warmup", "10"],
-        15 * S,
-    );
+    let o = probe(i, &["udp-send", &addr, "7101", "warmup", "10"], 15 * S);
     assert!(o.ok(), "internal -> alice UDP before the cut: {o}");
 
     topo.cut_link(0);
     let t_cut = Instant::now();
     std::thread::sleep(3 * S);
-    let o = probe(
-        i,
-        &dir.path,
-        &["udp-burst", &addr, "7101", "100", "seq", "20"],
-        20 * S,
-    );
+    let o = probe(i, &["udp-burst", &addr, "7101", "100", "seq", "20"], 20 * S);
     assert!(o.ok(), "udp-burst: {o}");
     // The device loses its connection state (RST cannot leave: link down).
     let filter = format!("dst {LISTEN_IP} and dport = :{LISTEN_PORT}");

@@ -20,6 +20,7 @@ const TARGETS: &[(&str, Replay)] = &[
     ("cstp_decode", fuzzing::cstp_decode),
     ("http_head", fuzzing::http_head),
     ("auth_xml", fuzzing::auth_xml),
+    ("server_auth_xml", fuzzing::server_auth_xml),
     ("ip_packet", fuzzing::ip_packet),
     ("ftp_cmd", fuzzing::ftp_cmd),
 ];

@@ -19,7 +19,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info};
 
-use super::forms::{self, Answers, FillError, FormXmlError, Prompter, ServerMessage};
+use super::forms::{self, Answers, FillError, Prompter, ServerMessage, ServerXmlError};
 use super::http::{
     self, decode_chunked, parse_response_head, BodyFraming, CookieJar, Limits, ResponseError,
     ResponseHead,
@@ -84,7 +84,7 @@ pub enum AuthError {
     Response(#[from] ResponseError),
     /// The gateway's XML could not be used.
     #[error("the gateway sent an unusable auth message: {0}")]
-    Xml(#[from] FormXmlError),
+    Xml(#[from] ServerXmlError),
     /// A form could not be filled.
     #[error("{0}")]
     Fill(#[from] FillError),

@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | [`url`] | the gateway URL | none |
 //! | [`http`] | HTTP/1.1 response heads, bodies, cookies, request heads | none |
-//! | [`forms`] | the server's `<config-auth>` XML, answering forms, building replies | none |
+//! | [`forms`] | answering the server's forms (read by `wire::auth_xml`), building replies | none |
 //! | [`tunnel_params`] | the `X-CSTP-*` headers of the CONNECT reply | none |
 //! | [`timers`] | DPD, keepalive, dead peer, reconnect backoff (`now` passed in) | none |
 //! | [`tls`] | rustls client config: `pin-sha256:` pins or the system roots | files |

@@ -72,57 +72,9 @@ fn unique(role: &str) -> String {
 // Prerequisites
 // ---------------------------------------------------------------------------
 
-fn strict() -> bool {
-    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
-        || std::env::var("INTRAGATE_E2E")
-            .map(|v| v == "1")
-            .unwrap_or(false)
-}
-
-fn missing_prerequisite() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root".into());
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some("/dev/net/tun missing".into());
-    }
-    let ok = |prog: &str, args: &[&str]| {
-        run_cmd(prog, args, None, Duration::from_secs(10))
-            .status
-            .map(|s| s.success())
-            .unwrap_or(false)
-    };
-    if !ok("ip", &["netns", "list"]) {
-        return Some("`ip netns list` does not work".into());
-    }
-    if !ok("openconnect", &["--version"]) {
-        return Some("openconnect not installed".into());
-    }
-    if !Path::new(VPNC_SCRIPT).exists() {
-        return Some(format!("{VPNC_SCRIPT} missing"));
-    }
-    if !ok(PYTHON, &["-c", "import ssl"]) {
-        return Some(format!("{PYTHON} with ssl missing"));
-    }
-    if !ok("ss", &["-V"]) {
-        return Some("ss (iproute2) missing".into());
-    }
-    None
-}
-
-/// True when the e2e test may run. Missing prerequisites are a failure under
-/// CI=true / INTRAGATE_E2E=1, otherwise the test prints "skipping: why".
-pub fn e2e_enabled() -> bool {
-    match missing_prerequisite() {
-        None => true,
-        Some(why) if strict() => panic!("e2e prerequisite missing (CI/INTRAGATE_E2E set): {why}"),
-        Some(why) => {
-            eprintln!("skipping: {why}");
-            false
-        }
-    }
-}
+mod prereq;
+#[allow(unused_imports)] // each test binary uses a part
+pub use prereq::{e2e_enabled, require, require_or, Prereq};
 
 // ---------------------------------------------------------------------------
 // Waiting and one-shot commands
@@ -1317,13 +1269,18 @@ pub fn ping_once(ns: &str, src: Option<&str>, dst: &str) -> CmdOut {
     ns_run(ns, &a, Duration::from_secs(5))
 }
 
-/// Write the probe script into `dir` and return its path.
-pub fn probe_script(dir: &Path) -> PathBuf {
-    let p = dir.join("netprobe.py");
-    if !p.exists() {
-        fs::write(&p, NETPROBE_PY).unwrap();
-    }
-    p
+/// A Python helper of `tests/py/` (standard library only), run in place
+/// from the source tree.
+pub fn py_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("py")
+        .join(name)
+}
+
+/// The probe script, `tests/py/netprobe.py`.
+pub fn probe_script() -> PathBuf {
+    py_script("netprobe.py")
 }
 
 /// Ping until one reply arrives or `timeout` passes.
@@ -1340,7 +1297,7 @@ pub fn ping_ok(ns: &str, dst: &str, timeout: Duration) -> bool {
 
 /// A server from the probe script, ready once its log says LISTENING.
 pub fn start_server(ns: &str, dir: &Path, name: &str, args: &[&str]) -> Proc {
-    let script = probe_script(dir);
+    let script = probe_script();
     let mut a = vec![PYTHON, "-u", script.to_str().unwrap()];
     a.extend_from_slice(args);
     let p = Proc::spawn_in(
@@ -1360,8 +1317,8 @@ pub fn start_server(ns: &str, dir: &Path, name: &str, args: &[&str]) -> Proc {
 }
 
 /// Run a probe client subcommand to completion.
-pub fn probe(ns: &str, dir: &Path, args: &[&str], timeout: Duration) -> CmdOut {
-    let script = probe_script(dir);
+pub fn probe(ns: &str, args: &[&str], timeout: Duration) -> CmdOut {
+    let script = probe_script();
     let mut a = vec![PYTHON, "-u", script.to_str().unwrap()];
     a.extend_from_slice(args);
     ns_run(ns, &a, timeout)
@@ -1378,7 +1335,7 @@ pub fn start_udp_stream(
     prefix: &str,
     gap_ms: u32,
 ) -> Proc {
-    let script = probe_script(dir);
+    let script = probe_script();
     let (count, gap) = (count.to_string(), gap_ms.to_string());
     Proc::spawn_in(
         ns,
@@ -1417,7 +1374,6 @@ pub fn numbered_stream_to(
     );
     let o = probe(
         from_ns,
-        dir,
         &["udp-send", addr, port, "warmup", "10"],
         Duration::from_secs(15),
     );
@@ -1482,17 +1438,9 @@ pub fn judge_stream(got: &[u32], n: u32) -> Result<usize, String> {
 
 /// `bulk-client GET`: fetch `bytes` from a `bulk-serve` server `srv` and
 /// check that what arrived is what it sent (length and SHA-256).
-pub fn bulk_get(
-    ns: &str,
-    dir: &Path,
-    srv: &Proc,
-    host: &str,
-    port: &str,
-    bytes: &str,
-) -> Result<(), String> {
+pub fn bulk_get(ns: &str, srv: &Proc, host: &str, port: &str, bytes: &str) -> Result<(), String> {
     let o = probe(
         ns,
-        dir,
         &["bulk-client", host, port, "GET", bytes, "60"],
         Duration::from_secs(90),
     );
@@ -1513,10 +1461,9 @@ pub fn bulk_get(
 
 /// `bulk-client PUT`: send `bytes` to a `bulk-serve` server and check that
 /// it received exactly them (length and SHA-256).
-pub fn bulk_put(ns: &str, dir: &Path, host: &str, port: &str, bytes: &str) -> Result<(), String> {
+pub fn bulk_put(ns: &str, host: &str, port: &str, bytes: &str) -> Result<(), String> {
     let o = probe(
         ns,
-        dir,
         &["bulk-client", host, port, "PUT", bytes, "60"],
         Duration::from_secs(90),
     );
@@ -1531,412 +1478,4 @@ pub fn bulk_put(ns: &str, dir: &Path, host: &str, port: &str, bytes: &str) -> Re
     }
 }
 
-/// Python helper. Every operation is bounded by an explicit timeout.
-pub const NETPROBE_PY: &str = r###"
-import os, random, select, socket, ssl, struct, sys, time
-
-def out(*a):
-    print(*a, flush=True)
-
-def tcp_serve(host, port, count, timeout):
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, int(port))); s.listen(16); s.settimeout(float(timeout))
-    out("LISTENING")
-    for _ in range(int(count)):
-        try:
-            c, peer = s.accept()
-        except socket.timeout:
-            out("TIMEOUT"); return
-        c.settimeout(5)
-        data = b""
-        try:
-            while not data.endswith(b"\n") and len(data) < 4096:
-                d = c.recv(4096)
-                if not d: break
-                data += d
-            line = data.decode(errors="replace").strip()
-            out("GOT", peer[0], line)
-            c.sendall(("reply from %s to %s: %s\n" % (host, peer[0], line)).encode())
-        except Exception as e:
-            out("ERR", repr(e))
-        c.close()
-
-def tcp_send(host, port, msg, timeout):
-    s = socket.create_connection((host, int(port)), timeout=float(timeout))
-    s.sendall((msg + "\n").encode())
-    data = b""
-    while not data.endswith(b"\n"):
-        d = s.recv(4096)
-        if not d: break
-        data += d
-    out(data.decode(errors="replace").strip())
-    sys.exit(0 if data else 1)
-
-def udp_serve(host, port, timeout):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((host, int(port)))
-    out("LISTENING")
-    end = time.time() + float(timeout)
-    while time.time() < end:
-        s.settimeout(max(0.05, end - time.time()))
-        try:
-            d, peer = s.recvfrom(65535)
-        except socket.timeout:
-            break
-        out("GOT", peer[0], d.decode(errors="replace"))
-        s.sendto(b"reply:" + d, peer)
-
-def udp_send(host, port, msg, timeout):
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.settimeout(0.5)
-    end = time.time() + float(timeout)
-    while time.time() < end:
-        s.sendto(msg.encode(), (host, int(port)))
-        try:
-            d, peer = s.recvfrom(65535)
-            out(d.decode(errors="replace")); return
-        except socket.timeout:
-            pass
-    sys.exit(1)
-
-def csum(b):
-    if len(b) % 2: b += b"\0"
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
-    s = (s >> 16) + (s & 0xffff); s += s >> 16
-    return (~s) & 0xffff
-
-def raw_udp(src, dst, port, msg):
-    # A UDP datagram with a chosen source address (IP_HDRINCL), routed by the
-    # kernel by destination: i.e. into the tunnel for tunnel destinations.
-    payload = msg.encode()
-    udp = struct.pack("!HHHH", 40000, int(port), 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), random.randint(1, 65535), 0,
-                     64, 17, 0, socket.inet_aton(src), socket.inet_aton(dst))
-    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    s.sendto(ip + udp, (dst, 0))
-    out("SENT", src, "->", dst, port)
-
-def udp_burst(host, port, count, prefix, gap_ms):
-    # `count` datagrams "<prefix>-<n>" (n = 0..count-1), gap_ms apart.
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    for n in range(int(count)):
-        s.sendto(("%s-%d" % (prefix, n)).encode(), (host, int(port)))
-        time.sleep(float(gap_ms) / 1000.0)
-    out("SENT", count)
-
-# ---------------------------------------------------------------- hostile --
-def tls_ctx():
-    c = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    c.check_hostname = False
-    c.verify_mode = ssl.CERT_NONE
-    return c
-
-def tls_connect(host, port, timeout=5):
-    raw = socket.create_connection((host, port), timeout=timeout)
-    return tls_ctx().wrap_socket(raw, server_hostname=None)
-
-def read_response(s, timeout):
-    """Status line + headers (or what arrived) until close/timeout."""
-    s.settimeout(timeout)
-    data = b""
-    end = time.time() + timeout
-    try:
-        while b"\r\n\r\n" not in data and time.time() < end and len(data) < 65536:
-            d = s.recv(65536)
-            if not d:
-                return data, "closed"
-            data += d
-    except (socket.timeout, TimeoutError):
-        return data, "timeout"
-    except (ssl.SSLError, OSError) as e:
-        return data, "error:" + e.__class__.__name__
-    return data, "response"
-
-def status_of(data):
-    try:
-        return int(data.split(b" ", 2)[1])
-    except Exception:
-        return None
-
-def wait_closed(s, timeout):
-    s.settimeout(timeout)
-    end = time.time() + timeout
-    try:
-        while time.time() < end:
-            d = s.recv(65536)
-            if not d:
-                return "closed"
-    except (socket.timeout, TimeoutError):
-        return "open"
-    except (ssl.SSLError, OSError) as e:
-        return "error:" + e.__class__.__name__
-    return "open"
-
-def result(name, ok, detail):
-    out("RESULT", name, "ok" if ok else "FAIL", detail)
-
-def send_budget(s, chunks, budget, timeout):
-    """Send chunks until budget bytes or the peer stops us. Returns (sent, why)."""
-    s.settimeout(timeout)
-    sent = 0
-    try:
-        for c in chunks:
-            if sent >= budget:
-                return sent, "budget"
-            s.sendall(c)
-            sent += len(c)
-    except (socket.timeout, TimeoutError):
-        return sent, "stalled"
-    except (ssl.SSLError, OSError) as e:
-        return sent, "error:" + e.__class__.__name__
-    return sent, "budget"
-
-HDRS = ("X-Aggregate-Auth: 1\r\nX-Transcend-Version: 1\r\nX-Support-HTTP-Auth: true\r\n"
-        "User-Agent: e2e-hostile\r\nAccept: */*\r\n")
-
-def h_bad_magic(host, port, cookie):
-    try:
-        s = tls_connect(host, port)
-    except Exception as e:
-        result("bad_magic", False, "TLS connect failed: %r" % e); return
-    # openconnect 9.01 --authenticate prints the whole Cookie header value
-    # ("openconnect_strapkey=...; webvpn=..."); accept a bare token too.
-    if "webvpn=" not in cookie:
-        cookie = "webvpn=" + cookie
-    out("bad_magic: using cookie of %d chars" % len(cookie))
-    req = ("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: %s\r\nUser-Agent: Open AnyConnect VPN Agent v9.01\r\n"
-           "Cookie: %s\r\nX-CSTP-Version: 1\r\nX-CSTP-Hostname: mallory-box\r\n"
-           "X-CSTP-Base-MTU: 1500\r\nX-CSTP-MTU: 1400\r\nX-CSTP-Address-Type: IPv4\r\n\r\n") % (host, cookie)
-    s.sendall(req.encode())
-    data, how = read_response(s, 5)
-    st = status_of(data)
-    if st != 200:
-        result("bad_magic", False, "CONNECT with a valid cookie got %r (%s): %r" % (st, how, data[:300])); return
-    # one valid keepalive, then a frame with bad magic
-    s.sendall(b"STF\x01\x00\x00\x07\x00")
-    s.sendall(b"XXXX\x00\x04\x00\x00abcd")
-    t0 = time.time()
-    r = wait_closed(s, 8)
-    result("bad_magic", r != "open", "after a bad-magic frame the server: %s after %.1fs" % (r, time.time() - t0))
-
-def h_garbage(host, port):
-    s = socket.create_connection((host, port), timeout=5)
-    try:
-        s.sendall(bytes(random.getrandbits(8) for _ in range(4096)))
-    except OSError:
-        pass
-    r = wait_closed(s, 10)
-    result("garbage_instead_of_tls", r != "open", "server: %s" % r)
-
-def h_truncated_hello(host, port):
-    s = socket.create_connection((host, port), timeout=5)
-    s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-    s.shutdown(socket.SHUT_WR)
-    r = wait_closed(s, 10)
-    result("truncated_client_hello", r != "open", "server: %s" % r)
-
-def h_huge_header(host, port):
-    s = tls_connect(host, port)
-    big = b"A" * (1 << 20)
-    chunks = [b"POST / HTTP/1.1\r\nHost: x\r\n" + HDRS.encode() + b"X-Big: "] + \
-             [big[i:i + 16384] for i in range(0, len(big), 16384)] + [b"\r\nContent-Length: 0\r\n\r\n"]
-    sent, why = send_budget(s, chunks, 1 << 30, 10)
-    data, how = read_response(s, 5)
-    st = status_of(data)
-    ok = st != 200
-    result("header_1MB", ok, "sent %d bytes (%s); server answered %r (%s) %r" % (sent, why, st, how, data[:120]))
-
-def h_endless_headers(host, port):
-    s = tls_connect(host, port)
-    def gen():
-        yield b"GET / HTTP/1.1\r\nHost: x\r\n"
-        i = 0
-        while True:
-            yield b"".join(b"X-Endless-%d: %s\r\n" % (i + k, b"v" * 40) for k in range(256))
-            i += 256
-    budget = 16 << 20
-    sent, why = send_budget(s, gen(), budget, 10)
-    data, how = read_response(s, 3)
-    ok = why != "budget"
-    result("endless_headers", ok, "server let us send %d bytes (%s) then %r (%s) %r" % (sent, why, status_of(data), how, data[:120]))
-
-def h_huge_body(host, port):
-    s = tls_connect(host, port)
-    total = 20 << 20
-    head = ("POST / HTTP/1.1\r\nHost: x\r\n" + HDRS + "Content-Type: application/xml\r\n"
-            "Content-Length: %d\r\n\r\n" % total).encode()
-    body0 = b'<?xml version="1.0" encoding="UTF-8"?>\n<config-auth client="vpn" type="init" aggregate-auth-version="2"><version who="vpn">v9.01</version><x>'
-    def gen():
-        yield head
-        yield body0
-        left = total - len(body0)
-        pad = b"y" * 65536
-        while left > 0:
-            n = min(left, len(pad)); left -= n
-            yield pad[:n]
-    sent, why = send_budget(s, gen(), 1 << 40, 10)
-    data, how = read_response(s, 5)
-    st = status_of(data)
-    ok = why != "budget" or (st is not None and st >= 400)
-    result("xml_body_20MB", ok, "sent %d of %d bytes (%s); server answered %r (%s) %r" % (sent, total + len(head), why, st, how, data[:160]))
-
-def h_invalid_xml(host, port):
-    s = tls_connect(host, port)
-    body = b'<?xml version="1.0"?><config-auth client="vpn" type="init"><<<&&&</version></config-auth'
-    s.sendall(("POST / HTTP/1.1\r\nHost: x\r\n" + HDRS + "Content-Length: %d\r\n\r\n" % len(body)).encode() + body)
-    data, how = read_response(s, 5)
-    st = status_of(data)
-    ok = how in ("response", "closed", ) or how.startswith("error")
-    ok = ok and not (st == 200 and b"complete" in data)
-    result("invalid_xml", ok, "server answered %r (%s) %r" % (st, how, data[:160]))
-
-def h_bogus_cookie(host, port, cookie_header, name):
-    s = tls_connect(host, port)
-    req = ("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: %s\r\n%sX-CSTP-Version: 1\r\n"
-           "X-CSTP-Hostname: x\r\nX-CSTP-MTU: 1400\r\nX-CSTP-Address-Type: IPv4\r\n\r\n") % (host, cookie_header)
-    s.sendall(req.encode())
-    data, how = read_response(s, 5)
-    st = status_of(data)
-    result(name, st != 200, "server answered %r (%s) %r" % (st, how, data[:160]))
-
-def h_half_open(host, port, n, release_file, hold_max):
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, n + 256)), hard))
-    socks, pending = [], {}
-    for i in range(n):
-        s = socket.socket(); s.setblocking(False)
-        try:
-            s.connect((host, port))
-        except BlockingIOError:
-            pass
-        except OSError:
-            s.close(); continue
-        socks.append(s)
-    end = time.time() + 10
-    connected = set(); failed = 0
-    poll = select.poll()
-    fdmap = {s.fileno(): s for s in socks}
-    for fd in fdmap:
-        poll.register(fd, select.POLLOUT)
-    while fdmap and len(connected) + failed < len(socks) and time.time() < end:
-        for fd, ev in poll.poll(200):
-            s = fdmap.pop(fd, None)
-            if s is None: continue
-            poll.unregister(fd)
-            err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err == 0: connected.add(fd)
-            else: failed += 1
-    out("HALFOPEN-HOLDING connected=%d failed=%d pending=%d" % (len(connected), failed, len(fdmap)))
-    hold_end = time.time() + float(hold_max)
-    while time.time() < hold_end and not os.path.exists(release_file):
-        time.sleep(0.05)
-    # how many did the server close on its own meanwhile?
-    closed_by_server = 0
-    for s in socks:
-        try:
-            s.setblocking(False)
-            if s.recv(1) == b"":
-                closed_by_server += 1
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            closed_by_server += 1
-    for s in socks:
-        s.close()
-    result("half_open_1000", True, "connected=%d failed=%d closed_by_server=%d (all closed by us now)" % (len(connected), failed, closed_by_server))
-
-def hostile(host, port, cookie, release_file):
-    port = int(port)
-    steps = [
-        lambda: h_bad_magic(host, port, cookie),
-        lambda: h_garbage(host, port),
-        lambda: h_truncated_hello(host, port),
-        lambda: h_huge_header(host, port),
-        lambda: h_endless_headers(host, port),
-        lambda: h_huge_body(host, port),
-        lambda: h_invalid_xml(host, port),
-        lambda: h_bogus_cookie(host, port, "Cookie: webvpn=bogus0123456789\r\n", "connect_bogus_cookie"),
-        lambda: h_bogus_cookie(host, port, "Cookie: webvpn=(null)\r\n", "connect_null_cookie"),
-        lambda: h_bogus_cookie(host, port, "", "connect_no_cookie"),
-        lambda: h_half_open(host, port, 1000, release_file, 20),
-    ]
-    for st in steps:
-        t0 = time.time()
-        try:
-            st()
-        except Exception as e:
-            out("RESULT", "step", "ERROR", repr(e))
-        out("STEP-TIME %.2f" % (time.time() - t0))
-    out("DONE")
-
-def bulk_data(n):
-    return random.Random(n).randbytes(n)
-
-def bulk_serve(host, port, count, timeout):
-    """Per connection, a line "GET n" (send n bytes) or "PUT n" (receive n
-    bytes); prints what it sent or received with its SHA-256."""
-    import hashlib
-    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind((host, int(port))); s.listen(4); s.settimeout(float(timeout))
-    out("LISTENING")
-    for _ in range(int(count)):
-        try:
-            c, peer = s.accept()
-        except socket.timeout:
-            out("TIMEOUT"); return
-        c.settimeout(float(timeout))
-        line = b""
-        while not line.endswith(b"\n") and len(line) < 64:
-            d = c.recv(1)
-            if not d: break
-            line += d
-        op, n = line.decode().split()
-        n = int(n)
-        if op == "GET":
-            data = bulk_data(n)
-            c.sendall(data)
-            out("SENT", n, hashlib.sha256(data).hexdigest())
-        else:
-            h, got = hashlib.sha256(), 0
-            while got < n:
-                d = c.recv(1 << 16)
-                if not d: break
-                h.update(d); got += len(d)
-            out("RECEIVED", got, h.hexdigest())
-            c.sendall(("%d %s\n" % (got, h.hexdigest())).encode())
-        c.close()
-
-def bulk_client(host, port, op, n, timeout):
-    """GET: prints "GOT n sha256" of what arrived; PUT: sends n bytes and
-    prints the server's "n sha256" of what it received, then ours."""
-    import hashlib
-    n = int(n)
-    s = socket.create_connection((host, int(port)), timeout=float(timeout))
-    s.settimeout(float(timeout))
-    s.sendall(("%s %d\n" % (op, n)).encode())
-    if op == "GET":
-        h, got = hashlib.sha256(), 0
-        while got < n:
-            d = s.recv(1 << 16)
-            if not d: break
-            h.update(d); got += len(d)
-        out("GOT", got, h.hexdigest())
-    else:
-        data = bulk_data(n)
-        s.sendall(data)
-        reply = b""
-        while not reply.endswith(b"\n"):
-            d = s.recv(256)
-            if not d: break
-            reply += d
-        out("SERVER", reply.decode().strip())
-        out("MINE", n, hashlib.sha256(data).hexdigest())
-
-cmd, args = sys.argv[1], sys.argv[2:]
-{"tcp-serve": tcp_serve, "tcp-send": tcp_send, "udp-serve": udp_serve, "udp-send": udp_send,
- "raw-udp": raw_udp, "hostile": hostile, "udp-burst": udp_burst, "bulk-serve": bulk_serve,
- "bulk-client": bulk_client}[cmd](*args)
-"###;
 pub mod plugin;

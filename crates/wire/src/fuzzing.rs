@@ -94,6 +94,63 @@ pub fn auth_xml(data: &[u8]) {
     }
 }
 
+/// The `server_auth_xml` target: a parsed server message respects the
+/// bounds, its field names can be sent back as elements, its action is a
+/// local path, and its `<opaque>` is a piece of the input.
+pub fn server_auth_xml(data: &[u8]) {
+    use auth_xml::{FormInput, ServerMessage};
+    let short = |s: &str| assert!(s.len() <= auth_xml::MAX_VALUE_LEN);
+    match auth_xml::parse_server_message(data) {
+        Ok(ServerMessage::AuthRequest(r)) => {
+            let f = &r.form;
+            for text in [&f.title, &f.message, &f.error, &f.banner]
+                .into_iter()
+                .flatten()
+            {
+                short(text);
+            }
+            short(&f.id);
+            assert!(f.action.starts_with('/') && !f.action.starts_with("//"));
+            assert!(f.inputs.len() <= auth_xml::MAX_INPUTS);
+            for input in &f.inputs {
+                assert!(auth_xml::valid_field_name(input.name()));
+                match input {
+                    FormInput::Text { label, value, .. } => {
+                        short(label);
+                        short(value);
+                    }
+                    FormInput::Password { label, .. } => short(label),
+                    FormInput::Hidden { value, .. } => short(value),
+                    FormInput::Select { label, options, .. } => {
+                        short(label);
+                        assert!(options.len() <= auth_xml::MAX_OPTIONS);
+                        for o in options {
+                            short(&o.value);
+                            short(&o.label);
+                        }
+                    }
+                }
+            }
+            if let Some(opaque) = &r.opaque {
+                assert!(opaque.len() <= auth_xml::MAX_OPAQUE);
+                assert!(opaque.starts_with("<opaque") && opaque.ends_with('>'));
+                let haystack = String::from_utf8_lossy(data);
+                assert!(haystack.contains(opaque.as_str()));
+            }
+        }
+        Ok(ServerMessage::Complete(c)) => {
+            for text in [&c.session_token, &c.message, &c.banner]
+                .into_iter()
+                .flatten()
+            {
+                short(text);
+                assert!(!text.is_empty() && text.trim() == text);
+            }
+        }
+        Err(_) => {}
+    }
+}
+
 /// The `ip_packet` target: lengths are consistent with the buffer.
 pub fn ip_packet(data: &[u8]) {
     if let Ok(info) = ip::parse(data) {

@@ -1,9 +1,11 @@
-//! Parsers and builders for every byte that reaches the gateway from outside.
+//! Parsers and builders for every byte that reaches the gateway (or its client
+//! plug-in) from outside.
 //!
 //! This layer owns the untrusted-input boundary: CSTP frames ([`cstp`]), the
 //! HTTP/1.1 request heads of the auth and CONNECT exchange ([`http`]), the
-//! AnyConnect aggregate-auth XML bodies ([`auth_xml`]) and the IP packets carried
-//! by the tunnel or read from the TUN device ([`ip`]).
+//! AnyConnect aggregate-auth XML bodies both ways ([`auth_xml`]: the client's,
+//! read by the gateway, and the server's forms, read by the plug-in) and the IP
+//! packets carried by the tunnel or read from the TUN device ([`ip`]).
 //!
 //! Rules that hold for every module here:
 //! - no input can make a function panic (no unchecked indexing, no `unwrap`);
