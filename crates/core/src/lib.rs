@@ -11,6 +11,7 @@ pub mod bans;
 pub mod conntrack;
 pub mod dns_records;
 pub mod expect;
+pub mod link;
 pub mod log_limit;
 pub mod nat;
 pub mod policy;
