@@ -28,6 +28,15 @@
 //! request). When the tunnel ends without a logoff, the unconfirmed packets
 //! go back to the front of the session's queue ([`UserQueue::first`]), so
 //! the next tunnel of the session sends them first, in order.
+//!
+//! The hold after silence, the probes, the dead peer and trimming are
+//! decided by the core's [`TunnelLink`]; this task reads the clock once per
+//! loop turn, after it wakes, and passes that `now` down.
+//!
+//! One file (about 820 lines of production code): the hot path, socket →
+//! rustls → frames → TUN and queue → frames → socket, works on one
+//! [`Tunnel`]'s fields without an await in between; split, its halves would
+//! share every field.
 
 use std::collections::VecDeque;
 use std::io::{Read as _, Write as _};
@@ -46,7 +55,8 @@ use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::Stream;
 use crate::core::conntrack::{NatDrop, Outcome};
-use crate::core::replay::{shows_client_alive, ReplayRing};
+use crate::core::link::{LinkAction, TunnelLink};
+use crate::core::replay::shows_client_alive;
 use crate::core::route::{self, DropReason, UserView, Verdict};
 use crate::core::session::{CloseReason, SessionId};
 use crate::shared::{LockedNat, Port, Shared, TunnelCtl, UserQueue};
@@ -62,24 +72,8 @@ const MAX_QUEUED: usize = 256 * 1024;
 const SOCKET_READ: usize = 64 * 1024;
 /// Socket reads handled per wake-up before the queue gets a turn.
 const READS_PER_WAKE: usize = 4;
-/// A tunnel with nothing from the client for this long gives back its
-/// packet batch and decode buffers (an idle session's memory).
-const TRIM_AFTER: Duration = Duration::from_secs(10);
 /// Deadline for DISCONNECT and close_notify when the gateway closes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
-/// Session reliability: when no sign of life (see
-/// [`shows_client_alive`]) has come from the client for this long, the path
-/// may be cut. Packets for the user are then held in the session's queue
-/// (not written into a connection that may be dead) and the client is
-/// probed with DPD-REQ. Only a DPD-RESP to a probe sent during the hold
-/// releases them: bytes the client's kernel retransmits after the client
-/// gave the connection up prove nothing. A silent client costs one probe
-/// and one round trip of delay. Correctness does not depend on it (what
-/// the client did not confirm is sent again, see the module doc); it keeps
-/// what a cut connection swallows, and a reconnect sends twice, short, and
-/// the replay ring under its cap.
-const HOLD_AFTER_SILENCE: Duration = Duration::from_millis(1500);
-
 /// Decode buffer growth step; a frame larger than what is left simply
 /// takes another reserve.
 const PLAIN_CHUNK: usize = 16 * 1024;
@@ -135,6 +129,7 @@ pub(crate) async fn run_tunnel(
         dead_after,
     } = start;
     port.up.store(true, Relaxed);
+    let started = Instant::now();
     let mut t = Tunnel {
         shared: &shared,
         port: &port,
@@ -146,14 +141,10 @@ pub(crate) async fn run_tunnel(
         out: Vec::new(),
         queued: 0,
         scratch: Vec::new(),
-        last_rx: shared.now_ms(),
-        last_rx_at: Instant::now(),
-        alive: false,
-        probe_answered: None,
-        ring: ReplayRing::new(shared.config.buffer_packets),
+        link: TunnelLink::new(shared.config.buffer_packets, dead_after, started),
     };
     let end = tokio::select! {
-        e = t.run(&mut queue, ctl_rx, &tun, dead_after) => e,
+        e = t.run(&mut queue, ctl_rx, &tun, started) => e,
         _ = cancel.cancelled() => End::Closed,
     };
     // Before the queue is let go (a new tunnel of the session waits for
@@ -293,17 +284,18 @@ struct Tunnel<'a> {
     queued: usize,
     /// Packets the FTP ALG rewrites to another length are built here.
     scratch: Vec<u8>,
-    /// When the client last showed a sign of life (ms since
-    /// `Shared::epoch`; see [`shows_client_alive`]): the hold after silence.
-    last_rx: u64,
-    /// When bytes last came from the client: dead peer, trimming.
-    last_rx_at: Instant,
-    /// A sign of life was decoded since `last_rx` was last set.
-    alive: bool,
-    /// When the probe the client answered last was sent.
-    probe_answered: Option<Instant>,
-    /// Packets written toward the user and not yet confirmed by the client.
-    ring: ReplayRing<Bytes>,
+    /// Hold, probes, dead peer and trimming, with the packets written
+    /// toward the user and not yet confirmed by the client.
+    link: TunnelLink<Bytes>,
+}
+
+/// What woke the tunnel's loop (handled after the one clock read).
+enum Wake {
+    Ctl(Option<TunnelCtl>),
+    Readable(std::io::Result<()>),
+    Writable(std::io::Result<()>),
+    Packet(Option<Bytes>),
+    Timer,
 }
 
 impl Tunnel<'_> {
@@ -312,111 +304,98 @@ impl Tunnel<'_> {
         q: &mut UserQueue,
         mut ctl: mpsc::Receiver<TunnelCtl>,
         tun: &AsyncDevice,
-        dead_after: Duration,
+        started: Instant,
     ) -> End {
-        if let Err(end) = self.start(tun).await {
+        // The clock is read once per loop turn, after the wake-up; every
+        // decision of the turn uses that `now`.
+        let mut now = started;
+        if let Err(end) = self.start(tun, now).await {
             return end;
         }
-        let hold_ms = u64::try_from(HOLD_AFTER_SILENCE.as_millis()).unwrap_or(u64::MAX);
-        // Since when packets are held (None: not holding).
-        let mut holding: Option<Instant> = None;
         // Dead peer, trimming and the next probe share one timer that is
         // re-armed only when it fires (not per wake-up: a timer per loop turn
         // is a timer-wheel insert and removal per packet batch), or brought
-        // forward when a probe falls due earlier.
-        let housekeeping = tokio::time::sleep_until(self.next_housekeeping(dead_after).into());
+        // forward when a probe falls due earlier (see
+        // `TunnelLink::poll_timeout`).
+        let housekeeping = tokio::time::sleep_until(self.link.poll_timeout().0.into());
         tokio::pin!(housekeeping);
+        let mut fired = false;
         loop {
-            let now_at = Instant::now();
-            let now = self.shared.ms_at(now_at);
-            let silent = |now: u64, last_rx: u64| now.saturating_sub(last_rx) > hold_ms;
-            if holding.is_none()
-                && silent(now, self.last_rx)
-                && (!q.first.is_empty() || !q.rx.is_empty())
-            {
-                holding = Some(now_at);
-            }
-            // Released by the answer to a probe sent during the hold.
-            if let (Some(since), Some(sent)) = (holding, self.probe_answered) {
-                if sent >= since {
-                    holding = None;
-                }
-            }
-            let probe = if holding.is_some() {
-                // One probe at a time: one sent before the hold is answered
-                // first, then another one goes out.
-                !self.ring.probe_outstanding()
-            } else {
+            let waiting = !q.first.is_empty() || !q.rx.is_empty();
+            if !self.link.poll_hold(now, waiting) {
                 if let Err(end) = self.write_first(&mut q.first) {
                     return end;
                 }
-                self.ring.poll_probe(now_at)
-            };
-            if probe {
+            }
+            if self.link.poll_probe(now) {
                 if let Err(end) = self.write_frame(FrameType::DpdReq, &[]) {
                     return end;
                 }
-                self.ring.handle_probe_sent(now_at);
+                self.link.handle_probe_sent(now);
             }
             if let Err(end) = self.flush() {
                 return end;
             }
-            if let Some(at) = self.ring.poll_timeout() {
-                let at = tokio::time::Instant::from_std(at);
-                if at < housekeeping.deadline() {
-                    housekeeping.as_mut().reset(at);
-                }
+            let (at, _why) = self.link.poll_timeout();
+            let at = tokio::time::Instant::from_std(at);
+            if std::mem::take(&mut fired) || at < housekeeping.deadline() {
+                housekeeping.as_mut().reset(at);
             }
             let want_write = self.tls.wants_write();
-            let step = tokio::select! {
+            let wake = tokio::select! {
                 biased;
-                c = ctl.recv() => match c {
-                    Some(TunnelCtl::Terminate(reason)) => {
-                        let mut p = vec![LOGOFF_CODE];
-                        p.extend_from_slice(reason.as_bytes());
-                        let _ = self.write_frame(FrameType::Disconnect, &p);
-                        self.close().await;
-                        return End::Closed;
-                    }
-                    Some(TunnelCtl::Close) | None => {
-                        self.close().await;
-                        return End::Closed;
-                    }
-                },
-                r = self.tcp.readable() => match r {
-                    Ok(()) => self.on_readable(tun),
-                    Err(e) => Err(End::Dropped(format!("read error: {e}"))),
-                },
-                r = self.tcp.writable(), if want_write => match r {
-                    Ok(()) => Ok(()), // flushed at the top of the loop
-                    Err(e) => Err(End::Dropped(format!("write error: {e}"))),
-                },
-                p = q.rx.recv(), if !want_write && q.first.is_empty() => match p {
-                    // Decide with the clock of this moment: the wait may
-                    // have been long.
-                    Some(pkt) if holding.is_some() || silent(self.shared.now_ms(), self.last_rx) => {
+                c = ctl.recv() => Wake::Ctl(c),
+                r = self.tcp.readable() => Wake::Readable(r),
+                r = self.tcp.writable(), if want_write => Wake::Writable(r),
+                p = q.rx.recv(), if !want_write && q.first.is_empty() => Wake::Packet(p),
+                () = &mut housekeeping => Wake::Timer,
+            };
+            now = Instant::now();
+            let step = match wake {
+                Wake::Ctl(Some(TunnelCtl::Terminate(reason))) => {
+                    let mut p = vec![LOGOFF_CODE];
+                    p.extend_from_slice(reason.as_bytes());
+                    let _ = self.write_frame(FrameType::Disconnect, &p);
+                    self.close().await;
+                    return End::Closed;
+                }
+                Wake::Ctl(Some(TunnelCtl::Close) | None) => {
+                    self.close().await;
+                    return End::Closed;
+                }
+                Wake::Readable(Ok(())) => self.on_readable(tun, now),
+                Wake::Readable(Err(e)) => Err(End::Dropped(format!("read error: {e}"))),
+                Wake::Writable(Ok(())) => Ok(()), // flushed at the top of the loop
+                Wake::Writable(Err(e)) => Err(End::Dropped(format!("write error: {e}"))),
+                // Decided with the clock of this wake-up: the wait may have
+                // been long.
+                Wake::Packet(Some(pkt)) => {
+                    if self.link.poll_hold(now, true) {
                         q.first.push_back(pkt);
                         Ok(())
+                    } else {
+                        self.write_batch(pkt, q)
                     }
-                    Some(pkt) => self.write_batch(pkt, q),
-                    None => return End::Closed,
-                },
-                () = &mut housekeeping => {
-                    let now = Instant::now();
-                    if now >= self.last_rx_at + dead_after {
-                        return End::Dropped(format!(
-                            "dead peer: nothing received for {}s",
-                            dead_after.as_secs()
-                        ));
+                }
+                Wake::Packet(None) => return End::Closed,
+                Wake::Timer => {
+                    // Re-armed at the top of the loop, after a probe that
+                    // fell due has gone out.
+                    fired = true;
+                    match self.link.handle_timeout(now) {
+                        Some(LinkAction::Dead { silent_for }) => {
+                            debug!(addr = %self.addr, silent_ms = silent_for.as_millis(), "dead peer");
+                            return End::Dropped(format!(
+                                "dead peer: nothing received for {}s",
+                                self.link.dead_after().as_secs()
+                            ));
+                        }
+                        Some(LinkAction::Trim) => {
+                            self.trim();
+                            Ok(())
+                        }
+                        None => Ok(()),
                     }
-                    if now >= self.last_rx_at + TRIM_AFTER {
-                        self.trim();
-                    }
-                    // A probe that fell due goes out at the top of the loop.
-                    housekeeping
-                        .as_mut()
-                        .reset(self.next_housekeeping(dead_after).into());
-                    Ok(())
                 }
             };
             if let Err(end) = step {
@@ -426,7 +405,7 @@ impl Tunnel<'_> {
     }
 
     /// What came after the CONNECT request, and what rustls holds already.
-    async fn start(&mut self, tun: &AsyncDevice) -> Result<(), End> {
+    async fn start(&mut self, tun: &AsyncDevice, now: Instant) -> Result<(), End> {
         let state = self
             .tls
             .process_new_packets()
@@ -434,33 +413,20 @@ impl Tunnel<'_> {
         self.drain_plaintext(state.plaintext_bytes_to_read())?;
         TUN_BATCH.with(|b| {
             let batch = &mut b.borrow_mut();
-            let r = self.decode(batch, tun);
+            let r = self.decode(batch, tun, now);
             self.flush_tun(batch, tun);
             r
         })?;
         self.flush()
     }
 
-    /// When the peer is dead if nothing comes, or the buffers are due for
-    /// trimming, whichever is first (a due probe brings the timer forward,
-    /// see `run`).
-    fn next_housekeeping(&self, dead_after: Duration) -> Instant {
-        let dead_at = self.last_rx_at + dead_after;
-        let trim_at = self.last_rx_at + TRIM_AFTER;
-        if self.plain.capacity() > 0 && trim_at > Instant::now() {
-            dead_at.min(trim_at)
-        } else {
-            dead_at
-        }
-    }
-
-    /// Gives back the buffers of a quiet tunnel.
+    /// Gives back the buffers of a quiet tunnel (the link has given back
+    /// its replay ring's).
     fn trim(&mut self) {
         if self.plain.is_empty() {
             self.plain = BytesMut::new();
         }
         self.out = Vec::new();
-        self.ring.shrink();
     }
 
     /// Hands one frame to rustls: one write, so one TLS record.
@@ -485,7 +451,7 @@ impl Tunnel<'_> {
     fn write_data(&mut self, pkt: Bytes) -> Result<(), (End, Bytes)> {
         match self.write_frame(FrameType::Data, &pkt) {
             Ok(()) => {
-                self.ring.push(pkt);
+                self.link.push(pkt);
                 Ok(())
             }
             Err(end) => Err((end, pkt)),
@@ -556,7 +522,7 @@ impl Tunnel<'_> {
     /// sends them first. Copied: they may wait for the reconnect window and
     /// must not pin the data plane's packet buffers.
     fn give_back_unconfirmed(&mut self, q: &mut UserQueue) {
-        let back = self.ring.take_unconfirmed();
+        let back = self.link.take_unconfirmed();
         let stats = &self.shared.stats;
         for _ in 0..back.lost {
             stats.drop(DropReason::BufferOverflow);
@@ -599,7 +565,7 @@ impl Tunnel<'_> {
 
     /// Socket → rustls → frames → TUN (or a peer's queue). Synchronous:
     /// the per-thread buffers are used without an await in between.
-    fn on_readable(&mut self, tun: &AsyncDevice) -> Result<(), End> {
+    fn on_readable(&mut self, tun: &AsyncDevice, now: Instant) -> Result<(), End> {
         let mut heard = false;
         let result = TUN_BATCH.with(|b| {
             let batch = &mut b.borrow_mut();
@@ -631,7 +597,7 @@ impl Tunnel<'_> {
                     Read::Fed(closed) => closed,
                 };
                 heard = true;
-                if let Err(end) = self.decode(batch, tun) {
+                if let Err(end) = self.decode(batch, tun, now) {
                     result = Err(end);
                     break;
                 }
@@ -647,10 +613,7 @@ impl Tunnel<'_> {
             result
         });
         if heard {
-            self.last_rx_at = Instant::now();
-        }
-        if std::mem::take(&mut self.alive) {
-            self.last_rx = self.shared.now_ms();
+            self.link.handle_received(now);
         }
         result
     }
@@ -706,7 +669,8 @@ impl Tunnel<'_> {
     }
 
     /// Handles every whole frame in `plain`.
-    fn decode(&mut self, batch: &mut TunBatch, tun: &AsyncDevice) -> Result<(), End> {
+    fn decode(&mut self, batch: &mut TunBatch, tun: &AsyncDevice, now: Instant) -> Result<(), End> {
+        let now_ms = self.shared.data.ms_at(now);
         loop {
             let (ty, range, total) = match cstp::decode(&self.plain, usize::from(u16::MAX)) {
                 Ok(Some(x)) => x,
@@ -721,16 +685,18 @@ impl Tunnel<'_> {
             frame.advance(range.start);
             frame.truncate(range.len());
             let fate = match ty {
-                FrameType::Data => self.forward(frame, batch),
+                FrameType::Data => self.forward(frame, batch, now),
                 _ => Fate::Dropped,
             };
-            self.alive |= shows_client_alive(ty, fate == Fate::LinkLocal);
+            if shows_client_alive(ty, fate == Fate::LinkLocal) {
+                self.link.handle_alive(now);
+            }
             match ty {
                 FrameType::Data => {
                     // Only forwarded traffic counts as activity (not the
                     // client's IPv6 chatter, which is dropped).
                     if fate == Fate::Forwarded {
-                        self.port.activity.store(self.shared.now_ms(), Relaxed);
+                        self.port.activity.store(now_ms, Relaxed);
                     }
                     if batch.len >= IDEAL_BATCH_SIZE {
                         self.flush_tun(batch, tun);
@@ -739,9 +705,7 @@ impl Tunnel<'_> {
                 FrameType::DpdReq => self.write_frame(FrameType::DpdResp, &[])?,
                 FrameType::DpdResp => {
                     // The client read everything before our probe.
-                    if let Some(sent) = self.ring.handle_probe_answered() {
-                        self.probe_answered = Some(sent);
-                    }
+                    self.link.handle_probe_answered();
                 }
                 FrameType::Keepalive => {}
                 FrameType::Disconnect | FrameType::Terminate => {
@@ -763,7 +727,7 @@ impl Tunnel<'_> {
     /// connection tracking (state, inbound expectations, spillover NAT, FTP
     /// ALG) for everything that leaves through the TUN device (batched).
     /// User-to-user packets go straight to the peer's queue.
-    fn forward(&mut self, mut pkt: BytesMut, batch: &mut TunBatch) -> Fate {
+    fn forward(&mut self, mut pkt: BytesMut, batch: &mut TunBatch, now: Instant) -> Fate {
         let shared = self.shared;
         // The rules in force now (a reload or a group change swaps them).
         let port = self.port;
@@ -811,7 +775,7 @@ impl Tunnel<'_> {
             &mut pkt,
             &mut self.scratch,
             &mut LockedNat(&shared.data.nat_ports),
-            Instant::now(),
+            now,
         );
         let out: &[u8] = match outcome {
             Ok(Outcome::Forward) => &pkt,

@@ -12,6 +12,7 @@ pub mod conntrack;
 pub mod deadlines;
 pub mod dns_records;
 pub mod expect;
+pub mod link;
 pub mod log_limit;
 pub mod nat;
 pub mod policy;

@@ -29,7 +29,9 @@
 //! [`ReplayRing::handle_probe_sent`]; on each DPD-RESP,
 //! [`ReplayRing::handle_probe_answered`]; sleep no later than
 //! [`ReplayRing::poll_timeout`]; when the connection ends (other than by a
-//! logoff), [`ReplayRing::take_unconfirmed`].
+//! logoff), [`ReplayRing::take_unconfirmed`]. The tunnel drives it through
+//! [`crate::link::TunnelLink`], which owns it and adds the hold after
+//! silence to the probes.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
