@@ -33,9 +33,12 @@ struct Inner {
     records: Mutex<Committed>,
 }
 
+/// A committed record: its JSON and the revision that wrote it.
+type Entry = (Box<RawValue>, Revision);
+
 #[derive(Debug, Default)]
 struct Committed {
-    map: BTreeMap<Key, (Box<RawValue>, Revision)>,
+    map: BTreeMap<Key, Entry>,
     revision: Revision,
     written_at_unix: u64,
 }
@@ -158,7 +161,7 @@ impl Inner {
         }
         let revision = c.revision + 1;
         // Apply, keeping what is needed to undo a failed write.
-        let mut undo: Vec<(Key, Option<(Box<RawValue>, Revision)>)> = Vec::with_capacity(ops.len());
+        let mut undo: Vec<(Key, Option<Entry>)> = Vec::with_capacity(ops.len());
         let mut bad = None;
         for op in ops {
             match op {
@@ -211,7 +214,7 @@ impl Inner {
 }
 
 /// The state file's bytes: the records in the document format above.
-fn document(map: &BTreeMap<Key, (Box<RawValue>, Revision)>, now_unix: u64) -> Vec<u8> {
+fn document(map: &BTreeMap<Key, Entry>, now_unix: u64) -> Vec<u8> {
     let size: usize = map.values().map(|(v, _)| v.get().len() + 2).sum();
     let mut out = String::with_capacity(size + 64);
     out.push_str("{\"saved_at_unix\":");
