@@ -366,18 +366,6 @@ impl Shared {
         serde_json::json!(out)
     }
 
-    /// Milliseconds since `epoch` (for `Port::activity`).
-    pub fn now_ms(&self) -> u64 {
-        self.ms_at(Instant::now())
-    }
-
-    /// `at` in milliseconds since `epoch` (at least 1).
-    pub fn ms_at(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.data.epoch).as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1)
-    }
-
     /// Feed the traffic timestamps the tunnels recorded to the core (once a
     /// tick, not per packet).
     pub(crate) fn sync_activity(&self) {
