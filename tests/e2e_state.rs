@@ -66,6 +66,11 @@ fn start_gw(topo: &Topology, dir: &Path, cfg: &Path, log: &str, extra: &[&str]) 
         pin = parse_pin(&proc.log_text());
         pin.is_some()
     });
+    // Listening comes first; state, TUN, DNS and the control socket are
+    // ready when this is logged.
+    wait_until(20 * S, || {
+        proc.exited().is_some() || proc.log_text().contains("intragate is running")
+    });
     Gateway {
         proc,
         config: cfg.to_path_buf(),

@@ -811,6 +811,11 @@ impl Gateway {
             pin = parse_pin(&proc.log_text());
             pin.is_some()
         });
+        // Listening comes first (clients wait in the backlog); state,
+        // TUN, DNS and the control socket are ready when this is logged.
+        wait_until(Duration::from_secs(20), || {
+            proc.exited().is_some() || proc.log_text().contains("intragate is running")
+        });
         if pin.is_none() {
             let o = run_cmd(
                 BIN,
