@@ -24,22 +24,14 @@ use crate::dns_records::{DnsRecords, NameError};
 use crate::policy::{Policy, PolicySet};
 use crate::pool::{IpPool, PoolConfig, PoolError, PoolSnapshot};
 
+pub use crate::ids::SessionId;
+
 /// The name of the internal pool of non-routable tunnel addresses for users
 /// behind spillover NAT.
 pub const NAT_POOL: &str = "(nat)";
 
 /// The reason text users and logs see when no address is left.
 pub const NO_ADDRESS_MESSAGE: &str = "No intranet IP address is available for this session";
-
-/// A session's identifier, unique for the lifetime of the state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct SessionId(pub u64);
-
-impl fmt::Display for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "s{}", self.0)
-    }
-}
 
 /// Where a session is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -269,7 +261,7 @@ pub enum Event {
         /// Behind spillover NAT.
         nat: bool,
         /// Its inbound rules.
-        inbound: Vec<crate::conntrack::InboundRule>,
+        inbound: Vec<crate::flow::InboundRule>,
         /// Its derived-port rules.
         derived: Vec<crate::expect::DerivedRule>,
         /// Name of its policy.
@@ -305,7 +297,7 @@ pub enum Event {
         /// The routes differ from those pushed to the client at CONNECT.
         routes_changed: bool,
         /// Its inbound rules.
-        inbound: Vec<crate::conntrack::InboundRule>,
+        inbound: Vec<crate::flow::InboundRule>,
         /// Its derived-port rules.
         derived: Vec<crate::expect::DerivedRule>,
     },
