@@ -5,8 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use serde_json::{json, Value};
 
-use crate::core::conntrack::NatDrop;
-use crate::core::route::DropReason;
+use crate::core::drop::{DropFamily, DropReason};
 
 /// Why a logon or connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,7 +89,6 @@ const CLOSE_REASONS: [&str; 11] = [
 #[derive(Debug, Default)]
 pub struct Stats {
     drops: [AtomicU64; DropReason::COUNT],
-    nat_drops: [AtomicU64; NatDrop::COUNT],
     refused: [AtomicU64; RefuseReason::COUNT],
     /// Successful logons.
     pub logons: AtomicU64,
@@ -162,17 +160,11 @@ impl IoStats {
 }
 
 impl Stats {
-    /// Count a dropped packet.
+    /// Count a dropped packet (by any path: route check, delivery,
+    /// conntrack, NAT, FTP ALG).
     #[inline]
     pub fn drop(&self, r: DropReason) {
         self.drops[r as usize].fetch_add(1, Relaxed);
-    }
-    /// Count a packet conntrack, NAT or the FTP ALG refused.
-    #[inline]
-    pub fn nat_drop(&self, r: NatDrop) {
-        if let Some(i) = NatDrop::ALL.iter().position(|x| *x == r) {
-            self.nat_drops[i].fetch_add(1, Relaxed);
-        }
     }
     /// Count a refused logon/connection.
     pub fn refuse(&self, r: RefuseReason) {
@@ -194,10 +186,13 @@ impl Stats {
     }
     /// JSON snapshot.
     pub fn to_json(&self) -> Value {
-        let drops: serde_json::Map<String, Value> = DropReason::ALL
-            .iter()
-            .map(|r| (r.as_str().to_string(), json!(self.drops(*r))))
-            .collect();
+        // One map per counter family (`drops`, `conntrack_drops`).
+        let drops = |f: DropFamily| -> serde_json::Map<String, Value> {
+            f.reasons()
+                .map(|r| (r.as_str().to_string(), json!(self.drops(r))))
+                .chain(f.unused_labels().iter().map(|l| (l.to_string(), json!(0))))
+                .collect()
+        };
         let refused: serde_json::Map<String, Value> = RefuseReason::ALL
             .iter()
             .map(|r| {
@@ -212,19 +207,9 @@ impl Stats {
             .enumerate()
             .map(|(i, n)| (n.to_string(), json!(self.closed[i].load(Relaxed))))
             .collect();
-        let conntrack: serde_json::Map<String, Value> = NatDrop::ALL
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                (
-                    r.as_str().to_string(),
-                    json!(self.nat_drops[i].load(Relaxed)),
-                )
-            })
-            .collect();
         json!({
-            "drops": drops,
-            "conntrack_drops": conntrack,
+            "drops": drops(DropFamily::Gateway),
+            "conntrack_drops": drops(DropFamily::Conntrack),
             "closed": closed,
             "transfers": self.transfers.load(Relaxed),
             "reconnects": self.reconnects.load(Relaxed),
@@ -243,5 +228,35 @@ impl Stats {
             "bytes_to_users": self.bytes_to_users.load(Relaxed),
             "io": self.io.to_json(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each reason lands in its family under its label, as before the two
+    /// drop enums became one: conntrack's policy refusals with the route
+    /// check's, its other refusals (and its `malformed`) apart.
+    #[test]
+    fn drops_land_in_their_family() {
+        let s = Stats::default();
+        s.drop(DropReason::DestinationNotAllowed);
+        s.drop(DropReason::InboundDenied);
+        s.drop(DropReason::InboundDenied);
+        s.drop(DropReason::Malformed);
+        s.drop(DropReason::MalformedTransport);
+        s.drop(DropReason::MalformedTransport);
+        s.drop(DropReason::NoNatMapping);
+        let v = s.to_json();
+        assert_eq!(v["drops"].as_object().map(|m| m.len()), Some(11));
+        assert_eq!(v["conntrack_drops"].as_object().map(|m| m.len()), Some(16));
+        assert_eq!(v["drops"]["destination_not_allowed"], 1);
+        assert_eq!(v["drops"]["inbound_denied"], 2);
+        assert_eq!(v["drops"]["malformed"], 1);
+        assert_eq!(v["conntrack_drops"]["malformed"], 2);
+        assert_eq!(v["conntrack_drops"]["no_nat_mapping"], 1);
+        assert_eq!(v["conntrack_drops"]["destination_not_allowed"], 0);
+        assert_eq!(v["conntrack_drops"]["inbound_denied"], 0);
     }
 }

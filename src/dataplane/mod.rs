@@ -11,7 +11,7 @@ use bytes::{Bytes, BytesMut};
 use tracing::{debug, error, warn};
 use tun_rs::{AsyncDevice, DeviceBuilder, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
-use crate::core::conntrack::{NatDrop, Outcome};
+use crate::core::conntrack::Outcome;
 use crate::core::nat::NatPortTable;
 use crate::core::route::{self, DropReason};
 use crate::shared::{LockedNat, Shared};
@@ -170,7 +170,7 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         match owner {
             Some(o) => o.addr,
             None => {
-                shared.stats.nat_drop(NatDrop::NoNatMapping);
+                shared.stats.drop(DropReason::NoNatMapping);
                 return;
             }
         }
@@ -202,10 +202,11 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         }
         // Rare (the FTP ALG changed the length): one copy.
         Ok(Outcome::ForwardScratch) => shared.deliver(&port, Bytes::copy_from_slice(scratch)),
-        Err(NatDrop::InboundDenied) => {
-            shared.stats.drop(DropReason::InboundDenied);
-            shared.log_inbound_denied(&info, user_addr, &port, &rules.policy);
+        Err(d) => {
+            shared.stats.drop(d);
+            if d == DropReason::InboundDenied {
+                shared.log_inbound_denied(&info, user_addr, &port, &rules.policy);
+            }
         }
-        Err(d) => shared.stats.nat_drop(d),
     }
 }

@@ -169,7 +169,7 @@ impl NatPortTable for LockedNat<'_> {
         &mut self,
         proto: crate::core::conntrack::Proto,
         owner: NatOwner,
-    ) -> Result<u16, crate::core::conntrack::NatDrop> {
+    ) -> Result<u16, DropReason> {
         self.get().acquire(proto, owner)
     }
     fn release(&mut self, proto: crate::core::conntrack::Proto, port: u16, session: SessionId) {

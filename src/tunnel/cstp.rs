@@ -54,7 +54,7 @@ use tracing::{debug, info, warn};
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::Stream;
-use crate::core::conntrack::{NatDrop, Outcome};
+use crate::core::conntrack::Outcome;
 use crate::core::link::{LinkAction, TunnelLink};
 use crate::core::replay::shows_client_alive;
 use crate::core::route::{self, DropReason, UserView, Verdict};
@@ -780,12 +780,8 @@ impl Tunnel<'_> {
         let out: &[u8] = match outcome {
             Ok(Outcome::Forward) => &pkt,
             Ok(Outcome::ForwardScratch) => &self.scratch,
-            Err(NatDrop::DestinationNotAllowed) => {
-                shared.stats.drop(DropReason::DestinationNotAllowed);
-                return Fate::Dropped;
-            }
             Err(d) => {
-                shared.stats.nat_drop(d);
+                shared.stats.drop(d);
                 return Fate::Dropped;
             }
         };

@@ -23,7 +23,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
-use crate::session::SessionId;
+use crate::ids::SessionId;
 
 /// Longest DNS label (RFC 1035 §2.3.4).
 pub const MAX_LABEL_LEN: usize = 63;

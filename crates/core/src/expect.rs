@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
 
-use crate::conntrack::{Direction, FlowKey, Proto};
+use crate::flow::{Direction, FlowKey, Proto};
 
 /// Default bound on expectations per session. Linux allows one pending
 /// expectation per FTP control connection (`nf_conntrack_ftp`

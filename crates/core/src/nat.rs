@@ -30,22 +30,17 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::ops::RangeInclusive;
 
-use crate::conntrack::{NatDrop, Proto};
+use crate::drop::DropReason;
 use crate::expect::PortRange;
-use crate::session::SessionId;
+use crate::flow::Proto;
+use crate::ids::SessionId;
 use intragate_wire::ip::{self, proto};
-use intragate_wire::l4::{self, csum, icmp, tcp, udp, L4Error};
+use intragate_wire::l4::{self, csum, icmp, tcp, udp};
 
 /// Default first NAT port: above the well-known ports (RFC 6335 §6).
 pub const NAT_PORT_FIRST: u16 = 1024;
 /// Default last NAT port.
 pub const NAT_PORT_LAST: u16 = u16::MAX;
-
-impl From<L4Error> for NatDrop {
-    fn from(_: L4Error) -> Self {
-        NatDrop::Malformed
-    }
-}
 
 /// Who a NAT port belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -66,9 +61,9 @@ pub trait NatPortTable {
     /// reference on it.
     ///
     /// # Errors
-    /// [`NatDrop::NatPortsExhausted`] when the protocol's range is used up;
-    /// [`NatDrop::UnsupportedProtocol`] for protocols without ports.
-    fn acquire(&mut self, proto: Proto, owner: NatOwner) -> Result<u16, NatDrop>;
+    /// [`DropReason::NatPortsExhausted`] when the protocol's range is used up;
+    /// [`DropReason::UnsupportedProtocol`] for protocols without ports.
+    fn acquire(&mut self, proto: Proto, owner: NatOwner) -> Result<u16, DropReason>;
 
     /// Drops one reference on `port`; the last one frees the port. Ignored
     /// unless `session` owns the port.
@@ -139,17 +134,17 @@ impl PortTable {
         self.slots.get_mut(usize::from(port - self.range.first))
     }
 
-    fn acquire(&mut self, owner: NatOwner) -> Result<u16, NatDrop> {
+    fn acquire(&mut self, owner: NatOwner) -> Result<u16, DropReason> {
         if let Some(&port) = self.by_owner.get(&owner) {
             if let Some(Some(s)) = self.slot(port) {
                 s.refs = s.refs.saturating_add(1);
                 return Ok(port);
             }
         }
-        let port = self.free.pop_front().ok_or(NatDrop::NatPortsExhausted)?;
+        let port = self.free.pop_front().ok_or(DropReason::NatPortsExhausted)?;
         match self.slot(port) {
             Some(slot) => *slot = Some(Slot { owner, refs: 1 }),
-            None => return Err(NatDrop::NatPortsExhausted),
+            None => return Err(DropReason::NatPortsExhausted),
         }
         self.by_owner.insert(owner, port);
         Ok(port)
@@ -259,9 +254,9 @@ impl NatPorts {
 }
 
 impl NatPortTable for NatPorts {
-    fn acquire(&mut self, proto: Proto, owner: NatOwner) -> Result<u16, NatDrop> {
+    fn acquire(&mut self, proto: Proto, owner: NatOwner) -> Result<u16, DropReason> {
         self.table_mut(proto)
-            .ok_or(NatDrop::UnsupportedProtocol)?
+            .ok_or(DropReason::UnsupportedProtocol)?
             .acquire(owner)
     }
 
@@ -283,33 +278,33 @@ impl NatPortTable for NatPorts {
 /// packet.
 ///
 /// # Errors
-/// [`NatDrop::Malformed`], [`NatDrop::Fragment`] (no ports),
-/// [`NatDrop::UnsupportedProtocol`] (no port-like field).
-pub fn inbound_nat_key(pkt: &[u8]) -> Result<(Proto, u16), NatDrop> {
-    let info = ip::parse(pkt).map_err(|_| NatDrop::Malformed)?;
+/// [`DropReason::MalformedTransport`], [`DropReason::Fragment`] (no ports),
+/// [`DropReason::UnsupportedProtocol`] (no port-like field).
+pub fn inbound_nat_key(pkt: &[u8]) -> Result<(Proto, u16), DropReason> {
+    let info = ip::parse(pkt).map_err(|_| DropReason::MalformedTransport)?;
     if info.is_fragment {
-        return Err(NatDrop::Fragment);
+        return Err(DropReason::Fragment);
     }
     let l4 = pkt
         .get(info.header_len..info.total_len)
-        .ok_or(NatDrop::Malformed)?;
+        .ok_or(DropReason::MalformedTransport)?;
     match Proto::from_ip(info.protocol) {
         p @ (Proto::Tcp | Proto::Udp) => {
-            let (_, dport) = info.ports.ok_or(NatDrop::Malformed)?;
+            let (_, dport) = info.ports.ok_or(DropReason::MalformedTransport)?;
             Ok((p, dport))
         }
         Proto::Icmp => {
-            let (ty, _, id) = info.icmp.ok_or(NatDrop::Malformed)?;
+            let (ty, _, id) = info.icmp.ok_or(DropReason::MalformedTransport)?;
             match icmp::kind(ty, info.version == 6) {
                 icmp::Kind::EchoReply | icmp::Kind::EchoRequest => Ok((Proto::Icmp, id)),
                 icmp::Kind::Error => {
                     let e = embedded(l4, info.version == 6)?;
                     Ok((Proto::from_ip(e.proto), e.src_port))
                 }
-                icmp::Kind::Other => Err(NatDrop::UnsupportedProtocol),
+                icmp::Kind::Other => Err(DropReason::UnsupportedProtocol),
             }
         }
-        Proto::Other(_) => Err(NatDrop::UnsupportedProtocol),
+        Proto::Other(_) => Err(DropReason::UnsupportedProtocol),
     }
 }
 
@@ -359,9 +354,9 @@ fn set_ip_addr(
     side: Side,
     old: IpAddr,
     addr: IpAddr,
-) -> Result<(), NatDrop> {
+) -> Result<(), DropReason> {
     let (bytes, n) = addr_bytes(addr);
-    let new = bytes.get(..n).ok_or(NatDrop::Malformed)?;
+    let new = bytes.get(..n).ok_or(DropReason::MalformedTransport)?;
     l4::put(hdr, ip_addr_at(version, side), new)?;
     if version == 4 {
         let c = l4::be16(hdr, V4_HEADER_CHECKSUM)?;
@@ -401,7 +396,7 @@ fn rewrite_l4(
     old_addr: IpAddr,
     addr: IpAddr,
     port: Option<u16>,
-) -> Result<(), NatDrop> {
+) -> Result<(), DropReason> {
     let Some(ck_at) = checksum_at(protocol) else {
         return Ok(());
     };
@@ -437,16 +432,18 @@ pub(crate) fn rewrite_endpoint(
     side: Side,
     addr: IpAddr,
     port: Option<u16>,
-) -> Result<(), NatDrop> {
-    let info = ip::parse(pkt).map_err(|_| NatDrop::Malformed)?;
+) -> Result<(), DropReason> {
+    let info = ip::parse(pkt).map_err(|_| DropReason::MalformedTransport)?;
     let old = match side {
         Side::Src => info.src,
         Side::Dst => info.dst,
     };
     if !same_family(old, addr) {
-        return Err(NatDrop::Malformed);
+        return Err(DropReason::MalformedTransport);
     }
-    let pkt = pkt.get_mut(..info.total_len).ok_or(NatDrop::Malformed)?;
+    let pkt = pkt
+        .get_mut(..info.total_len)
+        .ok_or(DropReason::MalformedTransport)?;
     let (hdr, seg) = pkt.split_at_mut(info.header_len);
     set_ip_addr(hdr, info.version, side, old, addr)?;
     if info.is_fragment {
@@ -484,23 +481,27 @@ const EMBEDDED_AT: usize = icmp::HEADER_LEN;
 /// message, header included). Only TCP, UDP and ICMP echo are understood;
 /// an IPv6 embedded packet must carry its transport header right after the
 /// fixed header.
-pub(crate) fn embedded(icmp_msg: &[u8], v6: bool) -> Result<Embedded, NatDrop> {
-    let inner = icmp_msg.get(EMBEDDED_AT..).ok_or(NatDrop::Malformed)?;
-    let first = *inner.first().ok_or(NatDrop::Malformed)?;
+pub(crate) fn embedded(icmp_msg: &[u8], v6: bool) -> Result<Embedded, DropReason> {
+    let inner = icmp_msg
+        .get(EMBEDDED_AT..)
+        .ok_or(DropReason::MalformedTransport)?;
+    let first = *inner.first().ok_or(DropReason::MalformedTransport)?;
     let (proto_num, src, dst, ip_len) = if v6 {
         if first >> 4 != 6 {
-            return Err(NatDrop::Malformed);
+            return Err(DropReason::MalformedTransport);
         }
-        let hdr = inner.get(..ip::IPV6_HEADER_LEN).ok_or(NatDrop::Malformed)?;
-        let nh = *hdr.get(6).ok_or(NatDrop::Malformed)?;
+        let hdr = inner
+            .get(..ip::IPV6_HEADER_LEN)
+            .ok_or(DropReason::MalformedTransport)?;
+        let nh = *hdr.get(6).ok_or(DropReason::MalformedTransport)?;
         let src: [u8; 16] = hdr
             .get(8..24)
             .and_then(|s| s.try_into().ok())
-            .ok_or(NatDrop::Malformed)?;
+            .ok_or(DropReason::MalformedTransport)?;
         let dst: [u8; 16] = hdr
             .get(24..40)
             .and_then(|s| s.try_into().ok())
-            .ok_or(NatDrop::Malformed)?;
+            .ok_or(DropReason::MalformedTransport)?;
         (
             nh,
             IpAddr::from(src),
@@ -509,39 +510,41 @@ pub(crate) fn embedded(icmp_msg: &[u8], v6: bool) -> Result<Embedded, NatDrop> {
         )
     } else {
         if first >> 4 != 4 {
-            return Err(NatDrop::Malformed);
+            return Err(DropReason::MalformedTransport);
         }
         let ihl = usize::from(first & 0x0f) * 4;
         if ihl < ip::IPV4_MIN_HEADER_LEN {
-            return Err(NatDrop::Malformed);
+            return Err(DropReason::MalformedTransport);
         }
-        let hdr = inner.get(..ihl).ok_or(NatDrop::Malformed)?;
-        let nh = *hdr.get(9).ok_or(NatDrop::Malformed)?;
+        let hdr = inner.get(..ihl).ok_or(DropReason::MalformedTransport)?;
+        let nh = *hdr.get(9).ok_or(DropReason::MalformedTransport)?;
         let src: [u8; 4] = hdr
             .get(12..16)
             .and_then(|s| s.try_into().ok())
-            .ok_or(NatDrop::Malformed)?;
+            .ok_or(DropReason::MalformedTransport)?;
         let dst: [u8; 4] = hdr
             .get(16..20)
             .and_then(|s| s.try_into().ok())
-            .ok_or(NatDrop::Malformed)?;
+            .ok_or(DropReason::MalformedTransport)?;
         (nh, IpAddr::from(src), IpAddr::from(dst), ihl)
     };
     let l4_at = EMBEDDED_AT + ip_len;
-    let seg = icmp_msg.get(l4_at..).ok_or(NatDrop::Malformed)?;
+    let seg = icmp_msg
+        .get(l4_at..)
+        .ok_or(DropReason::MalformedTransport)?;
     let (src_port, dst_port, echo_request) = match proto_num {
         proto::TCP | proto::UDP => (l4::be16(seg, 0)?, l4::be16(seg, 2)?, false),
         proto::ICMP | proto::ICMPV6 if (proto_num == proto::ICMPV6) == v6 => {
-            let ty = *seg.first().ok_or(NatDrop::Malformed)?;
+            let ty = *seg.first().ok_or(DropReason::MalformedTransport)?;
             let request = match icmp::kind(ty, v6) {
                 icmp::Kind::EchoRequest => true,
                 icmp::Kind::EchoReply => false,
-                _ => return Err(NatDrop::UnsupportedProtocol),
+                _ => return Err(DropReason::UnsupportedProtocol),
             };
             let id = l4::be16(seg, icmp::field::IDENT)?;
             (id, id, request)
         }
-        _ => return Err(NatDrop::UnsupportedProtocol),
+        _ => return Err(DropReason::UnsupportedProtocol),
     };
     Ok(Embedded {
         proto: proto_num,
@@ -572,17 +575,19 @@ pub(crate) fn rewrite_icmp_error(
     inner_side: Side,
     inner_addr: IpAddr,
     inner_port: u16,
-) -> Result<(), NatDrop> {
-    let info = ip::parse(pkt).map_err(|_| NatDrop::Malformed)?;
+) -> Result<(), DropReason> {
+    let info = ip::parse(pkt).map_err(|_| DropReason::MalformedTransport)?;
     let v6 = info.version == 6;
     let outer_old = match outer_side {
         Side::Src => info.src,
         Side::Dst => info.dst,
     };
     if !same_family(outer_old, outer_addr) || !same_family(outer_old, inner_addr) {
-        return Err(NatDrop::Malformed);
+        return Err(DropReason::MalformedTransport);
     }
-    let pkt = pkt.get_mut(..info.total_len).ok_or(NatDrop::Malformed)?;
+    let pkt = pkt
+        .get_mut(..info.total_len)
+        .ok_or(DropReason::MalformedTransport)?;
     let (hdr, msg) = pkt.split_at_mut(info.header_len);
     let e = embedded(msg, v6)?;
     let inner_old = match inner_side {
@@ -599,8 +604,10 @@ pub(crate) fn rewrite_icmp_error(
     let (old_region, new_region) = {
         let src = msg
             .get(EMBEDDED_AT..EMBEDDED_AT + region_len)
-            .ok_or(NatDrop::Malformed)?;
-        let dst = old.get_mut(..region_len).ok_or(NatDrop::Malformed)?;
+            .ok_or(DropReason::MalformedTransport)?;
+        let dst = old
+            .get_mut(..region_len)
+            .ok_or(DropReason::MalformedTransport)?;
         dst.copy_from_slice(src);
         (EMBEDDED_AT, EMBEDDED_AT + region_len)
     };
@@ -610,10 +617,10 @@ pub(crate) fn rewrite_icmp_error(
         // checksum update covers every change.
         let region = msg
             .get_mut(old_region..new_region)
-            .ok_or(NatDrop::Malformed)?;
+            .ok_or(DropReason::MalformedTransport)?;
         let (ip_hdr, seg) = region.split_at_mut(e.ip_len.min(region_len));
         if ip_hdr.len() < e.ip_len {
-            return Err(NatDrop::Malformed);
+            return Err(DropReason::MalformedTransport);
         }
         set_ip_addr(ip_hdr, info.version, inner_side, inner_old, inner_addr)?;
         rewrite_l4(
@@ -627,8 +634,12 @@ pub(crate) fn rewrite_icmp_error(
     }
 
     let mut check = l4::be16(msg, icmp::field::CHECKSUM)?;
-    let changed = msg.get(old_region..new_region).ok_or(NatDrop::Malformed)?;
-    let before = old.get(..region_len).ok_or(NatDrop::Malformed)?;
+    let changed = msg
+        .get(old_region..new_region)
+        .ok_or(DropReason::MalformedTransport)?;
+    let before = old
+        .get(..region_len)
+        .ok_or(DropReason::MalformedTransport)?;
     check = csum::update(check, before, changed);
     if v6 {
         // ICMPv6 checksums cover the pseudo-header (RFC 4443 §2.3).
@@ -642,7 +653,7 @@ pub(crate) fn rewrite_icmp_error(
 #[allow(clippy::indexing_slicing)]
 pub(crate) mod tests {
     use super::*;
-    use crate::conntrack::tests::pkt;
+    use crate::conntrack::test_util::pkt;
     use proptest::prelude::*;
 
     fn owner(s: u64, port: u16) -> NatOwner {
@@ -676,7 +687,7 @@ pub(crate) mod tests {
         assert_eq!(n.acquire(Proto::Tcp, owner(1, 5001)), Ok(2002));
         assert_eq!(
             n.acquire(Proto::Tcp, owner(1, 5002)),
-            Err(NatDrop::NatPortsExhausted)
+            Err(DropReason::NatPortsExhausted)
         );
         assert_eq!(n.lookup(Proto::Tcp, 2001), Some(owner(2, 5000)));
         // Another session cannot release it.
@@ -691,7 +702,7 @@ pub(crate) mod tests {
         assert_eq!(n.acquire(Proto::Tcp, owner(3, 1)), Ok(2000));
         assert_eq!(
             n.acquire(Proto::Other(47), owner(3, 1)),
-            Err(NatDrop::UnsupportedProtocol)
+            Err(DropReason::UnsupportedProtocol)
         );
         assert_eq!(n.lookup(Proto::Udp, 80), None);
     }

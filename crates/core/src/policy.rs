@@ -42,7 +42,7 @@ pub struct Policy {
     /// How long a dropped tunnel may come back with its cookie.
     pub reconnect_window: Duration,
     /// Server-initiated connections to the user that are accepted.
-    pub inbound: Vec<crate::conntrack::InboundRule>,
+    pub inbound: Vec<crate::flow::InboundRule>,
     /// Callback permissions derived from the user's own connections.
     pub derived: Vec<crate::expect::DerivedRule>,
     /// Always put these users behind NAT (no intranet IP).

@@ -7,71 +7,7 @@ use ipnetwork::IpNetwork;
 
 use intragate_wire::ip;
 
-/// Why a packet was dropped. Every drop is counted under one of these.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(usize)]
-pub enum DropReason {
-    /// Not a parseable IPv4/IPv6 packet.
-    Malformed = 0,
-    /// Larger than the tunnel MTU.
-    TooBig,
-    /// From a user, with a source address that is not the user's.
-    SpoofedSource,
-    /// From a user, to a destination the user's policy does not route.
-    DestinationNotAllowed,
-    /// User-to-user traffic where a policy forbids it.
-    ClientToClientDenied,
-    /// From the internal network, to an address no session holds.
-    NoSession,
-    /// From the internal network, from a source not allowed inbound.
-    InboundDenied,
-    /// The destination session's tunnel is down and its reconnect buffer
-    /// is full.
-    BufferOverflow,
-    /// The destination session's send queue is full.
-    QueueFull,
-    /// Writing to the TUN device failed.
-    TunWriteFailed,
-    /// Link-local or multicast traffic (IPv6 router solicitations, MLD):
-    /// interface chatter that is never forwarded.
-    LinkLocal,
-}
-
-impl DropReason {
-    /// Number of reasons (array size for counters).
-    pub const COUNT: usize = 11;
-    /// All reasons, in index order.
-    pub const ALL: [DropReason; Self::COUNT] = [
-        DropReason::Malformed,
-        DropReason::TooBig,
-        DropReason::SpoofedSource,
-        DropReason::DestinationNotAllowed,
-        DropReason::ClientToClientDenied,
-        DropReason::NoSession,
-        DropReason::InboundDenied,
-        DropReason::BufferOverflow,
-        DropReason::QueueFull,
-        DropReason::TunWriteFailed,
-        DropReason::LinkLocal,
-    ];
-
-    /// Snake-case name for metrics and logs.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DropReason::Malformed => "malformed",
-            DropReason::TooBig => "too_big",
-            DropReason::SpoofedSource => "spoofed_source",
-            DropReason::DestinationNotAllowed => "destination_not_allowed",
-            DropReason::ClientToClientDenied => "client_to_client_denied",
-            DropReason::NoSession => "no_session",
-            DropReason::InboundDenied => "inbound_denied",
-            DropReason::BufferOverflow => "buffer_overflow",
-            DropReason::QueueFull => "queue_full",
-            DropReason::TunWriteFailed => "tun_write_failed",
-            DropReason::LinkLocal => "link_local",
-        }
-    }
-}
+pub use crate::drop::DropReason;
 
 /// Link-local source or destination, or a multicast/broadcast destination.
 pub fn is_link_scoped(info: &ip::IpInfo) -> bool {

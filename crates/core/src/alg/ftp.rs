@@ -38,7 +38,7 @@ use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use super::{seq_gt, seq_le, seq_len, seq_lt, seq_max, seq_min, LineScanner, ScanEvent, SeqMap};
-use crate::conntrack::NatDrop;
+use crate::drop::DropReason;
 use intragate_wire::ftp_cmd::{self, Announce};
 use intragate_wire::l4::tcp::{self, TcpHeader};
 
@@ -70,7 +70,7 @@ pub(crate) trait FtpHost {
     /// The time of the packet.
     fn now(&self) -> Instant;
     /// Maps the user's data port to a NAT port (one reference).
-    fn map_data_port(&mut self, user_port: u16) -> Result<u16, NatDrop>;
+    fn map_data_port(&mut self, user_port: u16) -> Result<u16, DropReason>;
     /// Returns a reference taken by [`FtpHost::map_data_port`].
     fn release_data_port(&mut self, nat_port: u16);
     /// The server will connect to the user's `user_port` (behind NAT: to
@@ -79,7 +79,7 @@ pub(crate) trait FtpHost {
     /// The user will connect to the server's `port`.
     fn expect_passive(&mut self, port: u16);
     /// A command was refused (for the log).
-    fn refused(&mut self, named: Option<SocketAddr>, why: NatDrop);
+    fn refused(&mut self, named: Option<SocketAddr>, why: DropReason);
     /// A command was rewritten, or (`false`) went out unrewritten.
     fn rewritten(&mut self, ok: bool);
     /// A marker to roll back to.
@@ -227,7 +227,7 @@ impl FtpAlg {
     /// (on [`UpVerdict::Same`] its length is unchanged).
     ///
     /// # Errors
-    /// A [`NatDrop`] to drop the segment (refused command, out of order,
+    /// A [`DropReason`] to drop the segment (refused command, out of order,
     /// too much in flight, NAT ports exhausted). The state is unchanged,
     /// so the user's retransmission meets the same decision.
     pub(crate) fn user_segment<H: FtpHost>(
@@ -236,12 +236,12 @@ impl FtpAlg {
         h: &TcpHeader,
         payload: &[u8],
         out: &mut Vec<u8>,
-    ) -> Result<UpVerdict, NatDrop> {
+    ) -> Result<UpVerdict, DropReason> {
         let base = out.len();
         if h.has(tcp::SYN) {
             if !payload.is_empty() {
                 // TCP Fast Open data on a control connection: not followed.
-                return Err(NatDrop::AlgOutOfOrder);
+                return Err(DropReason::AlgOutOfOrder);
             }
             if !self.up.synced || self.up.cursor == h.seq.wrapping_add(1) {
                 self.sync_up(h.seq.wrapping_add(1), true);
@@ -270,7 +270,7 @@ impl FtpAlg {
             });
         }
         if seq_gt(start, self.up.cursor) {
-            return Err(NatDrop::AlgOutOfOrder);
+            return Err(DropReason::AlgOutOfOrder);
         }
         let mut seq_out: Option<u32> = None;
 
@@ -308,7 +308,7 @@ impl FtpAlg {
             let new = payload.get(skip..).unwrap_or_default();
             if self.up.sent.len() + self.up.scanner.held().len() + new.len() > MAX_INFLIGHT {
                 out.truncate(base);
-                return Err(NatDrop::AlgBacklog);
+                return Err(DropReason::AlgBacklog);
             }
             seq_out.get_or_insert(self.up.map.net_end());
             if let Err(e) = self.feed_user(host, new, out) {
@@ -345,7 +345,7 @@ impl FtpAlg {
         host: &mut H,
         new: &[u8],
         out: &mut Vec<u8>,
-    ) -> Result<(), NatDrop> {
+    ) -> Result<(), DropReason> {
         let mut scanner = self.up.scanner.clone();
         let mut map = self.up.map.clone();
         let sent_len = self.up.sent.len();
@@ -370,8 +370,8 @@ impl FtpAlg {
                 Ok(())
             }
             ScanEvent::Overflow => {
-                host.refused(None, NatDrop::FtpMalformed);
-                Err(NatDrop::FtpMalformed)
+                host.refused(None, DropReason::FtpMalformed);
+                Err(DropReason::FtpMalformed)
             }
         });
         match result {
@@ -461,7 +461,7 @@ fn user_line<H: FtpHost>(
     line: &[u8],
     held: bool,
     map: &mut SeqMap,
-) -> Result<Option<ftp_cmd::Formatted>, NatDrop> {
+) -> Result<Option<ftp_cmd::Formatted>, DropReason> {
     let announced = match ftp_cmd::parse_client(line) {
         Ok(Some(a)) => a,
         Ok(None) => {
@@ -471,18 +471,20 @@ fn user_line<H: FtpHost>(
             return Ok(None);
         }
         Err(_) => {
-            host.refused(None, NatDrop::FtpMalformed);
-            return Err(NatDrop::FtpMalformed);
+            host.refused(None, DropReason::FtpMalformed);
+            return Err(DropReason::FtpMalformed);
         }
     };
     let named = match announced {
         Announce::Port { addr, .. } => SocketAddr::V4(addr),
         Announce::Eprt { addr, .. } => addr,
-        Announce::Passive(_) | Announce::ExtendedPassive(_) => return Err(NatDrop::FtpMalformed),
+        Announce::Passive(_) | Announce::ExtendedPassive(_) => {
+            return Err(DropReason::FtpMalformed)
+        }
     };
     if named.ip() != host.user_addr() {
-        host.refused(Some(named), NatDrop::ForgedPort);
-        return Err(NatDrop::ForgedPort);
+        host.refused(Some(named), DropReason::ForgedPort);
+        return Err(DropReason::ForgedPort);
     }
     let Some(nat_addr) = host.nat_addr() else {
         // Intranet IP: the server connects to the address as named.
@@ -498,7 +500,7 @@ fn user_line<H: FtpHost>(
         return Ok(None);
     }
     let nat_port = host.map_data_port(named.port())?;
-    let (_, eol) = ftp_cmd::split_eol(line).map_err(|_| NatDrop::FtpMalformed)?;
+    let (_, eol) = ftp_cmd::split_eol(line).map_err(|_| DropReason::FtpMalformed)?;
     let formatted = match (announced, nat_addr) {
         (Announce::Port { command, .. }, IpAddr::V4(v4)) => {
             ftp_cmd::format_port(command, SocketAddrV4::new(v4, nat_port), eol)
@@ -513,11 +515,11 @@ fn user_line<H: FtpHost>(
     };
     let Ok(formatted) = formatted else {
         host.release_data_port(nat_port);
-        return Err(NatDrop::FtpMalformed);
+        return Err(DropReason::FtpMalformed);
     };
     if !map.emit_region(seq_len(line.len()), seq_len(formatted.as_bytes().len())) {
         host.release_data_port(nat_port);
-        return Err(NatDrop::AlgBacklog);
+        return Err(DropReason::AlgBacklog);
     }
     host.expect_active(named.port(), Some(nat_port));
     host.rewritten(true);
@@ -538,7 +540,7 @@ mod tests {
         held: Vec<u16>,
         active: Vec<(u16, Option<u16>)>,
         passive: Vec<u16>,
-        refused: Vec<(Option<SocketAddr>, NatDrop)>,
+        refused: Vec<(Option<SocketAddr>, DropReason)>,
         now: Instant,
     }
 
@@ -570,9 +572,9 @@ mod tests {
         fn now(&self) -> Instant {
             self.now
         }
-        fn map_data_port(&mut self, _user_port: u16) -> Result<u16, NatDrop> {
+        fn map_data_port(&mut self, _user_port: u16) -> Result<u16, DropReason> {
             if self.next_port >= self.limit {
-                return Err(NatDrop::NatPortsExhausted);
+                return Err(DropReason::NatPortsExhausted);
             }
             self.next_port += 1;
             self.held.push(self.next_port);
@@ -587,7 +589,7 @@ mod tests {
         fn expect_passive(&mut self, port: u16) {
             self.passive.push(port);
         }
-        fn refused(&mut self, named: Option<SocketAddr>, why: NatDrop) {
+        fn refused(&mut self, named: Option<SocketAddr>, why: DropReason) {
             self.refused.push((named, why));
         }
         fn rewritten(&mut self, _ok: bool) {}
@@ -627,7 +629,7 @@ mod tests {
         host.limit = 2001;
         let seg = b"PORT 100,64,0,2,4,1\r\nPORT 100,64,0,2,4,2\r\n";
         let r = alg.user_segment(&mut host, &header(10, 0, tcp::ACK), seg, &mut out);
-        assert_eq!(r, Err(NatDrop::NatPortsExhausted));
+        assert_eq!(r, Err(DropReason::NatPortsExhausted));
         assert!(out.is_empty());
         assert!(
             host.active.is_empty() && host.held.is_empty(),

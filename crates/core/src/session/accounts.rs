@@ -1,0 +1,168 @@
+//! Sessions follow their account and the policies: a revoked account or a
+//! changed password closes them, other groups or a policy reload re-judge
+//! them in place (or close those that would need another address).
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use super::state::GatewayState;
+use super::types::{
+    user_key, Account, AccountOutcome, CloseReason, Event, PolicyReload, Reevaluation,
+};
+use crate::ids::SessionId;
+use crate::policy::{Policy, PolicySet};
+
+impl GatewayState {
+    /// Replace the policies (reload) and judge every session, live or
+    /// disconnected, by them in this call (see [`GatewayState::reevaluate`]);
+    /// pending transfer offers are judged when answered.
+    pub fn handle_policies(&mut self, policies: PolicySet, now: Instant) -> PolicyReload {
+        let mut out = PolicyReload::default();
+        let old: BTreeMap<String, Policy> = self
+            .policies
+            .policies()
+            .iter()
+            .map(|p| (p.name.clone(), p.clone()))
+            .collect();
+        for p in policies.policies() {
+            match old.get(&p.name) {
+                None => out.added.push(p.name.clone()),
+                Some(o) if o != p => out.changed.push(p.name.clone()),
+                Some(_) => {}
+            }
+        }
+        out.removed = old
+            .keys()
+            .filter(|n| !policies.policies().iter().any(|p| &p.name == *n))
+            .cloned()
+            .collect();
+        self.policies = policies;
+        let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        ids.sort();
+        for id in ids {
+            let user = self.sessions.get(&id).map(|s| s.user.clone());
+            match self.reevaluate(id, now) {
+                Reevaluation::Unchanged => {}
+                Reevaluation::Changed { routes_changed } => {
+                    out.reevaluated.push(id);
+                    if routes_changed {
+                        out.stale_client_routes.push(id);
+                    }
+                }
+                Reevaluation::Closed => out.closed.extend(user.map(|u| (id, u))),
+            }
+        }
+        out
+    }
+
+    /// The account of `user` as the account source sees it now: every
+    /// session and pending transfer offer of the user follows it in this
+    /// call.
+    ///
+    /// - [`Account::Revoked`]: every session closes ([`CloseReason::Revoked`];
+    ///   the shell ends live tunnels with DISCONNECT, so clients do not
+    ///   reconnect) and the cookies are refused from then on.
+    /// - A credential stamp other than the session's (password changed or
+    ///   reset): the session closes likewise. A session with stamp 0 (restored
+    ///   from an older state file) adopts the current stamp.
+    /// - Other groups: the session is re-evaluated against the policies (see
+    ///   [`GatewayState::reevaluate`]).
+    pub fn handle_account(
+        &mut self,
+        user: &str,
+        account: &Account,
+        now: Instant,
+    ) -> AccountOutcome {
+        let key = user_key(user);
+        let ids: Vec<SessionId> = self.by_user.get(&key).cloned().unwrap_or_default();
+        let mut out = AccountOutcome::default();
+        match account {
+            Account::Revoked(why) => {
+                self.offers.retain(|_, o| o.user_key != key);
+                for id in ids {
+                    self.close(id, CloseReason::Revoked(why.clone()), now, true);
+                    out.closed += 1;
+                }
+            }
+            Account::Valid { stamp, groups } => {
+                self.offers.retain(|_, o| {
+                    o.user_key != key || o.req.account == *stamp || o.req.account == 0
+                });
+                for o in self.offers.values_mut().filter(|o| o.user_key == key) {
+                    o.req.groups.clone_from(groups);
+                }
+                for id in ids {
+                    let Some(s) = self.sessions.get_mut(&id) else {
+                        continue;
+                    };
+                    if s.account == 0 {
+                        s.account = *stamp;
+                        self.version += 1;
+                    } else if s.account != *stamp {
+                        let why = "the password was changed; log on again".to_string();
+                        self.close(id, CloseReason::Revoked(why), now, true);
+                        out.closed += 1;
+                        continue;
+                    }
+                    if s.groups != *groups {
+                        s.groups.clone_from(groups);
+                        self.version += 1;
+                        match self.reevaluate(id, now) {
+                            Reevaluation::Unchanged => {}
+                            Reevaluation::Changed { .. } => out.reevaluated += 1,
+                            Reevaluation::Closed => out.closed += 1,
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Judge session `id` by the policy that applies to its user and groups
+    /// now. The same policy: nothing happens. Another policy with the same
+    /// address pool and NAT mode: the session takes it in place (timeouts
+    /// included) and [`Event::PolicyChanged`] tells the shell to apply its
+    /// rules. No policy, or one that needs another address: the session
+    /// closes with [`CloseReason::Revoked`] (the user logs on again and gets
+    /// an address from the right pool), never left half-changed.
+    pub fn reevaluate(&mut self, id: SessionId, now: Instant) -> Reevaluation {
+        let Some(s) = self.sessions.get(&id) else {
+            return Reevaluation::Unchanged;
+        };
+        let new = self.policies.lookup(&s.user, &s.groups).cloned();
+        let Some(new) = new else {
+            let why = format!("no policy applies to user '{}' any more", s.user);
+            self.close(id, CloseReason::Revoked(why), now, true);
+            return Reevaluation::Closed;
+        };
+        if new == s.policy {
+            return Reevaluation::Unchanged;
+        }
+        if new.pool != s.policy.pool || new.nat != s.policy.nat {
+            let why = format!(
+                "policy '{}' now applies, with another address pool; log on again",
+                new.name
+            );
+            self.close(id, CloseReason::Revoked(why), now, true);
+            return Reevaluation::Closed;
+        }
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return Reevaluation::Unchanged;
+        };
+        let routes_changed = new.routes != s.policy.routes;
+        s.policy = new.clone();
+        self.events.push_back(Event::PolicyChanged {
+            id,
+            user: s.user.clone(),
+            addr: s.addr,
+            policy: new.name,
+            client_to_client: new.client_to_client,
+            routes: new.routes,
+            routes_changed,
+            inbound: new.inbound,
+            derived: new.derived,
+        });
+        Reevaluation::Changed { routes_changed }
+    }
+}

@@ -1,0 +1,197 @@
+//! What survives a restart: the pools' leases and the sessions as
+//! [`SessionRecord`]s, written by the shell when
+//! [`GatewayState::state_version`] moved, and restored at start.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use super::state::GatewayState;
+use super::types::{user_key, Event, Session, SessionState, NAT_POOL};
+use crate::dns_records::NameError;
+use crate::ids::SessionId;
+use crate::pool::PoolSnapshot;
+
+/// A session as persisted in the state directory (restart without loss).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionRecord {
+    /// Username.
+    pub user: String,
+    /// Groups.
+    pub groups: Vec<String>,
+    /// Cookie.
+    pub token: String,
+    /// Address.
+    pub addr: IpAddr,
+    /// Pool.
+    pub pool: String,
+    /// Device name.
+    pub device: Option<String>,
+    /// Client address.
+    pub client_addr: Option<IpAddr>,
+    /// Seconds since logon at the time of saving.
+    pub age_secs: u64,
+    /// Stamp of the account's credentials at logon (0: unknown, from an
+    /// older state file).
+    #[serde(default)]
+    pub account: u64,
+    /// Had a tunnel been up? (false: authenticated, waiting for its first
+    /// CONNECT; files from before this field hold connected sessions only.)
+    #[serde(default = "connected_default")]
+    pub connected: bool,
+}
+
+fn connected_default() -> bool {
+    true
+}
+
+impl GatewayState {
+    /// A counter that grows with every change of what
+    /// [`pool_snapshots`](Self::pool_snapshots) and
+    /// [`session_records`](Self::session_records) return (leases, sessions
+    /// opened, attached or closed). The shell remembers the version it last
+    /// wrote: the state is dirty while they differ, so a failed write
+    /// leaves it dirty.
+    pub fn state_version(&self) -> u64 {
+        self.version
+    }
+
+    /// Snapshot of every pool, for the state file.
+    pub fn pool_snapshots(&self, now: Instant) -> BTreeMap<String, PoolSnapshot> {
+        self.pools
+            .iter()
+            .map(|(k, p)| (k.clone(), p.snapshot(now)))
+            .collect()
+    }
+
+    /// The sessions that can resume after a restart: all of them, those
+    /// still waiting for their first CONNECT included (their cookie was
+    /// handed out, so it must work after a restart too).
+    pub fn session_records(&self, now: Instant) -> Vec<SessionRecord> {
+        self.sessions
+            .values()
+            .map(|s| SessionRecord {
+                user: s.user.clone(),
+                groups: s.groups.clone(),
+                token: s.token.clone(),
+                addr: s.addr,
+                pool: s.pool.clone(),
+                device: s.device.clone(),
+                client_addr: s.client_addr,
+                age_secs: now.saturating_duration_since(s.created).as_secs(),
+                account: s.account,
+                connected: s.state != SessionState::Authenticated,
+            })
+            .collect()
+    }
+
+    /// Restore pools and resumable sessions from the state files of a
+    /// previous run. Restored sessions are disconnected (their clients
+    /// reconnect with their cookies) and get a fresh reconnect window;
+    /// sessions that had not connected yet stay authenticated and keep what
+    /// is left of their connect timeout (counted from the logon, downtime
+    /// included).
+    /// Leases without a restored session are released: their users keep
+    /// the address sticky, and others wait out the quarantine. Returns the
+    /// number of sessions restored.
+    pub fn restore(
+        &mut self,
+        snaps: &BTreeMap<String, PoolSnapshot>,
+        records: &[SessionRecord],
+        now: Instant,
+        elapsed: Duration,
+    ) -> usize {
+        for (name, snap) in snaps {
+            if let Some(pool) = self.pools.get_mut(name) {
+                pool.restore(snap, now, elapsed);
+            }
+        }
+        let mut restored = 0;
+        for r in records {
+            let key = user_key(&r.user);
+            let Some(policy) = self.policies.lookup(&r.user, &r.groups).cloned() else {
+                continue;
+            };
+            let leased = self
+                .pools
+                .get(&r.pool)
+                .is_some_and(|p| p.holder(r.addr) == Some(key.as_str()));
+            let age = Duration::from_secs(r.age_secs) + elapsed;
+            let expired = if r.connected {
+                elapsed >= policy.reconnect_window
+            } else {
+                age >= self.settings.connect_timeout
+            };
+            if !leased
+                || self.by_addr.contains_key(&r.addr)
+                || self.by_token.contains_key(&r.token)
+                || expired
+            {
+                continue;
+            }
+            let id = SessionId(self.next_id);
+            self.next_id += 1;
+            let nat = r.pool == NAT_POOL;
+            let dns = if nat {
+                Err(NameError::BehindNat)
+            } else {
+                self.dns.register(&key, id, r.addr)
+            };
+            let created = now.checked_sub(age).unwrap_or(now);
+            self.sessions.insert(
+                id,
+                Session {
+                    id,
+                    user: r.user.clone(),
+                    groups: r.groups.clone(),
+                    device: r.device.clone(),
+                    client_addr: r.client_addr,
+                    token: r.token.clone(),
+                    addr: r.addr,
+                    pool: r.pool.clone(),
+                    dns_label: dns.as_ref().ok().cloned(),
+                    nat,
+                    state: if r.connected {
+                        SessionState::Disconnected { since: now }
+                    } else {
+                        SessionState::Authenticated
+                    },
+                    created,
+                    last_activity: now,
+                    connects: 0,
+                    policy: policy.clone(),
+                    account: r.account,
+                },
+            );
+            self.by_token.insert(r.token.clone(), id);
+            self.by_addr.insert(r.addr, id);
+            self.by_user.entry(key).or_default().push(id);
+            self.events.push_back(Event::Opened {
+                id,
+                user: r.user.clone(),
+                addr: r.addr,
+                dns,
+                client_to_client: policy.client_to_client,
+                routes: policy.routes.clone(),
+                took_over: None,
+                nat,
+                inbound: policy.inbound.clone(),
+                derived: policy.derived.clone(),
+                policy: policy.name.clone(),
+            });
+            restored += 1;
+        }
+        for pool in self.pools.values_mut() {
+            let orphans: Vec<IpAddr> = pool
+                .leases()
+                .map(|(a, _)| a)
+                .filter(|a| !self.by_addr.contains_key(a))
+                .collect();
+            for a in orphans {
+                let _ = pool.release(a, now);
+            }
+        }
+        self.version += 1;
+        restored
+    }
+}

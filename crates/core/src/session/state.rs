@@ -1,0 +1,372 @@
+//! [`GatewayState`]: the pools, the sessions and their DNS records, one
+//! deterministic state machine. Here: its fields, its queries, the tunnel's
+//! comings and goings, closing and the timers. Logons, transfers, account
+//! and policy changes and the persistence records add their methods from
+//! their own modules.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use super::types::{
+    user_key, AttachError, CloseReason, Event, PendingOffer, Session, SessionSettings,
+    SessionState, SessionSummary, NAT_POOL,
+};
+use crate::dns_records::DnsRecords;
+use crate::ids::SessionId;
+use crate::policy::PolicySet;
+use crate::pool::{IpPool, PoolConfig, PoolError};
+
+/// Pools, sessions and DNS records of one gateway, as one deterministic
+/// state machine.
+#[derive(Debug)]
+pub struct GatewayState {
+    pub(super) settings: SessionSettings,
+    pub(super) policies: PolicySet,
+    pub(super) pools: BTreeMap<String, IpPool>,
+    pub(super) sessions: HashMap<SessionId, Session>,
+    pub(super) by_token: HashMap<String, SessionId>,
+    pub(super) by_addr: HashMap<IpAddr, SessionId>,
+    pub(super) by_user: HashMap<String, Vec<SessionId>>,
+    pub(super) offers: HashMap<String, PendingOffer>,
+    pub(super) next_id: u64,
+    pub(super) events: VecDeque<Event>,
+    /// Bumped on every change worth persisting (see `state_version`).
+    pub(super) version: u64,
+    pub(super) dns: DnsRecords,
+}
+
+impl GatewayState {
+    /// A gateway with these pools and policies and no sessions.
+    pub fn new(
+        settings: SessionSettings,
+        pools: Vec<PoolConfig>,
+        policies: PolicySet,
+    ) -> Result<Self, PoolError> {
+        let mut map = BTreeMap::new();
+        for p in pools {
+            let pool = IpPool::new(p)?;
+            map.insert(pool.name().to_string(), pool);
+        }
+        if let Some(cidr) = settings.nat_tunnel_pool {
+            let pool = IpPool::new(PoolConfig {
+                name: NAT_POOL.into(),
+                cidr,
+                quarantine: Duration::from_secs(60),
+                exclude: vec![],
+            })?;
+            map.insert(NAT_POOL.to_string(), pool);
+        }
+        Ok(Self {
+            settings,
+            policies,
+            pools: map,
+            sessions: HashMap::new(),
+            by_token: HashMap::new(),
+            by_addr: HashMap::new(),
+            by_user: HashMap::new(),
+            offers: HashMap::new(),
+            next_id: 1,
+            events: VecDeque::new(),
+            version: 0,
+            dns: DnsRecords::default(),
+        })
+    }
+
+    /// Number sessions from at least `first` on (ids never go back): the
+    /// shell passes a clock-based value at start so that ids stay unique
+    /// across restarts, in logs and `ctl` alike.
+    pub fn set_first_id(&mut self, first: u64) {
+        self.next_id = self.next_id.max(first);
+    }
+
+    /// The intranet pools (not the NAT tunnel pool).
+    pub fn pools(&self) -> impl Iterator<Item = &IpPool> {
+        self.pools.values().filter(|p| p.name() != NAT_POOL)
+    }
+
+    /// A pool by name, the NAT tunnel pool included.
+    pub fn pool(&self, name: &str) -> Option<&IpPool> {
+        self.pools.get(name)
+    }
+
+    /// The gateway's own addresses (one per intranet pool), never given to
+    /// users.
+    pub fn gateway_addrs(&self) -> Vec<IpAddr> {
+        self.pools().map(|p| p.gateway_addr()).collect()
+    }
+
+    fn summary(&self, s: &Session, now: Instant) -> SessionSummary {
+        SessionSummary {
+            id: s.id,
+            device: s.device.clone(),
+            addr: s.addr,
+            state: s.state.as_str(),
+            idle: now.saturating_duration_since(s.last_activity),
+        }
+    }
+
+    /// The sessions of one user, oldest first.
+    pub fn sessions_of(&self, user: &str, now: Instant) -> Vec<SessionSummary> {
+        let mut v: Vec<&Session> = self
+            .by_user
+            .get(&user_key(user))
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.sessions.get(id))
+            .collect();
+        v.sort_by_key(|s| (s.created, s.id));
+        v.into_iter().map(|s| self.summary(s, now)).collect()
+    }
+
+    /// A CONNECT with this cookie: the session's tunnel is (again) up.
+    pub fn handle_attach(
+        &mut self,
+        token: &str,
+        device: Option<String>,
+        client_addr: Option<IpAddr>,
+        now: Instant,
+    ) -> Result<&Session, AttachError> {
+        let id = *self.by_token.get(token).ok_or(AttachError::UnknownToken)?;
+        let s = self
+            .sessions
+            .get_mut(&id)
+            .ok_or(AttachError::UnknownToken)?;
+        s.state = SessionState::Active;
+        s.connects += 1;
+        s.last_activity = now;
+        if device.is_some() {
+            s.device = device;
+        }
+        if client_addr.is_some() {
+            s.client_addr = client_addr;
+        }
+        self.version += 1;
+        Ok(s)
+    }
+
+    /// The tunnel of session `id` dropped without logoff.
+    pub fn handle_detach(&mut self, id: SessionId, now: Instant) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if s.state == SessionState::Active {
+                s.state = SessionState::Disconnected { since: now };
+            }
+        }
+    }
+
+    /// Disconnect a session on request: its tunnel ends (the client is told
+    /// so and does not reconnect on its own) but the session, its address
+    /// and name stay for the reconnect window.
+    pub fn handle_disconnect(&mut self, id: SessionId, reason: &str, now: Instant) -> bool {
+        let Some(s) = self.sessions.get_mut(&id) else {
+            return false;
+        };
+        if s.state == SessionState::Active {
+            s.state = SessionState::Disconnected { since: now };
+        }
+        self.events.push_back(Event::Disconnected {
+            id,
+            reason: reason.to_string(),
+        });
+        true
+    }
+
+    /// Traffic from the user was seen at `at` (the shell batches these).
+    pub fn note_activity(&mut self, id: SessionId, at: Instant) {
+        if let Some(s) = self.sessions.get_mut(&id) {
+            if at > s.last_activity {
+                s.last_activity = at;
+            }
+        }
+    }
+
+    /// Close a session (logoff, admin). Unknown ids are ignored.
+    pub fn handle_logoff(&mut self, id: SessionId, reason: CloseReason, now: Instant) {
+        self.close(id, reason, now, true);
+    }
+
+    pub(super) fn close(
+        &mut self,
+        id: SessionId,
+        reason: CloseReason,
+        now: Instant,
+        release: bool,
+    ) {
+        let Some(s) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.dns.unregister(id, s.addr);
+        self.by_token.remove(&s.token);
+        if self.by_addr.get(&s.addr) == Some(&id) {
+            self.by_addr.remove(&s.addr);
+        }
+        let key = user_key(&s.user);
+        if let Some(v) = self.by_user.get_mut(&key) {
+            v.retain(|x| *x != id);
+            if v.is_empty() {
+                self.by_user.remove(&key);
+            }
+        }
+        if release {
+            if let Some(pool) = self.pools.get_mut(&s.pool) {
+                // The address is ours: release cannot fail for it.
+                let _ = pool.release(s.addr, now);
+            }
+        }
+        self.version += 1;
+        self.events.push_back(Event::Closed {
+            id,
+            user: s.user,
+            addr: s.addr,
+            reason,
+        });
+    }
+
+    /// The users that hold sessions or pending transfer offers (as logged
+    /// on; one entry per user, case-insensitively).
+    pub fn users(&self) -> Vec<String> {
+        let mut seen = std::collections::BTreeMap::new();
+        for s in self.sessions.values() {
+            seen.entry(user_key(&s.user))
+                .or_insert_with(|| s.user.clone());
+        }
+        for o in self.offers.values() {
+            seen.entry(o.user_key.clone())
+                .or_insert_with(|| o.req.user.clone());
+        }
+        seen.into_values().collect()
+    }
+
+    /// Close a session found by cookie (logout request). Returns its id.
+    pub fn logoff_by_token(&mut self, token: &str, now: Instant) -> Option<SessionId> {
+        let id = *self.by_token.get(token)?;
+        self.handle_logoff(id, CloseReason::Logoff, now);
+        Some(id)
+    }
+
+    /// Close every session (shutdown).
+    pub fn close_all(&mut self, reason: CloseReason, now: Instant) {
+        let ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for id in ids {
+            self.handle_logoff(id, reason.clone(), now);
+        }
+    }
+
+    fn deadline(&self, s: &Session) -> Option<(Instant, CloseReason)> {
+        let mut best: Option<(Instant, CloseReason)> = None;
+        let mut consider = |t: Instant, r: CloseReason| {
+            if best.as_ref().is_none_or(|(b, _)| t < *b) {
+                best = Some((t, r));
+            }
+        };
+        match s.state {
+            SessionState::Disconnected { since } => {
+                consider(
+                    since + s.policy.reconnect_window,
+                    CloseReason::ReconnectWindowExpired,
+                );
+            }
+            SessionState::Authenticated => consider(
+                s.created + self.settings.connect_timeout,
+                CloseReason::NeverConnected,
+            ),
+            SessionState::Active => {}
+        }
+        if let Some(idle) = s.policy.idle_timeout {
+            consider(s.last_activity + idle, CloseReason::IdleTimeout);
+        }
+        if let Some(life) = s.policy.session_timeout {
+            consider(s.created + life, CloseReason::SessionTimeout);
+        }
+        best
+    }
+
+    /// Expire sessions and offers whose timers ran out.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let expired: Vec<(SessionId, CloseReason)> = self
+            .sessions
+            .values()
+            .filter_map(|s| {
+                self.deadline(s)
+                    .filter(|(t, _)| now >= *t)
+                    .map(|(_, r)| (s.id, r))
+            })
+            .collect();
+        for (id, reason) in expired {
+            self.handle_logoff(id, reason, now);
+        }
+        // Expired offers are kept for one more window so that a late answer
+        // gets "expired" rather than "unknown".
+        let grace = self.settings.transfer_window;
+        self.offers.retain(|_, o| now < o.expires + grace);
+    }
+
+    /// When `handle_timeout` next has work, and why.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
+        let sessions = self
+            .sessions
+            .values()
+            .filter_map(|s| self.deadline(s))
+            .map(|(t, r)| (t, r.as_str()));
+        let grace = self.settings.transfer_window;
+        let offers = self
+            .offers
+            .values()
+            .map(|o| (o.expires + grace, "expired transfer offer"));
+        sessions.chain(offers).min_by_key(|(t, _)| *t)
+    }
+
+    /// Next event for the shell.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// A session by id.
+    pub fn session(&self, id: SessionId) -> Option<&Session> {
+        self.sessions.get(&id)
+    }
+
+    /// The session holding `addr`.
+    pub fn session_by_addr(&self, addr: IpAddr) -> Option<&Session> {
+        self.by_addr.get(&addr).and_then(|id| self.sessions.get(id))
+    }
+
+    /// The session with this cookie.
+    pub fn session_by_token(&self, token: &str) -> Option<&Session> {
+        self.by_token
+            .get(token)
+            .and_then(|id| self.sessions.get(id))
+    }
+
+    /// All sessions (no order).
+    pub fn sessions(&self) -> impl Iterator<Item = &Session> {
+        self.sessions.values()
+    }
+
+    /// Number of sessions.
+    pub fn len(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// No sessions?
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+    }
+
+    /// Pending transfer offers.
+    pub fn offers_len(&self) -> usize {
+        self.offers.len()
+    }
+
+    /// The DNS records of the live sessions.
+    pub fn dns(&self) -> &DnsRecords {
+        &self.dns
+    }
+
+    /// Labels static zone records take (zone load/reload).
+    pub fn set_static_dns_labels(&mut self, labels: std::collections::HashSet<String>) {
+        self.dns.set_static_labels(labels);
+    }
+}

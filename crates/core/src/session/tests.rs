@@ -1,0 +1,747 @@
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::policy::{GroupMatch, Policy, PolicySet};
+use crate::pool::PoolConfig;
+
+fn policy(max_per_user: u32) -> Policy {
+    Policy {
+        name: "all".into(),
+        matches: vec![GroupMatch::Any],
+        pool: "p".into(),
+        client_to_client: true,
+        routes: vec![],
+        max_sessions_per_user: max_per_user,
+        idle_timeout: None,
+        session_timeout: None,
+        reconnect_window: Duration::from_secs(180),
+        inbound: vec![],
+        derived: vec![],
+        nat: false,
+    }
+}
+
+fn state_with(cidr: &str, p: Policy) -> GatewayState {
+    GatewayState::new(
+        SessionSettings::default(),
+        vec![PoolConfig {
+            name: "p".into(),
+            cidr: cidr.parse().expect("cidr"),
+            quarantine: Duration::from_secs(300),
+            exclude: vec![],
+        }],
+        PolicySet::new(vec![p]),
+    )
+    .expect("state")
+}
+
+fn state(cidr: &str, max_per_user: u32) -> GatewayState {
+    state_with(cidr, policy(max_per_user))
+}
+
+fn req(user: &str, token: &str) -> LogonRequest {
+    LogonRequest {
+        user: user.into(),
+        groups: vec![],
+        token: token.into(),
+        offer_token: format!("offer-{token}"),
+        client_addr: None,
+        account: 7,
+    }
+}
+
+fn valid(stamp: u64, groups: &[&str]) -> Account {
+    Account::Valid {
+        stamp,
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+    }
+}
+
+/// Two pools, three policies: staff (pool p, client_to_client), guests
+/// (pool p, no client_to_client, routes narrowed), contractors (pool q).
+fn state_groups() -> GatewayState {
+    let mk = |name: &str, group: &str, pool: &str, c2c: bool, routes: &[&str]| Policy {
+        name: name.into(),
+        matches: vec![GroupMatch::Group(group.into())],
+        pool: pool.into(),
+        client_to_client: c2c,
+        routes: routes.iter().map(|r| r.parse().expect("net")).collect(),
+        ..policy(2)
+    };
+    let pool = |name: &str, cidr: &str| PoolConfig {
+        name: name.into(),
+        cidr: cidr.parse().expect("cidr"),
+        quarantine: Duration::from_secs(300),
+        exclude: vec![],
+    };
+    GatewayState::new(
+        SessionSettings::default(),
+        vec![pool("p", "198.18.64.0/28"), pool("q", "198.18.65.0/28")],
+        PolicySet::new(vec![
+            mk("staff", "staff", "p", true, &["198.18.1.0/24"]),
+            mk("guests", "guests", "p", false, &["198.18.1.10/32"]),
+            mk("contractors", "contractors", "q", true, &[]),
+        ]),
+    )
+    .expect("state")
+}
+
+fn req_in(user: &str, token: &str, groups: &[&str]) -> LogonRequest {
+    LogonRequest {
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        ..req(user, token)
+    }
+}
+
+#[test]
+fn revoked_account_closes_every_session_and_offer() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 2);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    let b = opened(g.handle_logon(req("Alice", "a2"), t0));
+    let _ = g.handle_attach("a1", None, None, t0);
+    let _ = g.handle_attach("a2", None, None, t0);
+    let bob = opened(g.handle_logon(req("bob", "b1"), t0));
+    // A third logon of alice waits for a transfer answer.
+    let offer = match g.handle_logon(req("alice", "a3"), t0) {
+        Ok(LogonOutcome::TransferOffered(o)) => o.token,
+        other => panic!("expected an offer, got {other:?}"),
+    };
+    drain(&mut g);
+    let out = g.handle_account(
+        "ALICE",
+        &Account::Revoked("user 'alice' was deleted".into()),
+        t0,
+    );
+    assert_eq!(
+        out,
+        AccountOutcome {
+            closed: 2,
+            reevaluated: 0
+        }
+    );
+    assert!(g.session(a).is_none() && g.session(b).is_none());
+    assert!(g.session(bob).is_some());
+    assert!(
+        g.handle_attach("a1", None, None, t0).is_err(),
+        "cookie refused from now on"
+    );
+    assert_eq!(g.dns().lookup("alice", false), None);
+    assert!(matches!(
+        g.handle_transfer(&offer, true, t0),
+        Err(TransferError::UnknownOffer)
+    ));
+    let ev = drain(&mut g);
+    assert_eq!(ev.len(), 2);
+    assert!(ev.iter().all(|e| matches!(e, Event::Closed { reason: CloseReason::Revoked(w), .. } if w.contains("deleted"))));
+}
+
+#[test]
+fn changed_credentials_close_same_credentials_keep() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    assert_eq!(
+        g.handle_account("alice", &valid(7, &[]), t0),
+        AccountOutcome::default()
+    );
+    assert!(g.session(a).is_some());
+    drain(&mut g);
+    let out = g.handle_account("alice", &valid(8, &[]), t0);
+    assert_eq!(out.closed, 1);
+    assert!(g.session(a).is_none());
+    assert!(matches!(
+        drain(&mut g).as_slice(),
+        [Event::Closed { reason: CloseReason::Revoked(w), .. }] if w.contains("password")
+    ));
+}
+
+#[test]
+fn unknown_stamp_is_adopted_then_enforced() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    let a = opened(g.handle_logon(
+        LogonRequest {
+            account: 0,
+            ..req("alice", "a1")
+        },
+        t0,
+    ));
+    assert_eq!(
+        g.handle_account("alice", &valid(9, &[]), t0),
+        AccountOutcome::default()
+    );
+    assert_eq!(g.session(a).expect("kept").account, 9);
+    assert_eq!(g.handle_account("alice", &valid(10, &[]), t0).closed, 1);
+}
+
+#[test]
+fn group_change_reevaluates_in_place_or_closes() {
+    let t0 = Instant::now();
+    let mut g = state_groups();
+    let a = opened(g.handle_logon(req_in("alice", "a1", &["staff"]), t0));
+    let addr = g.session(a).expect("a").addr;
+    drain(&mut g);
+    // staff -> guests: same pool, narrower rules: in place.
+    let out = g.handle_account("alice", &valid(7, &["guests"]), t0);
+    assert_eq!(
+        out,
+        AccountOutcome {
+            closed: 0,
+            reevaluated: 1
+        }
+    );
+    let s = g.session(a).expect("kept");
+    assert_eq!((s.policy.name.as_str(), s.addr), ("guests", addr));
+    assert_eq!(s.groups, vec!["guests".to_string()]);
+    match drain(&mut g).as_slice() {
+        [Event::PolicyChanged {
+            id,
+            policy,
+            client_to_client,
+            routes_changed,
+            routes,
+            ..
+        }] => {
+            assert_eq!(
+                (*id, policy.as_str(), *client_to_client, *routes_changed),
+                (a, "guests", false, true)
+            );
+            assert_eq!(
+                routes,
+                &vec!["198.18.1.10/32"
+                    .parse::<ipnetwork::IpNetwork>()
+                    .expect("net")]
+            );
+        }
+        other => panic!("expected PolicyChanged, got {other:?}"),
+    }
+    // Same groups again: nothing.
+    assert_eq!(
+        g.handle_account("alice", &valid(7, &["guests"]), t0),
+        AccountOutcome::default()
+    );
+    assert!(drain(&mut g).is_empty());
+    // guests -> contractors: another pool: closed, address released.
+    let out = g.handle_account("alice", &valid(7, &["contractors"]), t0);
+    assert_eq!(out.closed, 1);
+    assert!(g.session(a).is_none());
+    // No policy at all: closed too.
+    let b = opened(g.handle_logon(req_in("bob", "b1", &["staff"]), t0));
+    assert_eq!(
+        g.handle_account("bob", &valid(7, &["nobody"]), t0).closed,
+        1
+    );
+    assert!(g.session(b).is_none());
+}
+
+#[test]
+fn reevaluated_policy_timeouts_apply() {
+    let t0 = Instant::now();
+    let mut g = state_groups();
+    let a = opened(g.handle_logon(req_in("alice", "a1", &["staff"]), t0));
+    let _ = g.handle_attach("a1", None, None, t0);
+    // A policy reload elsewhere would do the same: the session is
+    // judged by the policy of its groups now.
+    g.policies = PolicySet::new(vec![Policy {
+        name: "staff".into(),
+        matches: vec![GroupMatch::Group("staff".into())],
+        idle_timeout: Some(Duration::from_secs(60)),
+        ..policy(2)
+    }]);
+    assert_eq!(
+        g.reevaluate(a, t0),
+        Reevaluation::Changed {
+            routes_changed: true
+        },
+        "staff's routes went from 198.18.1.0/24 to a full tunnel"
+    );
+    g.handle_timeout(t0 + Duration::from_secs(61));
+    assert!(g.session(a).is_none(), "the new idle timeout holds");
+}
+
+#[test]
+fn policy_reload_judges_every_session() {
+    let t0 = Instant::now();
+    let mut g = state_groups();
+    let a = opened(g.handle_logon(req_in("alice", "a1", &["staff"]), t0));
+    let b = opened(g.handle_logon(req_in("bob", "b1", &["guests"]), t0));
+    let c = opened(g.handle_logon(req_in("carol", "c1", &["contractors"]), t0));
+    let _ = g.handle_attach("b1", None, None, t0);
+    g.handle_detach(b, t0); // disconnected sessions are judged too
+    drain(&mut g);
+    let old = g.policies.policies().to_vec();
+    let staff = Policy {
+        routes: vec!["198.18.2.0/24".parse().expect("net")],
+        ..old[0].clone()
+    };
+    let guests = Policy {
+        pool: "q".into(),
+        ..old[1].clone()
+    };
+    let extra = Policy {
+        name: "admins".into(),
+        matches: vec![GroupMatch::Group("admins".into())],
+        ..old[0].clone()
+    };
+    let out = g.handle_policies(PolicySet::new(vec![staff, guests, extra]), t0);
+    assert_eq!(out.added, vec!["admins".to_string()]);
+    assert_eq!(out.removed, vec!["contractors".to_string()]);
+    assert_eq!(out.changed, vec!["staff".to_string(), "guests".to_string()]);
+    assert_eq!(out.reevaluated, vec![a]);
+    assert_eq!(out.stale_client_routes, vec![a]);
+    let mut closed: Vec<SessionId> = out.closed.iter().map(|(id, _)| *id).collect();
+    closed.sort();
+    assert_eq!(closed, vec![b, c]);
+    assert!(g.session(a).is_some() && g.session(b).is_none() && g.session(c).is_none());
+    // Reloading the same set again changes nothing.
+    let same = PolicySet::new(g.policies.policies().to_vec());
+    let again = g.handle_policies(same, t0);
+    assert!(again.reevaluated.is_empty() && again.closed.is_empty() && again.changed.is_empty());
+}
+
+#[test]
+fn users_lists_holders_once() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 2);
+    opened(g.handle_logon(req("alice", "a1"), t0));
+    opened(g.handle_logon(req("ALICE", "a2"), t0));
+    opened(g.handle_logon(req("bob", "b1"), t0));
+    let mut u = g.users();
+    u.sort();
+    assert_eq!(u.len(), 2);
+}
+
+fn opened(o: Result<LogonOutcome, LogonError>) -> SessionId {
+    match o {
+        Ok(LogonOutcome::Opened(id)) => id,
+        other => panic!("expected a session, got {other:?}"),
+    }
+}
+
+fn drain(g: &mut GatewayState) -> Vec<Event> {
+    std::iter::from_fn(|| g.poll_event()).collect()
+}
+
+#[test]
+fn logon_attach_logoff_releases_and_sticks() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    let id = opened(g.handle_logon(req("alice", "t1"), t0));
+    let addr = g.session(id).expect("s").addr;
+    assert_eq!(g.dns().lookup("alice", false), Some(addr));
+    assert!(g
+        .handle_attach("t1", Some("laptop".into()), None, t0)
+        .is_ok());
+    assert_eq!(g.session(id).expect("s").state, SessionState::Active);
+    g.handle_logoff(id, CloseReason::Logoff, t0);
+    assert!(g.is_empty());
+    assert_eq!(g.dns().lookup("alice", false), None);
+    let ev = drain(&mut g);
+    assert!(matches!(
+        ev.last(),
+        Some(Event::Closed {
+            reason: CloseReason::Logoff,
+            ..
+        })
+    ));
+    assert_eq!(
+        g.handle_attach("t1", None, None, t0).err(),
+        Some(AttachError::UnknownToken)
+    );
+    // Sticky: same user, same address; case-insensitive username.
+    let id2 = opened(g.handle_logon(req("Alice", "t2"), t0));
+    assert_eq!(g.session(id2).expect("s").addr, addr);
+}
+
+#[test]
+fn never_connected_session_gives_way_and_exhaustion() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/30", 1); // exactly one user address
+    let first = opened(g.handle_logon(req("alice", "a"), t0));
+    // Never connected: a new logon of the same user replaces it.
+    let second = opened(g.handle_logon(req("alice", "a2"), t0));
+    assert!(g.session(first).is_none());
+    assert_eq!(
+        g.session(second).map(|s| s.addr),
+        Some("198.18.64.2".parse().expect("ip"))
+    );
+    let _ = drain(&mut g);
+    assert!(
+        g.handle_attach("a", None, None, t0).is_err(),
+        "old cookie is dead"
+    );
+    let e = g.handle_logon(req("bob", "b"), t0).unwrap_err();
+    assert_eq!(e, LogonError::NoAddress);
+    assert_eq!(e.to_string(), NO_ADDRESS_MESSAGE);
+}
+
+#[test]
+fn transfer_takes_over_address_and_name_in_one_step() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    let old = opened(g.handle_logon(req("alice", "a"), t0));
+    g.handle_attach("a", Some("desktop".into()), None, t0)
+        .expect("attach");
+    let addr = g.session(old).expect("s").addr;
+    let _ = drain(&mut g);
+    let t1 = t0 + Duration::from_secs(30);
+    let offer = match g.handle_logon(req("alice", "b"), t1) {
+        Ok(LogonOutcome::TransferOffered(o)) => o,
+        other => panic!("expected an offer, got {other:?}"),
+    };
+    assert_eq!(offer.sessions.len(), 1);
+    assert_eq!(offer.sessions[0].device.as_deref(), Some("desktop"));
+    assert_eq!(offer.sessions[0].addr, addr);
+    assert_eq!(offer.sessions[0].idle, Duration::from_secs(30));
+    assert!(g.session(old).is_some(), "an offer changes nothing yet");
+    let new = g
+        .handle_transfer(&offer.token, true, t1 + Duration::from_secs(5))
+        .expect("transfer");
+    assert!(g.session(old).is_none());
+    assert_eq!(g.session(new).map(|s| s.addr), Some(addr));
+    assert_eq!(g.dns().lookup("alice", false), Some(addr));
+    assert_eq!(g.dns().name_of(addr), Some("alice"));
+    let ev = drain(&mut g);
+    assert!(
+        matches!(&ev[0], Event::Closed { id, reason: CloseReason::Transferred, .. } if *id == old)
+    );
+    assert!(
+        matches!(&ev[1], Event::Opened { id, took_over: Some(o), .. } if *id == new && *o == old)
+    );
+    // The offer is single-use.
+    assert_eq!(
+        g.handle_transfer(&offer.token, true, t1).err(),
+        Some(TransferError::UnknownOffer)
+    );
+}
+
+#[test]
+fn transfer_window_cancel_and_last_confirmed_wins() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    opened(g.handle_logon(req("alice", "a"), t0));
+    g.handle_attach("a", None, None, t0).expect("attach");
+    let offer = |g: &mut GatewayState, tok: &str, t| match g.handle_logon(req("alice", tok), t) {
+        Ok(LogonOutcome::TransferOffered(o)) => o,
+        other => panic!("expected an offer, got {other:?}"),
+    };
+    // Late answer.
+    let late = offer(&mut g, "late", t0);
+    assert_eq!(
+        g.handle_transfer(&late.token, true, t0 + Duration::from_secs(120))
+            .err(),
+        Some(TransferError::Expired(120))
+    );
+    // Cancel.
+    let c = offer(&mut g, "c", t0);
+    assert_eq!(
+        g.handle_transfer(&c.token, false, t0).err(),
+        Some(TransferError::Cancelled)
+    );
+    // Three devices at once: the last confirmed wins, one session left.
+    let o1 = offer(&mut g, "d1", t0);
+    let o2 = offer(&mut g, "d2", t0);
+    let o3 = offer(&mut g, "d3", t0);
+    let s2 = g
+        .handle_transfer(&o2.token, true, t0 + Duration::from_secs(1))
+        .expect("2");
+    let s3 = g
+        .handle_transfer(&o3.token, true, t0 + Duration::from_secs(2))
+        .expect("3");
+    let s1 = g
+        .handle_transfer(&o1.token, true, t0 + Duration::from_secs(3))
+        .expect("1");
+    assert_eq!(g.len(), 1);
+    assert!(g.session(s2).is_none() && g.session(s3).is_none());
+    assert_eq!(g.session(s1).map(|s| s.token.as_str()), Some("d1"));
+    g.handle_attach("d1", None, None, t0).expect("attach");
+    // Expired offers are forgotten by the timer, one window after they
+    // expire (until then a late answer is told "expired").
+    let x = offer(&mut g, "x", t0 + Duration::from_secs(10));
+    assert_eq!(g.offers_len(), 1);
+    g.handle_timeout(t0 + Duration::from_secs(200));
+    assert_eq!(g.offers_len(), 1);
+    assert_eq!(
+        g.handle_transfer(&x.token, true, t0 + Duration::from_secs(200))
+            .err(),
+        Some(TransferError::Expired(120))
+    );
+    let _ = offer(&mut g, "y", t0 + Duration::from_secs(10));
+    g.handle_timeout(t0 + Duration::from_secs(250));
+    assert_eq!(g.offers_len(), 0);
+}
+
+#[test]
+fn timeouts_reconnect_idle_session() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    let a = opened(g.handle_logon(req("alice", "a"), t0));
+    let b = opened(g.handle_logon(req("bob", "b"), t0));
+    g.handle_attach("a", None, None, t0).expect("attach");
+    g.handle_detach(a, t0 + Duration::from_secs(1));
+    assert_eq!(
+        g.poll_timeout().map(|(t, _)| t),
+        Some(t0 + Duration::from_secs(60))
+    );
+    g.handle_timeout(t0 + Duration::from_secs(60));
+    assert!(g.session(b).is_none(), "bob never connected");
+    assert!(g.session(a).is_some());
+    g.handle_attach("a", None, None, t0 + Duration::from_secs(100))
+        .expect("reattach");
+    assert_eq!(g.session(a).map(|s| s.connects), Some(2));
+    g.handle_detach(a, t0 + Duration::from_secs(100));
+    g.handle_timeout(t0 + Duration::from_secs(279));
+    assert!(g.session(a).is_some());
+    g.handle_timeout(t0 + Duration::from_secs(280));
+    assert!(g.session(a).is_none());
+    assert!(g.poll_timeout().is_none());
+
+    let mut p = policy(1);
+    p.idle_timeout = Some(Duration::from_secs(600));
+    p.session_timeout = Some(Duration::from_secs(3600));
+    let mut g = state_with("198.18.64.0/28", p);
+    let a = opened(g.handle_logon(req("alice", "a"), t0));
+    g.handle_attach("a", None, None, t0).expect("attach");
+    g.note_activity(a, t0 + Duration::from_secs(500));
+    assert_eq!(
+        g.poll_timeout(),
+        Some((t0 + Duration::from_secs(1100), "idle_timeout"))
+    );
+    g.handle_timeout(t0 + Duration::from_secs(1099));
+    assert!(g.session(a).is_some());
+    g.handle_timeout(t0 + Duration::from_secs(1100));
+    assert!(g.session(a).is_none());
+    let ev = drain(&mut g);
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::Closed {
+            reason: CloseReason::IdleTimeout,
+            ..
+        }
+    )));
+    let b = opened(g.handle_logon(req("bob", "b"), t0));
+    g.handle_attach("b", None, None, t0).expect("attach");
+    for m in (0..3600).step_by(300) {
+        g.note_activity(b, t0 + Duration::from_secs(m));
+        g.handle_timeout(t0 + Duration::from_secs(m));
+    }
+    assert!(g.session(b).is_some());
+    g.handle_timeout(t0 + Duration::from_secs(3600));
+    assert!(g.session(b).is_none(), "absolute session timeout");
+}
+
+#[test]
+fn disconnect_keeps_session_resumable() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    let a = opened(g.handle_logon(req("alice", "a"), t0));
+    g.handle_attach("a", None, None, t0).expect("attach");
+    let _ = drain(&mut g);
+    assert!(g.handle_disconnect(a, "disconnected by the user", t0));
+    assert!(matches!(
+        g.session(a).map(|s| s.state),
+        Some(SessionState::Disconnected { .. })
+    ));
+    assert!(matches!(
+        drain(&mut g).as_slice(),
+        [Event::Disconnected { .. }]
+    ));
+    assert!(g
+        .handle_attach("a", None, None, t0 + Duration::from_secs(10))
+        .is_ok());
+}
+
+#[test]
+fn restore_after_restart() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    let a = opened(g.handle_logon(req("alice", "a"), t0));
+    g.handle_attach("a", Some("laptop".into()), None, t0)
+        .expect("attach");
+    let b = opened(g.handle_logon(req("bob", "b"), t0)); // not connected yet
+    let addr_a = g.session(a).expect("a").addr;
+    let addr_b = g.session(b).expect("b").addr;
+    let t1 = t0 + Duration::from_secs(20);
+    let pools = g.pool_snapshots(t1);
+    let records = g.session_records(t1);
+    assert_eq!(records.len(), 2);
+
+    let t2 = Instant::now() + Duration::from_secs(1000);
+    let mut h = state("198.18.64.0/28", 1);
+    assert_eq!(h.restore(&pools, &records, t2, Duration::from_secs(5)), 2);
+    let s = h.session_by_token("a").expect("restored");
+    assert_eq!(s.addr, addr_a);
+    assert!(matches!(s.state, SessionState::Disconnected { .. }));
+    assert_eq!(h.dns().lookup("alice", false), Some(addr_a));
+    // bob's cookie works after the restart; he still has to connect
+    // within the connect timeout of his logon (60 s; 25 s have passed).
+    let sb = h.session_by_token("b").expect("bob restored");
+    assert_eq!((sb.addr, sb.state), (addr_b, SessionState::Authenticated));
+    let _ = drain(&mut h);
+    assert!(h.handle_attach("a", None, None, t2).is_ok());
+    h.handle_timeout(t2 + Duration::from_secs(36));
+    assert!(h.session_by_token("b").is_none(), "connect timeout kept");
+    let _ = drain(&mut h);
+    // bob's lease was released, but his address stays his (sticky).
+    let carol = opened(h.handle_logon(req("carol", "c"), t2));
+    assert_ne!(h.session(carol).expect("c").addr, addr_b);
+    let bob = opened(h.handle_logon(req("bob", "b2"), t2));
+    assert_eq!(h.session(bob).expect("b").addr, addr_b);
+    // Down for longer than the connect timeout: bob's logon is gone.
+    let mut k = state("198.18.64.0/28", 1);
+    assert_eq!(k.restore(&pools, &records, t2, Duration::from_secs(45)), 1);
+    // Down for longer than the reconnect window: nothing resumes.
+    let mut k = state("198.18.64.0/28", 1);
+    assert_eq!(k.restore(&pools, &records, t2, Duration::from_secs(181)), 0);
+    assert!(k.is_empty());
+}
+
+#[test]
+fn state_version_grows_with_every_persisted_change() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 1);
+    let v0 = g.state_version();
+    let a = opened(g.handle_logon(req("alice", "a"), t0));
+    let v1 = g.state_version();
+    assert!(v1 > v0, "logon");
+    // Reading the state (as the saver does) changes nothing.
+    let _ = (g.pool_snapshots(t0), g.session_records(t0));
+    assert_eq!(g.state_version(), v1);
+    g.handle_attach("a", None, None, t0).expect("attach");
+    let v2 = g.state_version();
+    assert!(v2 > v1, "attach");
+    g.handle_logoff(a, CloseReason::Logoff, t0);
+    assert!(g.state_version() > v2, "logoff");
+}
+
+#[test]
+fn records_of_older_files_are_connected_sessions() {
+    let r: SessionRecord = serde_json::from_str(
+        r#"{"user":"alice","groups":[],"token":"t","addr":"198.18.64.2",
+            "pool":"default","device":null,"client_addr":null,"age_secs":5}"#,
+    )
+    .expect("old record");
+    assert!(r.connected);
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Logon(u8),
+    Answer(u8, bool),
+    Attach(u8),
+    Detach(u8),
+    Disconnect(u8),
+    Logoff(u8),
+    Activity(u8),
+    Advance(u16),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0u8..5).prop_map(Op::Logon),
+        (0u8..8, any::<bool>()).prop_map(|(i, a)| Op::Answer(i, a)),
+        (0u8..5).prop_map(Op::Attach),
+        (0u8..5).prop_map(Op::Detach),
+        (0u8..5).prop_map(Op::Disconnect),
+        (0u8..5).prop_map(Op::Logoff),
+        (0u8..5).prop_map(Op::Activity),
+        (0u16..400).prop_map(Op::Advance),
+    ]
+}
+
+proptest! {
+    /// Reference-model check over logon / transfer / disconnect /
+    /// reconnect / logoff / timeout sequences on virtual time: after
+    /// every step no address or name is held twice, indexes agree,
+    /// every session's address is leased to its user, every lease
+    /// belongs to a live session, DNS records equal the live sessions,
+    /// and no user exceeds the session limit.
+    #[test]
+    fn tables_stay_consistent(ops in proptest::collection::vec(op(), 1..100), limit in 1u32..3) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut p = policy(limit);
+        p.idle_timeout = Some(Duration::from_secs(900));
+        let mut g = state_with("198.18.64.0/29", p);
+        let mut tok = 0u32;
+        let mut offers: Vec<String> = Vec::new();
+        let user = |u: u8| format!("u{u}");
+        let find = |g: &GatewayState, u: u8| {
+            let mut v: Vec<&Session> = g.sessions().filter(|s| s.user == user(u)).collect();
+            v.sort_by_key(|s| s.id);
+            v.last().map(|s| (s.id, s.token.clone()))
+        };
+        for op in ops {
+            match op {
+                Op::Logon(u) => {
+                    tok += 1;
+                    if let Ok(LogonOutcome::TransferOffered(o)) = g.handle_logon(req(&user(u), &format!("t{tok}")), now) {
+                        offers.push(o.token);
+                    }
+                }
+                Op::Answer(i, accept) => {
+                    if let Some(t) = offers.get(usize::from(i)).cloned() {
+                        let _ = g.handle_transfer(&t, accept, now);
+                    }
+                }
+                Op::Attach(u) => {
+                    if let Some((_, t)) = find(&g, u) { let _ = g.handle_attach(&t, None, None, now); }
+                }
+                Op::Detach(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_detach(id, now); }
+                }
+                Op::Disconnect(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_disconnect(id, "test", now); }
+                }
+                Op::Logoff(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_logoff(id, CloseReason::Logoff, now); }
+                }
+                Op::Activity(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.note_activity(id, now); }
+                }
+                Op::Advance(s) => {
+                    now += Duration::from_secs(u64::from(s));
+                    g.handle_timeout(now);
+                }
+            }
+            let _ = drain(&mut g);
+            let mut seen = std::collections::HashSet::new();
+            for s in g.sessions() {
+                prop_assert!(seen.insert(s.addr), "address {} held twice", s.addr);
+                prop_assert_eq!(g.session_by_addr(s.addr).map(|x| x.id), Some(s.id));
+                prop_assert_eq!(g.session_by_token(&s.token).map(|x| x.id), Some(s.id));
+                let pool = g.pools().find(|p| p.name() == s.pool).expect("pool");
+                let key = user_key(&s.user);
+                prop_assert_eq!(pool.holder(s.addr), Some(key.as_str()));
+                prop_assert!(!g.gateway_addrs().contains(&s.addr));
+            }
+            for p in g.pools() {
+                for (a, _) in p.leases() {
+                    prop_assert!(g.session_by_addr(a).is_some(), "lease {} without session", a);
+                }
+            }
+            // DNS records are exactly the live sessions' addresses, and a
+            // name answers only with an address its user holds.
+            let named: Vec<&Session> = g.sessions().filter(|s| s.dns_label.is_some()).collect();
+            prop_assert_eq!(g.dns().len(), named.len());
+            for s in &named {
+                let label = s.dns_label.as_deref().unwrap_or_default();
+                prop_assert_eq!(g.dns().name_of(s.addr), Some(label));
+                let answer = g.dns().lookup(label, s.addr.is_ipv6());
+                prop_assert!(answer.is_some_and(|a| g.session_by_addr(a).is_some_and(|x| x.user == s.user)));
+            }
+            for (label, addr) in g.dns().entries() {
+                let owner = g.session_by_addr(addr);
+                prop_assert!(owner.is_some_and(|o| o.dns_label.as_deref() == Some(label)), "stale record {} -> {}", label, addr);
+            }
+            for (k, v) in &g.by_user {
+                prop_assert!(v.len() <= limit as usize, "user {} holds {} sessions", k, v.len());
+            }
+            let per_user: usize = g.by_user.values().map(Vec::len).sum();
+            prop_assert_eq!(per_user, g.len());
+        }
+    }
+}
