@@ -4,10 +4,10 @@
 
 use quick_xml::events::BytesStart;
 
-use super::walk::{self, Visitor, WalkError};
 #[cfg(doc)]
-use super::{auth_request_xml, MAX_DEPTH};
-use super::{MAX_BODY, MAX_FIELDS, MAX_VALUE_LEN};
+use super::build::auth_request_xml;
+use super::limits::{MAX_BODY, MAX_FIELDS, MAX_VALUE_LEN};
+use super::walk::{self, Visitor, WalkError};
 
 /// Why a client auth body was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -22,7 +22,7 @@ pub enum AuthXmlError {
     /// The body contains a `<!DOCTYPE` (and so possibly entity declarations).
     #[error("DOCTYPE is not allowed")]
     DoctypeForbidden,
-    /// Elements nested deeper than [`MAX_DEPTH`].
+    /// Elements nested deeper than [`MAX_DEPTH`](super::limits::MAX_DEPTH).
     #[error("XML nested too deeply")]
     TooDeep,
     /// More than [`MAX_FIELDS`] fields.

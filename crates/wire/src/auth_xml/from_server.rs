@@ -14,10 +14,10 @@ use std::collections::HashMap;
 
 use quick_xml::events::BytesStart;
 
-use super::walk::{self, Visitor, WalkError};
-use super::MAX_VALUE_LEN;
+use super::limits::MAX_VALUE_LEN;
 #[cfg(doc)]
-use super::{MAX_BODY, MAX_DEPTH};
+use super::limits::{MAX_BODY, MAX_DEPTH};
+use super::walk::{self, Visitor, WalkError};
 
 /// Most inputs in one form.
 pub const MAX_INPUTS: usize = 32;

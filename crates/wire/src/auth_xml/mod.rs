@@ -19,7 +19,10 @@
 pub mod build;
 pub mod from_client;
 pub mod from_server;
+mod limits;
 mod walk;
+
+pub use limits::{MAX_BODY, MAX_DEPTH, MAX_FIELDS, MAX_VALUE_LEN};
 
 pub use build::{auth_complete_xml, auth_request_xml, xml_escape, Form, Input};
 pub use from_client::{
@@ -29,16 +32,6 @@ pub use from_server::{
     parse_server_message, valid_field_name, AuthRequest, Complete, FormInput, SelectOption,
     ServerForm, ServerMessage, ServerXmlError, MAX_INPUTS, MAX_OPAQUE, MAX_OPTIONS,
 };
-
-/// Largest accepted body, in bytes.
-pub const MAX_BODY: usize = 64 * 1024;
-/// Deepest accepted element nesting (the root element is depth 1).
-pub const MAX_DEPTH: usize = 16;
-/// Most accepted fields (children of `<auth>`, or form pairs).
-pub const MAX_FIELDS: usize = 32;
-/// Longest accepted field value, element text or field name, in bytes (UTF-8,
-/// after unescaping).
-pub const MAX_VALUE_LEN: usize = 1024;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)]

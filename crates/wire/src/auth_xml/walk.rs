@@ -9,7 +9,7 @@
 use quick_xml::events::{BytesStart, Event};
 use quick_xml::Reader;
 
-use super::{MAX_BODY, MAX_DEPTH, MAX_VALUE_LEN};
+use super::limits::{MAX_BODY, MAX_DEPTH, MAX_VALUE_LEN};
 
 /// Why the walk stopped; each parser maps it into its own error enum.
 #[derive(Debug, Clone, PartialEq, Eq)]
