@@ -516,6 +516,7 @@ keepalive = 20
 
 [security]
 ban_max_score = 0
+ban_delay_step = 0
 max_unauthenticated_per_ip = 100000
 max_unauthenticated = 100000
 

@@ -18,6 +18,8 @@ pub(super) struct RawSecurity {
     ban_wrong_password_points: Option<u32>,
     ban_time: Option<u64>,
     ban_reset_after: Option<u64>,
+    ban_delay_after: Option<u32>,
+    ban_delay_step: Option<u64>,
     max_unauthenticated_per_ip: Option<usize>,
     max_unauthenticated: Option<usize>,
     handshake_timeout: Option<u64>,
@@ -47,6 +49,11 @@ impl Security {
                 .ban_reset_after
                 .map(Duration::from_secs)
                 .unwrap_or(defaults.reset_after),
+            slow_after_failures: sec.ban_delay_after.unwrap_or(defaults.slow_after_failures),
+            slow_step: sec
+                .ban_delay_step
+                .map(Duration::from_secs)
+                .unwrap_or(defaults.slow_step),
             ..defaults
         };
         Self {

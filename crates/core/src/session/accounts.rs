@@ -163,6 +163,8 @@ impl GatewayState {
             inbound: new.inbound,
             derived: new.derived,
         });
+        // The new policy's idle and session timeouts apply from now on.
+        self.reschedule(id);
         Reevaluation::Changed { routes_changed }
     }
 }

@@ -133,6 +133,7 @@ impl GatewayState {
             account: req.account,
         };
         self.sessions.insert(id, session);
+        self.reschedule(id);
         self.by_token.insert(req.token, id);
         self.by_addr.insert(addr, id);
         self.by_user.entry(key).or_default().push(id);

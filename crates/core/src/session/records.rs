@@ -163,6 +163,7 @@ impl GatewayState {
                     account: r.account,
                 },
             );
+            self.reschedule(id);
             self.by_token.insert(r.token.clone(), id);
             self.by_addr.insert(r.addr, id);
             self.by_user.entry(key).or_default().push(id);

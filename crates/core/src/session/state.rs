@@ -12,6 +12,7 @@ use super::types::{
     user_key, AttachError, CloseReason, Event, PendingOffer, Session, SessionSettings,
     SessionState, SessionSummary, NAT_POOL,
 };
+use crate::deadlines::DeadlineQueue;
 use crate::dns_records::DnsRecords;
 use crate::ids::SessionId;
 use crate::policy::PolicySet;
@@ -29,6 +30,13 @@ pub struct GatewayState {
     pub(super) by_addr: HashMap<IpAddr, SessionId>,
     pub(super) by_user: HashMap<String, Vec<SessionId>>,
     pub(super) offers: HashMap<String, PendingOffer>,
+    /// When each session's timer (reconnect window, connect timeout, idle
+    /// and session timeouts) next runs out: `handle_timeout` and
+    /// `poll_timeout` look here instead of at every session. Kept current by
+    /// `reschedule` wherever a session's state, activity or policy changes.
+    pub(super) timers: DeadlineQueue<SessionId>,
+    /// When each offer is forgotten (one window after it expired).
+    pub(super) offer_timers: DeadlineQueue<String>,
     pub(super) next_id: u64,
     pub(super) events: VecDeque<Event>,
     /// Bumped on every change worth persisting (see `state_version`).
@@ -66,6 +74,8 @@ impl GatewayState {
             by_addr: HashMap::new(),
             by_user: HashMap::new(),
             offers: HashMap::new(),
+            timers: DeadlineQueue::default(),
+            offer_timers: DeadlineQueue::default(),
             next_id: 1,
             events: VecDeque::new(),
             version: 0,
@@ -142,7 +152,8 @@ impl GatewayState {
             s.client_addr = client_addr;
         }
         self.version += 1;
-        Ok(s)
+        self.reschedule(id);
+        self.sessions.get(&id).ok_or(AttachError::UnknownToken)
     }
 
     /// The tunnel of session `id` dropped without logoff.
@@ -152,6 +163,7 @@ impl GatewayState {
                 s.state = SessionState::Disconnected { since: now };
             }
         }
+        self.reschedule(id);
     }
 
     /// Disconnect a session on request: its tunnel ends (the client is told
@@ -164,6 +176,7 @@ impl GatewayState {
         if s.state == SessionState::Active {
             s.state = SessionState::Disconnected { since: now };
         }
+        self.reschedule(id);
         self.events.push_back(Event::Disconnected {
             id,
             reason: reason.to_string(),
@@ -176,6 +189,10 @@ impl GatewayState {
         if let Some(s) = self.sessions.get_mut(&id) {
             if at > s.last_activity {
                 s.last_activity = at;
+                // Only the idle timeout depends on activity.
+                if s.policy.idle_timeout.is_some() {
+                    self.reschedule(id);
+                }
             }
         }
     }
@@ -195,6 +212,7 @@ impl GatewayState {
         let Some(s) = self.sessions.remove(&id) else {
             return;
         };
+        self.timers.remove(&id);
         self.dns.unregister(id, s.addr);
         self.by_token.remove(&s.token);
         if self.by_addr.get(&s.addr) == Some(&id) {
@@ -252,7 +270,7 @@ impl GatewayState {
         }
     }
 
-    fn deadline(&self, s: &Session) -> Option<(Instant, CloseReason)> {
+    pub(super) fn deadline(&self, s: &Session) -> Option<(Instant, CloseReason)> {
         let mut best: Option<(Instant, CloseReason)> = None;
         let mut consider = |t: Instant, r: CloseReason| {
             if best.as_ref().is_none_or(|(b, _)| t < *b) {
@@ -281,40 +299,68 @@ impl GatewayState {
         best
     }
 
-    /// Expire sessions and offers whose timers ran out.
-    pub fn handle_timeout(&mut self, now: Instant) {
-        let expired: Vec<(SessionId, CloseReason)> = self
+    /// Session `id`'s deadline may have changed: put it in the timer
+    /// queue (or take it out).
+    pub(super) fn reschedule(&mut self, id: SessionId) {
+        let at = self
             .sessions
-            .values()
-            .filter_map(|s| {
-                self.deadline(s)
-                    .filter(|(t, _)| now >= *t)
-                    .map(|(_, r)| (s.id, r))
-            })
-            .collect();
-        for (id, reason) in expired {
-            self.handle_logoff(id, reason, now);
+            .get(&id)
+            .and_then(|s| self.deadline(s))
+            .map(|(t, _)| t);
+        self.timers.set(id, at);
+    }
+
+    /// Offer `token` (expiring at `expires`) is forgotten one window after
+    /// it expired, so that a late answer gets "expired" rather than
+    /// "unknown".
+    pub(super) fn schedule_offer(&mut self, token: &str, expires: Instant) {
+        let forget = expires + self.settings.transfer_window;
+        self.offer_timers.set(token.to_string(), Some(forget));
+    }
+
+    /// Expire sessions and offers whose timers ran out (only those: the
+    /// timer queues say which).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(id) = self.timers.pop_due(now) {
+            let Some(s) = self.sessions.get(&id) else {
+                continue;
+            };
+            match self.deadline(s) {
+                Some((t, reason)) if t <= now => self.handle_logoff(id, reason, now),
+                // Moved later without a reschedule: look again then.
+                later => self.timers.set(id, later.map(|(t, _)| t)),
+            }
         }
-        // Expired offers are kept for one more window so that a late answer
-        // gets "expired" rather than "unknown".
         let grace = self.settings.transfer_window;
-        self.offers.retain(|_, o| now < o.expires + grace);
+        while let Some(token) = self.offer_timers.pop_due(now) {
+            match self.offers.get(&token) {
+                Some(o) if now < o.expires + grace => {
+                    self.offer_timers.set(token, Some(o.expires + grace));
+                }
+                Some(_) => {
+                    self.offers.remove(&token);
+                }
+                None => {}
+            }
+        }
     }
 
     /// When `handle_timeout` next has work, and why.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<(Instant, &'static str)> {
-        let sessions = self
-            .sessions
-            .values()
-            .filter_map(|s| self.deadline(s))
-            .map(|(t, r)| (t, r.as_str()));
-        let grace = self.settings.transfer_window;
-        let offers = self
-            .offers
-            .values()
-            .map(|o| (o.expires + grace, "expired transfer offer"));
-        sessions.chain(offers).min_by_key(|(t, _)| *t)
+        let session = self.timers.iter().find_map(|(t, id)| {
+            let s = self.sessions.get(id)?;
+            let why = self
+                .deadline(s)
+                .map_or("session timer", |(_, r)| r.as_str());
+            Some((t, why))
+        });
+        let offer = self
+            .offer_timers
+            .iter()
+            .find(|(_, token)| self.offers.contains_key(*token))
+            .map(|(t, _)| (t, "expired transfer offer"));
+        session.into_iter().chain(offer).min_by_key(|(t, _)| *t)
     }
 
     /// Next event for the shell.

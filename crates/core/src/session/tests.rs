@@ -745,3 +745,96 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// The timer queue against a scan of every session (the reference
+    /// model, what `handle_timeout` did before the queue): after every
+    /// step each session's queued deadline is exactly its deadline, a step
+    /// of time closes exactly the sessions whose deadline passed, and
+    /// `poll_timeout` is the earliest deadline.
+    #[test]
+    fn timer_queue_matches_a_scan(
+        ops in proptest::collection::vec(op(), 1..120),
+        idle in proptest::option::of(60u64..900),
+        life in proptest::option::of(300u64..3000),
+        window in 30u64..400,
+    ) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut p = policy(2);
+        p.idle_timeout = idle.map(Duration::from_secs);
+        p.session_timeout = life.map(Duration::from_secs);
+        p.reconnect_window = Duration::from_secs(window);
+        let mut g = state_with("198.18.64.0/28", p);
+        let mut tok = 0u32;
+        let mut offers: Vec<String> = Vec::new();
+        let user = |u: u8| format!("u{u}");
+        let find = |g: &GatewayState, u: u8| {
+            let mut v: Vec<&Session> = g.sessions().filter(|s| s.user == user(u)).collect();
+            v.sort_by_key(|s| s.id);
+            v.last().map(|s| (s.id, s.token.clone()))
+        };
+        for op in ops {
+            match op {
+                Op::Logon(u) => {
+                    tok += 1;
+                    if let Ok(LogonOutcome::TransferOffered(o)) = g.handle_logon(req(&user(u), &format!("t{tok}")), now) {
+                        offers.push(o.token);
+                    }
+                }
+                Op::Answer(i, accept) => {
+                    if let Some(t) = offers.get(usize::from(i)).cloned() {
+                        let _ = g.handle_transfer(&t, accept, now);
+                    }
+                }
+                Op::Attach(u) => {
+                    if let Some((_, t)) = find(&g, u) { let _ = g.handle_attach(&t, None, None, now); }
+                }
+                Op::Detach(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_detach(id, now); }
+                }
+                Op::Disconnect(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_disconnect(id, "test", now); }
+                }
+                Op::Logoff(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_logoff(id, CloseReason::Logoff, now); }
+                }
+                Op::Activity(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.note_activity(id, now); }
+                }
+                Op::Advance(s) => {
+                    now += Duration::from_secs(u64::from(s));
+                    let due: std::collections::BTreeSet<SessionId> = g
+                        .sessions()
+                        .filter(|s| g.deadline(s).is_some_and(|(t, _)| t <= now))
+                        .map(|s| s.id)
+                        .collect();
+                    let before: Vec<SessionId> = g.sessions().map(|s| s.id).collect();
+                    g.handle_timeout(now);
+                    for id in before {
+                        prop_assert_eq!(g.session(id).is_none(), due.contains(&id), "session {} at +{:?}", id, now - t0);
+                    }
+                    let grace = g.settings.transfer_window;
+                    prop_assert!(g.offers.values().all(|o| now < o.expires + grace), "an offer outlived its window");
+                }
+            }
+            let _ = drain(&mut g);
+            let mut earliest: Option<Instant> = None;
+            for s in g.sessions() {
+                let d = g.deadline(s).map(|(t, _)| t);
+                prop_assert_eq!(g.timers.get(&s.id), d, "session {}", s.id);
+                earliest = match (earliest, d) { (Some(a), Some(b)) => Some(a.min(b)), (a, b) => a.or(b) };
+            }
+            prop_assert_eq!(g.timers.len(), g.sessions().filter(|s| g.deadline(s).is_some()).count());
+            for (token, o) in &g.offers {
+                prop_assert!(g.offer_timers.get(token).is_some_and(|t| t <= o.expires + g.settings.transfer_window));
+            }
+            if let Some(e) = earliest {
+                prop_assert!(g.poll_timeout().is_some_and(|(t, _)| t <= e));
+            }
+            if g.offers.is_empty() {
+                prop_assert_eq!(g.poll_timeout().map(|(t, _)| t), earliest);
+            }
+        }
+    }
+}

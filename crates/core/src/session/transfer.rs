@@ -38,6 +38,7 @@ impl GatewayState {
             expires,
             sessions: self.sessions_of(&req.user, now),
         };
+        self.schedule_offer(&req.offer_token, expires);
         self.offers.insert(
             req.offer_token.clone(),
             PendingOffer {
