@@ -21,33 +21,61 @@ use tracing::{error, info, warn};
 use crate::config::Config;
 use crate::shared::{unix_now, SessionRecords, Shared, TunnelCtl, TunnelHandle};
 
-/// The timer loop: the one place that reads the clock for the core.
+/// How often the timer loop does its housekeeping: traffic timestamps to
+/// the core, the users file's change check (one `stat`).
+const HOUSEKEEPING: Duration = Duration::from_secs(1);
+
+/// The timer loop: the one place that reads the clock for the core. It
+/// sleeps until the earliest deadline of the core (sessions, transfer
+/// offers: a deadline queue, see `core::deadlines`), the ban table, the
+/// flow tables (a queue of one deadline per table, see
+/// `DataPath::after_track`) or the next housekeeping, and reads the clock
+/// once per turn.
 pub async fn timer_loop(shared: Arc<Shared>) {
-    let tick = Duration::from_secs(1);
+    let mut now = Instant::now();
+    let mut housekeeping = now + HOUSEKEEPING;
     loop {
-        let next = {
-            let core = shared.core();
-            core.poll_timeout().map(|(t, _why)| t)
-        };
-        let now = Instant::now();
-        let sleep_for = next
-            .map(|t| t.saturating_duration_since(now))
-            .unwrap_or(tick)
-            .min(tick);
+        let core_at = shared.core().poll_timeout();
+        let bans_at = shared.bans().poll_timeout();
+        let flows_at = shared.data.next_flow_timeout();
+        let (wake, why) = [
+            core_at,
+            bans_at.map(|t| (t, "ban expiry")),
+            flows_at.map(|t| (t, "flow expiry")),
+            Some((housekeeping, "housekeeping")),
+        ]
+        .into_iter()
+        .flatten()
+        .min_by_key(|(t, _)| *t)
+        .unwrap_or((housekeeping, "housekeeping"));
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(sleep_for) => {}
+            _ = tokio::time::sleep_until(wake.into()) => {}
         }
-        shared.sync_activity();
-        let now = Instant::now();
-        {
-            let mut core = shared.core();
-            core.handle_timeout(now);
-            drop(core);
+        now = Instant::now();
+        tracing::trace!(
+            why,
+            late_ms = now.saturating_duration_since(wake).as_millis() as u64,
+            "timer"
+        );
+        let core_due = core_at.is_some_and(|(t, _)| t <= now);
+        // Traffic seen by the tunnels first: an idle timeout must see it.
+        if core_due || now >= housekeeping {
+            shared.sync_activity();
         }
-        shared.bans().expire(now);
-        shared.expire_flows(now);
-        shared.check_accounts();
+        if core_due {
+            shared.core().handle_timeout(now);
+        }
+        if bans_at.is_some_and(|t| t <= now) {
+            shared.bans().expire(now);
+        }
+        if flows_at.is_some_and(|t| t <= now) {
+            shared.expire_flows(now);
+        }
+        if now >= housekeeping {
+            shared.check_accounts();
+            housekeeping = now + HOUSEKEEPING;
+        }
     }
 }
 

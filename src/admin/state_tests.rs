@@ -3,57 +3,7 @@
 
 use serde_json::json;
 
-use crate::shared::Shared;
-
-/// A gateway (`Shared`, no sockets) whose state directory is `dir/state`.
-fn shared_in(dir: &std::path::Path, cidr: &str) -> Shared {
-    let cfg = dir.join("intragate.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[gateway]\nstate_dir = \"state\"\nusers_file = \"users\"\n\
-             policies_dir = \"policies\"\n[[pool]]\nname = \"default\"\ncidr = \"{cidr}\"\n"
-        ),
-    )
-    .expect("config");
-    let config = crate::config::Config::load(Some(&cfg), &crate::config::Overrides::default())
-        .expect("config");
-    std::fs::create_dir_all(&config.state_dir).expect("state dir");
-    Shared::new(
-        config,
-        "pin".into(),
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .expect("shared")
-}
-
-fn logon(shared: &Shared, user: &str) {
-    use crate::core::session::{LogonOutcome, LogonRequest};
-    let mut core = shared.core();
-    let r = core.handle_logon(
-        LogonRequest {
-            user: user.into(),
-            groups: vec![],
-            token: format!("cookie-{user}-{:016x}", rand::random::<u64>()),
-            offer_token: format!("offer-{user}"),
-            client_addr: None,
-            account: 0,
-        },
-        std::time::Instant::now(),
-    );
-    assert!(matches!(r, Ok(LogonOutcome::Opened(_))), "{r:?}");
-    drop(core);
-}
-
-fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "intragate-saver-{tag}-{}-{:x}",
-        std::process::id(),
-        rand::random::<u32>()
-    ));
-    std::fs::create_dir_all(&d).expect("temp dir");
-    d
-}
+use crate::shared::test_util::{logon, shared_in, temp_dir};
 
 /// Issue 12 §4: a failed write leaves the state dirty, and the next
 /// attempt writes what the failed one could not (the old code cleared

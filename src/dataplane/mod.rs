@@ -188,13 +188,18 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
     };
     let rules = port.rules.load();
     let ctx = port.ctx(&rules, user_addr, true, &shared.config.nat.ftp_ports);
-    let outcome = port.flows().inbound(
-        &ctx,
-        pkt,
-        scratch,
-        &mut LockedNat(&shared.data.nat_ports),
-        Instant::now(),
-    );
+    let outcome = {
+        let mut flows = port.flows();
+        let o = flows.inbound(
+            &ctx,
+            pkt,
+            scratch,
+            &mut LockedNat(&shared.data.nat_ports),
+            Instant::now(),
+        );
+        shared.data.after_track(user_addr, &port, &mut flows);
+        o
+    };
     match outcome {
         Ok(Outcome::Forward) => {
             let out = std::mem::take(pkt).freeze();

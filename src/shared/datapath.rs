@@ -17,7 +17,10 @@ use ipnetwork::IpNetwork;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use crate::core::conntrack::{FlowBudget, FlowStats, InboundRule, SessionFlows, UserCtx};
+use crate::core::conntrack::{
+    FlowBudget, FlowEvent, FlowStats, InboundRule, SessionFlows, UserCtx,
+};
+use crate::core::deadlines::DeadlineQueue;
 use crate::core::expect::DerivedRule;
 use crate::core::log_limit::{LogVerdict, PairLogLimit};
 use crate::core::nat::{NatOwner, NatPortTable, NatPorts};
@@ -47,12 +50,39 @@ pub struct DataPath {
     /// Refused inbound connections are logged once per (source,
     /// destination) pair per minute (taken only on that drop path).
     pub inbound_denied_log: Mutex<PairLogLimit>,
+    /// When each session's flow table (by intranet address) next has
+    /// flows or expectations to expire: the timer loop visits only those
+    /// (taken when a table reports an earlier deadline, and by the timer).
+    pub flow_timers: Mutex<DeadlineQueue<IpAddr>>,
 }
 
 impl DataPath {
     /// The NAT port table, locked per call.
     pub fn nat(&self) -> LockedNat<'_> {
         LockedNat(&self.nat_ports)
+    }
+
+    fn flow_timers(&self) -> MutexGuard<'_, DeadlineQueue<IpAddr>> {
+        self.flow_timers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When the next flow table has work (for the timer loop).
+    pub fn next_flow_timeout(&self) -> Option<Instant> {
+        self.flow_timers().next().map(|(t, _)| t)
+    }
+
+    /// After a packet went through `port`'s flow table (`flows`, still
+    /// locked): queue the table if it now has an earlier deadline, and log
+    /// what the FTP ALG refused (rare).
+    pub fn after_track(&self, addr: IpAddr, port: &Port, flows: &mut SessionFlows) {
+        if let Some(t) = flows.take_wakeup() {
+            let mut q = self.flow_timers();
+            let at = q.get(&addr).map_or(t, |old| old.min(t));
+            q.set(addr, Some(at));
+        }
+        while let Some(ev) = flows.poll_event() {
+            log_flow_event(port, ev);
+        }
     }
 
     /// `at` in milliseconds since `epoch` (at least 1).
@@ -274,27 +304,25 @@ impl Shared {
         );
     }
 
-    /// Expire idle flows and expectations; log what the FTP ALG refused.
+    /// Expire idle flows and expectations of the tables whose deadline
+    /// has come (the flow timer queue says which: no scan of every table).
     pub(crate) fn expire_flows(&self, now: Instant) {
-        let ports: Vec<Arc<Port>> = self.data.routes.iter().map(|p| p.value().clone()).collect();
-        for port in ports {
+        loop {
+            let Some(addr) = self.data.flow_timers().pop_due(now) else {
+                return;
+            };
+            let Some(port) = self.data.routes.get(&addr).map(|p| p.value().clone()) else {
+                continue; // the session closed
+            };
             let mut flows = port.flows();
             flows.handle_timeout(now, &mut LockedNat(&self.data.nat_ports));
             while let Some(ev) = flows.poll_event() {
-                match ev {
-                    crate::core::conntrack::FlowEvent::FtpRefused {
-                        server,
-                        named,
-                        reason,
-                    } => warn!(
-                        session = %port.id,
-                        %server,
-                        named = ?named,
-                        reason = reason.as_str(),
-                        "FTP command refused (an address other than the user's own, or malformed)"
-                    ),
-                }
+                log_flow_event(&port, ev);
             }
+            // Under the table's lock, as the packet path reports, so that
+            // an earlier deadline reported meanwhile is not overwritten.
+            let next = flows.poll_timeout().map(|(t, _)| t);
+            self.data.flow_timers().set(addr, next);
         }
     }
 
@@ -388,6 +416,23 @@ impl Shared {
     }
 }
 
+/// Logs what the FTP ALG refused.
+fn log_flow_event(port: &Port, ev: FlowEvent) {
+    match ev {
+        FlowEvent::FtpRefused {
+            server,
+            named,
+            reason,
+        } => warn!(
+            session = %port.id,
+            %server,
+            named = ?named,
+            reason = reason.as_str(),
+            "FTP command refused (an address other than the user's own, or malformed)"
+        ),
+    }
+}
+
 pub(super) fn add_flow_stats(
     t: &mut crate::core::conntrack::FlowStats,
     s: &crate::core::conntrack::FlowStats,
@@ -405,4 +450,73 @@ pub(super) fn add_flow_stats(
     t.ftp_unrewritten += s.ftp_unrewritten;
     t.tcp_invalid_rst += s.tcp_invalid_rst;
     t.policy_dropped += s.policy_dropped;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::LockedNat;
+    use crate::shared::test_util::{logon, shared_in, temp_dir};
+
+    /// A flow table is queued when a flow comes, and expired by the timer
+    /// when its deadline comes, not before (no scan of every table).
+    #[test]
+    fn flow_tables_are_visited_when_their_deadline_comes() {
+        let dir = temp_dir("flows");
+        let shared = shared_in(&dir, "198.18.64.0/24");
+        logon(&shared, "alice");
+        let addr = shared
+            .core()
+            .sessions()
+            .next()
+            .map(|s| s.addr)
+            .expect("session");
+        let port = shared
+            .data
+            .routes
+            .get(&addr)
+            .map(|p| p.value().clone())
+            .expect("port");
+        let std::net::IpAddr::V4(src) = addr else {
+            panic!("v4 pool");
+        };
+        let mut pkt = Vec::new();
+        etherparse::PacketBuilder::ipv4(src.octets(), [198, 18, 1, 2], 64)
+            .udp(5353, 5353)
+            .write(&mut pkt, b"query")
+            .expect("packet");
+        let t0 = Instant::now();
+        assert_eq!(shared.data.next_flow_timeout(), None);
+        {
+            let rules = port.rules.load();
+            let ctx = port.ctx(&rules, addr, true, &[]);
+            let mut flows = port.flows();
+            let mut scratch = Vec::new();
+            flows
+                .outbound(
+                    &ctx,
+                    &mut pkt,
+                    &mut scratch,
+                    &mut LockedNat(&shared.data.nat_ports),
+                    t0,
+                )
+                .expect("tracked");
+            shared.data.after_track(addr, &port, &mut flows);
+        }
+        let due = shared.data.next_flow_timeout().expect("queued");
+        assert!(due > t0);
+        assert_eq!(port.flows().len(), 1);
+        shared.expire_flows(due - Duration::from_secs(1));
+        assert_eq!(port.flows().len(), 1, "not yet");
+        assert_eq!(shared.data.next_flow_timeout(), Some(due));
+        shared.expire_flows(due);
+        assert_eq!(port.flows().len(), 0, "expired at its deadline");
+        assert_eq!(
+            shared.data.next_flow_timeout(),
+            None,
+            "nothing left to time"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -10,6 +10,8 @@ mod accounts;
 mod control;
 mod datapath;
 mod persist;
+#[cfg(test)]
+pub(crate) mod test_util;
 mod tunnels;
 
 use std::collections::HashMap;
@@ -183,6 +185,7 @@ impl Shared {
                 hasher: std::collections::hash_map::RandomState::new(),
                 closed_flow_stats: Mutex::new(crate::core::conntrack::FlowStats::default()),
                 inbound_denied_log: Mutex::new(PairLogLimit::default()),
+                flow_timers: Mutex::new(Default::default()),
             },
             tunnels: Mutex::new(HashMap::new()),
             stats: Stats::default(),

@@ -770,13 +770,18 @@ impl Tunnel<'_> {
             }
         };
         let ctx = port.ctx(&rules, self.addr, authorized, &shared.config.nat.ftp_ports);
-        let outcome = self.port.flows().outbound(
-            &ctx,
-            &mut pkt,
-            &mut self.scratch,
-            &mut LockedNat(&shared.data.nat_ports),
-            now,
-        );
+        let outcome = {
+            let mut flows = self.port.flows();
+            let o = flows.outbound(
+                &ctx,
+                &mut pkt,
+                &mut self.scratch,
+                &mut LockedNat(&shared.data.nat_ports),
+                now,
+            );
+            shared.data.after_track(self.addr, port, &mut flows);
+            o
+        };
         let out: &[u8] = match outcome {
             Ok(Outcome::Forward) => &pkt,
             Ok(Outcome::ForwardScratch) => &self.scratch,

@@ -146,7 +146,7 @@ mod tests {
             x ^= x >> 7;
             x ^= x << 17;
             let key = (x % 50) as u8;
-            let at = (x >> 8) % 4 != 0;
+            let at = !(x >> 8).is_multiple_of(4);
             let t = t0 + Duration::from_millis((x >> 16) % 10_000);
             q.set(key, at.then_some(t));
             if at {

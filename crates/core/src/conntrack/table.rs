@@ -91,6 +91,11 @@ pub struct SessionFlows {
     /// The last FTP refusal reported and when: a retransmission of the same
     /// refused command is dropped again but not reported again.
     pub(super) last_refused: Option<(FlowEvent, Instant)>,
+    /// The earliest deadline the shell was told of (see
+    /// [`SessionFlows::take_wakeup`]).
+    reported: Option<Instant>,
+    /// A deadline earlier than `reported` appeared since the shell asked.
+    lowered: bool,
 }
 
 /// Most revoked connections remembered per session (see
@@ -133,6 +138,8 @@ impl SessionFlows {
             revoked: HashMap::new(),
             revoked_order: VecDeque::new(),
             last_refused: None,
+            reported: None,
+            lowered: false,
         }
     }
 
@@ -216,6 +223,35 @@ impl SessionFlows {
         }
     }
 
+    /// A flow or expectation now runs out at `t`: if that is earlier than
+    /// what the shell knows, it must be told (`take_wakeup`).
+    fn note_deadline(&mut self, t: Instant) {
+        if self.reported.is_none_or(|r| t < r) {
+            self.reported = Some(t);
+            self.lowered = true;
+        }
+    }
+
+    /// When the shell must call [`SessionFlows::handle_timeout`] earlier
+    /// than it was last told (a new flow, a shorter timeout after a state
+    /// change, a new expectation), or `None`. The shell calls this after
+    /// each packet and keeps one deadline per table in a queue, so that no
+    /// timer scans every session's table; deadlines that move later need no
+    /// call (the table is looked at when the old one comes and tells the
+    /// next one then, through `poll_timeout`).
+    pub fn take_wakeup(&mut self) -> Option<Instant> {
+        if !self.expect.is_empty() {
+            if let Some(t) = self.expect.next_expiry() {
+                self.note_deadline(t);
+            }
+        }
+        if std::mem::take(&mut self.lowered) {
+            self.reported
+        } else {
+            None
+        }
+    }
+
     fn push_back(&mut self, class: Class, idx: u32) {
         let Some(list) = self.lists.get(class as usize).copied() else {
             return;
@@ -258,8 +294,15 @@ impl SessionFlows {
         {
             return;
         }
+        let shorter = class != f.class;
         self.unlink(idx);
         self.push_back(class, idx);
+        // Another state can have a shorter timeout (a TCP close).
+        if shorter {
+            if let Some(d) = self.deadline(idx) {
+                self.note_deadline(d);
+            }
+        }
     }
 
     fn remove<N: NatPortTable>(&mut self, idx: u32, nat: &mut N, release_budget: bool) {
@@ -396,6 +439,9 @@ impl SessionFlows {
         };
         self.index.insert(key, idx);
         self.push_back(class, idx);
+        if let Some(d) = self.deadline(idx) {
+            self.note_deadline(d);
+        }
         self.stats.created += 1;
         Ok(idx)
     }
@@ -426,6 +472,9 @@ impl SessionFlows {
                 nat.release(e.proto, p, session);
             }
         });
+        // The shell reschedules from `poll_timeout` now.
+        self.reported = self.poll_timeout().map(|(t, _)| t);
+        self.lowered = false;
     }
 
     /// When [`SessionFlows::handle_timeout`] next has work, and why.
@@ -677,6 +726,42 @@ mod tests {
         // Routes narrowed to nothing: the user's outbound flows go too.
         assert_eq!(t.retain_allowed(&c2, |_| false, &mut nat, t0), 2);
         assert!(t.is_empty());
+    }
+
+    /// The shell keeps one deadline per table and is told only when it
+    /// must wake earlier (a new flow, a shorter timeout); it is never told
+    /// less than the table's earliest deadline.
+    #[test]
+    fn wakeups_report_only_earlier_deadlines() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let budget = Arc::new(FlowBudget::new(100));
+        let mut t = table(1, 10, &budget);
+        let mut nat = ports();
+        let c = ctx(USER, false, &[], &[]);
+        assert_eq!(t.take_wakeup(), None, "empty");
+        let est = pkt::tcp4(USER, 1, SERVER, 22, 1, 1, pkt::ACK, b"");
+        out(&mut t, &c, &est, &mut nat, t0).expect("est");
+        let first = t.take_wakeup().expect("a new flow");
+        assert_eq!(Some(first), t.poll_timeout().map(|(d, _)| d));
+        assert_eq!(t.take_wakeup(), None, "told already");
+        // The same flow again: its deadline moves later, nothing to tell.
+        out(&mut t, &c, &est, &mut nat, t0 + 60 * s).expect("again");
+        assert_eq!(t.take_wakeup(), None);
+        // A UDP flow runs out sooner: told.
+        let udp = pkt::udp4(USER, 5353, SERVER, 5353, b"q");
+        out(&mut t, &c, &udp, &mut nat, t0 + 60 * s).expect("udp");
+        let sooner = t.take_wakeup().expect("sooner");
+        assert!(sooner < first);
+        assert_eq!(Some(sooner), t.poll_timeout().map(|(d, _)| d));
+        // The timer runs at that deadline: the UDP flow goes, and the table
+        // reports against its next deadline from then on.
+        t.handle_timeout(sooner, &mut nat);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.take_wakeup(), None);
+        let udp2 = pkt::udp4(USER, 5354, SERVER, 5353, b"q");
+        out(&mut t, &c, &udp2, &mut nat, sooner).expect("udp again");
+        assert!(t.take_wakeup().is_some(), "sooner than the TCP flow");
     }
 
     #[test]
