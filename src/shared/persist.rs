@@ -43,7 +43,7 @@ impl Shared {
                     }
                 }
             }
-            mirror.insert(rec.key, (rec.value, rec.revision));
+            mirror.insert(rec.key, (digest(&rec.value), rec.revision));
         }
         *self.mirror() = mirror;
         if snap.revision == 0 {
@@ -95,12 +95,12 @@ impl Shared {
         for item in encoded {
             current.push(item.map_err(|e| StoreError::Unavailable(std::io::Error::other(e)))?);
         }
-        let ops = self.mirror().diff(&current, force);
         let bytes: usize = current.iter().map(|(_, v)| v.len()).sum();
-        let res = self.store.commit(ops.clone(), unix_now()).await;
+        let (ops, written) = self.mirror().diff(current, force);
+        let res = self.store.commit(ops, unix_now()).await;
         match res {
             Ok(revision) => {
-                self.mirror().apply(ops, revision);
+                self.mirror().apply(written, revision);
                 let was_failing = self.persist.consecutive_failures();
                 self.persist
                     .record_success(version, t0.elapsed(), bytes, unix_now());
@@ -128,7 +128,7 @@ impl Shared {
                         *self.mirror() = snap
                             .records
                             .into_iter()
-                            .map(|r| (r.key, (r.value, r.revision)))
+                            .map(|r| (r.key, (digest(&r.value), r.revision)))
                             .collect();
                     }
                 }
@@ -180,53 +180,69 @@ pub fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// What the store holds, as last read or committed: key → (document,
-/// revision). Commits are computed against it.
-pub(super) type Mirror = HashMap<Key, (Vec<u8>, Revision)>;
+/// What the store holds, as last read or committed: key → (digest of the
+/// document, revision). Commits are computed against it; the documents
+/// themselves are not kept twice.
+pub(super) type Mirror = HashMap<Key, (Digest, Revision)>;
+
+/// SHA-256 of a record's document.
+pub(super) type Digest = [u8; 32];
+
+fn digest(value: &[u8]) -> Digest {
+    use sha2::{Digest as _, Sha256};
+    Sha256::digest(value).into()
+}
+
+/// What a commit changes in the mirror once it succeeded: the digest of
+/// each key written (`None`: deleted).
+type Written = Vec<(Key, Option<Digest>)>;
 
 trait MirrorExt {
-    fn diff(&self, current: &[(Key, Vec<u8>)], force: bool) -> Vec<Op>;
-    fn apply(&mut self, ops: Vec<Op>, revision: Revision);
+    fn diff(&self, current: Vec<(Key, Vec<u8>)>, force: bool) -> (Vec<Op>, Written);
+    fn apply(&mut self, written: Written, revision: Revision);
 }
 
 impl MirrorExt for Mirror {
     /// The ops that make the store hold `current`: puts for new and
     /// changed records (all of them with `force`), deletes for records
     /// that are gone, each expecting the revision last seen.
-    fn diff(&self, current: &[(Key, Vec<u8>)], force: bool) -> Vec<Op> {
+    fn diff(&self, current: Vec<(Key, Vec<u8>)>, force: bool) -> (Vec<Op>, Written) {
         let mut ops = Vec::new();
+        let mut written = Vec::new();
         let mut seen = std::collections::HashSet::with_capacity(current.len());
         for (key, value) in current {
-            seen.insert(key);
-            let expect = match self.get(key) {
-                Some((old, _)) if old == value && !force => continue,
+            let d = digest(&value);
+            let expect = match self.get(&key) {
+                Some((old, _)) if *old == d && !force => {
+                    seen.insert(key);
+                    continue;
+                }
                 Some((_, rev)) => Expect::At(*rev),
                 None => Expect::Absent,
             };
-            ops.push(Op::Put {
-                key: key.clone(),
-                value: value.clone(),
-                expect,
-            });
+            seen.insert(key.clone());
+            written.push((key.clone(), Some(d)));
+            ops.push(Op::Put { key, value, expect });
         }
         for (key, (_, rev)) in self {
             if !seen.contains(key) {
+                written.push((key.clone(), None));
                 ops.push(Op::Delete {
                     key: key.clone(),
                     expect: Expect::At(*rev),
                 });
             }
         }
-        ops
+        (ops, written)
     }
 
-    fn apply(&mut self, ops: Vec<Op>, revision: Revision) {
-        for op in ops {
-            match op {
-                Op::Put { key, value, .. } => {
-                    self.insert(key, (value, revision));
+    fn apply(&mut self, written: Written, revision: Revision) {
+        for (key, d) in written {
+            match d {
+                Some(d) => {
+                    self.insert(key, (d, revision));
                 }
-                Op::Delete { key, .. } => {
+                None => {
                     self.remove(&key);
                 }
             }
