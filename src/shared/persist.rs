@@ -37,7 +37,18 @@ impl Shared {
                 }
             } else if rec.key.is_session() {
                 match serde_json::from_slice::<SessionRecord>(&rec.value) {
-                    Ok(s) => sessions.push(s),
+                    Ok(mut s) => {
+                        mirror.insert(rec.key, (session_digest(&s), rec.revision));
+                        // Its age counts from its own write, the snapshot's
+                        // time from the last commit.
+                        if let Some(at) = s.saved_at_unix.take() {
+                            s.age_secs = s
+                                .age_secs
+                                .saturating_add(snap.written_at_unix.saturating_sub(at));
+                        }
+                        sessions.push(s);
+                        continue;
+                    }
                     Err(e) => {
                         warn!(key = %rec.key, error = %e, "skipping an unreadable session record")
                     }
@@ -83,21 +94,30 @@ impl Shared {
             (version, core.pool_snapshots(now), core.session_records(now))
         };
         let t0 = Instant::now();
-        let mut current: Vec<(Key, Vec<u8>)> = Vec::with_capacity(pools.len() + sessions.len());
-        let encoded = pools
-            .iter()
-            .map(|(name, p)| serde_json::to_vec(p).map(|v| (Key::pool(name), v)))
-            .chain(
-                sessions
-                    .iter()
-                    .map(|s| serde_json::to_vec(s).map(|v| (Key::session(s.addr), v))),
-            );
-        for item in encoded {
-            current.push(item.map_err(|e| StoreError::Unavailable(std::io::Error::other(e)))?);
-        }
-        let bytes: usize = current.iter().map(|(_, v)| v.len()).sum();
-        let (ops, written) = self.mirror().diff(current, force);
-        let res = self.store.commit(ops, unix_now()).await;
+        let now_unix = unix_now();
+        let encode_err = |e: serde_json::Error| StoreError::Unavailable(std::io::Error::other(e));
+        let (ops, written, bytes) = {
+            let mirror = self.mirror();
+            let mut diff = Diff::new(&mirror, force);
+            for (name, p) in &pools {
+                let v = serde_json::to_vec(p).map_err(encode_err)?;
+                diff.offer(Key::pool(name), digest(&v), v.len(), || {
+                    Ok::<_, StoreError>(v)
+                })?;
+            }
+            // A session's record changes only when the session does: its
+            // age is not part of the comparison (it is kept relative to
+            // the record's own write, `saved_at_unix`).
+            for mut r in sessions {
+                let d = session_digest(&r);
+                r.saved_at_unix = Some(now_unix);
+                let key = Key::session(r.addr);
+                diff.offer(key, d, 0, || serde_json::to_vec(&r))
+                    .map_err(encode_err)?;
+            }
+            diff.finish()
+        };
+        let res = self.store.commit(ops, now_unix).await;
         match res {
             Ok(revision) => {
                 self.mirror().apply(written, revision);
@@ -197,45 +217,89 @@ fn digest(value: &[u8]) -> Digest {
 /// each key written (`None`: deleted).
 type Written = Vec<(Key, Option<Digest>)>;
 
-trait MirrorExt {
-    fn diff(&self, current: Vec<(Key, Vec<u8>)>, force: bool) -> (Vec<Op>, Written);
-    fn apply(&mut self, written: Written, revision: Revision);
+/// A session record's digest, leaving out what changes by itself (its age,
+/// its write time).
+fn session_digest(r: &SessionRecord) -> Digest {
+    let mut n = r.clone();
+    n.age_secs = 0;
+    n.saved_at_unix = None;
+    // Serializing a plain struct cannot fail; an empty digest would only
+    // make the record look changed.
+    digest(&serde_json::to_vec(&n).unwrap_or_default())
 }
 
-impl MirrorExt for Mirror {
-    /// The ops that make the store hold `current`: puts for new and
-    /// changed records (all of them with `force`), deletes for records
-    /// that are gone, each expecting the revision last seen.
-    fn diff(&self, current: Vec<(Key, Vec<u8>)>, force: bool) -> (Vec<Op>, Written) {
-        let mut ops = Vec::new();
-        let mut written = Vec::new();
-        let mut seen = std::collections::HashSet::with_capacity(current.len());
-        for (key, value) in current {
-            let d = digest(&value);
-            let expect = match self.get(&key) {
-                Some((old, _)) if *old == d && !force => {
-                    seen.insert(key);
-                    continue;
-                }
-                Some((_, rev)) => Expect::At(*rev),
-                None => Expect::Absent,
-            };
-            seen.insert(key.clone());
-            written.push((key.clone(), Some(d)));
-            ops.push(Op::Put { key, value, expect });
+/// The ops that make the store hold the records offered: puts for new and
+/// changed records (all of them with `force`), deletes for records that
+/// are gone, each expecting the revision last seen.
+struct Diff<'a> {
+    mirror: &'a Mirror,
+    force: bool,
+    ops: Vec<Op>,
+    written: Written,
+    seen: std::collections::HashSet<Key>,
+    bytes: usize,
+}
+
+impl<'a> Diff<'a> {
+    fn new(mirror: &'a Mirror, force: bool) -> Self {
+        Self {
+            mirror,
+            force,
+            ops: Vec::new(),
+            written: Vec::new(),
+            seen: std::collections::HashSet::with_capacity(mirror.len()),
+            bytes: 0,
         }
-        for (key, (_, rev)) in self {
-            if !seen.contains(key) {
-                written.push((key.clone(), None));
-                ops.push(Op::Delete {
+    }
+
+    /// `key` now has a document with digest `d`, built by `encode` only if
+    /// it must be written; `size` is its size when known already (0: count
+    /// what `encode` builds).
+    fn offer<E>(
+        &mut self,
+        key: Key,
+        d: Digest,
+        size: usize,
+        encode: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<(), E> {
+        self.bytes += size;
+        let expect = match self.mirror.get(&key) {
+            Some((old, _)) if *old == d && !self.force => {
+                self.seen.insert(key);
+                return Ok(());
+            }
+            Some((_, rev)) => Expect::At(*rev),
+            None => Expect::Absent,
+        };
+        let value = encode()?;
+        if size == 0 {
+            self.bytes += value.len();
+        }
+        self.seen.insert(key.clone());
+        self.written.push((key.clone(), Some(d)));
+        self.ops.push(Op::Put { key, value, expect });
+        Ok(())
+    }
+
+    fn finish(mut self) -> (Vec<Op>, Written, usize) {
+        for (key, (_, rev)) in self.mirror {
+            if !self.seen.contains(key) {
+                self.written.push((key.clone(), None));
+                self.ops.push(Op::Delete {
                     key: key.clone(),
                     expect: Expect::At(*rev),
                 });
             }
         }
-        (ops, written)
+        (self.ops, self.written, self.bytes)
     }
+}
 
+trait MirrorExt {
+    fn apply(&mut self, written: Written, revision: Revision);
+}
+
+impl MirrorExt for Mirror {
     fn apply(&mut self, written: Written, revision: Revision) {
         for (key, d) in written {
             match d {
@@ -247,5 +311,72 @@ impl MirrorExt for Mirror {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shared::test_util::{logon, shared_in, temp_dir};
+
+    fn file_sessions(shared: &Shared) -> Vec<serde_json::Value> {
+        let path = shared.config.state_dir.join(crate::state::file::CURRENT);
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(path).expect("state file")).expect("json");
+        doc["sessions"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// A session that did not change is not written again (its age is
+    /// kept relative to its own write), and a restore counts its age from
+    /// that write.
+    #[tokio::test]
+    async fn unchanged_sessions_are_not_rewritten_and_keep_their_age() {
+        let dir = temp_dir("stable");
+        let shared = shared_in(&dir, "198.18.64.0/24");
+        logon(&shared, "alice");
+        shared.save_state(false).await.expect("first");
+        let first = file_sessions(&shared);
+        let alice_at = first[0]["saved_at_unix"].as_u64().expect("saved_at");
+        // A second later, another logon: only bob's record is new.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        logon(&shared, "bob");
+        shared.save_state(false).await.expect("second");
+        let second = file_sessions(&shared);
+        assert_eq!(second.len(), 2);
+        let at = |name: &str| {
+            second
+                .iter()
+                .find(|s| s["user"] == name)
+                .and_then(|s| s["saved_at_unix"].as_u64())
+        };
+        assert_eq!(at("alice"), Some(alice_at), "alice's record untouched");
+        assert!(at("bob") > Some(alice_at));
+
+        // Restore: a record written 50 s before the file, 100 s old then,
+        // with the file written 10 s ago: the session is 160 s old.
+        let now = unix_now();
+        let mut doc: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(shared.config.state_dir.join(crate::state::file::CURRENT))
+                .expect("read"),
+        )
+        .expect("json");
+        doc["saved_at_unix"] = (now - 10).into();
+        let sessions = doc["sessions"].as_array_mut().expect("sessions");
+        sessions.retain(|s| s["user"] == "alice");
+        sessions[0]["age_secs"] = 100.into();
+        sessions[0]["saved_at_unix"] = (now - 60).into();
+        // Had a tunnel (a never-connected one would be past its connect
+        // timeout at 160 s).
+        sessions[0]["connected"] = true.into();
+        std::fs::write(
+            shared.config.state_dir.join(crate::state::file::CURRENT),
+            serde_json::to_vec(&doc).expect("encode"),
+        )
+        .expect("write");
+        let again = shared_in(&dir, "198.18.64.0/24");
+        assert_eq!(again.load_state(false).await.expect("load"), 1);
+        let age = again.core().session_records(Instant::now())[0].age_secs;
+        assert!((159..=161).contains(&age), "age {age}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

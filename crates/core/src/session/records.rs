@@ -39,6 +39,11 @@ pub struct SessionRecord {
     /// CONNECT; files from before this field hold connected sessions only.)
     #[serde(default = "connected_default")]
     pub connected: bool,
+    /// When this record was written (Unix seconds; set by the shell that
+    /// stores it). A store that leaves unchanged records alone keeps
+    /// `age_secs` relative to this, not to the whole snapshot's time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_at_unix: Option<u64>,
 }
 
 fn connected_default() -> bool {
@@ -81,6 +86,7 @@ impl GatewayState {
                 age_secs: now.saturating_duration_since(s.created).as_secs(),
                 account: s.account,
                 connected: s.state != SessionState::Authenticated,
+                saved_at_unix: None,
             })
             .collect()
     }
