@@ -36,6 +36,12 @@
 //! The `--script` wrapper records the environment, writes DNS into the
 //! namespace's resolv.conf, unsets the DNS variables and execs the stock
 //! vpnc-script (which then never touches any resolv.conf).
+//!
+//! # Clusters
+//!
+//! `cluster.rs` builds the multi-node topology of issue 15 (nodes sharing
+//! state in etcd, behind haproxy, on shared outside and inside segments)
+//! from the same parts; see its module doc.
 #![allow(dead_code)]
 #![allow(unreachable_pub)]
 #![allow(clippy::unwrap_used)]
@@ -984,7 +990,14 @@ pub struct Tunnel {
 impl Client {
     /// Start openconnect for `user` from user host `idx`.
     pub fn start(topo: &Topology, idx: usize, gw: &Gateway, dir: &Path, o: ClientOpts) -> Client {
-        Client::start_inner(topo, idx, gw, dir, o, false)
+        Client::start_inner(topo.user(idx), &topo.url(), &gw.pin, dir, o, false)
+    }
+
+    /// Start openconnect in namespace `ns` (which has a private
+    /// resolv.conf) against `url`, accepting the certificate `pin`: for
+    /// topologies other than [`Topology`] (e.g. `cluster::ClusterTopology`).
+    pub fn start_at(ns: &str, url: &str, pin: &str, dir: &Path, o: ClientOpts) -> Client {
+        Client::start_inner(ns, url, pin, dir, o, false)
     }
 
     /// Like `start`, but openconnect's stdin is a pipe: the password line is
@@ -998,7 +1011,7 @@ impl Client {
         dir: &Path,
         o: ClientOpts,
     ) -> Client {
-        let mut c = Client::start_inner(topo, idx, gw, dir, o, true);
+        let mut c = Client::start_inner(topo.user(idx), &topo.url(), &gw.pin, dir, o, true);
         let pw = read_lossy(&c.pwfile());
         c.answer(pw.trim_end());
         c
@@ -1028,14 +1041,14 @@ impl Client {
     }
 
     fn start_inner(
-        topo: &Topology,
-        idx: usize,
-        gw: &Gateway,
+        ns: &str,
+        url: &str,
+        pin: &str,
         dir: &Path,
         o: ClientOpts,
         piped: bool,
     ) -> Client {
-        let ns = topo.user(idx).to_string();
+        let ns = ns.to_string();
         let tag = format!("{}-{}", o.user, unique("c"));
         let record = dir.join(format!("{tag}.env"));
         let wrapper = dir.join(format!("{tag}.vpnc-wrapper.sh"));
@@ -1063,7 +1076,7 @@ impl Client {
             "--passwd-on-stdin".into(),
             "--non-inter".into(),
             "--servercert".into(),
-            gw.pin.clone(),
+            pin.to_string(),
             "--interface".into(),
             o.interface.clone(),
             "--script".into(),
@@ -1076,7 +1089,7 @@ impl Client {
         if let Ok(extra) = std::env::var("INTRAGATE_E2E_OC_ARGS") {
             args.extend(extra.split_whitespace().map(String::from));
         }
-        args.push(topo.url());
+        args.push(url.to_string());
         let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         let stdin = if piped {
             Stdio::piped()
@@ -1483,4 +1496,5 @@ pub fn bulk_put(ns: &str, host: &str, port: &str, bytes: &str) -> Result<(), Str
     }
 }
 
+pub mod cluster;
 pub mod plugin;
