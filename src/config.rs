@@ -24,6 +24,7 @@ use crate::core::bans::BanConfig;
 use crate::core::policy::PolicySet;
 use crate::netif::HostNetwork;
 
+mod cluster;
 mod dns;
 mod errors;
 mod gateway;
@@ -34,6 +35,7 @@ mod pools;
 mod security;
 mod sessions;
 
+pub use cluster::{valid_node_name, Announce, ClusterSettings};
 pub use dns::DnsSettings;
 pub use errors::{ConfigError, ConfigErrors};
 pub use gateway::{ctl_socket_path, valid_domain};
@@ -79,6 +81,7 @@ struct RawConfig {
     nat: nat::RawNat,
     #[serde(default)]
     pool: Vec<Spanned<pools::RawPool>>,
+    cluster: Option<Spanned<cluster::RawCluster>>,
 }
 
 // ---------------------------------------------------------------------------
@@ -175,6 +178,9 @@ pub struct Config {
     pub pools: Vec<PoolSpec>,
     /// Policies, first match wins.
     pub policies: PolicySet,
+    /// `[cluster]`: share pools, sessions and DNS with other nodes through
+    /// etcd (None: one node, the state file).
+    pub cluster: Option<ClusterSettings>,
 }
 
 /// Environment-variable / command-line overrides of common settings.
@@ -188,6 +194,8 @@ pub struct Overrides {
     pub pool: Option<String>,
     /// State directory.
     pub state_dir: Option<String>,
+    /// This node's name in a cluster (`[cluster] node`).
+    pub node: Option<String>,
 }
 
 impl Config {
@@ -281,6 +289,8 @@ impl Config {
         let nat = NatSettings::read(&raw.nat, &mut pools, &mut cx);
         pools::check_sizes(&pools, &mut cx);
         let admin = gateway::Admin::read(&raw.gateway, &base, &gw.state_dir, &mut cx);
+        let cluster =
+            ClusterSettings::read(raw.cluster.as_ref(), ov.node.as_deref(), &base, &mut cx);
 
         // The internal side: `[network] internal`, else the networks this
         // host is attached to (routes stay a full tunnel: nothing to narrow
@@ -309,6 +319,17 @@ impl Config {
                 }
             };
         nat.check_spillover(&raw.nat, &pools, &policies, &mut cx);
+        let wants_nat =
+            pools.iter().any(|p| p.spillover) || policies.policies().iter().any(|p| p.nat);
+        if cluster.is_some() && wants_nat && !raw.nat.has_address() {
+            // The default (the first pool's last address) would be the same
+            // on every node.
+            cx.err_line(
+                None,
+                "[cluster] with spillover NAT: set [nat] address to an address of this node's own \
+                 (different on every node; the default would be the same on all of them)",
+            );
+        }
         if !cx.errors.is_empty() {
             return Err(ConfigErrors(cx.errors));
         }
@@ -352,6 +373,7 @@ impl Config {
             nat,
             pools,
             policies,
+            cluster,
         })
     }
 }
@@ -520,6 +542,7 @@ mod tests {
                 pool: Some("198.18.7.0/24".into()),
                 listen: Some("127.0.0.1:8443".into()),
                 state_dir: None,
+                node: None,
             },
         )
         .expect("config");

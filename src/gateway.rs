@@ -407,9 +407,34 @@ pub async fn run_with(
     let (tls, cert_swap) = crate::tls::server_config_swappable(&identity)?;
 
     let cancel = CancellationToken::new();
-    let shared =
-        Arc::new(Shared::new(config.clone(), pin, cancel.clone()).map_err(RunError::Setup)?);
-    shared.load_state(opts.discard_state).await?;
+    let (shared, etcd) = match &config.cluster {
+        None => {
+            let shared = Arc::new(
+                Shared::new(config.clone(), pin, cancel.clone()).map_err(RunError::Setup)?,
+            );
+            shared.load_state(opts.discard_state).await?;
+            (shared, None)
+        }
+        Some(cs) => {
+            // No logon before the cluster's state is here: retry (saying
+            // why) until etcd answers.
+            let store = crate::cluster::node::connect(cs, &cancel)
+                .await
+                .map_err(RunError::Setup)?;
+            let shared = Arc::new(
+                Shared::with_store(config.clone(), pin, cancel.clone(), store.clone())
+                    .map_err(RunError::Setup)?,
+            );
+            shared.join_cluster(Arc::new(crate::cluster::Cluster::new(cs.clone())));
+            let mut delay = Duration::from_millis(500);
+            while let Err(e) = shared.load_state(false).await {
+                error!(error = %e, retry_in_s = delay.as_secs_f32(), "cannot read the cluster's state from etcd; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            (shared, Some(store))
+        }
+    };
     // Sessions restored from the state file follow the users file as it is
     // now (a user deleted while the gateway was down loses them).
     shared.check_accounts();
@@ -437,6 +462,21 @@ pub async fn run_with(
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(timer_loop(shared.clone()));
+    if let (Some(store), Some(c)) = (etcd, shared.cluster().cloned()) {
+        tasks.spawn(shared.clone().cluster_watch_loop());
+        let info = crate::cluster::NodeInfo {
+            node: c.node().to_string(),
+            listen: config.listen.to_string(),
+            started_unix: unix_now(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        tasks.spawn(crate::cluster::node::keep_lease(
+            c,
+            store,
+            info,
+            shared.shutdown.clone(),
+        ));
+    }
     tasks.spawn(saver_loop(shared.clone()));
     if identity.managed {
         tasks.spawn(cert_renewal_loop(

@@ -46,6 +46,10 @@ enum Cmd {
         /// State directory (state.json: leases and sessions; the generated certificate; ctl.sock).
         #[arg(long, env = "INTRAGATE_STATE_DIR")]
         state_dir: Option<String>,
+        /// This node's name in a cluster (overrides [cluster] node; the config
+        /// must have a [cluster] section).
+        #[arg(long, env = "INTRAGATE_NODE")]
+        node: Option<String>,
         /// Log format.
         #[arg(long, env = "INTRAGATE_LOG_FORMAT", default_value = "plain", value_parser = ["plain", "json"])]
         log_format: String,
@@ -285,6 +289,7 @@ fn env_overrides() -> Overrides {
         domain: var("INTRAGATE_DOMAIN"),
         pool: var("INTRAGATE_POOL"),
         state_dir: var("INTRAGATE_STATE_DIR"),
+        node: var("INTRAGATE_NODE"),
     }
 }
 
@@ -375,6 +380,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             domain,
             pool,
             state_dir,
+            node,
             log_format,
             log_target,
             discard_state,
@@ -385,6 +391,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 domain,
                 pool,
                 state_dir,
+                node,
             };
             let path = config_path(&cli.config);
             let config = Config::load_on_host(path.as_deref(), &ov, &host_networks())
@@ -428,6 +435,21 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     if let Err(e) = intragate::users::read(&c.users_file) {
                         eprintln!("{e}");
                         return Ok(ExitCode::from(1));
+                    }
+                    if let Some(cs) = &c.cluster {
+                        let bad = cs.unreadable_files();
+                        for e in &bad {
+                            eprintln!("{e}");
+                        }
+                        if !bad.is_empty() {
+                            return Ok(ExitCode::from(1));
+                        }
+                        println!(
+                            "[cluster]: node {} of the cluster in etcd at {} (prefix {}); run checks that etcd answers",
+                            cs.node,
+                            cs.endpoints.join(", "),
+                            cs.prefix
+                        );
                     }
                     if c.dns_server.enabled {
                         match intragate::dns::load_zones(&c.dns_dir, &c.domain) {

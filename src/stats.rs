@@ -71,7 +71,7 @@ impl RefuseReason {
     }
 }
 
-const CLOSE_REASONS: [&str; 11] = [
+const CLOSE_REASONS: [&str; 12] = [
     "logoff",
     "admin",
     "user_request",
@@ -83,6 +83,7 @@ const CLOSE_REASONS: [&str; 11] = [
     "shutdown",
     "superseded",
     "revoked",
+    "claim_lost",
 ];
 
 /// Gateway-wide counters.

@@ -520,7 +520,7 @@ fn store_trouble_refuses_new_logons_and_keeps_tunnels() {
     let mut topo = ClusterTopology::start(&ClusterOpts {
         user_hosts: 2 + n,
         accounts: accounts(&names),
-        lease_ttl: Some("60s".into()),
+        lease_ttl: Some(60),
         ..ClusterOpts::default()
     });
     let (alice, ta) = topo.logon(0, "alice", &password("alice"));

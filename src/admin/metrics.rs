@@ -270,5 +270,37 @@ pub fn render(shared: &Shared) -> String {
     for (name, _, size) in &pools {
         let _ = writeln!(out, "intragate_pool_size{{pool=\"{name}\"}} {size}");
     }
+    if let Some(c) = shared.cluster() {
+        let j = c.to_json(crate::shared::unix_now());
+        let flag = |k: &str| u8::from(j[k].as_bool().unwrap_or(false));
+        let _ = writeln!(out, "# HELP intragate_cluster_store_up 1 while the cluster store (etcd) answers; 0: new logons here are refused.\n# TYPE intragate_cluster_store_up gauge\nintragate_cluster_store_up {}", flag("store_ok"));
+        let _ = writeln!(out, "# HELP intragate_cluster_lease_valid 1 while this node's etcd lease is valid.\n# TYPE intragate_cluster_lease_valid gauge\nintragate_cluster_lease_valid {}", flag("lease_valid"));
+        let remote = shared.core().remote_sessions().count();
+        let _ = writeln!(out, "# HELP intragate_cluster_remote_sessions Sessions other nodes hold, as this node's replica knows them.\n# TYPE intragate_cluster_remote_sessions gauge\nintragate_cluster_remote_sessions {remote}");
+        counter(
+            &mut out,
+            "intragate_cluster_claims_total",
+            "Addresses claimed in the cluster store by logons here.",
+            &j["claims"],
+        );
+        counter(
+            &mut out,
+            "intragate_cluster_claims_lost_total",
+            "Claims another node won first (the logon took another address).",
+            &j["claims_lost"],
+        );
+        counter(
+            &mut out,
+            "intragate_cluster_claims_unavailable_total",
+            "Logons refused because the cluster store was unreachable.",
+            &j["claims_unavailable"],
+        );
+        counter(
+            &mut out,
+            "intragate_cluster_resyncs_total",
+            "Full reloads of the replica (watch lost, store back).",
+            &j["resyncs"],
+        );
+    }
     out
 }

@@ -167,6 +167,38 @@ pub fn session_row(s: &Session, domain: &str, now: Instant) -> SessionRow {
         connects: s.connects,
         age_s: now.saturating_duration_since(s.created).as_secs(),
         idle_s: now.saturating_duration_since(s.last_activity).as_secs(),
+        node: None,
+    }
+}
+
+/// A session another node of the cluster holds, as `ctl sessions` lists
+/// it (id `<node>:<address>`: ids are per node).
+pub fn remote_row(
+    r: &crate::core::session::RemoteSession,
+    domain: &str,
+    now_unix: u64,
+) -> SessionRow {
+    SessionRow {
+        id: format!("{}:{}", r.node, r.addr),
+        user: r.user.clone(),
+        groups: Vec::new(),
+        address: r.addr,
+        dns_name: crate::core::dns_records::label_for(&crate::core::session::user_key(&r.user))
+            .map(|l| format!("{l}.{domain}")),
+        state: if r.connected {
+            "active"
+        } else {
+            "authenticated"
+        }
+        .into(),
+        device: r.device.clone(),
+        client: r.client_addr,
+        policy: String::new(),
+        pool: r.pool.clone(),
+        connects: 0,
+        age_s: now_unix.saturating_sub(r.logon_unix),
+        idle_s: 0,
+        node: Some(r.node.clone()),
     }
 }
 
@@ -199,7 +231,7 @@ fn select(core: &GatewayState, sel: &Selector) -> Result<Vec<SessionId>, String>
     } else {
         return Err("name the sessions: --user, --session or --address".into());
     };
-    if let Some(e) = &sel.except_session {
+    if let Some(e) = sel.except_session.as_ref().filter(|e| !e.contains(':')) {
         let e = parse_id(e).ok_or_else(|| format!("'{e}' is not a session id"))?;
         ids.retain(|i| *i != e);
     }
@@ -220,15 +252,28 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
             let pin = shared.pin.load().as_str().to_string();
             // Unhealthy (ctl exits non-zero, Docker's HEALTHCHECK fails)
             // while the state file cannot be written.
-            let (status, error) = match shared.persist.health(crate::shared::unix_now()) {
+            let now_unix = crate::shared::unix_now();
+            let (mut status, mut error) = match shared.persist.health(now_unix) {
                 Ok(()) => (HealthStatus::Running, None),
                 Err(e) => (HealthStatus::Degraded, Some(e)),
             };
+            // In a cluster: degraded while etcd is out of reach (tunnels
+            // keep working; new logons here are refused).
+            if let Some(c) = shared.cluster() {
+                if !c.store_is_up() && error.is_none() {
+                    status = HealthStatus::Degraded;
+                    error = Some(format!(
+                        "cluster store (etcd) unreachable: new logons on this node are refused ({})",
+                        c.to_json(now_unix)["last_error"].as_str().unwrap_or("no answer")
+                    ));
+                }
+            }
             Reply::Health(Health {
                 status,
                 sessions,
                 pin,
                 error,
+                cluster: shared.cluster().map(|c| c.to_json(now_unix)),
             })
         }
         Request::Stats => {
@@ -256,6 +301,9 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
                 conntrack: object(shared.flow_stats_json()),
                 fds: object(crate::fdlimit::budget().to_json()),
                 state: object(shared.persist.to_json(shared.state_dirty())),
+                cluster: shared
+                    .cluster()
+                    .map(|c| c.to_json(crate::shared::unix_now())),
                 counters,
             }))
         }
@@ -269,6 +317,22 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
                 })
                 .map(|s| session_row(s, domain, now))
                 .collect();
+            if let Some(c) = shared.cluster() {
+                // The whole cluster: this node's sessions and the replica
+                // of the others'.
+                for row in &mut sessions {
+                    row.node = Some(c.node().to_string());
+                }
+                let now_unix = crate::shared::unix_now();
+                sessions.extend(
+                    core.remote_sessions()
+                        .filter(|r| {
+                            user.as_deref()
+                                .is_none_or(|u| r.user.eq_ignore_ascii_case(u))
+                        })
+                        .map(|r| remote_row(r, domain, now_unix)),
+                );
+            }
             sessions.sort_by(|a, b| (&a.user, &a.id).cmp(&(&b.user, &b.id)));
             Reply::Sessions(SessionList { sessions })
         }
@@ -357,8 +421,11 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
 /// `disconnect` (tunnels end, sessions stay resumable) or `logoff`.
 fn end_sessions(shared: &Shared, sel: &Selector, logoff: bool, now: Instant) -> Reply {
     let mut core = shared.core();
+    let remote_id = sel.session.as_deref().is_some_and(|s| s.contains(':'));
     let ids = match select(&core, sel) {
         Ok(ids) => ids,
+        // `<node>:<address>`: a session of another node.
+        Err(_) if remote_id && shared.cluster().is_some() => Vec::new(),
         Err(e) => return Reply::error(e),
     };
     for id in &ids {
@@ -368,12 +435,64 @@ fn end_sessions(shared: &Shared, sel: &Selector, logoff: bool, now: Instant) -> 
             core.handle_disconnect(*id, "disconnected by the administrator", now);
         }
     }
+    // In a cluster, the sessions other nodes hold: they act on a request.
+    let remote = select_remote(&core, sel);
     drop(core);
     let cmd = if logoff { "logoff" } else { "disconnect" };
-    info!(count = ids.len(), "ctl {cmd}");
-    Reply::Ended(SessionIds {
-        sessions: ids.iter().map(ToString::to_string).collect(),
-    })
+    let mut sessions: Vec<String> = ids.iter().map(ToString::to_string).collect();
+    if let Some(c) = shared.cluster() {
+        let action = if logoff {
+            crate::cluster::Action::Logoff
+        } else {
+            crate::cluster::Action::Disconnect
+        };
+        let by = format!("intragate ctl on {}", c.node());
+        for (node, addr, user) in &remote {
+            shared.request_remote(node, action, *addr, user, &by);
+            sessions.push(format!("{node}:{addr}"));
+        }
+    }
+    info!(count = ids.len(), remote = remote.len(), "ctl {cmd}");
+    Reply::Ended(SessionIds { sessions })
+}
+
+/// The sessions of other nodes a selector names: `(node, address, user)`.
+/// A session id of another node is written `<node>:<address>` (as `ctl
+/// sessions` lists it).
+fn select_remote(core: &GatewayState, sel: &Selector) -> Vec<(String, IpAddr, String)> {
+    let row = |r: &crate::core::session::RemoteSession| (r.node.clone(), r.addr, r.user.clone());
+    let mut out: Vec<(String, IpAddr, String)> = if let Some(id) = &sel.session {
+        id.split_once(':')
+            .and_then(|(node, a)| {
+                let a: IpAddr = a.parse().ok()?;
+                core.remote_session(a).filter(|r| r.node == node).map(row)
+            })
+            .into_iter()
+            .collect()
+    } else if let Some(a) = &sel.address {
+        a.parse::<IpAddr>()
+            .ok()
+            .and_then(|a| core.remote_session(a).map(row))
+            .into_iter()
+            .collect()
+    } else if let Some(u) = &sel.user {
+        core.remote_sessions()
+            .filter(|r| r.user.eq_ignore_ascii_case(u))
+            .map(row)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    if let Some(e) = &sel.except_session {
+        out.retain(|(node, a, _)| format!("{node}:{a}") != *e);
+    }
+    if let Some(d) = &sel.except_device {
+        out.retain(|(_, a, _)| {
+            core.remote_session(*a).and_then(|r| r.device.as_deref()) != Some(d.as_str())
+        });
+    }
+    out.sort();
+    out
 }
 
 fn pools(core: &GatewayState, now: Instant) -> Vec<PoolRow> {

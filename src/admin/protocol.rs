@@ -182,6 +182,9 @@ pub struct Health {
     /// Why degraded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The cluster this node is part of: its store, lease and replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Value>,
 }
 
 /// How the daemon is.
@@ -211,6 +214,9 @@ pub struct Stats {
     pub fds: Map<String, Value>,
     /// The state file's writes.
     pub state: Map<String, Value>,
+    /// `[cluster]`: the store, lease, claims and replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<Value>,
     /// The gateway's counters: `logons`, `drops`, `refused`, `closed`,
     /// `io`, ... (top-level fields on the wire).
     #[serde(flatten)]
@@ -253,6 +259,9 @@ pub struct SessionRow {
     pub age_s: u64,
     /// Seconds since the last packet or request.
     pub idle_s: u64,
+    /// The cluster node holding it (only in a cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// `disconnect` and `logoff`.
@@ -646,6 +655,7 @@ pub(crate) mod tests {
             connects: 2,
             age_s: 3725,
             idle_s: 4,
+            node: None,
         }
     }
 
@@ -673,6 +683,7 @@ pub(crate) mod tests {
                     sessions: 2,
                     pin: "pin-sha256:abc".into(),
                     error: None,
+                    cluster: None,
                 }),
             ),
             (
@@ -682,6 +693,7 @@ pub(crate) mod tests {
                     sessions: 2,
                     pin: "pin-sha256:abc".into(),
                     error: Some("the state store cannot be written".into()),
+                    cluster: Some(json!({"node": "gw1", "store_ok": false})),
                 }),
             ),
             (
@@ -693,6 +705,7 @@ pub(crate) mod tests {
                     conntrack: group(json!({"tracked": 1, "cap": 10})),
                     fds: group(json!({"limit": 1024, "free": null})),
                     state: group(json!({"last_error": null, "last_write_ms": 1.5})),
+                    cluster: None,
                     counters: group(counters),
                 })),
             ),

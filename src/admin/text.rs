@@ -91,10 +91,12 @@ fn or_dash(v: Option<impl ToString>) -> String {
 }
 
 fn sessions(list: &[SessionRow]) -> String {
+    // A cluster's list says which node holds each session.
+    let cluster = list.iter().any(|s| s.node.is_some());
     let rows: Vec<Vec<String>> = list
         .iter()
         .map(|s| {
-            vec![
+            let mut row = vec![
                 s.id.clone(),
                 s.user.clone(),
                 s.address.to_string(),
@@ -103,16 +105,20 @@ fn sessions(list: &[SessionRow]) -> String {
                 duration(s.age_s),
                 or_dash(s.device.as_ref()),
                 or_dash(s.client),
-            ]
+            ];
+            if cluster {
+                row.push(or_dash(s.node.as_ref()));
+            }
+            row
         })
         .collect();
-    table(
-        "",
-        &[
-            "ID", "USER", "ADDRESS", "STATE", "IDLE", "AGE", "DEVICE", "CLIENT",
-        ],
-        &rows,
-    )
+    let mut head = vec![
+        "ID", "USER", "ADDRESS", "STATE", "IDLE", "AGE", "DEVICE", "CLIENT",
+    ];
+    if cluster {
+        head.push("NODE");
+    }
+    table("", &head, &rows)
 }
 
 fn show(list: &[SessionRow]) -> String {

@@ -249,8 +249,16 @@ fn uncomment(text: &str) -> String {
                 .unwrap_or(r.len());
             name_len > 0 && r[name_len..].trim_start().starts_with('=')
         });
+        // A commented-out table (`# [cluster]`) is documented like a key.
+        let is_table = rest.is_some_and(|r| {
+            r.starts_with('[')
+                && r.find(']').is_some_and(|end| {
+                    let name = r[1..end].trim_matches(|c| c == '[' || c == ']');
+                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                })
+        });
         match rest {
-            Some(r) if is_key => out.push_str(r),
+            Some(r) if is_key || is_table => out.push_str(r),
             _ => out.push_str(line),
         }
         out.push('\n');

@@ -29,6 +29,11 @@ pub(super) struct RawNat {
 }
 
 impl RawNat {
+    /// Was `address` given?
+    pub(super) fn has_address(&self) -> bool {
+        self.address.is_some()
+    }
+
     /// A NAT address was given and does not parse (reported by
     /// [`NatSettings::read`]).
     fn address_is_bad(&self) -> bool {

@@ -202,7 +202,12 @@ impl Shared {
                         h.end(ctl);
                     }
                     self.stats.close(&reason);
-                    info!(session = %id, %user, %addr, %reason, "session closed");
+                    if reason == CloseReason::ClaimLost {
+                        // Never seen by the user: the logon tries another address.
+                        tracing::debug!(session = %id, %user, %addr, %reason, "session closed");
+                    } else {
+                        info!(session = %id, %user, %addr, %reason, "session closed");
+                    }
                 }
                 Event::PolicyChanged {
                     id,

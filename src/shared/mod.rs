@@ -7,6 +7,7 @@
 //! starts them and wires this together, and nothing imports `gateway`.
 
 mod accounts;
+mod cluster;
 mod control;
 mod datapath;
 mod persist;
@@ -33,6 +34,7 @@ use crate::core::session::{GatewayState, SessionId, SessionSettings};
 use crate::stats::Stats;
 use crate::users::UserDb;
 
+pub use cluster::Claim;
 pub use control::CoreGuard;
 pub use datapath::{DataPath, LockedNat, Port, PortRules, UserQueue};
 pub use persist::unix_now;
@@ -70,6 +72,8 @@ pub struct Shared {
     pub persist: crate::state::SaveTracker,
     /// Where the state goes (the embedded file store by default).
     store: Arc<dyn crate::state::StateStore>,
+    /// The cluster this node is part of (unset: one node).
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
     /// What the store holds, as last read or committed.
     mirror: Mutex<persist::Mirror>,
     /// Stops everything.
@@ -197,6 +201,7 @@ impl Shared {
             pin: arc_swap::ArcSwap::from_pointee(pin),
             persist: crate::state::SaveTracker::default(),
             store,
+            cluster: std::sync::OnceLock::new(),
             mirror: Mutex::new(persist::Mirror::default()),
             shutdown,
             dns_stats: Arc::new(crate::dns::DnsStats::default()),

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{error, info, warn};
 
 use crate::core::pool::PoolSnapshot;
-use crate::core::session::SessionRecord;
+use crate::core::session::{SessionRecord, NAT_POOL};
 
 use crate::state::store::{Expect, Key, Op, Revision, StoreError};
 
@@ -20,6 +20,18 @@ impl Shared {
     /// refuses when the stored state is unusable, unless `discard`.
     pub async fn load_state(&self, discard: bool) -> Result<usize, StoreError> {
         let _serial = self.persist.write_lock.lock().await;
+        if let Some(c) = self.cluster().cloned() {
+            let (n, revision) = self.load_cluster_state(&c).await?;
+            self.persist.set_loaded_from("etcd");
+            info!(
+                node = c.node(),
+                sessions = n,
+                remote_sessions = self.core().remote_sessions().count(),
+                revision,
+                "joined the cluster: restored this node's sessions, replicated the others'"
+            );
+            return Ok(n);
+        }
         let snap = self.store.load(discard).await?;
         self.persist.set_loaded_from(snap.source);
         let mut pools = BTreeMap::new();
@@ -73,7 +85,7 @@ impl Shared {
         Ok(n)
     }
 
-    fn mirror(&self) -> std::sync::MutexGuard<'_, Mirror> {
+    pub(super) fn mirror(&self) -> std::sync::MutexGuard<'_, Mirror> {
         self.mirror.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -84,17 +96,44 @@ impl Shared {
     /// committed, or None when there was nothing to do.
     pub async fn save_state(&self, force: bool) -> Result<Option<u64>, StoreError> {
         let _serial = self.persist.write_lock.lock().await;
-        let (version, pools, sessions) = {
+        let cluster = self.cluster().cloned();
+        let now_unix = unix_now();
+        let (version, pools, sessions, releases) = {
             let core = self.core();
             let version = core.state_version();
             if version == self.persist.saved_version() && !force {
                 return Ok(None);
             }
             let now = Instant::now();
-            (version, core.pool_snapshots(now), core.session_records(now))
+            match &cluster {
+                None => (
+                    version,
+                    core.pool_snapshots(now),
+                    core.session_records(now),
+                    Vec::new(),
+                ),
+                Some(c) => {
+                    // A cluster shares no pool documents (the session and
+                    // release records are the pool), no NAT sessions (per
+                    // node), and creates session records only by claiming
+                    // them (`claim_session`): here they are updated,
+                    // deleted, and their releases written.
+                    let mut sessions = core.session_records(now);
+                    sessions.retain(|r| r.pool != NAT_POOL);
+                    let live: std::collections::HashSet<std::net::IpAddr> =
+                        sessions.iter().map(|r| r.addr).collect();
+                    let releases = self.cluster_releases(c, &core, &live, now);
+                    let mirror = self.mirror();
+                    let sessions = sessions
+                        .into_iter()
+                        .filter(|r| mirror.contains_key(&Key::session(r.addr)))
+                        .map(|r| super::cluster::shared_record(c.node(), r, now_unix))
+                        .collect();
+                    (version, BTreeMap::new(), sessions, releases)
+                }
+            }
         };
         let t0 = Instant::now();
-        let now_unix = unix_now();
         let encode_err = |e: serde_json::Error| StoreError::Unavailable(std::io::Error::other(e));
         let (ops, written, bytes) = {
             let mirror = self.mirror();
@@ -117,10 +156,42 @@ impl Shared {
             }
             diff.finish()
         };
-        let res = self.store.commit(ops, now_unix).await;
+        let mut ops = ops;
+        let mut bytes = bytes;
+        for (addr, r) in &releases {
+            let value = serde_json::to_vec(r).map_err(encode_err)?;
+            bytes += value.len();
+            let expect = cluster
+                .as_ref()
+                .and_then(|c| c.released_rev(*addr))
+                .map_or(Expect::Absent, Expect::At);
+            ops.push(Op::Put {
+                key: super::cluster::released_key(*addr),
+                value,
+                expect,
+            });
+        }
+        if cluster.is_some() && ops.is_empty() {
+            // Nothing of this node's changed in what the cluster shares.
+            self.persist
+                .record_success(version, t0.elapsed(), 0, unix_now());
+            return Ok(Some(version));
+        }
+        let res = match &cluster {
+            None => match self.store.commit(ops, now_unix).await {
+                Ok(revision) => {
+                    self.mirror().apply(written, revision);
+                    Ok(revision)
+                }
+                Err(e) => Err(e),
+            },
+            Some(c) => {
+                self.commit_in_chunks(c, ops, written, &releases, now_unix)
+                    .await
+            }
+        };
         match res {
-            Ok(revision) => {
-                self.mirror().apply(written, revision);
+            Ok(_) => {
                 let was_failing = self.persist.consecutive_failures();
                 self.persist
                     .record_success(version, t0.elapsed(), bytes, unix_now());
@@ -141,20 +212,72 @@ impl Shared {
                     retry_in_s = crate::state::retry_delay(n).as_secs(),
                     "cannot write the state file; logons and leases since the last write are not durable"
                 );
+                if let Some(c) = &cluster {
+                    if !matches!(e, StoreError::Conflict { .. }) {
+                        c.store_down(&e.to_string(), unix_now());
+                    }
+                }
                 if matches!(e, StoreError::Conflict { .. }) {
                     // Someone else wrote: re-read the revisions before the
                     // next attempt (the core's view is written over them).
                     if let Ok(snap) = self.store.load(false).await {
-                        *self.mirror() = snap
-                            .records
-                            .into_iter()
-                            .map(|r| (r.key, (digest(&r.value), r.revision)))
-                            .collect();
+                        let mirror = match &cluster {
+                            Some(c) => {
+                                for r in &snap.records {
+                                    if let Some(a) = super::cluster::released_key_addr(&r.key) {
+                                        c.set_released_rev(a, Some(r.revision));
+                                    }
+                                }
+                                self.own_mirror(c, snap.records)
+                            }
+                            None => snap
+                                .records
+                                .into_iter()
+                                .map(|r| (r.key, (digest(&r.value), r.revision)))
+                                .collect(),
+                        };
+                        *self.mirror() = mirror;
                     }
                 }
                 Err(e)
             }
         }
+    }
+
+    /// A cluster store takes a bounded number of ops per transaction
+    /// (etcd: 128 by default): commit `ops` in chunks, each record on its
+    /// own, applying each chunk to the mirror as it lands. `written[i]`
+    /// belongs to `ops[i]`; the release puts follow them.
+    async fn commit_in_chunks(
+        &self,
+        c: &crate::cluster::Cluster,
+        mut ops: Vec<Op>,
+        written: Written,
+        releases: &[(std::net::IpAddr, crate::cluster::Released)],
+        now_unix: u64,
+    ) -> Result<Revision, StoreError> {
+        let n_written = written.len();
+        let mut written = written.into_iter();
+        let mut done = 0_usize;
+        let mut last = 0;
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(crate::cluster::OPS_PER_COMMIT));
+            let chunk = std::mem::replace(&mut ops, rest);
+            let len = chunk.len();
+            let revision = self.store.commit(chunk, now_unix).await?;
+            c.store_up();
+            let mirrored = n_written.saturating_sub(done).min(len);
+            self.mirror()
+                .apply(written.by_ref().take(mirrored).collect(), revision);
+            for i in done..done + len {
+                if let Some((addr, _)) = i.checked_sub(n_written).and_then(|j| releases.get(j)) {
+                    c.set_released_rev(*addr, Some(revision));
+                }
+            }
+            done += len;
+            last = revision;
+        }
+        Ok(last)
     }
 
     /// Have the state written now and wait (at most
@@ -219,7 +342,7 @@ type Written = Vec<(Key, Option<Digest>)>;
 
 /// A session record's digest, leaving out what changes by itself (its age,
 /// its write time).
-fn session_digest(r: &SessionRecord) -> Digest {
+pub(super) fn session_digest(r: &SessionRecord) -> Digest {
     let mut n = r.clone();
     n.age_secs = 0;
     n.saved_at_unix = None;

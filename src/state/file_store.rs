@@ -6,7 +6,12 @@
 //! `{"saved_at_unix": N, "pools": {"<name>": {..}}, "sessions": [{..}]}`,
 //! so a state file written by an older intragate loads, and the other way
 //! round. Revisions live in memory: one process owns the directory, and
-//! every record read at start counts as revision 1.
+//! every record read at start counts as revision 1 (a later load keeps
+//! the revision of each record whose document did not change).
+//!
+//! It keeps only the `pools/` and `sessions/` families (a single node has
+//! no use for the others); it cannot [`watch`](StateStore::watch): nobody
+//! else writes the directory.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,7 +23,11 @@ use serde_json::value::RawValue;
 use tracing::{info, warn};
 
 use super::file::{self, Source};
-use super::store::{Expect, Key, Op, Record, Revision, Snapshot, StateStore, StoreError};
+#[cfg(test)]
+use super::store::Expect;
+use super::store::{
+    validate_ops, Key, Op, Record, Revision, Snapshot, StateStore, StoreError, POOLS, SESSIONS,
+};
 
 /// The state file store (`<state_dir>/state.json`).
 #[derive(Debug, Clone)]
@@ -104,18 +113,21 @@ impl Inner {
             ),
             Source::Current | Source::Nothing => {}
         }
-        let mut c = self.committed();
-        *c = Committed::default();
+        // Read again by the process that wrote it, a record keeps its
+        // revision when its document is unchanged; whatever changed on
+        // disk gets one new revision (revisions never go back).
+        let mut fresh: BTreeMap<Key, Box<RawValue>> = BTreeMap::new();
+        let mut written_at_unix = 0;
+        let found = loaded.state.is_some();
         if let Some(doc) = loaded.state {
-            c.revision = 1;
-            c.written_at_unix = doc.saved_at_unix;
+            written_at_unix = doc.saved_at_unix;
             for (name, v) in doc.pools {
-                c.map.insert(Key::pool(&name), (v, 1));
+                fresh.insert(Key::pool(&name), v);
             }
             for v in doc.sessions {
                 match serde_json::from_str::<SessionKey>(v.get()) {
                     Ok(k) => {
-                        c.map.insert(Key::session(k.addr), (v, 1));
+                        fresh.insert(Key::session(k.addr), v);
                     }
                     Err(e) => {
                         warn!(error = %e, "skipping a session record without an address in the state file")
@@ -123,6 +135,25 @@ impl Inner {
                 }
             }
         }
+        let mut c = self.committed();
+        let next = c.revision + 1;
+        let mut changed = c.map.keys().any(|k| !fresh.contains_key(k));
+        let mut map = BTreeMap::new();
+        for (k, v) in fresh {
+            let revision = match c.map.get(&k) {
+                Some((old, r)) if old.get() == v.get() => *r,
+                _ => {
+                    changed = true;
+                    next
+                }
+            };
+            map.insert(k, (v, revision));
+        }
+        c.map = map;
+        if changed || (found && c.revision == 0) {
+            c.revision = next;
+        }
+        c.written_at_unix = written_at_unix;
         Ok(Snapshot {
             revision: c.revision,
             records: c
@@ -139,22 +170,29 @@ impl Inner {
         })
     }
 
+    fn read(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        kept(key)?;
+        Ok(self.committed().map.get(key).map(|(v, r)| Record {
+            key: key.clone(),
+            value: v.get().as_bytes().to_vec(),
+            revision: *r,
+        }))
+    }
+
     fn commit(&self, ops: Vec<Op>, now_unix: u64) -> Result<Revision, StoreError> {
+        validate_ops(&ops, None)?;
+        for op in &ops {
+            kept(op.key())?;
+        }
         let mut c = self.committed();
         // Preconditions first: a conflict changes nothing.
         for op in &ops {
-            let (key, expect) = match op {
-                Op::Put { key, expect, .. } | Op::Delete { key, expect } => (key, *expect),
-            };
+            let key = op.key();
             let found = c.map.get(key).map(|(_, r)| *r);
-            let ok = match expect {
-                Expect::Absent => found.is_none(),
-                Expect::At(r) => found == Some(r),
-            };
-            if !ok {
+            if !op.expect().holds(found) {
                 return Err(StoreError::Conflict {
                     key: key.clone(),
-                    expected: expect,
+                    expected: op.expect(),
                     found,
                 });
             }
@@ -184,11 +222,14 @@ impl Inner {
                     let old = c.map.remove(&key);
                     undo.push((key, old));
                 }
+                Op::Check { .. } => {}
             }
         }
         let written = match bad {
-            Some(msg) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg)),
-            None => file::save(&self.dir, &document(&c.map, now_unix)),
+            Some(msg) => Err(StoreError::Invalid(msg)),
+            None => {
+                file::save(&self.dir, &document(&c.map, now_unix)).map_err(StoreError::Unavailable)
+            }
         };
         match written {
             Ok(()) => {
@@ -207,9 +248,20 @@ impl Inner {
                         }
                     }
                 }
-                Err(StoreError::Unavailable(e))
+                Err(e)
             }
         }
+    }
+}
+
+/// Refuse keys of families the state file has no place for.
+fn kept(key: &Key) -> Result<(), StoreError> {
+    match key.family() {
+        POOLS | SESSIONS => Ok(()),
+        family => Err(StoreError::Unsupported(format!(
+            "the state file keeps only pools/ and sessions/ records, not {key} \
+             ({family}/ records need a cluster store: etcd)"
+        ))),
     }
 }
 
@@ -253,6 +305,11 @@ impl StateStore for FileStore {
     async fn load(&self, discard_unusable: bool) -> Result<Snapshot, StoreError> {
         let inner = self.inner.clone();
         run_blocking(move || inner.load(discard_unusable)).await
+    }
+
+    async fn read(&self, key: &Key) -> Result<Option<Record>, StoreError> {
+        // In memory: this process owns the directory.
+        self.inner.read(key)
     }
 
     async fn commit(&self, ops: Vec<Op>, now_unix: u64) -> Result<Revision, StoreError> {

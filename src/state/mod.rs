@@ -4,14 +4,25 @@
 //! signal logons use to have their session saved before they are answered.
 //!
 //! [`StateStore`] is the interface every store implements (versioned
-//! records, compare-and-swap commits; the consistency contract is on the
-//! trait); [`FileStore`] is the embedded one over [`file`].
+//! records, compare-and-swap commits, watches; the consistency contract
+//! is on the trait); [`FileStore`] is the embedded one over [`file`],
+//! [`MemStore`] the in-memory one for simulations and tests, [`EtcdStore`]
+//! the shared one of a cluster. `contract_tests` runs one contract test
+//! body against all three.
 
+#[cfg(test)]
+mod contract_tests;
+pub mod etcd_store;
+#[cfg(any(test, feature = "test-util"))]
+pub mod etcd_test_util;
 pub mod file;
 pub mod file_store;
+pub mod mem_store;
 pub mod store;
 
+pub use etcd_store::{EtcdOptions, EtcdStore, NodeLease};
 pub use file_store::FileStore;
+pub use mem_store::MemStore;
 pub use store::StateStore;
 
 use std::sync::Mutex;

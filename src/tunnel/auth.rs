@@ -15,7 +15,7 @@ use crate::core::session::{
     Account, CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId, TransferError,
     TransferOffer,
 };
-use crate::shared::{TunnelCtl, TunnelHandle};
+use crate::shared::{Claim, TunnelCtl, TunnelHandle};
 use crate::stats::RefuseReason;
 use crate::users::AuthOutcome;
 use crate::wire::auth_xml::{self, ClientMessage, ClientMessageKind, Form, Input};
@@ -321,58 +321,77 @@ impl Conn {
         // Refunds this attempt and forgets this username's failures from
         // this address, and nothing else.
         shared.bans().settle_success(ticket, Instant::now());
-        let result = {
-            let mut core = shared.core();
-            // The account as the users file says now, under the core lock:
-            // a deletion or password change that landed while the password
-            // was being checked cannot open a session the account watcher
-            // (`Shared::check_accounts`, same lock) would miss.
-            let groups = match shared.users.account(&name) {
-                Ok(Account::Valid {
-                    stamp: now_stamp,
-                    groups,
-                }) if now_stamp == stamp => groups,
-                Ok(_) => {
-                    drop(core);
-                    shared.stats.refuse(RefuseReason::BadCredentials);
-                    warn!(user = %name, client = %self.ip, "logon refused: the account changed while its password was checked");
-                    return self.refuse_logon("Authentication failed").await;
-                }
-                Err(_) => groups,
-            };
-            let r = core.handle_logon(
-                LogonRequest {
-                    user: name.clone(),
-                    groups,
-                    token: new_token(),
-                    offer_token: new_token(),
-                    client_addr: Some(self.ip),
-                    account: stamp,
-                },
-                Instant::now(),
-            );
-            drop(core);
-            r
-        };
-        match result {
-            Ok(LogonOutcome::Opened(id)) => self.complete(id, &name).await,
-            Ok(LogonOutcome::TransferOffered(offer)) => {
-                info!(user = %name, client = %self.ip, existing = offer.sessions.len(), "logon at the session limit: transfer offered");
-                let form = transfer_form(&offer, shared.config.transfer_window);
-                let xml = auth_xml::auth_request_xml(&form, Some(&offer.token));
-                self.send_xml(200, "OK", &xml, &[]).await;
-                Next::KeepAlive
-            }
-            Err(e) => {
-                let reason = match &e {
-                    LogonError::NoAddress => RefuseReason::NoAddress,
-                    LogonError::TooManyOffers(_) => RefuseReason::TooManySessions,
-                    _ => RefuseReason::Policy,
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = {
+                let mut core = shared.core();
+                // The account as the users file says now, under the core lock:
+                // a deletion or password change that landed while the password
+                // was being checked cannot open a session the account watcher
+                // (`Shared::check_accounts`, same lock) would miss.
+                let groups = match shared.users.account(&name) {
+                    Ok(Account::Valid {
+                        stamp: now_stamp,
+                        groups,
+                    }) if now_stamp == stamp => groups,
+                    Ok(_) => {
+                        drop(core);
+                        shared.stats.refuse(RefuseReason::BadCredentials);
+                        warn!(user = %name, client = %self.ip, "logon refused: the account changed while its password was checked");
+                        return self.refuse_logon("Authentication failed").await;
+                    }
+                    Err(_) => groups.clone(),
                 };
-                shared.stats.refuse(reason);
-                warn!(user = %name, client = %self.ip, "logon refused: {e}");
-                let msg = e.to_string();
-                self.refuse_logon(&msg).await
+                let r = core.handle_logon(
+                    LogonRequest {
+                        user: name.clone(),
+                        groups,
+                        token: new_token(),
+                        offer_token: new_token(),
+                        client_addr: Some(self.ip),
+                        account: stamp,
+                    },
+                    Instant::now(),
+                );
+                drop(core);
+                r
+            };
+            match result {
+                Ok(LogonOutcome::Opened(id)) => match shared.claim_session(id).await {
+                    Claim::Claimed => return self.complete(id, &name).await,
+                    Claim::Lost if attempt < crate::cluster::CLAIM_ATTEMPTS => continue,
+                    Claim::Lost => {
+                        shared.stats.refuse(RefuseReason::NoAddress);
+                        warn!(user = %name, client = %self.ip, attempts = attempt, "logon refused: every address tried was claimed on another node first");
+                        return self
+                            .refuse_logon("No address could be reserved in the cluster; try again")
+                            .await;
+                    }
+                    Claim::Unavailable(why) => {
+                        shared.stats.refuse(RefuseReason::Unavailable);
+                        warn!(user = %name, client = %self.ip, error = %why, "logon refused: the cluster store is unreachable");
+                        return self.refuse_logon(crate::cluster::STORE_DOWN_MESSAGE).await;
+                    }
+                },
+                Ok(LogonOutcome::TransferOffered(offer)) => {
+                    info!(user = %name, client = %self.ip, existing = offer.sessions.len(), "logon at the session limit: transfer offered");
+                    let form = transfer_form(&offer, shared.config.transfer_window);
+                    let xml = auth_xml::auth_request_xml(&form, Some(&offer.token));
+                    self.send_xml(200, "OK", &xml, &[]).await;
+                    return Next::KeepAlive;
+                }
+                Err(e) => {
+                    let reason = match &e {
+                        LogonError::NoAddress => RefuseReason::NoAddress,
+                        LogonError::TooManyOffers(_) => RefuseReason::TooManySessions,
+                        _ => RefuseReason::Policy,
+                    };
+                    shared.stats.refuse(reason);
+                    warn!(user = %name, client = %self.ip, "logon refused: {e}");
+                    let msg = e.to_string();
+                    return self.refuse_logon(&msg).await;
+                }
             }
         }
     }
@@ -409,7 +428,20 @@ impl Conn {
             r.map(|id| (id, user.unwrap_or_default()))
         };
         match result {
-            Ok((id, user)) => self.complete(id, &user).await,
+            Ok((id, user)) => match self.shared.claim_session(id).await {
+                Claim::Claimed => self.complete(id, &user).await,
+                Claim::Lost => {
+                    self.shared.stats.refuse(RefuseReason::NoAddress);
+                    self.refuse_logon(
+                        "The address was taken on another gateway meanwhile; log on again",
+                    )
+                    .await
+                }
+                Claim::Unavailable(_) => {
+                    self.shared.stats.refuse(RefuseReason::Unavailable);
+                    self.refuse_logon(crate::cluster::STORE_DOWN_MESSAGE).await
+                }
+            },
             Err(e) => {
                 if matches!(e, TransferError::Expired(_) | TransferError::UnknownOffer) {
                     warn!(client = %self.ip, "transfer refused: {e}");
@@ -450,6 +482,25 @@ impl Conn {
                 .map(|s| s.id)
                 .filter(|id| !(except_this && *id == my_id))
                 .collect();
+            // In a cluster, the user's sessions on other nodes too: listed
+            // from the replica, acted on by a request to their node.
+            let remote: Vec<crate::core::session::RemoteSession> = core
+                .remote_sessions()
+                .filter(|r| r.user.eq_ignore_ascii_case(&user))
+                .cloned()
+                .collect();
+            let node = self.shared.cluster().map(|c| c.node().to_string());
+            let act_remote = |action: crate::cluster::Action| {
+                for r in &remote {
+                    self.shared.request_remote(
+                        &r.node,
+                        action,
+                        r.addr,
+                        &r.user,
+                        &format!("{} from another device", r.user),
+                    );
+                }
+            };
             let body = match path {
                 "/intragate/sessions" => {
                     let mut list: Vec<serde_json::Value> = ids
@@ -464,6 +515,22 @@ impl Conn {
                             v
                         })
                         .collect();
+                    for v in &mut list {
+                        if let (Some(n), Some(o)) = (&node, v.as_object_mut()) {
+                            o.insert("node".into(), n.clone().into());
+                        }
+                    }
+                    let now_unix = crate::shared::unix_now();
+                    list.extend(remote.iter().map(|r| {
+                        let mut v =
+                            serde_json::to_value(crate::admin::remote_row(r, &domain, now_unix))
+                                .unwrap_or_default();
+                        if let Some(o) = v.as_object_mut() {
+                            o.remove("client");
+                            o.insert("this_device".into(), false.into());
+                        }
+                        v
+                    }));
                     list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
                     serde_json::json!({"ok": true, "user": user, "sessions": list})
                 }
@@ -475,13 +542,15 @@ impl Conn {
                             now,
                         );
                     }
-                    serde_json::json!({"ok": true, "disconnected": ids.len()})
+                    act_remote(crate::cluster::Action::UserDisconnect);
+                    serde_json::json!({"ok": true, "disconnected": ids.len() + remote.len()})
                 }
                 _ => {
                     for id in &ids {
                         core.handle_logoff(*id, CloseReason::UserRequest, now);
                     }
-                    serde_json::json!({"ok": true, "logged_off": ids.len()})
+                    act_remote(crate::cluster::Action::UserLogoff);
+                    serde_json::json!({"ok": true, "logged_off": ids.len() + remote.len()})
                 }
             };
             info!(%user, client = %self.ip, path, except_this, "workspace control");

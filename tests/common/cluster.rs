@@ -156,8 +156,8 @@ pub struct ClusterOpts {
     pub pool_cidr: String,
     /// haproxy's `balance` algorithm.
     pub balance: String,
-    /// `[cluster] lease_ttl` (None: the daemon's default).
-    pub lease_ttl: Option<String>,
+    /// `[cluster] lease_ttl` in seconds (None: the daemon's default).
+    pub lease_ttl: Option<u64>,
     /// More keys for the `[cluster]` table.
     pub cluster_extra: String,
     /// More keys for the `[sessions]` table (as `GatewayOpts::sessions_extra`).
@@ -1182,12 +1182,12 @@ cidr = "{pool}"
     if cluster_section {
         let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
         cfg.push_str(&format!(
-            "\n[cluster]\nnode = \"{}\"\nendpoints = [{}]\nprefix = \"/intragate\"\n",
+            "\n[cluster]\nnode = \"{}\"\nendpoints = [{}]\nprefix = \"/intragate\"\ninside_interface = \"ei\"\n",
             n.name,
             eps.join(", ")
         ));
         if let Some(ttl) = &opts.lease_ttl {
-            cfg.push_str(&format!("lease_ttl = \"{ttl}\"\n"));
+            cfg.push_str(&format!("lease_ttl = {ttl}\n"));
         }
         cfg.push_str(&opts.cluster_extra);
         if !cfg.ends_with('\n') {

@@ -341,6 +341,67 @@ impl IpPool {
         self.sticky.get(owner).map(|&off| self.addr_of(off))
     }
 
+    /// Another node leased `addr` to `owner` (a cluster's shared pool,
+    /// replicated here): the address is held, and stickiness follows as if
+    /// it had been taken here (another owner's stickiness on it ends).
+    /// Returns false, changing nothing, when `addr` cannot be leased from
+    /// this pool or is leased here already to someone else (a claim race
+    /// the shell resolves); true when it is now leased to `owner`.
+    pub fn lease_remote(&mut self, addr: IpAddr, owner: &str) -> bool {
+        let Some(off) = self.usable_offset(addr) else {
+            return false;
+        };
+        if let Some(Slot::Leased { owner: held }) = self.slots.get(&off) {
+            return held == owner;
+        }
+        self.take(off, owner);
+        true
+    }
+
+    /// Another node released `addr`, last held by `owner`: it is in
+    /// quarantine for everyone else for `remaining` (capped at this pool's
+    /// quarantine) from `now`, and stays `owner`'s sticky address. Replaces
+    /// whatever this pool knew of `addr`. Returns false when `addr` cannot
+    /// be leased from this pool.
+    pub fn release_remote(
+        &mut self,
+        addr: IpAddr,
+        owner: &str,
+        remaining: Duration,
+        now: Instant,
+    ) -> bool {
+        let Some(off) = self.usable_offset(addr) else {
+            return false;
+        };
+        match self.slots.remove(&off) {
+            Some(Slot::Leased { .. }) => self.leased = self.leased.saturating_sub(1),
+            Some(slot) => self.forget_released(off, slot),
+            None => {}
+        }
+        self.make_sticky(off, owner);
+        let until = saturating_add(now, remaining.min(self.quarantine));
+        self.insert_released(off, owner.to_owned(), until);
+        true
+    }
+
+    /// The quarantine a release starts.
+    #[must_use]
+    pub fn quarantine(&self) -> Duration {
+        self.quarantine
+    }
+
+    /// For a released address: its last owner and the quarantine left at
+    /// `now` (zero once over); None when leased or never used.
+    #[must_use]
+    pub fn released_info(&self, addr: IpAddr, now: Instant) -> Option<(&str, Duration)> {
+        match self.slots.get(&self.offset_of(addr)?) {
+            Some(Slot::Released {
+                last_owner, until, ..
+            }) => Some((last_owner.as_str(), until.saturating_duration_since(now))),
+            _ => None,
+        }
+    }
+
     /// Counters at `now` (O(number of quarantined addresses)).
     #[must_use]
     pub fn stats(&self, now: Instant) -> PoolStats {
@@ -571,13 +632,13 @@ impl IpPool {
         );
     }
 
-    /// Leases `off` (not currently leased) to `owner`, updating stickiness.
-    fn take(&mut self, off: u128, owner: &str) -> IpAddr {
-        if let Some(Slot::Released {
+    /// Drop the bookkeeping of a released slot just removed from `slots`.
+    fn forget_released(&mut self, off: u128, slot: Slot) {
+        if let Slot::Released {
             last_owner,
             until,
             seq,
-        }) = self.slots.remove(&off)
+        } = slot
         {
             self.expiry.remove(&(until, seq, off));
             if let Some(set) = self.owner_released.get_mut(&last_owner) {
@@ -587,7 +648,11 @@ impl IpPool {
                 }
             }
         }
-        // Taking someone else's sticky address drops that stickiness.
+    }
+
+    /// `off` goes to `owner`: another owner's stickiness on it ends, and it
+    /// becomes `owner`'s sticky address if `owner` has none.
+    fn make_sticky(&mut self, off: u128, owner: &str) {
         if self
             .sticky_by_offset
             .get(&off)
@@ -601,6 +666,15 @@ impl IpPool {
             self.sticky.insert(owner.to_owned(), off);
             self.sticky_by_offset.insert(off, owner.to_owned());
         }
+    }
+
+    /// Leases `off` (not currently leased) to `owner`, updating stickiness.
+    fn take(&mut self, off: u128, owner: &str) -> IpAddr {
+        if let Some(slot @ Slot::Released { .. }) = self.slots.remove(&off) {
+            self.forget_released(off, slot);
+        }
+        // Taking someone else's sticky address drops that stickiness.
+        self.make_sticky(off, owner);
         self.slots.insert(
             off,
             Slot::Leased {
@@ -662,6 +736,57 @@ mod tests {
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn remote_leases_and_releases_replicate_the_pool() {
+        let t = Instant::now();
+        let mut here = pool("10.0.0.0/29");
+        let mut there = pool("10.0.0.0/29");
+        // Another node gave bob .2: here, alice gets .3 and bob's
+        // stickiness follows him.
+        let b = there.allocate("bob", t).unwrap();
+        assert!(here.lease_remote(b, "bob"));
+        assert!(here.lease_remote(b, "bob"), "repeated: no-op");
+        assert!(!here.lease_remote(b, "carol"), "held by bob");
+        assert_eq!(here.holder(b), Some("bob"));
+        assert_eq!(here.sticky_addr("bob"), Some(b));
+        let a = here.allocate("alice", t).unwrap();
+        assert_ne!(a, b);
+        assert!(!here.lease_remote(a, "bob"), "leased here to alice");
+        // Bob logs off there: quarantined for others here too, his sticky.
+        assert!(here.release_remote(b, "bob", Q, t));
+        assert_eq!(here.holder(b), None);
+        assert_eq!(here.stats(t).leased, 1);
+        assert_eq!(here.stats(t).quarantined, 1);
+        assert_eq!(here.released_info(b, t), Some(("bob", Q)));
+        let c = here.allocate("carol", t).unwrap();
+        assert_ne!(c, b, "in quarantine for carol");
+        assert_eq!(here.allocate("bob", t).unwrap(), b, "bob gets it back");
+        // A remaining quarantine longer than ours is capped.
+        assert!(here.release_remote(b, "bob", Q * 10, t));
+        assert_eq!(here.released_info(b, t), Some(("bob", Q)));
+        // Out of the pool / reserved: refused.
+        assert!(!here.lease_remote(ip("10.0.1.2"), "x"));
+        assert!(!here.lease_remote(ip("10.0.0.1"), "x"), "gateway address");
+        assert!(!here.release_remote(ip("10.0.0.0"), "x", Q, t));
+    }
+
+    #[test]
+    fn remote_release_moves_stickiness_to_the_last_owner() {
+        let t = Instant::now();
+        let mut p = pool("10.0.0.0/29");
+        let a = p.allocate("alice", t).unwrap();
+        p.release(a, t).unwrap();
+        // Elsewhere, after quarantine, dave took it and released it.
+        assert!(p.release_remote(a, "dave", Duration::ZERO, t + Q));
+        assert_eq!(p.sticky_addr("dave"), Some(a));
+        assert_eq!(p.sticky_addr("alice"), None);
+        assert_eq!(p.allocate("dave", t + Q).unwrap(), a);
+        // Leased → released remotely: the lease count follows.
+        assert_eq!(p.stats(t + Q).leased, 1);
+        assert!(p.release_remote(a, "dave", Q, t + Q));
+        assert_eq!(p.stats(t + Q).leased, 0);
     }
 
     fn drain(p: &mut IpPool, now: Instant) -> Vec<IpAddr> {

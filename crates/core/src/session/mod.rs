@@ -27,6 +27,7 @@
 mod accounts;
 mod logon;
 mod records;
+mod remote;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -35,6 +36,7 @@ mod types;
 
 pub use crate::ids::SessionId;
 pub use records::SessionRecord;
+pub use remote::{token_hash, RemoteConflict, RemoteSession, TOKEN_HASH_PREFIX};
 pub use state::GatewayState;
 pub use types::{
     user_key, Account, AccountOutcome, AttachError, CloseReason, Event, LogonError, LogonOutcome,

@@ -44,6 +44,10 @@ pub struct SessionRecord {
     /// `age_secs` relative to this, not to the whole snapshot's time.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_at_unix: Option<u64>,
+    /// The cluster node holding the session (None: one node, the state
+    /// file). With a shared store, `token` is the cookie's hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 fn connected_default() -> bool {
@@ -73,22 +77,12 @@ impl GatewayState {
     /// still waiting for their first CONNECT included (their cookie was
     /// handed out, so it must work after a restart too).
     pub fn session_records(&self, now: Instant) -> Vec<SessionRecord> {
-        self.sessions
-            .values()
-            .map(|s| SessionRecord {
-                user: s.user.clone(),
-                groups: s.groups.clone(),
-                token: s.token.clone(),
-                addr: s.addr,
-                pool: s.pool.clone(),
-                device: s.device.clone(),
-                client_addr: s.client_addr,
-                age_secs: now.saturating_duration_since(s.created).as_secs(),
-                account: s.account,
-                connected: s.state != SessionState::Authenticated,
-                saved_at_unix: None,
-            })
-            .collect()
+        self.sessions.values().map(|s| record_of(s, now)).collect()
+    }
+
+    /// One session's record (see [`session_records`](Self::session_records)).
+    pub fn session_record(&self, id: SessionId, now: Instant) -> Option<SessionRecord> {
+        self.sessions.get(&id).map(|s| record_of(s, now))
     }
 
     /// Restore pools and resumable sessions from the state files of a
@@ -170,6 +164,9 @@ impl GatewayState {
                 },
             );
             self.reschedule(id);
+            if r.token.starts_with(super::remote::TOKEN_HASH_PREFIX) {
+                self.hashed_tokens += 1;
+            }
             self.by_token.insert(r.token.clone(), id);
             self.by_addr.insert(r.addr, id);
             self.by_user.entry(key).or_default().push(id);
@@ -200,5 +197,22 @@ impl GatewayState {
         }
         self.version += 1;
         restored
+    }
+}
+
+fn record_of(s: &Session, now: Instant) -> SessionRecord {
+    SessionRecord {
+        user: s.user.clone(),
+        groups: s.groups.clone(),
+        token: s.token.clone(),
+        addr: s.addr,
+        pool: s.pool.clone(),
+        device: s.device.clone(),
+        client_addr: s.client_addr,
+        age_secs: now.saturating_duration_since(s.created).as_secs(),
+        account: s.account,
+        connected: s.state != SessionState::Authenticated,
+        saved_at_unix: None,
+        node: None,
     }
 }

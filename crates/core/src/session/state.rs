@@ -42,6 +42,12 @@ pub struct GatewayState {
     /// Bumped on every change worth persisting (see `state_version`).
     pub(super) version: u64,
     pub(super) dns: DnsRecords,
+    /// Sessions other nodes of the cluster hold, by address (their leases
+    /// are in `pools`, their names in `dns`).
+    pub(super) remote: HashMap<IpAddr, super::remote::RemoteEntry>,
+    /// Sessions restored with a hashed cookie (a cluster store keeps no
+    /// cookie in clear): cookie lookups also try the hash while any is.
+    pub(super) hashed_tokens: usize,
 }
 
 impl GatewayState {
@@ -80,6 +86,8 @@ impl GatewayState {
             events: VecDeque::new(),
             version: 0,
             dns: DnsRecords::default(),
+            remote: HashMap::new(),
+            hashed_tokens: 0,
         })
     }
 
@@ -137,7 +145,7 @@ impl GatewayState {
         client_addr: Option<IpAddr>,
         now: Instant,
     ) -> Result<&Session, AttachError> {
-        let id = *self.by_token.get(token).ok_or(AttachError::UnknownToken)?;
+        let id = self.find_token(token).ok_or(AttachError::UnknownToken)?;
         let s = self
             .sessions
             .get_mut(&id)
@@ -215,6 +223,9 @@ impl GatewayState {
         self.timers.remove(&id);
         self.dns.unregister(id, s.addr);
         self.by_token.remove(&s.token);
+        if s.token.starts_with(super::remote::TOKEN_HASH_PREFIX) {
+            self.hashed_tokens = self.hashed_tokens.saturating_sub(1);
+        }
         if self.by_addr.get(&s.addr) == Some(&id) {
             self.by_addr.remove(&s.addr);
         }
@@ -257,7 +268,7 @@ impl GatewayState {
 
     /// Close a session found by cookie (logout request). Returns its id.
     pub fn logoff_by_token(&mut self, token: &str, now: Instant) -> Option<SessionId> {
-        let id = *self.by_token.get(token)?;
+        let id = self.find_token(token)?;
         self.handle_logoff(id, CloseReason::Logoff, now);
         Some(id)
     }
@@ -381,9 +392,26 @@ impl GatewayState {
 
     /// The session with this cookie.
     pub fn session_by_token(&self, token: &str) -> Option<&Session> {
-        self.by_token
-            .get(token)
-            .and_then(|id| self.sessions.get(id))
+        self.find_token(token).and_then(|id| self.sessions.get(&id))
+    }
+
+    /// The session with this cookie: as handed out, or (for a session
+    /// restored from a cluster store, which keeps only the cookie's hash)
+    /// as its hash.
+    pub(super) fn find_token(&self, token: &str) -> Option<SessionId> {
+        if token.is_empty() || token.starts_with(super::remote::TOKEN_HASH_PREFIX) {
+            // A hash is not a cookie: presenting one resumes nothing.
+            return None;
+        }
+        self.by_token.get(token).copied().or_else(|| {
+            (self.hashed_tokens > 0)
+                .then(|| {
+                    self.by_token
+                        .get(&super::remote::token_hash(token))
+                        .copied()
+                })
+                .flatten()
+        })
     }
 
     /// All sessions (no order).

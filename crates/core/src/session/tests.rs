@@ -1,3 +1,4 @@
+use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -837,4 +838,115 @@ proptest! {
             }
         }
     }
+}
+
+fn remote(node: &str, user: &str, addr: &str) -> RemoteSession {
+    RemoteSession {
+        node: node.into(),
+        user: user.into(),
+        addr: addr.parse().expect("addr"),
+        pool: "p".into(),
+        device: None,
+        client_addr: None,
+        logon_unix: 1,
+        connected: true,
+    }
+}
+
+#[test]
+fn remote_sessions_hold_addresses_and_names_here() {
+    let t = Instant::now();
+    let mut g = state("10.9.0.0/29", 2);
+    g.remote_session_up(remote("gw2", "Bob", "10.9.0.2"))
+        .expect("free");
+    assert_eq!(
+        g.dns().lookup("bob", false),
+        Some("10.9.0.2".parse().unwrap())
+    );
+    let a = opened(g.handle_logon(req("alice", "t1"), t));
+    let addr = g.session(a).expect("alice").addr;
+    assert_eq!(
+        addr,
+        "10.9.0.3".parse::<IpAddr>().unwrap(),
+        "bob's is taken"
+    );
+    // Same record again (e.g. its tunnel state changed): no change.
+    g.remote_session_up(remote("gw2", "bob", "10.9.0.2"))
+        .expect("same");
+    assert_eq!(g.remote_sessions().count(), 1);
+    assert_eq!(g.state_version(), 1, "remote sessions are not ours to save");
+    // A record for alice's address: this node lost the claim.
+    let err = g
+        .remote_session_up(remote("gw3", "carol", "10.9.0.3"))
+        .expect_err("held here");
+    assert_eq!(err.local, a);
+    g.abandon_session(a, t);
+    g.remote_session_up(remote("gw3", "carol", "10.9.0.3"))
+        .expect("now free");
+    assert!(g.session(a).is_none());
+    assert_eq!(g.dns().lookup("carol", false), Some(addr));
+    assert!(g.dns().lookup("alice", false).is_none());
+    // Bob logs off on gw2: quarantined for everyone else, sticky for him.
+    g.remote_session_down("10.9.0.2".parse().unwrap(), t);
+    g.remote_release(
+        "p",
+        "10.9.0.2".parse().unwrap(),
+        "bob",
+        Duration::from_secs(300),
+        t,
+    );
+    assert!(g.dns().lookup("bob", false).is_none());
+    let d = opened(g.handle_logon(req("dave", "t2"), t));
+    assert_ne!(
+        g.session(d).expect("dave").addr,
+        "10.9.0.2".parse::<IpAddr>().unwrap()
+    );
+    let b = opened(g.handle_logon(req("bob", "t3"), t));
+    assert_eq!(
+        g.session(b).expect("bob").addr,
+        "10.9.0.2".parse::<IpAddr>().unwrap()
+    );
+}
+
+#[test]
+fn hashed_cookies_resume_only_with_the_cookie() {
+    let t = Instant::now();
+    let mut g = state("10.9.0.0/29", 2);
+    let rec = SessionRecord {
+        user: "alice".into(),
+        groups: vec![],
+        token: token_hash("cookie-1"),
+        addr: "10.9.0.2".parse().unwrap(),
+        pool: "p".into(),
+        device: None,
+        client_addr: None,
+        age_secs: 5,
+        account: 7,
+        connected: true,
+        saved_at_unix: None,
+        node: None,
+    };
+    let snap = crate::pool::PoolSnapshot {
+        pool: "p".into(),
+        cidr: "10.9.0.0/29".into(),
+        leases: vec![crate::pool::SnapshotLease {
+            addr: rec.addr,
+            owner: "alice".into(),
+        }],
+        released: vec![],
+        sticky: vec![],
+    };
+    let snaps = [("p".to_string(), snap)].into_iter().collect();
+    assert_eq!(
+        g.restore(&snaps, std::slice::from_ref(&rec), t, Duration::ZERO),
+        1
+    );
+    assert!(
+        g.session_by_token(&rec.token).is_none(),
+        "the hash is no cookie"
+    );
+    assert!(g.session_by_token("cookie-2").is_none());
+    let id = g.session_by_token("cookie-1").expect("resumes").id;
+    g.handle_logoff(id, CloseReason::Logoff, t);
+    assert_eq!(g.hashed_tokens, 0);
 }

@@ -273,6 +273,9 @@ pub enum CloseReason {
     /// The account was deleted, locked or changed, or the policy no longer
     /// allows the session as it is: why.
     Revoked(String),
+    /// Its address was claimed on another node of the cluster first (the
+    /// logon is retried with another address; never seen by the user).
+    ClaimLost,
 }
 
 impl CloseReason {
@@ -290,6 +293,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::Superseded => "superseded",
             CloseReason::Revoked(_) => "revoked",
+            CloseReason::ClaimLost => "claim_lost",
         }
     }
 }
@@ -310,6 +314,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Shutdown => f.write_str("gateway shutdown"),
             CloseReason::Superseded => f.write_str("superseded by a new logon before connecting"),
             CloseReason::Revoked(why) => write!(f, "access revoked: {why}"),
+            CloseReason::ClaimLost => f.write_str("address claimed on another node first"),
         }
     }
 }
