@@ -57,6 +57,14 @@ fn requests_prefix(node: &str) -> String {
     format!("requests/{node}/")
 }
 
+/// Where `node` starts handing out never-used addresses (a hash of its
+/// name).
+pub(crate) fn node_seed(node: &str) -> u64 {
+    use sha2::Digest as _;
+    let d = sha2::Sha256::digest(node.as_bytes());
+    u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
 /// A local session's record as the cluster shares it: this node's name,
 /// the cookie's hash, the time of writing.
 pub(crate) fn shared_record(node: &str, mut r: SessionRecord, now_unix: u64) -> SessionRecord {
@@ -90,6 +98,10 @@ impl Shared {
 
     /// Make this node part of `cluster` (once, before `load_state`).
     pub fn join_cluster(&self, cluster: Arc<Cluster>) {
+        // Each node starts handing out never-used addresses at its own
+        // point of the pools, so concurrent logons on several nodes rarely
+        // propose the same address (a collision costs a lost claim).
+        self.core().spread_allocation(node_seed(cluster.node()));
         let _ = self.cluster.set(cluster);
     }
 
@@ -101,7 +113,8 @@ impl Shared {
         let Some(c) = self.cluster().cloned() else {
             return Claim::Claimed;
         };
-        let _serial = self.persist.write_lock.lock().await;
+        // Claims run concurrently with each other and with saves; only the
+        // mirror update waits for a save in progress (see `claimed`).
         let now_unix = unix_now();
         let Some(rec) = self.core().session_record(id, Instant::now()) else {
             // Ended meanwhile; the caller finds it gone.
@@ -139,7 +152,7 @@ impl Shared {
         match self.store.commit(ops, now_unix).await {
             Ok(rev) => {
                 c.store_up();
-                self.claimed(&c, key, &rec, rev);
+                self.claimed(&c, id, key, &rec, rev).await;
                 Claim::Claimed
             }
             Err(StoreError::Conflict { key: which, .. }) => {
@@ -160,7 +173,7 @@ impl Shared {
                         let ours = serde_json::from_slice::<SessionRecord>(&r.value)
                             .is_ok_and(|s| s.node == rec.node && s.token == rec.token);
                         if ours {
-                            self.claimed(&c, key, &rec, r.revision);
+                            self.claimed(&c, id, key, &rec, r.revision).await;
                             Claim::Claimed
                         } else {
                             c.claims_lost.fetch_add(1, Ordering::Relaxed);
@@ -181,11 +194,18 @@ impl Shared {
         }
     }
 
-    fn claimed(&self, c: &Cluster, key: Key, rec: &SessionRecord, rev: u64) {
+    async fn claimed(&self, c: &Cluster, id: SessionId, key: Key, rec: &SessionRecord, rev: u64) {
         c.claims.fetch_add(1, Ordering::Relaxed);
         c.announce_local(rec.addr);
         c.set_released_rev(rec.addr, None);
+        let serial = self.persist.write_lock.lock().await;
         self.mirror().insert(key, (session_digest(rec), rev));
+        if self.core().session(id).is_none() {
+            // It ended while its claim was in flight, and a save that ran
+            // meanwhile did not know the record: write its end now.
+            drop(serial);
+            let _ = self.save_state(true).await;
+        }
     }
 
     fn claim_failed(&self, c: &Cluster, id: SessionId, why: &str) -> Claim {
@@ -902,6 +922,8 @@ mod tests {
         let a = node(&store, "gw1").await;
         // gw2 does not follow the store: its replica never hears of alice.
         let b = node_unwatched(&store, "gw2").await;
+        // ... and starts its walk of fresh addresses where gw1 does.
+        b.core().spread_allocation(node_seed("gw1"));
         let alice = logon(&a, "alice").await.expect("alice");
         assert!(b.core().remote_sessions().next().is_none(), "stale");
         // gw2 proposes alice's address (the lowest free one it knows), loses

@@ -197,6 +197,9 @@ pub struct IpPool {
     expiry: BTreeSet<(Instant, u64, u128)>,
     /// Next candidate never-used offset; `None` once the range is walked.
     cursor: Option<u128>,
+    /// Where the walk of never-used offsets starts (and, wrapping around,
+    /// ends): the first usable offset, or a node's own point in a cluster.
+    fresh_start: u128,
     next_seq: u64,
     leased: u64,
 }
@@ -240,6 +243,7 @@ impl IpPool {
             owner_released: BTreeMap::new(),
             expiry: BTreeSet::new(),
             cursor: Some(FIRST_LEASE_OFFSET),
+            fresh_start: FIRST_LEASE_OFFSET,
             next_seq: 0,
             leased: 0,
         };
@@ -384,6 +388,25 @@ impl IpPool {
         true
     }
 
+    /// Start the walk of never-used addresses at a point derived from
+    /// `seed` (wrapping around the range) instead of the pool's first
+    /// address: nodes of a cluster allocating from one pool then mostly
+    /// propose different addresses, and their claims rarely collide.
+    /// Stickiness and reuse are unchanged. Call before any allocation.
+    pub fn spread_fresh(&mut self, seed: u64) {
+        let usable = self
+            .last
+            .saturating_sub(FIRST_LEASE_OFFSET)
+            .saturating_add(1);
+        if usable == 0 {
+            return;
+        }
+        self.fresh_start = FIRST_LEASE_OFFSET + u128::from(seed) % usable;
+        if self.slots.is_empty() {
+            self.cursor = Some(self.fresh_start);
+        }
+    }
+
     /// The quarantine a release starts.
     #[must_use]
     pub fn quarantine(&self) -> Duration {
@@ -486,7 +509,7 @@ impl IpPool {
         self.sticky_by_offset.clear();
         self.owner_released.clear();
         self.expiry.clear();
-        self.cursor = Some(FIRST_LEASE_OFFSET);
+        self.cursor = Some(self.fresh_start);
         self.next_seq = 0;
         self.leased = 0;
 
@@ -608,7 +631,12 @@ impl IpPool {
             if !self.excluded.contains(&off) && !self.slots.contains_key(&off) {
                 return Some(off);
             }
-            self.cursor = if off < self.last { Some(off + 1) } else { None };
+            let next = if off < self.last {
+                off + 1
+            } else {
+                FIRST_LEASE_OFFSET
+            };
+            self.cursor = (next != self.fresh_start).then_some(next);
         }
         None
     }
@@ -770,6 +798,26 @@ mod tests {
         assert!(!here.lease_remote(ip("10.0.1.2"), "x"));
         assert!(!here.lease_remote(ip("10.0.0.1"), "x"), "gateway address");
         assert!(!here.release_remote(ip("10.0.0.0"), "x", Q, t));
+    }
+
+    #[test]
+    fn spread_fresh_walks_the_whole_range_from_its_own_start() {
+        let t = Instant::now();
+        let mut p = pool("10.0.0.0/29"); // .2 ..= .6
+        p.spread_fresh(3); // start at .5
+        let got = drain(&mut p, t);
+        assert_eq!(
+            got,
+            ["10.0.0.5", "10.0.0.6", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
+                .map(ip)
+                .to_vec()
+        );
+        // Restored pools walk from the same start.
+        let snap = p.snapshot(t);
+        let mut q = pool("10.0.0.0/29");
+        q.spread_fresh(3);
+        q.restore(&snap, t, Duration::ZERO);
+        assert!(q.allocate("x", t).is_err(), "full");
     }
 
     #[test]

@@ -163,6 +163,17 @@ impl GatewayState {
         }
     }
 
+    /// Start each pool's walk of never-used addresses at a point derived
+    /// from `seed` (this node's name), so that nodes sharing the pools
+    /// propose different addresses ([`IpPool::spread_fresh`]).
+    ///
+    /// [`IpPool::spread_fresh`]: crate::pool::IpPool::spread_fresh
+    pub fn spread_allocation(&mut self, seed: u64) {
+        for p in self.pools.values_mut() {
+            p.spread_fresh(seed);
+        }
+    }
+
     /// The sessions other nodes hold, as last reported.
     pub fn remote_sessions(&self) -> impl Iterator<Item = &RemoteSession> {
         self.remote.values().map(|e| &e.session)
