@@ -425,7 +425,22 @@ pub async fn run_with(
                 Shared::with_store(config.clone(), pin, cancel.clone(), store.clone())
                     .map_err(RunError::Setup)?,
             );
-            shared.join_cluster(Arc::new(crate::cluster::Cluster::new(cs.clone())));
+            let cluster = Arc::new(crate::cluster::Cluster::new(cs.clone()));
+            match &cs.announce {
+                crate::config::Announce::ProxyArp { interface } => {
+                    let a = crate::cluster::node::KernelAnnouncer::new(interface).map_err(|e| {
+                        RunError::Setup(format!(
+                            "[cluster] inside_interface {interface}: cannot announce users' addresses there: {e}"
+                        ))
+                    })?;
+                    info!(interface = %interface, "announcing users' addresses by proxy ARP");
+                    cluster.set_announcer(Box::new(a));
+                }
+                crate::config::Announce::None => {
+                    info!("[cluster] announce = \"none\": route each user's address to the node holding it yourself");
+                }
+            }
+            shared.join_cluster(cluster);
             let mut delay = Duration::from_millis(500);
             while let Err(e) = shared.load_state(false).await {
                 error!(error = %e, retry_in_s = delay.as_secs_f32(), "cannot read the cluster's state from etcd; retrying");
@@ -549,6 +564,9 @@ pub async fn run_with(
         }
     }
     let _ = shared.save_state(true).await;
+    if let Some(c) = shared.cluster() {
+        c.announce_shutdown();
+    }
     let _ = std::fs::remove_file(&config.ctl_socket);
     info!("stopped");
     Ok(())

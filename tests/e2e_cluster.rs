@@ -782,3 +782,206 @@ fn harness_three_member_etcd_survives_stop_and_start() {
     let dead = topo.dead_nodes();
     assert!(dead.is_empty(), "node exited: {dead:?}");
 }
+
+/// Sessions on other nodes, by name: `ctl sessions` on any node lists the
+/// whole cluster with the node of each; the plug-in's `logoff-all
+/// --except-this-device` at gw1 ends alice's other session on gw2; `ctl
+/// logoff --user bob` on gw1 ends bob's session on gw3.
+#[test]
+fn ctl_and_workspace_control_reach_sessions_on_other_nodes() {
+    if !cluster_prerequisites() {
+        return;
+    }
+    let users = ["alice", "bob"];
+    let topo = ClusterTopology::start(&ClusterOpts {
+        user_hosts: 3,
+        accounts: accounts(&users),
+        sessions_extra: "max_per_user = 2\n".into(),
+        ..ClusterOpts::default()
+    });
+    // alice: device A with the plug-in at gw1, device B with openconnect at gw2.
+    let mut a = common::plugin::Plugin::start(
+        topo.user(0),
+        &topo.node_url(0),
+        &topo.pin,
+        topo.dir(),
+        common::plugin::PluginOpts {
+            user: "alice".into(),
+            password: password("alice"),
+            interface: "igw0".into(),
+            extra_args: vec!["--device-name".into(), "devA".into()],
+        },
+    );
+    let st = a
+        .wait_up(25 * S)
+        .unwrap_or_else(|e| panic!("plug-in: {e}\n{}", topo.node_logs()));
+    let addr_a = common::plugin::Plugin::address(&st);
+    let (mut b, tb) = topo.logon_at(1, 1, "alice", &password("alice"));
+    let (mut bob, tbob) = topo.logon_at(2, 2, "bob", &password("bob"));
+
+    // The whole cluster, from any node, with the node of each session.
+    let want: BTreeSet<(String, String, String)> = [
+        ("alice", addr_a.clone(), "gw1"),
+        ("alice", tb.addr.to_string(), "gw2"),
+        ("bob", tbob.addr.to_string(), "gw3"),
+    ]
+    .iter()
+    .map(|(u, a, n)| (u.to_string(), a.clone(), n.to_string()))
+    .collect();
+    for k in 0..topo.nodes.len() {
+        let seen = wait_until(5 * S, || {
+            let got: BTreeSet<(String, String, String)> = topo
+                .sessions(k)
+                .unwrap_or_default()
+                .iter()
+                .map(|s| {
+                    (
+                        s["user"].as_str().unwrap_or("").to_string(),
+                        s["address"].as_str().unwrap_or("").to_string(),
+                        s["node"].as_str().unwrap_or("").to_string(),
+                    )
+                })
+                .collect();
+            got == want
+        });
+        assert!(
+            seen,
+            "ctl sessions on {}: {:?}, want {want:?}",
+            topo.node(k).name,
+            topo.sessions(k)
+        );
+    }
+    let table = topo.ctl(0, &["sessions"]);
+    assert!(
+        table.ok() && table.stdout.contains("NODE") && table.stdout.contains("gw3"),
+        "the table shows the node: {table}"
+    );
+
+    // Workspace control from device A (gw1) reaches device B (gw2).
+    let state_dir = a.state_dir.to_str().unwrap().to_string();
+    let o = run_cmd(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            topo.user(0),
+            common::plugin::PLUGIN,
+            "logoff-all",
+            "--except-this-device",
+            "--state-dir",
+            &state_dir,
+            "--interface",
+            "igw0",
+        ],
+        None,
+        30 * S,
+    );
+    assert!(o.ok(), "logoff-all --except-this-device: {o}\n{}", a.log());
+    assert!(
+        b.proc.wait_exit(15 * S).is_some(),
+        "device B's openconnect (on gw2) did not exit after logoff-all at gw1\n{}\n{}",
+        b.log(),
+        topo.node_logs()
+    );
+    let gone = wait_until(5 * S, || {
+        (0..topo.nodes.len()).all(|k| {
+            topo.sessions(k).is_ok_and(|l| {
+                !l.iter()
+                    .any(|s| s["address"].as_str() == Some(&tb.addr.to_string()))
+            })
+        })
+    });
+    assert!(
+        gone,
+        "device B's session is still listed\n{}",
+        topo.node_logs()
+    );
+    assert!(
+        a.status().is_some_and(|s| s["state"] == "connected"),
+        "device A went down too"
+    );
+
+    // ctl logoff on gw1 for bob, whose session is on gw3.
+    let o = topo.ctl(0, &["logoff", "--user", "bob"]);
+    assert!(o.ok(), "ctl logoff --user bob on gw1: {o}");
+    assert!(
+        bob.proc.wait_exit(15 * S).is_some(),
+        "bob's openconnect (on gw3) did not exit after ctl logoff on gw1\n{}\n{}",
+        bob.log(),
+        topo.node_logs()
+    );
+    let _ = a.logoff(15 * S);
+}
+
+/// A node restarts (SIGTERM, start again): its sessions come back from etcd
+/// (which holds only the cookies' hashes) and alice's openconnect, which
+/// keeps retrying, resumes with her cookie on the same address at the same
+/// node; meanwhile the other nodes keep her address held and her name.
+#[test]
+fn a_restarted_node_resumes_its_sessions_from_etcd() {
+    if !cluster_prerequisites() {
+        return;
+    }
+    let mut topo = ClusterTopology::start(&ClusterOpts {
+        user_hosts: 1,
+        accounts: accounts(&["alice"]),
+        ..ClusterOpts::default()
+    });
+    let (mut a, ta) = topo.logon_at(0, 0, "alice", &password("alice"));
+    let addr = ta.addr.to_string();
+    // No cookie in clear in etcd.
+    let dump = topo.etcdctl(
+        &topo.node(1).ns.name,
+        &["get", "--prefix", "/intragate/sessions/"],
+    );
+    assert!(dump.ok(), "etcdctl: {dump}");
+    assert!(
+        dump.stdout.contains("\"token\":\"sha256:"),
+        "session record without a hashed cookie: {dump}"
+    );
+    let st = topo.stop_node(0);
+    assert!(st.is_some_and(|s| s.success()), "gw1 stop: {st:?}");
+    // While gw1 is down, gw2 still holds her address and name.
+    let d = topo.dig(1, &[&format!("alice.{CLUSTER_DOMAIN}"), "A"]);
+    assert_eq!(d.answers, vec![addr.clone()], "gw2 forgot alice: {d:?}");
+    std::thread::sleep(2 * S);
+    topo.spawn_node(0);
+    topo.wait_node_running(0, 30 * S);
+    assert!(
+        topo.node(0).log().contains("sessions=1"),
+        "gw1 did not restore alice's session:\n{}",
+        tail(&topo.node(0).log(), 3000)
+    );
+    let mut back = wait_until(25 * S, || {
+        a.count_reason("reconnect") >= 1 || a.proc.exited().is_some()
+    });
+    if !back && a.proc.exited().is_none() {
+        a.proc.signal(libc::SIGUSR2);
+        back = wait_until(10 * S, || a.count_reason("reconnect") >= 1);
+    }
+    assert!(
+        back && a.proc.exited().is_none(),
+        "alice did not resume after gw1's restart\n{}\n{}",
+        tail(&a.log(), 4000),
+        topo.node_logs()
+    );
+    let list = topo.sessions(0).unwrap_or_default();
+    let mine: Vec<(String, String)> = list
+        .iter()
+        .map(|s| {
+            (
+                s["address"].as_str().unwrap_or("").to_string(),
+                s["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        mine,
+        vec![(addr.clone(), "active".to_string())],
+        "{list:#?}"
+    );
+    assert!(
+        ping_ok(topo.user(0), INTERNAL_IP, 10 * S),
+        "no ping after the restart"
+    );
+}

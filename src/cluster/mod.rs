@@ -122,6 +122,10 @@ pub trait Announce: Send + Sync + std::fmt::Debug {
     fn remote(&self, addr: IpAddr, held_elsewhere: bool);
     /// This node holds `addr` now.
     fn local(&self, addr: IpAddr);
+    /// The node stops: undo what was set up (routes).
+    fn shutdown(&self) {}
+    /// Repeat the announcement of `addr` (a second after `local`).
+    fn local_again(&self, _addr: IpAddr) {}
 }
 
 /// What this node knows of the cluster and its store.
@@ -186,11 +190,27 @@ impl Cluster {
         }
     }
 
-    /// This node holds `addr` now.
-    pub fn announce_local(&self, addr: IpAddr) {
+    /// The node stops: undo the announcer's routes.
+    pub fn announce_shutdown(&self) {
+        if let Some(a) = self.announcer.get() {
+            a.shutdown();
+        }
+    }
+
+    /// This node holds `addr` now (announced at once and a second later).
+    pub fn announce_local(self: &std::sync::Arc<Self>, addr: IpAddr) {
         if let Some(a) = self.announcer.get() {
             a.remote(addr, false);
             a.local(addr);
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let me = self.clone();
+                rt.spawn(async move {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    if let Some(a) = me.announcer.get() {
+                        a.local_again(addr);
+                    }
+                });
+            }
         }
     }
 

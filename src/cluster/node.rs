@@ -141,3 +141,69 @@ fn unix_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+/// [`super::Announce`] over the kernel ([`crate::netif::announce::Announcer`]):
+/// failures are logged (each kind at most once a minute), never fatal: a
+/// user whose address could not be announced is still served, and the next
+/// change retries.
+#[derive(Debug)]
+pub struct KernelAnnouncer {
+    inner: crate::netif::announce::Announcer,
+    interface: String,
+    last_error: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl KernelAnnouncer {
+    /// Proxy ARP on `interface` (see `[cluster] announce`).
+    pub fn new(interface: &str) -> std::io::Result<Self> {
+        Ok(Self {
+            inner: crate::netif::announce::Announcer::new(interface)?,
+            interface: interface.to_string(),
+            last_error: std::sync::Mutex::new(None),
+        })
+    }
+
+    fn report(&self, what: &str, addr: std::net::IpAddr, e: &std::io::Error) {
+        let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(60)) {
+            *last = Some(now);
+            warn!(interface = %self.interface, %addr, error = %e, "cannot {what} (more such errors are not logged for a minute)");
+        }
+    }
+
+    /// Remove the routes this node added (shutdown).
+    pub fn clear(&self) {
+        if let Err(e) = self.inner.clear() {
+            warn!(interface = %self.interface, error = %e, "cannot remove the routes to other nodes' users");
+        }
+    }
+}
+
+impl super::Announce for KernelAnnouncer {
+    fn remote(&self, addr: std::net::IpAddr, held_elsewhere: bool) {
+        let r = if held_elsewhere {
+            self.inner.add_remote(addr)
+        } else {
+            self.inner.remove_remote(addr)
+        };
+        if let Err(e) = r {
+            self.report("route a user of another node", addr, &e);
+        }
+    }
+
+    fn local(&self, addr: std::net::IpAddr) {
+        if let Err(e) = self.inner.announce_local(addr) {
+            self.report("announce a user's address (gratuitous ARP)", addr, &e);
+        }
+    }
+
+    fn local_again(&self, addr: std::net::IpAddr) {
+        // Once more, for a host that missed the first (ARP is unreliable).
+        let _ = self.inner.announce_local(addr);
+    }
+
+    fn shutdown(&self) {
+        self.clear();
+    }
+}

@@ -369,4 +369,24 @@ mod tests {
         assert_eq!(bad.len(), 1, "{bad:?}");
         assert!(bad[0].contains("cluster.ca"), "{bad:?}");
     }
+
+    #[test]
+    fn the_node_name_can_come_from_the_environment() {
+        let text = "[cluster]\nendpoints = [\"http://a:1\"]\nannounce = \"none\"\n";
+        let ov = |node: &str| crate::config::Overrides {
+            node: Some(node.into()),
+            ..Default::default()
+        };
+        let at = Path::new("/nonexistent/intragate.toml");
+        let c = crate::config::Config::from_str_at(at, text, true, &ov("gw7")).expect("valid");
+        assert_eq!(c.cluster.expect("cluster").node, "gw7");
+        let e = crate::config::Config::from_str_at(at, text, true, &ov("gw 7"))
+            .expect_err("bad name")
+            .to_string();
+        assert!(e.contains("INTRAGATE_NODE"), "{e}");
+        let e = crate::config::Config::from_str_at(at, "", true, &ov("gw7"))
+            .expect_err("no section")
+            .to_string();
+        assert!(e.contains("no [cluster] section"), "{e}");
+    }
 }

@@ -186,6 +186,17 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         shared.stats.drop(DropReason::NoSession);
         return;
     };
+    if shared.data.is_remote_peer(info.src) && port.nat.is_none() {
+        // From a user on another node (its node checked its side): as
+        // between two local sessions, untracked, if this user may talk to
+        // other users.
+        if port.client_to_client() {
+            shared.deliver(&port, std::mem::take(pkt).freeze());
+        } else {
+            shared.stats.drop(DropReason::ClientToClientDenied);
+        }
+        return;
+    }
     let rules = port.rules.load();
     let ctx = port.ctx(&rules, user_addr, true, &shared.config.nat.ftp_ports);
     let outcome = {

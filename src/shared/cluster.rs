@@ -196,7 +196,10 @@ impl Shared {
 
     async fn claimed(&self, c: &Cluster, id: SessionId, key: Key, rec: &SessionRecord, rev: u64) {
         c.claims.fetch_add(1, Ordering::Relaxed);
-        c.announce_local(rec.addr);
+        self.data.remote_peers.remove(&rec.addr);
+        if let Some(arc) = self.cluster() {
+            arc.announce_local(rec.addr);
+        }
         c.set_released_rev(rec.addr, None);
         let serial = self.persist.write_lock.lock().await;
         self.mirror().insert(key, (session_digest(rec), rev));
@@ -214,6 +217,17 @@ impl Shared {
         warn!(store = %self.store.describe(), error = %why, "cannot claim an address: the cluster store is unreachable");
         self.core().abandon_session(id, Instant::now());
         Claim::Unavailable(why.to_string())
+    }
+
+    /// Another node holds `addr` now (`true`) or no longer: the packet
+    /// path and the announcer follow.
+    fn remote_peer(&self, c: &Cluster, addr: IpAddr, held_elsewhere: bool) {
+        if held_elsewhere {
+            self.data.remote_peers.insert(addr, ());
+        } else {
+            self.data.remote_peers.remove(&addr);
+        }
+        c.announce_remote(addr, held_elsewhere);
     }
 
     /// Ask `node` to act on the session it holds at `addr` (fire and
@@ -356,7 +370,7 @@ impl Shared {
                     let addr = remote.addr;
                     let up = self.core().remote_session_up(remote);
                     if up.is_ok() {
-                        c.announce_remote(addr, true);
+                        self.remote_peer(c, addr, true);
                     }
                     if let Err(conflict) = up {
                         // Only a claim in flight can hold an address another
@@ -379,7 +393,7 @@ impl Shared {
                     core.remote_release(&r.pool, addr, &r.owner, left, now);
                     drop(core);
                     if was_remote {
-                        c.announce_remote(addr, false);
+                        self.remote_peer(c, addr, false);
                     }
                 }
             }
@@ -390,7 +404,7 @@ impl Shared {
                         c.remote_updates.fetch_add(1, Ordering::Relaxed);
                         core.remote_session_down(addr, now);
                         drop(core);
-                        c.announce_remote(addr, false);
+                        self.remote_peer(c, addr, false);
                     }
                 } else if let Some(addr) = released_key_addr(&key) {
                     c.set_released_rev(addr, None);
@@ -512,10 +526,12 @@ impl Shared {
             (n, local)
         };
         for a in remote_addrs {
-            c.announce_remote(a, true);
+            self.remote_peer(c, a, true);
         }
         for a in local_addrs {
-            c.announce_local(a);
+            if let Some(arc) = self.cluster() {
+                arc.announce_local(a);
+            }
         }
         // Requests addressed to this node while it was away (stale ones are
         // dropped).
@@ -559,7 +575,7 @@ impl Shared {
             .collect();
         drop(core);
         for a in gone {
-            c.announce_remote(a, false);
+            self.remote_peer(c, a, false);
         }
         c.watch_revision.store(snap.revision, Ordering::Relaxed);
         Ok(snap.revision)

@@ -54,9 +54,19 @@ pub struct DataPath {
     /// flows or expectations to expire: the timer loop visits only those
     /// (taken when a table reports an earlier deadline, and by the timer).
     pub flow_timers: Mutex<DeadlineQueue<IpAddr>>,
+    /// In a cluster: the addresses of the sessions other nodes hold. User-
+    /// to-user traffic with them goes through the kernel (on-link routes on
+    /// the inside segment) without connection tracking, each side checking
+    /// its own user's `client_to_client`, as between two local sessions.
+    pub remote_peers: DashMap<IpAddr, ()>,
 }
 
 impl DataPath {
+    /// Does another node of the cluster hold `addr`?
+    pub fn is_remote_peer(&self, addr: IpAddr) -> bool {
+        !self.remote_peers.is_empty() && self.remote_peers.contains_key(&addr)
+    }
+
     /// The NAT port table, locked per call.
     pub fn nat(&self) -> LockedNat<'_> {
         LockedNat(&self.nat_ports)

@@ -190,6 +190,7 @@ impl Shared {
                 closed_flow_stats: Mutex::new(crate::core::conntrack::FlowStats::default()),
                 inbound_denied_log: Mutex::new(PairLogLimit::default()),
                 flow_timers: Mutex::new(Default::default()),
+                remote_peers: DashMap::new(),
             },
             tunnels: Mutex::new(HashMap::new()),
             stats: Stats::default(),

@@ -738,12 +738,24 @@ impl Tunnel<'_> {
             routes: &rules.routes,
         };
         let verdict = route::from_user(&pkt, self.mtu, &view, &shared.data.gateway_addrs, |dst| {
-            shared.data.routes.get(&dst).map(|p| p.client_to_client())
+            shared
+                .data
+                .routes
+                .get(&dst)
+                .map(|p| p.client_to_client())
+                // A user on another node: its node checks its side.
+                .or_else(|| shared.data.is_remote_peer(dst).then_some(true))
         });
         let authorized = match verdict {
             Verdict::ToSession(dst) => {
                 let peer = shared.data.routes.get(&dst).map(|p| p.value().clone());
                 let Some(peer) = peer else {
+                    if shared.data.is_remote_peer(dst) {
+                        // To the node that holds it, through the kernel (an
+                        // on-link route on the inside segment), untracked
+                        // like any user-to-user packet.
+                        return self.to_tun_untracked(&pkt, batch);
+                    }
                     shared.stats.drop(DropReason::NoSession);
                     return Fate::Dropped;
                 };
@@ -790,20 +802,12 @@ impl Tunnel<'_> {
                 return Fate::Dropped;
             }
         };
-        let Some(buf) = batch.bufs.get_mut(batch.len) else {
-            shared.stats.drop(DropReason::TunWriteFailed);
-            return Fate::Dropped;
-        };
-        buf.clear();
-        buf.resize(VIRTIO_NET_HDR_LEN, 0);
-        buf.extend_from_slice(out);
-        batch.len += 1;
-        shared.stats.packets_from_users.fetch_add(1, Relaxed);
-        shared
-            .stats
-            .bytes_from_users
-            .fetch_add(out.len() as u64, Relaxed);
-        Fate::Forwarded
+        queue_for_tun(shared, out, batch)
+    }
+
+    /// Queue `pkt` for the TUN device as it is (no connection tracking).
+    fn to_tun_untracked(&self, pkt: &[u8], batch: &mut TunBatch) -> Fate {
+        queue_for_tun(self.shared, pkt, batch)
     }
 
     /// Writes the batched packets to the TUN device (GRO-coalesced when
@@ -824,6 +828,24 @@ impl Tunnel<'_> {
             debug!(error = %e, "TUN write failed");
         }
     }
+}
+
+/// Queue `pkt` (a whole IP packet) for the next TUN write of `batch`.
+fn queue_for_tun(shared: &Shared, pkt: &[u8], batch: &mut TunBatch) -> Fate {
+    let Some(buf) = batch.bufs.get_mut(batch.len) else {
+        shared.stats.drop(DropReason::TunWriteFailed);
+        return Fate::Dropped;
+    };
+    buf.clear();
+    buf.resize(VIRTIO_NET_HDR_LEN, 0);
+    buf.extend_from_slice(pkt);
+    batch.len += 1;
+    shared.stats.packets_from_users.fetch_add(1, Relaxed);
+    shared
+        .stats
+        .bytes_from_users
+        .fetch_add(pkt.len() as u64, Relaxed);
+    Fate::Forwarded
 }
 
 #[cfg(test)]

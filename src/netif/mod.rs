@@ -1,8 +1,13 @@
-//! The networks this host is attached to: its interfaces' subnets.
+//! The networks this host is attached to: its interfaces' subnets; and, in
+//! [`announce`], which node of a cluster answers ARP for a session address.
 //!
-//! [`discover`] asks the kernel once (`getifaddrs`); everything else here is
-//! pure, so the config layer can default from the list it is handed (and
-//! `reload` from the same list) and tests can hand it any list.
+//! [`discover`] asks the kernel once (`getifaddrs`); everything else in this
+//! file is pure, so the config layer can default from the list it is handed
+//! (and `reload` from the same list) and tests can hand it any list.
+
+pub mod announce;
+
+pub use announce::Announcer;
 
 use std::net::IpAddr;
 
