@@ -38,14 +38,34 @@ pub fn render(req: &Request, reply: &Reply) -> String {
 }
 
 fn health(h: &Health) -> String {
-    match h.status {
+    let mut out = match h.status {
         HealthStatus::Running => format!("ok: {} session(s)\n", h.sessions),
         HealthStatus::Degraded => format!(
             "degraded: {} session(s): {}\n",
             h.sessions,
             h.error.as_deref().unwrap_or("unknown error")
         ),
+    };
+    if let Some(c) = &h.cluster {
+        let flag = |k: &str| c[k].as_bool().unwrap_or(false);
+        out.push_str(&format!(
+            "cluster: node {}, etcd {}, node lease {}, {} claim(s) ({} lost to other nodes)\n",
+            c["node"].as_str().unwrap_or("?"),
+            if flag("store_ok") {
+                "reachable"
+            } else {
+                "UNREACHABLE"
+            },
+            if flag("lease_valid") {
+                "valid"
+            } else {
+                "not valid"
+            },
+            c["claims"].as_u64().unwrap_or(0),
+            c["claims_lost"].as_u64().unwrap_or(0),
+        ));
     }
+    out
 }
 
 /// Columns padded to their widest cell; the last column is not padded.

@@ -373,9 +373,15 @@ impl Shared {
                         self.remote_peer(c, addr, true);
                     }
                     if let Err(conflict) = up {
-                        // Only a claim in flight can hold an address another
-                        // node committed: that claim fails and abandons it.
-                        debug!(addr = %conflict.addr, session = %conflict.local, "record for an address claimed here too");
+                        if self.mirror().contains_key(&Key::session(conflict.addr)) {
+                            // Committed here, and now written by another node:
+                            // only a hand edit of the store does that.
+                            warn!(addr = %conflict.addr, session = %conflict.local, node = ?s.node, "another node wrote the record of an address this node holds; keeping this node's session");
+                        } else {
+                            // A claim in flight: it fails and abandons the
+                            // session.
+                            debug!(addr = %conflict.addr, session = %conflict.local, "record for an address claimed here too");
+                        }
                     }
                 } else if let Some(addr) = released_key_addr(&rec.key) {
                     c.set_released_rev(addr, Some(rec.revision));
