@@ -36,8 +36,9 @@ mod types;
 
 pub use crate::ids::SessionId;
 pub use records::SessionRecord;
-pub use remote::{token_hash, RemoteConflict, RemoteSession, TOKEN_HASH_PREFIX};
+
 pub use state::GatewayState;
+pub use types::{token_hash, RemoteConflict, RemoteSession, TOKEN_HASH_PREFIX};
 pub use types::{
     user_key, Account, AccountOutcome, AttachError, CloseReason, Event, LogonError, LogonOutcome,
     LogonRequest, PolicyReload, Reevaluation, Session, SessionSettings, SessionState,

@@ -164,7 +164,7 @@ impl GatewayState {
                 },
             );
             self.reschedule(id);
-            if r.token.starts_with(super::remote::TOKEN_HASH_PREFIX) {
+            if r.token.starts_with(super::types::TOKEN_HASH_PREFIX) {
                 self.hashed_tokens += 1;
             }
             self.by_token.insert(r.token.clone(), id);

@@ -13,67 +13,9 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use super::state::GatewayState;
-use super::types::{user_key, CloseReason, NAT_POOL};
+use super::types::{user_key, CloseReason, RemoteConflict, RemoteEntry, RemoteSession, NAT_POOL};
 use crate::ids::SessionId;
-
-/// The prefix of a hashed cookie in a session record.
-pub const TOKEN_HASH_PREFIX: &str = "sha256:";
-
-/// How a shared store keeps a cookie: `sha256:<hex>` of it, never the
-/// cookie itself (whoever reads the store cannot resume the session).
-pub fn token_hash(token: &str) -> String {
-    let d = Sha256::digest(token.as_bytes());
-    let mut s = String::with_capacity(TOKEN_HASH_PREFIX.len() + 64);
-    s.push_str(TOKEN_HASH_PREFIX);
-    for b in d {
-        s.push(char::from(HEX[usize::from(b >> 4)]));
-        s.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
-    s
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// A session another node holds, as its record in the shared store says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RemoteSession {
-    /// The node holding it.
-    pub node: String,
-    /// Username.
-    pub user: String,
-    /// Its intranet address.
-    pub addr: IpAddr,
-    /// The pool the address is from.
-    pub pool: String,
-    /// Device name.
-    pub device: Option<String>,
-    /// Client's public address.
-    pub client_addr: Option<IpAddr>,
-    /// When the user logged on (Unix seconds, the holder's clock).
-    pub logon_unix: u64,
-    /// Had a tunnel been up when the record was written?
-    pub connected: bool,
-}
-
-/// A remote session and the id its DNS records are filed under.
-#[derive(Debug, Clone)]
-pub(super) struct RemoteEntry {
-    pub(super) session: RemoteSession,
-    pub(super) id: SessionId,
-}
-
-/// A remote session's address is held here by a local session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("address {addr} is held here by session {local}")]
-pub struct RemoteConflict {
-    /// The address.
-    pub addr: IpAddr,
-    /// The local session holding it.
-    pub local: SessionId,
-}
 
 impl GatewayState {
     /// Another node holds `r`: lease its address here and answer its name.
@@ -100,7 +42,7 @@ impl GatewayState {
             if user_key(&old.session.user) == key && old.session.pool == r.pool {
                 self.remote.insert(
                     r.addr,
-                    super::remote::RemoteEntry {
+                    RemoteEntry {
                         session: r,
                         id: old.id,
                     },
@@ -215,7 +157,7 @@ impl GatewayState {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::super::types::token_hash;
 
     #[test]
     fn token_hash_is_sha256_hex() {

@@ -44,7 +44,7 @@ pub struct GatewayState {
     pub(super) dns: DnsRecords,
     /// Sessions other nodes of the cluster hold, by address (their leases
     /// are in `pools`, their names in `dns`).
-    pub(super) remote: HashMap<IpAddr, super::remote::RemoteEntry>,
+    pub(super) remote: HashMap<IpAddr, super::types::RemoteEntry>,
     /// Sessions restored with a hashed cookie (a cluster store keeps no
     /// cookie in clear): cookie lookups also try the hash while any is.
     pub(super) hashed_tokens: usize,
@@ -223,7 +223,7 @@ impl GatewayState {
         self.timers.remove(&id);
         self.dns.unregister(id, s.addr);
         self.by_token.remove(&s.token);
-        if s.token.starts_with(super::remote::TOKEN_HASH_PREFIX) {
+        if s.token.starts_with(super::types::TOKEN_HASH_PREFIX) {
             self.hashed_tokens = self.hashed_tokens.saturating_sub(1);
         }
         if self.by_addr.get(&s.addr) == Some(&id) {
@@ -399,17 +399,13 @@ impl GatewayState {
     /// restored from a cluster store, which keeps only the cookie's hash)
     /// as its hash.
     pub(super) fn find_token(&self, token: &str) -> Option<SessionId> {
-        if token.is_empty() || token.starts_with(super::remote::TOKEN_HASH_PREFIX) {
+        if token.is_empty() || token.starts_with(super::types::TOKEN_HASH_PREFIX) {
             // A hash is not a cookie: presenting one resumes nothing.
             return None;
         }
         self.by_token.get(token).copied().or_else(|| {
             (self.hashed_tokens > 0)
-                .then(|| {
-                    self.by_token
-                        .get(&super::remote::token_hash(token))
-                        .copied()
-                })
+                .then(|| self.by_token.get(&super::types::token_hash(token)).copied())
                 .flatten()
         })
     }
