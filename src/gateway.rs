@@ -479,6 +479,7 @@ pub async fn run_with(
     tasks.spawn(timer_loop(shared.clone()));
     if let (Some(store), Some(c)) = (etcd, shared.cluster().cloned()) {
         tasks.spawn(shared.clone().cluster_watch_loop());
+        tasks.spawn(shared.clone().ban_publish_loop());
         let info = crate::cluster::NodeInfo {
             node: c.node().to_string(),
             listen: config.listen.to_string(),

@@ -156,6 +156,13 @@ pub struct Cluster {
     /// Until when the node's etcd lease is valid (Unix ms; 0: none).
     pub lease_valid_until_ms: AtomicU64,
     announcer: std::sync::OnceLock<Box<dyn Announce>>,
+    /// Ban keys whose points changed here since the last publication.
+    dirty_bans: Mutex<std::collections::HashSet<IpAddr>>,
+    /// What other nodes published: ban key → node → (attempts, last
+    /// failure, Unix seconds).
+    remote_bans: Mutex<HashMap<IpAddr, NodePoints>>,
+    /// Revisions of this node's own `bans/<node>/<key>` records.
+    published_bans: Mutex<HashMap<IpAddr, Revision>>,
 }
 
 impl Cluster {
@@ -175,7 +182,67 @@ impl Cluster {
             resyncs: AtomicU64::new(0),
             lease_valid_until_ms: AtomicU64::new(0),
             announcer: std::sync::OnceLock::new(),
+            dirty_bans: Mutex::new(std::collections::HashSet::new()),
+            remote_bans: Mutex::new(HashMap::new()),
+            published_bans: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The ban points of `key` changed here: publish them.
+    pub fn mark_ban_dirty(&self, key: IpAddr) {
+        lock(&self.dirty_bans).insert(key);
+    }
+
+    /// The keys to publish (emptied).
+    pub fn take_dirty_bans(&self) -> Vec<IpAddr> {
+        lock(&self.dirty_bans).drain().collect()
+    }
+
+    /// The revision of this node's record for `key`.
+    pub fn published_ban(&self, key: IpAddr) -> Option<Revision> {
+        lock(&self.published_bans).get(&key).copied()
+    }
+
+    /// Note this node's record for `key` (None: deleted).
+    pub fn set_published_ban(&self, key: IpAddr, rev: Option<Revision>) {
+        let mut m = lock(&self.published_bans);
+        match rev {
+            Some(r) => {
+                m.insert(key, r);
+            }
+            None => {
+                m.remove(&key);
+            }
+        }
+    }
+
+    /// Another node's points for `key` (None: it has none now). Returns the
+    /// sum over the other nodes of the attempts whose last failure is at or
+    /// after `since_unix`, and the newest last failure among them.
+    pub fn set_remote_ban(
+        &self,
+        key: IpAddr,
+        node: &str,
+        points: Option<(u32, u64)>,
+        since_unix: u64,
+    ) -> (u32, u64) {
+        let mut m = lock(&self.remote_bans);
+        let per_node = m.entry(key).or_default();
+        match points {
+            Some(p) => {
+                per_node.insert(node.to_string(), p);
+            }
+            None => {
+                per_node.remove(node);
+            }
+        }
+        let fresh = per_node.values().filter(|(_, at)| *at >= since_unix);
+        let sum = fresh.clone().fold(0_u32, |a, (n, _)| a.saturating_add(*n));
+        let newest = fresh.map(|(_, at)| *at).max().unwrap_or(0);
+        if per_node.is_empty() {
+            m.remove(&key);
+        }
+        (sum, newest)
     }
 
     /// Announce users' addresses with `a` (once, at start).
@@ -296,4 +363,20 @@ impl Cluster {
             "resyncs": self.resyncs.load(Ordering::Relaxed),
         })
     }
+}
+
+/// Per node: (attempts, last failure in Unix seconds).
+type NodePoints = HashMap<String, (u32, u64)>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One node's ban points for a client key (`bans/<node>/<key>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BanPoints {
+    /// Failed attempts charged and not refunded.
+    pub attempts: u32,
+    /// The last one (Unix seconds).
+    pub last_failure_unix: u64,
 }

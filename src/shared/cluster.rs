@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use crate::cluster::{Action, ActionRequest, Cluster, Released};
+use crate::cluster::{Action, ActionRequest, BanPoints, Cluster, Released};
 use crate::core::pool::{PoolSnapshot, SnapshotLease, SnapshotReleased, SnapshotSticky};
 use crate::core::session::{
     token_hash, RemoteSession, SessionId, SessionRecord, NAT_POOL, TOKEN_HASH_PREFIX,
@@ -50,6 +50,12 @@ pub(crate) fn released_key_addr(key: &Key) -> Option<IpAddr> {
 /// The key of `addr`'s last release.
 pub(crate) fn released_key(addr: IpAddr) -> Key {
     Key::released(addr)
+}
+
+/// `bans/<node>/<key>` → (node, key).
+fn ban_key_parts(key: &Key) -> Option<(&str, IpAddr)> {
+    let (node, k) = key.0.strip_prefix("bans/")?.split_once('/')?;
+    Some((node, k.parse().ok()?))
 }
 
 /// The prefix of the requests addressed to `node`.
@@ -230,6 +236,107 @@ impl Shared {
         c.announce_remote(addr, held_elsewhere);
     }
 
+    /// Ban points for `ip` changed here (a failed or successful logon):
+    /// in a cluster they are published within a second, so that the other
+    /// nodes count them too.
+    pub fn ban_points_changed(&self, ip: IpAddr) {
+        if let Some(c) = self.cluster() {
+            c.mark_ban_dirty(crate::core::bans::BanTable::key_of(ip));
+        }
+    }
+
+    /// Another node's points for a client key: the core counts the sum of
+    /// the other nodes' recent ones with its own.
+    fn apply_remote_ban(&self, c: &Cluster, key: IpAddr, node: &str, p: Option<BanPoints>) {
+        let reset = self.config.bans.reset_after;
+        let now_unix = unix_now();
+        let since = now_unix.saturating_sub(reset.as_secs());
+        let (sum, newest) = c.set_remote_ban(
+            key,
+            node,
+            p.map(|p| (p.attempts, p.last_failure_unix)),
+            since,
+        );
+        let left = Duration::from_secs(
+            newest
+                .saturating_add(reset.as_secs())
+                .saturating_sub(now_unix),
+        );
+        self.bans()
+            .set_remote_charged(key, sum, Instant::now() + left);
+    }
+
+    /// Publish this node's changed ban points (`bans/<node>/<key>`), once a
+    /// second. Runs until shutdown.
+    pub async fn ban_publish_loop(self: Arc<Self>) {
+        let Some(c) = self.cluster().cloned() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                () = self.shutdown.cancelled() => return,
+            }
+            let keys = c.take_dirty_bans();
+            if keys.is_empty() {
+                continue;
+            }
+            let now = Instant::now();
+            let now_unix = unix_now();
+            let mut ops = Vec::new();
+            let mut written = Vec::new();
+            for key in keys {
+                let points = self.bans().charged(key, now);
+                let rkey = Key(format!("bans/{}/{key}", c.node()));
+                let expect = c.published_ban(key).map_or(Expect::Absent, Expect::At);
+                match points {
+                    Some((attempts, last)) => {
+                        let ago = now.saturating_duration_since(last).as_secs();
+                        let value = serde_json::to_vec(&BanPoints {
+                            attempts,
+                            last_failure_unix: now_unix.saturating_sub(ago),
+                        })
+                        .unwrap_or_default();
+                        ops.push(Op::Put {
+                            key: rkey,
+                            value,
+                            expect,
+                        });
+                        written.push((key, true));
+                    }
+                    None if expect != Expect::Absent => {
+                        ops.push(Op::Delete { key: rkey, expect });
+                        written.push((key, false));
+                    }
+                    None => {}
+                }
+            }
+            for (ops, written) in ops
+                .chunks(crate::cluster::OPS_PER_COMMIT)
+                .zip(written.chunks(crate::cluster::OPS_PER_COMMIT))
+            {
+                match self.store.commit(ops.to_vec(), now_unix).await {
+                    Ok(rev) => {
+                        for (key, put) in written {
+                            c.set_published_ban(*key, put.then_some(rev));
+                        }
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "cannot publish ban points; retrying");
+                        for (key, _) in written {
+                            // Re-read our record's revision before the retry.
+                            let rkey = Key(format!("bans/{}/{key}", c.node()));
+                            if let Ok(r) = self.store.read(&rkey).await {
+                                c.set_published_ban(*key, r.map(|r| r.revision));
+                            }
+                            c.mark_ban_dirty(*key);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Ask `node` to act on the session it holds at `addr` (fire and
     /// forget: the holder acts when its watch delivers the request).
     pub fn request_remote(&self, node: &str, action: Action, addr: IpAddr, user: &str, by: &str) {
@@ -355,6 +462,11 @@ impl Shared {
             Change::Put(rec) => {
                 if rec.key.0.starts_with(&requests_prefix(c.node())) {
                     self.serve_request(rec);
+                } else if let Some((node, key)) = ban_key_parts(&rec.key) {
+                    if node != c.node() {
+                        let p = serde_json::from_slice::<BanPoints>(&rec.value).ok();
+                        self.apply_remote_ban(c, key, node, p);
+                    }
                 } else if session_key_addr(&rec.key).is_some() {
                     let Ok(s) = serde_json::from_slice::<SessionRecord>(&rec.value) else {
                         warn!(key = %rec.key, "skipping an unreadable session record");
@@ -404,7 +516,11 @@ impl Shared {
                 }
             }
             Change::Delete { key, .. } => {
-                if let Some(addr) = session_key_addr(&key) {
+                if let Some((node, k)) = ban_key_parts(&key) {
+                    if node != c.node() {
+                        self.apply_remote_ban(c, k, node, None);
+                    }
+                } else if let Some(addr) = session_key_addr(&key) {
                     let mut core = self.core();
                     if core.remote_session(addr).is_some() {
                         c.remote_updates.fetch_add(1, Ordering::Relaxed);
@@ -540,10 +656,18 @@ impl Shared {
             }
         }
         // Requests addressed to this node while it was away (stale ones are
-        // dropped).
+        // dropped); the other nodes' ban points.
         for rec in snap.records {
             if rec.key.0.starts_with(&requests_prefix(c.node())) {
                 self.serve_request(rec);
+            } else if let Some((node, key)) = ban_key_parts(&rec.key) {
+                if node == c.node() {
+                    c.set_published_ban(key, Some(rec.revision));
+                    c.mark_ban_dirty(key);
+                } else {
+                    let p = serde_json::from_slice::<BanPoints>(&rec.value).ok();
+                    self.apply_remote_ban(c, key, node, p);
+                }
             }
         }
         *self.mirror() = mirror;
@@ -569,6 +693,7 @@ impl Shared {
         for rec in snap.records {
             if session_key_addr(&rec.key).is_some()
                 || released_key_addr(&rec.key).is_some()
+                || ban_key_parts(&rec.key).is_some()
                 || rec.key.0.starts_with(&requests_prefix(c.node()))
             {
                 self.apply_change(c, Change::Put(rec));
@@ -1021,5 +1146,61 @@ mod tests {
             assert!(Instant::now() < deadline, "requests left behind");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ban_points_are_shared_between_nodes() {
+        use crate::core::bans::Admit;
+        let store = Arc::new(MemStore::new());
+        let a = node(&store, "gw1").await;
+        let b = node(&store, "gw2").await;
+        tokio::spawn(a.clone().ban_publish_loop());
+        let guesser: IpAddr = "198.18.99.7".parse().expect("ip");
+        // Six wrong passwords at gw1 (60 of the 80 points).
+        for i in 0..6 {
+            let now = Instant::now();
+            let Admit::Evaluate { ticket, .. } = a.bans().admit(guesser, &format!("u{i}"), now)
+            else {
+                panic!("banned early at gw1");
+            };
+            let _ = a.bans().settle_failure(ticket, now);
+            a.ban_points_changed(guesser);
+        }
+        // gw2 learns them within the publication period.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let snap = store.load(false).await.expect("load");
+            let seen = snap
+                .records
+                .iter()
+                .any(|r| r.key.0 == "bans/gw1/198.18.99.7");
+            if seen {
+                break;
+            }
+            assert!(Instant::now() < deadline, "gw1 did not publish its points");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // At gw2: the 7th attempt is evaluated, the 8th reaches 80 points
+        // (evaluated), the 9th is refused: as if all had been at one node.
+        let mut verdicts = Vec::new();
+        for i in 0..3 {
+            let now = Instant::now();
+            let admit = b.bans().admit(guesser, &format!("v{i}"), now);
+            match admit {
+                Admit::Evaluate { ticket, .. } => {
+                    let _ = b.bans().settle_failure(ticket, now);
+                    verdicts.push("evaluated");
+                }
+                Admit::Banned { .. } => verdicts.push("banned"),
+            }
+        }
+        assert_eq!(verdicts, ["evaluated", "evaluated", "banned"]);
+        // Another client is untouched.
+        assert!(matches!(
+            b.bans()
+                .admit("198.18.99.8".parse().expect("ip"), "w", Instant::now()),
+            Admit::Evaluate { .. }
+        ));
     }
 }

@@ -312,6 +312,7 @@ impl Conn {
             } => (name, groups, stamp),
             AuthOutcome::Denied => {
                 let next = shared.bans().settle_failure(ticket, Instant::now());
+                shared.ban_points_changed(self.ip);
                 shared.stats.refuse(RefuseReason::BadCredentials);
                 let banned = matches!(next, Admission::Banned { .. });
                 warn!(user = %printable(user), client = %self.ip, banned, "authentication failed");
@@ -321,6 +322,7 @@ impl Conn {
         // Refunds this attempt and forgets this username's failures from
         // this address, and nothing else.
         shared.bans().settle_success(ticket, Instant::now());
+        shared.ban_points_changed(self.ip);
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -243,6 +243,11 @@ pub struct BanTable {
     deadlines: BTreeSet<(Instant, IpAddr)>,
     evictions: u64,
     next_generation: u64,
+    /// Attempts other gateways of a cluster charged to a key (their
+    /// unrefunded failures), until when that count holds: added to this
+    /// table's own when `admit` decides on a ban, so spreading guesses over
+    /// the nodes gains nothing.
+    remote: BTreeMap<IpAddr, (u32, Instant)>,
 }
 
 impl BanTable {
@@ -256,7 +261,43 @@ impl BanTable {
             deadlines: BTreeSet::new(),
             evictions: 0,
             next_generation: 1,
+            remote: BTreeMap::new(),
         }
+    }
+
+    /// The key `ip` is counted under (its IPv4 address, or its IPv6 /64).
+    #[must_use]
+    pub fn key_of(ip: IpAddr) -> IpAddr {
+        ban_key(ip)
+    }
+
+    /// This table's own charged attempts for `ip`'s key, and when the last
+    /// was (what a cluster node publishes); None when it holds none live.
+    #[must_use]
+    pub fn charged(&self, ip: IpAddr, now: Instant) -> Option<(u32, Instant)> {
+        self.entries
+            .get(&ban_key(ip))
+            .filter(|e| self.is_live(e, now) && e.charged > 0)
+            .map(|e| (e.charged, e.last_failure))
+    }
+
+    /// Other gateways charged `attempts` to `ip`'s key in all, valid until
+    /// `until` (their last failure + `reset_after`); 0 forgets them.
+    pub fn set_remote_charged(&mut self, ip: IpAddr, attempts: u32, until: Instant) {
+        let key = ban_key(ip);
+        if attempts == 0 {
+            self.remote.remove(&key);
+        } else {
+            self.remote.insert(key, (attempts, until));
+        }
+    }
+
+    /// What other gateways charged to `key`, while it holds.
+    fn remote_charged(&self, key: IpAddr, now: Instant) -> u32 {
+        self.remote
+            .get(&key)
+            .filter(|(_, until)| now < *until)
+            .map_or(0, |(n, _)| *n)
     }
 
     /// Admission of the next logon attempt from `ip` at `now`, without
@@ -333,7 +374,10 @@ impl BanTable {
         let delay = self.delay(&entry);
         entry.charged = entry.charged.saturating_add(1);
         entry.last_failure = entry.last_failure.max(now);
-        let score = self.score(&entry);
+        let score = self.score(&entry).saturating_add(
+            self.remote_charged(key, now)
+                .saturating_mul(self.cfg.wrong_password_points),
+        );
         if self.cfg.max_score > 0 && score >= self.cfg.max_score {
             entry.ban = Some(Ban {
                 until: saturating_add(now, self.cfg.ban_time),
@@ -421,6 +465,7 @@ impl BanTable {
     /// Forgets entries that no longer affect admission: ended bans and
     /// scores older than `reset_after`.
     pub fn expire(&mut self, now: Instant) {
+        self.remote.retain(|_, (_, until)| now < *until);
         while let Some(&(deadline, key)) = self.deadlines.first() {
             if deadline > now {
                 break;
@@ -696,6 +741,35 @@ mod tests {
             let _ = b.settle_failure(tk, t);
         }
         assert_eq!(b.banned(t).len(), 1);
+    }
+
+    #[test]
+    fn attempts_charged_on_other_nodes_count_towards_the_ban() {
+        let t = Instant::now();
+        let mut b = table();
+        let a = ip("192.0.2.1");
+        // Six failures elsewhere: the second attempt here reaches 80 points
+        // (it is still evaluated), the third is refused.
+        b.set_remote_charged(a, 6, t + 1200 * S);
+        assert_eq!(fail(&mut b, a, t), Admission::Allowed);
+        let until = t + 300 * S;
+        assert!(matches!(b.admit(a, "x", t), Admit::Evaluate { .. }));
+        assert!(matches!(b.admit(a, "x", t), Admit::Banned { until: u } if u == until));
+        assert_eq!(b.charged(a, t).map(|(n, _)| n), Some(2));
+        // A count that ran out no longer adds anything.
+        let mut c = table();
+        c.set_remote_charged(a, 6, t + S);
+        for _ in 0..7 {
+            let _ = fail(&mut c, a, t + 2 * S);
+        }
+        assert!(matches!(c.check(a, t + 2 * S), Admission::Delay(_)));
+        // IPv6: counted per /64.
+        c.set_remote_charged(ip("2001:db8::1"), 8, t + 1200 * S);
+        assert!(matches!(
+            c.admit(ip("2001:db8::ffff"), "x", t),
+            Admit::Evaluate { .. }
+        ));
+        assert_eq!(BanTable::key_of(ip("2001:db8::5")), ip("2001:db8::"));
     }
 
     #[test]
