@@ -985,3 +985,47 @@ fn a_restarted_node_resumes_its_sessions_from_etcd() {
         "no ping after the restart"
     );
 }
+
+/// `openconnect --authenticate` from user host `i` straight to node `k`.
+fn authenticate_at(topo: &ClusterTopology, k: usize, i: usize, user: &str, pw: &str) -> CmdOut {
+    authenticate_at_url(topo.user(i), &topo.node_url(k), &topo.pin, user, pw, &[])
+}
+
+/// A password guesser spreads 8 wrong passwords over the three nodes (3, 3,
+/// 2): the ban comes as if all had been at one node, and the right password
+/// is then refused at the first node, which saw only 3 of them.
+#[test]
+fn ban_points_count_across_nodes() {
+    if !cluster_prerequisites() {
+        return;
+    }
+    let topo = ClusterTopology::start(&ClusterOpts {
+        user_hosts: 1,
+        accounts: accounts(&["carol"]),
+        security_extra: "ban_max_score = 80\n".into(),
+        ..ClusterOpts::default()
+    });
+    for (k, n) in [(0, 3), (1, 3), (2, 2)] {
+        for g in 0..n {
+            let o = authenticate_at(&topo, k, 0, "carol", "wrong-password");
+            assert!(
+                !o.ok(),
+                "wrong password #{g} at {} accepted",
+                topo.node(k).name
+            );
+        }
+        // Points are published within a second.
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    let o = authenticate_at(&topo, 0, 0, "carol", &password("carol"));
+    assert!(
+        !o.ok(),
+        "carol logged on at gw1 after 8 wrong passwords spread over the nodes: {o}"
+    );
+    let text = format!("{}{}", o.stdout, o.stderr);
+    assert!(
+        text.contains("Too many failed logons"),
+        "not refused as banned: {o}\n{}",
+        topo.node_logs()
+    );
+}

@@ -1247,12 +1247,24 @@ pub fn authenticate_with(
     password: &str,
     extra: &[&str],
 ) -> CmdOut {
+    authenticate_at_url(topo.user(idx), &topo.url(), &gw.pin, user, password, extra)
+}
+
+/// `openconnect --authenticate` in namespace `ns` against `url` (pinned to
+/// `pin`), `password` on stdin, `extra` arguments: what it did.
+pub fn authenticate_at_url(
+    ns: &str,
+    url: &str,
+    pin: &str,
+    user: &str,
+    password: &str,
+    extra: &[&str],
+) -> CmdOut {
     let user_arg = format!("--user={user}");
-    let url = topo.url();
     let mut args = vec![
         "netns",
         "exec",
-        topo.user(idx),
+        ns,
         "openconnect",
         "--authenticate",
         "--protocol=anyconnect",
@@ -1261,10 +1273,10 @@ pub fn authenticate_with(
         "--passwd-on-stdin",
         "--non-inter",
         "--servercert",
-        &gw.pin,
+        pin,
     ];
     args.extend_from_slice(extra);
-    args.push(&url);
+    args.push(url);
     run_cmd(
         "ip",
         &args,

@@ -371,13 +371,26 @@ impl BanTable {
                 }
             }
         };
+        // Other gateways' attempts may have reached the threshold already:
+        // then this key is banned here too, before another evaluation.
+        let remote = self
+            .remote_charged(key, now)
+            .saturating_mul(self.cfg.wrong_password_points);
+        let prior = self.score(&entry).saturating_add(remote);
+        if remote > 0 && self.cfg.max_score > 0 && prior >= self.cfg.max_score {
+            let until = saturating_add(now, self.cfg.ban_time);
+            entry.ban = Some(Ban {
+                until,
+                score: prior,
+                explained: 0,
+            });
+            self.insert(key, entry);
+            return Admit::Banned { until };
+        }
         let delay = self.delay(&entry);
         entry.charged = entry.charged.saturating_add(1);
         entry.last_failure = entry.last_failure.max(now);
-        let score = self.score(&entry).saturating_add(
-            self.remote_charged(key, now)
-                .saturating_mul(self.cfg.wrong_password_points),
-        );
+        let score = self.score(&entry).saturating_add(remote);
         if self.cfg.max_score > 0 && score >= self.cfg.max_score {
             entry.ban = Some(Ban {
                 until: saturating_add(now, self.cfg.ban_time),
@@ -756,6 +769,11 @@ mod tests {
         assert!(matches!(b.admit(a, "x", t), Admit::Evaluate { .. }));
         assert!(matches!(b.admit(a, "x", t), Admit::Banned { until: u } if u == until));
         assert_eq!(b.charged(a, t).map(|(n, _)| n), Some(2));
+        // Eight attempts elsewhere: banned here before any evaluation.
+        let mut d = table();
+        d.set_remote_charged(a, 8, t + 1200 * S);
+        assert!(matches!(d.admit(a, "x", t), Admit::Banned { .. }));
+        assert!(matches!(d.check(a, t), Admission::Banned { .. }));
         // A count that ran out no longer adds anything.
         let mut c = table();
         c.set_remote_charged(a, 6, t + S);
@@ -767,6 +785,10 @@ mod tests {
         c.set_remote_charged(ip("2001:db8::1"), 8, t + 1200 * S);
         assert!(matches!(
             c.admit(ip("2001:db8::ffff"), "x", t),
+            Admit::Banned { .. }
+        ));
+        assert!(matches!(
+            c.admit(ip("2001:db8:0:1::1"), "x", t),
             Admit::Evaluate { .. }
         ));
         assert_eq!(BanTable::key_of(ip("2001:db8::5")), ip("2001:db8::"));
