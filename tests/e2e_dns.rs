@@ -39,18 +39,7 @@ fn dig(ns: &str, args: &[&str]) -> (String, Vec<String>) {
     ];
     a.extend_from_slice(args);
     let o = ns_run(ns, &a, 15 * S);
-    let status = o
-        .stdout
-        .lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .map(|s| s.split(',').next().unwrap_or("").to_string())
-        .unwrap_or_else(|| format!("no answer: {o}"));
-    let answers = o
-        .stdout
-        .lines()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
-        .collect();
+    let (status, answers) = parse_dig(&o);
     (status, answers)
 }
 

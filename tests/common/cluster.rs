@@ -361,18 +361,7 @@ pub fn dig_from(ns: &str, server: &str, args: &[&str]) -> Dig {
     ];
     a.extend_from_slice(args);
     let o = ns_run(ns, &a, Duration::from_secs(5));
-    let status = o
-        .stdout
-        .lines()
-        .find_map(|l| l.split("status: ").nth(1))
-        .map(|s| s.split(',').next().unwrap_or("").to_string())
-        .unwrap_or_else(|| format!("no answer: {o}"));
-    let answers = o
-        .stdout
-        .lines()
-        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
-        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
-        .collect();
+    let (status, answers) = parse_dig(&o);
     Dig { status, answers }
 }
 

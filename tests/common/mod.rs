@@ -1510,3 +1510,21 @@ pub fn bulk_put(ns: &str, host: &str, port: &str, bytes: &str) -> Result<(), Str
 
 pub mod cluster;
 pub mod plugin;
+
+/// `dig +noall +comments +answer` output: the status (`NOERROR`,
+/// `NXDOMAIN`, or why there is none) and the answers' data.
+pub fn parse_dig(o: &CmdOut) -> (String, Vec<String>) {
+    let status = o
+        .stdout
+        .lines()
+        .find_map(|l| l.split("status: ").nth(1))
+        .map(|s| s.split(',').next().unwrap_or("").to_string())
+        .unwrap_or_else(|| format!("no answer: {o}"));
+    let answers = o
+        .stdout
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+        .collect();
+    (status, answers)
+}
