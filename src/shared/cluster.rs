@@ -202,7 +202,7 @@ impl Shared {
 
     async fn claimed(&self, c: &Cluster, id: SessionId, key: Key, rec: &SessionRecord, rev: u64) {
         c.claims.fetch_add(1, Ordering::Relaxed);
-        self.data.remote_peers.remove(&rec.addr);
+        self.data.set_remote_peer(rec.addr, false);
         if let Some(arc) = self.cluster() {
             arc.announce_local(rec.addr);
         }
@@ -228,11 +228,7 @@ impl Shared {
     /// Another node holds `addr` now (`true`) or no longer: the packet
     /// path and the announcer follow.
     fn remote_peer(&self, c: &Cluster, addr: IpAddr, held_elsewhere: bool) {
-        if held_elsewhere {
-            self.data.remote_peers.insert(addr, ());
-        } else {
-            self.data.remote_peers.remove(&addr);
-        }
+        self.data.set_remote_peer(addr, held_elsewhere);
         c.announce_remote(addr, held_elsewhere);
     }
 

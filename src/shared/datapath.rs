@@ -58,13 +58,31 @@ pub struct DataPath {
     /// to-user traffic with them goes through the kernel (on-link routes on
     /// the inside segment) without connection tracking, each side checking
     /// its own user's `client_to_client`, as between two local sessions.
-    pub remote_peers: DashMap<IpAddr, ()>,
+    pub(super) remote_peers: DashMap<IpAddr, ()>,
+    /// Entries in `remote_peers`: one load on the packet path answers
+    /// "none" for a single gateway (`DashMap::is_empty` locks every shard).
+    pub(super) remote_peer_count: std::sync::atomic::AtomicUsize,
 }
 
 impl DataPath {
     /// Does another node of the cluster hold `addr`?
     pub fn is_remote_peer(&self, addr: IpAddr) -> bool {
-        !self.remote_peers.is_empty() && self.remote_peers.contains_key(&addr)
+        self.remote_peer_count
+            .load(std::sync::atomic::Ordering::Relaxed)
+            != 0
+            && self.remote_peers.contains_key(&addr)
+    }
+
+    /// Another node holds `addr` (`true`) or no longer does.
+    pub fn set_remote_peer(&self, addr: IpAddr, held_elsewhere: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if held_elsewhere {
+            if self.remote_peers.insert(addr, ()).is_none() {
+                self.remote_peer_count.fetch_add(1, Relaxed);
+            }
+        } else if self.remote_peers.remove(&addr).is_some() {
+            self.remote_peer_count.fetch_sub(1, Relaxed);
+        }
     }
 
     /// The NAT port table, locked per call.

@@ -191,6 +191,7 @@ impl Shared {
                 inbound_denied_log: Mutex::new(PairLogLimit::default()),
                 flow_timers: Mutex::new(Default::default()),
                 remote_peers: DashMap::new(),
+                remote_peer_count: std::sync::atomic::AtomicUsize::new(0),
             },
             tunnels: Mutex::new(HashMap::new()),
             stats: Stats::default(),
