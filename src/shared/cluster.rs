@@ -154,7 +154,11 @@ impl Shared {
             Err(e) => return self.claim_failed(&c, id, &e.to_string()),
         };
         let moved_in = self.core().session(id).is_some_and(|s| s.moved_in);
-        let takeover = if moved_in { c.remote_record(addr) } else { None };
+        let takeover = if moved_in {
+            c.remote_record(addr)
+        } else {
+            None
+        };
         let ops = match takeover {
             // Another node's record is on the address: a takeover (a
             // transfer, a client resuming here, a dead node's session).
@@ -244,7 +248,9 @@ impl Shared {
 
     async fn claimed(&self, c: &Cluster, id: SessionId, key: Key, rec: &SessionRecord, rev: u64) {
         c.claims.fetch_add(1, Ordering::Relaxed);
-        if c.remote_record(rec.addr).is_some() && self.core().session(id).is_some_and(|s| s.moved_in) {
+        if c.remote_record(rec.addr).is_some()
+            && self.core().session(id).is_some_and(|s| s.moved_in)
+        {
             c.taken_over.fetch_add(1, Ordering::Relaxed);
             c.set_remote_record(rec.addr, None);
             info!(addr = %rec.addr, user = %rec.user, "session taken over from another node");
