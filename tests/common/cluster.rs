@@ -1055,7 +1055,10 @@ impl ClusterTopology {
             ],
             Duration::from_secs(6),
         );
-        let (body, code) = o.stdout.rsplit_once('\n').unwrap_or(("", o.stdout.as_str()));
+        let (body, code) = o
+            .stdout
+            .rsplit_once('\n')
+            .unwrap_or(("", o.stdout.as_str()));
         let status = code.trim().parse::<u16>().ok().filter(|c| *c != 0);
         Healthz {
             status,
