@@ -39,14 +39,33 @@
 //!   packet for a pool address it does not hold to the kernel (its TUN)
 //!   instead of dropping it.
 //! - **Load balancer.** haproxy 2.6 in TCP mode (`balance roundrobin`,
-//!   `nbthread 1` so that the order is deterministic), one `server gwN
-//!   ADDR:443 check` per node, a stats socket in the temp dir (`show sess`
-//!   tells which node each user host's connection went to). TLS ends on the
+//!   `nbthread 1` so that the order is deterministic), a stats socket in the
+//!   temp dir (`show sess` tells which node each user host's connection went
+//!   to; `shutdown sessions server vpn/gwN` breaks them). TLS ends on the
 //!   nodes, which share one certificate (generated here with rcgen), so one
-//!   `pin-sha256:` serves all. Every logon through haproxy comes from
-//!   198.18.40.2, so the nodes' configs turn address bans and the logon
-//!   delay off and raise the per-address unauthenticated limit
-//!   (`ClusterOpts::security_extra` puts them back for a ban test).
+//!   `pin-sha256:` serves all.
+//! - **Health check (issue 16).** haproxy asks every node `GET /healthz`
+//!   over HTTPS on its VPN port: `option httpchk GET /healthz`, `http-check
+//!   expect status 200`, and per node `server gwN ADDR:443 check check-ssl
+//!   verify none inter 500ms fall 2 rise 2`. A node answers 200 "ok" while
+//!   it accepts logons and 503 "draining" / "store unreachable" otherwise,
+//!   so haproxy takes a draining or cut-off node out of the rotation within
+//!   about a second. `retries 3` and `option redispatch 1` send a
+//!   connection whose node refuses it (killed, not yet marked DOWN) to
+//!   another node. `start_haproxy` waits until every node passed the check
+//!   (`L7OK`). `INTRAGATE_E2E_HAPROXY_HTTPCHK=0` uses a plain TCP check
+//!   instead, for checking the harness against a daemon without `/healthz`.
+//!   [`ClusterTopology::healthz`] asks a node directly (curl from haproxy's
+//!   namespace).
+//! - **Failures.** `kill_node` (SIGKILL), `stop_node` (SIGTERM),
+//!   `cut_from_etcd` / `restore_etcd` (blackhole routes to the etcd members
+//!   in the node's namespace only: the node keeps its users and its inside
+//!   segment), `stop_etcd` / `start_etcd`. [`ArpClaims`] tells which user
+//!   addresses a node's kernel would answer ARP for on the inside segment.
+//! - Every logon through haproxy comes from 198.18.40.2, so the nodes'
+//!   configs turn address bans and the logon delay off and raise the
+//!   per-address unauthenticated limit (`ClusterOpts::security_extra` puts
+//!   them back for a ban test).
 //! - **etcd** from `/usr/bin/etcd`, one member by default (three with
 //!   `ClusterOpts::etcd_members = 3`), each in its own namespace on the
 //!   inside segment, data in the temp dir; `stop_etcd`/`start_etcd` keep the
@@ -62,6 +81,7 @@
 //!   checking the harness itself while the daemon lacks the feature. The
 //!   cluster tests fail that way, as they should.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -213,9 +233,14 @@ impl ClusterNode {
     /// `intragate ctl --config CFG args..` (10 s timeout). The control socket
     /// is a file, so this runs from the root namespace.
     pub fn ctl(&self, args: &[&str]) -> CmdOut {
+        self.ctl_timeout(args, Duration::from_secs(10))
+    }
+
+    /// `ctl` with another timeout (e.g. `drain --wait`).
+    pub fn ctl_timeout(&self, args: &[&str], timeout: Duration) -> CmdOut {
         let mut a = vec!["ctl", "--config", self.config.to_str().unwrap()];
         a.extend_from_slice(args);
-        run_cmd(BIN, &a, None, Duration::from_secs(10))
+        run_cmd(BIN, &a, None, timeout)
     }
 
     /// `ctl sessions --json`: the session objects, or why not.
@@ -333,9 +358,143 @@ impl Haproxy {
             .collect()
     }
 
+    /// Server name -> `show stat` fields by their header names (`status`,
+    /// `check_status`, `check_code`, `lastchg`, ...).
+    pub fn servers_detail(&self) -> BTreeMap<String, BTreeMap<String, String>> {
+        let out = self.command("show stat").unwrap_or_default();
+        let mut lines = out.lines();
+        let header: Vec<String> = lines
+            .next()
+            .and_then(|h| h.strip_prefix("# "))
+            .map(|h| h.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
+        let mut servers = BTreeMap::new();
+        for l in lines.filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+            let row: BTreeMap<String, String> = header
+                .iter()
+                .cloned()
+                .zip(l.split(',').map(str::to_string))
+                .collect();
+            let sv = row.get("svname").cloned().unwrap_or_default();
+            if sv != "FRONTEND" && sv != "BACKEND" && !sv.is_empty() {
+                servers.insert(sv, row);
+            }
+        }
+        servers
+    }
+
+    /// Break every client connection haproxy forwards to `server` (`gwN`).
+    pub fn shutdown_sessions(&self, server: &str) -> Result<String, String> {
+        self.command(&format!("shutdown sessions server vpn/{server}"))
+    }
+
     pub fn log(&self) -> String {
         self.proc.as_ref().map(Proc::log_text).unwrap_or_default()
     }
+}
+
+/// What `GET /healthz` on a node's VPN port answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Healthz {
+    /// The HTTP status (None: no HTTP answer at all, e.g. the node is down).
+    pub status: Option<u16>,
+    /// The body, trimmed.
+    pub body: String,
+    /// curl's own output when it failed.
+    pub error: String,
+}
+
+impl Healthz {
+    /// 200 "ok".
+    pub fn is_ok(&self) -> bool {
+        self.status == Some(200) && self.body == "ok"
+    }
+}
+
+/// Which user addresses one node's kernel would answer ARP requests for
+/// on the inside segment (`ei`), from what Linux's `arp_process` checks: an
+/// ARP request for `addr` from the internal host is answered by proxy when
+/// proxy ARP is on for `ei` (`conf/all` or `conf/ei`, or a proxy neighbour
+/// entry for `addr`) and the input route from `ei` to `addr` is a unicast
+/// route out of *another* interface (the node's TUN). A node that holds a
+/// session has that; a node that knows the address is held elsewhere
+/// routes it `dev ei` (on-link), which the kernel does not answer for; a
+/// node that withdrew its announcements has neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArpClaims {
+    /// The node's index.
+    pub node: usize,
+    /// Proxy ARP is on for `ei`.
+    pub proxy_arp: bool,
+    /// The addresses (of those asked) it would answer for.
+    pub claimed: BTreeSet<String>,
+    /// What `ip route get ADDR from INTERNAL iif ei` said per address.
+    pub routes: BTreeMap<String, String>,
+}
+
+/// [`ArpClaims`] of the node in namespace `ns` (index `node`) for `addrs`:
+/// one shell in the namespace, a few milliseconds.
+pub fn arp_claims(ns: &str, node: usize, addrs: &[String]) -> Result<ArpClaims, String> {
+    let mut script = String::from(
+        "echo ALL $(cat /proc/sys/net/ipv4/conf/all/proxy_arp); \
+         echo EI $(cat /proc/sys/net/ipv4/conf/ei/proxy_arp); \
+         ip -4 -o neigh show proxy dev ei | sed 's/^/PNEIGH /'; ",
+    );
+    for a in addrs {
+        script.push_str(&format!(
+            "echo \"ROUTE {a} $(ip -4 -o route get {a} from {INTERNAL_IP} iif ei 2>&1 | head -n 1)\"; "
+        ));
+    }
+    let o = ns_run(ns, &["sh", "-c", &script], Duration::from_secs(5));
+    if !o.ok() {
+        return Err(format!("ARP claims in {ns}: {o}"));
+    }
+    let mut all = false;
+    let mut ei = false;
+    let mut pneigh = BTreeSet::new();
+    let mut routes = BTreeMap::new();
+    for l in o.stdout.lines() {
+        let mut w = l.split_whitespace();
+        match w.next() {
+            Some("ALL") => all = w.next() == Some("1"),
+            Some("EI") => ei = w.next() == Some("1"),
+            Some("PNEIGH") => {
+                if let Some(a) = w.next() {
+                    pneigh.insert(a.to_string());
+                }
+            }
+            Some("ROUTE") => {
+                if let Some(a) = w.next() {
+                    routes.insert(a.to_string(), w.collect::<Vec<_>>().join(" "));
+                }
+            }
+            _ => {}
+        }
+    }
+    let claimed = addrs
+        .iter()
+        .filter(|a| {
+            let r = routes.get(*a).map(String::as_str).unwrap_or("");
+            let words: Vec<&str> = r.split_whitespace().collect();
+            // "ADDR from SRC dev igt0 table main ..." for a unicast route;
+            // "unreachable ...", "blackhole ...", "RTNETLINK answers: ..."
+            // otherwise.
+            let unicast = words.first() == Some(&a.as_str());
+            let dev = words
+                .iter()
+                .position(|w| *w == "dev")
+                .and_then(|i| words.get(i + 1));
+            let out_other = unicast && dev.is_some_and(|d| *d != "ei");
+            out_other && (all || ei || pneigh.contains(*a))
+        })
+        .cloned()
+        .collect();
+    Ok(ArpClaims {
+        node,
+        proxy_arp: all || ei,
+        claimed,
+        routes,
+    })
 }
 
 /// The answer to one `dig`.
@@ -852,6 +1011,158 @@ impl ClusterTopology {
         self.wait_node_running(k, Duration::from_secs(30));
     }
 
+    /// Kill node `k` with SIGKILL (a crash: no cleanup, no goodbye to etcd)
+    /// and reap it. Its namespace stays as it is (addresses, routes, the
+    /// routes the daemon left); `spawn_node` starts it again.
+    pub fn kill_node(&mut self, k: usize) -> Option<std::process::ExitStatus> {
+        let mut p = self.nodes[k].proc.take()?;
+        p.signal(libc::SIGKILL);
+        p.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Cut node `k` off from etcd: a blackhole route to every etcd member's
+    /// address in the node's namespace (nothing else changes: users, haproxy
+    /// and the inside segment still reach it).
+    pub fn cut_from_etcd(&self, k: usize) {
+        let n = &self.nodes[k];
+        for m in &self.etcd {
+            n.ns.ip(&["route", "add", "blackhole", &format!("{}/32", m.ip)]);
+        }
+    }
+
+    /// Undo `cut_from_etcd`.
+    pub fn restore_etcd(&self, k: usize) {
+        let n = &self.nodes[k];
+        for m in &self.etcd {
+            n.ns.ip(&["route", "del", "blackhole", &format!("{}/32", m.ip)]);
+        }
+    }
+
+    /// `GET /healthz` over HTTPS on node `k`'s VPN port, straight at the
+    /// node (curl from haproxy's namespace, 3 s).
+    pub fn healthz(&self, k: usize) -> Healthz {
+        let url = format!("https://{}:{VPN_PORT}/healthz", self.nodes[k].outside_ip);
+        let o = self.haproxy.ns.exec(
+            &[
+                "curl",
+                "-sS",
+                "-k",
+                "--max-time",
+                "3",
+                "-w",
+                "\n%{http_code}",
+                &url,
+            ],
+            Duration::from_secs(6),
+        );
+        let (body, code) = o
+            .stdout
+            .rsplit_once('\n')
+            .unwrap_or(("", o.stdout.as_str()));
+        let status = code.trim().parse::<u16>().ok().filter(|c| *c != 0);
+        Healthz {
+            status,
+            body: body.trim().to_string(),
+            error: if status.is_none() {
+                o.to_string()
+            } else {
+                String::new()
+            },
+        }
+    }
+
+    /// Wait until node `k`'s `/healthz` satisfies `want`; Ok(time it
+    /// took), Err(the last answer).
+    pub fn wait_healthz(
+        &self,
+        k: usize,
+        timeout: Duration,
+        want: impl Fn(&Healthz) -> bool,
+    ) -> Result<Duration, Healthz> {
+        let t0 = std::time::Instant::now();
+        let mut last = None;
+        let ok = wait_until(timeout, || {
+            let h = self.healthz(k);
+            let ok = want(&h);
+            last = Some(h);
+            ok
+        });
+        match last {
+            Some(_) if ok => Ok(t0.elapsed()),
+            Some(h) => Err(h),
+            None => Err(Healthz {
+                status: None,
+                body: String::new(),
+                error: "not asked".into(),
+            }),
+        }
+    }
+
+    /// `ctl health --json` on node `k` (its exit status is 1 while
+    /// degraded; the JSON is read either way).
+    pub fn health(&self, k: usize) -> Result<Value, String> {
+        let o = self.ctl(k, &["health", "--json"]);
+        serde_json::from_str(o.stdout.trim())
+            .map_err(|e| format!("ctl health --json on {}: {e}: {o}", self.nodes[k].name))
+    }
+
+    /// `ctl stats --json` on node `k`.
+    pub fn stats(&self, k: usize) -> Result<Value, String> {
+        let o = self.ctl(k, &["stats", "--json"]);
+        if !o.ok() {
+            return Err(format!("ctl stats on {}: {o}", self.nodes[k].name));
+        }
+        serde_json::from_str(o.stdout.trim())
+            .map_err(|e| format!("ctl stats --json on {}: {e}: {o}", self.nodes[k].name))
+    }
+
+    /// Node `k`'s successful-logon counter (`logons` of `ctl stats`; it
+    /// starts at 0 with every start of the daemon).
+    pub fn logons(&self, k: usize) -> Result<u64, String> {
+        let v = self.stats(k)?;
+        v["logons"]
+            .as_u64()
+            .ok_or_else(|| format!("no `logons` in ctl stats of {}: {v}", self.nodes[k].name))
+    }
+
+    /// `ctl drain` on node `k`; with `wait`, `ctl drain --wait SECS` (the
+    /// command's own timeout is SECS + 15 s).
+    pub fn drain(&self, k: usize, wait: Option<u64>) -> CmdOut {
+        match wait {
+            None => self.ctl(k, &["drain"]),
+            Some(secs) => self.nodes[k].ctl_timeout(
+                &["drain", "--wait", &secs.to_string()],
+                Duration::from_secs(secs + 15),
+            ),
+        }
+    }
+
+    /// [`ArpClaims`] of node `k` for `addrs`.
+    pub fn arp_claims(&self, k: usize, addrs: &[String]) -> Result<ArpClaims, String> {
+        arp_claims(&self.nodes[k].ns.name, k, addrs)
+    }
+
+    /// The MACs that answer broadcast ARP requests for `addr` from the
+    /// internal host (`arping -b -c 2 -w 3`: every node sees every request;
+    /// proxy replies come within `proxy_delay`, 0.8 s).
+    pub fn arp_answerers(&self, addr: &str) -> BTreeSet<String> {
+        let o = self.internal.exec(
+            &["arping", "-b", "-c", "2", "-w", "3", "-I", "vi", addr],
+            Duration::from_secs(8),
+        );
+        o.stdout
+            .lines()
+            .filter(|l| l.contains("reply from"))
+            .filter_map(|l| Some(l.split_once('[')?.1.split_once(']')?.0.to_lowercase()))
+            .collect()
+    }
+
+    /// The node whose inside interface has `mac`.
+    pub fn node_of_mac(&self, mac: &str) -> Option<usize> {
+        let mac = mac.to_lowercase();
+        (0..self.nodes.len()).find(|&k| self.nodes[k].inside_mac().to_lowercase() == mac)
+    }
+
     /// Names of nodes whose daemon has exited.
     pub fn dead_nodes(&mut self) -> Vec<String> {
         self.nodes
@@ -890,16 +1201,69 @@ impl ClusterTopology {
             log,
         ));
         let want = self.nodes.len();
-        let mut last = Vec::new();
+        let passed = if haproxy_httpchk() { "L7OK" } else { "L4OK" };
+        let mut last = BTreeMap::new();
         let ok = wait_until(Duration::from_secs(15), || {
-            last = self.haproxy.servers();
-            last.iter().filter(|(_, st)| st == "UP").count() == want
+            last = self.haproxy.servers_detail();
+            last.values()
+                .filter(|r| {
+                    r.get("status").map(String::as_str) == Some("UP")
+                        && r.get("check_status").map(String::as_str) == Some(passed)
+                })
+                .count()
+                == want
         });
-        assert!(
-            ok,
-            "haproxy: not every node is UP after 15 s: {last:?}\n{}",
-            self.haproxy.log()
-        );
+        if !ok {
+            let brief: Vec<String> = last
+                .iter()
+                .map(|(sv, r)| {
+                    format!(
+                        "{sv}: {} (check {} {} {})",
+                        r.get("status").map(String::as_str).unwrap_or("?"),
+                        r.get("check_status").map(String::as_str).unwrap_or("?"),
+                        r.get("check_code").map(String::as_str).unwrap_or(""),
+                        r.get("last_chk").map(String::as_str).unwrap_or(""),
+                    )
+                })
+                .collect();
+            panic!(
+                "haproxy: not every node is UP with a passed check ({passed}) after 15 s: \
+                 {brief:?}\n{}\n{}",
+                self.haproxy.log(),
+                self.node_logs()
+            );
+        }
+    }
+
+    /// haproxy's status of node `k` (`UP`, `DOWN`, `UP 1/2`, ...).
+    pub fn haproxy_status(&self, k: usize) -> String {
+        let name = node_name(k);
+        self.haproxy
+            .servers()
+            .into_iter()
+            .find(|(sv, _)| *sv == name)
+            .map(|(_, st)| st)
+            .unwrap_or_else(|| "absent".into())
+    }
+
+    /// Wait until haproxy shows node `k` with status `want` (`UP` or
+    /// `DOWN`, exactly). Ok(time it took), Err(the last status).
+    pub fn wait_haproxy_status(
+        &self,
+        k: usize,
+        want: &str,
+        timeout: Duration,
+    ) -> Result<Duration, String> {
+        let t0 = std::time::Instant::now();
+        let mut last = String::new();
+        if wait_until(timeout, || {
+            last = self.haproxy_status(k);
+            last == want
+        }) {
+            Ok(t0.elapsed())
+        } else {
+            Err(last)
+        }
     }
 
     /// Kill haproxy (SIGTERM, then SIGKILL).
@@ -1050,8 +1414,16 @@ impl ClusterTopology {
     }
 }
 
-/// haproxy in TCP mode in front of the nodes.
+/// True unless `INTRAGATE_E2E_HAPROXY_HTTPCHK=0` asks for a plain TCP
+/// check (see the module doc).
+pub fn haproxy_httpchk() -> bool {
+    std::env::var("INTRAGATE_E2E_HAPROXY_HTTPCHK").as_deref() != Ok("0")
+}
+
+/// haproxy in TCP mode in front of the nodes, with the nodes' HTTPS health
+/// check (see the module doc).
 fn haproxy_config(socket: &Path, opts: &ClusterOpts) -> String {
+    let httpchk = haproxy_httpchk();
     let mut s = format!(
         r#"global
     nbthread 1
@@ -1066,18 +1438,32 @@ defaults
     timeout client 60s
     timeout server 60s
     timeout check 1s
+    retries 3
+    option redispatch 1
 
 listen vpn
     bind {HAPROXY_IP}:{VPN_PORT}
     balance {balance}
-    default-server inter 1s fall 2 rise 1
 "#,
         sock = socket.display(),
         balance = opts.balance,
     );
+    if httpchk {
+        s.push_str("    option httpchk GET /healthz\n    http-check expect status 200\n");
+    } else {
+        eprintln!(
+            "INTRAGATE_E2E_HAPROXY_HTTPCHK=0: haproxy checks the nodes with a TCP connect, \
+             not GET /healthz (only the harness is being checked)"
+        );
+    }
     for k in 0..opts.nodes {
+        let check = if httpchk {
+            "check check-ssl verify none"
+        } else {
+            "check"
+        };
         s.push_str(&format!(
-            "    server {} {}:{VPN_PORT} check\n",
+            "    server {} {}:{VPN_PORT} {check} inter 500ms fall 2 rise 2\n",
             node_name(k),
             node_outside_ip(k)
         ));

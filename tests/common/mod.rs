@@ -1510,6 +1510,7 @@ pub fn bulk_put(ns: &str, host: &str, port: &str, bytes: &str) -> Result<(), Str
 
 pub mod cluster;
 pub mod plugin;
+pub mod work;
 
 /// `dig +noall +comments +answer` output: the status (`NOERROR`,
 /// `NXDOMAIN`, or why there is none) and the answers' data.
