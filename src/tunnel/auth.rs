@@ -679,6 +679,11 @@ impl Conn {
                     .await;
             }
         };
+        if shared.cluster().is_some() {
+            // The other nodes learn at once that the session is up, and on
+            // which device (a transfer offer there names it).
+            shared.persist.kicked().notify_one();
+        }
         let pool_cidr = pool_info.map(|(c, _)| c);
         let behind_nat = _pool == crate::core::session::NAT_POOL;
         // Users behind NAT reach the gateway's DNS at its first intranet
