@@ -44,6 +44,11 @@ pub const CLAIM_ATTEMPTS: usize = 16;
 /// by default).
 pub const OPS_PER_COMMIT: usize = 64;
 
+/// How long after a session moved to this node its connections through
+/// the old node are picked up mid-stream from the network side (TCP
+/// retransmissions back off to about a minute; two cover a long outage).
+pub const PICKUP_WINDOW: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// What a user logging on at a draining node is told.
 pub const DRAINING_MESSAGE: &str =
     "This gateway node is being taken out of service; connect again to reach another node";

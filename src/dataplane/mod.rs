@@ -198,7 +198,8 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         return;
     }
     let rules = port.rules.load();
-    let ctx = port.ctx(&rules, user_addr, true, &shared.config.nat.ftp_ports);
+    let mut ctx = port.ctx(&rules, user_addr, true, &shared.config.nat.ftp_ports);
+    ctx.pickup_inbound = port.moved_in_until.is_some() && port.picks_up_from(&rules, info.src);
     let outcome = {
         let mut flows = port.flows();
         let o = flows.inbound(

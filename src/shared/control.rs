@@ -87,6 +87,7 @@ impl Shared {
                     inbound,
                     derived,
                     policy,
+                    moved_in,
                     ..
                 } => {
                     let (tx, rx) = mpsc::channel(self.config.buffer_packets);
@@ -119,6 +120,10 @@ impl Shared {
                             self.data.hasher.clone(),
                         )),
                         nat: if *nat { self.config.nat.address } else { None },
+                        // Its connections through the node it moved from
+                        // come back mid-stream for a while.
+                        moved_in_until: moved_in
+                            .then(|| std::time::Instant::now() + crate::cluster::PICKUP_WINDOW),
                     };
                     self.data.routes.insert(*addr, Arc::new(port));
                 }

@@ -149,6 +149,9 @@ pub struct Port {
     pub flows: std::sync::Mutex<SessionFlows>,
     /// The NAT address, when the session is behind spillover NAT.
     pub nat: Option<IpAddr>,
+    /// Until when the user's connections through the node the session
+    /// moved from are picked up mid-stream (`UserCtx::pickup_inbound`).
+    pub moved_in_until: Option<Instant>,
 }
 
 /// What the packet path enforces for one session, from its policy.
@@ -202,7 +205,17 @@ impl Port {
             inbound_rules: &rules.inbound,
             derived_rules: &rules.derived,
             ftp_ports,
+            pickup_inbound: false,
         }
+    }
+
+    /// May a mid-stream TCP segment from `src` be picked up as this user's
+    /// connection (the session moved here a moment ago, and the user may
+    /// reach `src`)?
+    pub fn picks_up_from(&self, rules: &PortRules, src: IpAddr) -> bool {
+        self.moved_in_until.is_some_and(|t| Instant::now() < t)
+            && self.nat.is_none()
+            && (rules.routes.is_empty() || rules.routes.iter().any(|n| n.contains(src)))
     }
 
     /// May this user talk to other users (under the rules in force)?

@@ -600,6 +600,7 @@ mod tests {
             inbound_rules: &[],
             derived_rules: &[],
             ftp_ports: &[21],
+            pickup_inbound: false,
         };
         let syn = pkt::tcp6("fd00::2", 50000, "fd01::2", 21, 100, 0, pkt::SYN, b"");
         out(&mut t, &c, &syn, &mut nat, t0).expect("syn");

@@ -173,6 +173,7 @@ mod tests {
             inbound_rules: &[],
             derived_rules: &[],
             ftp_ports: &[21],
+            pickup_inbound: false,
         };
         let syn = pkt::tcp6("fd00::2", 50000, "fd01::2", 443, 1, 0, pkt::SYN, b"");
         out(&mut t, &c, &syn, &mut nat, t0).expect("syn");

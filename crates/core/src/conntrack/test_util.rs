@@ -339,6 +339,7 @@ pub(crate) fn ctx<'a>(
         inbound_rules: rules,
         derived_rules: derived,
         ftp_ports: &[21, 2121],
+        pickup_inbound: false,
     }
 }
 

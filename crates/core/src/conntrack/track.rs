@@ -300,6 +300,26 @@ impl SessionFlows {
         let state = match kind {
             Kind::Tcp { .. } => {
                 let h = tcp_header(p)?;
+                if ctx.pickup_inbound
+                    && !via_nat
+                    && h.has(tcp::ACK)
+                    && !h.has(tcp::SYN)
+                    && !h.has(tcp::RST)
+                {
+                    // The user's connection through the node it moved from.
+                    let idx = self.insert(
+                        *key,
+                        Direction::Outbound,
+                        FlowState::Tcp(TcpState::Established),
+                        false,
+                        nat,
+                        now,
+                    )?;
+                    if let Some(f) = self.flow_mut(idx) {
+                        f.tcp.picked_up = true;
+                    }
+                    return Ok(idx);
+                }
                 if !h.has(tcp::SYN) || h.has(tcp::ACK) || h.has(tcp::RST) {
                     return Err(DropReason::InvalidTcp);
                 }
@@ -629,6 +649,42 @@ mod tests {
             inb(&mut t, &c, &to_nat, &mut nat, t0),
             Err(DropReason::AddressMismatch)
         );
+    }
+
+    #[test]
+    fn a_moved_session_picks_up_its_downloads_mid_stream() {
+        let t0 = Instant::now();
+        let budget = Arc::new(FlowBudget::new(100));
+        let mut t = table(1, 10, &budget);
+        let mut nat = ports();
+        // A data segment of a download the user started through another
+        // node: no flow here, and no SYN.
+        let data = pkt::tcp4(SERVER, 445, USER, 50000, 1000, 77, pkt::ACK, b"data");
+        let c = ctx(USER, false, &[], &[]);
+        assert_eq!(
+            inb(&mut t, &c, &data, &mut nat, t0),
+            Err(DropReason::InvalidTcp),
+            "normally a connection from outside needs a SYN and a rule"
+        );
+        let moved = UserCtx {
+            pickup_inbound: true,
+            ..ctx(USER, false, &[], &[])
+        };
+        // A SYN is still an inbound connection that needs a rule.
+        let syn = pkt::tcp4(SERVER, 445, USER, 50001, 1, 0, pkt::SYN, b"");
+        assert_eq!(
+            inb(&mut t, &moved, &syn, &mut nat, t0),
+            Err(DropReason::InboundDenied)
+        );
+        inb(&mut t, &moved, &data, &mut nat, t0).expect("picked up");
+        assert_eq!(t.len(), 1);
+        // Tracked as the user's: the ACK goes out, more data comes in, even
+        // once the window is over.
+        let ack = pkt::tcp4(USER, 50000, SERVER, 445, 77, 1004, pkt::ACK, b"");
+        out(&mut t, &c, &ack, &mut nat, t0).expect("ack");
+        let more = pkt::tcp4(SERVER, 445, USER, 50000, 1004, 77, pkt::ACK, b"more");
+        inb(&mut t, &c, &more, &mut nat, t0).expect("more");
+        assert_eq!(t.len(), 1);
     }
 
     #[test]

@@ -32,6 +32,14 @@ pub struct UserCtx<'a> {
     pub derived_rules: &'a [DerivedRule],
     /// Ports the FTP ALG follows (21 and configured extras).
     pub ftp_ports: &'a [u16],
+    /// Inbound only: the session just moved here from another node of a
+    /// cluster (failover, drain), whose flow table stayed behind, and the
+    /// user may reach this packet's source: a mid-stream TCP segment (ACK,
+    /// no SYN) is picked up as the user's established connection, as an
+    /// outbound one is after a restart. Without it, a download whose
+    /// receiver only waits (sends nothing until data comes) would stall
+    /// for good after a move.
+    pub pickup_inbound: bool,
 }
 
 /// What to forward after a successful [`SessionFlows::outbound`] /

@@ -169,6 +169,7 @@ impl GatewayState {
             inbound: policy.inbound.clone(),
             derived: policy.derived.clone(),
             policy: policy.name.clone(),
+            moved_in,
         });
         Ok(id)
     }

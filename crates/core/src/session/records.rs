@@ -114,7 +114,7 @@ impl GatewayState {
         }
         let mut restored = 0;
         for r in records {
-            if self.restore_one(r, now, elapsed).is_some() {
+            if self.restore_one(r, now, elapsed, false).is_some() {
                 restored += 1;
             }
         }
@@ -140,6 +140,7 @@ impl GatewayState {
         r: &SessionRecord,
         now: Instant,
         elapsed: Duration,
+        moved_in: bool,
     ) -> Option<SessionId> {
         let key = user_key(&r.user);
         let policy = self.policies.lookup(&r.user, &r.groups).cloned()?;
@@ -192,7 +193,7 @@ impl GatewayState {
                 connects: 0,
                 policy: policy.clone(),
                 account: r.account,
-                moved_in: false,
+                moved_in,
             },
         );
         self.reschedule(id);
@@ -214,6 +215,7 @@ impl GatewayState {
             inbound: policy.inbound.clone(),
             derived: policy.derived.clone(),
             policy: policy.name.clone(),
+            moved_in,
         });
         Some(id)
     }

@@ -161,11 +161,8 @@ impl GatewayState {
         let mut r = rec.clone();
         r.handoff = false;
         r.node = None;
-        match self.restore_one(&r, now, Duration::ZERO) {
+        match self.restore_one(&r, now, Duration::ZERO, true) {
             Some(id) => {
-                if let Some(s) = self.sessions.get_mut(&id) {
-                    s.moved_in = true;
-                }
                 self.version += 1;
                 Ok(id)
             }

@@ -359,6 +359,10 @@ pub enum Event {
         derived: Vec<crate::expect::DerivedRule>,
         /// Name of its policy.
         policy: String,
+        /// It took over a session another node of a cluster held: its
+        /// connections through the old node are picked up mid-stream for a
+        /// while (see `UserCtx::pickup_inbound`).
+        moved_in: bool,
     },
     /// A session is gone: drop its port, end its tunnel if still up.
     Closed {
