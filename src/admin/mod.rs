@@ -186,7 +186,11 @@ pub fn remote_row(
         address: r.addr,
         dns_name: crate::core::dns_records::label_for(&crate::core::session::user_key(&r.user))
             .map(|l| format!("{l}.{domain}")),
-        state: if r.connected {
+        // Handed over by its node (drain, a move), not yet taken by the
+        // node its client reaches next: held by nobody.
+        state: if r.handoff {
+            "moving"
+        } else if r.connected {
             "active"
         } else {
             "authenticated"
@@ -199,7 +203,7 @@ pub fn remote_row(
         connects: 0,
         age_s: now_unix.saturating_sub(r.logon_unix),
         idle_s: 0,
-        node: Some(r.node.clone()),
+        node: (!r.handoff).then(|| r.node.clone()),
     }
 }
 
@@ -274,7 +278,11 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
                 sessions,
                 pin,
                 error,
-                cluster: shared.cluster().map(|c| c.to_json(now_unix)),
+                cluster: shared.cluster().map(|c| {
+                    let mut v = c.to_json(now_unix);
+                    v["sessions_held"] = Value::from(shared.movable_sessions());
+                    v
+                }),
             })
         }
         Request::Stats => {

@@ -201,7 +201,12 @@ impl Shared {
                     let handle = self.tunnel_table().remove(&id);
                     if let Some(h) = handle {
                         let ctl = match &reason {
-                            CloseReason::Logoff | CloseReason::Shutdown => TunnelCtl::Close,
+                            // No DISCONNECT: after a logoff the client is
+                            // gone; at shutdown or after a move it
+                            // reconnects (elsewhere) with its cookie.
+                            CloseReason::Logoff | CloseReason::Shutdown | CloseReason::Moved => {
+                                TunnelCtl::Close
+                            }
                             other => TunnelCtl::Terminate(other.to_string()),
                         };
                         h.end(ctl);

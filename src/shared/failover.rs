@@ -389,6 +389,9 @@ impl Shared {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reported_empty = false;
         let mut last_orphan_scan = Instant::now();
+        // Fencing starts once the node held a lease: before, it forwards
+        // for nobody (its restored sessions wait for their clients).
+        let mut leased = false;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -396,8 +399,9 @@ impl Shared {
             }
             let now_ms = crate::cluster::node::unix_ms();
             let valid_until = c.lease_valid_until_ms.load(Ordering::Relaxed);
+            leased |= valid_until > now_ms;
             let fenced = c.fenced.load(Ordering::Relaxed);
-            if !fenced && valid_until.saturating_sub(now_ms) < margin_ms {
+            if leased && !fenced && valid_until.saturating_sub(now_ms) < margin_ms {
                 c.fenced.store(true, Ordering::Relaxed);
                 c.fences.fetch_add(1, Ordering::Relaxed);
                 let n = self.movable_sessions();
