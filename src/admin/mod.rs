@@ -265,7 +265,8 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
             // In a cluster: degraded while etcd is out of reach (tunnels
             // keep working; new logons here are refused).
             if let Some(c) = shared.cluster() {
-                if !c.store_is_up() && error.is_none() {
+                let fenced = c.fenced.load(std::sync::atomic::Ordering::Relaxed);
+                if (fenced || !c.store_is_up()) && error.is_none() {
                     status = HealthStatus::Degraded;
                     error = Some(format!(
                         "cluster store (etcd) unreachable: new logons on this node are refused ({})",

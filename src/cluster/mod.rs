@@ -521,7 +521,9 @@ impl Cluster {
             "node": self.node(),
             "endpoints": self.settings.endpoints,
             "prefix": self.settings.prefix,
-            "store_ok": self.store_is_up(),
+            // Fenced: the lease could not be renewed, whatever the watch
+            // still receives (a one-way cut lets etcd's events in).
+            "store_ok": self.store_is_up() && !self.fenced.load(Ordering::Relaxed),
             "store_down_s": if down_since == 0 { 0 } else { now_unix.saturating_sub(down_since) },
             "last_error": self.err().clone(),
             "lease_valid": lease_ms > now_ms,

@@ -404,6 +404,7 @@ impl Shared {
             if leased && !fenced && valid_until.saturating_sub(now_ms) < margin_ms {
                 c.fenced.store(true, Ordering::Relaxed);
                 c.fences.fetch_add(1, Ordering::Relaxed);
+                c.store_down("the node lease cannot be renewed in time", unix_now());
                 let n = self.movable_sessions();
                 warn!(node = c.node(), sessions = n, lease_left_ms = valid_until.saturating_sub(now_ms), "cannot renew this node's lease in the cluster store: fencing (no forwarding, no announcements, tunnels closed so that clients move to other nodes)");
                 self.hand_over_all().await;
