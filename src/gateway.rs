@@ -480,6 +480,7 @@ pub async fn run_with(
     if let (Some(store), Some(c)) = (etcd, shared.cluster().cloned()) {
         tasks.spawn(shared.clone().cluster_watch_loop());
         tasks.spawn(shared.clone().ban_publish_loop());
+        tasks.spawn(shared.clone().failover_loop());
         let info = crate::cluster::NodeInfo {
             node: c.node().to_string(),
             listen: config.listen.to_string(),
@@ -536,14 +537,37 @@ pub async fn run_with(
         crate::fdlimit::monitor(&monitored.stats, monitored.shutdown.clone()).await
     });
 
+    let mut asked_to_stop = false;
     tokio::select! {
-        _ = shutdown => info!("stopping: closing tunnels (clients may reconnect later)"),
+        _ = shutdown => asked_to_stop = true,
         _ = cancel.cancelled() => {}
         Some(res) = tasks.join_next() => {
             if let Err(e) = res {
                 error!(error = %e, "a gateway task failed; stopping");
             }
         }
+    }
+    match shared.cluster().cloned() {
+        Some(c) if asked_to_stop && c.settings.drain_on_stop && c.store_is_up() => {
+            // In a cluster, users move to the other nodes first.
+            info!(
+                timeout_s = c.settings.drain_timeout.as_secs(),
+                "stopping: draining first (sessions move to the other nodes)"
+            );
+            let drained = tokio::time::timeout(c.settings.drain_timeout, async {
+                shared.drain(c.settings.drain_grace).await;
+                while shared.movable_sessions() > 0 || c.has_pending_handoffs() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            })
+            .await;
+            match drained {
+                Ok(()) => info!("drained; stopping"),
+                Err(_) => warn!(sessions = shared.movable_sessions(), "drain not finished in time; stopping anyway (the other nodes take the remaining sessions once this node's lease is gone)"),
+            }
+        }
+        _ if asked_to_stop => info!("stopping: closing tunnels (clients may reconnect later)"),
+        _ => {}
     }
     cancel.cancel();
     // Save first: tunnels ending below would mark their sessions

@@ -232,6 +232,27 @@ enum CtlCmd {
         /// The address.
         address: String,
     },
+    /// Cluster: take this node out of service without logging anyone off.
+    ///
+    /// The node stops accepting logons (its `GET /healthz` answers 503, so
+    /// the load balancer sends new connections elsewhere), then hands every
+    /// session over to the cluster and closes its tunnel without a
+    /// DISCONNECT: openconnect reconnects through the load balancer and
+    /// resumes on another node with the same address and DNS name, without
+    /// a password. Prints where the drain stands; with --wait, waits until
+    /// the node holds no session (exit 1 if it still does after SECS).
+    /// A restarted node is not draining.
+    Drain {
+        /// Wait until the node is empty, at most SECS seconds.
+        #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+        wait: Option<std::time::Duration>,
+        /// Accept logons again (sessions already moved stay where they are).
+        #[arg(long, conflicts_with = "wait")]
+        cancel: bool,
+        /// Only print where a drain stands.
+        #[arg(long, conflicts_with_all = ["wait", "cancel"])]
+        status: bool,
+    },
     /// Re-read policies (same as SIGHUP); prints what changed.
     ///
     /// They apply to every session at once: same pool, in place; another
@@ -255,6 +276,7 @@ impl CtlCmd {
             CtlCmd::Bans => Request::Bans,
             CtlCmd::Unban { address } => Request::Unban { address },
             CtlCmd::Reload => Request::Reload,
+            CtlCmd::Drain { cancel, status, .. } => Request::Drain { cancel, status },
         }
     }
 }
@@ -551,12 +573,43 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 &env_overrides(),
             )
             .map_err(|e| anyhow::anyhow!(e))?;
+            let wait = match &cmd {
+                CtlCmd::Drain { wait, .. } => *wait,
+                _ => None,
+            };
             let req = cmd.into_request();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .context("starting the runtime")?;
-            let reply = rt.block_on(intragate::admin::request(&ctl_socket, &req, timeout))?;
+            let mut reply = rt.block_on(intragate::admin::request(&ctl_socket, &req, timeout))?;
+            if let (Some(wait), intragate::admin::protocol::Reply::Drain(_)) = (wait, &reply) {
+                // Poll until the node is empty or the wait is over.
+                let until = std::time::Instant::now() + wait;
+                let status = Request::Drain {
+                    cancel: false,
+                    status: true,
+                };
+                loop {
+                    if let intragate::admin::protocol::Reply::Drain(d) = &reply {
+                        if d.sessions == 0 && !d.pending {
+                            break;
+                        }
+                    }
+                    if std::time::Instant::now() >= until {
+                        if !json {
+                            print!("{}", intragate::admin::text::render(&req, &reply));
+                        }
+                        bail!(
+                            "the node still holds sessions after {:.0} s",
+                            wait.as_secs_f64()
+                        );
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                    reply =
+                        rt.block_on(intragate::admin::request(&ctl_socket, &status, timeout))?;
+                }
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&reply.to_value())?);
             }

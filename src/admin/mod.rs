@@ -28,8 +28,9 @@ use crate::core::session::{CloseReason, GatewayState, Session, SessionId};
 use crate::fdlimit::AcceptBackoff;
 use crate::shared::Shared;
 use protocol::{
-    Ban, BanList, Conntrack, DnsRecord, DnsRecords, Health, HealthStatus, PoolList, PoolRow,
-    Reloaded, Reply, Request, Selector, SessionIds, SessionList, SessionRow, Stats, Unbanned,
+    Ban, BanList, Conntrack, DnsRecord, DnsRecords, DrainStatus, Health, HealthStatus, PoolList,
+    PoolRow, Reloaded, Reply, Request, Selector, SessionIds, SessionList, SessionRow, Stats,
+    Unbanned,
 };
 
 /// Longest request line accepted.
@@ -414,6 +415,32 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
                 }),
                 Err(e) => Reply::error(format!("the flow list cannot be read: {e}")),
             }
+        }
+        Request::Drain { cancel, status } => {
+            let Some(c) = shared.cluster() else {
+                return Reply::error(
+                    "drain moves sessions to the other nodes of a cluster; this gateway has no [cluster] section (stop it with SIGTERM: its sessions stay resumable after a restart)",
+                );
+            };
+            if cancel {
+                if shared.undrain() {
+                    tracing::info!(node = c.node(), "drain cancelled: accepting logons again");
+                }
+            } else if !status {
+                shared.start_drain();
+            }
+            let nat_sessions = shared
+                .core()
+                .sessions()
+                .filter(|s| s.pool == crate::core::session::NAT_POOL)
+                .count();
+            Reply::Drain(DrainStatus {
+                draining: c.draining.load(std::sync::atomic::Ordering::Relaxed),
+                sessions: shared.movable_sessions(),
+                nat_sessions,
+                pending: c.has_pending_handoffs(),
+                handed_over: c.handed_over.load(std::sync::atomic::Ordering::Relaxed),
+            })
         }
     }
 }

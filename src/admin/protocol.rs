@@ -54,6 +54,17 @@ pub enum Request {
         #[serde(default)]
         user: Option<String>,
     },
+    /// Cluster: stop taking logons and hand every session over to the
+    /// other nodes (`cancel`: take logons again). Answers at once, with
+    /// what is left; `ctl drain --wait` polls it.
+    Drain {
+        /// Take logons again instead.
+        #[serde(default)]
+        cancel: bool,
+        /// Only report (what `--wait` polls).
+        #[serde(default)]
+        status: bool,
+    },
 }
 
 /// Which sessions a request acts on: `session`, `address` or `user`, less
@@ -103,7 +114,7 @@ pub enum RequestError {
 
 impl Request {
     /// Every `cmd`, as listed in the unknown-command error.
-    pub const COMMANDS: [&'static str; 12] = [
+    pub const COMMANDS: [&'static str; 13] = [
         "health",
         "stats",
         "sessions",
@@ -116,6 +127,7 @@ impl Request {
         "bans",
         "unban",
         "reload",
+        "drain",
     ];
 
     /// The request as one JSON line (without the newline).
@@ -165,8 +177,25 @@ pub enum Reply {
     Reload(Reloaded),
     /// To [`Request::Conntrack`].
     Conntrack(Conntrack),
+    /// To [`Request::Drain`].
+    Drain(DrainStatus),
     /// The request failed.
     Error(ErrorReply),
+}
+
+/// `drain`: where a drain stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DrainStatus {
+    /// The node is draining (no logons; sessions handed over).
+    pub draining: bool,
+    /// Sessions this node still holds that a drain moves.
+    pub sessions: usize,
+    /// Sessions behind NAT (they cannot move; they end when the node stops).
+    pub nat_sessions: usize,
+    /// Hand-over records not written yet (store unreachable).
+    pub pending: bool,
+    /// Sessions handed over since the node started.
+    pub handed_over: u64,
 }
 
 /// `health`: `ok` is false while the state cannot be written (`ctl health`
@@ -474,6 +503,7 @@ impl Reply {
             Reply::Unban(b) => serde_json::to_value(b),
             Reply::Reload(b) => serde_json::to_value(b),
             Reply::Conntrack(b) => serde_json::to_value(b),
+            Reply::Drain(b) => serde_json::to_value(b),
             Reply::Error(b) => serde_json::to_value(b),
         };
         // Structs of strings, numbers and string-keyed maps: serialising
@@ -513,6 +543,7 @@ impl Reply {
             Request::Unban { .. } => Reply::Unban(de(v)?),
             Request::Reload => Reply::Reload(de(v)?),
             Request::Conntrack { .. } => Reply::Conntrack(de(v)?),
+            Request::Drain { .. } => Reply::Drain(de(v)?),
         })
     }
 }
@@ -556,6 +587,10 @@ pub(crate) mod tests {
             Request::Reload,
             Request::Conntrack {
                 user: Some("bob".into()),
+            },
+            Request::Drain {
+                cancel: false,
+                status: true,
             },
         ]
     }
@@ -626,7 +661,7 @@ pub(crate) mod tests {
         assert_eq!(
             e.to_string(),
             "unknown command 'shutdown' (health, stats, sessions, show, disconnect, logoff, \
-             pool, dns, conntrack, bans, unban, reload)"
+             pool, dns, conntrack, bans, unban, reload, drain)"
         );
 
         let e = Request::decode(r#"{"cmd":"unban"}"#).expect_err("no address");

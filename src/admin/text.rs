@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 use serde_json::{Map, Value};
 
 use super::protocol::{
-    BanList, Conntrack, DnsRecords, Health, HealthStatus, PoolRow, ReloadSummary, Reply, Request,
-    SessionRef, SessionRow, Stats,
+    BanList, Conntrack, DnsRecords, DrainStatus, Health, HealthStatus, PoolRow, ReloadSummary,
+    Reply, Request, SessionRef, SessionRow, Stats,
 };
 
 /// The reply to `req` for people, ending with a newline (empty for an
@@ -33,8 +33,38 @@ pub fn render(req: &Request, reply: &Reply) -> String {
         Reply::Unban(_) => "was not banned\n".into(),
         Reply::Reload(r) => reload(&r.reloaded),
         Reply::Conntrack(c) => conntrack(c),
+        Reply::Drain(d) => drain(d),
         Reply::Error(e) => format!("error: {}\n", e.error),
     }
+}
+
+fn drain(d: &DrainStatus) -> String {
+    let mut out = if !d.draining {
+        format!(
+            "not draining: accepting logons; {} session(s)\n",
+            d.sessions
+        )
+    } else if d.sessions == 0 && !d.pending {
+        "drained: no sessions left on this node; it can be stopped\n".to_string()
+    } else {
+        format!(
+            "draining: {} session(s) still here{}\n",
+            d.sessions,
+            if d.pending {
+                " (hand-overs waiting for the cluster store)"
+            } else {
+                ""
+            }
+        )
+    };
+    if d.nat_sessions > 0 {
+        let _ = writeln!(
+            out,
+            "{} session(s) behind NAT cannot move (their address is this node's); they end when it stops",
+            d.nat_sessions
+        );
+    }
+    out
 }
 
 fn health(h: &Health) -> String {

@@ -44,6 +44,10 @@ pub const CLAIM_ATTEMPTS: usize = 16;
 /// by default).
 pub const OPS_PER_COMMIT: usize = 64;
 
+/// What a user logging on at a draining node is told.
+pub const DRAINING_MESSAGE: &str =
+    "This gateway node is being taken out of service; connect again to reach another node";
+
 /// What a logon says when the node cannot reach the cluster's store.
 pub const STORE_DOWN_MESSAGE: &str =
     "This gateway cannot reach its cluster state store (etcd) right now, so it cannot \
@@ -95,6 +99,12 @@ pub enum Action {
     UserLogoff,
     /// End its tunnel: the user asked from another device.
     UserDisconnect,
+    /// Hand the session over (its tunnel closes without DISCONNECT): its
+    /// client reconnected to the asking node with its cookie.
+    MoveHere,
+    /// Hand the session over and end its tunnel with a DISCONNECT: the
+    /// user accepted a transfer to a new logon on the asking node.
+    TransferHere,
 }
 
 /// Requests older than this are dropped unserved (the asking side
@@ -163,6 +173,47 @@ pub struct Cluster {
     remote_bans: Mutex<HashMap<IpAddr, NodePoints>>,
     /// Revisions of this node's own `bans/<node>/<key>` records.
     published_bans: Mutex<HashMap<IpAddr, Revision>>,
+    /// The other nodes' session records as last seen, by address: a
+    /// takeover (transfer, a client resuming here, a dead node's session)
+    /// replaces exactly that revision.
+    remote_records: Mutex<HashMap<IpAddr, RemoteRecord>>,
+    /// The nodes whose `nodes/<name>` record is present (their lease is
+    /// alive).
+    live_nodes: Mutex<std::collections::HashSet<String>>,
+    /// Since when a session record has had no live holder (handed over, or
+    /// its node is gone): after the longest reconnect window one node
+    /// ends it.
+    orphans: Mutex<HashMap<IpAddr, std::time::Instant>>,
+    /// `ctl drain` (or a SIGTERM with `drain_on_stop`): no logons; every
+    /// session handed over.
+    pub draining: AtomicBool,
+    /// The lease could not be renewed in time: this node forwards for no
+    /// session and accepts none until it is renewed.
+    pub fenced: AtomicBool,
+    /// Woken on every change the watch applies (a takeover waits on it).
+    pub changed: tokio::sync::Notify,
+    /// Sessions handed over to other nodes (drain, moves, transfers).
+    pub handed_over: AtomicU64,
+    /// Sessions taken over here from other nodes.
+    pub taken_over: AtomicU64,
+    /// Times this node fenced itself (lease about to expire).
+    pub fences: AtomicU64,
+    /// Orphaned sessions (no live holder past the reconnect window) ended.
+    pub orphans_ended: AtomicU64,
+    /// Hand-over records not written yet (store unreachable): address →
+    /// (record, the revision it replaces).
+    pending_handoffs: Mutex<HashMap<IpAddr, (Vec<u8>, Revision)>>,
+}
+
+/// Another node's session record, as last seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteRecord {
+    /// Its revision.
+    pub revision: Revision,
+    /// The node it names.
+    pub node: String,
+    /// Handed over (free for any node to take).
+    pub handoff: bool,
 }
 
 impl Cluster {
@@ -185,7 +236,122 @@ impl Cluster {
             dirty_bans: Mutex::new(std::collections::HashSet::new()),
             remote_bans: Mutex::new(HashMap::new()),
             published_bans: Mutex::new(HashMap::new()),
+            remote_records: Mutex::new(HashMap::new()),
+            live_nodes: Mutex::new(std::collections::HashSet::new()),
+            orphans: Mutex::new(HashMap::new()),
+            draining: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+            handed_over: AtomicU64::new(0),
+            taken_over: AtomicU64::new(0),
+            fences: AtomicU64::new(0),
+            orphans_ended: AtomicU64::new(0),
+            pending_handoffs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A hand-over record to write again later.
+    pub fn add_pending_handoff(&self, addr: IpAddr, value: Vec<u8>, rev: Revision) {
+        lock(&self.pending_handoffs).insert(addr, (value, rev));
+    }
+
+    /// The hand-over records to write again (emptied).
+    pub fn take_pending_handoffs(&self) -> Vec<(IpAddr, Vec<u8>, Revision)> {
+        lock(&self.pending_handoffs)
+            .drain()
+            .map(|(a, (v, r))| (a, v, r))
+            .collect()
+    }
+
+    /// Are hand-over records waiting to be written?
+    pub fn has_pending_handoffs(&self) -> bool {
+        !lock(&self.pending_handoffs).is_empty()
+    }
+
+    /// The record another node holds for `addr`, as last seen.
+    pub fn remote_record(&self, addr: IpAddr) -> Option<RemoteRecord> {
+        lock(&self.remote_records).get(&addr).cloned()
+    }
+
+    /// Note another node's record for `addr` (None: gone).
+    pub fn set_remote_record(&self, addr: IpAddr, r: Option<RemoteRecord>) {
+        let mut m = lock(&self.remote_records);
+        match r {
+            Some(r) => {
+                m.insert(addr, r);
+            }
+            None => {
+                m.remove(&addr);
+                lock(&self.orphans).remove(&addr);
+            }
+        }
+    }
+
+    /// Forget every remote record and node (before a full reload).
+    pub fn clear_remote_records(&self) {
+        lock(&self.remote_records).clear();
+        lock(&self.live_nodes).clear();
+    }
+
+    /// `nodes/<name>` appeared (`true`) or went (lease expired, or the node
+    /// stopped).
+    pub fn set_node_alive(&self, name: &str, alive: bool) {
+        let mut m = lock(&self.live_nodes);
+        if alive {
+            m.insert(name.to_string());
+        } else {
+            m.remove(name);
+        }
+    }
+
+    /// Is `name`'s lease alive (as the watch last said)?
+    pub fn node_alive(&self, name: &str) -> bool {
+        lock(&self.live_nodes).contains(name)
+    }
+
+    /// The nodes whose lease is alive.
+    pub fn live_nodes(&self) -> Vec<String> {
+        let mut v: Vec<String> = lock(&self.live_nodes).iter().cloned().collect();
+        v.sort();
+        v
+    }
+
+    /// Records without a live holder, and since when this node has seen
+    /// them so (updated here: new orphans start now, adopted ones go).
+    pub fn orphans(
+        &self,
+        now: std::time::Instant,
+    ) -> Vec<(IpAddr, RemoteRecord, std::time::Instant)> {
+        let records = lock(&self.remote_records).clone();
+        let live = lock(&self.live_nodes).clone();
+        let mut o = lock(&self.orphans);
+        o.retain(|a, _| {
+            records
+                .get(a)
+                .is_some_and(|r| r.handoff || !live.contains(&r.node))
+        });
+        records
+            .into_iter()
+            .filter(|(_, r)| r.handoff || !live.contains(&r.node))
+            .map(|(a, r)| {
+                let since = *o.entry(a).or_insert(now);
+                (a, r, since)
+            })
+            .collect()
+    }
+
+    /// Make every orphan look `by` older (tests of the orphan timeout).
+    #[cfg(test)]
+    pub fn age_orphans(&self, by: std::time::Duration) {
+        for t in lock(&self.orphans).values_mut() {
+            *t = t.checked_sub(by).unwrap_or(*t);
+        }
+    }
+
+    /// Is this node accepting logons and sessions (not draining, not
+    /// fenced)?
+    pub fn serving(&self) -> bool {
+        !self.draining.load(Ordering::Relaxed) && !self.fenced.load(Ordering::Relaxed)
     }
 
     /// The ban points of `key` changed here: publish them.
@@ -361,6 +527,13 @@ impl Cluster {
             "claims_unavailable": self.claims_unavailable.load(Ordering::Relaxed),
             "remote_updates": self.remote_updates.load(Ordering::Relaxed),
             "resyncs": self.resyncs.load(Ordering::Relaxed),
+            "draining": self.draining.load(Ordering::Relaxed),
+            "fenced": self.fenced.load(Ordering::Relaxed),
+            "live_nodes": self.live_nodes(),
+            "handed_over": self.handed_over.load(Ordering::Relaxed),
+            "taken_over": self.taken_over.load(Ordering::Relaxed),
+            "fences": self.fences.load(Ordering::Relaxed),
+            "orphans_ended": self.orphans_ended.load(Ordering::Relaxed),
         })
     }
 }

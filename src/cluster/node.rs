@@ -136,7 +136,7 @@ pub async fn keep_lease(
 }
 
 /// Milliseconds since the Unix epoch (0 before it).
-fn unix_ms() -> u64 {
+pub fn unix_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

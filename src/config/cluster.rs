@@ -12,6 +12,11 @@ use super::errors::Ctx;
 /// Default key prefix in etcd.
 const DEFAULT_PREFIX: &str = "/intragate";
 const DEFAULT_LEASE_TTL_SECS: u64 = 10;
+/// Default `drain_grace`: two health checks of a load balancer checking
+/// every half second with `fall 2`, and some.
+const DEFAULT_DRAIN_GRACE_SECS: u64 = 2;
+/// Default `drain_timeout`.
+const DEFAULT_DRAIN_TIMEOUT_SECS: u64 = 30;
 /// Shortest node lease etcd grants sensibly (keep-alives go every third).
 const MIN_LEASE_TTL_SECS: u64 = 3;
 const MAX_LEASE_TTL_SECS: u64 = 3600;
@@ -33,6 +38,9 @@ pub(super) struct RawCluster {
     password_file: Option<String>,
     announce: Option<Spanned<String>>,
     inside_interface: Option<Spanned<String>>,
+    drain_on_stop: Option<bool>,
+    drain_grace: Option<Spanned<u64>>,
+    drain_timeout: Option<Spanned<u64>>,
 }
 
 /// How a node makes the internal network reach the users it holds.
@@ -76,6 +84,13 @@ pub struct ClusterSettings {
     pub password_file: Option<PathBuf>,
     /// How users' addresses are announced.
     pub announce: Announce,
+    /// SIGTERM drains the node first (its sessions move to other nodes).
+    pub drain_on_stop: bool,
+    /// How long a drain waits, after its health check turns 503, before it
+    /// closes tunnels (so the load balancer sends the reconnects elsewhere).
+    pub drain_grace: Duration,
+    /// How long a SIGTERM waits for the drain before stopping anyway.
+    pub drain_timeout: Duration,
 }
 
 /// Is `s` a usable node name (letters, digits, `-`, `_`, `.`; 1–63 bytes)?
@@ -204,6 +219,36 @@ impl ClusterSettings {
                 Duration::from_secs(DEFAULT_LEASE_TTL_SECS)
             }
         };
+        let mut secs = |v: &Option<Spanned<u64>>,
+                        name: &str,
+                        range: std::ops::RangeInclusive<u64>,
+                        default: u64| match v {
+            None => Duration::from_secs(default),
+            Some(v) if range.contains(v.get_ref()) => Duration::from_secs(*v.get_ref()),
+            Some(v) => {
+                cx.err_at(
+                    v.span(),
+                    format!(
+                        "cluster.{name}: seconds between {} and {} (default {default})",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+                Duration::from_secs(default)
+            }
+        };
+        let drain_grace = secs(
+            &rc.drain_grace,
+            "drain_grace",
+            0..=60,
+            DEFAULT_DRAIN_GRACE_SECS,
+        );
+        let drain_timeout = secs(
+            &rc.drain_timeout,
+            "drain_timeout",
+            1..=3600,
+            DEFAULT_DRAIN_TIMEOUT_SECS,
+        );
         let file = |p: &Option<String>| p.as_deref().map(|p| rel(base, p));
         let (cert, key) = (
             file(&rc.cert),
@@ -265,6 +310,9 @@ impl ClusterSettings {
         };
         Some(Self {
             announce,
+            drain_on_stop: rc.drain_on_stop.unwrap_or(true),
+            drain_grace,
+            drain_timeout,
             node,
             endpoints,
             prefix,

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
-use crate::cluster::{Action, ActionRequest, BanPoints, Cluster, Released};
+use crate::cluster::{Action, ActionRequest, BanPoints, Cluster, Released, RemoteRecord};
 use crate::core::pool::{PoolSnapshot, SnapshotLease, SnapshotReleased, SnapshotSticky};
 use crate::core::session::{
     token_hash, RemoteSession, SessionId, SessionRecord, NAT_POOL, TOKEN_HASH_PREFIX,
@@ -93,7 +93,18 @@ fn remote_of(r: &SessionRecord) -> Option<RemoteSession> {
         client_addr: r.client_addr,
         logon_unix: saved.saturating_sub(r.age_secs),
         connected: r.connected,
+        token_hash: if r.token.starts_with(TOKEN_HASH_PREFIX) {
+            r.token.clone()
+        } else {
+            token_hash(&r.token)
+        },
+        handoff: r.handoff,
     })
+}
+
+/// `nodes/<name>` → name.
+pub(crate) fn node_key_name(key: &Key) -> Option<&str> {
+    key.0.strip_prefix("nodes/").filter(|n| !n.is_empty())
 }
 
 impl Shared {
@@ -103,12 +114,18 @@ impl Shared {
     }
 
     /// Make this node part of `cluster` (once, before `load_state`).
-    pub fn join_cluster(&self, cluster: Arc<Cluster>) {
+    pub fn join_cluster(self: &Arc<Self>, cluster: Arc<Cluster>) {
+        let _ = self.me.set(Arc::downgrade(self));
         // Each node starts handing out never-used addresses at its own
         // point of the pools, so concurrent logons on several nodes rarely
         // propose the same address (a collision costs a lost claim).
         self.core().spread_allocation(node_seed(cluster.node()));
         let _ = self.cluster.set(cluster);
+    }
+
+    /// This node's own handle (None before it joined a cluster).
+    pub(super) fn weak_self(&self) -> Option<Arc<Shared>> {
+        self.me.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Claim session `id`'s address cluster-wide before its cookie is
@@ -136,25 +153,54 @@ impl Shared {
             Ok(v) => v,
             Err(e) => return self.claim_failed(&c, id, &e.to_string()),
         };
-        let rkey = released_key(addr);
-        let released_op = match c.released_rev(addr) {
-            Some(rev) => Op::Delete {
-                key: rkey.clone(),
-                expect: Expect::At(rev),
-            },
-            None => Op::Check {
-                key: rkey.clone(),
-                expect: Expect::Absent,
-            },
+        let moved_in = self.core().session(id).is_some_and(|s| s.moved_in);
+        let takeover = if moved_in {
+            c.remote_record(addr)
+        } else {
+            None
         };
-        let ops = vec![
-            Op::Put {
-                key: key.clone(),
-                value,
-                expect: Expect::Absent,
-            },
-            released_op,
-        ];
+        let ops = match takeover {
+            // Another node's record is on the address: a takeover (a
+            // transfer, a client resuming here, a dead node's session).
+            // It replaces exactly the record seen; a record not handed
+            // over is taken only while its node's lease is gone (fencing:
+            // that node stopped forwarding before its lease could expire).
+            Some(r) => {
+                let mut ops = vec![Op::Put {
+                    key: key.clone(),
+                    value,
+                    expect: Expect::At(r.revision),
+                }];
+                if !r.handoff {
+                    ops.push(Op::Check {
+                        key: Key::node(&r.node),
+                        expect: Expect::Absent,
+                    });
+                }
+                ops
+            }
+            None => {
+                let rkey = released_key(addr);
+                let released_op = match c.released_rev(addr) {
+                    Some(rev) => Op::Delete {
+                        key: rkey.clone(),
+                        expect: Expect::At(rev),
+                    },
+                    None => Op::Check {
+                        key: rkey.clone(),
+                        expect: Expect::Absent,
+                    },
+                };
+                vec![
+                    Op::Put {
+                        key: key.clone(),
+                        value,
+                        expect: Expect::Absent,
+                    },
+                    released_op,
+                ]
+            }
+        };
         match self.store.commit(ops, now_unix).await {
             Ok(rev) => {
                 c.store_up();
@@ -202,6 +248,13 @@ impl Shared {
 
     async fn claimed(&self, c: &Cluster, id: SessionId, key: Key, rec: &SessionRecord, rev: u64) {
         c.claims.fetch_add(1, Ordering::Relaxed);
+        if c.remote_record(rec.addr).is_some()
+            && self.core().session(id).is_some_and(|s| s.moved_in)
+        {
+            c.taken_over.fetch_add(1, Ordering::Relaxed);
+            c.set_remote_record(rec.addr, None);
+            info!(addr = %rec.addr, user = %rec.user, "session taken over from another node");
+        }
         self.data.set_remote_peer(rec.addr, false);
         if let Some(arc) = self.cluster() {
             arc.announce_local(rec.addr);
@@ -406,9 +459,29 @@ impl Shared {
             .session_by_addr(req.addr)
             .filter(|s| s.user.eq_ignore_ascii_case(&req.user))
             .map(|s| s.id);
+        if let (Some(id), Action::MoveHere | Action::TransferHere) = (id, req.action) {
+            drop(core);
+            use crate::core::session::CloseReason;
+            let reason = if req.action == Action::TransferHere {
+                CloseReason::Transferred
+            } else {
+                CloseReason::Moved
+            };
+            info!(from = %req.from, session = %id, addr = %req.addr, action = ?req.action, "handing a session over to the node its user is on now");
+            if let Some(me) = self.weak_self() {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        me.hand_over(vec![id], reason).await;
+                    });
+                }
+            }
+            delete();
+            return;
+        }
         if let Some(id) = id {
             use crate::core::session::CloseReason;
             match req.action {
+                Action::MoveHere | Action::TransferHere => {}
                 Action::Logoff => core.handle_logoff(id, CloseReason::Admin(req.by.clone()), now),
                 Action::UserLogoff => core.handle_logoff(id, CloseReason::UserRequest, now),
                 Action::Disconnect => {
@@ -468,29 +541,52 @@ impl Shared {
                         warn!(key = %rec.key, "skipping an unreadable session record");
                         return;
                     };
-                    if s.node.as_deref() == Some(c.node()) {
+                    let mine = s.node.as_deref() == Some(c.node());
+                    if mine && !s.handoff {
                         return;
                     }
                     let Some(remote) = remote_of(&s) else {
                         return;
                     };
+                    c.set_remote_record(
+                        remote.addr,
+                        Some(RemoteRecord {
+                            revision: rec.revision,
+                            node: remote.node.clone(),
+                            handoff: s.handoff,
+                        }),
+                    );
                     c.remote_updates.fetch_add(1, Ordering::Relaxed);
                     let addr = remote.addr;
-                    let up = self.core().remote_session_up(remote);
+                    let up = self.core().remote_session_up(remote.clone());
                     if up.is_ok() {
                         self.remote_peer(c, addr, true);
                     }
                     if let Err(conflict) = up {
                         if self.mirror().contains_key(&Key::session(conflict.addr)) {
-                            // Committed here, and now written by another node:
-                            // only a hand edit of the store does that.
-                            warn!(addr = %conflict.addr, session = %conflict.local, node = ?s.node, "another node wrote the record of an address this node holds; keeping this node's session");
+                            // Committed here, and now another node's: it took
+                            // the session over (this node handed it over, or
+                            // its lease had expired). Its tunnel here ends
+                            // (the client is, or will be, on that node) and
+                            // the address goes to the replica.
+                            warn!(addr = %conflict.addr, session = %conflict.local, node = ?s.node, "another node took this session over; ending it here");
+                            self.mirror().remove(&Key::session(conflict.addr));
+                            let mut core = self.core();
+                            core.abandon_session_as(
+                                conflict.local,
+                                crate::core::session::CloseReason::Moved,
+                                now,
+                            );
+                            let _ = core.remote_session_up(remote);
+                            drop(core);
+                            self.remote_peer(c, addr, true);
                         } else {
                             // A claim in flight: it fails and abandons the
                             // session.
                             debug!(addr = %conflict.addr, session = %conflict.local, "record for an address claimed here too");
                         }
                     }
+                    c.changed.notify_waiters();
                 } else if let Some(addr) = released_key_addr(&rec.key) {
                     c.set_released_rev(addr, Some(rec.revision));
                     let Ok(r) = serde_json::from_slice::<Released>(&rec.value) else {
@@ -509,6 +605,9 @@ impl Shared {
                     if was_remote {
                         self.remote_peer(c, addr, false);
                     }
+                    c.changed.notify_waiters();
+                } else if let Some(name) = node_key_name(&rec.key) {
+                    c.set_node_alive(name, true);
                 }
             }
             Change::Delete { key, .. } => {
@@ -517,6 +616,7 @@ impl Shared {
                         self.apply_remote_ban(c, k, node, None);
                     }
                 } else if let Some(addr) = session_key_addr(&key) {
+                    c.set_remote_record(addr, None);
                     let mut core = self.core();
                     if core.remote_session(addr).is_some() {
                         c.remote_updates.fetch_add(1, Ordering::Relaxed);
@@ -524,8 +624,15 @@ impl Shared {
                         drop(core);
                         self.remote_peer(c, addr, false);
                     }
+                    c.changed.notify_waiters();
                 } else if let Some(addr) = released_key_addr(&key) {
                     c.set_released_rev(addr, None);
+                } else if let Some(name) = node_key_name(&key) {
+                    if name != c.node() {
+                        info!(node = %name, "a node of the cluster is gone (lease expired or stopped); its sessions can move to the nodes their clients reach");
+                    }
+                    c.set_node_alive(name, false);
+                    c.changed.notify_waiters();
                 }
             }
         }
@@ -548,6 +655,12 @@ impl Shared {
         let mut mirror = super::persist::Mirror::default();
         let mut newest_own = 0_u64;
         c.clear_released();
+        c.clear_remote_records();
+        for rec in &snap.records {
+            if let Some(name) = node_key_name(&rec.key) {
+                c.set_node_alive(name, true);
+            }
+        }
         for rec in &snap.records {
             if session_key_addr(&rec.key).is_some() {
                 let Ok(s) = serde_json::from_slice::<SessionRecord>(&rec.value) else {
@@ -572,11 +685,19 @@ impl Shared {
                         owner,
                         addr: s.addr,
                     });
-                if s.node.as_deref() == Some(c.node()) {
+                if s.node.as_deref() == Some(c.node()) && !s.handoff {
                     mirror.insert(rec.key.clone(), (session_digest(&s), rec.revision));
                     newest_own = newest_own.max(s.saved_at_unix.unwrap_or(0));
                     mine.push(s);
                 } else if let Some(r) = remote_of(&s) {
+                    c.set_remote_record(
+                        r.addr,
+                        Some(RemoteRecord {
+                            revision: rec.revision,
+                            node: r.node.clone(),
+                            handoff: s.handoff,
+                        }),
+                    );
                     remote.push(r);
                 }
             } else if let Some(addr) = released_key_addr(&rec.key) {
@@ -686,9 +807,11 @@ impl Shared {
             before
         };
         c.clear_released();
+        c.clear_remote_records();
         for rec in snap.records {
             if session_key_addr(&rec.key).is_some()
                 || released_key_addr(&rec.key).is_some()
+                || node_key_name(&rec.key).is_some()
                 || ban_key_parts(&rec.key).is_some()
                 || rec.key.0.starts_with(&requests_prefix(c.node()))
             {
@@ -827,7 +950,7 @@ impl Shared {
             .filter(|r| session_key_addr(&r.key).is_some())
             .filter_map(|r| {
                 let s = serde_json::from_slice::<SessionRecord>(&r.value).ok()?;
-                (s.node.as_deref() == Some(c.node()))
+                (s.node.as_deref() == Some(c.node()) && !s.handoff)
                     .then(|| (r.key, (session_digest(&s), r.revision)))
             })
             .collect()
@@ -841,6 +964,7 @@ mod tests {
     use super::*;
     use crate::core::session::{LogonOutcome, LogonRequest};
     use crate::shared::test_util::temp_dir;
+    use crate::shared::Resume;
     use crate::state::mem_store::MemStore;
     use crate::state::StateStore;
 
@@ -867,6 +991,7 @@ mod tests {
             ),
         )
         .expect("config");
+        crate::users::add(&dir.join("users"), "alice", &[], "pw").expect("users file");
         let config = crate::config::Config::load(Some(&cfg), &crate::config::Overrides::default())
             .expect("config");
         let cs = config.cluster.clone().expect("cluster section");
@@ -1198,5 +1323,224 @@ mod tests {
                 .admit("198.18.99.8".parse().expect("ip"), "w", Instant::now()),
             Admit::Evaluate { .. }
         ));
+    }
+
+    /// `name`'s `nodes/<name>` record, as its lease keeps it (`false`:
+    /// gone, as when the lease expired).
+    async fn set_alive(store: &MemStore, name: &str, alive: bool) {
+        let key = Key::node(name);
+        let found = store.read(&key).await.expect("read");
+        let op = match (alive, found) {
+            (true, None) => Op::Put {
+                key,
+                value: b"{}".to_vec(),
+                expect: Expect::Absent,
+            },
+            (false, Some(r)) => Op::Delete {
+                key,
+                expect: Expect::At(r.revision),
+            },
+            _ => return,
+        };
+        store.commit(vec![op], unix_now()).await.expect("node key");
+    }
+
+    async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !f() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn cookie_of(node: &Shared, user: &str) -> String {
+        node.core()
+            .sessions()
+            .find(|s| s.user == user)
+            .map(|s| s.token.clone())
+            .expect("session")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_drained_session_resumes_on_another_node_with_its_cookie() {
+        let (store, a, b, alice) = two_nodes_with_alice().await;
+        set_alive(&store, "gw1", true).await;
+        set_alive(&store, "gw2", true).await;
+        let cb = b.cluster().expect("c").clone();
+        wait_for("gw1 alive at gw2", || cb.node_alive("gw1")).await;
+        let cookie = cookie_of(&a, "alice");
+        assert_eq!(a.drain(Duration::ZERO).await, 1);
+        assert_eq!(a.core().len(), 0, "nothing left on the drained node");
+        assert_eq!(
+            a.core().dns().lookup("alice", false),
+            Some(alice),
+            "name kept"
+        );
+        wait_for("the hand-over at gw2", || {
+            cb.remote_record(alice).is_some_and(|r| r.handoff)
+        })
+        .await;
+        // A cookie nobody holds is not resumed.
+        assert_eq!(b.resume_here("no-such-cookie").await, Resume::Unknown);
+        assert_eq!(b.resume_here(&cookie).await, Resume::Resumed);
+        let s = b.core().session_by_token(&cookie).map(|s| s.addr);
+        assert_eq!(s, Some(alice), "same address on the new node");
+        wait_for("gw1 to see gw2 holding alice", || {
+            a.core()
+                .remote_session(alice)
+                .is_some_and(|r| r.node == "gw2" && !r.handoff)
+        })
+        .await;
+        assert_eq!(a.core().dns().lookup("alice", false), Some(alice));
+        let rec = store
+            .read(&Key::session(alice))
+            .await
+            .expect("read")
+            .expect("record");
+        let rec: SessionRecord = serde_json::from_slice(&rec.value).expect("json");
+        assert_eq!(rec.node.as_deref(), Some("gw2"));
+        assert!(!rec.handoff);
+        assert_eq!(
+            rec.token,
+            token_hash(&cookie),
+            "still only the hash in the store"
+        );
+        // Draining: no logons, and a drain status with nothing left.
+        assert!(a.cluster().expect("c").draining.load(Ordering::Relaxed));
+        assert_eq!(a.movable_sessions(), 0);
+        drop(b);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_live_holder_hands_over_when_its_client_reconnects_elsewhere() {
+        let (store, a, b, alice) = two_nodes_with_alice().await;
+        set_alive(&store, "gw1", true).await;
+        set_alive(&store, "gw2", true).await;
+        let cb = b.cluster().expect("c").clone();
+        wait_for("gw1 alive at gw2", || cb.node_alive("gw1")).await;
+        let cookie = cookie_of(&a, "alice");
+        let t = Instant::now();
+        assert_eq!(b.resume_here(&cookie).await, Resume::Resumed);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "asked, not waited out"
+        );
+        assert_eq!(
+            b.core().session_by_token(&cookie).map(|s| s.addr),
+            Some(alice)
+        );
+        assert_eq!(a.core().len(), 0, "gw1 handed it over");
+        let ca = a.cluster().expect("c");
+        assert_eq!(ca.handed_over.load(Ordering::Relaxed), 1);
+        assert_eq!(cb.taken_over.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dead_nodes_session_is_taken_only_once_its_lease_is_gone() {
+        let (store, a, b, alice) = two_nodes_with_alice().await;
+        set_alive(&store, "gw1", true).await;
+        let cb = b.cluster().expect("c").clone();
+        wait_for("gw1 alive at gw2", || cb.node_alive("gw1")).await;
+        let cookie = cookie_of(&a, "alice");
+        // gw1 still holds its lease: a takeover transaction that bypasses
+        // the hand-over (as if gw2 thought gw1 dead) is refused by etcd.
+        let id = {
+            let rec = store
+                .read(&Key::session(alice))
+                .await
+                .expect("r")
+                .expect("rec");
+            let rec: SessionRecord = serde_json::from_slice(&rec.value).expect("json");
+            b.core().adopt_remote(&rec, Instant::now()).expect("adopt")
+        };
+        assert_eq!(
+            b.claim_session(id).await,
+            Claim::Lost,
+            "fenced by nodes/gw1"
+        );
+        assert_eq!(a.core().len(), 1, "gw1 keeps it");
+        // gw1's lease expires (it died): the session moves at once.
+        set_alive(&store, "gw1", false).await;
+        wait_for("gw1 gone at gw2", || !cb.node_alive("gw1")).await;
+        assert_eq!(b.resume_here(&cookie).await, Resume::Resumed);
+        assert_eq!(
+            b.core().session_by_token(&cookie).map(|s| s.addr),
+            Some(alice)
+        );
+        // (gw1 was not really dead here: it sees the takeover and lets go.)
+        wait_for("gw1 to let go", || a.core().is_empty()).await;
+        assert_eq!(
+            a.core().remote_session(alice).map(|r| r.node.clone()),
+            Some("gw2".into())
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transfer_across_nodes_moves_the_address_and_name() {
+        let (store, a, b, alice) = two_nodes_with_alice().await;
+        set_alive(&store, "gw1", true).await;
+        set_alive(&store, "gw2", true).await;
+        let offer = match b.core().handle_logon(
+            LogonRequest {
+                user: "alice".into(),
+                groups: vec![],
+                token: "cookie-new".into(),
+                offer_token: "offer-new".into(),
+                client_addr: None,
+                account: 0,
+            },
+            Instant::now(),
+        ) {
+            Ok(LogonOutcome::TransferOffered(o)) => o,
+            other => panic!("expected a transfer offer, got {other:?}"),
+        };
+        assert_eq!(offer.sessions.len(), 1);
+        assert_eq!(offer.sessions[0].node.as_deref(), Some("gw1"));
+        assert_eq!(b.fetch_transfer_victims(&offer.token).await, None);
+        assert_eq!(a.core().len(), 0, "gw1 ended the old session");
+        let id = b
+            .core()
+            .handle_transfer(&offer.token, true, Instant::now())
+            .expect("transfer");
+        assert_eq!(b.claim_session(id).await, Claim::Claimed);
+        assert_eq!(b.core().session(id).map(|s| s.addr), Some(alice));
+        assert_eq!(b.core().dns().lookup("alice", false), Some(alice));
+        wait_for("gw1 to see alice on gw2", || {
+            a.core()
+                .remote_session(alice)
+                .is_some_and(|r| r.node == "gw2" && !r.handoff)
+        })
+        .await;
+        assert_eq!(a.core().dns().lookup("alice", false), Some(alice));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn orphaned_hand_overs_end_after_the_reconnect_window() {
+        let (store, a, b, alice) = two_nodes_with_alice().await;
+        set_alive(&store, "gw2", true).await;
+        assert_eq!(a.drain(Duration::ZERO).await, 1);
+        let cb = b.cluster().expect("c").clone();
+        wait_for("the hand-over at gw2", || {
+            cb.remote_record(alice).is_some_and(|r| r.handoff)
+        })
+        .await;
+        // Not before the window: nothing ends.
+        b.end_orphans(&cb).await;
+        assert!(store.read(&Key::session(alice)).await.expect("r").is_some());
+        assert_eq!(cb.orphans_ended.load(Ordering::Relaxed), 0);
+        cb.age_orphans(Duration::from_secs(3600));
+        b.end_orphans(&cb).await;
+        assert_eq!(cb.orphans_ended.load(Ordering::Relaxed), 1);
+        assert!(store.read(&Key::session(alice)).await.expect("r").is_none());
+        assert!(store
+            .read(&Key::released(alice))
+            .await
+            .expect("r")
+            .is_some());
+        wait_for("the name to go everywhere", || {
+            a.core().dns().lookup("alice", false).is_none()
+                && b.core().dns().lookup("alice", false).is_none()
+        })
+        .await;
     }
 }

@@ -10,6 +10,7 @@ mod accounts;
 mod cluster;
 mod control;
 mod datapath;
+mod failover;
 mod persist;
 #[cfg(test)]
 pub(crate) mod test_util;
@@ -37,6 +38,7 @@ use crate::users::UserDb;
 pub use cluster::Claim;
 pub use control::CoreGuard;
 pub use datapath::{DataPath, LockedNat, Port, PortRules, UserQueue};
+pub use failover::Resume;
 pub use persist::unix_now;
 pub use tunnels::{TunnelCtl, TunnelHandle, UnauthSlot};
 
@@ -74,6 +76,9 @@ pub struct Shared {
     store: Arc<dyn crate::state::StateStore>,
     /// The cluster this node is part of (unset: one node).
     cluster: std::sync::OnceLock<Arc<crate::cluster::Cluster>>,
+    /// This node's own handle (set on joining a cluster), for work that a
+    /// store event starts and that outlives the call.
+    me: std::sync::OnceLock<std::sync::Weak<Shared>>,
     /// What the store holds, as last read or committed.
     mirror: Mutex<persist::Mirror>,
     /// Stops everything.
@@ -204,6 +209,7 @@ impl Shared {
             persist: crate::state::SaveTracker::default(),
             store,
             cluster: std::sync::OnceLock::new(),
+            me: std::sync::OnceLock::new(),
             mirror: Mutex::new(persist::Mirror::default()),
             shutdown,
             dns_stats: Arc::new(crate::dns::DnsStats::default()),

@@ -65,14 +65,20 @@ pub(crate) fn transfer_form(offer: &TransferOffer, window: Duration) -> Form {
     let list: Vec<String> = offer
         .sessions
         .iter()
-        .map(|s| {
-            format!(
+        .map(|s| match &s.node {
+            None => format!(
                 "device '{}' with {} ({}, idle {})",
                 s.device.as_deref().unwrap_or("unknown"),
                 s.addr,
                 s.state,
                 human(s.idle)
-            )
+            ),
+            Some(node) => format!(
+                "device '{}' with {} ({} on gateway node {node})",
+                s.device.as_deref().unwrap_or("unknown"),
+                s.addr,
+                s.state,
+            ),
         })
         .collect();
     Form {
@@ -262,6 +268,17 @@ impl Conn {
     async fn login(&mut self, user: &str, pass: &str) -> Next {
         let shared = self.shared.clone();
         let now = Instant::now();
+        if let Some(c) = shared.cluster() {
+            if c.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                shared.stats.refuse(RefuseReason::Unavailable);
+                info!(client = %self.ip, "logon refused: this node is draining");
+                return self.refuse_logon(crate::cluster::DRAINING_MESSAGE).await;
+            }
+            if c.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+                shared.stats.refuse(RefuseReason::Unavailable);
+                return self.refuse_logon(crate::cluster::STORE_DOWN_MESSAGE).await;
+            }
+        }
         // Check and charge the points in one call, before the password is
         // checked: parallel attempts cannot all pass a check that the first
         // failure has not updated yet (issue 12 §2).
@@ -418,6 +435,18 @@ impl Conn {
     /// The answer to the transfer form.
     async fn transfer_answer(&mut self, handle: &str, action: &str) -> Next {
         let accept = action.eq_ignore_ascii_case("transfer");
+        if accept {
+            // Sessions on other nodes of a cluster are handed over first.
+            if let Some(node) = self.shared.fetch_transfer_victims(handle).await {
+                self.shared.stats.refuse(RefuseReason::Unavailable);
+                warn!(client = %self.ip, %node, "transfer not done: the node holding the other session did not hand it over");
+                return self
+                    .refuse_logon(&format!(
+                        "Your other session is on gateway node {node}, which did not answer; log on again"
+                    ))
+                    .await;
+            }
+        }
         let result = {
             let mut core = self.shared.core();
             let r = core.handle_transfer(handle, accept, Instant::now());
@@ -598,6 +627,25 @@ impl Conn {
         // last check: a revoked session is closed here and its cookie is
         // refused below.
         shared.recheck_account(token, Instant::now());
+        if let Some(c) = shared.cluster() {
+            if !c.serving() {
+                // Draining or fenced: no tunnel here. Closing without an
+                // answer makes openconnect try again (through the load
+                // balancer, another node); a 401 would end its session.
+                info!(client = %self.ip, "CONNECT not served: this node is draining or cut off from the cluster store");
+                return Next::Close;
+            }
+            let local = shared.core().session_by_token(token).is_some();
+            if !local {
+                match shared.resume_here(token).await {
+                    crate::shared::Resume::Resumed | crate::shared::Resume::Unknown => {}
+                    crate::shared::Resume::Retry(why) => {
+                        info!(client = %self.ip, "CONNECT for a session held by another node, not resumed yet ({why}); the client will retry");
+                        return Next::Close;
+                    }
+                }
+            }
+        }
         // Attach and read everything the reply needs under one lock.
         let attached = {
             let mut core = shared.core();
@@ -631,6 +679,11 @@ impl Conn {
                     .await;
             }
         };
+        if shared.cluster().is_some() {
+            // The other nodes learn at once that the session is up, and on
+            // which device (a transfer offer there names it).
+            shared.persist.kicked().notify_one();
+        }
         let pool_cidr = pool_info.map(|(c, _)| c);
         let behind_nat = _pool == crate::core::session::NAT_POOL;
         // Users behind NAT reach the gateway's DNS at its first intranet

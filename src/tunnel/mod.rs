@@ -284,6 +284,42 @@ impl Conn {
         self.stream.flush().await
     }
 
+    /// `GET /healthz`, for a load balancer's health check: 200 "ok" while
+    /// this node accepts logons, 503 with why otherwise (draining, cut off
+    /// from the cluster store, shutting down).
+    async fn healthz(&mut self) -> Next {
+        let why = if self.shared.shutdown.is_cancelled() {
+            Some("stopping")
+        } else {
+            self.shared.cluster().and_then(|c| {
+                if c.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                    Some("draining")
+                } else if c.fenced.load(std::sync::atomic::Ordering::Relaxed) || !c.store_is_up() {
+                    Some("store unreachable")
+                } else {
+                    None
+                }
+            })
+        };
+        let (status, reason, body) = match why {
+            None => (200, "OK", "ok\n".to_string()),
+            Some(w) => (503, "Service Unavailable", format!("{w}\n")),
+        };
+        let _ = self
+            .respond(
+                status,
+                reason,
+                &[
+                    ("Content-Type", "text/plain"),
+                    ("Cache-Control", "no-store"),
+                ],
+                body.as_bytes(),
+                false,
+            )
+            .await;
+        Next::KeepAlive
+    }
+
     async fn dispatch(&mut self, head: &RequestHead, body: &[u8]) -> Next {
         let path = head.path.split('?').next().unwrap_or("");
         if self.fd.is_refusal() && !self.may_resume(head, path) {
@@ -291,6 +327,7 @@ impl Conn {
         }
         match (head.method.as_str(), path) {
             ("CONNECT", "/CSCOSSLC/tunnel") => self.connect(head).await,
+            ("GET", "/healthz") => self.healthz().await,
             ("GET", "/intragate/sessions")
             | ("POST", "/intragate/disconnect-all")
             | ("POST", "/intragate/logoff-all") => self.workspace(head, path).await,

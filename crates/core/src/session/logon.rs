@@ -28,7 +28,7 @@ impl GatewayState {
             .cloned()
             .ok_or_else(|| LogonError::NoPolicy(req.user.clone()))?;
         let key = user_key(&req.user);
-        if self.held(&key) >= policy.max_sessions_per_user as usize {
+        if self.held_all(&key) >= policy.max_sessions_per_user as usize {
             // A session that authenticated but never brought a tunnel up
             // (e.g. `openconnect --authenticate`, or a client that died
             // between the two steps) gives way to the new logon.
@@ -45,29 +45,47 @@ impl GatewayState {
                 })
                 .collect();
             for id in stale {
-                if self.held(&key) < policy.max_sessions_per_user as usize {
+                if self.held_all(&key) < policy.max_sessions_per_user as usize {
                     break;
                 }
                 self.handle_logoff(id, CloseReason::Superseded, now);
             }
         }
-        if self.held(&key) >= policy.max_sessions_per_user as usize {
+        if self.held_all(&key) >= policy.max_sessions_per_user as usize {
             return self.offer_transfer(req, key, now);
         }
-        self.open(req, policy, None, now).map(LogonOutcome::Opened)
+        // A session of this user that another node handed over and no
+        // client took yet (drain): the new logon takes its address and name.
+        let mut take_over = None;
+        if !policy.nat {
+            let handed = self.remote_handed_off(&key, &policy.pool).map(|r| r.addr);
+            if let Some(e) = handed.and_then(|a| self.take_remote(a)) {
+                self.dns.unregister(e.id, e.session.addr);
+                take_over = Some((e.id, e.session.addr, e.session.pool, true));
+            }
+        }
+        self.open(req, policy, take_over, now)
+            .map(LogonOutcome::Opened)
     }
 
     pub(super) fn held(&self, key: &str) -> usize {
         self.by_user.get(key).map_or(0, Vec::len)
     }
 
+    /// Sessions of user `key` here and on the other nodes of a cluster
+    /// (those handed over and not yet taken are nobody's).
+    pub(super) fn held_all(&self, key: &str) -> usize {
+        self.held(key) + self.remote_held(key).len()
+    }
+
     /// Create a session; with `take_over`, reuse that (just closed) session's
-    /// address instead of allocating.
+    /// address instead of allocating (`.3`: a session another node of a
+    /// cluster held and handed over: the session is `moved_in`).
     pub(super) fn open(
         &mut self,
         req: LogonRequest,
         policy: Policy,
-        take_over: Option<(SessionId, IpAddr, String)>,
+        take_over: Option<(SessionId, IpAddr, String, bool)>,
         now: Instant,
     ) -> Result<SessionId, LogonError> {
         if self.sessions.len() >= self.settings.max_sessions {
@@ -77,8 +95,9 @@ impl GatewayState {
             return Err(LogonError::TokenCollision);
         }
         let key = user_key(&req.user);
+        let moved_in = take_over.as_ref().is_some_and(|t| t.3);
         let (addr, pool_name, took_over) = match take_over {
-            Some((old, addr, pool)) => (addr, pool, Some(old)),
+            Some((old, addr, pool, _)) => (addr, pool, Some(old)),
             None => {
                 let pool_name = if policy.nat {
                     NAT_POOL.to_string()
@@ -131,6 +150,7 @@ impl GatewayState {
             connects: 0,
             policy: policy.clone(),
             account: req.account,
+            moved_in,
         };
         self.sessions.insert(id, session);
         self.reschedule(id);

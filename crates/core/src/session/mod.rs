@@ -38,7 +38,7 @@ pub use crate::ids::SessionId;
 pub use records::SessionRecord;
 
 pub use state::GatewayState;
-pub use types::{token_hash, RemoteConflict, RemoteSession, TOKEN_HASH_PREFIX};
+pub use types::{token_hash, AdoptError, RemoteConflict, RemoteSession, TOKEN_HASH_PREFIX};
 pub use types::{
     user_key, Account, AccountOutcome, AttachError, CloseReason, Event, LogonError, LogonOutcome,
     LogonRequest, PolicyReload, Reevaluation, Session, SessionSettings, SessionState,

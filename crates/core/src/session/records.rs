@@ -48,6 +48,12 @@ pub struct SessionRecord {
     /// file). With a shared store, `token` is the cookie's hash.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The holder handed the session over (drain, or another node asked
+    /// for it): it no longer forwards for it, and whichever node the
+    /// client reconnects to takes it with a compare-and-swap on this
+    /// record.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub handoff: bool,
 }
 
 fn connected_default() -> bool {
@@ -108,82 +114,9 @@ impl GatewayState {
         }
         let mut restored = 0;
         for r in records {
-            let key = user_key(&r.user);
-            let Some(policy) = self.policies.lookup(&r.user, &r.groups).cloned() else {
-                continue;
-            };
-            let leased = self
-                .pools
-                .get(&r.pool)
-                .is_some_and(|p| p.holder(r.addr) == Some(key.as_str()));
-            let age = Duration::from_secs(r.age_secs) + elapsed;
-            let expired = if r.connected {
-                elapsed >= policy.reconnect_window
-            } else {
-                age >= self.settings.connect_timeout
-            };
-            if !leased
-                || self.by_addr.contains_key(&r.addr)
-                || self.by_token.contains_key(&r.token)
-                || expired
-            {
-                continue;
+            if self.restore_one(r, now, elapsed).is_some() {
+                restored += 1;
             }
-            let id = SessionId(self.next_id);
-            self.next_id += 1;
-            let nat = r.pool == NAT_POOL;
-            let dns = if nat {
-                Err(NameError::BehindNat)
-            } else {
-                self.dns.register(&key, id, r.addr)
-            };
-            let created = now.checked_sub(age).unwrap_or(now);
-            self.sessions.insert(
-                id,
-                Session {
-                    id,
-                    user: r.user.clone(),
-                    groups: r.groups.clone(),
-                    device: r.device.clone(),
-                    client_addr: r.client_addr,
-                    token: r.token.clone(),
-                    addr: r.addr,
-                    pool: r.pool.clone(),
-                    dns_label: dns.as_ref().ok().cloned(),
-                    nat,
-                    state: if r.connected {
-                        SessionState::Disconnected { since: now }
-                    } else {
-                        SessionState::Authenticated
-                    },
-                    created,
-                    last_activity: now,
-                    connects: 0,
-                    policy: policy.clone(),
-                    account: r.account,
-                },
-            );
-            self.reschedule(id);
-            if r.token.starts_with(super::types::TOKEN_HASH_PREFIX) {
-                self.hashed_tokens += 1;
-            }
-            self.by_token.insert(r.token.clone(), id);
-            self.by_addr.insert(r.addr, id);
-            self.by_user.entry(key).or_default().push(id);
-            self.events.push_back(Event::Opened {
-                id,
-                user: r.user.clone(),
-                addr: r.addr,
-                dns,
-                client_to_client: policy.client_to_client,
-                routes: policy.routes.clone(),
-                took_over: None,
-                nat,
-                inbound: policy.inbound.clone(),
-                derived: policy.derived.clone(),
-                policy: policy.name.clone(),
-            });
-            restored += 1;
         }
         for pool in self.pools.values_mut() {
             let orphans: Vec<IpAddr> = pool
@@ -198,9 +131,95 @@ impl GatewayState {
         self.version += 1;
         restored
     }
+
+    /// One session from its record (see [`restore`](Self::restore)): its
+    /// address must be leased to its user in its pool already. None when
+    /// it cannot resume (no policy, address or cookie taken, expired).
+    pub(super) fn restore_one(
+        &mut self,
+        r: &SessionRecord,
+        now: Instant,
+        elapsed: Duration,
+    ) -> Option<SessionId> {
+        let key = user_key(&r.user);
+        let policy = self.policies.lookup(&r.user, &r.groups).cloned()?;
+        let leased = self
+            .pools
+            .get(&r.pool)
+            .is_some_and(|p| p.holder(r.addr) == Some(key.as_str()));
+        let age = Duration::from_secs(r.age_secs) + elapsed;
+        let expired = if r.connected {
+            elapsed >= policy.reconnect_window
+        } else {
+            age >= self.settings.connect_timeout
+        };
+        if !leased
+            || self.by_addr.contains_key(&r.addr)
+            || self.by_token.contains_key(&r.token)
+            || expired
+        {
+            return None;
+        }
+        let id = SessionId(self.next_id);
+        self.next_id += 1;
+        let nat = r.pool == NAT_POOL;
+        let dns = if nat {
+            Err(NameError::BehindNat)
+        } else {
+            self.dns.register(&key, id, r.addr)
+        };
+        let created = now.checked_sub(age).unwrap_or(now);
+        self.sessions.insert(
+            id,
+            Session {
+                id,
+                user: r.user.clone(),
+                groups: r.groups.clone(),
+                device: r.device.clone(),
+                client_addr: r.client_addr,
+                token: r.token.clone(),
+                addr: r.addr,
+                pool: r.pool.clone(),
+                dns_label: dns.as_ref().ok().cloned(),
+                nat,
+                state: if r.connected {
+                    SessionState::Disconnected { since: now }
+                } else {
+                    SessionState::Authenticated
+                },
+                created,
+                last_activity: now,
+                connects: 0,
+                policy: policy.clone(),
+                account: r.account,
+                moved_in: false,
+            },
+        );
+        self.reschedule(id);
+        if r.token.starts_with(super::types::TOKEN_HASH_PREFIX) {
+            self.hashed_tokens += 1;
+        }
+        self.by_token.insert(r.token.clone(), id);
+        self.by_addr.insert(r.addr, id);
+        self.by_user.entry(key).or_default().push(id);
+        self.events.push_back(Event::Opened {
+            id,
+            user: r.user.clone(),
+            addr: r.addr,
+            dns,
+            client_to_client: policy.client_to_client,
+            routes: policy.routes.clone(),
+            took_over: None,
+            nat,
+            inbound: policy.inbound.clone(),
+            derived: policy.derived.clone(),
+            policy: policy.name.clone(),
+        });
+        Some(id)
+    }
 }
 
-fn record_of(s: &Session, now: Instant) -> SessionRecord {
+pub(super) fn record_of(s: &Session, now: Instant) -> SessionRecord {
     SessionRecord {
         user: s.user.clone(),
         groups: s.groups.clone(),
@@ -214,5 +233,6 @@ fn record_of(s: &Session, now: Instant) -> SessionRecord {
         connected: s.state != SessionState::Authenticated,
         saved_at_unix: None,
         node: None,
+        handoff: false,
     }
 }

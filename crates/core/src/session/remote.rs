@@ -13,8 +13,12 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use super::records::SessionRecord;
 use super::state::GatewayState;
-use super::types::{user_key, CloseReason, RemoteConflict, RemoteEntry, RemoteSession, NAT_POOL};
+use super::types::{
+    token_hash, user_key, AdoptError, CloseReason, RemoteConflict, RemoteEntry, RemoteSession,
+    NAT_POOL, TOKEN_HASH_PREFIX,
+};
 use crate::ids::SessionId;
 
 impl GatewayState {
@@ -38,15 +42,12 @@ impl GatewayState {
             });
         }
         let key = user_key(&r.user);
-        if let Some(old) = self.remote.remove(&r.addr) {
+        if let Some(old) = self.take_remote(r.addr) {
             if user_key(&old.session.user) == key && old.session.pool == r.pool {
-                self.remote.insert(
-                    r.addr,
-                    RemoteEntry {
-                        session: r,
-                        id: old.id,
-                    },
-                );
+                self.put_remote(RemoteEntry {
+                    session: r,
+                    id: old.id,
+                });
                 return Ok(());
             }
             self.dns.unregister(old.id, r.addr);
@@ -65,15 +66,169 @@ impl GatewayState {
         let id = SessionId(self.next_id);
         self.next_id += 1;
         let _ = self.dns.register(&key, id, r.addr);
-        self.remote.insert(r.addr, RemoteEntry { session: r, id });
+        self.put_remote(RemoteEntry { session: r, id });
         Ok(())
+    }
+
+    /// File a remote entry and its indexes.
+    pub(super) fn put_remote(&mut self, e: RemoteEntry) {
+        let addr = e.session.addr;
+        if !e.session.token_hash.is_empty() {
+            self.remote_by_token
+                .insert(e.session.token_hash.clone(), addr);
+        }
+        self.remote_by_user
+            .entry(user_key(&e.session.user))
+            .or_default()
+            .push(addr);
+        self.remote.insert(addr, e);
+    }
+
+    /// Remove the remote entry on `addr` and its indexes (its DNS name and
+    /// lease stay: the caller decides).
+    pub(super) fn take_remote(&mut self, addr: IpAddr) -> Option<RemoteEntry> {
+        let e = self.remote.remove(&addr)?;
+        if self.remote_by_token.get(&e.session.token_hash) == Some(&addr) {
+            self.remote_by_token.remove(&e.session.token_hash);
+        }
+        let key = user_key(&e.session.user);
+        if let Some(v) = self.remote_by_user.get_mut(&key) {
+            v.retain(|a| *a != addr);
+            if v.is_empty() {
+                self.remote_by_user.remove(&key);
+            }
+        }
+        Some(e)
+    }
+
+    /// The sessions of user `key` other nodes hold and have not handed
+    /// over, oldest logon first.
+    pub(super) fn remote_held(&self, key: &str) -> Vec<&RemoteSession> {
+        let mut v: Vec<&RemoteSession> = self
+            .remote_by_user
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| self.remote.get(a))
+            .map(|e| &e.session)
+            .filter(|r| !r.handoff)
+            .collect();
+        v.sort_by_key(|r| (r.logon_unix, r.addr));
+        v
+    }
+
+    /// The remote session of user `key` that its holder handed over, if
+    /// any (a transfer's victim, ready to be taken).
+    pub(super) fn remote_handed_off(&self, key: &str, pool: &str) -> Option<&RemoteSession> {
+        self.remote_by_user
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|a| self.remote.get(a))
+            .map(|e| &e.session)
+            .find(|r| r.handoff && r.pool == pool)
+    }
+
+    /// The session another node holds whose cookie is `token` (a CONNECT
+    /// here with it: the client moved).
+    pub fn remote_by_cookie(&self, token: &str) -> Option<&RemoteSession> {
+        let addr = self.remote_by_token.get(&token_hash(token))?;
+        self.remote.get(addr).map(|e| &e.session)
+    }
+
+    /// Take over the session another node held on `rec.addr` (it handed it
+    /// over, or it is dead): a local session from its record, disconnected
+    /// until its client's CONNECT (see [`restore`](Self::restore)). The
+    /// record's cookie is a hash: the client's cookie is found by it.
+    ///
+    /// # Errors
+    /// [`AdoptError`] when the replica holds no such session or it cannot
+    /// resume here (no policy for the user any more; expired).
+    pub fn adopt_remote(
+        &mut self,
+        rec: &SessionRecord,
+        now: Instant,
+    ) -> Result<SessionId, AdoptError> {
+        let key = user_key(&rec.user);
+        match self.remote.get(&rec.addr) {
+            Some(e) if user_key(&e.session.user) == key && e.session.pool == rec.pool => {}
+            _ => return Err(AdoptError::NotHeldElsewhere(rec.addr)),
+        }
+        let Some(e) = self.take_remote(rec.addr) else {
+            return Err(AdoptError::NotHeldElsewhere(rec.addr));
+        };
+        self.dns.unregister(e.id, rec.addr);
+        let mut r = rec.clone();
+        r.handoff = false;
+        r.node = None;
+        match self.restore_one(&r, now, Duration::ZERO) {
+            Some(id) => {
+                if let Some(s) = self.sessions.get_mut(&id) {
+                    s.moved_in = true;
+                }
+                self.version += 1;
+                Ok(id)
+            }
+            None => {
+                // Back as it was: the record stays the other node's.
+                let _ = self.dns.register(&key, e.id, rec.addr);
+                self.put_remote(e);
+                Err(AdoptError::CannotResume(rec.addr))
+            }
+        }
+    }
+
+    /// Hand session `id` over to the cluster: it closes here with `reason`
+    /// ([`CloseReason::Moved`]: the client reconnects elsewhere;
+    /// [`CloseReason::Transferred`]: a new logon on another node replaces
+    /// it) and stays in the replica as a handed-over session of `node`
+    /// (this node: its address and name stay reserved until another node
+    /// takes it). Returns the record to write (`handoff` set; its cookie
+    /// as this node keeps it: the shell hashes it).
+    pub fn hand_off(
+        &mut self,
+        id: SessionId,
+        reason: CloseReason,
+        node: &str,
+        now_unix: u64,
+        now: Instant,
+    ) -> Option<SessionRecord> {
+        let s = self.sessions.get(&id)?;
+        if s.pool == NAT_POOL {
+            return None;
+        }
+        let mut rec = super::records::record_of(s, now);
+        rec.node = Some(node.to_string());
+        rec.handoff = true;
+        rec.saved_at_unix = Some(now_unix);
+        self.close(id, reason, now, false);
+        let th = if rec.token.starts_with(TOKEN_HASH_PREFIX) {
+            rec.token.clone()
+        } else {
+            token_hash(&rec.token)
+        };
+        let remote = RemoteSession {
+            node: node.to_string(),
+            user: rec.user.clone(),
+            addr: rec.addr,
+            pool: rec.pool.clone(),
+            device: rec.device.clone(),
+            client_addr: rec.client_addr,
+            logon_unix: now_unix.saturating_sub(rec.age_secs),
+            connected: rec.connected,
+            token_hash: th,
+            handoff: true,
+        };
+        // Cannot conflict: the local session is gone.
+        let _ = self.remote_session_up(remote);
+        Some(rec)
     }
 
     /// The remote session on `addr` ended: its name goes; its address is
     /// released with the full quarantine (the node that held it writes the
     /// exact release, applied with [`remote_release`](Self::remote_release)).
     pub fn remote_session_down(&mut self, addr: IpAddr, now: Instant) {
-        let Some(old) = self.remote.remove(&addr) else {
+        let Some(old) = self.take_remote(addr) else {
             return;
         };
         self.dns.unregister(old.id, addr);
@@ -97,7 +252,7 @@ impl GatewayState {
         if self.by_addr.contains_key(&addr) {
             return;
         }
-        if let Some(old) = self.remote.remove(&addr) {
+        if let Some(old) = self.take_remote(addr) {
             self.dns.unregister(old.id, addr);
         }
         if let Some(p) = self.pools.get_mut(pool) {
@@ -152,6 +307,13 @@ impl GatewayState {
     /// and retries the logon.
     pub fn abandon_session(&mut self, id: SessionId, now: Instant) {
         self.close(id, CloseReason::ClaimLost, now, true);
+    }
+
+    /// Close a session another node took over (its record there is newer):
+    /// closed with `reason`, its address not released (the replica gets
+    /// it with the other node's record).
+    pub fn abandon_session_as(&mut self, id: SessionId, reason: CloseReason, now: Instant) {
+        self.close(id, reason, now, false);
     }
 }
 

@@ -45,6 +45,12 @@ pub struct GatewayState {
     /// Sessions other nodes of the cluster hold, by address (their leases
     /// are in `pools`, their names in `dns`).
     pub(super) remote: HashMap<IpAddr, super::types::RemoteEntry>,
+    /// The remote sessions by cookie hash (a CONNECT here with the cookie
+    /// of a session another node holds).
+    pub(super) remote_by_token: HashMap<String, IpAddr>,
+    /// The remote sessions by user key (the per-user session limit counts
+    /// them).
+    pub(super) remote_by_user: HashMap<String, Vec<IpAddr>>,
     /// Sessions restored with a hashed cookie (a cluster store keeps no
     /// cookie in clear): cookie lookups also try the hash while any is.
     pub(super) hashed_tokens: usize,
@@ -87,6 +93,8 @@ impl GatewayState {
             version: 0,
             dns: DnsRecords::default(),
             remote: HashMap::new(),
+            remote_by_token: HashMap::new(),
+            remote_by_user: HashMap::new(),
             hashed_tokens: 0,
         })
     }
@@ -121,6 +129,7 @@ impl GatewayState {
             addr: s.addr,
             state: s.state.as_str(),
             idle: now.saturating_duration_since(s.last_activity),
+            node: None,
         }
     }
 

@@ -850,6 +850,8 @@ fn remote(node: &str, user: &str, addr: &str) -> RemoteSession {
         client_addr: None,
         logon_unix: 1,
         connected: true,
+        token_hash: token_hash(&format!("cookie-of-{user}")),
+        handoff: false,
     }
 }
 
@@ -925,6 +927,7 @@ fn hashed_cookies_resume_only_with_the_cookie() {
         connected: true,
         saved_at_unix: None,
         node: None,
+        handoff: false,
     };
     let snap = crate::pool::PoolSnapshot {
         pool: "p".into(),
@@ -949,4 +952,164 @@ fn hashed_cookies_resume_only_with_the_cookie() {
     let id = g.session_by_token("cookie-1").expect("resumes").id;
     g.handle_logoff(id, CloseReason::Logoff, t);
     assert_eq!(g.hashed_tokens, 0);
+}
+
+fn remote_record(r: &RemoteSession) -> SessionRecord {
+    SessionRecord {
+        user: r.user.clone(),
+        groups: vec![],
+        token: r.token_hash.clone(),
+        addr: r.addr,
+        pool: r.pool.clone(),
+        device: r.device.clone(),
+        client_addr: r.client_addr,
+        age_secs: 30,
+        account: 0,
+        connected: r.connected,
+        saved_at_unix: Some(100),
+        node: Some(r.node.clone()),
+        handoff: r.handoff,
+    }
+}
+
+#[test]
+fn a_logon_at_the_limit_offers_the_session_another_node_holds() {
+    let t = Instant::now();
+    let mut g = state("10.9.0.0/29", 1);
+    let mut r = remote("gw2", "alice", "10.9.0.4");
+    r.device = Some("laptop".into());
+    g.remote_session_up(r.clone()).expect("free");
+    let offer = match g.handle_logon(req("alice", "t1"), t) {
+        Ok(LogonOutcome::TransferOffered(o)) => o,
+        other => panic!("expected an offer, got {other:?}"),
+    };
+    assert_eq!(offer.sessions.len(), 1);
+    assert_eq!(offer.sessions[0].node.as_deref(), Some("gw2"));
+    assert_eq!(offer.sessions[0].device.as_deref(), Some("laptop"));
+    assert_eq!(offer.sessions[0].addr, r.addr);
+    // Before gw2 hands it over, the transfer cannot complete.
+    let victims = g.transfer_remote_victims(&offer.token, t);
+    assert_eq!(victims, vec![r.clone()]);
+    // (Accepting now fails and consumes the offer: the shell asks first.)
+    // gw2 hands it over: the record comes back with `handoff`.
+    let mut h = r.clone();
+    h.handoff = true;
+    g.remote_session_up(h).expect("same address");
+    assert!(g.transfer_remote_victims(&offer.token, t).is_empty());
+    let id = g
+        .handle_transfer(&offer.token, true, t)
+        .expect("transferred");
+    let s = g.session(id).expect("new session");
+    assert_eq!(s.addr, r.addr, "the address moves with the transfer");
+    assert_eq!(g.dns().lookup("alice", false), Some(r.addr));
+    assert!(g.remote_session(r.addr).is_none());
+    let ev = drain(&mut g);
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, Event::Opened { took_over: Some(_), addr, .. } if addr == &r.addr)));
+}
+
+#[test]
+fn a_transfer_fails_while_the_other_node_still_holds_the_session() {
+    let t = Instant::now();
+    let mut g = state("10.9.0.0/29", 1);
+    g.remote_session_up(remote("gw2", "alice", "10.9.0.4"))
+        .expect("free");
+    let offer = match g.handle_logon(req("alice", "t1"), t) {
+        Ok(LogonOutcome::TransferOffered(o)) => o,
+        other => panic!("expected an offer, got {other:?}"),
+    };
+    assert_eq!(
+        g.handle_transfer(&offer.token, true, t),
+        Err(TransferError::HeldElsewhere("gw2".into()))
+    );
+    assert_eq!(g.sessions().count(), 0);
+    assert!(g.remote_session("10.9.0.4".parse().unwrap()).is_some());
+}
+
+#[test]
+fn a_handed_off_session_keeps_its_name_and_is_adopted_with_its_cookie() {
+    let t = Instant::now();
+    let mut a = state("10.9.0.0/29", 2);
+    let mut b = state("10.9.0.0/29", 2);
+    let id = opened(a.handle_logon(req("alice", "cookie-a"), t));
+    a.handle_attach("cookie-a", Some("laptop".into()), None, t)
+        .expect("attached");
+    let addr = a.session(id).expect("alice").addr;
+    drain(&mut a);
+    // Node A drains: the session closes without a DISCONNECT (Moved), its
+    // name and address stay reserved as a handed-over session.
+    let rec = a
+        .hand_off(id, CloseReason::Moved, "gwA", 1_000, t)
+        .expect("handed off");
+    assert!(rec.handoff && rec.connected);
+    assert_eq!(rec.node.as_deref(), Some("gwA"));
+    assert!(a.session(id).is_none());
+    let ev = drain(&mut a);
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::Closed {
+            reason: CloseReason::Moved,
+            ..
+        }
+    )));
+    assert_eq!(a.dns().lookup("alice", false), Some(addr));
+    assert!(a.remote_session(addr).is_some_and(|r| r.handoff));
+    assert!(
+        a.remote_by_cookie("cookie-a").is_some(),
+        "findable by cookie"
+    );
+    // Node B learns the record (hash only) and the client reconnects there.
+    let mut shared = rec.clone();
+    shared.token = token_hash(&rec.token);
+    let r = RemoteSession {
+        node: "gwA".into(),
+        user: "alice".into(),
+        addr,
+        pool: "p".into(),
+        device: Some("laptop".into()),
+        client_addr: None,
+        logon_unix: 1_000,
+        connected: true,
+        token_hash: shared.token.clone(),
+        handoff: true,
+    };
+    b.remote_session_up(r).expect("free at b");
+    assert!(b.remote_by_cookie("cookie-x").is_none());
+    let found = b.remote_by_cookie("cookie-a").expect("by cookie").clone();
+    assert_eq!(found.addr, addr);
+    let nid = b.adopt_remote(&shared, t).expect("adopted");
+    let s = b
+        .session_by_token("cookie-a")
+        .expect("resumes with the cookie");
+    assert_eq!((s.id, s.addr), (nid, addr));
+    assert!(matches!(s.state, SessionState::Disconnected { .. }));
+    assert_eq!(b.dns().lookup("alice", false), Some(addr));
+    assert!(b.remote_session(addr).is_none());
+    assert!(b.remote_by_cookie("cookie-a").is_none());
+    // Adopting twice, or what nobody holds, fails cleanly.
+    assert_eq!(
+        b.adopt_remote(&shared, t),
+        Err(AdoptError::NotHeldElsewhere(addr))
+    );
+}
+
+#[test]
+fn a_logon_takes_the_address_of_its_handed_off_session() {
+    let t = Instant::now();
+    let mut g = state("10.9.0.0/29", 1);
+    let mut r = remote("gw2", "alice", "10.9.0.5");
+    r.handoff = true;
+    g.remote_session_up(r.clone()).expect("free");
+    let id = opened(g.handle_logon(req("alice", "t1"), t));
+    assert_eq!(g.session(id).expect("alice").addr, r.addr);
+    assert!(g.remote_session(r.addr).is_none());
+    // The adoption record of a session whose holder is another user's
+    // does not match.
+    let mut other = remote_record(&remote("gw2", "bob", "10.9.0.6"));
+    other.handoff = true;
+    assert_eq!(
+        g.adopt_remote(&other, t),
+        Err(AdoptError::NotHeldElsewhere("10.9.0.6".parse().unwrap()))
+    );
 }

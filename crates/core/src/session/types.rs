@@ -85,6 +85,10 @@ pub struct Session {
     /// Stamp of the account's credentials at logon (see [`Account`]); 0 =
     /// not known (a session restored from an older state file).
     pub account: u64,
+    /// It took over a session another node of a cluster held (handed over,
+    /// or its node gone): its claim replaces that node's record instead of
+    /// creating one.
+    pub moved_in: bool,
 }
 
 /// Session settings from the config.
@@ -175,8 +179,11 @@ pub struct SessionSummary {
     pub addr: IpAddr,
     /// State name.
     pub state: &'static str,
-    /// Time since the user's last traffic.
+    /// Time since the user's last traffic (for a session on another node
+    /// of a cluster: since its logon, as the node's record tells no more).
     pub idle: Duration,
+    /// The cluster node holding it (None: this one).
+    pub node: Option<String>,
 }
 
 /// What the account source (the users file; later a directory) says about
@@ -276,6 +283,10 @@ pub enum CloseReason {
     /// Its address was claimed on another node of the cluster first (the
     /// logon is retried with another address; never seen by the user).
     ClaimLost,
+    /// Handed over to another node of the cluster (drain, or the client
+    /// reconnected there): the tunnel closes without a DISCONNECT, so the
+    /// client reconnects and resumes on another node.
+    Moved,
 }
 
 impl CloseReason {
@@ -294,6 +305,7 @@ impl CloseReason {
             CloseReason::Superseded => "superseded",
             CloseReason::Revoked(_) => "revoked",
             CloseReason::ClaimLost => "claim_lost",
+            CloseReason::Moved => "moved",
         }
     }
 }
@@ -315,6 +327,7 @@ impl fmt::Display for CloseReason {
             CloseReason::Superseded => f.write_str("superseded by a new logon before connecting"),
             CloseReason::Revoked(why) => write!(f, "access revoked: {why}"),
             CloseReason::ClaimLost => f.write_str("address claimed on another node first"),
+            CloseReason::Moved => f.write_str("moved to another node of the cluster"),
         }
     }
 }
@@ -435,6 +448,13 @@ pub enum TransferError {
     /// Opening the new session failed.
     #[error(transparent)]
     Logon(#[from] LogonError),
+    /// A session to replace is still held by another node of the cluster
+    /// (the shell asks that node to hand it over first, see
+    /// [`GatewayState::transfer_remote_victims`]).
+    ///
+    /// [`GatewayState::transfer_remote_victims`]: super::GatewayState::transfer_remote_victims
+    #[error("the other session is still held by gateway node {0}, which did not hand it over; try again")]
+    HeldElsewhere(String),
 }
 
 /// Why a CONNECT was refused.
@@ -486,6 +506,12 @@ pub struct RemoteSession {
     pub logon_unix: u64,
     /// Had a tunnel been up when the record was written?
     pub connected: bool,
+    /// The cookie's hash (`sha256:…`), as the record holds it: a CONNECT
+    /// with the cookie at this node finds the session by it.
+    pub token_hash: String,
+    /// The holder handed it over (drain, or a move asked for by another
+    /// node): whichever node the client reaches next takes it.
+    pub handoff: bool,
 }
 
 /// A remote session and the id its DNS records are filed under.
@@ -493,6 +519,22 @@ pub struct RemoteSession {
 pub(crate) struct RemoteEntry {
     pub(crate) session: RemoteSession,
     pub(crate) id: SessionId,
+}
+
+/// Why [`GatewayState::adopt_remote`] did not take a session over.
+///
+/// [`GatewayState::adopt_remote`]: super::GatewayState::adopt_remote
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AdoptError {
+    /// No other node holds a session of that user on this address (it
+    /// ended, or the replica has not seen it yet).
+    #[error("no session of another node on {0}")]
+    NotHeldElsewhere(IpAddr),
+    /// The session cannot resume here (no policy for its user, or its
+    /// reconnect window passed).
+    #[error("the session on {0} cannot resume here")]
+    CannotResume(IpAddr),
 }
 
 /// A remote session's address is held here by a local session.
