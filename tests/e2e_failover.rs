@@ -579,15 +579,6 @@ fn cluster_health(topo: &ClusterTopology, k: usize) -> Value {
     h["cluster"].clone()
 }
 
-/// The number of sessions node `k` still holds according to `ctl health
-/// --json` (the contract does not name the field: the first of a few
-/// likely names in the `cluster` object).
-fn held_in_health(cluster: &Value) -> Option<u64> {
-    ["held", "sessions_held", "held_sessions", "local_sessions"]
-        .iter()
-        .find_map(|k| cluster[*k].as_u64())
-}
-
 // ---------------------------------------------------------------------------
 // a. Transfer across nodes
 // ---------------------------------------------------------------------------
@@ -949,14 +940,16 @@ fn rolling_upgrade_drains_each_node_in_turn() {
             Some(true),
             "`ctl health --json` on draining {name}: cluster object {c}"
         );
-        match held_in_health(&c) {
-            Some(0) => {}
-            Some(x) => panic!("`ctl drain --wait` returned but {name} says it holds {x}: {c}"),
-            None => eprintln!(
-                "note: `ctl health --json` of {name} shows no count of sessions held \
-                 (looked for held, sessions_held, held_sessions, local_sessions): {c}"
-            ),
-        }
+        let d = topo
+            .drain_status(k)
+            .unwrap_or_else(|e| panic!("{e}\n{}", topo.node_logs()));
+        assert!(
+            d["draining"].as_bool() == Some(true)
+                && d["sessions"].as_u64() == Some(0)
+                && d["pending"].as_bool() != Some(true),
+            "`ctl drain --wait` returned, so {name} must be draining and hold no session: \
+             `ctl drain --status --json` says {d}"
+        );
         let still: Vec<Row> = rows(&topo, k)
             .unwrap_or_else(|e| panic!("{e}"))
             .into_iter()
