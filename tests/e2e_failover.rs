@@ -22,10 +22,11 @@
 //! has no conntrack entry for the user's open connections, the sender's
 //! retransmissions arrive *inbound* without a SYN, and the receiving user
 //! has nothing to send that could pick the flow up. Seen with this harness
-//! on the cluster daemon of issue 15 after a plain node restart (the user
-//! resumed on the same node): the retransmitted segments reached the node's
-//! TUN (tcpdump on `igt0`) but never the user's `oc0`, no drop counter
-//! moved, and the download stalled for good while pings went through.
+//! after a plain node restart (the user resumed on the same node): the
+//! retransmitted segments reached the node's TUN (tcpdump on `igt0`) but
+//! never the user's `oc0`, no drop counter moved, and the download stalled
+//! for good while pings went through; and after a crash failover (the moved
+//! users' downloads stalled, the others' completed).
 //!
 //! The figures (resume time after a crash, drain time per node, withdrawal
 //! time after a cut) are printed with `eprintln!`; run with `--nocapture`.
