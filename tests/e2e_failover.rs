@@ -17,6 +17,17 @@
 //! the `logons` counter (`ctl stats`) of every node that was not restarted
 //! is unchanged (a restarted node's counter starts at 0 and must stay 0).
 //!
+//! The TCP transfers are downloads (the internal host sends, the user
+//! receives), the hard direction for a node that takes a session over: it
+//! has no conntrack entry for the user's open connections, the sender's
+//! retransmissions arrive *inbound* without a SYN, and the receiving user
+//! has nothing to send that could pick the flow up. Seen with this harness
+//! after a plain node restart (the user resumed on the same node): the
+//! retransmitted segments reached the node's TUN (tcpdump on `igt0`) but
+//! never the user's `oc0`, no drop counter moved, and the download stalled
+//! for good while pings went through; and after a crash failover (the moved
+//! users' downloads stalled, the others' completed).
+//!
 //! The figures (resume time after a crash, drain time per node, withdrawal
 //! time after a cut) are printed with `eprintln!`; run with `--nocapture`.
 #![allow(clippy::unwrap_used)]
@@ -180,6 +191,21 @@ fn dns_answers(topo: &ClusterTopology, k: usize, user: &str, addr: &str) -> Resu
 // Users at work
 // ---------------------------------------------------------------------------
 
+/// The end of an openconnect log without the keepalive and DPD chatter.
+fn client_tail(c: &Client, max: usize) -> String {
+    let text = c.log();
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            !l.starts_with("Got CSTP DPD")
+                && !l.starts_with("Send CSTP DPD")
+                && !l.starts_with("Got CSTP Keepalive")
+                && !l.starts_with("Send CSTP Keepalive")
+        })
+        .collect();
+    tail(&kept.join("\n"), max).to_string()
+}
+
 /// A user with a tunnel, and what runs through it.
 struct User {
     name: String,
@@ -202,7 +228,7 @@ impl User {
             return Err(format!(
                 "{}'s openconnect exited ({st}):\n{}",
                 self.name,
-                tail(&self.client.log(), 4000)
+                client_tail(&self.client, 4000)
             ));
         }
         let recs = self.client.records();
@@ -215,6 +241,16 @@ impl User {
                 "{}'s openconnect brought a tunnel up from scratch {connects} times \
                  (want 1, then only reconnects with the cookie): {recs:?}",
                 self.name
+            ));
+        }
+        // openconnect prints this once per authentication (the XML form
+        // exchange); a reconnect with the cookie has none.
+        let auths = self.client.log().matches("XML POST enabled").count();
+        if auths > 1 {
+            return Err(format!(
+                "{}'s openconnect authenticated {auths} times:\n{}",
+                self.name,
+                client_tail(&self.client, 4000)
             ));
         }
         let addr = self.addr.to_string();
@@ -391,7 +427,7 @@ fn wait_resumed(
                 return Err(format!(
                     "{}'s openconnect exited ({st}) instead of resuming:\n{}",
                     u.name,
-                    tail(&u.client.log(), 4000)
+                    client_tail(&u.client, 4000)
                 ));
             }
         }
@@ -439,7 +475,7 @@ fn wait_resumed(
                             .iter()
                             .filter(|r| r.user == u.name)
                             .collect::<Vec<_>>(),
-                        tail(&u.client.log(), 1500)
+                        client_tail(&u.client, 1500)
                     )
                 })
                 .collect();
@@ -542,15 +578,6 @@ fn cluster_health(topo: &ClusterTopology, k: usize) -> Value {
         .health(k)
         .unwrap_or_else(|e| panic!("{e}\n{}", topo.node_logs()));
     h["cluster"].clone()
-}
-
-/// The number of sessions node `k` still holds according to `ctl health
-/// --json` (the contract does not name the field: the first of a few
-/// likely names in the `cluster` object).
-fn held_in_health(cluster: &Value) -> Option<u64> {
-    ["held", "sessions_held", "held_sessions", "local_sessions"]
-        .iter()
-        .find_map(|k| cluster[*k].as_u64())
 }
 
 // ---------------------------------------------------------------------------
@@ -778,8 +805,10 @@ fn crash_moves_users_to_other_nodes_with_address_and_open_tcp() {
                 m
             })
     );
+    // The dead node renewed its lease at most a renewal interval before the
+    // kill; half the TTL is earlier than any sane renewal schedule allows.
     assert!(
-        first >= Duration::from_secs(LEASE_TTL) - Duration::from_millis(1500),
+        first.as_secs_f64() >= LEASE_TTL as f64 / 2.0,
         "a user of {victim_name} was resumed elsewhere {:.1} s after the kill: before its \
          lease ({LEASE_TTL} s) could have expired (fencing)",
         first.as_secs_f64()
@@ -912,23 +941,25 @@ fn rolling_upgrade_drains_each_node_in_turn() {
             Some(true),
             "`ctl health --json` on draining {name}: cluster object {c}"
         );
-        match held_in_health(&c) {
-            Some(0) => {}
-            Some(x) => panic!("`ctl drain --wait` returned but {name} says it holds {x}: {c}"),
-            None => eprintln!(
-                "note: `ctl health --json` of {name} shows no count of sessions held \
-                 (looked for held, sessions_held, held_sessions, local_sessions): {c}"
-            ),
-        }
-        let still: Vec<Row> = rows(&topo, k)
+        let d = topo
+            .drain_status(k)
+            .unwrap_or_else(|e| panic!("{e}\n{}", topo.node_logs()));
+        assert!(
+            d["draining"].as_bool() == Some(true)
+                && d["sessions"].as_u64() == Some(0)
+                && d["pending"].as_bool() != Some(true),
+            "`ctl drain --wait` returned, so {name} must be draining and hold no session: \
+             `ctl drain --status --json` says {d}"
+        );
+        // How the cluster lists a handed-over session before its client is
+        // back (not part of the contract: shown, not checked).
+        let limbo: Vec<(String, String, String)> = rows(&topo, k)
             .unwrap_or_else(|e| panic!("{e}"))
             .into_iter()
-            .filter(|r| r.node == name)
+            .filter(|r| on_k.contains(&r.user))
+            .map(|r| (r.user, r.node, r.state))
             .collect();
-        assert!(
-            still.is_empty(),
-            "`ctl drain --wait` returned but {name} still lists sessions of its own: {still:?}"
-        );
+        eprintln!("{name} drained; right after, it lists its former users as {limbo:?}");
         let back = wait_resumed(
             &topo,
             &mut users,
@@ -947,6 +978,22 @@ fn rolling_upgrade_drains_each_node_in_turn() {
             )
         });
         let resumed = back.values().map(|(d, _)| *d).max().unwrap_or_default();
+        // Every node, the drained one too, lists them on their new nodes.
+        for j in 0..n {
+            wait_listed(
+                &topo,
+                j,
+                &book,
+                |_, node| node != name && !node.is_empty(),
+                SOON,
+            )
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{name}'s users resumed on other nodes, but the lists disagree: {e}\n{}",
+                    topo.node_logs()
+                )
+            });
+        }
         let down = topo.wait_haproxy_status(k, "DOWN", 5 * S);
         assert!(
             down.is_ok(),
@@ -1049,21 +1096,31 @@ impl ArpSampler {
         let handle = std::thread::spawn(move || {
             let mut samples = Vec::new();
             while !flag.load(Ordering::Relaxed) {
+                // All nodes at once, so that a sample is one moment (the
+                // time of one shell in a namespace, a few ms).
                 let from = started.elapsed();
-                let claims: Vec<BTreeSet<String>> = nodes
-                    .iter()
-                    .enumerate()
-                    .map(|(k, ns)| {
-                        arp_claims(ns, k, &addrs)
-                            .map(|c| c.claimed)
-                            .unwrap_or_default()
-                    })
-                    .collect();
-                samples.push(Sample {
-                    from,
-                    to: started.elapsed(),
-                    claims,
+                let claims: Option<Vec<BTreeSet<String>>> = std::thread::scope(|sc| {
+                    let asks: Vec<_> = nodes
+                        .iter()
+                        .enumerate()
+                        .map(|(k, ns)| {
+                            let addrs = &addrs;
+                            sc.spawn(move || arp_claims(ns, k, addrs))
+                        })
+                        .collect();
+                    asks.into_iter()
+                        .map(|h| h.join().ok().and_then(Result::ok).map(|c| c.claimed))
+                        .collect()
                 });
+                // A node that could not be asked: no sample (an empty set
+                // would pass for "claims nothing").
+                if let Some(claims) = claims {
+                    samples.push(Sample {
+                        from,
+                        to: started.elapsed(),
+                        claims,
+                    });
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
             samples
@@ -1088,6 +1145,28 @@ impl Drop for ArpSampler {
             let _ = h.join();
         }
     }
+}
+
+/// Per address, the moments (seconds after `t0`) its claimers changed.
+fn timeline(samples: &[Sample], addrs: &[String], t0: Duration) -> String {
+    let mut out = String::new();
+    for a in addrs {
+        let mut prev: Option<Vec<usize>> = None;
+        let mut steps = Vec::new();
+        for s in samples {
+            let who = claimers(s, a);
+            if prev.as_ref() != Some(&who) {
+                let names: Vec<String> = who.iter().map(|&k| node_name(k)).collect();
+                steps.push(format!(
+                    "{:+.2} s {names:?}",
+                    s.from.as_secs_f64() - t0.as_secs_f64()
+                ));
+                prev = Some(who);
+            }
+        }
+        out.push_str(&format!("  {a}: {}\n", steps.join(", ")));
+    }
+    out
 }
 
 /// Who claims `addr` in a sample.
@@ -1160,7 +1239,7 @@ fn partition_fences_the_cut_off_node() {
     let unhealthy = topo.wait_healthz(victim, Duration::from_secs(LEASE_TTL + 2), |h| {
         h.status == Some(503) && h.body == "store unreachable"
     });
-    let back = wait_resumed(
+    let back = match wait_resumed(
         &topo,
         &mut users,
         &moved_ix,
@@ -1169,14 +1248,20 @@ fn partition_fences_the_cut_off_node() {
         Some(&victim_name),
         t_cut,
         RESUME_BOUND,
-    )
-    .unwrap_or_else(|e| {
-        panic!(
-            "{RESUME_BOUND:?} after {victim_name} was cut off from etcd, not all of its users \
-             are back on another node with their address:\n{e}\n{}",
-            topo.node_logs()
-        )
-    });
+    ) {
+        Ok(back) => back,
+        Err(e) => {
+            let samples = sampler.finish();
+            panic!(
+                "{RESUME_BOUND:?} after {victim_name} was cut off from etcd, not all of its \
+                 users are back on another node with their address:\n{e}\n\
+                 /healthz of {victim_name}: {unhealthy:?}\n\
+                 proxy-ARP claims (seconds after the cut, claimers):\n{}\n{}",
+                timeline(&samples, &addrs, cut_at),
+                topo.node_logs()
+            )
+        }
+    };
     let resumed = back.values().map(|(d, _)| *d).max().unwrap_or_default();
     eprintln!(
         "partition: {} users of {victim_name} resumed elsewhere after {:.1} s",
@@ -1274,13 +1359,17 @@ fn partition_fences_the_cut_off_node() {
         .collect();
     eprintln!(
         "partition: {} ARP samples; {victim_name} stopped claiming its users' addresses \
-         {withdrawn:?} after the cut; taken over by another node after {taken:?}",
-        samples.len()
+         {withdrawn:?} after the cut; taken over by another node after {taken:?}\n\
+         claims over time (seconds after the cut, claimers):\n{}",
+        samples.len(),
+        timeline(&samples, &addrs, cut_at)
     );
     assert!(
         doubles.is_empty(),
-        "two nodes claimed one address (proxy ARP) at the same sampled moment:\n{}",
-        doubles.join("\n")
+        "two nodes claimed one address (proxy ARP) at the same sampled moment:\n{}\n\
+         claims over time (seconds after the cut, claimers):\n{}",
+        doubles.join("\n"),
+        timeline(&samples, &addrs, cut_at)
     );
     let withdrawn = withdrawn.unwrap_or_else(|| {
         panic!("{victim_name} never stopped claiming its users' addresses {moved_addrs:?}")
@@ -1361,6 +1450,7 @@ fn a_reconnect_through_haproxy_may_land_on_any_node() {
         .haproxy_node_of(0)
         .expect("haproxy shows no live connection of alice");
     let first_name = topo.node(first).name.clone();
+    eprintln!("alice ({addr}) on {first_name} through haproxy");
     for k in 0..topo.nodes.len() {
         wait_listed(&topo, k, &book, |_, n| n == first_name, 5 * S)
             .unwrap_or_else(|e| panic!("{e}\n{}", topo.node_logs()));

@@ -1137,6 +1137,21 @@ impl ClusterTopology {
         }
     }
 
+    /// `ctl drain --status --json` on node `k`: `draining`, `sessions`
+    /// (still held here), `pending`, `handed_over`, ...
+    pub fn drain_status(&self, k: usize) -> Result<Value, String> {
+        let o = self.ctl(k, &["drain", "--status", "--json"]);
+        if !o.ok() {
+            return Err(format!("ctl drain --status on {}: {o}", self.nodes[k].name));
+        }
+        serde_json::from_str(o.stdout.trim()).map_err(|e| {
+            format!(
+                "ctl drain --status --json on {}: {e}: {o}",
+                self.nodes[k].name
+            )
+        })
+    }
+
     /// [`ArpClaims`] of node `k` for `addrs`.
     pub fn arp_claims(&self, k: usize, addrs: &[String]) -> Result<ArpClaims, String> {
         arp_claims(&self.nodes[k].ns.name, k, addrs)
