@@ -16,6 +16,18 @@
 //! claims lost to races, and memory: RSS growth per session on the node
 //! that holds them and on a node that only replicates them.
 //! `INTRAGATE_BENCH_LOGONS=N` (default 2,000) sets the number of logons.
+//!
+//! Then failover (issue 16), node A holding N connected sessions, node B
+//! taking them as their clients reconnect (`Shared::resume_here`, what a
+//! CONNECT with a cookie of another node's session does; this stands in
+//! for N openconnect clients):
+//! - drain: `ctl drain` on A (grace 0), then all N clients at B at once;
+//!   reports the hand-over time and when the last one resumed;
+//! - crash: A's lease keep-alives stop without a revoke (as `kill -9`) and
+//!   A stops following the store; all N clients at B at once; reports when
+//!   the first and the last resumed, for each lease TTL.
+//! `INTRAGATE_BENCH_FAILOVER=20,500` (sessions) and
+//! `INTRAGATE_BENCH_TTLS=3,5,10` (seconds) set the sizes; `0` skips.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::net::IpAddr;
@@ -77,6 +89,26 @@ fn temp_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// Every user of `users` in `dir/users`, all with one password hash
+/// (hashing hundreds of Argon2 passwords would dominate the run).
+fn users_file(dir: &Path, users: &[String]) {
+    let path = dir.join("users");
+    let _ = std::fs::remove_file(&path);
+    intragate::users::add(&path, &users[0], &[], "pw").expect("users file");
+    let first = std::fs::read_to_string(&path).expect("users");
+    let line = first
+        .lines()
+        .find(|l| l.starts_with(&format!("{}:", users[0])))
+        .expect("line")
+        .to_string();
+    let rest = line.split_once(':').expect("hash").1.to_string();
+    let mut text = first.clone();
+    for u in &users[1..] {
+        text.push_str(&format!("{u}:{rest}\n"));
+    }
+    std::fs::write(&path, text).expect("users");
+}
+
 fn config(dir: &Path, cluster: Option<(&str, &[String])>) -> intragate::config::Config {
     let mut text = format!(
         "[gateway]\nstate_dir = \"state\"\nusers_file = \"users\"\npolicies_dir = \"policies\"\n\
@@ -102,7 +134,14 @@ struct Node {
 }
 
 async fn etcd_node(etcd: &EtcdCluster, name: &str, prefix: &str) -> Node {
-    let dir = temp_dir(name);
+    etcd_node_with(etcd, name, prefix, &[]).await
+}
+
+async fn etcd_node_with(etcd: &EtcdCluster, name: &str, prefix: &str, users: &[String]) -> Node {
+    let dir = temp_dir(&format!("{name}{}", prefix.replace('/', "-")));
+    if !users.is_empty() {
+        users_file(&dir, users);
+    }
     let config = config(&dir, Some((name, &etcd.endpoints())));
     let cs = config.cluster.clone().expect("cluster");
     let store = EtcdStore::connect(etcd.options(prefix))
@@ -322,5 +361,134 @@ fn main() {
             .flat_map(|s| s.core().sessions().map(|x| x.addr).collect::<Vec<_>>())
             .collect();
         assert_eq!(addrs.len(), n, "an address held twice");
+
+        // Failover.
+        let sizes = list_env("INTRAGATE_BENCH_FAILOVER", &[20, 500]);
+        let ttls = list_env("INTRAGATE_BENCH_TTLS", &[3, 5, 10]);
+        for &n in sizes.iter().filter(|n| **n > 0) {
+            let (handed, last) = failover_run(&etcd, n as usize, None).await;
+            println!(
+                "drain, {n:>4} sessions: handed over in {}, last client resumed on another node {} after the drain began",
+                ms(handed),
+                ms(last)
+            );
+            for &ttl in ttls.iter().filter(|t| **t > 0) {
+                let (first, last) = failover_run(&etcd, n as usize, Some(ttl)).await;
+                println!(
+                    "crash, {n:>4} sessions, lease_ttl {ttl:>2} s: first client resumed {} after the crash, last {}",
+                    ms(first),
+                    ms(last)
+                );
+            }
+        }
     });
+}
+
+fn list_env(name: &str, default: &[u64]) -> Vec<u64> {
+    std::env::var(name)
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| default.to_vec())
+}
+
+/// Node A holds `n` connected sessions; B takes them over as their
+/// clients reconnect there, after a drain of A (`crash_ttl` None) or a
+/// crash of A with that lease TTL. Returns (drain: hand-over time, crash:
+/// first resume) and the last resume, from the drain or crash.
+async fn failover_run(
+    etcd: &EtcdCluster,
+    n: usize,
+    crash_ttl: Option<u64>,
+) -> (Duration, Duration) {
+    let tag = match crash_ttl {
+        None => format!("d{n}"),
+        Some(t) => format!("c{n}t{t}"),
+    };
+    let prefix = format!("/fo-{tag}");
+    let users: Vec<String> = (0..n).map(|i| format!("{tag}u{i}")).collect();
+    let a = etcd_node_with(etcd, "gwA", &prefix, &users).await;
+    let b = etcd_node_with(etcd, "gwB", &prefix, &users).await;
+    let ttl = Duration::from_secs(crash_ttl.unwrap_or(10));
+    let lease_a = a
+        .commits
+        .inner
+        .keep_node_alive("gwA", b"{}".to_vec(), ttl)
+        .await
+        .expect("lease A");
+    let lease_b = b
+        .commits
+        .inner
+        .keep_node_alive("gwB", b"{}".to_vec(), Duration::from_secs(10))
+        .await
+        .expect("lease B");
+    let cb = b.shared.cluster().expect("cluster").clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !cb.node_alive("gwA") {
+        assert!(Instant::now() < deadline, "B does not see A");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for u in &users {
+        logon(&a.shared, u).await;
+    }
+    a.shared.persist_now().await;
+    // B knows them as A's, connected.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while b
+        .shared
+        .core()
+        .remote_sessions()
+        .filter(|r| r.connected)
+        .count()
+        < n
+    {
+        assert!(Instant::now() < deadline, "B's replica is stuck");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cookies: Vec<String> = a
+        .shared
+        .core()
+        .sessions()
+        .map(|s| s.token.clone())
+        .collect();
+    assert_eq!(cookies.len(), n);
+    let t0 = Instant::now();
+    let first_phase = match crash_ttl {
+        None => {
+            assert_eq!(a.shared.drain(Duration::ZERO).await, n);
+            t0.elapsed()
+        }
+        Some(_) => {
+            lease_a.abandon();
+            a.shared.shutdown.cancel();
+            Duration::ZERO
+        }
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    for c in cookies {
+        let b = b.shared.clone();
+        tasks.spawn(async move {
+            // A client retries until it is resumed (openconnect: after 10,
+            // 20, 30 s; here at once).
+            for _ in 0..5 {
+                if b.resume_here(&c).await == intragate::shared::Resume::Resumed {
+                    return t0.elapsed();
+                }
+            }
+            panic!("not resumed");
+        });
+    }
+    let mut times = Vec::with_capacity(n);
+    while let Some(r) = tasks.join_next().await {
+        times.push(r.expect("resume"));
+    }
+    times.sort();
+    assert_eq!(b.shared.core().len(), n, "every session on B");
+    b.shared.shutdown.cancel();
+    a.shared.shutdown.cancel();
+    lease_b.shutdown().await;
+    let first = match crash_ttl {
+        None => first_phase,
+        Some(_) => times[0],
+    };
+    (first, times[times.len() - 1])
 }

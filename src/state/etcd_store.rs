@@ -956,6 +956,17 @@ impl NodeLease {
     }
 }
 
+impl NodeLease {
+    /// Stop the keep-alives without revoking, as a crash does: the lease
+    /// and the node's record expire after the TTL (benchmarks and tests
+    /// of failover).
+    pub fn abandon(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
 impl Drop for NodeLease {
     fn drop(&mut self) {
         self.stop.cancel();
