@@ -1533,3 +1533,113 @@ fn a_reconnect_through_haproxy_may_land_on_any_node() {
     );
     logons.assert_no_new_logon(&topo, "after the reconnects");
 }
+
+/// intragate-plugin follows its session too: through haproxy, a drain of
+/// its node and then a crash of the node it moved to; same address, no
+/// second logon.
+#[test]
+fn the_plugin_follows_its_session_through_a_drain_and_a_crash() {
+    if !prerequisites() || !require(&[Prereq::OnPath("python3")]) {
+        return;
+    }
+    let mut topo = start(&["alice".to_string()], 1);
+    let mut p = common::plugin::Plugin::start(
+        topo.user(0),
+        &topo.url(),
+        &topo.pin,
+        &topo.dir.path,
+        common::plugin::PluginOpts {
+            user: "alice".into(),
+            password: password("alice"),
+            interface: "igvpn0".into(),
+            extra_args: vec![],
+        },
+    );
+    let st = p
+        .wait_up(25 * S)
+        .unwrap_or_else(|e| panic!("plug-in: {e}\n{}", topo.node_logs()));
+    let addr = common::plugin::Plugin::address(&st);
+    let want: BTreeMap<String, String> = [("alice".to_string(), addr.clone())].into();
+    let on = |topo: &ClusterTopology, k: usize| -> Option<usize> {
+        rows(topo, k)
+            .ok()?
+            .into_iter()
+            .find(|r| r.user == "alice" && r.state == "active")
+            .and_then(|r| node_index(&r.node))
+    };
+    let mut first = None;
+    assert!(
+        wait_until(10 * S, || {
+            first = on(&topo, 0);
+            first.is_some()
+        }),
+        "alice is not listed as active\n{}",
+        topo.node_logs()
+    );
+    let first = first.unwrap_or_default();
+    let observer = (first + 1) % topo.nodes.len();
+
+    // Drain her node: she moves, same address.
+    let t0 = Instant::now();
+    let out = topo.drain(first, Some(30));
+    assert!(out.ok(), "ctl drain --wait: {out:?}");
+    wait_listed(&topo, observer, &want, |_, n| n != node_name(first), 45 * S)
+        .unwrap_or_else(|e| panic!("after the drain: {e}\n{}\n{}", p.log(), topo.node_logs()));
+    let second = on(&topo, observer).expect("listed");
+    let moved = wait_until(20 * S, || {
+        p.status()
+            .is_some_and(|s| s["state"] == "connected" && s["alive"] == true)
+    });
+    assert!(moved, "plug-in not connected after the drain:\n{}", p.log());
+    eprintln!(
+        "plug-in: drained from {} to {} in {:.1} s",
+        node_name(first),
+        node_name(second),
+        t0.elapsed().as_secs_f64()
+    );
+
+    // Crash the node she is on now: she moves to the third one.
+    let third = (0..topo.nodes.len())
+        .find(|k| *k != first && *k != second)
+        .expect("a third node");
+    let t1 = Instant::now();
+    topo.kill_node(second);
+    wait_listed(
+        &topo,
+        third,
+        &want,
+        |_, n| n == node_name(third),
+        RESUME_BOUND,
+    )
+    .unwrap_or_else(|e| panic!("after the crash: {e}\n{}\n{}", p.log(), topo.node_logs()));
+    let back = wait_until(30 * S, || {
+        p.status()
+            .is_some_and(|s| s["state"] == "connected" && s["alive"] == true)
+    });
+    assert!(back, "plug-in not connected after the crash:\n{}", p.log());
+    eprintln!(
+        "plug-in: resumed on {} {:.1} s after the crash of {} (lease_ttl {LEASE_TTL} s)",
+        node_name(third),
+        t1.elapsed().as_secs_f64(),
+        node_name(second)
+    );
+    let st = p.status().expect("status");
+    assert_eq!(common::plugin::Plugin::address(&st), addr, "same address");
+    assert!(
+        p.proc.exited().is_none(),
+        "the plug-in gave up:\n{}",
+        p.log()
+    );
+    // No second logon anywhere: every live node's logon counter is what it
+    // was (one logon, at the first node).
+    let logons: u64 = [first, third]
+        .iter()
+        .map(|k| topo.logons(*k).unwrap_or_else(|e| panic!("{e}")))
+        .sum();
+    assert_eq!(logons, 1, "a second logon happened");
+    assert!(
+        wait_until(5 * S, || topo.internal_reaches(&addr, 2 * S)),
+        "the internal host does not reach {addr} after the moves"
+    );
+    p.logoff(10 * S);
+}
