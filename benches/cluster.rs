@@ -26,6 +26,7 @@
 //! - crash: A's lease keep-alives stop without a revoke (as `kill -9`) and
 //!   A stops following the store; all N clients at B at once; reports when
 //!   the first and the last resumed, for each lease TTL.
+//!
 //! `INTRAGATE_BENCH_FAILOVER=20,500` (sessions) and
 //! `INTRAGATE_BENCH_TTLS=3,5,10` (seconds) set the sizes; `0` skips.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]

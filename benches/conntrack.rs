@@ -100,6 +100,7 @@ fn ctx(addr: IpAddr, nat: Option<IpAddr>) -> UserCtx<'static> {
         inbound_rules: &[],
         derived_rules: &[],
         ftp_ports: &[21],
+        pickup_inbound: false,
     }
 }
 

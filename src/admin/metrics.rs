@@ -301,6 +301,36 @@ pub fn render(shared: &Shared) -> String {
             "Full reloads of the replica (watch lost, store back).",
             &j["resyncs"],
         );
+        let _ = writeln!(out, "# HELP intragate_cluster_draining 1 while this node drains (no logons; sessions handed over).
+# TYPE intragate_cluster_draining gauge
+intragate_cluster_draining {}", flag("draining"));
+        let _ = writeln!(out, "# HELP intragate_cluster_fenced 1 while this node has fenced itself (its lease could not be renewed in time).
+# TYPE intragate_cluster_fenced gauge
+intragate_cluster_fenced {}", flag("fenced"));
+        for (name, help, key) in [
+            (
+                "intragate_cluster_handed_over_total",
+                "Sessions handed over to other nodes (drain, moves, transfers, fencing).",
+                "handed_over",
+            ),
+            (
+                "intragate_cluster_taken_over_total",
+                "Sessions taken over here from other nodes.",
+                "taken_over",
+            ),
+            (
+                "intragate_cluster_fences_total",
+                "Times this node fenced itself.",
+                "fences",
+            ),
+            (
+                "intragate_cluster_orphans_ended_total",
+                "Sessions no node held that ended after the reconnect window.",
+                "orphans_ended",
+            ),
+        ] {
+            counter(&mut out, name, help, &j[key]);
+        }
     }
     out
 }
