@@ -37,21 +37,6 @@ const CONCURRENT_USERS: usize = 30;
 /// openconnect's output (case-insensitive).
 const STORE_WORDS: [&str; 3] = ["cluster", "store", "etcd"];
 
-fn password(user: &str) -> String {
-    format!("{user}-Secret-15")
-}
-
-fn accounts<S: AsRef<str>>(names: &[S]) -> Vec<(String, String)> {
-    names
-        .iter()
-        .map(|n| (n.as_ref().to_string(), password(n.as_ref())))
-        .collect()
-}
-
-fn fqdn(user: &str) -> String {
-    format!("{user}.{CLUSTER_DOMAIN}")
-}
-
 /// One row of `ctl sessions --json`.
 #[derive(Debug, Clone)]
 struct Row {

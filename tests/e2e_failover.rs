@@ -68,21 +68,6 @@ const RESUME_BOUND: Duration = Duration::from_secs(LEASE_TTL + 45);
 /// "Within one second", plus slack for spawning tools on two busy cores.
 const SOON: Duration = Duration::from_millis(1500);
 
-fn password(user: &str) -> String {
-    format!("{user}-Secret-16")
-}
-
-fn accounts<S: AsRef<str>>(names: &[S]) -> Vec<(String, String)> {
-    names
-        .iter()
-        .map(|n| (n.as_ref().to_string(), password(n.as_ref())))
-        .collect()
-}
-
-fn fqdn(user: &str) -> String {
-    format!("{user}.{CLUSTER_DOMAIN}")
-}
-
 fn names(prefix: &str, n: usize) -> Vec<String> {
     (1..=n).map(|i| format!("{prefix}{i:02}")).collect()
 }
@@ -267,6 +252,38 @@ impl User {
         }
         Ok(())
     }
+}
+
+/// `names` logged on through haproxy (one user host each), listed on every
+/// node, each with a running ping to the internal host and paced downloads
+/// from it per `plan`; `what` names the step that comes next in messages.
+fn users_at_work(
+    names: &[String],
+    plan: &FetchPlan,
+    what: &str,
+) -> (
+    ClusterTopology,
+    StreamServer,
+    Vec<User>,
+    BTreeMap<String, String>,
+) {
+    let topo = start(names, names.len());
+    let srv = StreamServer::start(
+        &topo.internal.name,
+        topo.dir(),
+        INTERNAL_IP,
+        STREAM_PORT,
+        900 * S,
+    );
+    let mut users = logon_all(&topo, names, &topo.url());
+    let book = address_book(&users);
+    for k in 0..topo.nodes.len() {
+        wait_listed(&topo, k, &book, |_, n| !n.is_empty(), 5 * S)
+            .unwrap_or_else(|e| panic!("before the {what}: {e}\n{}", topo.node_logs()));
+    }
+    start_pings(&topo, &mut users);
+    start_transfers(&topo, &mut users, &srv, plan);
+    (topo, srv, users, book)
 }
 
 /// Start openconnect for every name (user host i for name i) against
@@ -734,23 +751,8 @@ fn crash_moves_users_to_other_nodes_with_address_and_open_tcp() {
         return;
     }
     let names = names("user", CRASH_USERS);
-    let mut topo = start(&names, CRASH_USERS);
-    let srv = StreamServer::start(
-        &topo.internal.name,
-        topo.dir(),
-        INTERNAL_IP,
-        STREAM_PORT,
-        900 * S,
-    );
-    let mut users = logon_all(&topo, &names, &topo.url());
-    let book = address_book(&users);
-    for k in 0..topo.nodes.len() {
-        wait_listed(&topo, k, &book, |_, n| !n.is_empty(), 5 * S)
-            .unwrap_or_else(|e| panic!("before the crash: {e}\n{}", topo.node_logs()));
-    }
-    start_pings(&topo, &mut users);
     let plan = FetchPlan::one_lasting(CRASH_TRANSFER_SECS, CRASH_RATE);
-    start_transfers(&topo, &mut users, &srv, &plan);
+    let (mut topo, srv, mut users, book) = users_at_work(&names, &plan, "crash");
 
     let (victim, moved) = busiest_node(&topo, 0);
     let victim_name = topo.node(victim).name.clone();
@@ -894,23 +896,8 @@ fn rolling_upgrade_drains_each_node_in_turn() {
         return;
     }
     let names = names("user", ROLLING_USERS);
-    let mut topo = start(&names, ROLLING_USERS);
-    let srv = StreamServer::start(
-        &topo.internal.name,
-        topo.dir(),
-        INTERNAL_IP,
-        STREAM_PORT,
-        900 * S,
-    );
-    let mut users = logon_all(&topo, &names, &topo.url());
-    let book = address_book(&users);
-    for k in 0..topo.nodes.len() {
-        wait_listed(&topo, k, &book, |_, n| !n.is_empty(), 5 * S)
-            .unwrap_or_else(|e| panic!("before the upgrade: {e}\n{}", topo.node_logs()));
-    }
-    start_pings(&topo, &mut users);
     let plan = FetchPlan::until_stopped(ROLLING_TRANSFER_SECS, ROLLING_RATE);
-    start_transfers(&topo, &mut users, &srv, &plan);
+    let (mut topo, srv, mut users, book) = users_at_work(&names, &plan, "upgrade");
     let logons = LogonCounters::take(&topo);
     let n = topo.nodes.len();
 

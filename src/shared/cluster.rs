@@ -1353,6 +1353,17 @@ mod tests {
         }
     }
 
+    /// `two_nodes_with_alice`, both nodes alive in the store (their
+    /// `nodes/<name>` records) and known so at gw2.
+    async fn two_live_nodes_with_alice() -> (Arc<MemStore>, Arc<Shared>, Arc<Shared>, IpAddr) {
+        let (store, a, b, alice) = two_nodes_with_alice().await;
+        set_alive(&store, "gw1", true).await;
+        set_alive(&store, "gw2", true).await;
+        let cb = b.cluster().expect("c").clone();
+        wait_for("gw1 alive at gw2", || cb.node_alive("gw1")).await;
+        (store, a, b, alice)
+    }
+
     fn cookie_of(node: &Shared, user: &str) -> String {
         node.core()
             .sessions()
@@ -1363,11 +1374,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_drained_session_resumes_on_another_node_with_its_cookie() {
-        let (store, a, b, alice) = two_nodes_with_alice().await;
-        set_alive(&store, "gw1", true).await;
-        set_alive(&store, "gw2", true).await;
+        let (store, a, b, alice) = two_live_nodes_with_alice().await;
         let cb = b.cluster().expect("c").clone();
-        wait_for("gw1 alive at gw2", || cb.node_alive("gw1")).await;
         let cookie = cookie_of(&a, "alice");
         assert_eq!(a.drain(Duration::ZERO).await, 1);
         assert_eq!(a.core().len(), 0, "nothing left on the drained node");
@@ -1413,11 +1421,8 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_live_holder_hands_over_when_its_client_reconnects_elsewhere() {
-        let (store, a, b, alice) = two_nodes_with_alice().await;
-        set_alive(&store, "gw1", true).await;
-        set_alive(&store, "gw2", true).await;
+        let (_store, a, b, alice) = two_live_nodes_with_alice().await;
         let cb = b.cluster().expect("c").clone();
-        wait_for("gw1 alive at gw2", || cb.node_alive("gw1")).await;
         let cookie = cookie_of(&a, "alice");
         let t = Instant::now();
         assert_eq!(b.resume_here(&cookie).await, Resume::Resumed);
@@ -1477,9 +1482,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_transfer_across_nodes_moves_the_address_and_name() {
-        let (store, a, b, alice) = two_nodes_with_alice().await;
-        set_alive(&store, "gw1", true).await;
-        set_alive(&store, "gw2", true).await;
+        let (_store, a, b, alice) = two_live_nodes_with_alice().await;
         let offer = match b.core().handle_logon(
             LogonRequest {
                 user: "alice".into(),

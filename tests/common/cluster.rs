@@ -112,6 +112,24 @@ const ETCD_BIN: &str = "/usr/bin/etcd";
 const MAX_NODES: usize = 9;
 const MAX_USERS: usize = 100;
 
+/// The password the cluster tests give `user`'s account.
+pub fn password(user: &str) -> String {
+    format!("{user}-Secret-15")
+}
+
+/// Accounts `(name, password)` for `names` (see [`password`]).
+pub fn accounts<S: AsRef<str>>(names: &[S]) -> Vec<(String, String)> {
+    names
+        .iter()
+        .map(|n| (n.as_ref().to_string(), password(n.as_ref())))
+        .collect()
+}
+
+/// `user`'s DNS name in the cluster's domain.
+pub fn fqdn(user: &str) -> String {
+    format!("{user}.{CLUSTER_DOMAIN}")
+}
+
 /// Node `k`'s outside (listen) address.
 pub fn node_outside_ip(k: usize) -> String {
     format!("198.18.40.{}", 11 + k)
