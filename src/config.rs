@@ -123,6 +123,10 @@ pub struct Config {
     pub ctl_group: Option<String>,
     /// Prometheus `/metrics` listen address (None: off).
     pub metrics_listen: Option<SocketAddr>,
+    /// Load balancers (`[gateway] proxy_protocol_from`) whose connections
+    /// start with a PROXY protocol header (v1 or v2): the client's address
+    /// is taken from it (bans, limits, logs, `ctl`). Empty: none.
+    pub proxy_protocol_from: Vec<ipnetwork::IpNetwork>,
     /// Internal networks (`[network] internal`): routes pushed to clients
     /// (empty: a full tunnel), sources allowed inbound.
     pub internal: Vec<IpNetwork>,
@@ -349,6 +353,7 @@ impl Config {
             ctl_socket: admin.ctl_socket,
             ctl_group: admin.ctl_group,
             metrics_listen: admin.metrics_listen,
+            proxy_protocol_from: gw.proxy_protocol_from.clone(),
             internal: network.internal,
             lan,
             lan_is_attached,

@@ -35,10 +35,12 @@ pub enum RefuseReason {
     FdLimit,
     /// The users file (or another account backend) could not be read.
     Unavailable,
+    /// A connection from a load balancer without a valid PROXY header.
+    ProxyProtocol,
 }
 
 impl RefuseReason {
-    const COUNT: usize = 12;
+    const COUNT: usize = 13;
     const ALL: [RefuseReason; Self::COUNT] = [
         RefuseReason::BadCredentials,
         RefuseReason::BadRequest,
@@ -52,6 +54,7 @@ impl RefuseReason {
         RefuseReason::BadCookie,
         RefuseReason::FdLimit,
         RefuseReason::Unavailable,
+        RefuseReason::ProxyProtocol,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -67,11 +70,12 @@ impl RefuseReason {
             RefuseReason::BadCookie => "bad_cookie",
             RefuseReason::FdLimit => "fd_limit",
             RefuseReason::Unavailable => "unavailable",
+            RefuseReason::ProxyProtocol => "proxy_protocol",
         }
     }
 }
 
-const CLOSE_REASONS: [&str; 12] = [
+const CLOSE_REASONS: [&str; 13] = [
     "logoff",
     "admin",
     "user_request",
@@ -84,6 +88,7 @@ const CLOSE_REASONS: [&str; 12] = [
     "superseded",
     "revoked",
     "claim_lost",
+    "moved",
 ];
 
 /// Gateway-wide counters.

@@ -1017,3 +1017,73 @@ fn ban_points_count_across_nodes() {
         topo.node_logs()
     );
 }
+
+/// Behind haproxy with the PROXY protocol, every node sees each user's own
+/// address: a password guesser is banned, not the balancer (everyone else
+/// still logs on through it), and `ctl sessions` shows the real client.
+#[test]
+fn behind_haproxy_with_proxy_protocol_bans_hit_only_the_guesser() {
+    if !cluster_prerequisites() || !require(&[Prereq::OnPath("curl")]) {
+        return;
+    }
+    let topo = ClusterTopology::start(&ClusterOpts {
+        user_hosts: 2,
+        accounts: accounts(&["carol", "dave"]),
+        security_extra: "ban_max_score = 80\n".into(),
+        proxy_protocol: true,
+        ..ClusterOpts::default()
+    });
+    let via_haproxy = |i: usize, user: &str, pw: &str| {
+        authenticate_at_url(topo.user(i), &topo.url(), &topo.pin, user, pw, &[])
+    };
+    // Host 0 guesses carol's password through haproxy (round robin: the
+    // attempts land on every node).
+    for g in 0..8 {
+        let o = via_haproxy(0, "carol", "wrong-password");
+        assert!(!o.ok(), "wrong password #{g} accepted");
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let o = via_haproxy(0, "carol", &password("carol"));
+    let text = format!("{}{}", o.stdout, o.stderr);
+    assert!(
+        !o.ok() && text.contains("Too many failed logons"),
+        "the guesser's host is not banned: {o}\n{}",
+        topo.node_logs()
+    );
+    // Host 1, through the same haproxy, is not.
+    let (_c, t) = topo.logon(1, "dave", &password("dave"));
+    let rows = topo.sessions(0).expect("sessions");
+    let dave = rows
+        .iter()
+        .find(|r| r["user"] == "dave")
+        .unwrap_or_else(|| panic!("dave not listed: {rows:?}"));
+    assert_eq!(
+        dave["client"].as_str(),
+        Some(user_host_ip(1).as_str()),
+        "the client address is the user's host, not haproxy ({HAPROXY_IP}): {dave}"
+    );
+    assert_eq!(dave["address"].as_str(), Some(t.addr.to_string().as_str()));
+    // A connection from haproxy's address without the header is refused
+    // (nobody can pass as the balancer and skip it): straight from the
+    // haproxy namespace to a node, TLS without a PROXY header.
+    let o = run_cmd(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &topo.haproxy.ns.name,
+            "curl",
+            "-sk",
+            "--max-time",
+            "8",
+            &format!("https://{}:{VPN_PORT}/healthz", node_outside_ip(0)),
+        ],
+        None,
+        Duration::from_secs(15),
+    );
+    assert!(
+        !o.stdout.contains("ok"),
+        "a connection from the balancer without a PROXY header was served: {o}"
+    );
+}

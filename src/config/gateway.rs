@@ -36,6 +36,8 @@ pub(super) struct RawGateway {
     ctl_socket: Option<String>,
     ctl_group: Option<Spanned<String>>,
     metrics_listen: Option<Spanned<String>>,
+    #[serde(default)]
+    proxy_protocol_from: Vec<Spanned<String>>,
 }
 
 /// The listener, the domain, the state directory and the TUN device.
@@ -46,6 +48,8 @@ pub(super) struct Listener {
     pub(super) tun_name: String,
     pub(super) tun_offload: bool,
     pub(super) mtu: u16,
+    /// Load balancers whose connections start with a PROXY protocol header.
+    pub(super) proxy_protocol_from: Vec<ipnetwork::IpNetwork>,
 }
 
 impl Listener {
@@ -118,6 +122,19 @@ impl Listener {
             let span = g.mtu.as_ref().map(|s| s.span()).unwrap_or(0..0);
             cx.err_at(span, format!("mtu: {mtu} is outside 576..=9000"));
         }
+        let mut proxy_protocol_from = Vec::new();
+        for p in &g.proxy_protocol_from {
+            match p.get_ref().parse::<ipnetwork::IpNetwork>() {
+                Ok(n) => proxy_protocol_from.push(n),
+                Err(_) => cx.err_at(
+                    p.span(),
+                    format!(
+                        "proxy_protocol_from: '{}' is not an address or CIDR (e.g. \"10.0.0.2\" or \"10.0.0.0/29\", the load balancers)",
+                        p.get_ref()
+                    ),
+                ),
+            }
+        }
         Self {
             listen,
             domain,
@@ -125,6 +142,7 @@ impl Listener {
             tun_name,
             tun_offload: g.tun_offload.unwrap_or(true),
             mtu,
+            proxy_protocol_from,
         }
     }
 }

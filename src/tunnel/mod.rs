@@ -7,6 +7,7 @@
 
 mod auth;
 mod cstp;
+pub mod proxy_protocol;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -67,16 +68,6 @@ pub async fn accept_loop(
         };
         backoff.succeeded();
         let ip = client_ip(peer);
-        // A banned address gets a few connections served, so that the
-        // person behind it is told why (the logon form with the reason);
-        // the rest are closed here, before any TLS work.
-        let admission = shared.bans().admit_connection(ip, Instant::now());
-        if admission == ConnectionAdmission::Close {
-            shared.stats.refuse(RefuseReason::Banned);
-            debug!(client = %ip, "connection from banned address closed");
-            drop(tcp);
-            continue;
-        }
         let fd = match fdlimit::budget().admit_client() {
             fdlimit::Admission::Serve(fd) | fdlimit::Admission::RefuseOnly(fd) => fd,
             fdlimit::Admission::Close => {
@@ -86,9 +77,39 @@ pub async fn accept_loop(
                 continue;
             }
         };
-        let Some(slot) = UnauthSlot::acquire(&shared, ip) else {
-            shared.stats.refuse(RefuseReason::ConnectionLimit);
-            debug!(client = %ip, "too many unauthenticated connections; refused");
+        if shared
+            .config
+            .proxy_protocol_from
+            .iter()
+            .any(|n| n.contains(ip))
+        {
+            // From a load balancer: the client's address is in the PROXY
+            // header; everything per address waits for it.
+            let (shared, tls, tun) = (shared.clone(), tls.clone(), tun.clone());
+            tokio::spawn(async move {
+                let mut tcp = tcp;
+                let client = match proxy_protocol::read_header(&mut tcp, PROXY_HEADER_TIMEOUT).await
+                {
+                    Ok(proxy_protocol::Source::Client(c)) => c,
+                    Ok(proxy_protocol::Source::Local) => ip,
+                    Err(e) => {
+                        shared.stats.refuse(RefuseReason::ProxyProtocol);
+                        info!(balancer = %ip, error = %e, "connection from a load balancer refused");
+                        return;
+                    }
+                };
+                let client = match client {
+                    IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+                    v4 => v4,
+                };
+                if let Some(slot) = admit(&shared, client) {
+                    let _ = tcp.set_nodelay(true);
+                    handle_connection(shared, tcp, client, tls, tun, slot, fd).await;
+                }
+            });
+            continue;
+        }
+        let Some(slot) = admit(&shared, ip) else {
             drop(tcp);
             continue;
         };
@@ -100,6 +121,28 @@ pub async fn accept_loop(
             handle_connection(shared, tcp, ip, tls, tun, slot, fd).await;
         });
     }
+}
+
+/// How long a load balancer has to send the PROXY header.
+const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The per-address checks for a new connection from `ip`: a banned
+/// address gets a few connections served, so that the person behind it is
+/// told why (the logon form with the reason), the rest are closed before
+/// any TLS work; then the unauthenticated-connection limits.
+fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Option<UnauthSlot> {
+    let admission = shared.bans().admit_connection(ip, Instant::now());
+    if admission == ConnectionAdmission::Close {
+        shared.stats.refuse(RefuseReason::Banned);
+        debug!(client = %ip, "connection from banned address closed");
+        return None;
+    }
+    let slot = UnauthSlot::acquire(shared, ip);
+    if slot.is_none() {
+        shared.stats.refuse(RefuseReason::ConnectionLimit);
+        debug!(client = %ip, "too many unauthenticated connections; refused");
+    }
+    slot
 }
 
 async fn handle_connection(

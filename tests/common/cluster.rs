@@ -211,6 +211,10 @@ pub struct ClusterOpts {
     /// Write the `[cluster]` section (false: independent nodes, only for
     /// checking the harness; `INTRAGATE_E2E_CLUSTER_SECTION=0` forces false).
     pub cluster_section: bool,
+    /// haproxy sends a PROXY v2 header (`send-proxy-v2`, also on its health
+    /// checks) and the nodes take the client's address from it
+    /// (`[gateway] proxy_protocol_from = [haproxy]`).
+    pub proxy_protocol: bool,
 }
 
 impl Default for ClusterOpts {
@@ -228,6 +232,7 @@ impl Default for ClusterOpts {
             security_extra: String::new(),
             extra: String::new(),
             cluster_section: true,
+            proxy_protocol: false,
         }
     }
 }
@@ -1495,8 +1500,13 @@ listen vpn
         } else {
             "check"
         };
+        let proxy = if opts.proxy_protocol {
+            " send-proxy-v2 check-send-proxy"
+        } else {
+            ""
+        };
         s.push_str(&format!(
-            "    server {} {}:{VPN_PORT} {check} inter 500ms fall 2 rise 2\n",
+            "    server {} {}:{VPN_PORT} {check} inter 500ms fall 2 rise 2{proxy}\n",
             node_name(k),
             node_outside_ip(k)
         ));
@@ -1559,7 +1569,7 @@ cert = "{cert}"
 key = "{key}"
 tun_name = "igt0"
 mtu = 1400
-
+{proxy}
 [network]
 internal = ["{INSIDE_NET}"]
 client_to_client = true
@@ -1586,6 +1596,11 @@ cidr = "{pool}"
         security = security_table_body(&opts.security_extra),
         inside = n.inside_ip,
         pool = opts.pool_cidr,
+        proxy = if opts.proxy_protocol {
+            format!("proxy_protocol_from = [\"{HAPROXY_IP}\"]\n")
+        } else {
+            String::new()
+        },
     );
     if cluster_section {
         let eps: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
