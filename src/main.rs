@@ -139,6 +139,20 @@ enum UserCmd {
     },
     /// List users, their groups and password hash schemes (argon2id, or sha256-crypt/sha512-crypt imported from ocpasswd).
     List,
+    /// Enrol a user for a TOTP second factor (authenticator app), or remove it.
+    ///
+    /// Prints the otpauth:// URI to give the user (enter it in the app, or
+    /// make a QR code of it, e.g. `qrencode -t ansiutf8 'URI'`). From then on
+    /// the user is asked for the 6-digit code after the password; a code is
+    /// accepted once, within 30 s either way. Enrolling again replaces the
+    /// secret. Secrets are kept in USERS_FILE.otp (mode 0600).
+    Otp {
+        /// Username.
+        name: String,
+        /// Remove the user's second factor instead.
+        #[arg(long)]
+        remove: bool,
+    },
 }
 
 /// Which sessions a ctl command acts on.
@@ -530,6 +544,22 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     let pw = read_password(password_stdin)?;
                     intragate::users::set_password(path, &name, &pw)?;
                     println!("changed the password of '{name}'");
+                }
+                UserCmd::Otp { name, remove } => {
+                    if remove {
+                        if intragate::users::otp::remove(path, &name)? {
+                            println!("removed the second factor of '{name}' (the password alone logs on)");
+                        } else {
+                            println!("'{name}' had no second factor");
+                        }
+                    } else {
+                        let uri = intragate::users::otp::enrol(path, &name, "intragate")?;
+                        println!("{uri}");
+                        eprintln!(
+                            "enrolled '{name}': give this URI to the user's authenticator app (or a QR code of it); \
+                             the code is asked for after the password from now on"
+                        );
+                    }
                 }
                 UserCmd::Del { name } => {
                     intragate::users::delete(path, &name)?;

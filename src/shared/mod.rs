@@ -59,6 +59,10 @@ pub struct Shared {
     pub stats: Stats,
     /// Users.
     pub users: UserDb,
+    /// Local users' TOTP secrets and the codes used.
+    pub otp: crate::users::otp::OtpStore,
+    /// Logons waiting for their second-factor code.
+    pub otp_pending: crate::users::otp::PendingCodes,
     /// The password-hashing threads (Argon2 is memory-hard: 19 MiB each).
     pub auth_workers: crate::users::AuthWorkers,
     /// Unauthenticated connections per client address.
@@ -180,6 +184,8 @@ impl Shared {
         let slots = std::thread::available_parallelism().map_or(2, |n| n.get());
         Ok(Self {
             users: UserDb::new(config.users_file.clone()),
+            otp: crate::users::otp::OtpStore::new(&config.users_file),
+            otp_pending: crate::users::otp::PendingCodes::default(),
             bans: Mutex::new(BanTable::new(config.bans.clone())),
             core: Mutex::new(core),
             data: DataPath {

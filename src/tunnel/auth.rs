@@ -50,6 +50,24 @@ fn main_form(error: Option<String>) -> Form {
     }
 }
 
+/// How long the code form stays valid.
+const CODE_WINDOW: Duration = Duration::from_secs(120);
+
+/// The second-factor form: one text field, `code`.
+fn code_form(error: Option<String>) -> Form {
+    Form {
+        id: "otp".into(),
+        title: Some("Verification code".into()),
+        message: Some("Enter the 6-digit code from your authenticator app.".into()),
+        error,
+        action: "/auth".into(),
+        inputs: vec![Input::Text {
+            name: "code".into(),
+            label: "Code:".into(),
+        }],
+    }
+}
+
 /// "3m 20s"-style durations for people.
 fn human(d: Duration) -> String {
     let s = d.as_secs();
@@ -235,6 +253,16 @@ impl Conn {
                 Next::KeepAlive
             }
             Some(ClientMessageKind::AuthReply)
+                if msg.as_ref().is_some_and(|m| {
+                    m.field("code").is_some() && m.field("password").is_none()
+                }) =>
+            {
+                let m = msg.as_ref();
+                let code = m.and_then(|m| m.field("code")).unwrap_or("").to_string();
+                let handle = m.and_then(|m| m.opaque.clone()).unwrap_or_default();
+                self.code_answer(&handle, &code).await
+            }
+            Some(ClientMessageKind::AuthReply)
                 if msg.as_ref().is_some_and(|m| m.field("action").is_some()) =>
             {
                 let m = msg.as_ref();
@@ -336,10 +364,131 @@ impl Conn {
                 return self.refuse_logon("Authentication failed").await;
             }
         };
-        // Refunds this attempt and forgets this username's failures from
-        // this address, and nothing else.
-        shared.bans().settle_success(ticket, Instant::now());
-        shared.ban_points_changed(self.ip);
+        match shared.otp.secret(&name) {
+            Ok(Some(_)) => {
+                // Half way: the attempt costs nothing, but the user's
+                // failures are forgotten only once the code is right too
+                // (wrong codes add up like wrong passwords).
+                shared.bans().refund(ticket, Instant::now());
+                return self.ask_code(name, groups, stamp).await;
+            }
+            Ok(None) => {
+                // Refunds this attempt and forgets this username's
+                // failures from this address, and nothing else.
+                shared.bans().settle_success(ticket, Instant::now());
+                shared.ban_points_changed(self.ip);
+            }
+            Err(e) => {
+                shared.bans().refund(ticket, Instant::now());
+                shared.stats.refuse(RefuseReason::Unavailable);
+                tracing::error!(user = %name, error = %e, "logon refused: the second-factor file cannot be read");
+                return self
+                    .refuse_logon("The second factor cannot be checked right now; try again later")
+                    .await;
+            }
+        }
+        self.open_session(name, groups, stamp).await
+    }
+
+    /// The second form: "enter the code from your authenticator app". The
+    /// password was right; the session opens once the code is.
+    async fn ask_code(&mut self, name: String, groups: Vec<String>, stamp: u64) -> Next {
+        let handle = new_token();
+        let pending = crate::users::otp::PendingCode {
+            name: name.clone(),
+            groups,
+            stamp,
+            client: self.ip,
+            expires: Instant::now() + CODE_WINDOW,
+        };
+        if !self.shared.otp_pending.insert(handle.clone(), pending) {
+            self.shared.stats.refuse(RefuseReason::ConnectionLimit);
+            return self.refuse_logon("The gateway is busy; try again").await;
+        }
+        info!(user = %name, client = %self.ip, "password accepted; asking for the second factor");
+        let xml = auth_xml::auth_request_xml(&code_form(None), Some(&handle));
+        self.send_xml(200, "OK", &xml, &[]).await;
+        Next::KeepAlive
+    }
+
+    /// The answer to the code form.
+    async fn code_answer(&mut self, handle: &str, code: &str) -> Next {
+        let shared = self.shared.clone();
+        let Some(p) = shared.otp_pending.take(handle) else {
+            shared.stats.refuse(RefuseReason::BadRequest);
+            return self
+                .refuse_logon("The code form expired or was answered already; log on again")
+                .await;
+        };
+        if p.client != self.ip || Instant::now() >= p.expires {
+            shared.stats.refuse(RefuseReason::BadRequest);
+            return self
+                .refuse_logon("The code form expired; log on again")
+                .await;
+        }
+        // A wrong code costs ban points like a wrong password.
+        // (The ban table's lock is released before any await.)
+        let admit = shared.bans().admit(self.ip, &p.name, Instant::now());
+        let ticket = match admit {
+            Admit::Banned { .. } => {
+                shared.stats.refuse(RefuseReason::Banned);
+                return self
+                    .refuse_logon("Too many failed logons from this address; try again later")
+                    .await;
+            }
+            Admit::Evaluate { ticket, delay } => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                ticket
+            }
+        };
+        let secret = match shared.otp.secret(&p.name) {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                // Removed meanwhile: the password alone is enough now.
+                shared.bans().refund(ticket, Instant::now());
+                return self.open_session(p.name, p.groups, p.stamp).await;
+            }
+            Err(e) => {
+                shared.bans().refund(ticket, Instant::now());
+                shared.stats.refuse(RefuseReason::Unavailable);
+                tracing::error!(user = %p.name, error = %e, "logon refused: the second-factor file cannot be read");
+                return self
+                    .refuse_logon("The second factor cannot be checked right now; try again later")
+                    .await;
+            }
+        };
+        match shared
+            .otp
+            .verify(&p.name, &secret, code, crate::shared::unix_now())
+        {
+            Ok(()) => {
+                shared.bans().settle_success(ticket, Instant::now());
+                shared.ban_points_changed(self.ip);
+                self.open_session(p.name, p.groups, p.stamp).await
+            }
+            Err(e) => {
+                shared.bans().settle_failure(ticket, Instant::now());
+                shared.ban_points_changed(self.ip);
+                shared.stats.refuse(RefuseReason::BadCredentials);
+                warn!(user = %p.name, client = %self.ip, "second factor refused: {e}");
+                let msg = match e {
+                    crate::users::otp::CodeError::Wrong => "Wrong verification code",
+                    crate::users::otp::CodeError::Replayed => {
+                        "This verification code was used already; wait for the next one"
+                    }
+                };
+                self.refuse_logon(msg).await
+            }
+        }
+    }
+
+    /// Open the session of an authenticated user (claiming its address in
+    /// a cluster, retried on a lost claim) and hand out the cookie, or
+    /// offer a transfer.
+    async fn open_session(&mut self, name: String, groups: Vec<String>, stamp: u64) -> Next {
+        let shared = self.shared.clone();
         let mut attempt = 0;
         loop {
             attempt += 1;

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 mod db;
 mod hash;
+pub mod otp;
 mod workers;
 
 pub use db::{account_of, credential_stamp, AuthOutcome, UserDb};
