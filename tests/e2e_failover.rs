@@ -1630,3 +1630,36 @@ fn the_plugin_follows_its_session_through_a_drain_and_a_crash() {
     );
     p.logoff(10 * S);
 }
+
+/// alice's node dies and she logs on again with her password on another
+/// device (her first client is gone too): once the dead node's lease has
+/// expired she gets her address back, not a transfer offer that nobody can
+/// answer.
+#[test]
+fn a_new_logon_takes_the_session_of_a_dead_node() {
+    if !prerequisites() {
+        return;
+    }
+    let mut topo = start(&["alice".to_string()], 2);
+    let pw = password("alice");
+    let (mut old, ta) = topo.logon_at(0, 0, "alice", &pw);
+    let addr = ta.addr.to_string();
+    let want: BTreeMap<String, String> = [("alice".to_string(), addr.clone())].into();
+    wait_listed(&topo, 1, &want, |_, n| n == "gw1", 10 * S)
+        .unwrap_or_else(|e| panic!("before the crash: {e}"));
+    // Her device goes away with the node.
+    old.proc.signal(libc::SIGKILL);
+    topo.kill_node(0);
+    // Past the lease: gw2 knows gw1 is gone.
+    std::thread::sleep(Duration::from_secs(LEASE_TTL + 2));
+    let (_new, tb) = topo.logon_at(1, 1, "alice", &pw);
+    assert_eq!(
+        tb.addr.to_string(),
+        addr,
+        "a new logon after gw1 died got another address\n{}",
+        topo.node_logs()
+    );
+    wait_listed(&topo, 2, &want, |_, n| n == "gw2", 10 * S)
+        .unwrap_or_else(|e| panic!("after the new logon: {e}"));
+    dns_answers(&topo, 2, "alice", &addr).unwrap_or_else(|e| panic!("{e}"));
+}

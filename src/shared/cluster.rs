@@ -99,6 +99,7 @@ fn remote_of(r: &SessionRecord) -> Option<RemoteSession> {
             token_hash(&r.token)
         },
         handoff: r.handoff,
+        holder_gone: false,
     })
 }
 
@@ -558,6 +559,8 @@ impl Shared {
                     );
                     c.remote_updates.fetch_add(1, Ordering::Relaxed);
                     let addr = remote.addr;
+                    let mut remote = remote;
+                    remote.holder_gone = !mine && !c.node_alive(&remote.node);
                     let up = self.core().remote_session_up(remote.clone());
                     if up.is_ok() {
                         self.remote_peer(c, addr, true);
@@ -608,6 +611,7 @@ impl Shared {
                     c.changed.notify_waiters();
                 } else if let Some(name) = node_key_name(&rec.key) {
                     c.set_node_alive(name, true);
+                    self.core().set_holder_gone(name, false);
                 }
             }
             Change::Delete { key, .. } => {
@@ -632,6 +636,9 @@ impl Shared {
                         info!(node = %name, "a node of the cluster is gone (lease expired or stopped); its sessions can move to the nodes their clients reach");
                     }
                     c.set_node_alive(name, false);
+                    if name != c.node() {
+                        self.core().set_holder_gone(name, true);
+                    }
                     c.changed.notify_waiters();
                 }
             }
@@ -758,7 +765,8 @@ impl Shared {
             let mut core = self.core();
             core.clear_remote(now);
             let n = core.restore(&pools, &mine, now, elapsed);
-            for r in remote {
+            for mut r in remote {
+                r.holder_gone = !c.node_alive(&r.node);
                 let _ = core.remote_session_up(r);
             }
             let local: Vec<IpAddr> = core.sessions().map(|s| s.addr).collect();
@@ -972,6 +980,8 @@ mod tests {
 
     /// A node of a cluster over `store` (no sockets), with its watch loop.
     async fn node(store: &Arc<MemStore>, name: &str) -> Arc<Shared> {
+        // Alive, as its lease keeps it (`nodes/<name>`).
+        set_alive(store, name, true).await;
         let n = node_unwatched(store, name).await;
         tokio::spawn(n.clone().cluster_watch_loop());
         n

@@ -101,8 +101,8 @@ impl GatewayState {
         Some(e)
     }
 
-    /// The sessions of user `key` other nodes hold and have not handed
-    /// over, oldest logon first.
+    /// The sessions of user `key` other nodes hold (not handed over, their
+    /// node alive), oldest logon first.
     pub(super) fn remote_held(&self, key: &str) -> Vec<&RemoteSession> {
         let mut v: Vec<&RemoteSession> = self
             .remote_by_user
@@ -111,14 +111,14 @@ impl GatewayState {
             .flatten()
             .filter_map(|a| self.remote.get(a))
             .map(|e| &e.session)
-            .filter(|r| !r.handoff)
+            .filter(|r| !r.free())
             .collect();
         v.sort_by_key(|r| (r.logon_unix, r.addr));
         v
     }
 
-    /// The remote session of user `key` that its holder handed over, if
-    /// any (a transfer's victim, ready to be taken).
+    /// A remote session of user `key` in `pool` nobody holds (handed over,
+    /// or its node gone), if any: a transfer or logon takes its address.
     pub(super) fn remote_handed_off(&self, key: &str, pool: &str) -> Option<&RemoteSession> {
         self.remote_by_user
             .get(key)
@@ -126,7 +126,17 @@ impl GatewayState {
             .flatten()
             .filter_map(|a| self.remote.get(a))
             .map(|e| &e.session)
-            .find(|r| r.handoff && r.pool == pool)
+            .find(|r| r.free() && r.pool == pool)
+    }
+
+    /// `node`'s lease went (`gone`) or came back: its sessions are free to
+    /// take, or held again.
+    pub fn set_holder_gone(&mut self, node: &str, gone: bool) {
+        for e in self.remote.values_mut() {
+            if e.session.node == node {
+                e.session.holder_gone = gone;
+            }
+        }
     }
 
     /// The session another node holds whose cookie is `token` (a CONNECT
@@ -215,6 +225,7 @@ impl GatewayState {
             connected: rec.connected,
             token_hash: th,
             handoff: true,
+            holder_gone: false,
         };
         // Cannot conflict: the local session is gone.
         let _ = self.remote_session_up(remote);

@@ -852,6 +852,7 @@ fn remote(node: &str, user: &str, addr: &str) -> RemoteSession {
         connected: true,
         token_hash: token_hash(&format!("cookie-of-{user}")),
         handoff: false,
+        holder_gone: false,
     }
 }
 
@@ -1073,6 +1074,7 @@ fn a_handed_off_session_keeps_its_name_and_is_adopted_with_its_cookie() {
         connected: true,
         token_hash: shared.token.clone(),
         handoff: true,
+        holder_gone: false,
     };
     b.remote_session_up(r).expect("free at b");
     assert!(b.remote_by_cookie("cookie-x").is_none());
@@ -1111,5 +1113,33 @@ fn a_logon_takes_the_address_of_its_handed_off_session() {
     assert_eq!(
         g.adopt_remote(&other, t),
         Err(AdoptError::NotHeldElsewhere("10.9.0.6".parse().unwrap()))
+    );
+}
+
+#[test]
+fn a_dead_nodes_session_is_free_to_take_and_held_again_when_it_returns() {
+    let t = Instant::now();
+    let mut g = state("10.9.0.0/29", 1);
+    let r = remote("gw2", "alice", "10.9.0.5");
+    g.remote_session_up(r.clone()).expect("free");
+    // gw2 alive: a logon at the limit gets an offer.
+    assert!(matches!(
+        g.handle_logon(req("alice", "t1"), t),
+        Ok(LogonOutcome::TransferOffered(_))
+    ));
+    // gw2 comes back before anything was taken: still an offer.
+    g.set_holder_gone("gw2", true);
+    g.set_holder_gone("gw2", false);
+    assert!(matches!(
+        g.handle_logon(req("alice", "t2"), t),
+        Ok(LogonOutcome::TransferOffered(_))
+    ));
+    // gw2's lease is gone: the logon takes her address (the shell's claim
+    // checks the lease in the same transaction).
+    g.set_holder_gone("gw2", true);
+    let id = opened(g.handle_logon(req("alice", "t3"), t));
+    assert_eq!(
+        g.session(id).map(|s| (s.addr, s.moved_in)),
+        Some((r.addr, true))
     );
 }

@@ -516,6 +516,18 @@ pub struct RemoteSession {
     /// The holder handed it over (drain, or a move asked for by another
     /// node): whichever node the client reaches next takes it.
     pub handoff: bool,
+    /// Its holder's lease is gone (the node died, or was cut off past its
+    /// TTL; set by the shell from the store's `nodes/` keys): free to take
+    /// like a handed-over session (the takeover's transaction still checks
+    /// that the lease is gone).
+    pub holder_gone: bool,
+}
+
+impl RemoteSession {
+    /// Nobody holds it: handed over, or its node is gone.
+    pub fn free(&self) -> bool {
+        self.handoff || self.holder_gone
+    }
 }
 
 /// A remote session and the id its DNS records are filed under.
