@@ -293,6 +293,32 @@ impl Conn {
         }
     }
 
+    /// Charge an attempt (a password or a code) for `user` from this
+    /// client before it is checked: its ban ticket, after the logon delay;
+    /// or, banned, the refusal already sent.
+    async fn admit_attempt(
+        &mut self,
+        user: &str,
+        now: Instant,
+    ) -> Result<crate::core::bans::Ticket, Next> {
+        // (The ban table's lock is released before any await.)
+        let admit = self.shared.bans().admit(self.ip, user, now);
+        match admit {
+            Admit::Banned { .. } => {
+                self.shared.stats.refuse(RefuseReason::Banned);
+                Err(self
+                    .refuse_logon("Too many failed logons from this address; try again later")
+                    .await)
+            }
+            Admit::Evaluate { ticket, delay } => {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                Ok(ticket)
+            }
+        }
+    }
+
     async fn login(&mut self, user: &str, pass: &str) -> Next {
         let shared = self.shared.clone();
         let now = Instant::now();
@@ -310,20 +336,9 @@ impl Conn {
         // Check and charge the points in one call, before the password is
         // checked: parallel attempts cannot all pass a check that the first
         // failure has not updated yet (issue 12 §2).
-        let admit = shared.bans().admit(self.ip, user, now);
-        let ticket = match admit {
-            Admit::Banned { .. } => {
-                shared.stats.refuse(RefuseReason::Banned);
-                return self
-                    .refuse_logon("Too many failed logons from this address; try again later")
-                    .await;
-            }
-            Admit::Evaluate { ticket, delay } => {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                ticket
-            }
+        let ticket = match self.admit_attempt(user, now).await {
+            Ok(t) => t,
+            Err(next) => return next,
         };
         let (s, u, p) = (shared.clone(), user.to_string(), pass.to_string());
         let outcome = match shared
@@ -427,21 +442,9 @@ impl Conn {
                 .await;
         }
         // A wrong code costs ban points like a wrong password.
-        // (The ban table's lock is released before any await.)
-        let admit = shared.bans().admit(self.ip, &p.name, Instant::now());
-        let ticket = match admit {
-            Admit::Banned { .. } => {
-                shared.stats.refuse(RefuseReason::Banned);
-                return self
-                    .refuse_logon("Too many failed logons from this address; try again later")
-                    .await;
-            }
-            Admit::Evaluate { ticket, delay } => {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                ticket
-            }
+        let ticket = match self.admit_attempt(&p.name, Instant::now()).await {
+            Ok(t) => t,
+            Err(next) => return next,
         };
         let secret = match shared.otp.secret(&p.name) {
             Ok(Some(s)) => s,
