@@ -280,16 +280,10 @@ impl Cluster {
 
     /// Note another node's record for `addr` (None: gone).
     pub fn set_remote_record(&self, addr: IpAddr, r: Option<RemoteRecord>) {
-        let mut m = lock(&self.remote_records);
-        match r {
-            Some(r) => {
-                m.insert(addr, r);
-            }
-            None => {
-                m.remove(&addr);
-                lock(&self.orphans).remove(&addr);
-            }
+        if r.is_none() {
+            lock(&self.orphans).remove(&addr);
         }
+        set_or_remove(&mut lock(&self.remote_records), addr, r);
     }
 
     /// Forget every remote record and node (before a full reload).
@@ -327,21 +321,17 @@ impl Cluster {
         &self,
         now: std::time::Instant,
     ) -> Vec<(IpAddr, RemoteRecord, std::time::Instant)> {
-        let records = lock(&self.remote_records).clone();
-        let live = lock(&self.live_nodes).clone();
+        // Lock order: records, nodes, orphans (the only place that holds
+        // more than one of them).
+        let records = lock(&self.remote_records);
+        let live = lock(&self.live_nodes);
         let mut o = lock(&self.orphans);
-        o.retain(|a, _| {
-            records
-                .get(a)
-                .is_some_and(|r| r.handoff || !live.contains(&r.node))
-        });
+        let free = |r: &RemoteRecord| r.handoff || !live.contains(&r.node);
+        o.retain(|a, _| records.get(a).is_some_and(free));
         records
-            .into_iter()
-            .filter(|(_, r)| r.handoff || !live.contains(&r.node))
-            .map(|(a, r)| {
-                let since = *o.entry(a).or_insert(now);
-                (a, r, since)
-            })
+            .iter()
+            .filter(|(_, r)| free(r))
+            .map(|(a, r)| (*a, r.clone(), *o.entry(*a).or_insert(now)))
             .collect()
     }
 
@@ -376,15 +366,7 @@ impl Cluster {
 
     /// Note this node's record for `key` (None: deleted).
     pub fn set_published_ban(&self, key: IpAddr, rev: Option<Revision>) {
-        let mut m = lock(&self.published_bans);
-        match rev {
-            Some(r) => {
-                m.insert(key, r);
-            }
-            None => {
-                m.remove(&key);
-            }
-        }
+        set_or_remove(&mut lock(&self.published_bans), key, rev);
     }
 
     /// Another node's points for `key` (None: it has none now). Returns the
@@ -464,15 +446,7 @@ impl Cluster {
 
     /// Note the revision of `released/<addr>` (None: deleted).
     pub fn set_released_rev(&self, addr: IpAddr, rev: Option<Revision>) {
-        let mut m = self.released_map();
-        match rev {
-            Some(r) => {
-                m.insert(addr, r);
-            }
-            None => {
-                m.remove(&addr);
-            }
-        }
+        set_or_remove(&mut self.released_map(), addr, rev);
     }
 
     /// Forget every known release (before a full reload).
@@ -547,6 +521,18 @@ impl Cluster {
 
 /// Per node: (attempts, last failure in Unix seconds).
 type NodePoints = HashMap<String, (u32, u64)>;
+
+/// `m[k] = v`, or no `k` for `None`.
+fn set_or_remove<V>(m: &mut HashMap<IpAddr, V>, k: IpAddr, v: Option<V>) {
+    match v {
+        Some(v) => {
+            m.insert(k, v);
+        }
+        None => {
+            m.remove(&k);
+        }
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())

@@ -199,7 +199,7 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
     }
     let rules = port.rules.load();
     let mut ctx = port.ctx(&rules, user_addr, true, &shared.config.nat.ftp_ports);
-    ctx.pickup_inbound = port.moved_in_until.is_some() && port.picks_up_from(&rules, info.src);
+    ctx.pickup_inbound = port.picks_up_from(&rules, info.src);
     let outcome = {
         let mut flows = port.flows();
         let o = flows.inbound(

@@ -140,7 +140,12 @@ impl Shared {
         // Claims run concurrently with each other and with saves; only the
         // mirror update waits for a save in progress (see `claimed`).
         let now_unix = unix_now();
-        let Some(rec) = self.core().session_record(id, Instant::now()) else {
+        let (rec, moved_in) = {
+            let core = self.core();
+            let moved_in = core.session(id).is_some_and(|s| s.moved_in);
+            (core.session_record(id, Instant::now()), moved_in)
+        };
+        let Some(rec) = rec else {
             // Ended meanwhile; the caller finds it gone.
             return Claim::Claimed;
         };
@@ -154,12 +159,12 @@ impl Shared {
             Ok(v) => v,
             Err(e) => return self.claim_failed(&c, id, &e.to_string()),
         };
-        let moved_in = self.core().session(id).is_some_and(|s| s.moved_in);
         let takeover = if moved_in {
             c.remote_record(addr)
         } else {
             None
         };
+        let took_over = takeover.is_some();
         let ops = match takeover {
             // Another node's record is on the address: a takeover (a
             // transfer, a client resuming here, a dead node's session).
@@ -205,7 +210,7 @@ impl Shared {
         match self.store.commit(ops, now_unix).await {
             Ok(rev) => {
                 c.store_up();
-                self.claimed(&c, id, key, &rec, rev).await;
+                self.claimed(&c, id, key, &rec, rev, took_over).await;
                 Claim::Claimed
             }
             Err(StoreError::Conflict { key: which, .. }) => {
@@ -226,7 +231,7 @@ impl Shared {
                         let ours = serde_json::from_slice::<SessionRecord>(&r.value)
                             .is_ok_and(|s| s.node == rec.node && s.token == rec.token);
                         if ours {
-                            self.claimed(&c, id, key, &rec, r.revision).await;
+                            self.claimed(&c, id, key, &rec, r.revision, took_over).await;
                             Claim::Claimed
                         } else {
                             c.claims_lost.fetch_add(1, Ordering::Relaxed);
@@ -247,11 +252,19 @@ impl Shared {
         }
     }
 
-    async fn claimed(&self, c: &Cluster, id: SessionId, key: Key, rec: &SessionRecord, rev: u64) {
+    /// The claim of session `id` committed at `rev` (`took_over`: it
+    /// replaced another node's record).
+    async fn claimed(
+        &self,
+        c: &Cluster,
+        id: SessionId,
+        key: Key,
+        rec: &SessionRecord,
+        rev: u64,
+        took_over: bool,
+    ) {
         c.claims.fetch_add(1, Ordering::Relaxed);
-        if c.remote_record(rec.addr).is_some()
-            && self.core().session(id).is_some_and(|s| s.moved_in)
-        {
+        if took_over {
             c.taken_over.fetch_add(1, Ordering::Relaxed);
             c.set_remote_record(rec.addr, None);
             info!(addr = %rec.addr, user = %rec.user, "session taken over from another node");

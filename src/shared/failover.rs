@@ -31,6 +31,17 @@ use super::Shared;
 /// (a client resuming here, a transfer accepted here).
 const MOVE_WAIT: Duration = Duration::from_secs(3);
 
+/// Wait (at most 200 ms at a time, to re-check) for the replica to change,
+/// until `deadline`; false once it has passed.
+async fn wait_for_change(notified: tokio::sync::futures::Notified<'_>, deadline: Instant) -> bool {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return false;
+    }
+    let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
+    true
+}
+
 /// How a CONNECT with the cookie of a session held elsewhere ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resume {
@@ -154,7 +165,8 @@ impl Shared {
         // A live holder hands over within a moment; one that does not
         // answer may be dead with its lease still running: wait for the
         // lease to expire (the client's CONNECT waits meanwhile).
-        let deadline = Instant::now() + MOVE_WAIT.max(c.settings.lease_ttl + MOVE_WAIT);
+        let wait = c.settings.lease_ttl + MOVE_WAIT;
+        let deadline = Instant::now() + wait;
         let mut asked = false;
         loop {
             let notified = c.changed.notified();
@@ -186,15 +198,13 @@ impl Shared {
                     }
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !wait_for_change(notified, deadline).await {
                 return Resume::Retry(format!(
                     "node {} did not hand the session over within {} s",
                     r.node,
-                    MOVE_WAIT.as_secs()
+                    wait.as_secs()
                 ));
             }
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
         }
         self.take_over(&c, addr, Some(token)).await
     }
@@ -292,11 +302,9 @@ impl Shared {
                     .is_some_and(|r| !r.handoff && r.node == v.node && c.node_alive(&r.node))
             });
             let w = waiting?;
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !wait_for_change(notified, deadline).await {
                 return Some(w.node.clone());
             }
-            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), notified).await;
         }
     }
 
@@ -346,12 +354,7 @@ impl Shared {
 
     /// Hand every local session over (drain).
     async fn hand_over_all(&self) -> usize {
-        let ids: Vec<SessionId> = self
-            .core()
-            .sessions()
-            .filter(|s| s.pool != crate::core::session::NAT_POOL)
-            .map(|s| s.id)
-            .collect();
+        let ids = self.movable_ids();
         let n = self.hand_over(ids, CloseReason::Moved).await;
         if n > 0 {
             info!(sessions = n, "handed sessions over to the cluster");
@@ -362,10 +365,15 @@ impl Shared {
     /// Sessions this node still holds that a drain moves (all but those
     /// behind NAT, which cannot move: their address is this node's).
     pub fn movable_sessions(&self) -> usize {
+        self.movable_ids().len()
+    }
+
+    fn movable_ids(&self) -> Vec<SessionId> {
         self.core()
             .sessions()
             .filter(|s| s.pool != crate::core::session::NAT_POOL)
-            .count()
+            .map(|s| s.id)
+            .collect()
     }
 
     /// `ctl drain --cancel` / a restarted node: accept logons again.
