@@ -298,9 +298,13 @@ class Bench:
         # BENCH_PROFILE=debug: the binaries `cargo test` builds (a smoke run in CI
         # then needs no release build); figures from them mean nothing.
         self.profile = os.environ.get("BENCH_PROFILE") or "release"
-        self.bin = ROOT / "target" / self.profile / "intragate"
+        # Where cargo puts the binaries (CARGO_TARGET_DIR, as cargo reads it).
+        target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+        if not target.is_absolute():
+            target = ROOT / target
+        self.bin = target / self.profile / "intragate"
         # BENCH_PLUGIN: try a plug-in built elsewhere (default: this tree's release build)
-        self.plugin = Path(os.environ.get("BENCH_PLUGIN") or ROOT / "target" / self.profile / "intragate-plugin")
+        self.plugin = Path(os.environ.get("BENCH_PLUGIN") or target / self.profile / "intragate-plugin")
         self.loadgen = BENCH / "loadgen" / "target" / "release" / "intragate-loadgen"
         self.procs = []
         self.namespaces = []
