@@ -177,6 +177,8 @@ async fn logon(shared: &Shared, user: &str) -> Duration {
                 offer_token: format!("offer-{user}-{:016x}", rand::random::<u64>()),
                 client_addr: None,
                 account: 0,
+                auth: Default::default(),
+                static_addr: None,
             },
             Instant::now(),
         );

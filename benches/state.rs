@@ -44,6 +44,8 @@ fn logon(shared: &Shared, user: &str) {
             offer_token: format!("offer-{user}"),
             client_addr: None,
             account: 0,
+            auth: Default::default(),
+            static_addr: None,
         },
         Instant::now(),
     );

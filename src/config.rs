@@ -24,6 +24,10 @@ use crate::core::bans::BanConfig;
 use crate::core::policy::PolicySet;
 use crate::netif::HostNetwork;
 
+mod auth;
+mod auth_cert;
+mod auth_ldap;
+mod auth_radius;
 mod cluster;
 mod dns;
 mod errors;
@@ -35,6 +39,10 @@ mod pools;
 mod security;
 mod sessions;
 
+pub use auth::{AuthMethod, AuthSettings};
+pub use auth_cert::CertSettings;
+pub use auth_ldap::LdapSettings;
+pub use auth_radius::RadiusSettings;
 pub use cluster::{valid_node_name, Announce, ClusterSettings};
 pub use dns::DnsSettings;
 pub use errors::{ConfigError, ConfigErrors};
@@ -82,6 +90,8 @@ struct RawConfig {
     #[serde(default)]
     pool: Vec<Spanned<pools::RawPool>>,
     cluster: Option<Spanned<cluster::RawCluster>>,
+    #[serde(default)]
+    auth: auth::RawAuth,
 }
 
 // ---------------------------------------------------------------------------
@@ -185,6 +195,9 @@ pub struct Config {
     /// `[cluster]`: share pools, sessions and DNS with other nodes through
     /// etcd (None: one node, the state file).
     pub cluster: Option<ClusterSettings>,
+    /// `[auth]`: who checks passwords (the users file by default), LDAP,
+    /// RADIUS, client certificates.
+    pub auth: AuthSettings,
 }
 
 /// Environment-variable / command-line overrides of common settings.
@@ -295,6 +308,7 @@ impl Config {
         let admin = gateway::Admin::read(&raw.gateway, &base, &gw.state_dir, &mut cx);
         let cluster =
             ClusterSettings::read(raw.cluster.as_ref(), ov.node.as_deref(), &base, &mut cx);
+        let auth = AuthSettings::read(&raw.auth, &base, &mut cx);
 
         // The internal side: `[network] internal`, else the networks this
         // host is attached to (routes stay a full tunnel: nothing to narrow
@@ -379,6 +393,7 @@ impl Config {
             pools,
             policies,
             cluster,
+            auth,
         })
     }
 }

@@ -5,6 +5,7 @@
 #![cfg_attr(not(test), warn(clippy::print_stdout))]
 
 pub mod admin;
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub use intragate_core as core;

@@ -487,6 +487,31 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                             cs.prefix
                         );
                     }
+                    // The authentication chain: unreachable servers are a
+                    // warning (they may be down for now), not an error.
+                    let methods: Vec<&str> = c.auth.methods.iter().map(|m| m.as_str()).collect();
+                    println!(
+                        "[auth]: passwords checked by {}{}",
+                        if methods.is_empty() {
+                            "nobody".to_string()
+                        } else {
+                            methods.join(", then ")
+                        },
+                        if c.auth.certificate.is_some() {
+                            "; client certificates accepted"
+                        } else {
+                            ""
+                        }
+                    );
+                    if c.auth.ldap.is_some() || c.auth.radius.is_some() {
+                        let auth = intragate::auth::Authenticator::new(&c.auth);
+                        let rt = tokio::runtime::Builder::new_current_thread()
+                            .enable_all()
+                            .build()?;
+                        for w in rt.block_on(auth.probe()) {
+                            eprintln!("warning: {w}");
+                        }
+                    }
                     if c.dns_server.enabled {
                         match intragate::dns::load_zones(&c.dns_dir, &c.domain) {
                             Ok(z) => println!(

@@ -118,6 +118,9 @@ pub struct Stats {
     closed: [AtomicU64; CLOSE_REASONS.len()],
     /// Sessions that got no DNS name (unmappable or colliding username).
     pub dns_name_refused: AtomicU64,
+    /// Logon steps on which an authentication backend could not be asked
+    /// (down, slow, misconfigured), by backend: local, ldap, radius.
+    auth_unavailable: [AtomicU64; 3],
     /// Packets from users forwarded.
     pub packets_from_users: AtomicU64,
     /// Bytes from users forwarded.
@@ -165,6 +168,14 @@ impl IoStats {
     }
 }
 
+fn auth_index(m: crate::config::AuthMethod) -> usize {
+    match m {
+        crate::config::AuthMethod::Local => 0,
+        crate::config::AuthMethod::Ldap => 1,
+        crate::config::AuthMethod::Radius => 2,
+    }
+}
+
 impl Stats {
     /// Count a dropped packet (by any path: route check, delivery,
     /// conntrack, NAT, FTP ALG).
@@ -189,6 +200,14 @@ impl Stats {
     /// Current drop count for a reason.
     pub fn drops(&self, r: DropReason) -> u64 {
         self.drops[r as usize].load(Relaxed)
+    }
+    /// Count a logon step on which `m`'s backend could not be asked.
+    pub fn auth_backend_down(&self, m: crate::config::AuthMethod) {
+        self.auth_unavailable[auth_index(m)].fetch_add(1, Relaxed);
+    }
+    /// Such steps so far for `m`.
+    pub fn auth_backend_downs(&self, m: crate::config::AuthMethod) -> u64 {
+        self.auth_unavailable[auth_index(m)].load(Relaxed)
     }
     /// JSON snapshot.
     pub fn to_json(&self) -> Value {
@@ -228,6 +247,11 @@ impl Stats {
             "tunnels": self.tunnels.load(Relaxed),
             "cstp_errors": self.cstp_errors.load(Relaxed),
             "dns_name_refused": self.dns_name_refused.load(Relaxed),
+            "auth_unavailable": {
+                "local": self.auth_backend_downs(crate::config::AuthMethod::Local),
+                "ldap": self.auth_backend_downs(crate::config::AuthMethod::Ldap),
+                "radius": self.auth_backend_downs(crate::config::AuthMethod::Radius),
+            },
             "packets_from_users": self.packets_from_users.load(Relaxed),
             "bytes_from_users": self.bytes_from_users.load(Relaxed),
             "packets_to_users": self.packets_to_users.load(Relaxed),

@@ -136,6 +136,14 @@ pub fn render(shared: &Shared) -> String {
     );
     labelled(
         &mut out,
+        "intragate_auth_backend_unavailable_total",
+        "counter",
+        "Logon steps on which an authentication backend could not be asked (down, slow, misconfigured).",
+        "backend",
+        &s["auth_unavailable"],
+    );
+    labelled(
+        &mut out,
         "intragate_sessions_closed_total",
         "counter",
         "Closed sessions by reason.",

@@ -169,7 +169,25 @@ pub fn session_row(s: &Session, domain: &str, now: Instant) -> SessionRow {
         age_s: now.saturating_duration_since(s.created).as_secs(),
         idle_s: now.saturating_duration_since(s.last_activity).as_secs(),
         node: None,
+        auth: auth_text(&s.auth),
+        auth_server: s.auth.server.clone(),
+        groups_from: s.auth.groups_from.clone(),
     }
+}
+
+/// `ldap (password)`: the account source and the factors.
+pub fn auth_text(a: &crate::core::session::AuthInfo) -> String {
+    let source = if a.source.is_empty() {
+        "local"
+    } else {
+        a.source.as_str()
+    };
+    let method = if a.method.is_empty() {
+        "password"
+    } else {
+        a.method.as_str()
+    };
+    format!("{source} ({method})")
 }
 
 /// A session another node of the cluster holds, as `ctl sessions` lists
@@ -204,6 +222,9 @@ pub fn remote_row(
         age_s: now_unix.saturating_sub(r.logon_unix),
         idle_s: 0,
         node: (!r.handoff).then(|| r.node.clone()),
+        auth: String::new(),
+        auth_server: None,
+        groups_from: Vec::new(),
     }
 }
 
@@ -619,6 +640,8 @@ mod tests {
                 offer_token: format!("offer-{user}-{device}"),
                 client_addr: None,
                 account: 0,
+                auth: Default::default(),
+                static_addr: None,
             },
             Instant::now(),
         );

@@ -291,6 +291,18 @@ pub struct SessionRow {
     /// The cluster node holding it (only in a cluster).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// How the user authenticated: the account source and the factors,
+    /// e.g. `ldap (password)`, `local (password+totp)`,
+    /// `certificate (certificate)`. Empty when not known (another node's
+    /// session).
+    #[serde(default)]
+    pub auth: String,
+    /// The server that authenticated the user (LDAP URL, RADIUS address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth_server: Option<String>,
+    /// Where each group came from (`admins: ldap memberOf cn=…`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups_from: Vec<String>,
 }
 
 /// `disconnect` and `logoff`.
@@ -691,6 +703,9 @@ pub(crate) mod tests {
             age_s: 3725,
             idle_s: 4,
             node: None,
+            auth: "ldap (password)".into(),
+            auth_server: Some("ldaps://dc1.example:636".into()),
+            groups_from: vec!["staff: ldap memberOf cn=staff,ou=groups,dc=example".into()],
         }
     }
 

@@ -155,6 +155,11 @@ fn sessions(list: &[SessionRow]) -> String {
                 duration(s.age_s),
                 or_dash(s.device.as_ref()),
                 or_dash(s.client),
+                if s.auth.is_empty() {
+                    "-".into()
+                } else {
+                    s.auth.clone()
+                },
             ];
             if cluster {
                 row.push(or_dash(s.node.as_ref()));
@@ -163,7 +168,7 @@ fn sessions(list: &[SessionRow]) -> String {
         })
         .collect();
     let mut head = vec![
-        "ID", "USER", "ADDRESS", "STATE", "IDLE", "AGE", "DEVICE", "CLIENT",
+        "ID", "USER", "ADDRESS", "STATE", "IDLE", "AGE", "DEVICE", "CLIENT", "AUTH",
     ];
     if cluster {
         head.push("NODE");
@@ -196,9 +201,19 @@ fn show(list: &[SessionRow]) -> String {
             ("connects", s.connects.to_string()),
             ("age", format!("{} ({} s)", duration(s.age_s), s.age_s)),
             ("idle", format!("{} ({} s)", duration(s.idle_s), s.idle_s)),
+            (
+                "auth",
+                match &s.auth_server {
+                    Some(server) => format!("{} via {server}", s.auth),
+                    None => or_dash((!s.auth.is_empty()).then_some(&s.auth)),
+                },
+            ),
         ];
         for (k, v) in lines {
             let _ = writeln!(out, "{:<10}{v}", format!("{k}:"));
+        }
+        for g in &s.groups_from {
+            let _ = writeln!(out, "{:<10}{g}", "group:");
         }
     }
     out
@@ -435,7 +450,9 @@ mod tests {
             "{t}"
         );
         let c = lines[0].find("CLIENT").expect("CLIENT");
-        assert_eq!(&lines[2][c..], "2001:db8::7", "{t}");
+        let a = lines[0].find("AUTH").expect("AUTH");
+        assert_eq!(lines[2][c..a].trim_end(), "2001:db8::7", "{t}");
+        assert_eq!(&lines[2][a..], "ldap (password)", "{t}");
 
         let p = text_of("pool");
         assert_eq!(

@@ -1044,6 +1044,8 @@ mod tests {
                 offer_token: format!("offer-{user}-{:016x}", rand::random::<u64>()),
                 client_addr: None,
                 account: 0,
+                auth: Default::default(),
+                static_addr: None,
             },
             Instant::now(),
         );
@@ -1514,6 +1516,8 @@ mod tests {
                 offer_token: "offer-new".into(),
                 client_addr: None,
                 account: 0,
+                auth: Default::default(),
+                static_addr: None,
             },
             Instant::now(),
         ) {

@@ -65,6 +65,8 @@ pub struct Shared {
     pub otp_pending: crate::users::otp::PendingCodes,
     /// The password-hashing threads (Argon2 is memory-hard: 19 MiB each).
     pub auth_workers: crate::users::AuthWorkers,
+    /// The authentication chain of `[auth]` (LDAP, RADIUS, certificates).
+    pub auth: crate::auth::Authenticator,
     /// Unauthenticated connections per client address.
     pub unauth: DashMap<IpAddr, usize>,
     /// Unauthenticated connections in all.
@@ -186,6 +188,7 @@ impl Shared {
             users: UserDb::new(config.users_file.clone()),
             otp: crate::users::otp::OtpStore::new(&config.users_file),
             otp_pending: crate::users::otp::PendingCodes::default(),
+            auth: crate::auth::Authenticator::new(&config.auth),
             bans: Mutex::new(BanTable::new(config.bans.clone())),
             core: Mutex::new(core),
             data: DataPath {

@@ -35,6 +35,8 @@ pub(crate) fn logon(shared: &Shared, user: &str) {
             offer_token: format!("offer-{user}"),
             client_addr: None,
             account: 0,
+            auth: Default::default(),
+            static_addr: None,
         },
         std::time::Instant::now(),
     );

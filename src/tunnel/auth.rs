@@ -10,13 +10,16 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{cstp::TunnelStart, Conn, Next};
+use crate::auth::{Identity, Verdict};
+use crate::config::AuthMethod;
 use crate::core::bans::{Admission, Admit};
 use crate::core::session::{
-    Account, CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId, TransferError,
-    TransferOffer,
+    Account, AuthInfo, CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId,
+    TransferError, TransferOffer,
 };
 use crate::shared::{Claim, TunnelCtl, TunnelHandle};
 use crate::stats::RefuseReason;
+use crate::users::otp::Waiting;
 use crate::users::AuthOutcome;
 use crate::wire::auth_xml::{self, ClientMessage, ClientMessageKind, Form, Input};
 use crate::wire::http::RequestHead;
@@ -67,6 +70,46 @@ fn code_form(error: Option<String>) -> Form {
         }],
     }
 }
+
+/// A backend's question (RADIUS Access-Challenge): its prompt, one
+/// field `code` (a password field when the backend asks for a secret).
+fn challenge_form(c: &crate::auth::Challenge, error: Option<String>) -> Form {
+    let prompt = if c.prompt.trim().is_empty() {
+        "Enter the response to the challenge.".to_string()
+    } else {
+        printable_prompt(&c.prompt)
+    };
+    Form {
+        id: "challenge".into(),
+        title: Some("Verification".into()),
+        message: Some(prompt),
+        error,
+        action: "/auth".into(),
+        inputs: vec![if c.hidden {
+            Input::Password {
+                name: "code".into(),
+                label: "Response:".into(),
+            }
+        } else {
+            Input::Text {
+                name: "code".into(),
+                label: "Response:".into(),
+            }
+        }],
+    }
+}
+
+/// A server's prompt, bounded and without control characters (it is
+/// shown on the user's terminal).
+fn printable_prompt(s: &str) -> String {
+    s.chars()
+        .filter(|c| !c.is_control() || *c == '\n')
+        .take(512)
+        .collect()
+}
+
+/// Longest username any backend is asked about.
+const MAX_USERNAME_LEN: usize = 256;
 
 /// "3m 20s"-style durations for people.
 fn human(d: Duration) -> String {
@@ -340,79 +383,192 @@ impl Conn {
             Ok(t) => t,
             Err(next) => return next,
         };
-        let (s, u, p) = (shared.clone(), user.to_string(), pass.to_string());
-        let outcome = match shared
-            .auth_workers
-            .run(move || s.users.authenticate(&u, &p))
-            .await
-        {
-            Some(Ok(o)) => o,
-            Some(Err(e)) => {
-                // Not the client's fault: no points.
-                shared.bans().refund(ticket, Instant::now());
-                shared.stats.refuse(RefuseReason::Unavailable);
-                warn!(error = %e, "user database unreadable; refusing logons");
+        // A name no backend could hold: refused like a wrong password,
+        // without asking anyone.
+        if user.len() > MAX_USERNAME_LEN || user.chars().any(char::is_control) {
+            shared.bans().settle_failure(ticket, Instant::now());
+            shared.ban_points_changed(self.ip);
+            shared.stats.refuse(RefuseReason::BadCredentials);
+            warn!(user = %printable(user), client = %self.ip, "authentication failed: not a username");
+            return self.refuse_logon("Authentication failed").await;
+        }
+        // The certificate names the user: the password must be that user's.
+        if let Some(cert) = self.cert_identity() {
+            if !cert.name.eq_ignore_ascii_case(user) {
+                shared.bans().settle_failure(ticket, Instant::now());
+                shared.ban_points_changed(self.ip);
+                shared.stats.refuse(RefuseReason::BadCredentials);
+                warn!(user = %printable(user), certificate = %cert.name, client = %self.ip, "authentication failed: the username is not the certificate's");
                 return self
-                    .refuse_logon("The gateway cannot check passwords right now; try again later")
+                    .refuse_logon("The username does not match your certificate")
                     .await;
             }
-            None => {
-                // Not evaluated, and not the client's fault: no points.
-                shared.bans().refund(ticket, Instant::now());
-                shared.stats.refuse(RefuseReason::ConnectionLimit);
-                warn!(client = %self.ip, "too many logons waiting for a password check; refused");
-                return self.refuse_logon("The gateway is busy; try again").await;
+        }
+        let deadline = now + shared.auth.timeout;
+        let mut unreachable: Option<AuthMethod> = None;
+        let methods = shared.auth.methods.clone();
+        for method in methods {
+            let verdict = match method {
+                AuthMethod::Local => match self.check_local(user, pass).await {
+                    Ok(v) => v,
+                    Err(()) => {
+                        // Not evaluated, and not the client's fault: no points.
+                        shared.bans().refund(ticket, Instant::now());
+                        shared.stats.refuse(RefuseReason::ConnectionLimit);
+                        warn!(client = %self.ip, "too many logons waiting for a password check; refused");
+                        return self.refuse_logon("The gateway is busy; try again").await;
+                    }
+                },
+                m => {
+                    let Some(backend) = shared.auth.backend(m).cloned() else {
+                        continue;
+                    };
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match tokio::time::timeout(
+                        left,
+                        backend.authenticate(user, pass, self.ip, left),
+                    )
+                    .await
+                    {
+                        Ok(v) => v,
+                        Err(_) => crate::auth::Verdict::Unavailable {
+                            why: format!(
+                                "no answer within the logon deadline ({}s, [auth] timeout)",
+                                shared.auth.timeout.as_secs()
+                            ),
+                        },
+                    }
+                }
+            };
+            match verdict {
+                Verdict::UnknownUser => continue,
+                Verdict::Unavailable { why } => {
+                    shared.stats.auth_backend_down(method);
+                    warn!(backend = method.as_str(), user = %printable(user), client = %self.ip, "authentication backend unavailable: {why}");
+                    unreachable.get_or_insert(method);
+                    continue;
+                }
+                Verdict::Denied { why } => {
+                    let next = shared.bans().settle_failure(ticket, Instant::now());
+                    shared.ban_points_changed(self.ip);
+                    shared.stats.refuse(RefuseReason::BadCredentials);
+                    let banned = matches!(next, Admission::Banned { .. });
+                    warn!(backend = method.as_str(), user = %printable(user), client = %self.ip, banned, "authentication failed: {why}");
+                    return self.refuse_logon("Authentication failed").await;
+                }
+                Verdict::Challenge(c) => {
+                    // Half way, like a TOTP code: the answer is charged.
+                    shared.bans().refund(ticket, Instant::now());
+                    return self.ask_challenge(c).await;
+                }
+                Verdict::Accepted(identity) => {
+                    return self.first_factor_done(ticket, identity).await;
+                }
             }
-        };
-        let (name, groups, stamp) = match outcome {
-            AuthOutcome::Ok {
+        }
+        if let Some(m) = unreachable {
+            // Not the client's fault: no points.
+            shared.bans().refund(ticket, Instant::now());
+            shared.stats.refuse(RefuseReason::Unavailable);
+            return self.refuse_logon(crate::auth::unavailable_message(m)).await;
+        }
+        let next = shared.bans().settle_failure(ticket, Instant::now());
+        shared.ban_points_changed(self.ip);
+        shared.stats.refuse(RefuseReason::BadCredentials);
+        let banned = matches!(next, Admission::Banned { .. });
+        warn!(user = %printable(user), client = %self.ip, banned, "authentication failed: no backend knows this user");
+        self.refuse_logon("Authentication failed").await
+    }
+
+    /// The local users file's verdict (on the password-hashing threads);
+    /// `Err` when those are too busy to take it.
+    async fn check_local(&mut self, user: &str, pass: &str) -> Result<Verdict, ()> {
+        let shared = self.shared.clone();
+        let (s, u, p) = (shared.clone(), user.to_string(), pass.to_string());
+        let outcome = shared
+            .auth_workers
+            .run(move || s.users.authenticate(&u, &p))
+            .await;
+        Ok(match outcome {
+            Some(Ok(AuthOutcome::Ok {
                 name,
                 groups,
                 stamp,
-            } => (name, groups, stamp),
-            AuthOutcome::Denied => {
-                let next = shared.bans().settle_failure(ticket, Instant::now());
-                shared.ban_points_changed(self.ip);
-                shared.stats.refuse(RefuseReason::BadCredentials);
-                let banned = matches!(next, Admission::Banned { .. });
-                warn!(user = %printable(user), client = %self.ip, banned, "authentication failed");
-                return self.refuse_logon("Authentication failed").await;
-            }
-        };
-        match shared.otp.secret(&name) {
+            })) => Verdict::Accepted(Identity {
+                groups_from: groups.iter().map(|g| format!("{g}: users file")).collect(),
+                name,
+                groups,
+                source: "local",
+                stamp,
+                ..Identity::default()
+            }),
+            Some(Ok(AuthOutcome::Denied)) => Verdict::Denied {
+                why: "wrong password or locked account".into(),
+            },
+            Some(Ok(AuthOutcome::Unknown)) => Verdict::UnknownUser,
+            Some(Err(e)) => Verdict::Unavailable {
+                why: format!("the users file cannot be read: {e}"),
+            },
+            None => return Err(()),
+        })
+    }
+
+    /// The identity a verified client certificate gives on this
+    /// connection, if any.
+    fn cert_identity(&self) -> Option<&crate::auth::cert::CertIdentity> {
+        self.peer_cert.as_ref()
+    }
+
+    /// The first factor is right: ask for the TOTP code when the user has
+    /// one, else open the session.
+    async fn first_factor_done(
+        &mut self,
+        ticket: crate::core::bans::Ticket,
+        identity: Identity,
+    ) -> Next {
+        let shared = self.shared.clone();
+        match shared.otp.secret(&identity.name) {
             Ok(Some(_)) => {
                 // Half way: the attempt costs nothing, but the user's
                 // failures are forgotten only once the code is right too
                 // (wrong codes add up like wrong passwords).
                 shared.bans().refund(ticket, Instant::now());
-                return self.ask_code(name, groups, stamp).await;
+                self.ask_code(identity).await
             }
             Ok(None) => {
                 // Refunds this attempt and forgets this username's
                 // failures from this address, and nothing else.
                 shared.bans().settle_success(ticket, Instant::now());
                 shared.ban_points_changed(self.ip);
+                let method = self.method_of("password");
+                self.open_session(identity, method).await
             }
             Err(e) => {
                 shared.bans().refund(ticket, Instant::now());
                 shared.stats.refuse(RefuseReason::Unavailable);
-                tracing::error!(user = %name, error = %e, "logon refused: the second-factor file cannot be read");
-                return self
-                    .refuse_logon("The second factor cannot be checked right now; try again later")
-                    .await;
+                tracing::error!(user = %identity.name, error = %e, "logon refused: the second-factor file cannot be read");
+                self.refuse_logon("The second factor cannot be checked right now; try again later")
+                    .await
             }
         }
-        self.open_session(name, groups, stamp).await
+    }
+
+    /// `factors` with the certificate in front when one was given.
+    fn method_of(&self, factors: &str) -> String {
+        if self.peer_cert.is_some() {
+            format!("certificate+{factors}")
+        } else {
+            factors.to_string()
+        }
     }
 
     /// The second form: "enter the code from your authenticator app". The
     /// password was right; the session opens once the code is.
-    async fn ask_code(&mut self, name: String, groups: Vec<String>, stamp: u64) -> Next {
+    async fn ask_code(&mut self, identity: Identity) -> Next {
         let handle = new_token();
+        let name = identity.name.clone();
         let pending = crate::users::otp::PendingCode {
-            name: name.clone(),
-            groups,
-            stamp,
+            waiting: Waiting::Totp(identity),
             client: self.ip,
             expires: Instant::now() + CODE_WINDOW,
         };
@@ -426,7 +582,28 @@ impl Conn {
         Next::KeepAlive
     }
 
-    /// The answer to the code form.
+    /// A backend's question (RADIUS Access-Challenge) as a second form:
+    /// its prompt, one field `code`.
+    async fn ask_challenge(&mut self, c: crate::auth::Challenge) -> Next {
+        let handle = new_token();
+        let form = challenge_form(&c, None);
+        let (user, backend) = (c.user.clone(), c.backend);
+        let pending = crate::users::otp::PendingCode {
+            waiting: Waiting::Challenge(c),
+            client: self.ip,
+            expires: Instant::now() + CODE_WINDOW,
+        };
+        if !self.shared.otp_pending.insert(handle.clone(), pending) {
+            self.shared.stats.refuse(RefuseReason::ConnectionLimit);
+            return self.refuse_logon("The gateway is busy; try again").await;
+        }
+        info!(user = %printable(&user), client = %self.ip, backend = backend.as_str(), "the backend asks a question; second form sent");
+        let xml = auth_xml::auth_request_xml(&form, Some(&handle));
+        self.send_xml(200, "OK", &xml, &[]).await;
+        Next::KeepAlive
+    }
+
+    /// The answer to the code form (a TOTP code or a challenge's answer).
     async fn code_answer(&mut self, handle: &str, code: &str) -> Next {
         let shared = self.shared.clone();
         let Some(p) = shared.otp_pending.take(handle) else {
@@ -441,22 +618,31 @@ impl Conn {
                 .refuse_logon("The code form expired; log on again")
                 .await;
         }
+        match p.waiting {
+            Waiting::Totp(identity) => self.totp_answer(identity, code).await,
+            Waiting::Challenge(c) => self.challenge_answer(c, code).await,
+        }
+    }
+
+    async fn totp_answer(&mut self, identity: Identity, code: &str) -> Next {
+        let shared = self.shared.clone();
         // A wrong code costs ban points like a wrong password.
-        let ticket = match self.admit_attempt(&p.name, Instant::now()).await {
+        let ticket = match self.admit_attempt(&identity.name, Instant::now()).await {
             Ok(t) => t,
             Err(next) => return next,
         };
-        let secret = match shared.otp.secret(&p.name) {
+        let secret = match shared.otp.secret(&identity.name) {
             Ok(Some(s)) => s,
             Ok(None) => {
                 // Removed meanwhile: the password alone is enough now.
                 shared.bans().refund(ticket, Instant::now());
-                return self.open_session(p.name, p.groups, p.stamp).await;
+                let method = self.method_of("password");
+                return self.open_session(identity, method).await;
             }
             Err(e) => {
                 shared.bans().refund(ticket, Instant::now());
                 shared.stats.refuse(RefuseReason::Unavailable);
-                tracing::error!(user = %p.name, error = %e, "logon refused: the second-factor file cannot be read");
+                tracing::error!(user = %identity.name, error = %e, "logon refused: the second-factor file cannot be read");
                 return self
                     .refuse_logon("The second factor cannot be checked right now; try again later")
                     .await;
@@ -464,18 +650,19 @@ impl Conn {
         };
         match shared
             .otp
-            .verify(&p.name, &secret, code, crate::shared::unix_now())
+            .verify(&identity.name, &secret, code, crate::shared::unix_now())
         {
             Ok(()) => {
                 shared.bans().settle_success(ticket, Instant::now());
                 shared.ban_points_changed(self.ip);
-                self.open_session(p.name, p.groups, p.stamp).await
+                let method = self.method_of("password+totp");
+                self.open_session(identity, method).await
             }
             Err(e) => {
                 shared.bans().settle_failure(ticket, Instant::now());
                 shared.ban_points_changed(self.ip);
                 shared.stats.refuse(RefuseReason::BadCredentials);
-                warn!(user = %p.name, client = %self.ip, "second factor refused: {e}");
+                warn!(user = %identity.name, client = %self.ip, "second factor refused: {e}");
                 let msg = match e {
                     crate::users::otp::CodeError::Wrong => "Wrong verification code",
                     crate::users::otp::CodeError::Replayed => {
@@ -487,11 +674,80 @@ impl Conn {
         }
     }
 
+    async fn challenge_answer(&mut self, c: crate::auth::Challenge, answer: &str) -> Next {
+        let shared = self.shared.clone();
+        let ticket = match self.admit_attempt(&c.user, Instant::now()).await {
+            Ok(t) => t,
+            Err(next) => return next,
+        };
+        let Some(backend) = shared.auth.backend(c.backend).cloned() else {
+            shared.bans().refund(ticket, Instant::now());
+            return self.refuse_logon("Log on again").await;
+        };
+        let timeout = shared.auth.timeout;
+        let verdict =
+            match tokio::time::timeout(timeout, backend.answer(&c, answer, self.ip, timeout)).await
+            {
+                Ok(v) => v,
+                Err(_) => Verdict::Unavailable {
+                    why: format!(
+                        "no answer within the logon deadline ({}s)",
+                        timeout.as_secs()
+                    ),
+                },
+            };
+        match verdict {
+            Verdict::Accepted(identity) => {
+                shared.bans().settle_success(ticket, Instant::now());
+                shared.ban_points_changed(self.ip);
+                let method = self.method_of("password+challenge");
+                self.open_session(identity, method).await
+            }
+            Verdict::Challenge(next) => {
+                // Another question (e.g. "new PIN"): no points either way.
+                shared.bans().refund(ticket, Instant::now());
+                self.ask_challenge(next).await
+            }
+            Verdict::Unavailable { why } => {
+                shared.bans().refund(ticket, Instant::now());
+                shared.stats.auth_backend_down(c.backend);
+                shared.stats.refuse(RefuseReason::Unavailable);
+                warn!(backend = c.backend.as_str(), user = %printable(&c.user), client = %self.ip, "authentication backend unavailable: {why}");
+                self.refuse_logon(crate::auth::unavailable_message(c.backend))
+                    .await
+            }
+            Verdict::Denied { why } => self.answer_refused(ticket, &c, &why).await,
+            Verdict::UnknownUser => self.answer_refused(ticket, &c, "unknown user").await,
+        }
+    }
+
+    async fn answer_refused(
+        &mut self,
+        ticket: crate::core::bans::Ticket,
+        c: &crate::auth::Challenge,
+        why: &str,
+    ) -> Next {
+        let next = self.shared.bans().settle_failure(ticket, Instant::now());
+        self.shared.ban_points_changed(self.ip);
+        self.shared.stats.refuse(RefuseReason::BadCredentials);
+        let banned = matches!(next, Admission::Banned { .. });
+        warn!(backend = c.backend.as_str(), user = %printable(&c.user), client = %self.ip, banned, "second factor refused: {why}");
+        self.refuse_logon("Authentication failed").await
+    }
+
     /// Open the session of an authenticated user (claiming its address in
     /// a cluster, retried on a lost claim) and hand out the cookie, or
     /// offer a transfer.
-    async fn open_session(&mut self, name: String, groups: Vec<String>, stamp: u64) -> Next {
+    async fn open_session(&mut self, identity: Identity, method: String) -> Next {
         let shared = self.shared.clone();
+        let name = identity.name.clone();
+        let local = identity.source == "local";
+        let auth = AuthInfo {
+            source: identity.source.to_string(),
+            method,
+            server: identity.server.clone(),
+            groups_from: identity.groups_from.clone(),
+        };
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -501,18 +757,22 @@ impl Conn {
                 // a deletion or password change that landed while the password
                 // was being checked cannot open a session the account watcher
                 // (`Shared::check_accounts`, same lock) would miss.
-                let groups = match shared.users.account(&name) {
-                    Ok(Account::Valid {
-                        stamp: now_stamp,
-                        groups,
-                    }) if now_stamp == stamp => groups,
-                    Ok(_) => {
-                        drop(core);
-                        shared.stats.refuse(RefuseReason::BadCredentials);
-                        warn!(user = %name, client = %self.ip, "logon refused: the account changed while its password was checked");
-                        return self.refuse_logon("Authentication failed").await;
+                let groups = if !local {
+                    identity.groups.clone()
+                } else {
+                    match shared.users.account(&name) {
+                        Ok(Account::Valid {
+                            stamp: now_stamp,
+                            groups,
+                        }) if now_stamp == identity.stamp => groups,
+                        Ok(_) => {
+                            drop(core);
+                            shared.stats.refuse(RefuseReason::BadCredentials);
+                            warn!(user = %name, client = %self.ip, "logon refused: the account changed while its password was checked");
+                            return self.refuse_logon("Authentication failed").await;
+                        }
+                        Err(_) => identity.groups.clone(),
                     }
-                    Err(_) => groups.clone(),
                 };
                 let r = core.handle_logon(
                     LogonRequest {
@@ -521,7 +781,9 @@ impl Conn {
                         token: new_token(),
                         offer_token: new_token(),
                         client_addr: Some(self.ip),
-                        account: stamp,
+                        account: if local { identity.stamp } else { 0 },
+                        auth: auth.clone(),
+                        static_addr: identity.static_addr,
                     },
                     Instant::now(),
                 );
@@ -530,7 +792,10 @@ impl Conn {
             };
             match result {
                 Ok(LogonOutcome::Opened(id)) => match shared.claim_session(id).await {
-                    Claim::Claimed => return self.complete(id, &name).await,
+                    Claim::Claimed => {
+                        self.note_identity(id, &identity);
+                        return self.complete(id, &name).await;
+                    }
                     Claim::Lost if attempt < crate::cluster::CLAIM_ATTEMPTS => continue,
                     Claim::Lost => {
                         shared.stats.refuse(RefuseReason::NoAddress);
@@ -565,6 +830,18 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// What the backend said beyond the groups: a static address it asked
+    /// for and did not get (logged), accounting (RADIUS Start).
+    fn note_identity(&self, id: SessionId, identity: &Identity) {
+        let addr = self.shared.core().session(id).map(|s| s.addr);
+        if let (Some(want), Some(got)) = (identity.static_addr, addr) {
+            if want != got {
+                warn!(session = %id, user = %identity.name, wanted = %want, got = %got, "the address the {} server assigned is not free in the policy's pool (or not in it); the session got another", identity.source);
+            }
+        }
+        self.shared.auth.session_opened(id, identity);
     }
 
     /// Tell the client its session is ready (cookie in body and header).

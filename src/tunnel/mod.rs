@@ -178,6 +178,7 @@ async fn handle_connection(
         ip,
         buf: BytesMut::with_capacity(4096),
         fd,
+        peer_cert: None,
     };
     conn.serve(tun, slot).await;
 }
@@ -203,6 +204,8 @@ struct Conn {
     /// The connection's descriptor in the budget (a refusal connection
     /// only answers that the gateway is at its connection limit).
     fd: FdSlot,
+    /// The user a verified client certificate names (`[auth.certificate]`).
+    peer_cert: Option<crate::auth::cert::CertIdentity>,
 }
 
 /// What a request handler wants the connection to do next.

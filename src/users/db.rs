@@ -96,8 +96,12 @@ pub enum AuthOutcome {
         /// Stamp of the credentials checked (see [`credential_stamp`]).
         stamp: u64,
     },
-    /// Unknown user or wrong password (deliberately not told apart).
+    /// Wrong password, or a locked account.
     Denied,
+    /// No such user in the file (the decoy hash was checked, so the time
+    /// taken does not tell it from `Denied`): the next backend of the
+    /// chain is asked; with none, the client sees the same refusal.
+    Unknown,
 }
 
 /// A stamp of a user's stored credentials: it changes when the password
@@ -235,7 +239,11 @@ impl UserDb {
     /// Check a password. Blocking (Argon2, SHA-crypt): call it on an
     /// [`AuthWorkers`] thread, which keeps the Argon2 working memory.
     pub fn authenticate(&self, name: &str, password: &str) -> Result<AuthOutcome, UserError> {
-        if !valid_username(name) || password.len() > MAX_PASSWORD_LEN {
+        if !valid_username(name) {
+            // Not a name the file can hold (another backend's may be).
+            return Ok(AuthOutcome::Unknown);
+        }
+        if password.len() > MAX_PASSWORD_LEN {
             return Ok(AuthOutcome::Denied);
         }
         match self.lookup(name)? {
@@ -254,7 +262,7 @@ impl UserDb {
             }
             Lookup::Unknown(decoy) => {
                 let _ = decoy.verify(password.as_bytes());
-                Ok(AuthOutcome::Denied)
+                Ok(AuthOutcome::Unknown)
             }
         }
     }

@@ -519,12 +519,12 @@ mod tests {
         );
         assert_eq!(
             db.authenticate("nobody", "s3cret").expect("auth"),
-            AuthOutcome::Denied
+            AuthOutcome::Unknown
         );
         delete(&path, "alice").expect("del");
         assert_eq!(
             db.authenticate("alice", "s3cret").expect("auth"),
-            AuthOutcome::Denied
+            AuthOutcome::Unknown
         );
         let _ = fs::remove_dir_all(&dir);
     }

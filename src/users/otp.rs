@@ -212,19 +212,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 /// A logon whose password was right, waiting for its code.
 #[derive(Debug, Clone)]
 pub struct PendingCode {
-    /// The user, as the users file spells it.
-    pub name: String,
-    /// Its groups.
-    pub groups: Vec<String>,
-    /// Its credential stamp.
-    pub stamp: u64,
+    /// What the form waits for.
+    pub waiting: Waiting,
     /// The client that gave the password (the code must come from it).
     pub client: std::net::IpAddr,
     /// When the code form stops being valid.
     pub expires: std::time::Instant,
 }
 
-/// The logons waiting for their code, by the form's handle (bounded).
+/// What a second form waits for.
+#[derive(Debug, Clone)]
+pub enum Waiting {
+    /// This user's TOTP code (the password was right).
+    Totp(crate::auth::Identity),
+    /// The answer to a backend's challenge (RADIUS Access-Challenge).
+    Challenge(crate::auth::Challenge),
+}
+
+/// Logons waiting for their second form, by the form's opaque handle.
 #[derive(Debug, Default)]
 pub struct PendingCodes(Mutex<HashMap<String, PendingCode>>);
 

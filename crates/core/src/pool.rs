@@ -311,6 +311,32 @@ impl IpPool {
         })
     }
 
+    /// Leases `addr` itself to `owner` (a static address from the
+    /// directory, e.g. RADIUS `Framed-IP-Address`): when it is usable in
+    /// this pool and free (or in quarantine for `owner`).
+    ///
+    /// # Errors
+    /// [`PoolError::NotInPool`] when `addr` is outside the pool or not
+    /// leasable (network, gateway, broadcast, excluded);
+    /// [`PoolError::Exhausted`] when another owner holds it or its
+    /// quarantine.
+    pub fn allocate_addr(
+        &mut self,
+        addr: IpAddr,
+        owner: &str,
+        now: Instant,
+    ) -> Result<IpAddr, PoolError> {
+        let off = self
+            .usable_offset(addr)
+            .ok_or(PoolError::NotInPool { addr })?;
+        if !self.is_eligible(off, owner, now) {
+            return Err(PoolError::Exhausted {
+                pool: self.name.clone(),
+            });
+        }
+        Ok(self.take(off, owner))
+    }
+
     /// Ends the lease on `addr`; the address enters quarantine for other owners.
     ///
     /// Releasing an address that is not leased (already released, never used,

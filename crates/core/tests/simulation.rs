@@ -169,6 +169,8 @@ fn req(user: &str, token: &str) -> LogonRequest {
         offer_token: format!("offer-{token}"),
         client_addr: None,
         account: 1,
+        auth: Default::default(),
+        static_addr: None,
     }
 }
 

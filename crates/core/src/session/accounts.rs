@@ -74,11 +74,21 @@ impl GatewayState {
         now: Instant,
     ) -> AccountOutcome {
         let key = user_key(user);
-        let ids: Vec<SessionId> = self.by_user.get(&key).cloned().unwrap_or_default();
+        // Only sessions the users file vouched for: a directory's user of
+        // the same name is not that file's to end.
+        let ids: Vec<SessionId> = self
+            .by_user
+            .get(&key)
+            .into_iter()
+            .flatten()
+            .copied()
+            .filter(|id| self.sessions.get(id).is_some_and(|s| s.auth.is_local()))
+            .collect();
         let mut out = AccountOutcome::default();
         match account {
             Account::Revoked(why) => {
-                self.offers.retain(|_, o| o.user_key != key);
+                self.offers
+                    .retain(|_, o| o.user_key != key || !o.req.auth.is_local());
                 for id in ids {
                     self.close(id, CloseReason::Revoked(why.clone()), now, true);
                     out.closed += 1;
@@ -86,9 +96,16 @@ impl GatewayState {
             }
             Account::Valid { stamp, groups } => {
                 self.offers.retain(|_, o| {
-                    o.user_key != key || o.req.account == *stamp || o.req.account == 0
+                    o.user_key != key
+                        || !o.req.auth.is_local()
+                        || o.req.account == *stamp
+                        || o.req.account == 0
                 });
-                for o in self.offers.values_mut().filter(|o| o.user_key == key) {
+                for o in self
+                    .offers
+                    .values_mut()
+                    .filter(|o| o.user_key == key && o.req.auth.is_local())
+                {
                     o.req.groups.clone_from(groups);
                 }
                 for id in ids {

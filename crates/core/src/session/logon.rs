@@ -111,7 +111,10 @@ impl GatewayState {
                             policy: policy.name.clone(),
                             pool: pool_name.clone(),
                         })?;
-                match pool.allocate(&key, now) {
+                let wanted = req
+                    .static_addr
+                    .and_then(|a| pool.allocate_addr(a, &key, now).ok());
+                match wanted.map_or_else(|| pool.allocate(&key, now), Ok) {
                     Ok(addr) => (addr, pool_name, None),
                     Err(_) if self.settings.spillover_pools.contains(&pool_name) => {
                         // Exhausted, and the pool spills over: NAT.
@@ -151,6 +154,7 @@ impl GatewayState {
             policy: policy.clone(),
             account: req.account,
             moved_in,
+            auth: req.auth,
         };
         self.sessions.insert(id, session);
         self.reschedule(id);

@@ -40,7 +40,7 @@ pub use records::SessionRecord;
 pub use state::GatewayState;
 pub use types::{token_hash, AdoptError, RemoteConflict, RemoteSession, TOKEN_HASH_PREFIX};
 pub use types::{
-    user_key, Account, AccountOutcome, AttachError, CloseReason, Event, LogonError, LogonOutcome,
-    LogonRequest, PolicyReload, Reevaluation, Session, SessionSettings, SessionState,
+    user_key, Account, AccountOutcome, AttachError, AuthInfo, CloseReason, Event, LogonError,
+    LogonOutcome, LogonRequest, PolicyReload, Reevaluation, Session, SessionSettings, SessionState,
     SessionSummary, TransferError, TransferOffer, NAT_POOL, NO_ADDRESS_MESSAGE,
 };

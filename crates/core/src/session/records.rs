@@ -54,6 +54,13 @@ pub struct SessionRecord {
     /// record.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub handoff: bool,
+    /// How the user authenticated (absent in older files: local).
+    #[serde(default, skip_serializing_if = "auth_is_default")]
+    pub auth: super::types::AuthInfo,
+}
+
+fn auth_is_default(a: &super::types::AuthInfo) -> bool {
+    *a == super::types::AuthInfo::default()
 }
 
 fn connected_default() -> bool {
@@ -194,6 +201,7 @@ impl GatewayState {
                 policy: policy.clone(),
                 account: r.account,
                 moved_in,
+                auth: r.auth.clone(),
             },
         );
         self.reschedule(id);
@@ -236,5 +244,6 @@ pub(super) fn record_of(s: &Session, now: Instant) -> SessionRecord {
         saved_at_unix: None,
         node: None,
         handoff: false,
+        auth: s.auth.clone(),
     }
 }

@@ -50,6 +50,8 @@ fn req(user: &str, token: &str) -> LogonRequest {
         offer_token: format!("offer-{token}"),
         client_addr: None,
         account: 7,
+        auth: AuthInfo::default(),
+        static_addr: None,
     }
 }
 
@@ -929,6 +931,7 @@ fn hashed_cookies_resume_only_with_the_cookie() {
         saved_at_unix: None,
         node: None,
         handoff: false,
+        auth: AuthInfo::default(),
     };
     let snap = crate::pool::PoolSnapshot {
         pool: "p".into(),
@@ -970,6 +973,7 @@ fn remote_record(r: &RemoteSession) -> SessionRecord {
         saved_at_unix: Some(100),
         node: Some(r.node.clone()),
         handoff: r.handoff,
+        auth: AuthInfo::default(),
     }
 }
 
@@ -1142,4 +1146,92 @@ fn a_dead_nodes_session_is_free_to_take_and_held_again_when_it_returns() {
         g.session(id).map(|s| (s.addr, s.moved_in)),
         Some((r.addr, true))
     );
+}
+
+fn external(user: &str, token: &str, source: &str) -> LogonRequest {
+    LogonRequest {
+        account: 0,
+        auth: AuthInfo {
+            source: source.into(),
+            method: "password".into(),
+            ..AuthInfo::default()
+        },
+        ..req(user, token)
+    }
+}
+
+#[test]
+fn the_users_file_does_not_end_a_directory_users_session() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 3);
+    let ldap = opened(g.handle_logon(external("alice", "a1", "ldap"), t0));
+    let local = opened(g.handle_logon(req("alice", "a2"), t0));
+    // alice is not in the users file: only the session it vouched for ends.
+    let out = g.handle_account(
+        "alice",
+        &Account::Revoked("user 'alice' was deleted".into()),
+        t0,
+    );
+    assert_eq!(out.closed, 1);
+    assert!(g.session(local).is_none());
+    let kept = g.session(ldap).expect("the LDAP session stays");
+    assert_eq!(kept.auth.source, "ldap");
+    assert!(!kept.auth.is_local());
+}
+
+#[test]
+fn a_static_address_is_used_when_free_and_falls_back_when_taken() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 3);
+    let wanted: IpAddr = "198.18.64.9".parse().unwrap();
+    let a = opened(g.handle_logon(
+        LogonRequest {
+            static_addr: Some(wanted),
+            ..external("alice", "a1", "radius")
+        },
+        t0,
+    ));
+    assert_eq!(g.session(a).unwrap().addr, wanted);
+    // Taken by alice: bob asking for it gets another address.
+    let b = opened(g.handle_logon(
+        LogonRequest {
+            static_addr: Some(wanted),
+            ..external("bob", "b1", "radius")
+        },
+        t0,
+    ));
+    assert_ne!(g.session(b).unwrap().addr, wanted);
+    // Outside the pool: ignored.
+    let c = opened(g.handle_logon(
+        LogonRequest {
+            static_addr: Some("198.19.0.1".parse().unwrap()),
+            ..external("carol", "c1", "radius")
+        },
+        t0,
+    ));
+    assert!(g
+        .session(c)
+        .unwrap()
+        .addr
+        .to_string()
+        .starts_with("198.18.64."));
+}
+
+#[test]
+fn how_a_user_authenticated_survives_a_restart() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 3);
+    let a = opened(g.handle_logon(external("alice", "a1", "radius"), t0));
+    let rec = super::records::record_of(g.session(a).unwrap(), t0);
+    let text = serde_json::to_string(&rec).unwrap();
+    let back: SessionRecord = serde_json::from_str(&text).unwrap();
+    assert_eq!(back.auth.source, "radius");
+    // A record from before the field: local.
+    let old = text.replace(
+        ",\"auth\":{\"source\":\"radius\",\"method\":\"password\"}",
+        "",
+    );
+    assert_ne!(old, text);
+    let back: SessionRecord = serde_json::from_str(&old).unwrap();
+    assert!(back.auth.is_local());
 }

@@ -89,6 +89,40 @@ pub struct Session {
     /// or its node gone): its claim replaces that node's record instead of
     /// creating one.
     pub moved_in: bool,
+    /// How the user authenticated and where its groups came from.
+    pub auth: AuthInfo,
+}
+
+/// How a session's user authenticated (shown by `ctl sessions`/`show`,
+/// kept across restarts and moves).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AuthInfo {
+    /// The account source that accepted the user: `local` (the users
+    /// file), `ldap`, `radius`, `certificate`. Empty: `local` (sessions
+    /// from before this field).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source: String,
+    /// The factors given, e.g. `password`, `password+totp`,
+    /// `password+challenge`, `certificate`, `certificate+password`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub method: String,
+    /// The server that answered (LDAP URL, RADIUS address), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server: Option<String>,
+    /// Where each group came from, e.g. `admins: ldap memberOf
+    /// cn=vpn-admins,ou=groups,dc=example,dc=org`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups_from: Vec<String>,
+}
+
+impl AuthInfo {
+    /// The users file vouches for this session's user: the account watcher
+    /// applies that file's changes to it. Users from a directory, RADIUS
+    /// or a certificate are not in it (their source decides at logon).
+    #[must_use]
+    pub fn is_local(&self) -> bool {
+        self.source.is_empty() || self.source == "local"
+    }
 }
 
 /// Session settings from the config.
@@ -136,6 +170,12 @@ pub struct LogonRequest {
     pub client_addr: Option<IpAddr>,
     /// Stamp of the account's credentials (see [`Account`]).
     pub account: u64,
+    /// How the user authenticated.
+    pub auth: AuthInfo,
+    /// An address the account source assigned (RADIUS
+    /// `Framed-IP-Address`): used when it is free in the policy's pool,
+    /// else the pool allocates as usual.
+    pub static_addr: Option<IpAddr>,
 }
 
 /// What a successful logon produced.

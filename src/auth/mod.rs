@@ -1,0 +1,199 @@
+//! Who may log on: the authentication chain of `[auth]`.
+//!
+//! A logon gives a username and a password; the chain asks its password
+//! backends in the configured order (`[auth] methods`, the local users file
+//! by default). The first backend that knows the user decides: a wrong
+//! password there is final (it does not fall through to the next backend,
+//! which would let a guesser try every directory). A backend that cannot
+//! be asked (down, slow, misconfigured) is skipped; if nobody decides, the
+//! user is told which backend could not be reached. A backend may answer
+//! with a challenge (RADIUS Access-Challenge): the user gets a second form
+//! with the backend's prompt, and the answer goes back to that backend.
+//!
+//! The local backend runs on the password-hashing threads and lives in the
+//! tunnel's logon code (it needs the users file's credential stamps); the
+//! network backends implement [`Backend`]. Client certificates
+//! ([`cert`]) are checked in the TLS handshake and identify the user
+//! before any form.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::{AuthMethod, AuthSettings};
+
+pub mod cert;
+pub mod ldap;
+pub mod radius;
+
+/// Who the user turned out to be.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// The username as the backend spells it (sessions, DNS name, logs).
+    pub name: String,
+    /// Policy groups.
+    pub groups: Vec<String>,
+    /// Where each group came from (`admins: ldap memberOf cn=vpn-admins,…`).
+    pub groups_from: Vec<String>,
+    /// The backend: `local`, `ldap`, `radius`, `certificate`.
+    pub source: &'static str,
+    /// The server that answered (URL or address), if any.
+    pub server: Option<String>,
+    /// Credential stamp of a local user (the users file's watcher ends
+    /// the session when it changes); 0 for other sources.
+    pub stamp: u64,
+    /// An address the backend assigned (RADIUS `Framed-IP-Address`).
+    pub static_addr: Option<IpAddr>,
+    /// RADIUS `Class` attributes to echo in accounting (RFC 2865 §5.25).
+    pub class: Vec<Vec<u8>>,
+}
+
+/// A backend's question after a right password (RADIUS Access-Challenge):
+/// its prompt becomes a second form, the answer goes back with `state`.
+#[derive(Debug, Clone)]
+pub struct Challenge {
+    /// The prompt shown to the user (Reply-Message).
+    pub prompt: String,
+    /// The username the challenge is for.
+    pub user: String,
+    /// Opaque to the chain: what the backend needs to go on (RADIUS State).
+    pub state: Vec<u8>,
+    /// Which server asked (the answer must go to the same one).
+    pub server: usize,
+    /// The backend that asked.
+    pub backend: AuthMethod,
+    /// Is the answer secret (a password field) or visible (a code)?
+    pub hidden: bool,
+}
+
+/// One backend's answer.
+#[derive(Debug, Clone)]
+pub enum Verdict {
+    /// The password (or the answer to a challenge) is right.
+    Accepted(Identity),
+    /// Right so far; the backend asks one more question.
+    Challenge(Challenge),
+    /// The backend does not know this user: ask the next one.
+    UnknownUser,
+    /// Wrong password or answer, account disabled, or refused by the
+    /// server: final. `why` is for the log (never the password).
+    Denied {
+        /// For the log.
+        why: String,
+    },
+    /// The backend could not be asked: skipped. `why` is for the log and
+    /// the metric; the user sees that the backend is unreachable.
+    Unavailable {
+        /// For the log.
+        why: String,
+    },
+}
+
+/// A network password backend (LDAP, RADIUS).
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Check `password` for `user` (given by `client`). Must return within
+    /// `deadline` (the caller also cuts it off there, as Unavailable).
+    async fn authenticate(
+        &self,
+        user: &str,
+        password: &str,
+        client: IpAddr,
+        deadline: Duration,
+    ) -> Verdict;
+
+    /// The answer to a [`Challenge`] this backend made.
+    async fn answer(
+        &self,
+        challenge: &Challenge,
+        answer: &str,
+        client: IpAddr,
+        deadline: Duration,
+    ) -> Verdict {
+        let _ = (challenge, answer, client, deadline);
+        Verdict::Denied {
+            why: "this backend does not ask questions".into(),
+        }
+    }
+
+    /// Can the servers be reached (`intragate check`, start-up log)? One
+    /// line per server that cannot.
+    async fn probe(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// The chain, as the daemon runs it.
+#[derive(Debug)]
+pub struct Authenticator {
+    /// Password backends in order.
+    pub methods: Vec<AuthMethod>,
+    /// Bound on one logon step in the backends.
+    pub timeout: Duration,
+    /// LDAP, when configured.
+    pub ldap: Option<Arc<dyn Backend>>,
+    /// RADIUS, when configured.
+    pub radius: Option<Arc<dyn Backend>>,
+    /// RADIUS accounting, when configured.
+    pub accounting: Option<Arc<radius::Accounting>>,
+    /// Client certificates, when configured.
+    pub certificate: Option<crate::config::CertSettings>,
+}
+
+impl Authenticator {
+    /// Build the backends of `settings` (no I/O: connections are made per
+    /// logon, or lazily by the backend's pool).
+    pub fn new(settings: &AuthSettings) -> Self {
+        let ldap = settings
+            .ldap
+            .as_ref()
+            .map(|l| Arc::new(ldap::Ldap::new(l.clone())) as Arc<dyn Backend>);
+        let (radius, accounting) = match &settings.radius {
+            Some(r) => {
+                let (b, a) = radius::Radius::new(r.clone());
+                (Some(Arc::new(b) as Arc<dyn Backend>), a.map(Arc::new))
+            }
+            None => (None, None),
+        };
+        Self {
+            methods: settings.methods.clone(),
+            timeout: settings.timeout,
+            ldap,
+            radius,
+            accounting,
+            certificate: settings.certificate.clone(),
+        }
+    }
+
+    /// The network backend of `method` (None for `local`).
+    pub fn backend(&self, method: AuthMethod) -> Option<&Arc<dyn Backend>> {
+        match method {
+            AuthMethod::Local => None,
+            AuthMethod::Ldap => self.ldap.as_ref(),
+            AuthMethod::Radius => self.radius.as_ref(),
+        }
+    }
+
+    /// A session opened for `identity` (accounting starts here).
+    pub fn session_opened(&self, id: crate::core::ids::SessionId, identity: &Identity) {
+        let _ = (id, identity);
+    }
+
+    /// Ask every configured network backend whether its servers answer.
+    pub async fn probe(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for b in [&self.ldap, &self.radius].into_iter().flatten() {
+            out.extend(b.probe().await);
+        }
+        out
+    }
+}
+
+/// What a user is told when the backend of `method` could not be asked.
+pub fn unavailable_message(method: AuthMethod) -> &'static str {
+    match method {
+        AuthMethod::Local => "The gateway cannot check passwords right now; try again later",
+        AuthMethod::Ldap => "The directory (LDAP) cannot be reached; try again later",
+        AuthMethod::Radius => "The RADIUS server cannot be reached; try again later",
+    }
+}
