@@ -170,3 +170,54 @@ impl AuthSettings {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<crate::config::Config, String> {
+        crate::config::Config::from_str_at(
+            Path::new("/nonexistent/intragate.toml"),
+            text,
+            true,
+            &crate::config::Overrides::default(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_users_file_is_the_default_chain() {
+        let c = load("").expect("valid");
+        assert_eq!(c.auth.methods, [AuthMethod::Local]);
+        assert_eq!(
+            c.auth.timeout,
+            std::time::Duration::from_secs(DEFAULT_AUTH_TIMEOUT_SECS)
+        );
+        assert!(c.auth.ldap.is_none() && c.auth.radius.is_none());
+    }
+
+    #[test]
+    fn methods_are_checked_with_their_line() {
+        let e = load("[auth]\nmethods = [\"local\", \"kerberos\"]\n").expect_err("unknown");
+        assert!(e.contains(":2:") && e.contains("unknown method 'kerberos'"), "{e}");
+        let e = load("[auth]\nmethods = [\"local\", \"local\"]\n").expect_err("twice");
+        assert!(e.contains("listed twice"), "{e}");
+        let e = load("[auth]\nmethods = []\n").expect_err("empty");
+        assert!(e.contains("nobody could log on"), "{e}");
+        let e = load("[auth]\nmethods = [\"ldap\"]\n").expect_err("no section");
+        assert!(e.contains("no [auth.ldap] section"), "{e}");
+        let e = load("[auth]\ntimeout = 0\n").expect_err("zero");
+        assert!(e.contains("at least 1 second"), "{e}");
+        let e = load("[auth]\nmetods = [\"local\"]\n").expect_err("typo");
+        assert!(e.contains("metods"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_section_must_be_listed() {
+        let e = load("[auth]\nmethods = [\"local\"]\n[auth.radius]\n").expect_err("unlisted");
+        assert!(
+            e.contains("[auth.radius] is configured but [auth] methods does not list \"radius\""),
+            "{e}"
+        );
+    }
+}
