@@ -141,8 +141,8 @@ enum UserCmd {
     List,
     /// Enrol a user for a TOTP second factor (authenticator app), or remove it.
     ///
-    /// Prints the otpauth:// URI to give the user (enter it in the app, or
-    /// make a QR code of it, e.g. `qrencode -t ansiutf8 'URI'`). From then on
+    /// Prints the otpauth:// URI to give the user, and on a terminal a QR
+    /// code of it for the app to scan. From then on
     /// the user is asked for the 6-digit code after the password; a code is
     /// accepted once, within 30 s either way. Enrolling again replaces the
     /// secret. Secrets are kept in USERS_FILE.otp (mode 0600).
@@ -580,6 +580,20 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     } else {
                         let uri = intragate::users::otp::enrol(path, &name, "intragate")?;
                         println!("{uri}");
+                        // On a terminal, also as a QR code the app can scan.
+                        if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+                            match qrcode::QrCode::new(uri.as_bytes()) {
+                                Ok(code) => println!(
+                                    "{}",
+                                    code.render::<qrcode::render::unicode::Dense1x2>()
+                                        .dark_color(qrcode::render::unicode::Dense1x2::Light)
+                                        .light_color(qrcode::render::unicode::Dense1x2::Dark)
+                                        .quiet_zone(true)
+                                        .build()
+                                ),
+                                Err(e) => eprintln!("(no QR code: {e})"),
+                            }
+                        }
                         eprintln!(
                             "enrolled '{name}': give this URI to the user's authenticator app (or a QR code of it); \
                              the code is asked for after the password from now on"

@@ -199,7 +199,10 @@ mod tests {
     #[test]
     fn methods_are_checked_with_their_line() {
         let e = load("[auth]\nmethods = [\"local\", \"kerberos\"]\n").expect_err("unknown");
-        assert!(e.contains(":2:") && e.contains("unknown method 'kerberos'"), "{e}");
+        assert!(
+            e.contains(":2:") && e.contains("unknown method 'kerberos'"),
+            "{e}"
+        );
         let e = load("[auth]\nmethods = [\"local\", \"local\"]\n").expect_err("twice");
         assert!(e.contains("listed twice"), "{e}");
         let e = load("[auth]\nmethods = []\n").expect_err("empty");
