@@ -89,6 +89,22 @@ pub enum Verdict {
     },
 }
 
+/// What a source says about a user of a live session.
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// Still usable, with these policy groups (and where they came from).
+    Valid {
+        /// Policy groups.
+        groups: Vec<String>,
+        /// Where each came from.
+        groups_from: Vec<String>,
+    },
+    /// Deleted, disabled, locked: why (the session ends).
+    Gone(String),
+    /// The source could not be asked: nothing changes.
+    Unavailable(String),
+}
+
 /// A network password backend (LDAP, RADIUS).
 #[async_trait::async_trait]
 pub trait Backend: Send + Sync + std::fmt::Debug {
@@ -116,6 +132,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         }
     }
 
+    /// What the source says about `user` now, without a password: the
+    /// periodic re-check of live sessions (`[auth] recheck_interval`).
+    /// `None`: this backend cannot look users up (RADIUS).
+    async fn lookup(&self, user: &str, deadline: Duration) -> Option<Lookup> {
+        let _ = (user, deadline);
+        None
+    }
+
     /// Can the servers be reached (`intragate check`, start-up log)? One
     /// line per server that cannot.
     async fn probe(&self) -> Vec<String> {
@@ -130,6 +154,9 @@ pub struct Authenticator {
     pub methods: Vec<AuthMethod>,
     /// Bound on one logon step in the backends.
     pub timeout: Duration,
+    /// How often live sessions' users are looked up again at their source
+    /// (None: never).
+    pub recheck_interval: Option<Duration>,
     /// LDAP, when configured.
     pub ldap: Option<Arc<dyn Backend>>,
     /// RADIUS, when configured.
@@ -158,6 +185,7 @@ impl Authenticator {
         Self {
             methods: settings.methods.clone(),
             timeout: settings.timeout,
+            recheck_interval: settings.recheck_interval,
             ldap,
             radius,
             accounting,
@@ -195,5 +223,88 @@ pub fn unavailable_message(method: AuthMethod) -> &'static str {
         AuthMethod::Local => "The gateway cannot check passwords right now; try again later",
         AuthMethod::Ldap => "The directory (LDAP) cannot be reached; try again later",
         AuthMethod::Radius => "The RADIUS server cannot be reached; try again later",
+    }
+}
+
+/// Live sessions follow their directory: every `[auth] recheck_interval`
+/// each user with a session from a backend that can look users up (LDAP)
+/// is looked up again; one deleted or disabled there loses its sessions,
+/// one whose groups changed is judged by the policies again. A directory
+/// that cannot be asked changes nothing (logged once per round).
+/// Returns only at shutdown (the gateway stops when one of its tasks ends).
+pub async fn recheck_loop(shared: Arc<crate::shared::Shared>) {
+    let sources: Vec<(AuthMethod, Arc<dyn Backend>)> = [AuthMethod::Ldap]
+        .into_iter()
+        .filter_map(|m| shared.auth.backend(m).map(|b| (m, b.clone())))
+        .collect();
+    let Some(every) = shared.auth.recheck_interval.filter(|_| !sources.is_empty()) else {
+        shared.shutdown.cancelled().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        for (method, backend) in &sources {
+            recheck_source(&shared, *method, backend.as_ref()).await;
+        }
+    }
+}
+
+/// One round of [`recheck_loop`] for one source.
+pub async fn recheck_source(
+    shared: &crate::shared::Shared,
+    method: AuthMethod,
+    backend: &dyn Backend,
+) {
+    use crate::core::session::Account;
+    let source = method.as_str();
+    let users = shared.core().users_from(source);
+    let (mut closed, mut changed, mut failed) = (0, 0, 0usize);
+    for user in users {
+        let look = match tokio::time::timeout(
+            shared.auth.timeout,
+            backend.lookup(&user, shared.auth.timeout),
+        )
+        .await
+        {
+            Ok(Some(l)) => l,
+            Ok(None) => return,
+            Err(_) => Lookup::Unavailable("no answer in time".into()),
+        };
+        let account = match look {
+            Lookup::Valid { groups, .. } => Account::Valid { stamp: 0, groups },
+            Lookup::Gone(why) => Account::Revoked(why),
+            Lookup::Unavailable(why) => {
+                if failed == 0 {
+                    tracing::warn!(
+                        backend = source,
+                        "cannot re-check live sessions' users: {why}"
+                    );
+                }
+                failed += 1;
+                continue;
+            }
+        };
+        let out =
+            shared
+                .core()
+                .handle_source_account(source, &user, &account, std::time::Instant::now());
+        if out.closed > 0 {
+            if let Account::Revoked(why) = &account {
+                tracing::info!(backend = source, %user, sessions = out.closed, "sessions ended: {why}");
+            }
+        }
+        closed += out.closed;
+        changed += out.reevaluated;
+    }
+    if closed + changed > 0 {
+        tracing::info!(
+            backend = source,
+            sessions_closed = closed,
+            sessions_reevaluated = changed,
+            "applied the directory's changes to live sessions"
+        );
     }
 }

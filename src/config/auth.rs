@@ -19,6 +19,9 @@ pub(super) struct RawAuth {
     methods: Option<Spanned<Vec<String>>>,
     /// Seconds one logon step may spend in the backends in all.
     timeout: Option<u64>,
+    /// Seconds between re-checks of live sessions' users at their source
+    /// (0: never).
+    recheck_interval: Option<u64>,
     ldap: Option<Spanned<RawLdap>>,
     radius: Option<Spanned<RawRadius>>,
     certificate: Option<Spanned<RawCertificate>>,
@@ -48,6 +51,8 @@ impl AuthMethod {
 
 /// The default bound on one logon step's backend calls.
 pub(super) const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
+/// The default interval between re-checks of live sessions' users.
+pub(super) const DEFAULT_RECHECK_INTERVAL_SECS: u64 = 300;
 
 /// `[auth]`, validated.
 #[derive(Debug, Clone)]
@@ -58,6 +63,10 @@ pub struct AuthSettings {
     pub methods: Vec<AuthMethod>,
     /// Bound on one logon step in the backends (all tries, all servers).
     pub timeout: std::time::Duration,
+    /// How often live sessions' users are looked up again at their source
+    /// (LDAP): deleted or disabled users lose their sessions, changed
+    /// groups re-evaluate them. None: never.
+    pub recheck_interval: Option<std::time::Duration>,
     /// `[auth.ldap]`.
     pub ldap: Option<LdapSettings>,
     /// `[auth.radius]`.
@@ -71,6 +80,9 @@ impl Default for AuthSettings {
         Self {
             methods: vec![AuthMethod::Local],
             timeout: std::time::Duration::from_secs(DEFAULT_AUTH_TIMEOUT_SECS),
+            recheck_interval: Some(std::time::Duration::from_secs(
+                DEFAULT_RECHECK_INTERVAL_SECS,
+            )),
             ldap: None,
             radius: None,
             certificate: None,
@@ -161,9 +173,17 @@ impl AuthSettings {
             Some(t) => t,
             None => DEFAULT_AUTH_TIMEOUT_SECS,
         };
+        let recheck_interval = match raw.recheck_interval {
+            Some(0) => None,
+            Some(s) => Some(std::time::Duration::from_secs(s)),
+            None => Some(std::time::Duration::from_secs(
+                DEFAULT_RECHECK_INTERVAL_SECS,
+            )),
+        };
         Self {
             methods,
             timeout: std::time::Duration::from_secs(timeout),
+            recheck_interval,
             ldap,
             radius,
             certificate,

@@ -73,22 +73,46 @@ impl GatewayState {
         account: &Account,
         now: Instant,
     ) -> AccountOutcome {
-        let key = user_key(user);
         // Only sessions the users file vouched for: a directory's user of
         // the same name is not that file's to end.
+        self.handle_source_account("local", user, account, now)
+    }
+
+    /// [`GatewayState::handle_account`] for the sessions that account
+    /// source `source` (`local`, `ldap`, …: [`AuthInfo::source`]) vouched
+    /// for, e.g. a directory's periodic re-check of its users. A stamp of 0
+    /// means the source has no credential stamps: only revocation and
+    /// groups apply.
+    ///
+    /// [`AuthInfo::source`]: super::AuthInfo::source
+    pub fn handle_source_account(
+        &mut self,
+        source: &str,
+        user: &str,
+        account: &Account,
+        now: Instant,
+    ) -> AccountOutcome {
+        let key = user_key(user);
+        let from = |a: &super::AuthInfo| {
+            if source == "local" {
+                a.is_local()
+            } else {
+                a.source == source
+            }
+        };
         let ids: Vec<SessionId> = self
             .by_user
             .get(&key)
             .into_iter()
             .flatten()
             .copied()
-            .filter(|id| self.sessions.get(id).is_some_and(|s| s.auth.is_local()))
+            .filter(|id| self.sessions.get(id).is_some_and(|s| from(&s.auth)))
             .collect();
         let mut out = AccountOutcome::default();
         match account {
             Account::Revoked(why) => {
                 self.offers
-                    .retain(|_, o| o.user_key != key || !o.req.auth.is_local());
+                    .retain(|_, o| o.user_key != key || !from(&o.req.auth));
                 for id in ids {
                     self.close(id, CloseReason::Revoked(why.clone()), now, true);
                     out.closed += 1;
@@ -97,14 +121,15 @@ impl GatewayState {
             Account::Valid { stamp, groups } => {
                 self.offers.retain(|_, o| {
                     o.user_key != key
-                        || !o.req.auth.is_local()
+                        || !from(&o.req.auth)
+                        || *stamp == 0
                         || o.req.account == *stamp
                         || o.req.account == 0
                 });
                 for o in self
                     .offers
                     .values_mut()
-                    .filter(|o| o.user_key == key && o.req.auth.is_local())
+                    .filter(|o| o.user_key == key && from(&o.req.auth))
                 {
                     o.req.groups.clone_from(groups);
                 }
@@ -112,7 +137,9 @@ impl GatewayState {
                     let Some(s) = self.sessions.get_mut(&id) else {
                         continue;
                     };
-                    if s.account == 0 {
+                    if *stamp == 0 {
+                        // No credential stamps at this source.
+                    } else if s.account == 0 {
                         s.account = *stamp;
                         self.version += 1;
                     } else if s.account != *stamp {
@@ -134,6 +161,17 @@ impl GatewayState {
             }
         }
         out
+    }
+
+    /// The users that hold sessions `source` vouched for (one entry per
+    /// user, as logged on), for that source's re-check.
+    pub fn users_from(&self, source: &str) -> Vec<String> {
+        let mut seen = std::collections::BTreeMap::new();
+        for s in self.sessions.values().filter(|s| s.auth.source == source) {
+            seen.entry(user_key(&s.user))
+                .or_insert_with(|| s.user.clone());
+        }
+        seen.into_values().collect()
     }
 
     /// Judge session `id` by the policy that applies to its user and groups

@@ -1235,3 +1235,27 @@ fn how_a_user_authenticated_survives_a_restart() {
     let back: SessionRecord = serde_json::from_str(&old).unwrap();
     assert!(back.auth.is_local());
 }
+
+#[test]
+fn a_directory_recheck_ends_or_reevaluates_only_its_own_sessions() {
+    let t0 = Instant::now();
+    let mut g = state("198.18.64.0/28", 3);
+    let ldap = opened(g.handle_logon(external("alice", "a1", "ldap"), t0));
+    let radius = opened(g.handle_logon(external("alice", "a2", "radius"), t0));
+    assert_eq!(g.users_from("ldap"), ["alice"]);
+    // Same groups, no stamp: nothing happens.
+    let out = g.handle_source_account("ldap", "alice", &valid(0, &[]), t0);
+    assert_eq!((out.closed, out.reevaluated), (0, 0));
+    assert!(g.session(ldap).is_some());
+    // Disabled in the directory: the LDAP session ends, the RADIUS one stays.
+    let out = g.handle_source_account(
+        "ldap",
+        "alice",
+        &Account::Revoked("disabled in the directory".into()),
+        t0,
+    );
+    assert_eq!(out.closed, 1);
+    assert!(g.session(ldap).is_none());
+    assert!(g.session(radius).is_some());
+    assert!(g.users_from("ldap").is_empty());
+}
