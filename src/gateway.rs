@@ -477,7 +477,7 @@ pub async fn run_with(
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(timer_loop(shared.clone()));
-    tasks.spawn(crate::auth::recheck_loop(shared.clone()));
+    tasks.spawn(shared.clone().recheck_loop());
     if let (Some(store), Some(c)) = (etcd, shared.cluster().cloned()) {
         tasks.spawn(shared.clone().cluster_watch_loop());
         tasks.spawn(shared.clone().ban_publish_loop());

@@ -186,3 +186,95 @@ impl Shared {
         }))
     }
 }
+
+impl Shared {
+    /// Live sessions follow their directory: every `[auth] recheck_interval`
+    /// each user with a session from a backend that can look users up (LDAP)
+    /// is looked up again; one deleted or disabled there loses its sessions,
+    /// one whose groups changed is judged by the policies again. A directory
+    /// that cannot be asked changes nothing (logged once per round).
+    /// Returns only at shutdown (the gateway stops when one of its tasks ends).
+    pub async fn recheck_loop(self: std::sync::Arc<Self>) {
+        let shared = self;
+        let sources: Vec<(
+            crate::config::AuthMethod,
+            std::sync::Arc<dyn crate::auth::Backend>,
+        )> = [crate::config::AuthMethod::Ldap]
+            .into_iter()
+            .filter_map(|m| shared.auth.backend(m).map(|b| (m, b.clone())))
+            .collect();
+        let Some(every) = shared.auth.recheck_interval.filter(|_| !sources.is_empty()) else {
+            shared.shutdown.cancelled().await;
+            return;
+        };
+        loop {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            for (method, backend) in &sources {
+                shared.recheck_source(*method, backend.as_ref()).await;
+            }
+        }
+    }
+
+    /// One round of [`Shared::recheck_loop`] for one source.
+    pub async fn recheck_source(
+        &self,
+        method: crate::config::AuthMethod,
+        backend: &dyn crate::auth::Backend,
+    ) {
+        let shared = self;
+        use crate::core::session::Account;
+        let source = method.as_str();
+        let users = shared.core().users_from(source);
+        let (mut closed, mut changed, mut failed) = (0, 0, 0usize);
+        for user in users {
+            let look = match tokio::time::timeout(
+                shared.auth.timeout,
+                backend.lookup(&user, shared.auth.timeout),
+            )
+            .await
+            {
+                Ok(Some(l)) => l,
+                Ok(None) => return,
+                Err(_) => crate::auth::Lookup::Unavailable("no answer in time".into()),
+            };
+            let account = match look {
+                crate::auth::Lookup::Valid { groups, .. } => Account::Valid { stamp: 0, groups },
+                crate::auth::Lookup::Gone(why) => Account::Revoked(why),
+                crate::auth::Lookup::Unavailable(why) => {
+                    if failed == 0 {
+                        tracing::warn!(
+                            backend = source,
+                            "cannot re-check live sessions' users: {why}"
+                        );
+                    }
+                    failed += 1;
+                    continue;
+                }
+            };
+            let out = shared.core().handle_source_account(
+                source,
+                &user,
+                &account,
+                std::time::Instant::now(),
+            );
+            if out.closed > 0 {
+                if let Account::Revoked(why) = &account {
+                    tracing::info!(backend = source, %user, sessions = out.closed, "sessions ended: {why}");
+                }
+            }
+            closed += out.closed;
+            changed += out.reevaluated;
+        }
+        if closed + changed > 0 {
+            tracing::info!(
+                backend = source,
+                sessions_closed = closed,
+                sessions_reevaluated = changed,
+                "applied the directory's changes to live sessions"
+            );
+        }
+    }
+}
