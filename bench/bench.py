@@ -1257,6 +1257,83 @@ exit $rc
         self.stop_gateway(gw)
         return R
 
+    # -- authentication backends -------------------------------------------------------
+
+    LDAP_SUFFIX = "dc=bench,dc=example"
+    LDAP_ADMIN_PW = "bench-admin-pw"
+    RADIUS_SECRET = "bench-radius-secret"
+
+    def start_slapd(self, d):
+        """A real slapd in the internal namespace holding client0 and u0..un
+        (the load generator's users), with the bench's password."""
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "db").mkdir(exist_ok=True)
+        conf = d / "slapd.conf"
+        conf.write_text("""include /etc/ldap/schema/core.schema
+include /etc/ldap/schema/cosine.schema
+include /etc/ldap/schema/inetorgperson.schema
+modulepath /usr/lib/ldap
+moduleload back_mdb
+pidfile {d}/slapd.pid
+database mdb
+maxsize 1073741824
+suffix "{suffix}"
+rootdn "cn=admin,{suffix}"
+rootpw {pw}
+directory {d}/db
+index uid eq
+access to attrs=userPassword by anonymous auth by * none
+access to * by * read
+""".format(d=d, suffix=self.LDAP_SUFFIX, pw=self.LDAP_ADMIN_PW))
+        entries = ["dn: %s\nobjectClass: dcObject\nobjectClass: organization\ndc: bench\no: bench\n" % self.LDAP_SUFFIX,
+                   "dn: ou=people,%s\nobjectClass: organizationalUnit\nou: people\n" % self.LDAP_SUFFIX]
+        for name in [CLIENT_USER] + ["u%d" % i for i in range(self.n_users)]:
+            entries.append("dn: uid=%s,ou=people,%s\nobjectClass: inetOrgPerson\nuid: %s\ncn: %s\nsn: %s\n"
+                           "userPassword: %s\n" % (name, self.LDAP_SUFFIX, name, name, name, PASSWORD))
+        (d / "users.ldif").write_text("\n".join(entries))
+        run(["slapadd", "-q", "-f", conf, "-l", d / "users.ldif"], timeout=300)
+        (d / "service-pw").write_text(self.LDAP_ADMIN_PW + "\n")
+        os.chmod(d / "service-pw", 0o600)
+        p = self.spawn("slapd", ["ip", "netns", "exec", self.inn, "slapd", "-d", "0", "-f", conf,
+                                 "-h", "ldap://%s:389/" % INT_IP])
+        if not wait_until(20, lambda: ns(self.inn, "ss", "-Hltn", "sport = :389", check=False).stdout.strip()):
+            raise HarnessError("slapd did not start: " + p.log_text()[-2000:])
+        return p
+
+    def auth_block(self):
+        """Logon protocol time and rate with the users checked by LDAP and by
+        RADIUS (real slapd / freeradius in the internal namespace), next to
+        the local users file (same gateway settings otherwise)."""
+        R = {}
+        d = self.work / "auth"
+        cfg = self.intragate_config(d)
+        self.intragate_users(cfg)
+        base = cfg.read_text()
+        runs = [("local", "")]
+        slapd = self.start_slapd(d / "slapd")
+        runs.append(("ldap", """
+[auth]
+methods = ["ldap"]
+recheck_interval = 0
+
+[auth.ldap]
+preset = "openldap"
+servers = ["ldap://{ip}:389"]
+bind_dn = "cn=admin,{suffix}"
+bind_password_file = "{pw}"
+base_dn = "ou=people,{suffix}"
+""".format(ip=INT_IP, suffix=self.LDAP_SUFFIX, pw=d / "slapd" / "service-pw")))
+        for kind, section in runs:
+            cfg.write_text(base + section)
+            run([self.bin, "check", "--config", cfg], timeout=60)
+            gw = self.start_gateway("intragate", "auth-" + kind, cfg)
+            R[kind] = self.logons("intragate/" + kind, lambda: [gw.pid], perf=False)
+            self.stop_gateway(gw)
+            shutil.rmtree(d / "state", ignore_errors=True)
+            (d / "state").mkdir()
+        slapd.stop()
+        return R
+
     # -- all ---------------------------------------------------------------------------
 
     def run_all(self):
@@ -1265,7 +1342,7 @@ exit $rc
         self.topology()
         self.wrapper_path = self.wrapper()
         # the ceiling: plain routing through the gw namespace, no VPN
-        only = set(self.args.only.split(",")) if self.args.only else {"plain", "intragate", "ocserv", "dns"}
+        only = set(self.args.only.split(",")) if self.args.only else {"plain", "intragate", "ocserv", "dns", "auth"}
         if "plain" in only:
             self.wait_idle("plain routing")
             ping = self.ping(self.pl)
@@ -1276,6 +1353,8 @@ exit $rc
                 self.R[kind] = self.gateway_block(kind)
         if "dns" in only:
             self.R["dns"] = self.dns()
+        if "auth" in only:
+            self.R["auth"] = self.auth_block()
         self.R["duration_s"] = round(time.time() - self.t_start, 1)
 
     # -- report --------------------------------------------------------------------------
@@ -1402,6 +1481,13 @@ exit $rc
                          R["dns"]["intragate_source"])
         if ig:
             lines.append(self.session_dns_note())
+        A = R.get("auth")
+        if A:
+            parts = ["%s: %s ms, %s/s" % (k, fmt(g(A, k, "protocol_ms"), 1), fmt(g(A, k, "rate_per_s"), 1))
+                     for k in A]
+            lines.append("- Logon by account source (intragate; protocol time sequential, then rate with %d "
+                         "in parallel; slapd/freeradius on the internal side): %s." % (
+                             self.P["rate_concurrency"], "; ".join(parts)))
         if R.get("intragate_env"):
             lines.append("- intragate ran with the environment %s." % " ".join(R["intragate_env"]))
         lines.append("- Idle machine: %s" % ("not waited for (smoke)." if self.mode == "smoke" else
@@ -1419,7 +1505,7 @@ def main():
     ap.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a parameter, e.g. --set hold_targets=1,100,2000 (see PARAMS)")
     ap.add_argument("--only", metavar="PARTS",
-                    help="comma-separated subset of plain,intragate,ocserv,dns (a partial run never "
+                    help="comma-separated subset of plain,intragate,ocserv,dns,auth (a partial run never "
                          "replaces latest.md)")
     ap.add_argument("--perf", action="store_true",
                     help="also profile the gateways (perf record -e cpu-clock) in extra runs: "

@@ -48,7 +48,8 @@ done
 
 need=()
 for pair in iperf3:iperf3 dnsperf:dnsperf ocserv:ocserv ocpasswd:ocserv dnsmasq:dnsmasq-base \
-            certtool:gnutls-bin openconnect:openconnect prlimit:util-linux; do
+            certtool:gnutls-bin openconnect:openconnect prlimit:util-linux \
+            slapd:slapd slapadd:slapd freeradius:freeradius radclient:freeradius-utils; do
     command -v "${pair%%:*}" >/dev/null || need+=("${pair#*:}")
 done
 [ -x /usr/share/vpnc-scripts/vpnc-script ] || need+=(vpnc-scripts)
@@ -59,6 +60,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 # ocserv's package starts a system service on install; this benchmark runs its own.
 if systemctl is-active --quiet ocserv 2>/dev/null; then systemctl stop ocserv || true; fi
+# So do slapd and freeradius (the auth block starts its own in the internal namespace).
+for s in slapd freeradius; do service "$s" stop >/dev/null 2>&1 || true; done
 
 # BENCH_PROFILE=debug uses (and builds) the debug binaries instead: for a
 # smoke run in CI after `cargo test`, which has built them already.
