@@ -81,6 +81,8 @@ impl FileId {
 /// What a username names.
 enum Lookup {
     Known(User),
+    /// In the file but unusable (locked, unsupported scheme).
+    Unusable(StoredHash),
     Unknown(StoredHash),
 }
 
@@ -225,12 +227,11 @@ impl UserDb {
         self.refresh()?;
         let cache = self.cache();
         Ok(
-            match cache
-                .user(name)
-                .and_then(|i| cache.users.get(i))
-                .filter(|u| u.hash_scheme().is_ok())
-            {
-                Some(u) => Lookup::Known(u.clone()),
+            match cache.user(name).and_then(|i| cache.users.get(i)) {
+                Some(u) if u.hash_scheme().is_ok() => Lookup::Known(u.clone()),
+                // Locked, or a scheme we cannot check: the file knows the
+                // user and says no (no other backend is asked).
+                Some(_) => Lookup::Unusable(cache.decoy.clone()),
                 None => Lookup::Unknown(cache.decoy.clone()),
             },
         )
@@ -259,6 +260,10 @@ impl UserDb {
                 } else {
                     AuthOutcome::Denied
                 })
+            }
+            Lookup::Unusable(decoy) => {
+                let _ = decoy.verify(password.as_bytes());
+                Ok(AuthOutcome::Denied)
             }
             Lookup::Unknown(decoy) => {
                 let _ = decoy.verify(password.as_bytes());

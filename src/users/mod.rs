@@ -658,7 +658,7 @@ mod tests {
         );
         assert_eq!(
             db.authenticate("carol", "pw").expect("auth"),
-            AuthOutcome::Denied
+            AuthOutcome::Unknown
         );
         let _ = fs::remove_dir_all(&dir);
     }
