@@ -213,3 +213,100 @@ fn valid_group(g: &str) -> bool {
         && g.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::{Config, Overrides};
+    use std::path::Path;
+
+    /// A CA certificate (and its CRL) written into `dir`.
+    fn write_ca(dir: &Path) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "Users CA");
+        std::fs::write(dir.join("ca.pem"), p.self_signed(&key).expect("ca").pem()).expect("ca");
+        let issuer = rcgen::Issuer::new(p, key);
+        let crl = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2024, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: Vec::new(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        }
+        .signed_by(&issuer)
+        .expect("crl");
+        std::fs::write(dir.join("ca.crl"), crl.pem().expect("pem")).expect("crl");
+    }
+
+    fn parse(dir: &Path, text: &str) -> Result<Config, String> {
+        Config::from_str_at(
+            &dir.join("intragate.toml"),
+            text,
+            true,
+            &Overrides::default(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn a_full_section_reads() {
+        let dir = crate::shared::test_util::temp_dir("cert-config");
+        write_ca(&dir);
+        let c = parse(
+            &dir,
+            "[auth.certificate]\nca_file = \"ca.pem\"\ncrl_file = \"ca.crl\"\nmode = \"certificate+password\"\nrequired = true\nusername_from = \"upn\"\ngroups_from = \"ou\"\ngroup_map = { \"Engineering\" = \"eng\", \"IT Staff\" = \"admins\" }\n",
+        )
+        .expect("valid");
+        let s = c.auth.certificate.expect("section");
+        assert_eq!(s.ca_file, dir.join("ca.pem"));
+        assert_eq!(s.crl_file, Some(dir.join("ca.crl")));
+        assert_eq!(s.mode, crate::auth::cert::CertMode::CertificatePassword);
+        assert!(s.required && s.clients.required());
+        assert_eq!(s.naming.username_from, crate::auth::cert::UsernameFrom::Upn);
+        assert_eq!(s.naming.group_map.len(), 2);
+        // The defaults: certificate alone, optional, CN, OU.
+        let c = parse(&dir, "[auth.certificate]\nca_file = \"ca.pem\"\n").expect("valid");
+        let s = c.auth.certificate.expect("section");
+        assert_eq!(s.mode, crate::auth::cert::CertMode::Certificate);
+        assert!(!s.required && s.crl_file.is_none());
+        assert_eq!(s.naming.username_from, crate::auth::cert::UsernameFrom::Cn);
+        assert_eq!(s.naming.groups_from, crate::auth::cert::GroupsFrom::Ou);
+        // Certificates only, no password backend: allowed.
+        parse(
+            &dir,
+            "[auth]\nmethods = []\n[auth.certificate]\nca_file = \"ca.pem\"\n",
+        )
+        .expect("certificate only");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_the_setting() {
+        let dir = crate::shared::test_util::temp_dir("cert-config-bad");
+        write_ca(&dir);
+        std::fs::write(dir.join("not-a-ca.pem"), "hello\n").expect("w");
+        let cases: &[(&str, &str)] = &[
+            ("[auth.certificate]\nrequired = true\n", ":1: [auth.certificate] needs ca_file"),
+            ("[auth.certificate]\nca_file = \"missing.pem\"\n", ":2: [auth.certificate] ca_file: "),
+            ("[auth.certificate]\nca_file = \"not-a-ca.pem\"\n", "no CERTIFICATE block"),
+            ("[auth.certificate]\nca_file = \"ca.pem\"\ncrl_file = \"not-a-ca.pem\"\n", ":3: [auth.certificate] crl_file: "),
+            ("[auth.certificate]\nca_file = \"ca.pem\"\nmode = \"password\"\n", ":3: [auth.certificate] mode: unknown mode 'password'"),
+            ("[auth.certificate]\nca_file = \"ca.pem\"\nusername_from = \"uid\"\n", ":3: [auth.certificate] username_from: unknown field 'uid'"),
+            ("[auth.certificate]\nca_file = \"ca.pem\"\ngroups_from = \"dn\"\n", ":3: [auth.certificate] groups_from: unknown source 'dn'"),
+            ("[auth.certificate]\nca_file = \"ca.pem\"\ngroup_map = { \"Eng\" = \"bad group\" }\n", "maps to 'bad group', which is not a group name"),
+            ("[auth.certificate]\nca_file = \"ca.pem\"\ngroup_map = { \"Eng\" = \"a\", \"ENG\" = \"b\" }\n", "mapped twice"),
+            ("[auth.certificate]\nca_file = \"ca.pem\"\ngroups_from = \"none\"\ngroup_map = { \"Eng\" = \"a\" }\n", "groups_from = \\\"none\\\""),
+            ("[auth.certificate]\nca_file = \"ca.pem\"\nusername = \"cn\"\n", "unknown field `username`"),
+            ("[auth]\nmethods = []\n[auth.certificate]\nca_file = \"ca.pem\"\nmode = \"certificate+password\"\n", "nothing would check the password"),
+        ];
+        for (text, want) in cases {
+            let e = parse(&dir, text).expect_err(text);
+            let want = want.replace("\\\"", "\"");
+            assert!(e.contains(&want), "{text}\n  wanted: {want}\n  got: {e}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
