@@ -421,3 +421,135 @@ fn certificate_required() {
     let o = authenticate_cert(&topo, 0, &gw, "alice", "", Some(&alice));
     assert!(o.ok(), "alice: {o}\n{}", tail(&gw.log(), 3000));
 }
+
+/// Run `certtool args..` in `dir` (the README's commands).
+fn certtool(dir: &Path, args: &[&str]) {
+    let o = run_cmd(
+        "sh",
+        &[
+            "-c",
+            &format!("cd '{}' && exec certtool \"$@\"", dir.display()),
+            "certtool",
+        ]
+        .into_iter()
+        .chain(args.iter().copied())
+        .collect::<Vec<_>>(),
+        None,
+        20 * S,
+    );
+    assert!(o.ok(), "certtool {args:?}: {o}");
+}
+
+/// The README's worked example, as written there: a CA, user certificates
+/// and a CRL made with GnuTLS `certtool`; `username_from = "email"`.
+#[test]
+fn readme_certtool_example() {
+    if !e2e_enabled() || !require(&[Prereq::Runs("certtool", &["--version"])]) {
+        return;
+    }
+    let dir = TempDir::new("certtool");
+    let topo = Topology::new(1);
+    let pki = dir.path.join("pki");
+    fs::create_dir_all(&pki).unwrap();
+    let tmpl = |name: &str, text: &str| fs::write(pki.join(name), text).unwrap();
+    tmpl(
+        "ca.tmpl",
+        "organization = \"Example Corp\"\ncn = \"Example Users CA\"\nserial = 1\nexpiration_days = 3650\nca\ncert_signing_key\ncrl_signing_key\n",
+    );
+    certtool(
+        &pki,
+        &[
+            "--generate-privkey",
+            "--key-type",
+            "ecdsa",
+            "--outfile",
+            "ca.key",
+        ],
+    );
+    certtool(
+        &pki,
+        &[
+            "--generate-self-signed",
+            "--load-privkey",
+            "ca.key",
+            "--template",
+            "ca.tmpl",
+            "--outfile",
+            "ca.pem",
+        ],
+    );
+    for user in ["alice", "bob"] {
+        tmpl(
+            &format!("{user}.tmpl"),
+            &format!("organization = \"Example Corp\"\nunit = \"Engineering\"\ncn = \"{user}\"\nemail = \"{user}@corp.example\"\nexpiration_days = 365\nsigning_key\ntls_www_client\n"),
+        );
+        let key = format!("{user}.key");
+        certtool(
+            &pki,
+            &[
+                "--generate-privkey",
+                "--key-type",
+                "ecdsa",
+                "--outfile",
+                &key,
+            ],
+        );
+        certtool(
+            &pki,
+            &[
+                "--generate-certificate",
+                "--load-privkey",
+                &key,
+                "--load-ca-certificate",
+                "ca.pem",
+                "--load-ca-privkey",
+                "ca.key",
+                "--template",
+                &format!("{user}.tmpl"),
+                "--outfile",
+                &format!("{user}.pem"),
+            ],
+        );
+    }
+    tmpl("crl.tmpl", "crl_next_update = 30\ncrl_number = 1\n");
+    certtool(
+        &pki,
+        &[
+            "--generate-crl",
+            "--load-ca-privkey",
+            "ca.key",
+            "--load-ca-certificate",
+            "ca.pem",
+            "--load-certificate",
+            "bob.pem",
+            "--template",
+            "crl.tmpl",
+            "--outfile",
+            "crl.pem",
+        ],
+    );
+    let opts = GatewayOpts {
+        extra: format!(
+            "{SECOND_POOL}\n[auth.certificate]\nca_file = \"pki/ca.pem\"\ncrl_file = \"pki/crl.pem\"\nusername_from = \"email\"\ngroup_map = {{ \"Engineering\" = \"eng\" }}\n"
+        ),
+        ..GatewayOpts::default()
+    };
+    let cfg = write_gateway_config(&dir.path, &opts);
+    write_policy(&dir.path, POLICIES);
+    let gw = Gateway::start(&topo, &dir.path, cfg);
+    let pair = |u: &str| (pki.join(format!("{u}.pem")), pki.join(format!("{u}.key")));
+    let o = authenticate_cert(&topo, 0, &gw, "x", "", Some(&pair("alice")));
+    assert!(o.ok(), "alice: {o}\n{}", tail(&gw.log(), 3000));
+    let list = gw.sessions();
+    let s = session_of(&list, "alice@corp.example").unwrap_or_else(|| panic!("{list:#?}"));
+    assert_eq!(s["policy"], "engineering", "{s:#?}");
+    let o = authenticate_cert(&topo, 0, &gw, "x", "", Some(&pair("bob")));
+    assert!(!o.ok(), "bob (revoked): {o}");
+    assert!(
+        wait_until(5 * S, || gw
+            .log()
+            .contains("client certificate refused: revoked")),
+        "{}",
+        tail(&gw.log(), 3000)
+    );
+}
