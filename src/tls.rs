@@ -602,11 +602,19 @@ pub fn server_config_swappable(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?;
+    let with_clients = clients.is_some();
     let builder = match clients {
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
     let mut cfg = builder.with_cert_resolver(swap.clone());
+    if with_clients {
+        // No TLS session resumption: a resumed session skips the client
+        // certificate's checks, so a certificate revoked since (or a CRL
+        // changed since) would still get in on a reconnect.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+    }
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok((Arc::new(cfg), swap))
 }

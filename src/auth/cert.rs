@@ -349,6 +349,8 @@ struct Active {
     sources: Sources,
     verifier: Arc<dyn ClientCertVerifier>,
     stamps: (Option<Stamp>, Option<Stamp>),
+    /// What [`file_warnings`] found in the files.
+    warnings: Vec<String>,
 }
 
 /// Read the CA certificates of `path` (PEM).
@@ -483,17 +485,20 @@ fn load(sources: Sources) -> Result<Active, String> {
         Some(p) => read_crls(p)?,
         None => Vec::new(),
     };
-    if let Some(p) = &sources.crl_file {
-        for w in file_warnings(&cas, &crls, p) {
-            tracing::warn!("[auth.certificate] {w}");
-        }
-    }
+    let warnings = match &sources.crl_file {
+        Some(p) => file_warnings(&cas, &crls, p)
+            .into_iter()
+            .map(|w| format!("[auth.certificate] {w}"))
+            .collect(),
+        None => Vec::new(),
+    };
     let verifier = build_verifier(cas, crls, sources.required)
         .map_err(|e| format!("{}: {e}", sources.ca_file.display()))?;
     Ok(Active {
         sources,
         verifier,
         stamps: (ca_stamp, crl_stamp),
+        warnings,
     })
 }
 
@@ -510,6 +515,12 @@ impl ClientCerts {
         Ok(Self {
             active: ArcSwap::from_pointee(load(sources)?),
         })
+    }
+
+    /// What is probably wrong in the files as last read (they work): a
+    /// CRL of another CA, a CRL past its nextUpdate.
+    pub fn warnings(&self) -> Vec<String> {
+        self.active.load().warnings.clone()
     }
 
     /// What a certificate is enough for, now.
@@ -538,6 +549,9 @@ impl ClientCerts {
             required = new.sources.required,
             "client certificates: CA and CRL files read again"
         );
+        for w in &new.warnings {
+            tracing::warn!("{w}");
+        }
         self.active.store(new);
     }
 
@@ -565,6 +579,7 @@ impl ClientCerts {
                     sources: cur.sources.clone(),
                     verifier: cur.verifier.clone(),
                     stamps: now,
+                    warnings: cur.warnings.clone(),
                 }));
                 Err(e)
             }
@@ -580,9 +595,14 @@ impl ClientCerts {
             }
             match self.refresh_if_changed() {
                 Ok(false) => {}
-                Ok(true) => tracing::info!(
-                    "client certificates: the CA or CRL file changed; read again (revocations apply to new connections now)"
-                ),
+                Ok(true) => {
+                    tracing::info!(
+                        "client certificates: the CA or CRL file changed; read again (revocations apply to new connections now)"
+                    );
+                    for w in self.warnings() {
+                        tracing::warn!("{w}");
+                    }
+                }
                 Err(e) => tracing::error!(
                     "client certificates: the changed CA or CRL file cannot be used; the previous one stays in use: {e}"
                 ),
@@ -918,19 +938,19 @@ cBa6BE/5X4VDOgdz/KoSwd8wuN+fAJU/xmdAaloY6g==
         }
     }
 
-    /// A TLS handshake in memory with `clients` verifying the client's
-    /// certificate (`user`: certificate and key PEM, or none): the server's
-    /// error, if any, as the TLS accept would return it.
-    fn handshake(
+    /// A server config with `clients` and a client config trusting it,
+    /// presenting `user` (certificate and key PEM) or nothing.
+    fn configs(
         clients: Arc<ClientCerts>,
         user: Option<&(String, String)>,
-    ) -> Result<(), std::io::Error> {
+    ) -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
         let dir = temp_dir("server");
         let id = crate::tls::generate(&dir, &["gw.test".to_string()], 1_750_000_000)
             .expect("server cert");
         let server_pem = std::fs::read_to_string(&id.cert_path).expect("pem");
         let (server, _) =
             crate::tls::server_config_swappable(&id, Some(clients)).expect("server config");
+        let _ = std::fs::remove_dir_all(&dir);
         let mut roots = rustls::RootCertStore::empty();
         for c in rustls_pemfile::certs(&mut server_pem.as_bytes()) {
             roots.add(c.expect("cert")).expect("root");
@@ -955,11 +975,34 @@ cBa6BE/5X4VDOgdz/KoSwd8wuN+fAJU/xmdAaloY6g==
             }
             None => builder.with_no_client_auth(),
         };
+        (server, Arc::new(client))
+    }
+
+    /// A TLS handshake in memory with `clients` verifying the client's
+    /// certificate (`user`: certificate and key PEM, or none): the server's
+    /// error, if any, as the TLS accept would return it.
+    fn handshake(
+        clients: Arc<ClientCerts>,
+        user: Option<&(String, String)>,
+    ) -> Result<(), std::io::Error> {
+        let (server, client) = configs(clients, user);
+        handshake_with(server, client).map(|_| ())
+    }
+
+    /// One handshake (then a little application data, which carries the
+    /// TLS 1.3 tickets, if any): the server's error, or how it went.
+    fn handshake_with(
+        server: Arc<rustls::ServerConfig>,
+        client: Arc<rustls::ClientConfig>,
+    ) -> Result<Option<rustls::HandshakeKind>, std::io::Error> {
+        use std::io::Write;
         let name = ServerName::try_from("gw.test").expect("name");
-        let mut client = rustls::ClientConnection::new(Arc::new(client), name).expect("client");
+        let mut client = rustls::ClientConnection::new(client, name).expect("client");
         let mut server = rustls::ServerConnection::new(server).expect("server");
-        let _ = std::fs::remove_dir_all(&dir);
-        for _ in 0..8 {
+        for round in 0..8 {
+            if round == 4 {
+                let _ = server.writer().write_all(b"hello");
+            }
             let mut wire = Vec::new();
             while client.wants_write() {
                 client.write_tls(&mut wire).expect("write_tls");
@@ -984,7 +1027,7 @@ cBa6BE/5X4VDOgdz/KoSwd8wuN+fAJU/xmdAaloY6g==
             }
         }
         assert!(!server.is_handshaking());
-        Ok(())
+        Ok(server.handshake_kind())
     }
 
     fn reason(r: Result<(), std::io::Error>) -> String {
@@ -1046,6 +1089,21 @@ cBa6BE/5X4VDOgdz/KoSwd8wuN+fAJU/xmdAaloY6g==
         assert!(clients.refresh_if_changed().is_err());
         assert!(!clients.refresh_if_changed().expect("reported once"));
         assert_eq!(reason(handshake(clients.clone(), Some(&good))), "revoked");
+
+        // No TLS session resumption: a reconnect is checked in full, so a
+        // certificate revoked meanwhile does not get in on a resumed session.
+        std::fs::write(dir.join("crl.pem"), ca.crl(&[11])).expect("crl");
+        assert!(clients.refresh_if_changed().expect("changed"));
+        let (server, client) = configs(clients.clone(), Some(&good));
+        let first = handshake_with(server.clone(), client.clone()).expect("first");
+        assert_eq!(first, Some(rustls::HandshakeKind::Full));
+        std::fs::write(dir.join("crl.pem"), ca.crl(&[10, 11])).expect("crl");
+        assert!(clients.refresh_if_changed().expect("changed"));
+        let again = handshake_with(server, client);
+        assert!(
+            matches!(&again, Err(e) if refusal_reason(e).as_deref() == Some("revoked")),
+            "{again:?}"
+        );
 
         // Required: no certificate, no handshake.
         let required =
