@@ -37,7 +37,9 @@ pub(super) struct RawCertificate {
     group_map: Option<Spanned<BTreeMap<String, String>>>,
 }
 
-/// `[auth.certificate]`, validated (and its files read).
+/// `[auth.certificate]`, validated (and its files read). `mode`,
+/// `required` and `naming` are as read at start; a reload changes the
+/// running ones, in `clients` (read them there).
 #[derive(Debug, Clone)]
 pub struct CertSettings {
     /// CA certificates that issue users' certificates.
