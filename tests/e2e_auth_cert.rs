@@ -6,7 +6,8 @@
 //! revoked certificate fails the handshake and is logged and counted; a
 //! CRL changed while the gateway runs takes effect on `ctl reload`; a
 //! client without a certificate still logs on with a password (optional);
-//! a certificate session comes back after its link dropped. Certificate +
+//! a certificate session comes back after its link dropped; a user
+//! enrolled for TOTP is asked for the code after the certificate. Certificate +
 //! password: the right password works, a wrong one and another user's are
 //! refused. `required = true`: no certificate, no logon.
 //! Harness: tests/common/mod.rs; needs root, `ip netns`, openconnect.
@@ -205,6 +206,7 @@ fn certificate_alone() {
     let hostile = pki.user("*)(uid=*", None, 12);
     let dotted = pki.user("../x", None, 13);
     let erin = pki.user("erin", None, 14);
+    let carol = pki.user("carol", None, 15);
     pki.revoke(&[11]);
     let gw = start(&dir, &topo, &pki, "", "keepalive = 1\n");
     assert!(
@@ -296,6 +298,48 @@ fn certificate_alone() {
         let list = gw.sessions();
         assert!(session_of(&list, name).is_some(), "{name}: {list:#?}");
     }
+
+    // A certificate user enrolled for TOTP (carol is in the users file):
+    // the code form comes first, the certificate does not replace it.
+    let o = run_cmd(
+        BIN,
+        &[
+            "user",
+            "otp",
+            "carol",
+            "--config",
+            gw.config.to_str().unwrap(),
+        ],
+        None,
+        20 * S,
+    );
+    assert!(o.ok(), "user otp: {o}");
+    let secret = intragate::users::otp::secret_of_uri(o.stdout.trim()).unwrap();
+    let o = authenticate_cert(&topo, 1, &gw, "carol", "", Some(&carol));
+    let text = format!("{}\n{}", o.stdout, o.stderr);
+    assert!(!o.ok() && text.contains("authenticator app"), "{text}");
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    };
+    if now() % 30 > 25 {
+        std::thread::sleep(Duration::from_secs(31 - now() % 30));
+    }
+    let code = intragate::users::otp::code_at(&secret, now()).unwrap();
+    let mut args = cert_args(&carol);
+    args.extend(["--form-entry".to_string(), format!("otp:code={code}")]);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = authenticate_with(&topo, 1, &gw, "carol", "", &argv);
+    assert!(
+        o.ok(),
+        "carol with her code: {o}\n{}",
+        tail(&gw.log(), 2000)
+    );
+    let list = gw.sessions();
+    let s = session_of(&list, "carol").unwrap_or_else(|| panic!("{list:#?}"));
+    assert_eq!(s["auth"], "certificate (certificate+totp)", "{s:#?}");
 
     // Revoke erin at run time: `ctl reload` reads the CRL again; new
     // connections with her certificate fail.
