@@ -593,7 +593,13 @@ impl ClientCerts {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(WATCH_INTERVAL) => {}
             }
-            match self.refresh_if_changed() {
+            // File reads off the runtime's threads (small files, but a
+            // slow disk must not stall connections).
+            let me = self.clone();
+            let Ok(r) = tokio::task::spawn_blocking(move || me.refresh_if_changed()).await else {
+                continue;
+            };
+            match r {
                 Ok(false) => {}
                 Ok(true) => {
                     tracing::info!(
