@@ -402,9 +402,14 @@ impl Config {
     /// Settings that work but are probably mistakes: a pool overlapping an
     /// internal network or a network this host is attached to.
     /// `intragate check` prints them; the daemon logs them at start.
+    /// Also: a CRL of `[auth.certificate]` from another CA or out of date.
     pub fn warnings(&self) -> Vec<String> {
         let attached = crate::netif::attached_interfaces(&self.host_networks, &self.tun_name);
-        pool_overlap_warnings(&self.pools, &self.internal, &attached)
+        let mut w = pool_overlap_warnings(&self.pools, &self.internal, &attached);
+        if let Some(c) = &self.auth.certificate {
+            w.extend(c.clients.warnings());
+        }
+        w
     }
 
     /// With `[network] internal` empty: what that means, naming the key.

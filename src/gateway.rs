@@ -404,7 +404,18 @@ pub async fn run_with(
         "certificate pin: {pin} (clients: openconnect --servercert {pin} https://{}/)",
         config.listen
     );
-    let (tls, cert_swap) = crate::tls::server_config_swappable(&identity)?;
+    let clients = config.auth.certificate.as_ref().map(|c| {
+        info!(
+            ca_file = %c.ca_file.display(),
+            crl_file = ?c.crl_file.as_ref().map(|p| p.display().to_string()),
+            mode = c.mode.as_str(),
+            required = c.required,
+            username_from = c.naming.username_from.as_str(),
+            "client certificates are asked for"
+        );
+        c.clients.clone() as Arc<dyn rustls::server::danger::ClientCertVerifier>
+    });
+    let (tls, cert_swap) = crate::tls::server_config_swappable(&identity, clients)?;
 
     let cancel = CancellationToken::new();
     let (shared, etcd) = match &config.cluster {
@@ -532,6 +543,9 @@ pub async fn run_with(
         tasks.spawn(crate::admin::metrics::serve(shared.clone(), l));
     }
     tasks.spawn(reload_on_sighup(shared.clone()));
+    if let Some(c) = &shared.auth.certificate {
+        tasks.spawn(c.clients.clone().watch(shared.shutdown.clone()));
+    }
     crate::fdlimit::init(nofile, config.max_sessions);
     let monitored = shared.clone();
     tasks.spawn(async move {

@@ -37,10 +37,13 @@ pub enum RefuseReason {
     Unavailable,
     /// A connection from a load balancer without a valid PROXY header.
     ProxyProtocol,
+    /// A client certificate refused in the TLS handshake (unknown CA,
+    /// expired, revoked, names no user) or missing when required.
+    ClientCertificate,
 }
 
 impl RefuseReason {
-    const COUNT: usize = 13;
+    const COUNT: usize = 14;
     const ALL: [RefuseReason; Self::COUNT] = [
         RefuseReason::BadCredentials,
         RefuseReason::BadRequest,
@@ -55,6 +58,7 @@ impl RefuseReason {
         RefuseReason::FdLimit,
         RefuseReason::Unavailable,
         RefuseReason::ProxyProtocol,
+        RefuseReason::ClientCertificate,
     ];
     fn as_str(self) -> &'static str {
         match self {
@@ -71,6 +75,7 @@ impl RefuseReason {
             RefuseReason::FdLimit => "fd_limit",
             RefuseReason::Unavailable => "unavailable",
             RefuseReason::ProxyProtocol => "proxy_protocol",
+            RefuseReason::ClientCertificate => "client_certificate",
         }
     }
 }

@@ -588,20 +588,33 @@ pub fn pin_sha256(cert: &CertificateDer<'_>) -> Result<String, TlsError> {
 
 /// A rustls server config (ring provider, TLS 1.2 and 1.3, HTTP/1.1 only).
 pub fn server_config(id: &Identity) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    server_config_swappable(id).map(|(cfg, _)| cfg)
+    server_config_swappable(id, None).map(|(cfg, _)| cfg)
 }
 
 /// Like [`server_config`], with the handle that replaces the certificate
-/// of the running listener.
+/// of the running listener; `clients` asks for and verifies client
+/// certificates (`[auth.certificate]`; None: none asked for).
 pub fn server_config_swappable(
     id: &Identity,
+    clients: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
 ) -> Result<(Arc<rustls::ServerConfig>, Arc<CertSwap>), TlsError> {
     let swap = Arc::new(CertSwap(ArcSwap::from_pointee(certified_key(id)?)));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(swap.clone());
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?;
+    let with_clients = clients.is_some();
+    let builder = match clients {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut cfg = builder.with_cert_resolver(swap.clone());
+    if with_clients {
+        // No TLS session resumption: a resumed session skips the client
+        // certificate's checks, so a certificate revoked since (or a CRL
+        // changed since) would still get in on a reconnect.
+        cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        cfg.send_tls13_tickets = 0;
+    }
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok((Arc::new(cfg), swap))
 }
@@ -902,7 +915,7 @@ nhCfq0x20mi4JnA+LvpaBnDD1C0uKpPG
         let names = vec!["gw.test".to_string()];
         let a = generate(&dir, &names, unix_now()).expect("a");
         let pem_a = fs::read_to_string(&a.cert_path).expect("pem a");
-        let (cfg, swap) = server_config_swappable(&a).expect("config");
+        let (cfg, swap) = server_config_swappable(&a, None).expect("config");
         handshake(cfg.clone(), &pem_a);
         let b = generate(&dir, &names, unix_now()).expect("b");
         let pem_b = fs::read_to_string(&b.cert_path).expect("pem b");

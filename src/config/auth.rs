@@ -138,6 +138,14 @@ impl AuthSettings {
                 }
             }
         }
+        if let (Some(c), Some(cert)) = (&raw.certificate, &certificate) {
+            if cert.mode == crate::auth::cert::CertMode::CertificatePassword && methods.is_empty() {
+                cx.err_at(
+                    c.span(),
+                    "[auth.certificate] mode = \"certificate+password\" but [auth] methods is empty: nothing would check the password",
+                );
+            }
+        }
         let listed = |m: AuthMethod| methods.contains(&m);
         if let Some(l) = &raw.ldap {
             if !listed(AuthMethod::Ldap) {

@@ -120,6 +120,13 @@ impl Shared {
             ),
             None => None,
         };
+        // Client certificates: the CA and CRL files as just read (a
+        // revocation applies to new connections now).
+        match (&self.auth.certificate, &fresh.auth.certificate) {
+            (Some(run), Some(new)) => run.clients.adopt(&new.clients),
+            (None, None) => {}
+            _ => warn!("reload: [auth.certificate] was added or removed; restart the gateway to turn client certificates on or off"),
+        }
         let n = fresh.policies.policies().len();
         let now = Instant::now();
         let (changes, stale) = {

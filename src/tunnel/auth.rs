@@ -277,7 +277,17 @@ impl Conn {
         let kind = msg.as_ref().map(|m| &m.kind);
         match kind {
             None | Some(ClientMessageKind::Init) | Some(ClientMessageKind::Other(_)) => {
-                let xml = auth_xml::auth_request_xml(&main_form(None), None);
+                if self.certificate_alone() {
+                    return self.certificate_logon().await;
+                }
+                let mut form = main_form(None);
+                if let Some(cert) = self.cert_identity() {
+                    form.message = Some(format!(
+                        "Certificate accepted for {}. Please enter that user's username and password.",
+                        printable(&cert.name)
+                    ));
+                }
+                let xml = auth_xml::auth_request_xml(&form, None);
                 self.send_xml(200, "OK", &xml, &[]).await;
                 Next::KeepAlive
             }
@@ -312,6 +322,10 @@ impl Conn {
                 let action = m.and_then(|m| m.field("action")).unwrap_or("");
                 let handle = m.and_then(|m| m.opaque.clone()).unwrap_or_default();
                 self.transfer_answer(&handle, action).await
+            }
+            Some(ClientMessageKind::AuthReply) if self.certificate_alone() => {
+                // The certificate decides; what was typed does not matter.
+                self.certificate_logon().await
             }
             Some(ClientMessageKind::AuthReply) => {
                 let m = msg.as_ref();
@@ -362,19 +376,66 @@ impl Conn {
         }
     }
 
+    /// A node of a cluster that is draining or cut off from the store
+    /// opens no session: the refusal, already sent.
+    async fn node_refuses(&mut self) -> Option<Next> {
+        let c = self.shared.cluster()?;
+        if c.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            self.shared.stats.refuse(RefuseReason::Unavailable);
+            info!(client = %self.ip, "logon refused: this node is draining");
+            return Some(self.refuse_logon(crate::cluster::DRAINING_MESSAGE).await);
+        }
+        if c.fenced.load(std::sync::atomic::Ordering::Relaxed) {
+            self.shared.stats.refuse(RefuseReason::Unavailable);
+            return Some(self.refuse_logon(crate::cluster::STORE_DOWN_MESSAGE).await);
+        }
+        None
+    }
+
+    /// Does the client's certificate log it on by itself
+    /// (`mode = "certificate"` and a verified certificate)?
+    fn certificate_alone(&self) -> bool {
+        self.peer_cert.is_some()
+            && self
+                .shared
+                .auth
+                .certificate
+                .as_ref()
+                .is_some_and(|c| c.clients.mode() == crate::auth::cert::CertMode::Certificate)
+    }
+
+    /// Log on with the verified certificate alone: no form (the cookie
+    /// answers the client's first request, as ocserv does with
+    /// `auth = "certificate"`), then the TOTP code if the user has one.
+    /// A certificate has no guessable secret: it costs no ban points, but a
+    /// banned address is refused like any other logon.
+    async fn certificate_logon(&mut self) -> Next {
+        let Some(cert) = self.peer_cert.clone() else {
+            return self.refuse_logon("Authentication failed").await;
+        };
+        if let Some(next) = self.node_refuses().await {
+            return next;
+        }
+        let ticket = match self.admit_attempt(&cert.name, Instant::now()).await {
+            Ok(t) => t,
+            Err(next) => return next,
+        };
+        info!(user = %printable(&cert.name), subject = %cert.subject, client = %self.ip, groups = ?cert.groups, "client certificate accepted");
+        let identity = Identity {
+            name: cert.name,
+            groups: cert.groups,
+            groups_from: cert.groups_from,
+            source: "certificate",
+            ..Identity::default()
+        };
+        self.first_factor_done(ticket, identity).await
+    }
+
     async fn login(&mut self, user: &str, pass: &str) -> Next {
         let shared = self.shared.clone();
         let now = Instant::now();
-        if let Some(c) = shared.cluster() {
-            if c.draining.load(std::sync::atomic::Ordering::Relaxed) {
-                shared.stats.refuse(RefuseReason::Unavailable);
-                info!(client = %self.ip, "logon refused: this node is draining");
-                return self.refuse_logon(crate::cluster::DRAINING_MESSAGE).await;
-            }
-            if c.fenced.load(std::sync::atomic::Ordering::Relaxed) {
-                shared.stats.refuse(RefuseReason::Unavailable);
-                return self.refuse_logon(crate::cluster::STORE_DOWN_MESSAGE).await;
-            }
+        if let Some(next) = self.node_refuses().await {
+            return next;
         }
         // Check and charge the points in one call, before the password is
         // checked: parallel attempts cannot all pass a check that the first
@@ -540,7 +601,7 @@ impl Conn {
                 // failures from this address, and nothing else.
                 shared.bans().settle_success(ticket, Instant::now());
                 shared.ban_points_changed(self.ip);
-                let method = self.method_of("password");
+                let method = self.method_of(&identity, "password");
                 self.open_session(identity, method).await
             }
             Err(e) => {
@@ -553,9 +614,17 @@ impl Conn {
         }
     }
 
-    /// `factors` with the certificate in front when one was given.
-    fn method_of(&self, factors: &str) -> String {
-        if self.peer_cert.is_some() {
+    /// How `identity` logged on, from the `factors` after the first
+    /// (`password`, `password+totp`, …): a certificate logon replaces
+    /// `password` with `certificate`; a password logon on a connection
+    /// with a certificate gets it in front (`certificate+password`).
+    fn method_of(&self, identity: &Identity, factors: &str) -> String {
+        if identity.source == "certificate" {
+            match factors.strip_prefix("password") {
+                Some(rest) => format!("certificate{rest}"),
+                None => format!("certificate+{factors}"),
+            }
+        } else if self.peer_cert.is_some() {
             format!("certificate+{factors}")
         } else {
             factors.to_string()
@@ -636,7 +705,7 @@ impl Conn {
             Ok(None) => {
                 // Removed meanwhile: the password alone is enough now.
                 shared.bans().refund(ticket, Instant::now());
-                let method = self.method_of("password");
+                let method = self.method_of(&identity, "password");
                 return self.open_session(identity, method).await;
             }
             Err(e) => {
@@ -655,7 +724,7 @@ impl Conn {
             Ok(()) => {
                 shared.bans().settle_success(ticket, Instant::now());
                 shared.ban_points_changed(self.ip);
-                let method = self.method_of("password+totp");
+                let method = self.method_of(&identity, "password+totp");
                 self.open_session(identity, method).await
             }
             Err(e) => {
@@ -700,7 +769,7 @@ impl Conn {
             Verdict::Accepted(identity) => {
                 shared.bans().settle_success(ticket, Instant::now());
                 shared.ban_points_changed(self.ip);
-                let method = self.method_of("password+challenge");
+                let method = self.method_of(&identity, "password+challenge");
                 self.open_session(identity, method).await
             }
             Verdict::Challenge(next) => {

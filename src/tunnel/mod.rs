@@ -162,8 +162,13 @@ async fn handle_connection(
     let stream = match tokio::time::timeout(deadline, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            shared.stats.refuse(RefuseReason::TlsHandshake);
-            info!(client = %ip, error = %e, "TLS handshake failed");
+            if let Some(why) = crate::auth::cert::refusal_reason(&e) {
+                shared.stats.refuse(RefuseReason::ClientCertificate);
+                info!(client = %ip, "client certificate refused: {why}");
+            } else {
+                shared.stats.refuse(RefuseReason::TlsHandshake);
+                info!(client = %ip, error = %e, "TLS handshake failed");
+            }
             return;
         }
         Err(_) => {
@@ -172,13 +177,35 @@ async fn handle_connection(
             return;
         }
     };
+    // The verifier accepted the certificate (if one was sent); the user it
+    // names, by the rules of now (a reload in between may have changed
+    // them: then refused here as in the handshake).
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first());
+    let peer_cert = match (&shared.auth.certificate, leaf) {
+        (Some(c), Some(leaf)) => match c.clients.identity_of(leaf.as_ref()) {
+            Ok(id) => {
+                debug!(client = %ip, user = %id.name, subject = %id.subject, "client certificate verified");
+                Some(id)
+            }
+            Err(why) => {
+                shared.stats.refuse(RefuseReason::ClientCertificate);
+                info!(client = %ip, "client certificate refused: names no usable user: {why}");
+                return;
+            }
+        },
+        _ => None,
+    };
     let conn = Conn {
         shared,
         stream,
         ip,
         buf: BytesMut::with_capacity(4096),
         fd,
-        peer_cert: None,
+        peer_cert,
     };
     conn.serve(tun, slot).await;
 }
