@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client_cert;
 pub mod cluster;
 pub mod config;
 pub use intragate_core as core;

@@ -13,7 +13,7 @@
 //! The local backend runs on the password-hashing threads and lives in the
 //! tunnel's logon code (it needs the users file's credential stamps); the
 //! network backends implement [`Backend`]. Client certificates
-//! ([`cert`]) are checked in the TLS handshake and identify the user
+//! ([`crate::client_cert`]) are checked in the TLS handshake and identify the user
 //! before any form.
 
 use std::net::IpAddr;
@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use crate::config::{AuthMethod, AuthSettings};
 
-pub mod cert;
 pub mod ldap;
 pub mod radius;
 

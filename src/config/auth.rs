@@ -139,7 +139,8 @@ impl AuthSettings {
             }
         }
         if let (Some(c), Some(cert)) = (&raw.certificate, &certificate) {
-            if cert.mode == crate::auth::cert::CertMode::CertificatePassword && methods.is_empty() {
+            if cert.mode == crate::client_cert::CertMode::CertificatePassword && methods.is_empty()
+            {
                 cx.err_at(
                     c.span(),
                     "[auth.certificate] mode = \"certificate+password\" but [auth] methods is empty: nothing would check the password",

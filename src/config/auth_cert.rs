@@ -1,6 +1,6 @@
 //! `[auth.certificate]`: client certificates (read and validated here; the
 //! verifier is built here too, so that `intragate check` and a reload see
-//! a CA or CRL file that cannot be used; used by `crate::auth::cert` and
+//! a CA or CRL file that cannot be used; used by `crate::client_cert` and
 //! the TLS listener).
 //!
 //! ```toml
@@ -22,7 +22,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::errors::Ctx;
-use crate::auth::cert::{CertMode, ClientCerts, GroupsFrom, Naming, Sources, UsernameFrom};
+use crate::client_cert::{CertMode, ClientCerts, GroupsFrom, Naming, Sources, UsernameFrom};
 
 /// `[auth.certificate]` as written.
 #[derive(Debug, Default, Deserialize)]
@@ -77,7 +77,7 @@ impl CertSettings {
         let ca_file = match &r.ca_file {
             Some(s) if !s.get_ref().trim().is_empty() => {
                 let p = path(s);
-                if let Err(e) = crate::auth::cert::read_cas(&p) {
+                if let Err(e) = crate::client_cert::read_cas(&p) {
                     cx.err_at(s.span(), format!("[auth.certificate] ca_file: {e}"));
                 }
                 Some(p)
@@ -96,7 +96,7 @@ impl CertSettings {
         };
         let crl_file = r.crl_file.as_ref().map(|s| {
             let p = path(s);
-            if let Err(e) = crate::auth::cert::read_crls(&p) {
+            if let Err(e) = crate::client_cert::read_crls(&p) {
                 cx.err_at(s.span(), format!("[auth.certificate] crl_file: {e}"));
             }
             p
@@ -265,17 +265,20 @@ mod tests {
         let s = c.auth.certificate.expect("section");
         assert_eq!(s.ca_file, dir.join("ca.pem"));
         assert_eq!(s.crl_file, Some(dir.join("ca.crl")));
-        assert_eq!(s.mode, crate::auth::cert::CertMode::CertificatePassword);
+        assert_eq!(s.mode, crate::client_cert::CertMode::CertificatePassword);
         assert!(s.required && s.clients.required());
-        assert_eq!(s.naming.username_from, crate::auth::cert::UsernameFrom::Upn);
+        assert_eq!(
+            s.naming.username_from,
+            crate::client_cert::UsernameFrom::Upn
+        );
         assert_eq!(s.naming.group_map.len(), 2);
         // The defaults: certificate alone, optional, CN, OU.
         let c = parse(&dir, "[auth.certificate]\nca_file = \"ca.pem\"\n").expect("valid");
         let s = c.auth.certificate.expect("section");
-        assert_eq!(s.mode, crate::auth::cert::CertMode::Certificate);
+        assert_eq!(s.mode, crate::client_cert::CertMode::Certificate);
         assert!(!s.required && s.crl_file.is_none());
-        assert_eq!(s.naming.username_from, crate::auth::cert::UsernameFrom::Cn);
-        assert_eq!(s.naming.groups_from, crate::auth::cert::GroupsFrom::Ou);
+        assert_eq!(s.naming.username_from, crate::client_cert::UsernameFrom::Cn);
+        assert_eq!(s.naming.groups_from, crate::client_cert::GroupsFrom::Ou);
         // Certificates only, no password backend: allowed.
         parse(
             &dir,

@@ -401,7 +401,7 @@ impl Conn {
                 .auth
                 .certificate
                 .as_ref()
-                .is_some_and(|c| c.clients.mode() == crate::auth::cert::CertMode::Certificate)
+                .is_some_and(|c| c.clients.mode() == crate::client_cert::CertMode::Certificate)
     }
 
     /// Log on with the verified certificate alone: no form (the cookie
@@ -576,7 +576,7 @@ impl Conn {
 
     /// The identity a verified client certificate gives on this
     /// connection, if any.
-    fn cert_identity(&self) -> Option<&crate::auth::cert::CertIdentity> {
+    fn cert_identity(&self) -> Option<&crate::client_cert::CertIdentity> {
         self.peer_cert.as_ref()
     }
 

@@ -162,7 +162,7 @@ async fn handle_connection(
     let stream = match tokio::time::timeout(deadline, tls.accept(tcp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            if let Some(why) = crate::auth::cert::refusal_reason(&e) {
+            if let Some(why) = crate::client_cert::refusal_reason(&e) {
                 shared.stats.refuse(RefuseReason::ClientCertificate);
                 info!(client = %ip, "client certificate refused: {why}");
             } else {
@@ -232,7 +232,7 @@ struct Conn {
     /// only answers that the gateway is at its connection limit).
     fd: FdSlot,
     /// The user a verified client certificate names (`[auth.certificate]`).
-    peer_cert: Option<crate::auth::cert::CertIdentity>,
+    peer_cert: Option<crate::client_cert::CertIdentity>,
 }
 
 /// What a request handler wants the connection to do next.

@@ -226,15 +226,13 @@ impl UserDb {
     fn lookup(&self, name: &str) -> Result<Lookup, UserError> {
         self.refresh()?;
         let cache = self.cache();
-        Ok(
-            match cache.user(name).and_then(|i| cache.users.get(i)) {
-                Some(u) if u.hash_scheme().is_ok() => Lookup::Known(u.clone()),
-                // Locked, or a scheme we cannot check: the file knows the
-                // user and says no (no other backend is asked).
-                Some(_) => Lookup::Unusable(cache.decoy.clone()),
-                None => Lookup::Unknown(cache.decoy.clone()),
-            },
-        )
+        Ok(match cache.user(name).and_then(|i| cache.users.get(i)) {
+            Some(u) if u.hash_scheme().is_ok() => Lookup::Known(u.clone()),
+            // Locked, or a scheme we cannot check: the file knows the
+            // user and says no (no other backend is asked).
+            Some(_) => Lookup::Unusable(cache.decoy.clone()),
+            None => Lookup::Unknown(cache.decoy.clone()),
+        })
     }
 
     /// Check a password. Blocking (Argon2, SHA-crypt): call it on an

@@ -1,4 +1,4 @@
-//! Client certificates (`[auth.certificate]`): the identity a verified
+//! Client certificates (`[auth.certificate]`, an account source of `crate::auth`): the identity a verified
 //! certificate gives, and the rustls verifier that checks certificates in
 //! the TLS handshake.
 //!
