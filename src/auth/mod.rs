@@ -163,6 +163,8 @@ pub struct Authenticator {
     pub radius: Option<Arc<dyn Backend>>,
     /// RADIUS accounting, when configured.
     pub accounting: Option<Arc<radius::Accounting>>,
+    /// The RADIUS client's counters, when configured (metrics).
+    pub radius_counters: Option<Arc<radius::RadiusCounters>>,
     /// Client certificates, when configured.
     pub certificate: Option<crate::config::CertSettings>,
 }
@@ -175,12 +177,17 @@ impl Authenticator {
             .ldap
             .as_ref()
             .map(|l| Arc::new(ldap::Ldap::new(l.clone())) as Arc<dyn Backend>);
-        let (radius, accounting) = match &settings.radius {
+        let (radius, accounting, radius_counters) = match &settings.radius {
             Some(r) => {
                 let (b, a) = radius::Radius::new(r.clone());
-                (Some(Arc::new(b) as Arc<dyn Backend>), a.map(Arc::new))
+                let counters = b.counters.clone();
+                (
+                    Some(Arc::new(b) as Arc<dyn Backend>),
+                    a.map(Arc::new),
+                    Some(counters),
+                )
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         Self {
             methods: settings.methods.clone(),
@@ -189,6 +196,7 @@ impl Authenticator {
             ldap,
             radius,
             accounting,
+            radius_counters,
             certificate: settings.certificate.clone(),
         }
     }
@@ -202,9 +210,30 @@ impl Authenticator {
         }
     }
 
-    /// A session opened for `identity` (accounting starts here).
-    pub fn session_opened(&self, id: crate::core::ids::SessionId, identity: &Identity) {
-        let _ = (id, identity);
+    /// A session opened for `identity` at `addr`, logged on from
+    /// `client`, its traffic counted in `traffic` (accounting starts here).
+    pub fn session_opened(
+        &self,
+        id: crate::core::ids::SessionId,
+        identity: &Identity,
+        addr: IpAddr,
+        client: IpAddr,
+        traffic: Option<Arc<crate::shared::Traffic>>,
+    ) {
+        if let Some(a) = &self.accounting {
+            a.session_opened(id, identity, addr, client, traffic);
+        }
+    }
+
+    /// A session closed (accounting Stop).
+    pub fn session_closed(
+        &self,
+        id: crate::core::ids::SessionId,
+        reason: &crate::core::session::CloseReason,
+    ) {
+        if let Some(a) = &self.accounting {
+            a.session_closed(id, reason);
+        }
     }
 
     /// Ask every configured network backend whether its servers answer.

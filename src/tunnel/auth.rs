@@ -910,7 +910,18 @@ impl Conn {
                 warn!(session = %id, user = %identity.name, wanted = %want, got = %got, "the address the {} server assigned is not free in the policy's pool (or not in it); the session got another", identity.source);
             }
         }
-        self.shared.auth.session_opened(id, identity);
+        if let Some(addr) = addr {
+            let traffic = self
+                .shared
+                .data
+                .routes
+                .get(&addr)
+                .filter(|p| p.id == id)
+                .map(|p| p.traffic.clone());
+            self.shared
+                .auth
+                .session_opened(id, identity, addr, self.ip, traffic);
+        }
     }
 
     /// Tell the client its session is ready (cookie in body and header).
