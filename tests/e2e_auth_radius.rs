@@ -10,6 +10,7 @@
 //! - accounting Start and Stop in FreeRADIUS's detail file: the tunnel's
 //!   address, the same Acct-Session-Id, octets covering 20 pings of 1000
 //!   bytes each way, User-Request as the terminate cause;
+//! - an Interim-Update after `interim_interval`;
 //! - a dead first server: failover to the second; a wrong shared secret:
 //!   refused as unreachable, logged "shared secret wrong?".
 //!
@@ -82,7 +83,7 @@ retries = 1
 group_attribute = "both"
 nas_ip = "{GW_INTERNAL_IP}"
 accounting = true
-interim_interval = 0
+interim_interval = 10
 "#
     );
     let cfg = write_gateway_config(
@@ -213,6 +214,13 @@ fn radius_password_challenge_groups_address_and_accounting() {
         Duration::from_secs(20),
     );
     assert!(p.ok(), "pings through the tunnel: {p}");
+    // ctl show: the session's traffic and how alice authenticated.
+    let show = gw.ctl(&["show", "--user", "alice"]);
+    assert!(show.ok(), "{show}");
+    eprintln!("{}", show.stdout);
+    assert!(show.stdout.contains("traffic:"), "{show}");
+    assert!(show.stdout.contains("radius"), "{show}");
+    assert!(show.stdout.contains("staff: radius Class"), "{show}");
     a.logoff(Duration::from_secs(10));
     let alice_records = || {
         radius
@@ -261,6 +269,19 @@ fn radius_password_challenge_groups_address_and_accounting() {
     assert!(num("Acct-Output-Packets") >= 20, "output packets");
     assert!(field(stop, "Acct-Session-Time").is_some());
 
+    // carol has been up for a while: an Interim-Update (every 10 s here)
+    // with her session id.
+    assert!(
+        wait_until(Duration::from_secs(20), || radius.detail().iter().any(
+            |r| {
+                field(r, "User-Name") == Some("carol")
+                    && field(r, "Acct-Status-Type") == Some("Interim-Update")
+                    && field(r, "Acct-Session-Time").is_some()
+            }
+        )),
+        "no Interim-Update for carol: {:?}",
+        radius.detail()
+    );
     // carol logs off: her Stop too.
     c.logoff(Duration::from_secs(10));
     assert!(

@@ -355,7 +355,75 @@ impl RadiusSettings {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
+    use crate::config::{Config, Overrides};
+
+    fn load(dir: &Path, radius: &str) -> Result<Config, String> {
+        let text = format!("[auth]\nmethods = [\"radius\"]\n\n[auth.radius]\n{radius}");
+        Config::from_str_at(
+            &dir.join("intragate.toml"),
+            &text,
+            true,
+            &Overrides::default(),
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn tmp(tag: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("ig-radius-cfg-{}-{tag}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("secret"), "s3cret\nignored\n").unwrap();
+        std::fs::write(d.join("empty"), "\n").unwrap();
+        d
+    }
+
+    #[test]
+    fn a_full_section_reads() {
+        let d = tmp("full");
+        let c = load(
+            &d,
+            "servers = [\"198.18.0.10\", \"198.18.0.11:11812\"]\nsecret_file = \"secret\"\ntimeout = 0.5\nretries = 1\ngroup_attribute = \"filter-id\"\naccounting = true\ninterim_interval = 0\nnas_ip = \"198.18.0.1\"\n",
+        )
+        .unwrap();
+        let r = c.auth.radius.unwrap();
+        assert_eq!(r.secret.0, b"s3cret");
+        assert_eq!(r.servers.len(), 2);
+        assert_eq!(r.timeout, Duration::from_millis(500));
+        assert_eq!(r.group_attribute, GroupAttribute::FilterId);
+        assert_eq!(
+            r.accounting_servers,
+            vec![
+                "198.18.0.10:1813".parse::<SocketAddr>().unwrap(),
+                "198.18.0.11:1813".parse().unwrap()
+            ]
+        );
+        assert_eq!(r.interim_interval, None);
+        assert!(!format!("{r:?}").contains("s3cret"), "the secret in Debug");
+        let _ = std::fs::remove_dir_all(d);
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_their_line() {
+        let d = tmp("bad");
+        for (body, want) in [
+            ("secret_file = \"secret\"\n", "servers is missing"),
+            ("servers = [\"radius.example.com\"]\nsecret_file = \"secret\"\n", "not an IP address"),
+            ("servers = [\"198.18.0.1\"]\n", "secret_file is missing"),
+            ("servers = [\"198.18.0.1\"]\nsecret_file = \"nope\"\n", "cannot read"),
+            ("servers = [\"198.18.0.1\"]\nsecret_file = \"empty\"\n", "is empty"),
+            ("servers = [\"198.18.0.1\"]\nsecret_file = \"secret\"\ntimeout = 0\n", "between 0.05 and 60"),
+            ("servers = [\"198.18.0.1\"]\nsecret_file = \"secret\"\ngroup_attribute = \"memberOf\"\n", "group_attribute"),
+            ("servers = [\"198.18.0.1\"]\nsecret_file = \"secret\"\naccounting_servers = [\"198.18.0.1\"]\n", "accounting is not"),
+            ("servers = [\"198.18.0.1\"]\nsecret_file = \"secret\"\naccounting = true\ninterim_interval = 5\n", "at least 10"),
+            ("servers = [\"198.18.0.1\"]\nsecret_file = \"secret\"\nsecret = \"inline\"\n", "unknown field"),
+        ] {
+            let e = load(&d, body).err().unwrap_or_else(|| panic!("accepted: {body}"));
+            assert!(e.contains(want), "{body}: {e}");
+            assert!(e.contains("intragate.toml:"), "no line: {e}");
+        }
+        let _ = std::fs::remove_dir_all(d);
+    }
 
     #[test]
     fn servers_parse_with_default_ports() {
