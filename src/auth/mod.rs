@@ -167,7 +167,15 @@ pub struct Authenticator {
     pub radius_counters: Option<Arc<radius::RadiusCounters>>,
     /// Client certificates, when configured.
     pub certificate: Option<crate::config::CertSettings>,
+    /// Identities of logons waiting on a transfer offer (by offer token),
+    /// so the session the transfer opens is accounted like a new logon.
+    offered: std::sync::Mutex<std::collections::HashMap<String, (Identity, std::time::Instant)>>,
 }
+
+/// How many identities wait on transfer offers at most.
+const MAX_OFFERED: usize = 4096;
+/// How long one waits (offers expire well before).
+const OFFERED_TTL: Duration = Duration::from_secs(600);
 
 impl Authenticator {
     /// Build the backends of `settings` (no I/O: connections are made per
@@ -198,6 +206,7 @@ impl Authenticator {
             accounting,
             radius_counters,
             certificate: settings.certificate.clone(),
+            offered: Default::default(),
         }
     }
 
@@ -223,6 +232,29 @@ impl Authenticator {
         if let Some(a) = &self.accounting {
             a.session_opened(id, identity, addr, client, traffic);
         }
+    }
+
+    /// A logon that got a transfer offer `token` (kept only when
+    /// accounting is on: that is all it is needed for).
+    pub fn offer_made(&self, token: &str, identity: &Identity) {
+        if self.accounting.is_none() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut m = self.offered.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, (_, at)| now.duration_since(*at) < OFFERED_TTL);
+        if m.len() < MAX_OFFERED {
+            m.insert(token.to_string(), (identity.clone(), now));
+        }
+    }
+
+    /// The identity of the logon that got transfer offer `token`.
+    pub fn offer_taken(&self, token: &str) -> Option<Identity> {
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token)
+            .map(|(i, _)| i)
     }
 
     /// A session closed (accounting Stop).
