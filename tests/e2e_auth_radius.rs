@@ -282,6 +282,14 @@ fn radius_password_challenge_groups_address_and_accounting() {
         "no Interim-Update for carol: {:?}",
         radius.detail()
     );
+    // ctl stats: the RADIUS client's and accounting's counters.
+    let stats = gw.stats().unwrap();
+    assert!(
+        stats["radius"]["accounting"]["sent"].as_u64().unwrap_or(0) >= 2,
+        "{}",
+        stats["radius"]
+    );
+    assert_eq!(stats["radius"]["replies_ignored"]["bad_authenticator"], 0);
     // carol logs off: her Stop too.
     c.logoff(Duration::from_secs(10));
     assert!(

@@ -327,6 +327,9 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
             ] {
                 counters.remove(k);
             }
+            if let Some(r) = shared.auth.radius_json() {
+                counters.insert("radius".into(), r);
+            }
             Reply::Stats(Box::new(Stats {
                 sessions,
                 pools,

@@ -257,6 +257,32 @@ impl Authenticator {
             .map(|(i, _)| i)
     }
 
+    /// RADIUS counters for `ctl stats` (None without RADIUS).
+    pub fn radius_json(&self) -> Option<serde_json::Value> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = self.radius_counters.as_ref()?;
+        let mut v = serde_json::json!({
+            "requests": c.requests.load(Relaxed),
+            "timeouts": c.timeouts.load(Relaxed),
+            "replies_ignored": {
+                "bad_authenticator": c.bad_authenticator.load(Relaxed),
+                "foreign_address": c.foreign_replies.load(Relaxed),
+                "malformed": c.malformed.load(Relaxed),
+            },
+        });
+        if let Some(a) = &self.accounting {
+            let ac = &a.counters;
+            v["accounting"] = serde_json::json!({
+                "sessions": a.accounted(),
+                "sent": ac.sent.load(Relaxed),
+                "retried": ac.retried.load(Relaxed),
+                "given_up": ac.given_up.load(Relaxed),
+                "queue_full": ac.queue_full.load(Relaxed),
+            });
+        }
+        Some(v)
+    }
+
     /// A session closed (accounting Stop).
     pub fn session_closed(
         &self,
