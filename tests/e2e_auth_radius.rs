@@ -11,7 +11,8 @@
 //!   address, the same Acct-Session-Id, octets covering 20 pings of 1000
 //!   bytes each way, User-Request as the terminate cause;
 //! - an Interim-Update after `interim_interval`;
-//! - a dead first server: failover to the second; a wrong shared secret:
+//! - a dead first server: failover to the second; accounting records made
+//!   while FreeRADIUS is down arrive once it is back; a wrong shared secret:
 //!   refused as unreachable, logged "shared secret wrong?".
 //!
 //! FreeRADIUS runs in the internal namespace (198.18.1.2:1812/1813), the
@@ -316,7 +317,7 @@ fn radius_failover_and_wrong_shared_secret() {
     // host where nothing listens.
     topo.internal
         .ip(&["addr", "add", "198.18.1.3/24", "dev", "vg"]);
-    let radius = start_radius(&topo, &dir);
+    let mut radius = start_radius(&topo, &dir);
     let servers = format!("\"198.18.1.3:1812\", \"{INTERNAL_IP}:1812\"");
     let cfg = gateway_config(&dir, &servers, SECRET);
     let mut gw = Gateway::start(&topo, &dir.path, cfg.clone());
@@ -332,6 +333,63 @@ fn radius_failover_and_wrong_shared_secret() {
         t.elapsed() < Duration::from_secs(2),
         "the dead server was not skipped ({:?})",
         t.elapsed()
+    );
+
+    // Accounting survives a server outage: alice's Stop, made while
+    // FreeRADIUS is down, arrives once it is back (retried).
+    let mut a = Client::start(
+        &topo,
+        0,
+        &gw,
+        &dir.path,
+        ClientOpts {
+            user: "alice".into(),
+            password: "alice-pw".into(),
+            interface: "oc0".into(),
+            extra_args: vec![],
+        },
+    );
+    a.wait_up(Duration::from_secs(25))
+        .unwrap_or_else(|e| panic!("alice: {e}\n{}", gw.log()));
+    let has = |radius: &FreeRadius, status: &str| {
+        radius.detail().iter().any(|r| {
+            field(r, "User-Name") == Some("alice")
+                && field(r, "Acct-Status-Type") == Some(status)
+                && field(r, "Calling-Station-Id") == Some(topo.users[0].link_ip.as_str())
+                // The tunnel's session (the --authenticate logons above
+                // opened sessions too, which end later as never connected).
+                && (status == "Start" || field(r, "Acct-Terminate-Cause") == Some("User-Request"))
+        })
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || has(&radius, "Start")),
+        "no Start: {:?}",
+        radius.detail()
+    );
+    radius.stop();
+    a.logoff(Duration::from_secs(10));
+    assert!(
+        wait_until(Duration::from_secs(15), || gw
+            .log()
+            .contains("RADIUS accounting record not acknowledged")),
+        "no retry logged:\n{}",
+        tail(&gw.log(), 3000)
+    );
+    radius = start_radius(&topo, &dir);
+    assert!(
+        wait_until(Duration::from_secs(40), || has(&radius, "Stop")),
+        "the Stop did not arrive after the outage: {:?}\n{}",
+        radius.detail(),
+        tail(&gw.log(), 3000)
+    );
+    let stats = gw.stats().unwrap();
+    assert!(
+        stats["radius"]["accounting"]["retried"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1,
+        "{}",
+        stats["radius"]
     );
     gw.proc.stop(Duration::from_secs(10));
 
