@@ -42,7 +42,7 @@ mod sessions;
 pub use auth::{AuthMethod, AuthSettings};
 pub use auth_cert::CertSettings;
 pub use auth_ldap::LdapSettings;
-pub use auth_radius::RadiusSettings;
+pub use auth_radius::{GroupAttribute, RadiusSecret, RadiusSettings};
 pub use cluster::{valid_node_name, Announce, ClusterSettings};
 pub use dns::DnsSettings;
 pub use errors::{ConfigError, ConfigErrors};

@@ -86,6 +86,49 @@ fn labelled(out: &mut String, name: &str, kind: &str, help: &str, label: &str, m
     }
 }
 
+/// RADIUS client and accounting counters, when RADIUS is configured.
+fn radius_metrics(out: &mut String, shared: &Shared) {
+    use std::sync::atomic::Ordering::Relaxed;
+    if let Some(c) = &shared.auth.radius_counters {
+        let ignored = serde_json::json!({
+            "bad_authenticator": c.bad_authenticator.load(Relaxed),
+            "foreign_address": c.foreign_replies.load(Relaxed),
+            "malformed": c.malformed.load(Relaxed),
+        });
+        labelled(
+            out,
+            "intragate_radius_replies_ignored_total",
+            "counter",
+            "RADIUS replies ignored: bad authenticator or no Message-Authenticator (shared secret wrong?), from another address, malformed.",
+            "reason",
+            &ignored,
+        );
+        counter(
+            out,
+            "intragate_radius_timeouts_total",
+            "RADIUS tries that got no answer in time.",
+            &c.timeouts.load(Relaxed).into(),
+        );
+    }
+    if let Some(a) = &shared.auth.accounting {
+        let c = &a.counters;
+        let outcomes = serde_json::json!({
+            "sent": c.sent.load(Relaxed),
+            "retried": c.retried.load(Relaxed),
+            "given_up": c.given_up.load(Relaxed),
+            "queue_full": c.queue_full.load(Relaxed),
+        });
+        labelled(
+            out,
+            "intragate_radius_accounting_records_total",
+            "counter",
+            "RADIUS accounting records: acknowledged, sent again, given up on, dropped for a full queue.",
+            "outcome",
+            &outcomes,
+        );
+    }
+}
+
 /// The metrics text.
 pub fn render(shared: &Shared) -> String {
     let s = shared.stats.to_json();
@@ -142,6 +185,7 @@ pub fn render(shared: &Shared) -> String {
         "backend",
         &s["auth_unavailable"],
     );
+    radius_metrics(&mut out, shared);
     labelled(
         &mut out,
         "intragate_sessions_closed_total",

@@ -30,7 +30,7 @@ use crate::shared::Shared;
 use protocol::{
     Ban, BanList, Conntrack, DnsRecord, DnsRecords, DrainStatus, Health, HealthStatus, PoolList,
     PoolRow, Reloaded, Reply, Request, Selector, SessionIds, SessionList, SessionRow, Stats,
-    Unbanned,
+    TrafficRow, Unbanned,
 };
 
 /// Longest request line accepted.
@@ -172,6 +172,7 @@ pub fn session_row(s: &Session, domain: &str, now: Instant) -> SessionRow {
         auth: auth_text(&s.auth),
         auth_server: s.auth.server.clone(),
         groups_from: s.auth.groups_from.clone(),
+        traffic: None,
     }
 }
 
@@ -225,6 +226,7 @@ pub fn remote_row(
         auth: String::new(),
         auth_server: None,
         groups_from: Vec::new(),
+        traffic: None,
     }
 }
 
@@ -325,6 +327,9 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
             ] {
                 counters.remove(k);
             }
+            if let Some(r) = shared.auth.radius_json() {
+                counters.insert("radius".into(), r);
+            }
             Reply::Stats(Box::new(Stats {
                 sessions,
                 pools,
@@ -374,7 +379,25 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
                     sessions: ids
                         .iter()
                         .filter_map(|i| core.session(*i))
-                        .map(|s| session_row(s, domain, now))
+                        .map(|s| {
+                            let mut row = session_row(s, domain, now);
+                            row.traffic = shared
+                                .data
+                                .routes
+                                .get(&s.addr)
+                                .filter(|p| p.id == s.id)
+                                .map(|p| {
+                                    use std::sync::atomic::Ordering::Relaxed;
+                                    let t = &p.traffic;
+                                    TrafficRow {
+                                        bytes_in: t.bytes_from_user.load(Relaxed),
+                                        packets_in: t.packets_from_user.load(Relaxed),
+                                        bytes_out: t.bytes_to_user.load(Relaxed),
+                                        packets_out: t.packets_to_user.load(Relaxed),
+                                    }
+                                });
+                            row
+                        })
                         .collect(),
                 }),
                 Ok(_) => Reply::error("no such session"),

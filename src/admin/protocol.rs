@@ -303,6 +303,22 @@ pub struct SessionRow {
     /// Where each group came from (`admins: ldap memberOf cn=…`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups_from: Vec<String>,
+    /// The session's traffic (`ctl show` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic: Option<TrafficRow>,
+}
+
+/// A session's traffic through the gateway: "in" is from the user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrafficRow {
+    /// Bytes from the user.
+    pub bytes_in: u64,
+    /// Packets from the user.
+    pub packets_in: u64,
+    /// Bytes to the user.
+    pub bytes_out: u64,
+    /// Packets to the user.
+    pub packets_out: u64,
 }
 
 /// `disconnect` and `logoff`.
@@ -706,6 +722,7 @@ pub(crate) mod tests {
             auth: "ldap (password)".into(),
             auth_server: Some("ldaps://dc1.example:636".into()),
             groups_from: vec!["staff: ldap memberOf cn=staff,ou=groups,dc=example".into()],
+            traffic: None,
         }
     }
 

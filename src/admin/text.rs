@@ -215,6 +215,13 @@ fn show(list: &[SessionRow]) -> String {
         for g in &s.groups_from {
             let _ = writeln!(out, "{:<10}{g}", "group:");
         }
+        if let Some(t) = &s.traffic {
+            let _ = writeln!(
+                out,
+                "{:<10}in {} bytes ({} packets), out {} bytes ({} packets)",
+                "traffic:", t.bytes_in, t.packets_in, t.bytes_out, t.packets_out
+            );
+        }
     }
     out
 }

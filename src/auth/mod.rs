@@ -162,9 +162,19 @@ pub struct Authenticator {
     pub radius: Option<Arc<dyn Backend>>,
     /// RADIUS accounting, when configured.
     pub accounting: Option<Arc<radius::Accounting>>,
+    /// The RADIUS client's counters, when configured (metrics).
+    pub radius_counters: Option<Arc<radius::RadiusCounters>>,
     /// Client certificates, when configured.
     pub certificate: Option<crate::config::CertSettings>,
+    /// Identities of logons waiting on a transfer offer (by offer token),
+    /// so the session the transfer opens is accounted like a new logon.
+    offered: std::sync::Mutex<std::collections::HashMap<String, (Identity, std::time::Instant)>>,
 }
+
+/// How many identities wait on transfer offers at most.
+const MAX_OFFERED: usize = 4096;
+/// How long one waits (offers expire well before).
+const OFFERED_TTL: Duration = Duration::from_secs(600);
 
 impl Authenticator {
     /// Build the backends of `settings` (no I/O: connections are made per
@@ -174,12 +184,17 @@ impl Authenticator {
             .ldap
             .as_ref()
             .map(|l| Arc::new(ldap::Ldap::new(l.clone())) as Arc<dyn Backend>);
-        let (radius, accounting) = match &settings.radius {
+        let (radius, accounting, radius_counters) = match &settings.radius {
             Some(r) => {
                 let (b, a) = radius::Radius::new(r.clone());
-                (Some(Arc::new(b) as Arc<dyn Backend>), a.map(Arc::new))
+                let counters = b.counters.clone();
+                (
+                    Some(Arc::new(b) as Arc<dyn Backend>),
+                    a.map(Arc::new),
+                    Some(counters),
+                )
             }
-            None => (None, None),
+            None => (None, None, None),
         };
         Self {
             methods: settings.methods.clone(),
@@ -188,7 +203,9 @@ impl Authenticator {
             ldap,
             radius,
             accounting,
+            radius_counters,
             certificate: settings.certificate.clone(),
+            offered: Default::default(),
         }
     }
 
@@ -201,9 +218,79 @@ impl Authenticator {
         }
     }
 
-    /// A session opened for `identity` (accounting starts here).
-    pub fn session_opened(&self, id: crate::core::ids::SessionId, identity: &Identity) {
-        let _ = (id, identity);
+    /// A session opened for `identity` at `addr`, logged on from
+    /// `client`, its traffic counted in `traffic` (accounting starts here).
+    pub fn session_opened(
+        &self,
+        id: crate::core::ids::SessionId,
+        identity: &Identity,
+        addr: IpAddr,
+        client: IpAddr,
+        traffic: Option<Arc<crate::shared::Traffic>>,
+    ) {
+        if let Some(a) = &self.accounting {
+            a.session_opened(id, identity, addr, client, traffic);
+        }
+    }
+
+    /// A logon that got a transfer offer `token` (kept only when
+    /// accounting is on: that is all it is needed for).
+    pub fn offer_made(&self, token: &str, identity: &Identity) {
+        if self.accounting.is_none() {
+            return;
+        }
+        let now = std::time::Instant::now();
+        let mut m = self.offered.lock().unwrap_or_else(|p| p.into_inner());
+        m.retain(|_, (_, at)| now.duration_since(*at) < OFFERED_TTL);
+        if m.len() < MAX_OFFERED {
+            m.insert(token.to_string(), (identity.clone(), now));
+        }
+    }
+
+    /// The identity of the logon that got transfer offer `token`.
+    pub fn offer_taken(&self, token: &str) -> Option<Identity> {
+        self.offered
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(token)
+            .map(|(i, _)| i)
+    }
+
+    /// RADIUS counters for `ctl stats` (None without RADIUS).
+    pub fn radius_json(&self) -> Option<serde_json::Value> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = self.radius_counters.as_ref()?;
+        let mut v = serde_json::json!({
+            "requests": c.requests.load(Relaxed),
+            "timeouts": c.timeouts.load(Relaxed),
+            "replies_ignored": {
+                "bad_authenticator": c.bad_authenticator.load(Relaxed),
+                "foreign_address": c.foreign_replies.load(Relaxed),
+                "malformed": c.malformed.load(Relaxed),
+            },
+        });
+        if let Some(a) = &self.accounting {
+            let ac = &a.counters;
+            v["accounting"] = serde_json::json!({
+                "sessions": a.accounted(),
+                "sent": ac.sent.load(Relaxed),
+                "retried": ac.retried.load(Relaxed),
+                "given_up": ac.given_up.load(Relaxed),
+                "queue_full": ac.queue_full.load(Relaxed),
+            });
+        }
+        Some(v)
+    }
+
+    /// A session closed (accounting Stop).
+    pub fn session_closed(
+        &self,
+        id: crate::core::ids::SessionId,
+        reason: &crate::core::session::CloseReason,
+    ) {
+        if let Some(a) = &self.accounting {
+            a.session_closed(id, reason);
+        }
     }
 
     /// Ask every configured network backend whether its servers answer.

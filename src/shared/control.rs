@@ -124,6 +124,7 @@ impl Shared {
                         // come back mid-stream for a while.
                         moved_in_until: moved_in
                             .then(|| std::time::Instant::now() + crate::cluster::PICKUP_WINDOW),
+                        traffic: Arc::default(),
                     };
                     self.data.routes.insert(*addr, Arc::new(port));
                 }
@@ -212,6 +213,8 @@ impl Shared {
                         h.end(ctl);
                     }
                     self.stats.close(&reason);
+                    // Accounting Stop (the counters outlive the port).
+                    self.auth.session_closed(id, &reason);
                     if reason == CloseReason::ClaimLost {
                         // Never seen by the user: the logon tries another address.
                         tracing::debug!(session = %id, %user, %addr, %reason, "session closed");

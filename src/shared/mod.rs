@@ -37,7 +37,7 @@ use crate::users::UserDb;
 
 pub use cluster::Claim;
 pub use control::CoreGuard;
-pub use datapath::{DataPath, LockedNat, Port, PortRules, UserQueue};
+pub use datapath::{DataPath, LockedNat, Port, PortRules, Traffic, UserQueue};
 pub use failover::Resume;
 pub use persist::unix_now;
 pub use tunnels::{TunnelCtl, TunnelHandle, UnauthSlot};

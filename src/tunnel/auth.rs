@@ -881,6 +881,7 @@ impl Conn {
                 },
                 Ok(LogonOutcome::TransferOffered(offer)) => {
                     info!(user = %name, client = %self.ip, existing = offer.sessions.len(), "logon at the session limit: transfer offered");
+                    shared.auth.offer_made(&offer.token, &identity);
                     let form = transfer_form(&offer, shared.config.transfer_window);
                     let xml = auth_xml::auth_request_xml(&form, Some(&offer.token));
                     self.send_xml(200, "OK", &xml, &[]).await;
@@ -910,7 +911,18 @@ impl Conn {
                 warn!(session = %id, user = %identity.name, wanted = %want, got = %got, "the address the {} server assigned is not free in the policy's pool (or not in it); the session got another", identity.source);
             }
         }
-        self.shared.auth.session_opened(id, identity);
+        if let Some(addr) = addr {
+            let traffic = self
+                .shared
+                .data
+                .routes
+                .get(&addr)
+                .filter(|p| p.id == id)
+                .map(|p| p.traffic.clone());
+            self.shared
+                .auth
+                .session_opened(id, identity, addr, self.ip, traffic);
+        }
     }
 
     /// Tell the client its session is ready (cookie in body and header).
@@ -958,7 +970,12 @@ impl Conn {
         };
         match result {
             Ok((id, user)) => match self.shared.claim_session(id).await {
-                Claim::Claimed => self.complete(id, &user).await,
+                Claim::Claimed => {
+                    if let Some(identity) = self.shared.auth.offer_taken(handle) {
+                        self.note_identity(id, &identity);
+                    }
+                    self.complete(id, &user).await
+                }
                 Claim::Lost => {
                     self.shared.stats.refuse(RefuseReason::NoAddress);
                     self.refuse_logon(

@@ -762,6 +762,7 @@ impl Tunnel<'_> {
                 shared.stats.packets_from_users.fetch_add(1, Relaxed);
                 let len = pkt.len() as u64;
                 shared.stats.bytes_from_users.fetch_add(len, Relaxed);
+                port.traffic.from_user(len);
                 shared.deliver(&peer, pkt.freeze());
                 return Fate::Forwarded;
             }
@@ -802,12 +803,12 @@ impl Tunnel<'_> {
                 return Fate::Dropped;
             }
         };
-        queue_for_tun(shared, out, batch)
+        queue_for_tun(shared, port, out, batch)
     }
 
     /// Queue `pkt` for the TUN device as it is (no connection tracking).
     fn to_tun_untracked(&self, pkt: &[u8], batch: &mut TunBatch) -> Fate {
-        queue_for_tun(self.shared, pkt, batch)
+        queue_for_tun(self.shared, self.port, pkt, batch)
     }
 
     /// Writes the batched packets to the TUN device (GRO-coalesced when
@@ -831,7 +832,7 @@ impl Tunnel<'_> {
 }
 
 /// Queue `pkt` (a whole IP packet) for the next TUN write of `batch`.
-fn queue_for_tun(shared: &Shared, pkt: &[u8], batch: &mut TunBatch) -> Fate {
+fn queue_for_tun(shared: &Shared, port: &Port, pkt: &[u8], batch: &mut TunBatch) -> Fate {
     let Some(buf) = batch.bufs.get_mut(batch.len) else {
         shared.stats.drop(DropReason::TunWriteFailed);
         return Fate::Dropped;
@@ -845,6 +846,7 @@ fn queue_for_tun(shared: &Shared, pkt: &[u8], batch: &mut TunBatch) -> Fate {
         .stats
         .bytes_from_users
         .fetch_add(pkt.len() as u64, Relaxed);
+    port.traffic.from_user(pkt.len() as u64);
     Fate::Forwarded
 }
 
