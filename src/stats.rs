@@ -266,6 +266,28 @@ impl Stats {
     }
 }
 
+/// One session's traffic, both ways (relaxed counters).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    /// Bytes from the user (forwarded).
+    pub bytes_from_user: AtomicU64,
+    /// Packets from the user (forwarded).
+    pub packets_from_user: AtomicU64,
+    /// Bytes queued toward the user.
+    pub bytes_to_user: AtomicU64,
+    /// Packets queued toward the user.
+    pub packets_to_user: AtomicU64,
+}
+
+impl Traffic {
+    /// Count one packet from the user.
+    #[inline]
+    pub fn from_user(&self, len: u64) {
+        self.packets_from_user.fetch_add(1, Relaxed);
+        self.bytes_from_user.fetch_add(len, Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -226,7 +226,7 @@ impl Authenticator {
         identity: &Identity,
         addr: IpAddr,
         client: IpAddr,
-        traffic: Option<Arc<crate::shared::Traffic>>,
+        traffic: Option<Arc<crate::stats::Traffic>>,
     ) {
         if let Some(a) = &self.accounting {
             a.session_opened(id, identity, addr, client, traffic);

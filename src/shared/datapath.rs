@@ -155,29 +155,7 @@ pub struct Port {
     /// The session's traffic (RADIUS accounting, `ctl show`): one relaxed
     /// add per packet next to the global counters; shared with the
     /// accounting, which reads it after the port is gone.
-    pub traffic: Arc<Traffic>,
-}
-
-/// One session's traffic, both ways (relaxed counters).
-#[derive(Debug, Default)]
-pub struct Traffic {
-    /// Bytes from the user (forwarded).
-    pub bytes_from_user: AtomicU64,
-    /// Packets from the user (forwarded).
-    pub packets_from_user: AtomicU64,
-    /// Bytes queued toward the user.
-    pub bytes_to_user: AtomicU64,
-    /// Packets queued toward the user.
-    pub packets_to_user: AtomicU64,
-}
-
-impl Traffic {
-    /// Count one packet from the user.
-    #[inline]
-    pub fn from_user(&self, len: u64) {
-        self.packets_from_user.fetch_add(1, Ordering::Relaxed);
-        self.bytes_from_user.fetch_add(len, Ordering::Relaxed);
-    }
+    pub traffic: Arc<crate::stats::Traffic>,
 }
 
 /// What the packet path enforces for one session, from its policy.

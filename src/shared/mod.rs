@@ -35,9 +35,10 @@ use crate::core::session::{GatewayState, SessionId, SessionSettings};
 use crate::stats::Stats;
 use crate::users::UserDb;
 
+pub use crate::stats::Traffic;
 pub use cluster::Claim;
 pub use control::CoreGuard;
-pub use datapath::{DataPath, LockedNat, Port, PortRules, Traffic, UserQueue};
+pub use datapath::{DataPath, LockedNat, Port, PortRules, UserQueue};
 pub use failover::Resume;
 pub use persist::unix_now;
 pub use tunnels::{TunnelCtl, TunnelHandle, UnauthSlot};

@@ -13,7 +13,7 @@
 //! [`GIVE_UP_AFTER`]; then it is given up on (counted and logged). A full
 //! queue drops the record (counted and logged). Nothing here waits on the
 //! data path: the packet path only increments the session's counters
-//! ([`crate::shared::Traffic`]).
+//! ([`crate::stats::Traffic`]).
 //!
 //! Not persisted: after a restart, sessions resumed from the state file
 //! are not accounted again (no Stop is sent for them).
@@ -33,7 +33,7 @@ use crate::auth::Identity;
 use crate::config::RadiusSettings;
 use crate::core::ids::SessionId;
 use crate::core::session::CloseReason;
-use crate::shared::Traffic;
+use crate::stats::Traffic;
 
 /// Records waiting to be sent.
 pub(super) const QUEUE: usize = 4096;
@@ -181,7 +181,7 @@ impl Accounting {
         self.ensure_task();
         let now = Instant::now();
         let live = Live {
-            acct_id: format!("{:08X}-{}", crate::shared::unix_now(), id.0),
+            acct_id: format!("{:08X}-{}", unix_now(), id.0),
             user: identity.name.clone(),
             addr,
             client,
@@ -251,7 +251,7 @@ fn record(s: &RadiusSettings, live: &Live, kind: Kind) -> Record {
         u32a(attr::ACCT_AUTHENTIC, if live.radius { 1 } else { 2 }),
         u32a(
             attr::EVENT_TIMESTAMP,
-            u32::try_from(crate::shared::unix_now()).unwrap_or(u32::MAX),
+            u32::try_from(unix_now()).unwrap_or(u32::MAX),
         ),
     ];
     super::push_nas_ip(&mut a, s.nas_ip);
@@ -405,6 +405,13 @@ impl Sender {
             pause = (pause * 2).min(Duration::from_secs(60));
         }
     }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
