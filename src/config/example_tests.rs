@@ -240,25 +240,43 @@ impl<'de> MapAccess<'de> for Fields<'_> {
 
 /// The example with every `# key = value` line made a key.
 fn uncomment(text: &str) -> String {
+    uncomment_with(text, false)
+}
+
+/// [`uncomment`], and with `alternatives` also the `#| key = value` lines:
+/// documented keys that exclude another one shown (e.g. `[auth.ldap]`
+/// `user_dn_template` instead of `base_dn`): they count as documented, but
+/// the example is loaded without them.
+fn uncomment_with(text: &str, alternatives: bool) -> String {
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
-        let rest = line.trim_start().strip_prefix('#').map(str::trim_start);
+        let trimmed = line.trim_start();
+        let rest = match trimmed.strip_prefix("#|") {
+            Some(r) if alternatives => Some(r.trim_start()),
+            Some(_) => None,
+            None => trimmed.strip_prefix('#').map(str::trim_start),
+        };
         let is_key = rest.is_some_and(|r| {
             let name_len = r
                 .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
                 .unwrap_or(r.len());
             name_len > 0 && r[name_len..].trim_start().starts_with('=')
         });
-        // A commented-out table (`# [cluster]`) is documented like a key.
+        // A commented-out table (`# [cluster]`, `# [auth.ldap]`) is
+        // documented like a key.
         let is_table = rest.is_some_and(|r| {
             r.starts_with('[')
                 && r.find(']').is_some_and(|end| {
                     let name = r[1..end].trim_matches(|c| c == '[' || c == ']');
-                    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    !name.is_empty()
+                        && name
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
                 })
         });
         match rest {
             Some(r) if is_key || is_table => out.push_str(r),
+            _ if trimmed.starts_with("#|") => {}
             _ => out.push_str(line),
         }
         out.push('\n');
@@ -351,7 +369,7 @@ fn example_config_lists_every_key() {
     assert_documents(
         "intragate.example.toml",
         &keys_of::<RawConfig>(),
-        &keys_in(&uncomment(EXAMPLE), "intragate.example.toml"),
+        &keys_in(&uncomment_with(EXAMPLE, true), "intragate.example.toml"),
     );
 }
 
@@ -410,14 +428,57 @@ fn example_config_shows_the_defaults() {
 #[test]
 fn example_values_are_valid() {
     let text = uncomment(EXAMPLE);
+    // The files the example names ([auth] secrets, CA, CRL), beside it.
+    let dir = crate::shared::test_util::temp_dir("example-config");
+    std::fs::create_dir_all(&dir).expect("dir");
+    let write = |name: &str, data: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, data).expect("write");
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&p).expect("meta").permissions(),
+            0o600,
+        );
+        std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod");
+    };
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).expect("key");
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "Example user CA");
+    ca.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let ca_pem = ca.self_signed(&key).expect("ca").pem();
+    let issuer = rcgen::Issuer::new(ca, key);
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update: rcgen::date_time_ymd(2024, 1, 1),
+        next_update: rcgen::date_time_ymd(2099, 1, 1),
+        crl_number: rcgen::SerialNumber::from(1u64),
+        issuing_distribution_point: None,
+        revoked_certs: Vec::new(),
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)
+    .expect("crl")
+    .pem()
+    .expect("pem");
+    write("user-ca.pem", &ca_pem);
+    write("user-ca.crl", &crl);
+    write("directory-ca.pem", &ca_pem);
+    write("ldap-bind.secret", "service-account-password\n");
+    write("radius.secret", "radius-shared-secret\n");
     if let Err(e) = Config::from_str_at(
-        Path::new("/nonexistent/intragate.toml"),
+        &dir.join("intragate.toml"),
         &text,
         true,
         &Overrides::default(),
     ) {
+        let _ = std::fs::remove_dir_all(&dir);
         panic!("intragate.example.toml with every `# key = value` uncommented: {e}");
     }
+    let _ = std::fs::remove_dir_all(&dir);
     let file: RawPolicyFile = match toml::from_str(&uncomment(DEFAULT_POLICY)) {
         Ok(f) => f,
         Err(e) => panic!("policies/default.toml uncommented: {e}"),

@@ -784,9 +784,19 @@ impl Gateway {
         log_name: &str,
         wrapper: &[&str],
     ) -> Gateway {
+        // In the gateway's namespace: `check` asks the LDAP/RADIUS servers
+        // of `[auth]`, which only that namespace reaches.
         run_cmd(
-            BIN,
-            &["check", "--config", config.to_str().unwrap()],
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &topo.gw.name,
+                BIN,
+                "check",
+                "--config",
+                config.to_str().unwrap(),
+            ],
             None,
             Duration::from_secs(20),
         )
