@@ -94,7 +94,7 @@ fn ldap_logons_groups_failover_and_refusals() {
         ),
     );
     let opts = GatewayOpts {
-        extra: format!("{SECOND_POOL}\n[auth]\nmethods = [\"ldap\"]\ntimeout = 6\n\n{section}"),
+        extra: format!("{SECOND_POOL}\n[security]\nban_max_score = 30\nban_wrong_password_points = 10\nban_delay_step = 0\n\n[auth]\nmethods = [\"ldap\"]\ntimeout = 6\n\n{section}"),
         ..GatewayOpts::default()
     };
     let cfg = write_gateway_config(&dir.path, &opts);
@@ -161,12 +161,6 @@ groups = ["*"]
         "the reason is not logged\n{}",
         tail(&gw.log(), 2000)
     );
-    let bans = gw.ctl(&["bans", "--json"]);
-    let want = format!("{}/32", topo.users[1].link_ip);
-    assert!(
-        bans.stdout.contains(&want),
-        "no ban points for {want}: {bans}"
-    );
 
     // The injection username: escaped, matches nobody, refused.
     let o = authenticate_with(&topo, 1, &gw, "*)(uid=*", "x", &[]);
@@ -224,4 +218,21 @@ groups = ["*"]
     let r = authenticate(&topo, 1, &gw, "bob", "bob-pw");
     assert!(r.is_ok(), "bob after server 1 came back: {:?}", r.err());
     ca.logoff(Duration::from_secs(10));
+
+    // Wrong LDAP passwords cost ban points like local ones: a guesser from
+    // user host 0 is banned (30 points, 10 a wrong password).
+    let want = format!("{}/32", topo.users[0].link_ip);
+    let mut banned = false;
+    for i in 0..6 {
+        let o = authenticate_with(&topo, 0, &gw, "bob", &format!("guess-{i}"), &[]);
+        assert!(!o.ok(), "guess {i} accepted");
+        let bans = gw.ctl(&["bans", "--json"]);
+        if bans.stdout.contains(&want) {
+            banned = true;
+            break;
+        }
+    }
+    assert!(banned, "wrong LDAP passwords did not ban {want}\n{}", tail(&gw.log(), 3000));
+    let o = authenticate_with(&topo, 0, &gw, "bob", "bob-pw", &[]);
+    assert!(!o.ok(), "a banned address logged on: {o}");
 }
