@@ -232,7 +232,11 @@ groups = ["*"]
             break;
         }
     }
-    assert!(banned, "wrong LDAP passwords did not ban {want}\n{}", tail(&gw.log(), 3000));
+    assert!(
+        banned,
+        "wrong LDAP passwords did not ban {want}\n{}",
+        tail(&gw.log(), 3000)
+    );
     let o = authenticate_with(&topo, 0, &gw, "bob", "bob-pw", &[]);
     assert!(!o.ok(), "a banned address logged on: {o}");
 }

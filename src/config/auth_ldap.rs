@@ -711,6 +711,24 @@ mod tests {
     }
 
     #[test]
+    fn group_map_as_a_sub_table_and_direct_bind() {
+        let d = tmp("sub");
+        let s = load(
+            "servers = [\"ldap://x\"]\nuser_dn_template = \"uid={username},ou=people,dc=x\"\ngroup_attribute = \"\"\n\n[auth.ldap.group_map]\n\"CN=VPN-Admins,OU=Groups,DC=corp\" = \"admins\"\n",
+            &d,
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"));
+        assert!(matches!(s.lookup, UserLookup::Template(_)));
+        assert_eq!(s.group_attribute, None);
+        assert_eq!(
+            s.group_map
+                .get("cn=vpn-admins,ou=groups,dc=corp")
+                .map(String::as_str),
+            Some("admins")
+        );
+    }
+
+    #[test]
     fn unknown_key_is_refused() {
         let d = tmp("unk");
         let e = load(
