@@ -240,3 +240,84 @@ groups = ["*"]
     let o = authenticate_with(&topo, 0, &gw, "bob", "bob-pw", &[]);
     assert!(!o.ok(), "a banned address logged on: {o}");
 }
+
+/// Direct bind (`user_dn_template`, no service account) over plain
+/// ldap://: groups from the group search only (memberOf off), read as the
+/// user, unmapped groups by their CN; DN escaping of a hostile username; a
+/// local user after LDAP in the chain.
+#[test]
+fn ldap_direct_bind_with_group_search() {
+    if !e2e_enabled() || !ldap_ready() {
+        return;
+    }
+    let dir = TempDir::new("ldapdn");
+    let topo = Topology::new(2);
+    let gw_ns = topo.gw.name.clone();
+    let _s = Slapd::start(
+        &dir.path,
+        "slapd",
+        Some(&gw_ns),
+        &[format!("ldap://127.0.0.1:{A_PORT}/")],
+        None,
+    );
+    let section = format!(
+        "[auth.ldap]\nservers = [\"ldap://127.0.0.1:{A_PORT}\"]\n\
+         user_dn_template = \"uid={{username}},{}\"\n\
+         group_attribute = \"\"\ngroup_base_dn = \"{}\"\n",
+        ldap::PEOPLE,
+        ldap::GROUPS
+    );
+    let opts = GatewayOpts {
+        extra: format!("{SECOND_POOL}\n[auth]\nmethods = [\"ldap\"]\ntimeout = 6\n\n{section}"),
+        ..GatewayOpts::default()
+    };
+    let cfg = write_gateway_config(&dir.path, &opts);
+    write_policy(
+        &dir.path,
+        r#"
+[[policy]]
+name = "nested"
+groups = ["vpn-users"]
+pool = "other"
+
+[[policy]]
+name = "everyone"
+groups = ["*"]
+"#,
+    );
+    let gw = Gateway::start(&topo, &dir.path, cfg);
+
+    let (mut cc, t) = logon(&topo, 0, &gw, &dir.path, "carol", "carol-pw");
+    assert!(in_pool(t.addr, [198, 18, 66], 1, 14), "carol: {}", t.addr);
+    let s = show(&gw, "carol");
+    assert!(
+        s.contains("vpn-users: ldap group search cn=vpn-users,ou=groups,dc=example,dc=org (nested via cn=engineering,ou=groups,dc=example,dc=org)"),
+        "{s}"
+    );
+    assert!(
+        s.contains("engineering: ldap group search cn=engineering,ou=groups,dc=example,dc=org"),
+        "{s}"
+    );
+    cc.logoff(Duration::from_secs(10));
+
+    let (mut ca, t) = logon(&topo, 0, &gw, &dir.path, "alice", "alice-pw");
+    assert!(in_pool(t.addr, [198, 18, 64], 1, 14), "alice: {}", t.addr);
+    assert!(show(&gw, "alice").contains("vpn-admins: ldap group search"));
+    ca.logoff(Duration::from_secs(10));
+
+    // A username that tries to climb out of its RDN: escaped, refused.
+    let o = authenticate_with(&topo, 1, &gw, "alice,ou=people", "alice-pw", &[]);
+    assert!(!o.ok(), "DN injection logged on: {o}");
+    let log = gw.log();
+    assert!(
+        log.contains("uid=alice\\2cou\\3dpeople,ou=people,dc=example,dc=org"),
+        "the escaped DN is not in the log\n{}",
+        tail(&log, 2000)
+    );
+    // Wrong password: refused with the reason in the log.
+    let o = authenticate_with(&topo, 1, &gw, "bob", "nope", &[]);
+    assert!(!o.ok(), "wrong password accepted: {o}");
+    assert!(gw
+        .log()
+        .contains("wrong password (invalidCredentials); entry uid=bob"));
+}

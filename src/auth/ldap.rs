@@ -295,9 +295,9 @@ async fn search(
         .await
         .map_err(Fail::of)?;
     let rc = r.1.rc;
-    // 4 sizeLimitExceeded: the entries so far are there; 32 noSuchObject:
-    // nothing (a base that does not exist).
-    if rc != 0 && rc != 4 && rc != 32 {
+    // 4 sizeLimitExceeded: the entries so far are there; 32 noSuchObject,
+    // 34 invalidDNSyntax: nothing (a base that does not exist).
+    if rc != 0 && rc != 4 && rc != 32 && rc != 34 {
         return Err(Fail::Result { rc, text: r.1.text });
     }
     Ok((r.0.into_iter().filter_map(entry_of).collect(), rc))
@@ -749,7 +749,29 @@ impl Ldap {
         until: Instant,
     ) -> Verdict {
         let dn = user_dn(template, user);
-        let (mut l, server) = match self.user_bind(&dn, password, None, until).await {
+        // With a service account, an entry that does not exist is an
+        // unknown user (the next backend is asked); without one, the bind
+        // cannot tell it from a wrong password.
+        let mut first = None;
+        if self.s.bind_dn.is_some() {
+            match self
+                .service_search(until, &dn, Scope::Base, "(objectClass=*)", &["1.1"], 1)
+                .await
+            {
+                Ok((e, _)) if e.is_empty() => {
+                    info!(backend = "ldap", %dn, "no directory entry at this DN");
+                    return Verdict::UnknownUser;
+                }
+                Ok((_, server)) => first = Some(server),
+                Err(Fail::Down(why)) => return Verdict::Unavailable { why },
+                Err(e) => {
+                    return Verdict::Unavailable {
+                        why: format!("looking up {dn} failed: {}", e.describe()),
+                    }
+                }
+            }
+        }
+        let (mut l, server) = match self.user_bind(&dn, password, first, until).await {
             Ok(x) => x,
             Err(v) => return v,
         };
@@ -899,6 +921,15 @@ impl Backend for Ldap {
             let r = async {
                 let mut l = self.connect(i, until).await?;
                 self.service_bind(&mut l, until).await?;
+                // The root DSE: every server answers it (and a hung one
+                // does not, even when no bind was needed); an error result is an
+                // answer too.
+                let t = self.step(until)?;
+                if let Err(Fail::Down(w)) =
+                    search(&mut l, t, "", Scope::Base, "(objectClass=*)", &["1.1"], 1).await
+                {
+                    return Err(Fail::Down(w));
+                }
                 let _ = tokio::time::timeout(Duration::from_millis(200), l.unbind()).await;
                 Ok::<_, Fail>(())
             }
@@ -1061,5 +1092,54 @@ mod tests {
         let s = settings(&[("staff", "staff")], UnmappedGroups::Ignore);
         let (names, _) = map_groups(&groups, &s);
         assert_eq!(names, ["staff"]);
+    }
+
+    /// A server that takes the connection and never answers (a hung
+    /// directory) costs `timeout` per try, not the gateway's patience.
+    #[tokio::test]
+    async fn a_server_that_never_answers_is_cut_off() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let hold = tokio::spawn(async move {
+            let mut keep = Vec::new();
+            while keep.len() < 50 {
+                match l.accept().await {
+                    Ok((s, _)) => keep.push(s),
+                    Err(_) => break,
+                }
+            }
+        });
+        let client: IpAddr = "198.18.0.1".parse().unwrap();
+        for lookup in [
+            UserLookup::Search {
+                base_dn: "dc=x".into(),
+                filter: "(uid={username})".into(),
+            },
+            UserLookup::Template("uid={username},dc=x".into()),
+        ] {
+            let mut s = settings(&[], UnmappedGroups::Cn);
+            s.servers = vec![format!("ldap://127.0.0.1:{port}")];
+            s.timeout = Duration::from_millis(300);
+            s.lookup = lookup;
+            let b = Ldap::new(s);
+            let started = Instant::now();
+            let v = b
+                .authenticate("alice", "pw", client, Duration::from_secs(5))
+                .await;
+            let took = started.elapsed();
+            assert!(matches!(v, Verdict::Unavailable { .. }), "{v:?}");
+            assert!(took < Duration::from_secs(2), "took {took:?}");
+            // An empty password is refused without asking anyone.
+            let started = Instant::now();
+            let v = b
+                .authenticate("alice", "", client, Duration::from_secs(5))
+                .await;
+            assert!(matches!(v, Verdict::Denied { .. }), "{v:?}");
+            assert!(started.elapsed() < Duration::from_millis(50));
+            // `intragate check` warns about it.
+            let w = b.probe().await;
+            assert!(w.len() == 1 && w[0].contains("does not answer"), "{w:?}");
+        }
+        hold.abort();
     }
 }
