@@ -94,7 +94,7 @@ fn ldap_logons_groups_failover_and_refusals() {
         ),
     );
     let opts = GatewayOpts {
-        extra: format!("{SECOND_POOL}\n[security]\nban_max_score = 30\nban_wrong_password_points = 10\nban_delay_step = 0\n\n[auth]\nmethods = [\"ldap\"]\ntimeout = 6\n\n{section}"),
+        extra: format!("{SECOND_POOL}\n[security]\nban_max_score = 30\nban_wrong_password_points = 10\nban_delay_step = 0\n\n[auth]\nmethods = [\"ldap\"]\ntimeout = 6\nrecheck_interval = 1\n\n{section}"),
         ..GatewayOpts::default()
     };
     let cfg = write_gateway_config(&dir.path, &opts);
@@ -120,7 +120,7 @@ groups = ["*"]
 
     // alice: vpn-admins → group_map → "admins" → the "other" pool; the
     // password checked on server 1 over StartTLS.
-    let (mut ca, t) = logon(&topo, 0, &gw, &dir.path, "alice", "alice-pw");
+    let (ca, t) = logon(&topo, 0, &gw, &dir.path, "alice", "alice-pw");
     assert!(
         in_pool(t.addr, [198, 18, 66], 1, 14),
         "alice's address {} is not from the admins policy's pool\n{}",
@@ -139,7 +139,7 @@ groups = ["*"]
     assert!(s.contains("policy:   admins"), "{s}");
 
     // carol: in vpn-users through engineering (nested).
-    let (mut cc, t) = logon(&topo, 1, &gw, &dir.path, "carol", "carol-pw");
+    let (cc, t) = logon(&topo, 1, &gw, &dir.path, "carol", "carol-pw");
     assert!(in_pool(t.addr, [198, 18, 66], 1, 14), "carol: {}", t.addr);
     let s = show(&gw, "carol");
     assert!(
@@ -147,7 +147,39 @@ groups = ["*"]
         "{s}"
     );
     assert!(s.contains("engineering: ldap memberOf"), "{s}");
-    cc.logoff(Duration::from_secs(10));
+
+    // Live sessions follow the directory ([auth] recheck_interval = 1):
+    // carol leaves vpn-users (engineering is no longer in it): the policy
+    // "everyone" applies, with another pool, so her session is ended;
+    // alice's entry is deleted: her session ends.
+    for srv in [&a, &b] {
+        srv.modify(&format!(
+            "dn: cn=vpn-users,{g}\nchangetype: modify\nreplace: member\nmember: uid=bob,{p}\n",
+            g = ldap::GROUPS,
+            p = ldap::PEOPLE
+        ));
+    }
+    let has_session = |u: &str| gw.sessions().iter().any(|s| s["user"].as_str() == Some(u));
+    let moved = wait_until(Duration::from_secs(15), || !has_session("carol"));
+    assert!(
+        moved && gw.log().contains("policy 'everyone' now applies"),
+        "carol's groups changed but her session stayed\n{}",
+        tail(&gw.log(), 2000)
+    );
+    drop(cc);
+    for srv in [&a, &b] {
+        srv.modify(&format!(
+            "dn: uid=alice,{}\nchangetype: delete\n",
+            ldap::PEOPLE
+        ));
+    }
+    let gone = wait_until(Duration::from_secs(15), || !has_session("alice"));
+    assert!(
+        gone && gw.log().contains("no longer in the directory"),
+        "alice was deleted but her session lives\n{}",
+        tail(&gw.log(), 2000)
+    );
+    drop(ca);
 
     // bob: wrong password refused, and charged.
     let bad_before = stat(&gw, "/refused/bad_credentials");
@@ -217,7 +249,6 @@ groups = ["*"]
     a.restart();
     let r = authenticate(&topo, 1, &gw, "bob", "bob-pw");
     assert!(r.is_ok(), "bob after server 1 came back: {:?}", r.err());
-    ca.logoff(Duration::from_secs(10));
 
     // Wrong LDAP passwords cost ban points like local ones: a guesser from
     // user host 0 is banned (30 points, 10 a wrong password).

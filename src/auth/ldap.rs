@@ -28,7 +28,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-use super::{Backend, Identity, Verdict};
+use super::{Backend, Identity, Lookup, Verdict};
 use crate::config::{normalize_ldap_dn, LdapPreset, LdapSettings, UnmappedGroups, UserLookup};
 
 /// Most groups one user's lookup collects (direct and nested).
@@ -580,7 +580,16 @@ impl Ldap {
 
     /// The user's groups: the entry's memberOf, a group search, and the
     /// nested ones, found with `ask` (a search on some connection).
-    async fn groups(&self, entry: &Entry, mut conn: Asker<'_>, until: Instant) -> Vec<DirGroup> {
+    ///
+    /// A directory that stops answering half way is an error (a user must
+    /// not get a policy from half of the groups); an error result for one
+    /// group (a dangling `memberOf`) is logged and skipped.
+    async fn groups(
+        &self,
+        entry: &Entry,
+        mut conn: Asker<'_>,
+        until: Instant,
+    ) -> Result<Vec<DirGroup>, Fail> {
         let mut out: Vec<DirGroup> = Vec::new();
         let mut seen: HashSet<String> = HashSet::new();
         let attr = self.s.group_attribute.clone();
@@ -612,6 +621,7 @@ impl Ldap {
                         }
                     }
                 }
+                Err(Fail::Down(w)) => return Err(Fail::Down(w)),
                 Err(e) => {
                     warn!(backend = "ldap", user_dn = %entry.dn, "group search failed: {}", e.describe())
                 }
@@ -634,28 +644,24 @@ impl Ldap {
             let mut parents: Vec<(String, String)> = Vec::new();
             if let Some(a) = &attr {
                 lookups += 1;
-                if let Ok(found) = conn
+                let found = conn
                     .ask(self, until, &dn, Scope::Base, "(objectClass=*)", &[a])
-                    .await
-                {
-                    for e in found {
-                        parents.extend(e.all(a).iter().map(|p| (p.clone(), a.clone())));
-                    }
+                    .await;
+                for e in Self::or_skip(found, &dn)? {
+                    parents.extend(e.all(a).iter().map(|p| (p.clone(), a.clone())));
                 }
             }
             if let Some(base) = &self.s.group_base_dn {
                 lookups += 1;
                 let f = self.s.group_filter.replace("{dn}", &ldap_escape(&dn));
-                if let Ok(found) = conn
+                let found = conn
                     .ask(self, until, base, Scope::Subtree, &f, &["1.1"])
-                    .await
-                {
-                    parents.extend(
-                        found
-                            .into_iter()
-                            .map(|e| (e.dn, "group search".to_string())),
-                    );
-                }
+                    .await;
+                parents.extend(
+                    Self::or_skip(found, &dn)?
+                        .into_iter()
+                        .map(|e| (e.dn, "group search".to_string())),
+                );
             }
             for (p, source) in parents {
                 if seen.insert(normalize_ldap_dn(&p)) && out.len() < MAX_GROUPS {
@@ -668,7 +674,20 @@ impl Ldap {
                 }
             }
         }
-        out
+        Ok(out)
+    }
+
+    /// A nested-group lookup's entries; an error result is skipped (logged),
+    /// a directory that is down is an error.
+    fn or_skip(r: Result<Vec<Entry>, Fail>, dn: &str) -> Result<Vec<Entry>, Fail> {
+        match r {
+            Ok(e) => Ok(e),
+            Err(Fail::Down(w)) => Err(Fail::Down(w)),
+            Err(e) => {
+                debug!(backend = "ldap", group = %dn, "nested group lookup failed: {}", e.describe());
+                Ok(Vec::new())
+            }
+        }
     }
 
     fn identity(&self, entry: &Entry, typed: &str, server: usize, groups: &[DirGroup]) -> Identity {
@@ -737,8 +756,15 @@ impl Ldap {
         };
         let _ = tokio::time::timeout(Duration::from_millis(200), l.unbind()).await;
         drop(l);
-        let groups = self.groups(&entry, Asker::Service, until).await;
-        Verdict::Accepted(self.identity(&entry, user, bound_on, &groups))
+        match self.groups(&entry, Asker::Service, until).await {
+            Ok(groups) => Verdict::Accepted(self.identity(&entry, user, bound_on, &groups)),
+            Err(e) => Verdict::Unavailable {
+                why: format!(
+                    "the password is right but the groups cannot be read: {}",
+                    e.describe()
+                ),
+            },
+        }
     }
 
     async fn direct_bind(
@@ -804,7 +830,15 @@ impl Ldap {
             let _ = tokio::time::timeout(Duration::from_millis(200), l.unbind()).await;
             g
         };
-        Verdict::Accepted(self.identity(&entry, user, server, &groups))
+        match groups {
+            Ok(groups) => Verdict::Accepted(self.identity(&entry, user, server, &groups)),
+            Err(e) => Verdict::Unavailable {
+                why: format!(
+                    "the password is right but the groups cannot be read: {}",
+                    e.describe()
+                ),
+            },
+        }
     }
 
     /// AD: an entry whose userAccountControl says disabled.
@@ -909,6 +943,48 @@ impl Backend for Ldap {
             }
             UserLookup::Template(t) => self.direct_bind(user, password, t, until).await,
         }
+    }
+
+    async fn lookup(&self, user: &str, deadline: Duration) -> Option<Lookup> {
+        let until = Instant::now() + deadline;
+        let attrs = self.user_attrs();
+        let found = match &self.s.lookup {
+            UserLookup::Search { base_dn, filter } => {
+                let f = user_filter(filter, user);
+                self.service_search(until, base_dn, Scope::Subtree, &f, &attrs, 2)
+                    .await
+                    .map(|(e, _)| (e, format!("{f} under {base_dn}")))
+            }
+            // Without a service account nobody can look the user up.
+            UserLookup::Template(_) if self.s.bind_dn.is_none() => return None,
+            UserLookup::Template(t) => {
+                let dn = user_dn(t, user);
+                self.service_search(until, &dn, Scope::Base, "(objectClass=*)", &attrs, 1)
+                    .await
+                    .map(|(e, _)| (e, dn))
+            }
+        };
+        let entry = match found {
+            Ok((e, what)) => match e.len() {
+                0 => return Some(Lookup::Gone(format!("no longer in the directory ({what})"))),
+                1 => e.into_iter().next().unwrap_or_default(),
+                n => return Some(Lookup::Gone(format!("{n} or more entries match {what}"))),
+            },
+            Err(e) => return Some(Lookup::Unavailable(e.describe())),
+        };
+        if let Some(Verdict::Denied { why }) = self.disabled(&entry) {
+            return Some(Lookup::Gone(why));
+        }
+        Some(match self.groups(&entry, Asker::Service, until).await {
+            Ok(g) => {
+                let (groups, groups_from) = map_groups(&g, &self.s);
+                Lookup::Valid {
+                    groups,
+                    groups_from,
+                }
+            }
+            Err(e) => Lookup::Unavailable(e.describe()),
+        })
     }
 
     async fn probe(&self) -> Vec<String> {

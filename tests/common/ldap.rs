@@ -40,7 +40,13 @@ const SCHEMA_DIR: &str = "/etc/ldap/schema";
 const SCHEMAS: &[&str] = &["core", "cosine", "inetorgperson", "nis"];
 
 /// The programs these tests need.
-pub const PROGRAMS: &[&str] = &[SLAPD, SLAPADD, "/usr/bin/ldapadd", "/usr/bin/ldapsearch"];
+pub const PROGRAMS: &[&str] = &[
+    SLAPD,
+    SLAPADD,
+    "/usr/bin/ldapadd",
+    "/usr/bin/ldapsearch",
+    "/usr/bin/ldapmodify",
+];
 
 /// TLS files for slapd: a CA and a server certificate for 127.0.0.1.
 pub struct Tls {
@@ -287,6 +293,17 @@ impl Slapd {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `ldapmodify` as the root DN with `ldif` (changetype records).
+    pub fn modify(&self, ldif: &str) {
+        let url = self.plain_url();
+        let argv = in_ns(
+            &self.ns,
+            &["ldapmodify", "-x", "-H", &url, "-D", ROOT_DN, "-w", ROOT_PW],
+        );
+        let (ok, out) = run(&argv, Some(ldif), Duration::from_secs(20));
+        assert!(ok, "ldapmodify on {}: {out}\n{ldif}", self.name);
     }
 
     pub fn log_text(&self) -> String {
