@@ -41,7 +41,9 @@ mod sessions;
 
 pub use auth::{AuthMethod, AuthSettings};
 pub use auth_cert::CertSettings;
-pub use auth_ldap::LdapSettings;
+pub use auth_ldap::{
+    normalize_dn as normalize_ldap_dn, LdapPreset, LdapSettings, UnmappedGroups, UserLookup,
+};
 pub use auth_radius::{GroupAttribute, RadiusSecret, RadiusSettings};
 pub use cluster::{valid_node_name, Announce, ClusterSettings};
 pub use dns::DnsSettings;
