@@ -284,11 +284,19 @@ fn uncomment_with(text: &str, alternatives: bool) -> String {
     out
 }
 
+/// Keys whose value is a table of the administrator's own names.
+const FREE_FORM_MAPS: &[&str] = &["group_map"];
+
 /// The keys a TOML document has, tables and arrays of tables included.
 fn keys_in(text: &str, what: &str) -> Keys {
     fn walk(t: &toml::Table, path: &str, out: &mut Keys) {
         for (k, v) in t {
             out.insert((path.to_string(), k.clone()));
+            // A map of the administrator's names (`group_map`): its keys are
+            // data, not settings.
+            if FREE_FORM_MAPS.contains(&k.as_str()) {
+                continue;
+            }
             let sub = if path.is_empty() {
                 k.clone()
             } else {
