@@ -34,6 +34,112 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
+# FreeRADIUS's configuration for the auth block (from tests/common/radius.rs).
+RADIUSD_CONF = r"""prefix = /usr
+exec_prefix = /usr
+sysconfdir = /etc
+localstatedir = /var
+sbindir = /usr/sbin
+confdir = {d}
+raddbdir = {d}
+modconfdir = {d}
+logdir = {d}/log
+radacctdir = {d}/acct
+run_dir = {d}/run
+db_dir = {d}
+libdir = /usr/lib/freeradius
+pidfile = {d}/run/radiusd.pid
+name = freeradius
+max_request_time = 30
+cleanup_delay = 2
+max_requests = 65536
+hostname_lookups = no
+log {{
+  destination = stdout
+  colourise = no
+  auth = yes
+}}
+security {{
+  allow_core_dumps = no
+  max_attributes = 200
+  reject_delay = 0
+  status_server = yes
+}}
+thread pool {{
+  start_servers = 8
+  max_servers = 32
+  min_spare_servers = 4
+  max_spare_servers = 16
+  max_requests_per_server = 0
+}}
+client gateway {{
+  ipaddr = {client}
+  secret = {secret}
+  require_message_authenticator = yes
+  nas_type = other
+}}
+modules {{
+  pap {{
+    normalise = yes
+  }}
+  files {{
+    filename = {d}/users
+  }}
+  detail {{
+    filename = {d}/acct/detail
+    escape_filenames = no
+    permissions = 0600
+    header = "%t"
+  }}
+  always ok {{
+    rcode = ok
+  }}
+  always handled {{
+    rcode = handled
+  }}
+  always reject {{
+    rcode = reject
+  }}
+}}
+server default {{
+  listen {{
+    type = auth
+    ipaddr = {listen}
+    port = {auth_port}
+  }}
+  listen {{
+    type = acct
+    ipaddr = {listen}
+    port = {acct_port}
+  }}
+  authorize {{
+    update reply {{
+      &Message-Authenticator := 0x00
+    }}
+    files
+    pap
+  }}
+  authenticate {{
+    Auth-Type PAP {{
+      pap
+    }}
+  }}
+  preacct {{
+  }}
+  accounting {{
+    detail
+    ok
+  }}
+  post-auth {{
+    Post-Auth-Type REJECT {{
+      update reply {{
+        &Message-Authenticator := 0x00
+      }}
+      ok
+    }}
+  }}
+}}
+"""
 
 LISTEN_IP = "198.18.19.1"
 PORT = 4443
@@ -1300,6 +1406,22 @@ access to * by * read
             raise HarnessError("slapd did not start: " + p.log_text()[-2000:])
         return p
 
+    def start_freeradius(self, d):
+        """A real FreeRADIUS in the internal namespace (configuration written
+        from scratch, as tests/common/radius.rs does): every user with the
+        bench's password, Message-Authenticator on every reply."""
+        for sub in ("run", "log", "acct"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+        (d / "radiusd.conf").write_text(RADIUSD_CONF.format(
+            d=d, client=GW_INT_IP, secret=self.RADIUS_SECRET, listen=INT_IP, auth_port=1812, acct_port=1813))
+        (d / "users").write_text('DEFAULT Cleartext-Password := "%s"\n' % PASSWORD)
+        (d / "secret").write_text(self.RADIUS_SECRET + "\n")
+        os.chmod(d / "secret", 0o600)
+        p = self.spawn("freeradius", ["ip", "netns", "exec", self.inn, "freeradius", "-f", "-d", d])
+        if not wait_until(20, lambda: ns(self.inn, "ss", "-Hlun", "sport = :1812", check=False).stdout.strip()):
+            raise HarnessError("freeradius did not start: " + p.log_text()[-2000:])
+        return p
+
     def auth_block(self):
         """Logon protocol time and rate with the users checked by LDAP and by
         RADIUS (real slapd / freeradius in the internal namespace), next to
@@ -1323,6 +1445,15 @@ bind_dn = "cn=admin,{suffix}"
 bind_password_file = "{pw}"
 base_dn = "ou=people,{suffix}"
 """.format(ip=INT_IP, suffix=self.LDAP_SUFFIX, pw=d / "slapd" / "service-pw")))
+        radiusd = self.start_freeradius(d / "radius")
+        runs.append(("radius", """
+[auth]
+methods = ["radius"]
+
+[auth.radius]
+servers = ["{ip}:1812"]
+secret_file = "{secret}"
+""".format(ip=INT_IP, secret=d / "radius" / "secret")))
         for kind, section in runs:
             cfg.write_text(base + section)
             run([self.bin, "check", "--config", cfg], timeout=60)
@@ -1332,6 +1463,7 @@ base_dn = "ou=people,{suffix}"
             shutil.rmtree(d / "state", ignore_errors=True)
             (d / "state").mkdir()
         slapd.stop()
+        radiusd.stop()
         return R
 
     # -- all ---------------------------------------------------------------------------
