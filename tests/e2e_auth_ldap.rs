@@ -51,6 +51,44 @@ fn in_pool(addr: std::net::Ipv4Addr, prefix: [u8; 3], lo: u8, hi: u8) -> bool {
     o[..3] == prefix && (lo..=hi).contains(&o[3])
 }
 
+/// A CA and a server certificate for 127.0.0.1 signed by it (slapd's
+/// TLS; the gateway trusts the CA through `ca_file`).
+fn server_tls(dir: &std::path::Path) -> Tls {
+    let key = || rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let ca_params = || {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "intragate LDAP test CA");
+        p
+    };
+    let ca_key = key();
+    let ca_cert = ca_params().self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params(), &ca_key);
+    let server_key = key();
+    let mut sp =
+        rcgen::CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    sp.distinguished_name
+        .push(rcgen::DnType::CommonName, "slapd test server");
+    sp.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let server = sp.signed_by(&server_key, &issuer).unwrap();
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).unwrap();
+        p
+    };
+    Tls {
+        ca: write("ldap-ca.pem", ca_cert.pem()),
+        cert: write("ldap-server.pem", server.pem()),
+        key: write("ldap-server.key", server_key.serialize_pem()),
+    }
+}
+
 #[test]
 fn ldap_logons_groups_failover_and_refusals() {
     if !e2e_enabled() || !ldap_ready() {
@@ -58,12 +96,7 @@ fn ldap_logons_groups_failover_and_refusals() {
     }
     let dir = TempDir::new("ldap");
     let topo = Topology::new(2);
-    let tls_files = intragate::state::etcd_test_util::TlsFiles::generate(&dir.path);
-    let tls = Tls {
-        ca: tls_files.ca.clone(),
-        cert: tls_files.server_cert.clone(),
-        key: tls_files.server_key.clone(),
-    };
+    let tls = server_tls(&dir.path);
     let gw_ns = topo.gw.name.clone();
     let mut a = Slapd::start(
         &dir.path,
