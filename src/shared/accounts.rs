@@ -247,8 +247,15 @@ impl Shared {
                 Ok(None) => return,
                 Err(_) => crate::auth::Lookup::Unavailable("no answer in time".into()),
             };
+            let mut origins = None;
             let account = match look {
-                crate::auth::Lookup::Valid { groups, .. } => Account::Valid { stamp: 0, groups },
+                crate::auth::Lookup::Valid {
+                    groups,
+                    groups_from,
+                } => {
+                    origins = Some(groups_from);
+                    Account::Valid { stamp: 0, groups }
+                }
                 crate::auth::Lookup::Gone(why) => Account::Revoked(why),
                 crate::auth::Lookup::Unavailable(why) => {
                     if failed == 0 {
@@ -261,12 +268,16 @@ impl Shared {
                     continue;
                 }
             };
-            let out = shared.core().handle_source_account(
-                source,
-                &user,
-                &account,
-                std::time::Instant::now(),
-            );
+            let out = {
+                let mut core = shared.core();
+                let out =
+                    core.handle_source_account(source, &user, &account, std::time::Instant::now());
+                // What `ctl show` says of the groups follows them.
+                if let Some(from) = origins {
+                    core.set_groups_from(source, &user, &from);
+                }
+                out
+            };
             if out.closed > 0 {
                 if let Account::Revoked(why) = &account {
                     tracing::info!(backend = source, %user, sessions = out.closed, "sessions ended: {why}");

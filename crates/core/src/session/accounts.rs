@@ -163,6 +163,21 @@ impl GatewayState {
         out
     }
 
+    /// Where the groups of `user`'s sessions from `source` came from, as
+    /// that source says now (after a re-check: `ctl show` prints it).
+    pub fn set_groups_from(&mut self, source: &str, user: &str, groups_from: &[String]) {
+        let key = user_key(user);
+        let ids: Vec<SessionId> = self.by_user.get(&key).cloned().unwrap_or_default();
+        for id in ids {
+            if let Some(s) = self.sessions.get_mut(&id) {
+                if s.auth.source == source && s.auth.groups_from != groups_from {
+                    s.auth.groups_from = groups_from.to_vec();
+                    self.version += 1;
+                }
+            }
+        }
+    }
+
     /// The users that hold sessions `source` vouched for (one entry per
     /// user, as logged on), for that source's re-check.
     pub fn users_from(&self, source: &str) -> Vec<String> {

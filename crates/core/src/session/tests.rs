@@ -1258,4 +1258,16 @@ fn a_directory_recheck_ends_or_reevaluates_only_its_own_sessions() {
     assert!(g.session(ldap).is_none());
     assert!(g.session(radius).is_some());
     assert!(g.users_from("ldap").is_empty());
+    // What ctl show says of a session's groups follows the re-check.
+    let again = opened(g.handle_logon(external("alice", "a3", "ldap"), t0));
+    g.set_groups_from(
+        "ldap",
+        "alice",
+        &["staff: ldap memberOf cn=staff".to_string()],
+    );
+    assert_eq!(
+        g.session(again).unwrap().auth.groups_from,
+        ["staff: ldap memberOf cn=staff"]
+    );
+    assert!(g.session(radius).unwrap().auth.groups_from.is_empty());
 }
