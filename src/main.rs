@@ -16,7 +16,9 @@ use intragate::config::{Config, Overrides, DEFAULT_CONFIG_PATH};
     about = "Gateway VPN appliance: OpenConnect-compatible TLS tunnels with an intranet IP per user",
     long_about = "Gateway VPN appliance. Remote users log on with the stock openconnect client \
 (or intragate-plugin); each gets a sticky intranet IP from a pool, and packets flow between \
-their tunnels and the internal network through a TUN device.\n\n\
+their tunnels and the internal network through a TUN device. Users come from the local users \
+file (intragate user), LDAP/Active Directory, RADIUS (with challenge and accounting) or client \
+certificates: [auth] in the config, see the README's Authentication section.\n\n\
 Quick start (as root):\n  \
 intragate user add alice --password-stdin <<< 'secret'\n  \
 intragate run\n  \
@@ -63,6 +65,9 @@ enum Cmd {
         discard_state: bool,
     },
     /// Validate the config and policy files; print every error with file and line.
+    ///
+    /// Also asks the LDAP and RADIUS servers of [auth] whether they answer: an
+    /// unreachable server is a warning (exit status 0), not an error.
     Check,
     /// Print the certificate pin clients pass to --servercert (generates the certificate if needed).
     Fingerprint,
