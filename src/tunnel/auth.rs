@@ -108,6 +108,16 @@ fn printable_prompt(s: &str) -> String {
         .collect()
 }
 
+/// A backend's verdict, or Unavailable when it does not come within
+/// `limit` (the logon deadline, `[auth] timeout`).
+async fn within(limit: Duration, verdict: impl std::future::Future<Output = Verdict>) -> Verdict {
+    tokio::time::timeout(limit, verdict)
+        .await
+        .unwrap_or_else(|_| Verdict::Unavailable {
+            why: "no answer within the logon deadline ([auth] timeout)".into(),
+        })
+}
+
 /// Longest username any backend is asked about.
 const MAX_USERNAME_LEN: usize = 256;
 
@@ -350,6 +360,15 @@ impl Conn {
         }
     }
 
+    /// A refused attempt (password, code, answer): its ban points charged,
+    /// counted. True when the address is banned now.
+    fn charge_failure(&self, ticket: crate::core::bans::Ticket) -> bool {
+        let next = self.shared.bans().settle_failure(ticket, Instant::now());
+        self.shared.ban_points_changed(self.ip);
+        self.shared.stats.refuse(RefuseReason::BadCredentials);
+        matches!(next, Admission::Banned { .. })
+    }
+
     /// Charge an attempt (a password or a code) for `user` from this
     /// client before it is checked: its ban ticket, after the logon delay;
     /// or, banned, the refusal already sent.
@@ -447,18 +466,14 @@ impl Conn {
         // A name no backend could hold: refused like a wrong password,
         // without asking anyone.
         if user.len() > MAX_USERNAME_LEN || user.chars().any(char::is_control) {
-            shared.bans().settle_failure(ticket, Instant::now());
-            shared.ban_points_changed(self.ip);
-            shared.stats.refuse(RefuseReason::BadCredentials);
+            self.charge_failure(ticket);
             warn!(user = %printable(user), client = %self.ip, "authentication failed: not a username");
             return self.refuse_logon("Authentication failed").await;
         }
         // The certificate names the user: the password must be that user's.
         if let Some(cert) = self.cert_identity() {
             if !cert.name.eq_ignore_ascii_case(user) {
-                shared.bans().settle_failure(ticket, Instant::now());
-                shared.ban_points_changed(self.ip);
-                shared.stats.refuse(RefuseReason::BadCredentials);
+                self.charge_failure(ticket);
                 warn!(user = %printable(user), certificate = %cert.name, client = %self.ip, "authentication failed: the username is not the certificate's");
                 return self
                     .refuse_logon("The username does not match your certificate")
@@ -485,20 +500,7 @@ impl Conn {
                         continue;
                     };
                     let left = deadline.saturating_duration_since(Instant::now());
-                    match tokio::time::timeout(
-                        left,
-                        backend.authenticate(user, pass, self.ip, left),
-                    )
-                    .await
-                    {
-                        Ok(v) => v,
-                        Err(_) => crate::auth::Verdict::Unavailable {
-                            why: format!(
-                                "no answer within the logon deadline ({}s, [auth] timeout)",
-                                shared.auth.timeout.as_secs()
-                            ),
-                        },
-                    }
+                    within(left, backend.authenticate(user, pass, self.ip, left)).await
                 }
             };
             match verdict {
@@ -510,10 +512,7 @@ impl Conn {
                     continue;
                 }
                 Verdict::Denied { why } => {
-                    let next = shared.bans().settle_failure(ticket, Instant::now());
-                    shared.ban_points_changed(self.ip);
-                    shared.stats.refuse(RefuseReason::BadCredentials);
-                    let banned = matches!(next, Admission::Banned { .. });
+                    let banned = self.charge_failure(ticket);
                     warn!(backend = method.as_str(), user = %printable(user), client = %self.ip, banned, "authentication failed: {why}");
                     return self.refuse_logon("Authentication failed").await;
                 }
@@ -533,10 +532,7 @@ impl Conn {
             shared.stats.refuse(RefuseReason::Unavailable);
             return self.refuse_logon(crate::auth::unavailable_message(m)).await;
         }
-        let next = shared.bans().settle_failure(ticket, Instant::now());
-        shared.ban_points_changed(self.ip);
-        shared.stats.refuse(RefuseReason::BadCredentials);
-        let banned = matches!(next, Admission::Banned { .. });
+        let banned = self.charge_failure(ticket);
         warn!(user = %printable(user), client = %self.ip, banned, "authentication failed: no backend knows this user");
         self.refuse_logon("Authentication failed").await
     }
@@ -728,9 +724,7 @@ impl Conn {
                 self.open_session(identity, method).await
             }
             Err(e) => {
-                shared.bans().settle_failure(ticket, Instant::now());
-                shared.ban_points_changed(self.ip);
-                shared.stats.refuse(RefuseReason::BadCredentials);
+                self.charge_failure(ticket);
                 warn!(user = %identity.name, client = %self.ip, "second factor refused: {e}");
                 let msg = match e {
                     crate::users::otp::CodeError::Wrong => "Wrong verification code",
@@ -754,17 +748,7 @@ impl Conn {
             return self.refuse_logon("Log on again").await;
         };
         let timeout = shared.auth.timeout;
-        let verdict =
-            match tokio::time::timeout(timeout, backend.answer(&c, answer, self.ip, timeout)).await
-            {
-                Ok(v) => v,
-                Err(_) => Verdict::Unavailable {
-                    why: format!(
-                        "no answer within the logon deadline ({}s)",
-                        timeout.as_secs()
-                    ),
-                },
-            };
+        let verdict = within(timeout, backend.answer(&c, answer, self.ip, timeout)).await;
         match verdict {
             Verdict::Accepted(identity) => {
                 shared.bans().settle_success(ticket, Instant::now());
@@ -796,10 +780,7 @@ impl Conn {
         c: &crate::auth::Challenge,
         why: &str,
     ) -> Next {
-        let next = self.shared.bans().settle_failure(ticket, Instant::now());
-        self.shared.ban_points_changed(self.ip);
-        self.shared.stats.refuse(RefuseReason::BadCredentials);
-        let banned = matches!(next, Admission::Banned { .. });
+        let banned = self.charge_failure(ticket);
         warn!(backend = c.backend.as_str(), user = %printable(&c.user), client = %self.ip, banned, "second factor refused: {why}");
         self.refuse_logon("Authentication failed").await
     }
