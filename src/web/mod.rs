@@ -115,6 +115,31 @@ impl Web {
         })
     }
 
+    /// The live page session the request's cookie names, if its account is
+    /// still as it was at sign-in (a local user deleted, locked or given a
+    /// new password is signed out at the next request).
+    pub(crate) fn signed_in(
+        &self,
+        kind: session::Kind,
+        headers: &axum::http::HeaderMap,
+    ) -> Option<session::WebSession> {
+        let me = self
+            .sessions
+            .get(kind, headers, std::time::Instant::now())?;
+        if me.source == "local" && me.stamp != 0 {
+            let valid = matches!(
+                self.shared.users.account(&me.user),
+                Ok(crate::core::session::Account::Valid { stamp, .. }) if stamp == me.stamp
+            );
+            if !valid {
+                tracing::info!(user = %me.user, "web session ended: the account changed");
+                self.sessions.drop_current(kind, headers);
+                return None;
+            }
+        }
+        Some(me)
+    }
+
     /// Sample the charts' figures until shutdown (a gateway task).
     pub async fn sample_loop(self: Arc<Self>) {
         self.series.run(&self.shared).await;
