@@ -246,7 +246,9 @@ fn secure_headers(h: &mut axum::http::HeaderMap) {
     set(h, header::CONTENT_SECURITY_POLICY, CSP);
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    // Not "no-referrer": with it Chromium sends `Origin: null` on our own
+    // form posts, which the CSRF check must refuse.
+    set(h, header::REFERRER_POLICY, "same-origin");
     set(h, header::CACHE_CONTROL, "no-store");
     set(h, header::STRICT_TRANSPORT_SECURITY, "max-age=31536000");
     set(
