@@ -39,6 +39,15 @@ pub(super) fn routes() -> Router<WebRef> {
         .route("/api/v1/conntrack", get(conntrack))
         .route("/api/v1/history", get(history))
         .route("/api/v1/series", get(series))
+        .route(
+            "/api/v1/openapi.yaml",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/yaml; charset=utf-8")],
+                    include_str!("../../docs/openapi.yaml"),
+                )
+            }),
+        )
 }
 
 /// A handler's answer, boxed.

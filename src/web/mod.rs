@@ -312,13 +312,6 @@ fn assets_routes() -> Router<WebRef> {
                 include_str!("assets/workspace.js"),
             )),
         )
-        .route(
-            "/api/v1/openapi.yaml",
-            get(asset(
-                "application/yaml; charset=utf-8",
-                include_str!("../../docs/openapi.yaml"),
-            )),
-        )
 }
 
 /// A stream that first yields bytes already read from it.
