@@ -163,6 +163,14 @@ fn logon_resumes_a_disconnected_session() {
     assert_eq!(s(&list[0], "state"), "active", "{list:#?}");
     assert_eq!(s(&list[0], "address"), addr, "{list:#?}");
     assert_eq!(alice_dns(&gw), vec![addr.clone()]);
+    let show = gw.ctl(&["show", "--user", "alice"]);
+    assert!(
+        show.ok()
+            && show
+                .stdout
+                .contains("reconnect at logon: disconnected; logoff action: none"),
+        "ctl show: {show}"
+    );
     assert!(ping_ok(topo.user(1), INTERNAL_IP, 10 * S), "B: no ping");
     let all = wait_until(10 * S, || seqs(&listener.log_text()).len() >= 20);
     let got = seqs(&listener.log_text());
