@@ -22,12 +22,13 @@ const S: Duration = Duration::from_secs(1);
 const ALICE_DNS: &str = "alice.corp.example";
 
 /// Temp dir + topology with two user hosts + a gateway with alice and one
-/// policy: one session per user, `reconnect_at_logon = <reconnect>`.
-fn setup(reconnect: &str) -> (TempDir, Topology, Gateway) {
+/// policy: one session per user, `reconnect_at_logon = <reconnect>`;
+/// `sessions_extra` goes into `[sessions]`.
+fn setup(reconnect: &str, sessions_extra: &str) -> (TempDir, Topology, Gateway) {
     let dir = TempDir::new("wksp");
     let topo = Topology::new(2);
     let opts = GatewayOpts {
-        sessions_extra: "max_per_user = 1\n".into(),
+        sessions_extra: format!("max_per_user = 1\n{sessions_extra}"),
         ..GatewayOpts::default()
     };
     let cfg = write_gateway_config(&dir.path, &opts);
@@ -107,7 +108,7 @@ fn logon_resumes_a_disconnected_session() {
     if !e2e_enabled() {
         return;
     }
-    let (dir, topo, gw) = setup("disconnected");
+    let (dir, topo, gw) = setup("disconnected", "");
     let (mut a, ta) = up(&topo, 0, &gw, &dir, "devA");
     let addr = ta.addr.to_string();
     assert!(ping_ok(topo.user(0), INTERNAL_IP, 10 * S), "A: no ping");
@@ -189,7 +190,7 @@ fn logon_takes_over_an_active_session() {
     if !e2e_enabled() {
         return;
     }
-    let (dir, topo, gw) = setup("active-and-disconnected");
+    let (dir, topo, gw) = setup("active-and-disconnected", "");
     let (mut a, ta) = up(&topo, 0, &gw, &dir, "devA");
     let (_b, tb) = up(&topo, 1, &gw, &dir, "devB");
     assert_eq!(tb.addr, ta.addr, "B did not take A's session over");
@@ -220,4 +221,54 @@ fn logon_takes_over_an_active_session() {
     );
     assert!(ping_ok(topo.user(1), INTERNAL_IP, 10 * S), "B: no ping");
     assert!(!gw.log().contains("transfer offered"));
+}
+
+/// `reconnect_at_logon = "disconnected"`, the old device comes back: A's
+/// link is cut until the gateway finds A dead (the session becomes
+/// disconnected), alice logs on from B and resumes it; when A's link is
+/// back, A's openconnect retries with its old cookie, is refused (the
+/// resume gave the session a new cookie) and exits; B keeps the session.
+#[test]
+fn the_old_device_cannot_take_a_resumed_session_back() {
+    if !e2e_enabled() {
+        return;
+    }
+    let (dir, topo, gw) = setup("disconnected", "dpd = 3\nkeepalive = 1\n");
+    let (mut a, ta) = up(&topo, 0, &gw, &dir, "devA");
+    topo.cut_link(0);
+    let t_cut = Instant::now();
+    let (down, list) = wait_sessions(&gw, 40 * S, |l| {
+        l.len() == 1 && s(&l[0], "state") == "disconnected"
+    });
+    assert!(
+        down,
+        "A's session not disconnected after the cut: {list:#?}"
+    );
+    eprintln!("gateway found A dead {:?} after the cut", t_cut.elapsed());
+    let (_b, tb) = up(&topo, 1, &gw, &dir, "devB");
+    assert_eq!(tb.addr, ta.addr, "B did not resume A's session");
+    topo.restore_link(0);
+    // openconnect retries at once, then after 10, 20, 30 s.
+    if a.proc.exited().is_none() {
+        a.proc.signal(libc::SIGUSR2);
+    }
+    let st = a.proc.wait_exit(60 * S);
+    assert!(
+        st.is_some_and(|st| !st.success()),
+        "A's openconnect kept running with its old cookie ({st:?})\n--- A ---\n{}\n--- gateway ---\n{}",
+        tail(&a.log(), 3000),
+        tail(&gw.log(), 4000)
+    );
+    let log = gw.log();
+    assert!(
+        log.contains("CONNECT refused"),
+        "the gateway did not refuse A's old cookie:\n{}",
+        tail(&log, 4000)
+    );
+    let list = gw.sessions();
+    assert!(
+        list.len() == 1 && s(&list[0], "device") == "devB" && s(&list[0], "state") == "active",
+        "{list:#?}"
+    );
+    assert!(ping_ok(topo.user(1), INTERNAL_IP, 10 * S), "B: no ping");
 }
