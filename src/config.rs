@@ -100,6 +100,7 @@ struct RawConfig {
     auth: auth::RawAuth,
     #[serde(default)]
     web: web::RawWeb,
+    #[serde(default)]
     history: history::RawHistory,
 }
 
