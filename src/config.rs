@@ -32,6 +32,7 @@ mod cluster;
 mod dns;
 mod errors;
 mod gateway;
+mod history;
 mod nat;
 mod network;
 mod policies;
@@ -50,6 +51,7 @@ pub use cluster::{valid_node_name, Announce, ClusterSettings};
 pub use dns::DnsSettings;
 pub use errors::{ConfigError, ConfigErrors};
 pub use gateway::{ctl_socket_path, valid_domain};
+pub use history::HistorySettings;
 pub use nat::NatSettings;
 pub use policies::{load_policies, LoadedPolicies, PolicyDefaults};
 pub use pools::{pool_overlap_warnings, PoolSpec};
@@ -98,6 +100,8 @@ struct RawConfig {
     auth: auth::RawAuth,
     #[serde(default)]
     web: web::RawWeb,
+    #[serde(default)]
+    history: history::RawHistory,
 }
 
 // ---------------------------------------------------------------------------
@@ -206,6 +210,8 @@ pub struct Config {
     pub auth: AuthSettings,
     /// `[web]`: the user page, the administrator console, the REST API.
     pub web: WebSettings,
+    /// `[history]`: the address history's files.
+    pub history: HistorySettings,
 }
 
 /// Environment-variable / command-line overrides of common settings.
@@ -318,6 +324,7 @@ impl Config {
             ClusterSettings::read(raw.cluster.as_ref(), ov.node.as_deref(), &base, &mut cx);
         let auth = AuthSettings::read(&raw.auth, &base, &mut cx);
         let web = WebSettings::read(&raw.web, &mut cx);
+        let history = history::read(&raw.history, &mut cx);
 
         // The internal side: `[network] internal`, else the networks this
         // host is attached to (routes stay a full tunnel: nothing to narrow
@@ -404,6 +411,7 @@ impl Config {
             cluster,
             auth,
             web,
+            history,
         })
     }
 }

@@ -619,6 +619,10 @@ pub async fn run_with(
         }
     }
     let _ = shared.save_state(true).await;
+    // The address history's last events on disk before the process ends.
+    let flushed = shared.clone();
+    let _ =
+        tokio::task::spawn_blocking(move || flushed.history.flush(Duration::from_secs(2))).await;
     if let Some(c) = shared.cluster() {
         c.announce_shutdown();
     }

@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod dns;
 pub mod fdlimit;
 pub mod gateway;
+pub mod history;
 pub mod listener;
 pub mod logon;
 pub mod netif;

@@ -84,6 +84,23 @@ enum Cmd {
         #[command(subcommand)]
         cmd: TokenCmd,
     },
+    /// Query the address history files directly, without the daemon.
+    ///
+    /// The same questions as `intragate ctl history` (see its --help),
+    /// answered from <state_dir>/history of the config, or from the
+    /// directories given with --dir: several at once for a cluster (each
+    /// node's history directory, copied or mounted side by side), merged
+    /// by time.
+    History {
+        /// A history directory (repeatable; default: <state_dir>/history).
+        #[arg(long = "dir", value_name = "DIR")]
+        dirs: Vec<PathBuf>,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        q: HistoryQueryArgs,
+    },
     /// Talk to the running daemon over its control socket (text, or --json).
     ///
     /// Every command prints text (a table, lines or one line) or, with
@@ -319,6 +336,56 @@ enum CtlCmd {
     /// They apply to every session at once: same pool, in place; another
     /// pool or none, the session ends. A file with errors changes nothing.
     Reload,
+    /// The address history: who held an address when, and what happened.
+    ///
+    /// `--address A --at TIME`: who held A at that instant (user, session,
+    /// device, client address, since/until). `--address A --since T
+    /// [--until T]`, `--user U --since T`: the events, oldest first (the
+    /// newest --limit kept). TIME is RFC 3339 (2026-12-04T14:05:00Z, or
+    /// with an offset: 2026-12-04T15:05:00+01:00), "YYYY-MM-DD HH:MM[:SS]"
+    /// (UTC unless an offset follows: "2026-12-04 15:05 +01:00"), or
+    /// relative to now: -30m, -2h, -1d, -1w. With --json: one JSON object
+    /// per line, as in <state_dir>/history/history.jsonl.
+    History {
+        #[command(flatten)]
+        q: HistoryQueryArgs,
+    },
+}
+
+/// What `history` looks for (ctl and offline).
+#[derive(clap::Args, Clone)]
+struct HistoryQueryArgs {
+    /// An intranet address.
+    #[arg(long)]
+    address: Option<String>,
+    /// Who held --address at this instant.
+    #[arg(long, allow_hyphen_values = true, conflicts_with_all = ["since", "until", "user"])]
+    at: Option<String>,
+    /// Events at or after this time.
+    #[arg(long, allow_hyphen_values = true)]
+    since: Option<String>,
+    /// Events at or before this time.
+    #[arg(long, allow_hyphen_values = true)]
+    until: Option<String>,
+    /// A user's events (and admin actions on their sessions).
+    #[arg(long)]
+    user: Option<String>,
+    /// Events at most (default 1000, at most 100000; the newest kept).
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+impl From<HistoryQueryArgs> for intragate::admin::protocol::HistoryArgs {
+    fn from(a: HistoryQueryArgs) -> Self {
+        Self {
+            address: a.address,
+            at: a.at,
+            since: a.since,
+            until: a.until,
+            user: a.user,
+            limit: a.limit,
+        }
+    }
 }
 
 impl CtlCmd {
@@ -342,6 +409,7 @@ impl CtlCmd {
             CtlCmd::Unban { address } => Request::Unban { address },
             CtlCmd::Reload => Request::Reload,
             CtlCmd::Drain { cancel, status, .. } => Request::Drain { cancel, status },
+            CtlCmd::History { q } => Request::History(q.into()),
         }
     }
 }
@@ -587,6 +655,47 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 }
             }
         }
+        Cmd::History { dirs, json, q } => {
+            let dirs = if dirs.is_empty() {
+                vec![load(&cli.config, &env_overrides())?
+                    .state_dir
+                    .join("history")]
+            } else {
+                dirs
+            };
+            let args: intragate::admin::protocol::HistoryArgs = q.into();
+            let query = intragate::history::parse_query(
+                args.address.as_deref(),
+                args.at.as_deref(),
+                args.since.as_deref(),
+                args.until.as_deref(),
+                args.user.as_deref(),
+                args.limit,
+                intragate::history::unix_ms_now(),
+            )
+            .map_err(|e| anyhow::anyhow!(e))?;
+            let r = intragate::history::query_dirs(&dirs, &query);
+            if json {
+                for e in &r.entries {
+                    println!("{e}");
+                }
+            } else {
+                let reply = intragate::admin::protocol::Reply::History(
+                    intragate::admin::protocol::HistoryList {
+                        entries: r.entries,
+                        at: query.at.map(intragate::history::format_rfc3339_ms),
+                        holder: r.holder,
+                        truncated: r.truncated,
+                        skipped_lines: r.skipped_lines,
+                    },
+                );
+                print!(
+                    "{}",
+                    intragate::admin::text::render(&Request::History(args), &reply)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Fingerprint => {
             let c = load(&cli.config, &env_overrides())?;
             let names = vec![format!("gateway.{}", c.domain), c.domain.clone()];
@@ -770,8 +879,15 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         rt.block_on(intragate::admin::request(&ctl_socket, &status, timeout))?;
                 }
             }
-            if json {
-                println!("{}", serde_json::to_string_pretty(&reply.to_value())?);
+            match (&reply, json) {
+                // JSON lines, as in the history file.
+                (intragate::admin::protocol::Reply::History(h), true) => {
+                    for e in &h.entries {
+                        println!("{e}");
+                    }
+                }
+                (_, true) => println!("{}", serde_json::to_string_pretty(&reply.to_value())?),
+                _ => {}
             }
             if let Some(e) = reply.error_message() {
                 bail!("{e}");

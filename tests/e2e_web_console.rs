@@ -204,6 +204,36 @@ fn console_on_its_own_listener_tokens_bans_and_account_changes() {
     assert_eq!(code, 200);
     let (code, _) = curl(&user, &[&format!("{main}workspace/login")], None);
     assert_eq!(code, 200, "unbanned: served again");
+    // The address history names the token behind both actions.
+    let (code, body) = curl(
+        &inside,
+        &[
+            "-H",
+            &bearer(&viewer),
+            &format!("{console}/api/v1/history?since=-1h"),
+        ],
+        None,
+    );
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    let acts: Vec<(String, String)> = v["entries"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["event"] == "admin_action")
+        .map(|e| {
+            (
+                e["actor"].as_str().unwrap_or("").to_string(),
+                e["action"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    for action in ["ban", "unban"] {
+        assert!(
+            acts.contains(&("token:ops".to_string(), action.to_string())),
+            "no {action} by token:ops in {acts:?}: {body}"
+        );
+    }
     let o = intragate(&cfg, &["token", "revoke", "ci"]);
     assert!(o.ok(), "{o}");
     let (code, _) = curl(

@@ -200,6 +200,31 @@ pub fn render(shared: &Shared) -> String {
         "Logon transfers completed.",
         &s["transfers"],
     );
+    let h = shared.history.stats.to_json();
+    counter(
+        &mut out,
+        "intragate_history_events_total",
+        "Address history events written to the history file.",
+        &h["written"],
+    );
+    counter(
+        &mut out,
+        "intragate_history_dropped_total",
+        "Address history events dropped (the writer fell behind, or the file could not be written).",
+        &h["dropped"],
+    );
+    counter(
+        &mut out,
+        "intragate_history_write_errors_total",
+        "Batches of address history events that could not be written.",
+        &h["write_errors"],
+    );
+    counter(
+        &mut out,
+        "intragate_history_skipped_lines_total",
+        "Unreadable history lines skipped by queries (a line cut short by a crash).",
+        &h["skipped_lines"],
+    );
     counter(
         &mut out,
         "intragate_session_reevaluations_total",

@@ -119,13 +119,26 @@ async fn handle(shared: Arc<Shared>, conn: UnixStream) -> std::io::Result<()> {
             format!("{what} within {CTL_IO_TIMEOUT:?}"),
         )
     };
+    // Who asks, for the audit trail: the peer's uid (root, or a member of
+    // ctl_group).
+    let actor = match conn.peer_cred() {
+        Ok(c) => format!("ctl (uid {})", c.uid()),
+        Err(_) => "ctl".to_string(),
+    };
     let (rd, mut wr) = conn.into_split();
     let mut line = String::new();
     let mut rd = BufReader::new(rd).take(MAX_REQUEST as u64);
     tokio::time::timeout(CTL_IO_TIMEOUT, rd.read_line(&mut line))
         .await
         .map_err(|_| timed_out("the client sent no request line"))??;
-    let mut out = answer_line(&shared, &line);
+    let mut out = if matches!(Request::decode(&line), Ok(Request::History(_))) {
+        // Reads files: off the runtime's threads.
+        tokio::task::spawn_blocking(move || answer_line(&shared, &line, &actor))
+            .await
+            .unwrap_or_else(|e| Reply::error(format!("history query failed: {e}")).encode())
+    } else {
+        answer_line(&shared, &line, &actor)
+    };
     out.push('\n');
     tokio::time::timeout(CTL_IO_TIMEOUT, wr.write_all(out.as_bytes()))
         .await
@@ -134,19 +147,29 @@ async fn handle(shared: Arc<Shared>, conn: UnixStream) -> std::io::Result<()> {
 
 /// Answer one request line as it came off the socket; a line that is not a
 /// request gets an error reply saying why.
-fn answer_line(shared: &Shared, line: &str) -> String {
+fn answer_line(shared: &Shared, line: &str, actor: &str) -> String {
     match Request::decode(line) {
-        Ok(req) => respond(shared, req),
+        Ok(req) => respond_as(shared, req, actor),
         Err(e) => Reply::error(e.to_string()),
     }
     .encode()
 }
 
 /// Answer one request given as JSON, with the JSON a client would read
-/// (`{"ok": .., ...}`).
+/// (`{"ok": .., ...}`), as `ctl` (see [`answer_as`]).
 pub fn answer(shared: &Shared, req: &Value) -> Value {
+    answer_as(shared, req, "ctl")
+}
+
+/// Answer one request given as JSON on behalf of `actor` (`console:alice`,
+/// `token:ci-bot`): state-changing requests are recorded in the address
+/// history with the actor, the request and the result, and sessions it
+/// ends name the actor as their close reason. A `history` request reads
+/// files: call this from `spawn_blocking`, never on the async runtime's
+/// threads or under the core lock.
+pub fn answer_as(shared: &Shared, req: &Value, actor: &str) -> Value {
     match Request::from_value(req.clone()) {
-        Ok(req) => respond(shared, req),
+        Ok(req) => respond_as(shared, req, actor),
         Err(e) => Reply::error(e.to_string()),
     }
     .to_value()
@@ -288,8 +311,82 @@ fn select(core: &GatewayState, sel: &Selector) -> Result<Vec<SessionId>, String>
     Ok(ids)
 }
 
-/// Answer one request.
+/// Answer one request, as `ctl`.
 pub fn respond(shared: &Shared, req: Request) -> Reply {
+    respond_as(shared, req, "ctl")
+}
+
+/// Answer one request on behalf of `actor`; state-changing requests are
+/// recorded in the address history (see [`answer_as`]).
+pub fn respond_as(shared: &Shared, req: Request, actor: &str) -> Reply {
+    // Disconnect and logoff record themselves (they know whose sessions).
+    let audited = match &req {
+        Request::Ban { address, minutes } => Some((
+            "ban",
+            format!("{address} for {} min", minutes.unwrap_or(60)),
+        )),
+        Request::Unban { address } => Some(("unban", address.clone())),
+        Request::Reload => Some(("reload", String::new())),
+        Request::Drain { cancel, status } if !status => Some((
+            if *cancel { "drain_cancel" } else { "drain" },
+            shared
+                .cluster()
+                .map(|c| c.node().to_string())
+                .unwrap_or_default(),
+        )),
+        _ => None,
+    };
+    let reply = respond_inner(shared, req, actor);
+    if let Some((action, target)) = audited {
+        let result = match &reply {
+            Reply::Unban(u) if !u.was_banned => "ok: was not banned".to_string(),
+            Reply::Error(e) => format!("error: {}", e.error),
+            _ => "ok".to_string(),
+        };
+        shared
+            .history
+            .record(crate::history::HistoryEvent::AdminAction {
+                actor: actor.to_string(),
+                action: action.to_string(),
+                target,
+                result,
+                users: Vec::new(),
+            });
+    }
+    reply
+}
+
+/// `history`: read the request's times and answer from the files.
+fn history(shared: &Shared, a: &protocol::HistoryArgs) -> Reply {
+    use crate::history::{format_rfc3339_ms, parse_query, unix_ms_now};
+    let q = match parse_query(
+        a.address.as_deref(),
+        a.at.as_deref(),
+        a.since.as_deref(),
+        a.until.as_deref(),
+        a.user.as_deref(),
+        a.limit,
+        unix_ms_now(),
+    ) {
+        Ok(q) => q,
+        Err(e) => return Reply::error(e),
+    };
+    if !shared.history.enabled() {
+        return Reply::error("the address history is off ([history] enabled = false)");
+    }
+    // What was recorded until now is on disk before it is read.
+    shared.history.flush(Duration::from_secs(2));
+    let r = shared.history.query(&q);
+    Reply::History(protocol::HistoryList {
+        entries: r.entries,
+        at: q.at.map(format_rfc3339_ms),
+        holder: r.holder,
+        truncated: r.truncated,
+        skipped_lines: r.skipped_lines,
+    })
+}
+
+fn respond_inner(shared: &Shared, req: Request, actor: &str) -> Reply {
     let now = Instant::now();
     let domain = &shared.config.domain;
     match req {
@@ -348,6 +445,7 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
             if let Some(r) = shared.auth.radius_json() {
                 counters.insert("radius".into(), r);
             }
+            counters.insert("history".into(), shared.history.stats.to_json());
             Reply::Stats(Box::new(Stats {
                 sessions,
                 pools,
@@ -424,8 +522,9 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
                 Err(e) => Reply::error(e),
             }
         }
-        Request::Disconnect(sel) => end_sessions(shared, &sel, false, now),
-        Request::Logoff(sel) => end_sessions(shared, &sel, true, now),
+        Request::Disconnect(sel) => end_sessions(shared, &sel, false, now, actor),
+        Request::Logoff(sel) => end_sessions(shared, &sel, true, now, actor),
+        Request::History(a) => history(shared, &a),
         Request::Pool => {
             let core = shared.core();
             Reply::Pools(PoolList {
@@ -538,26 +637,49 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
 }
 
 /// `disconnect` (tunnels end, sessions stay resumable) or `logoff`.
-fn end_sessions(shared: &Shared, sel: &Selector, logoff: bool, now: Instant) -> Reply {
+fn end_sessions(shared: &Shared, sel: &Selector, logoff: bool, now: Instant, actor: &str) -> Reply {
+    let cmd = if logoff { "logoff" } else { "disconnect" };
+    let audit = |result: String, users: Vec<String>| {
+        shared
+            .history
+            .record(crate::history::HistoryEvent::AdminAction {
+                actor: actor.to_string(),
+                action: cmd.to_string(),
+                target: selector_text(sel),
+                result,
+                users,
+            });
+    };
     let mut core = shared.core();
     let remote_id = sel.session.as_deref().is_some_and(|s| s.contains(':'));
     let ids = match select(&core, sel) {
         Ok(ids) => ids,
         // `<node>:<address>`: a session of another node.
         Err(_) if remote_id && shared.cluster().is_some() => Vec::new(),
-        Err(e) => return Reply::error(e),
+        Err(e) => {
+            drop(core);
+            audit(format!("error: {e}"), Vec::new());
+            return Reply::error(e);
+        }
     };
+    let mut users: Vec<String> = ids
+        .iter()
+        .filter_map(|i| core.session(*i).map(|s| s.user.clone()))
+        .collect();
     for id in &ids {
         if logoff {
-            core.handle_logoff(*id, CloseReason::Admin("intragate ctl".into()), now);
+            core.handle_logoff(*id, CloseReason::Admin(actor.to_string()), now);
         } else {
-            core.handle_disconnect(*id, "disconnected by the administrator", now);
+            core.handle_disconnect(
+                *id,
+                &format!("disconnected by the administrator ({actor})"),
+                now,
+            );
         }
     }
     // In a cluster, the sessions other nodes hold: they act on a request.
     let remote = select_remote(&core, sel);
     drop(core);
-    let cmd = if logoff { "logoff" } else { "disconnect" };
     let mut sessions: Vec<String> = ids.iter().map(ToString::to_string).collect();
     if let Some(c) = shared.cluster() {
         let action = if logoff {
@@ -565,14 +687,33 @@ fn end_sessions(shared: &Shared, sel: &Selector, logoff: bool, now: Instant) -> 
         } else {
             crate::cluster::Action::Disconnect
         };
-        let by = format!("intragate ctl on {}", c.node());
+        let by = format!("{actor} on {}", c.node());
         for (node, addr, user) in &remote {
             shared.request_remote(node, action, *addr, user, &by);
             sessions.push(format!("{node}:{addr}"));
+            users.push(user.clone());
         }
     }
-    info!(count = ids.len(), remote = remote.len(), "ctl {cmd}");
+    info!(count = ids.len(), remote = remote.len(), %actor, "ctl {cmd}");
+    users.sort_by_key(|u| u.to_lowercase());
+    users.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    audit(format!("ok: {} session(s)", sessions.len()), users);
     Reply::Ended(SessionIds { sessions })
+}
+
+/// A selector as the history records it: `user=alice except_device=pc1`.
+fn selector_text(sel: &Selector) -> String {
+    [
+        ("user", &sel.user),
+        ("session", &sel.session),
+        ("address", &sel.address),
+        ("except_session", &sel.except_session),
+        ("except_device", &sel.except_device),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+    .collect::<Vec<_>>()
+    .join(" ")
 }
 
 /// The sessions of other nodes a selector names: `(node, address, user)`.
@@ -756,7 +897,7 @@ mod tests {
     /// Ask as a client would: the request through its JSON line, the reply
     /// back through its own.
     fn ask(shared: &Shared, req: Request) -> Reply {
-        let line = answer_line(shared, &req.encode());
+        let line = answer_line(shared, &req.encode(), "ctl (uid 0)");
         Reply::decode(&req, &line).unwrap_or_else(|e| panic!("{req:?}: {e}: {line}"))
     }
 
@@ -777,7 +918,8 @@ mod tests {
                 "bad request for 'show'",
             ),
         ] {
-            let v: Value = serde_json::from_str(&answer_line(&gw.shared, line)).expect("json");
+            let v: Value =
+                serde_json::from_str(&answer_line(&gw.shared, line, "ctl")).expect("json");
             assert_eq!(v["ok"], false, "{line}: {v}");
             let e = v["error"].as_str().unwrap_or_default();
             assert!(e.contains(says), "{line}: {e}");
@@ -911,6 +1053,90 @@ mod tests {
         };
         assert_eq!(r.reloaded.policies, 2, "{r:?}");
         assert_eq!(r.reloaded.added, ["staff"], "{r:?}");
+    }
+
+    #[test]
+    fn admin_actions_are_recorded_with_their_actor_and_history_answers() {
+        let gw = gateway("hist");
+        let shared = &gw.shared;
+        let a = logon(shared, "alice", "devA");
+        let addr = shared.core().session(a).map(|s| s.addr).expect("alice");
+        let v = answer_as(
+            shared,
+            &json!({"cmd": "logoff", "user": "alice"}),
+            "console:root",
+        );
+        assert_eq!(v["ok"], true, "{v}");
+        let v = answer_as(shared, &json!({"cmd": "unban", "address": "x"}), "token:ci");
+        assert_eq!(v["ok"], false, "{v}");
+        let v = answer_as(
+            shared,
+            &json!({"cmd": "history", "user": "alice", "since": "-1h"}),
+            "console:root",
+        );
+        assert_eq!(v["ok"], true, "{v}");
+        let events: Vec<&str> = v["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| e["event"].as_str().unwrap_or(""))
+            .collect();
+        assert_eq!(events, ["logon", "close", "admin_action"], "{v}");
+        let close = &v["entries"][1];
+        assert_eq!(close["detail"], "ended by administrator (console:root)");
+        let act = &v["entries"][2];
+        assert_eq!(
+            (
+                &act["actor"],
+                &act["action"],
+                &act["target"],
+                &act["result"]
+            ),
+            (
+                &json!("console:root"),
+                &json!("logoff"),
+                &json!("user=alice"),
+                &json!("ok: 1 session(s)")
+            )
+        );
+        // The refused unban is recorded too (it names no user).
+        let v = answer(shared, &json!({"cmd": "history", "since": "-1h"}));
+        let last = v["entries"].as_array().and_then(|e| e.last()).cloned();
+        assert_eq!(
+            last.map(|e| (e["actor"].clone(), e["result"].clone())),
+            Some((json!("token:ci"), json!("error: 'x' is not an IP address"))),
+            "{v}"
+        );
+        // Who holds the address now: nobody (released).
+        let v = answer(
+            shared,
+            &json!({"cmd": "history", "address": addr.to_string(), "at": "now"}),
+        );
+        assert_eq!(v["holder"], Value::Null, "released by now: {v}");
+        for (req, says) in [
+            (
+                json!({"cmd": "history", "at": "now"}),
+                "--at needs --address",
+            ),
+            (
+                json!({"cmd": "history", "address": "198.18.64.2", "at": "soon"}),
+                "'soon' is not a time",
+            ),
+            (
+                json!({"cmd": "history", "address": "nowhere"}),
+                "not an IP address",
+            ),
+            (json!({"cmd": "history", "limit": 0}), "--limit must be"),
+        ] {
+            let v = answer(shared, &req);
+            assert!(
+                v["ok"] == false && v["error"].as_str().unwrap_or("").contains(says),
+                "{req}: {v}"
+            );
+        }
+        let m = super::metrics::render(shared);
+        assert!(m.contains("intragate_history_dropped_total 0"), "{m}");
+        assert!(m.contains("intragate_history_events_total "), "{m}");
     }
 
     #[test]

@@ -74,6 +74,34 @@ pub enum Request {
         #[serde(default)]
         status: bool,
     },
+    /// The address history: who held an address at an instant, or the
+    /// events by address, user and time.
+    History(HistoryArgs),
+}
+
+/// What `history` looks for. Times as typed, read by the daemon: RFC 3339,
+/// `YYYY-MM-DD HH:MM[:SS]` (UTC unless an offset follows) or relative
+/// (`-2h`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryArgs {
+    /// Events about this intranet address.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// Who held `address` at this instant.
+    #[serde(default)]
+    pub at: Option<String>,
+    /// Events at or after.
+    #[serde(default)]
+    pub since: Option<String>,
+    /// Events at or before.
+    #[serde(default)]
+    pub until: Option<String>,
+    /// Events of this user.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Entries at most (default 1000, at most 100000; the newest kept).
+    #[serde(default)]
+    pub limit: Option<usize>,
 }
 
 /// Which sessions a request acts on: `session`, `address` or `user`, less
@@ -123,7 +151,7 @@ pub enum RequestError {
 
 impl Request {
     /// Every `cmd`, as listed in the unknown-command error.
-    pub const COMMANDS: [&'static str; 14] = [
+    pub const COMMANDS: [&'static str; 15] = [
         "health",
         "stats",
         "sessions",
@@ -138,6 +166,7 @@ impl Request {
         "unban",
         "reload",
         "drain",
+        "history",
     ];
 
     /// The request as one JSON line (without the newline).
@@ -191,8 +220,30 @@ pub enum Reply {
     Conntrack(Conntrack),
     /// To [`Request::Drain`].
     Drain(DrainStatus),
+    /// To [`Request::History`].
+    History(HistoryList),
     /// The request failed.
     Error(ErrorReply),
+}
+
+/// `history`: what the address history holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryList {
+    /// The events, oldest first: each a line of the history file (`ts`,
+    /// `unix_ms`, `event`, `node` and the event's fields).
+    pub entries: Vec<Value>,
+    /// With `at`: the instant asked about (RFC 3339 UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<String>,
+    /// With `at`: who held the address then (null: nobody).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<crate::history::Holder>,
+    /// More events matched than the limit: the oldest were left out.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Unreadable lines skipped (a line cut short by a crash).
+    #[serde(default)]
+    pub skipped_lines: u64,
 }
 
 /// `drain`: where a drain stands.
@@ -558,6 +609,7 @@ impl Reply {
             Reply::Reload(b) => serde_json::to_value(b),
             Reply::Conntrack(b) => serde_json::to_value(b),
             Reply::Drain(b) => serde_json::to_value(b),
+            Reply::History(b) => serde_json::to_value(b),
             Reply::Error(b) => serde_json::to_value(b),
         };
         // Structs of strings, numbers and string-keyed maps: serialising
@@ -599,6 +651,7 @@ impl Reply {
             Request::Reload => Reply::Reload(de(v)?),
             Request::Conntrack { .. } => Reply::Conntrack(de(v)?),
             Request::Drain { .. } => Reply::Drain(de(v)?),
+            Request::History(_) => Reply::History(de(v)?),
         })
     }
 }
@@ -651,6 +704,11 @@ pub(crate) mod tests {
                 cancel: false,
                 status: true,
             },
+            Request::History(HistoryArgs {
+                address: Some("198.18.128.7".into()),
+                at: Some("-2h".into()),
+                ..HistoryArgs::default()
+            }),
         ]
     }
 
@@ -720,7 +778,7 @@ pub(crate) mod tests {
         assert_eq!(
             e.to_string(),
             "unknown command 'shutdown' (health, stats, sessions, show, disconnect, logoff, \
-             pool, dns, conntrack, bans, ban, unban, reload, drain)"
+             pool, dns, conntrack, bans, ban, unban, reload, drain, history)"
         );
 
         let e = Request::decode(r#"{"cmd":"unban"}"#).expect_err("no address");
@@ -897,6 +955,34 @@ pub(crate) mod tests {
                 }),
             ),
             (Request::Show(selector()), Reply::error("no such session")),
+            (
+                Request::History(HistoryArgs {
+                    address: Some("198.18.128.7".into()),
+                    at: Some("2026-12-04 14:05".into()),
+                    ..HistoryArgs::default()
+                }),
+                Reply::History(HistoryList {
+                    entries: vec![
+                        json!({"ts": "2026-12-04T14:00:00.000Z", "unix_ms": 1_796_392_800_000_i64,
+                        "event": "logon", "node": null, "session": "s1", "user": "alice",
+                        "address": "198.18.128.7"}),
+                    ],
+                    at: Some("2026-12-04T14:05:00.000Z".into()),
+                    holder: Some(crate::history::Holder {
+                        user: "alice".into(),
+                        session: "s1".into(),
+                        address: "198.18.128.7".parse().expect("ip"),
+                        client: None,
+                        device: Some("pc1".into()),
+                        node: None,
+                        since: "2026-12-04T14:00:00.000Z".into(),
+                        until: None,
+                        end: None,
+                    }),
+                    truncated: false,
+                    skipped_lines: 0,
+                }),
+            ),
         ]
     }
 

@@ -9,8 +9,8 @@ use std::fmt::Write as _;
 use serde_json::{Map, Value};
 
 use super::protocol::{
-    BanList, Conntrack, DnsRecords, DrainStatus, Health, HealthStatus, PoolRow, ReloadSummary,
-    Reply, Request, SessionRef, SessionRow, Stats,
+    BanList, Conntrack, DnsRecords, DrainStatus, Health, HealthStatus, HistoryList, PoolRow,
+    ReloadSummary, Reply, Request, SessionRef, SessionRow, Stats,
 };
 
 /// The reply to `req` for people, ending with a newline (empty for an
@@ -35,8 +35,121 @@ pub fn render(req: &Request, reply: &Reply) -> String {
         Reply::Reload(r) => reload(&r.reloaded),
         Reply::Conntrack(c) => conntrack(c),
         Reply::Drain(d) => drain(d),
+        Reply::History(h) => history(req, h),
         Reply::Error(e) => format!("error: {}\n", e.error),
     }
+}
+
+/// Fields shown in their own columns (the rest go to DETAILS).
+const HISTORY_COLUMNS: [&str; 8] = [
+    "ts", "unix_ms", "event", "node", "user", "session", "address", "actor",
+];
+
+/// One history entry's other fields: `key=value` (strings unquoted).
+fn history_details(v: &Value) -> String {
+    let Some(o) = v.as_object() else {
+        return String::new();
+    };
+    o.iter()
+        .filter(|(k, v)| !HISTORY_COLUMNS.contains(&k.as_str()) && !v.is_null())
+        .map(|(k, v)| match v {
+            Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// `history`: with `--at`, who held the address then; then the events as
+/// a table.
+fn history(req: &Request, h: &HistoryList) -> String {
+    let mut out = String::new();
+    if let (Request::History(a), Some(at)) = (req, &h.at) {
+        let addr = a.address.as_deref().unwrap_or("?");
+        match &h.holder {
+            Some(x) => {
+                let _ = writeln!(
+                    out,
+                    "{addr} at {at}: {} (session {}{}{}{}), since {}{}",
+                    x.user,
+                    x.session,
+                    x.device
+                        .as_ref()
+                        .map(|d| format!(", device {d}"))
+                        .unwrap_or_default(),
+                    x.client
+                        .map(|c| format!(", client {c}"))
+                        .unwrap_or_default(),
+                    x.node
+                        .as_ref()
+                        .map(|n| format!(", node {n}"))
+                        .unwrap_or_default(),
+                    x.since,
+                    match (&x.until, &x.end) {
+                        (Some(u), Some(e)) => format!(" until {u} ({e})"),
+                        (Some(u), None) => format!(" until {u}"),
+                        _ => " (still held, or no release recorded)".to_string(),
+                    }
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "{addr} at {at}: held by nobody (no session in the history had it then)"
+                );
+            }
+        }
+    }
+    if h.entries.is_empty() {
+        if h.at.is_none() {
+            out.push_str("no events\n");
+        }
+    } else {
+        let s = |v: &Value, k: &str| v.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+        let rows: Vec<Vec<String>> = h
+            .entries
+            .iter()
+            .map(|v| {
+                let who = match v.get("actor").and_then(Value::as_str) {
+                    Some(a) => a.to_string(),
+                    None => s(v, "user"),
+                };
+                vec![
+                    s(v, "ts"),
+                    s(v, "event"),
+                    who,
+                    s(v, "session"),
+                    s(v, "address"),
+                    history_details(v),
+                ]
+            })
+            .collect();
+        out.push_str(&table(
+            "",
+            &[
+                "TIME",
+                "EVENT",
+                "USER/ACTOR",
+                "SESSION",
+                "ADDRESS",
+                "DETAILS",
+            ],
+            &rows,
+        ));
+    }
+    if h.truncated {
+        out.push_str(
+            "(more events matched: only the newest are shown; raise --limit or narrow --since)\n",
+        );
+    }
+    if h.skipped_lines > 0 {
+        let _ = writeln!(
+            out,
+            "({} unreadable line(s) skipped: a line cut short by a crash?)",
+            h.skipped_lines
+        );
+    }
+    out
 }
 
 fn drain(d: &DrainStatus) -> String {
@@ -447,6 +560,19 @@ mod tests {
             r.contains("keeping the routes") && r.contains("s1 (alice)"),
             "{r}"
         );
+    }
+
+    #[test]
+    fn history_says_who_held_the_address() {
+        let t = text_of("history");
+        assert!(
+            t.starts_with(
+                "198.18.128.7 at 2026-12-04T14:05:00.000Z: alice (session s1, device pc1), since 2026-12-04T14:00:00.000Z"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("TIME"), "{t}");
+        assert!(t.contains("2026-12-04T14:00:00.000Z  logon  alice"), "{t}");
     }
 
     #[test]

@@ -499,7 +499,8 @@ impl Shared {
                 Action::Logoff => core.handle_logoff(id, CloseReason::Admin(req.by.clone()), now),
                 Action::UserLogoff => core.handle_logoff(id, CloseReason::UserRequest, now),
                 Action::Disconnect => {
-                    core.handle_disconnect(id, "disconnected by the administrator", now);
+                    let why = format!("disconnected by the administrator ({})", req.by);
+                    core.handle_disconnect(id, &why, now);
                 }
                 Action::UserDisconnect => {
                     core.handle_disconnect(id, "disconnected by the user from another device", now);
@@ -774,7 +775,9 @@ impl Shared {
             }
         }
         let remote_addrs: Vec<IpAddr> = remote.iter().map(|r| r.addr).collect();
-        let (restored, local_addrs) = {
+        // The sessions opened here are restored ones (the guard's drop
+        // records them inside).
+        let (restored, local_addrs) = self.history.while_restoring(|| {
             let mut core = self.core();
             core.clear_remote(now);
             let n = core.restore(&pools, &mine, now, elapsed);
@@ -784,7 +787,7 @@ impl Shared {
             }
             let local: Vec<IpAddr> = core.sessions().map(|s| s.addr).collect();
             (n, local)
-        };
+        });
         for a in remote_addrs {
             self.remote_peer(c, a, true);
         }

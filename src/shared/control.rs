@@ -74,6 +74,8 @@ impl Shared {
     /// handled in order, and acted on after it is released).
     fn process_events(&self, mut core: MutexGuard<'_, GatewayState>) {
         let events: Vec<Event> = std::iter::from_fn(|| core.poll_event()).collect();
+        // The sessions' details while they are still in the table.
+        let history = self.history_of(&core, &events);
         // Ports change while the core lock is held, so the packet path never
         // sees a session the core has closed (or misses one it opened).
         for ev in &events {
@@ -165,6 +167,9 @@ impl Shared {
             }
         }
         drop(core);
+        for h in history {
+            self.history.record(h);
+        }
         for ev in events {
             match ev {
                 Event::Opened {

@@ -7,6 +7,7 @@
 //! starts them and wires this together, and nothing imports `gateway`.
 
 mod accounts;
+mod audit;
 mod cluster;
 mod control;
 mod datapath;
@@ -105,6 +106,9 @@ pub struct Shared {
     pub dns: std::sync::OnceLock<crate::dns::IntragateDns<SessionRecords>>,
     /// Serializes writes of the users' workspace settings.
     workspace_write: tokio::sync::Mutex<()>,
+    /// The address history (`<state_dir>/history`): record events with
+    /// `shared.history.record(..)` (never blocks).
+    pub history: crate::history::History,
 }
 
 /// The session table's DNS records, as the DNS server reads them (one brief
@@ -234,6 +238,11 @@ impl Shared {
             accounts_checked: AtomicU64::new(0),
             users_error: Mutex::new(None),
             workspace_write: tokio::sync::Mutex::new(()),
+            history: crate::history::History::new(
+                config.state_dir.join("history"),
+                config.cluster.as_ref().map(|c| c.node.clone()),
+                &config.history,
+            ),
             config,
         })
     }

@@ -77,9 +77,10 @@ impl Shared {
             return Ok(0);
         }
         let elapsed = Duration::from_secs(unix_now().saturating_sub(snap.written_at_unix));
-        let n = self
-            .core()
-            .restore(&pools, &sessions, Instant::now(), elapsed);
+        let n = self.history.while_restoring(|| {
+            self.core()
+                .restore(&pools, &sessions, Instant::now(), elapsed)
+        });
         info!(
             from = snap.source,
             sessions = n,

@@ -953,6 +953,7 @@ impl Conn {
         if connects > 1 {
             shared.stats.reconnects.fetch_add(1, Ordering::Relaxed);
         }
+        shared.note_tunnel_up(id, &user, addr, self.ip, device.as_deref(), connects);
 
         let mut out = String::from("HTTP/1.1 200 CONNECTED\r\n");
         for (k, v) in &headers {

@@ -179,6 +179,7 @@ pub(crate) async fn run_tunnel(
             let mut core = shared.core();
             core.handle_detach(id, now);
             drop(core);
+            shared.note_tunnel_dropped(id, &user, addr, &why.to_string());
         }
         End::Dropped(why) => debug!(session = %id, reason = %why, "superseded tunnel ended"),
     }

@@ -406,7 +406,6 @@ mod tests {
 
 /// What the web interface adds to the address history.
 #[derive(Debug, Clone)]
-#[allow(dead_code)] // until the history records them
 pub(crate) enum Ev {
     /// A sign-in to the user page or the console, right or refused.
     WebLogon {
@@ -419,6 +418,7 @@ pub(crate) enum Ev {
     /// A sign-out.
     WebLogoff { user: String, client: IpAddr },
     /// A user acting on their own sessions from the page.
+    #[allow(dead_code)] // until the user page records its actions
     UserAction {
         user: String,
         action: String,
@@ -427,18 +427,53 @@ pub(crate) enum Ev {
     },
 }
 
-/// Record a web event in the address history.
-pub(crate) fn record(_web: &Web, ev: Ev) {
-    tracing::debug!(?ev, "web event");
+/// Record a web event in the address history (never blocks).
+pub(crate) fn record(web: &Web, ev: Ev) {
+    use crate::history::HistoryEvent;
+    web.shared.history.record(match ev {
+        Ev::WebLogon {
+            user,
+            role,
+            client,
+            ok,
+            reason,
+        } => HistoryEvent::WebLogon {
+            user,
+            role,
+            client,
+            ok,
+            reason,
+        },
+        Ev::WebLogoff { user, client } => HistoryEvent::WebLogoff { user, client },
+        Ev::UserAction {
+            user,
+            action,
+            target,
+            client,
+        } => HistoryEvent::UserAction {
+            user,
+            action,
+            target,
+            client,
+        },
+    });
 }
 
 /// Answer an administrative request (as `intragate ctl` would) on behalf
-/// of `actor`.
+/// of `actor`: recorded in the address history with the actor. A
+/// `history` request reads files: on the multi-threaded runtime it runs
+/// with `block_in_place` so the other tasks of this worker move on.
 pub(crate) fn answer_as(
     shared: &Shared,
     req: &serde_json::Value,
     actor: &str,
 ) -> serde_json::Value {
-    tracing::debug!(%actor, "web admin request");
-    crate::admin::answer(shared, req)
+    let reads_files = req.get("cmd").and_then(serde_json::Value::as_str) == Some("history");
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if reads_files && multi_thread {
+        tokio::task::block_in_place(|| crate::admin::answer_as(shared, req, actor))
+    } else {
+        crate::admin::answer_as(shared, req, actor)
+    }
 }
