@@ -2,7 +2,7 @@
 // sessions by `target`, open its session, press Disconnect; then the
 // history of each of `history` user (polled until its `kinds` appear). Screenshots of every console page on the way.
 // arg: { url (base), user, password, code?, target,
-//        history: [{ user, kinds: [kinds to wait for] }] }
+//        history: [{ user ("" = no filter), kinds: [kinds to wait for] }] }
 import { arg, cspOf, launch, log, logon, run, shot, textOf } from './lib.mjs';
 
 async function historyRows(page) {
@@ -49,7 +49,7 @@ run(async () => {
   const link = page.locator(`table#sessions tr.session[data-user="${arg.target}"] a.details`).first();
   await Promise.all([page.waitForNavigation({ waitUntil: 'load' }), link.click()]);
   const details_url = page.url();
-  const details_text = ((await page.textContent('main')) ?? (await page.textContent('body')) ?? '').trim();
+  const details_text = (await page.evaluate(() => document.body.innerText)).trim();
   await shot(page, 'session-details');
   await Promise.all([page.waitForNavigation({ waitUntil: 'load' }), page.click('#disconnect')]);
   const after_disconnect = { url: page.url(), flash: await textOf(page, '#flash'), error: await textOf(page, '#error') };
@@ -69,14 +69,14 @@ run(async () => {
     let rows = [];
     const end = Date.now() + 10000;
     for (;;) {
-      await page.goto(`${arg.url}/console/history?user=${encodeURIComponent(u)}`);
+      await page.goto(u ? `${arg.url}/console/history?user=${encodeURIComponent(u)}` : `${arg.url}/console/history`);
       rows = await historyRows(page);
       const kinds = new Set(rows.map((r) => r.kind));
       if (want.every((k) => kinds.has(k)) || Date.now() > end) break;
       await page.waitForTimeout(500);
     }
-    history[u] = rows;
-    await shot(page, `history-${u}`);
+    history[u || '*'] = rows;
+    await shot(page, `history-${u || 'all'}`);
   }
   return { logon: l, csp, charts, all_users, filter_url, filtered, details_url, details_text: details_text.slice(0, 4000), after_disconnect, nav, history, dialogs };
 });
