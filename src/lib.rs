@@ -15,6 +15,7 @@ pub mod dns;
 pub mod fdlimit;
 pub mod gateway;
 pub mod listener;
+pub mod logon;
 pub mod netif;
 pub mod plugin;
 pub mod shared;

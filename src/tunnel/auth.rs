@@ -5,33 +5,20 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use ipnetwork::IpNetwork;
-use rand::RngCore;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::{cstp::TunnelStart, Conn, Next};
-use crate::auth::{Identity, Verdict};
-use crate::config::AuthMethod;
-use crate::core::bans::{Admission, Admit};
+use crate::auth::Identity;
 use crate::core::session::{
     Account, AuthInfo, CloseReason, LogonError, LogonOutcome, LogonRequest, SessionId,
     TransferError, TransferOffer,
 };
+use crate::logon::{new_token, printable, Logon, Question, Step};
 use crate::shared::{Claim, TunnelCtl, TunnelHandle};
 use crate::stats::RefuseReason;
-use crate::users::otp::Waiting;
-use crate::users::AuthOutcome;
 use crate::wire::auth_xml::{self, ClientMessage, ClientMessageKind, Form, Input};
 use crate::wire::http::RequestHead;
-
-/// Shown in logs instead of a hostile username: escaped and bounded.
-pub(crate) fn printable(s: &str) -> String {
-    let mut out: String = s.chars().take(64).flat_map(char::escape_default).collect();
-    if s.chars().count() > 64 {
-        out.push('…');
-    }
-    out
-}
 
 fn main_form(error: Option<String>) -> Form {
     Form {
@@ -52,9 +39,6 @@ fn main_form(error: Option<String>) -> Form {
         ],
     }
 }
-
-/// How long the code form stays valid.
-const CODE_WINDOW: Duration = Duration::from_secs(120);
 
 /// The second-factor form: one text field, `code`.
 fn code_form(error: Option<String>) -> Form {
@@ -108,19 +92,6 @@ fn printable_prompt(s: &str) -> String {
         .collect()
 }
 
-/// A backend's verdict, or Unavailable when it does not come within
-/// `limit` (the logon deadline, `[auth] timeout`).
-async fn within(limit: Duration, verdict: impl std::future::Future<Output = Verdict>) -> Verdict {
-    tokio::time::timeout(limit, verdict)
-        .await
-        .unwrap_or_else(|_| Verdict::Unavailable {
-            why: "no answer within the logon deadline ([auth] timeout)".into(),
-        })
-}
-
-/// Longest username any backend is asked about.
-const MAX_USERNAME_LEN: usize = 256;
-
 /// "3m 20s"-style durations for people.
 fn human(d: Duration) -> String {
     let s = d.as_secs();
@@ -172,12 +143,6 @@ pub(crate) fn transfer_form(offer: &TransferOffer, window: Duration) -> Form {
             ],
         }],
     }
-}
-
-fn new_token() -> String {
-    let mut b = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02X}")).collect()
 }
 
 /// Dotted netmask of an IPv4 prefix length.
@@ -291,7 +256,7 @@ impl Conn {
                     return self.certificate_logon().await;
                 }
                 let mut form = main_form(None);
-                if let Some(cert) = self.cert_identity() {
+                if let Some(cert) = self.peer_cert.as_ref() {
                     form.message = Some(format!(
                         "Certificate accepted for {}. Please enter that user's username and password.",
                         printable(&cert.name)
@@ -360,41 +325,6 @@ impl Conn {
         }
     }
 
-    /// A refused attempt (password, code, answer): its ban points charged,
-    /// counted. True when the address is banned now.
-    fn charge_failure(&self, ticket: crate::core::bans::Ticket) -> bool {
-        let next = self.shared.bans().settle_failure(ticket, Instant::now());
-        self.shared.ban_points_changed(self.ip);
-        self.shared.stats.refuse(RefuseReason::BadCredentials);
-        matches!(next, Admission::Banned { .. })
-    }
-
-    /// Charge an attempt (a password or a code) for `user` from this
-    /// client before it is checked: its ban ticket, after the logon delay;
-    /// or, banned, the refusal already sent.
-    async fn admit_attempt(
-        &mut self,
-        user: &str,
-        now: Instant,
-    ) -> Result<crate::core::bans::Ticket, Next> {
-        // (The ban table's lock is released before any await.)
-        let admit = self.shared.bans().admit(self.ip, user, now);
-        match admit {
-            Admit::Banned { .. } => {
-                self.shared.stats.refuse(RefuseReason::Banned);
-                Err(self
-                    .refuse_logon("Too many failed logons from this address; try again later")
-                    .await)
-            }
-            Admit::Evaluate { ticket, delay } => {
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
-                }
-                Ok(ticket)
-            }
-        }
-    }
-
     /// A node of a cluster that is draining or cut off from the store
     /// opens no session: the refusal, already sent.
     async fn node_refuses(&mut self) -> Option<Next> {
@@ -426,363 +356,53 @@ impl Conn {
     /// Log on with the verified certificate alone: no form (the cookie
     /// answers the client's first request, as ocserv does with
     /// `auth = "certificate"`), then the TOTP code if the user has one.
-    /// A certificate has no guessable secret: it costs no ban points, but a
-    /// banned address is refused like any other logon.
     async fn certificate_logon(&mut self) -> Next {
-        let Some(cert) = self.peer_cert.clone() else {
-            return self.refuse_logon("Authentication failed").await;
-        };
         if let Some(next) = self.node_refuses().await {
             return next;
         }
-        let ticket = match self.admit_attempt(&cert.name, Instant::now()).await {
-            Ok(t) => t,
-            Err(next) => return next,
-        };
-        info!(user = %printable(&cert.name), subject = %cert.subject, client = %self.ip, groups = ?cert.groups, "client certificate accepted");
-        let identity = Identity {
-            name: cert.name,
-            groups: cert.groups,
-            groups_from: cert.groups_from,
-            source: "certificate",
-            ..Identity::default()
-        };
-        self.first_factor_done(ticket, identity).await
+        let step = self.logon().certificate().await;
+        self.step(step).await
     }
 
     async fn login(&mut self, user: &str, pass: &str) -> Next {
-        let shared = self.shared.clone();
-        let now = Instant::now();
         if let Some(next) = self.node_refuses().await {
             return next;
         }
-        // Check and charge the points in one call, before the password is
-        // checked: parallel attempts cannot all pass a check that the first
-        // failure has not updated yet (issue 12 §2).
-        let ticket = match self.admit_attempt(user, now).await {
-            Ok(t) => t,
-            Err(next) => return next,
-        };
-        // A name no backend could hold: refused like a wrong password,
-        // without asking anyone.
-        if user.len() > MAX_USERNAME_LEN || user.chars().any(char::is_control) {
-            self.charge_failure(ticket);
-            warn!(user = %printable(user), client = %self.ip, "authentication failed: not a username");
-            return self.refuse_logon("Authentication failed").await;
-        }
-        // The certificate names the user: the password must be that user's.
-        if let Some(cert) = self.cert_identity() {
-            if !cert.name.eq_ignore_ascii_case(user) {
-                self.charge_failure(ticket);
-                warn!(user = %printable(user), certificate = %cert.name, client = %self.ip, "authentication failed: the username is not the certificate's");
-                return self
-                    .refuse_logon("The username does not match your certificate")
-                    .await;
-            }
-        }
-        let deadline = now + shared.auth.timeout;
-        let mut unreachable: Option<AuthMethod> = None;
-        let methods = shared.auth.methods.clone();
-        for method in methods {
-            let verdict = match method {
-                AuthMethod::Local => match self.check_local(user, pass).await {
-                    Ok(v) => v,
-                    Err(()) => {
-                        // Not evaluated, and not the client's fault: no points.
-                        shared.bans().refund(ticket, Instant::now());
-                        shared.stats.refuse(RefuseReason::ConnectionLimit);
-                        warn!(client = %self.ip, "too many logons waiting for a password check; refused");
-                        return self.refuse_logon("The gateway is busy; try again").await;
-                    }
-                },
-                m => {
-                    let Some(backend) = shared.auth.backend(m).cloned() else {
-                        continue;
-                    };
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    within(left, backend.authenticate(user, pass, self.ip, left)).await
-                }
-            };
-            match verdict {
-                Verdict::UnknownUser => continue,
-                Verdict::Unavailable { why } => {
-                    shared.stats.auth_backend_down(method);
-                    warn!(backend = method.as_str(), user = %printable(user), client = %self.ip, "authentication backend unavailable: {why}");
-                    unreachable.get_or_insert(method);
-                    continue;
-                }
-                Verdict::Denied { why } => {
-                    let banned = self.charge_failure(ticket);
-                    warn!(backend = method.as_str(), user = %printable(user), client = %self.ip, banned, "authentication failed: {why}");
-                    return self.refuse_logon("Authentication failed").await;
-                }
-                Verdict::Challenge(c) => {
-                    // Half way, like a TOTP code: the answer is charged.
-                    shared.bans().refund(ticket, Instant::now());
-                    return self.ask_challenge(c).await;
-                }
-                Verdict::Accepted(identity) => {
-                    return self.first_factor_done(ticket, identity).await;
-                }
-            }
-        }
-        if let Some(m) = unreachable {
-            // Not the client's fault: no points.
-            shared.bans().refund(ticket, Instant::now());
-            shared.stats.refuse(RefuseReason::Unavailable);
-            return self.refuse_logon(crate::auth::unavailable_message(m)).await;
-        }
-        let banned = self.charge_failure(ticket);
-        warn!(user = %printable(user), client = %self.ip, banned, "authentication failed: no backend knows this user");
-        self.refuse_logon("Authentication failed").await
-    }
-
-    /// The local users file's verdict (on the password-hashing threads);
-    /// `Err` when those are too busy to take it.
-    async fn check_local(&mut self, user: &str, pass: &str) -> Result<Verdict, ()> {
-        let shared = self.shared.clone();
-        let (s, u, p) = (shared.clone(), user.to_string(), pass.to_string());
-        let outcome = shared
-            .auth_workers
-            .run(move || s.users.authenticate(&u, &p))
-            .await;
-        Ok(match outcome {
-            Some(Ok(AuthOutcome::Ok {
-                name,
-                groups,
-                stamp,
-            })) => Verdict::Accepted(Identity {
-                groups_from: groups.iter().map(|g| format!("{g}: users file")).collect(),
-                name,
-                groups,
-                source: "local",
-                stamp,
-                ..Identity::default()
-            }),
-            Some(Ok(AuthOutcome::Denied)) => Verdict::Denied {
-                why: "wrong password or locked account".into(),
-            },
-            Some(Ok(AuthOutcome::Unknown)) => Verdict::UnknownUser,
-            Some(Err(e)) => Verdict::Unavailable {
-                why: format!("the users file cannot be read: {e}"),
-            },
-            None => return Err(()),
-        })
-    }
-
-    /// The identity a verified client certificate gives on this
-    /// connection, if any.
-    fn cert_identity(&self) -> Option<&crate::client_cert::CertIdentity> {
-        self.peer_cert.as_ref()
-    }
-
-    /// The first factor is right: ask for the TOTP code when the user has
-    /// one, else open the session.
-    async fn first_factor_done(
-        &mut self,
-        ticket: crate::core::bans::Ticket,
-        identity: Identity,
-    ) -> Next {
-        let shared = self.shared.clone();
-        match shared.otp.secret(&identity.name) {
-            Ok(Some(_)) => {
-                // Half way: the attempt costs nothing, but the user's
-                // failures are forgotten only once the code is right too
-                // (wrong codes add up like wrong passwords).
-                shared.bans().refund(ticket, Instant::now());
-                self.ask_code(identity).await
-            }
-            Ok(None) => {
-                // Refunds this attempt and forgets this username's
-                // failures from this address, and nothing else.
-                shared.bans().settle_success(ticket, Instant::now());
-                shared.ban_points_changed(self.ip);
-                let method = self.method_of(&identity, "password");
-                self.open_session(identity, method).await
-            }
-            Err(e) => {
-                shared.bans().refund(ticket, Instant::now());
-                shared.stats.refuse(RefuseReason::Unavailable);
-                tracing::error!(user = %identity.name, error = %e, "logon refused: the second-factor file cannot be read");
-                self.refuse_logon("The second factor cannot be checked right now; try again later")
-                    .await
-            }
-        }
-    }
-
-    /// How `identity` logged on, from the `factors` after the first
-    /// (`password`, `password+totp`, …): a certificate logon replaces
-    /// `password` with `certificate`; a password logon on a connection
-    /// with a certificate gets it in front (`certificate+password`).
-    fn method_of(&self, identity: &Identity, factors: &str) -> String {
-        if identity.source == "certificate" {
-            match factors.strip_prefix("password") {
-                Some(rest) => format!("certificate{rest}"),
-                None => format!("certificate+{factors}"),
-            }
-        } else if self.peer_cert.is_some() {
-            format!("certificate+{factors}")
-        } else {
-            factors.to_string()
-        }
-    }
-
-    /// The second form: "enter the code from your authenticator app". The
-    /// password was right; the session opens once the code is.
-    async fn ask_code(&mut self, identity: Identity) -> Next {
-        let handle = new_token();
-        let name = identity.name.clone();
-        let pending = crate::users::otp::PendingCode {
-            waiting: Waiting::Totp(identity),
-            client: self.ip,
-            expires: Instant::now() + CODE_WINDOW,
-        };
-        if !self.shared.otp_pending.insert(handle.clone(), pending) {
-            self.shared.stats.refuse(RefuseReason::ConnectionLimit);
-            return self.refuse_logon("The gateway is busy; try again").await;
-        }
-        info!(user = %name, client = %self.ip, "password accepted; asking for the second factor");
-        let xml = auth_xml::auth_request_xml(&code_form(None), Some(&handle));
-        self.send_xml(200, "OK", &xml, &[]).await;
-        Next::KeepAlive
-    }
-
-    /// A backend's question (RADIUS Access-Challenge) as a second form:
-    /// its prompt, one field `code`.
-    async fn ask_challenge(&mut self, c: crate::auth::Challenge) -> Next {
-        let handle = new_token();
-        let form = challenge_form(&c, None);
-        let (user, backend) = (c.user.clone(), c.backend);
-        let pending = crate::users::otp::PendingCode {
-            waiting: Waiting::Challenge(c),
-            client: self.ip,
-            expires: Instant::now() + CODE_WINDOW,
-        };
-        if !self.shared.otp_pending.insert(handle.clone(), pending) {
-            self.shared.stats.refuse(RefuseReason::ConnectionLimit);
-            return self.refuse_logon("The gateway is busy; try again").await;
-        }
-        info!(user = %printable(&user), client = %self.ip, backend = backend.as_str(), "the backend asks a question; second form sent");
-        let xml = auth_xml::auth_request_xml(&form, Some(&handle));
-        self.send_xml(200, "OK", &xml, &[]).await;
-        Next::KeepAlive
+        let step = self.logon().password(user, pass).await;
+        self.step(step).await
     }
 
     /// The answer to the code form (a TOTP code or a challenge's answer).
     async fn code_answer(&mut self, handle: &str, code: &str) -> Next {
-        let shared = self.shared.clone();
-        let Some(p) = shared.otp_pending.take(handle) else {
-            shared.stats.refuse(RefuseReason::BadRequest);
-            return self
-                .refuse_logon("The code form expired or was answered already; log on again")
-                .await;
-        };
-        if p.client != self.ip || Instant::now() >= p.expires {
-            shared.stats.refuse(RefuseReason::BadRequest);
-            return self
-                .refuse_logon("The code form expired; log on again")
-                .await;
-        }
-        match p.waiting {
-            Waiting::Totp(identity) => self.totp_answer(identity, code).await,
-            Waiting::Challenge(c) => self.challenge_answer(c, code).await,
+        let step = self.logon().answer(handle, code).await;
+        self.step(step).await
+    }
+
+    /// This connection's walk through the authentication chain.
+    fn logon(&self) -> Logon<'_> {
+        Logon {
+            shared: &self.shared,
+            ip: self.ip,
+            cert: self.peer_cert.as_ref(),
         }
     }
 
-    async fn totp_answer(&mut self, identity: Identity, code: &str) -> Next {
-        let shared = self.shared.clone();
-        // A wrong code costs ban points like a wrong password.
-        let ticket = match self.admit_attempt(&identity.name, Instant::now()).await {
-            Ok(t) => t,
-            Err(next) => return next,
-        };
-        let secret = match shared.otp.secret(&identity.name) {
-            Ok(Some(s)) => s,
-            Ok(None) => {
-                // Removed meanwhile: the password alone is enough now.
-                shared.bans().refund(ticket, Instant::now());
-                let method = self.method_of(&identity, "password");
-                return self.open_session(identity, method).await;
-            }
-            Err(e) => {
-                shared.bans().refund(ticket, Instant::now());
-                shared.stats.refuse(RefuseReason::Unavailable);
-                tracing::error!(user = %identity.name, error = %e, "logon refused: the second-factor file cannot be read");
-                return self
-                    .refuse_logon("The second factor cannot be checked right now; try again later")
-                    .await;
-            }
-        };
-        match shared
-            .otp
-            .verify(&identity.name, &secret, code, crate::shared::unix_now())
-        {
-            Ok(()) => {
-                shared.bans().settle_success(ticket, Instant::now());
-                shared.ban_points_changed(self.ip);
-                let method = self.method_of(&identity, "password+totp");
-                self.open_session(identity, method).await
-            }
-            Err(e) => {
-                self.charge_failure(ticket);
-                warn!(user = %identity.name, client = %self.ip, "second factor refused: {e}");
-                let msg = match e {
-                    crate::users::otp::CodeError::Wrong => "Wrong verification code",
-                    crate::users::otp::CodeError::Replayed => {
-                        "This verification code was used already; wait for the next one"
-                    }
+    /// Act on where the logon stands: open the session, send the second
+    /// form, or the main form again with the reason.
+    async fn step(&mut self, step: Step) -> Next {
+        match step {
+            Step::Done { identity, method } => self.open_session(identity, method).await,
+            Step::Refused(reason) => self.refuse_logon(&reason).await,
+            Step::Ask { handle, question } => {
+                let form = match &question {
+                    Question::Totp => code_form(None),
+                    Question::Challenge(c) => challenge_form(c, None),
                 };
-                self.refuse_logon(msg).await
+                let xml = auth_xml::auth_request_xml(&form, Some(&handle));
+                self.send_xml(200, "OK", &xml, &[]).await;
+                Next::KeepAlive
             }
         }
-    }
-
-    async fn challenge_answer(&mut self, c: crate::auth::Challenge, answer: &str) -> Next {
-        let shared = self.shared.clone();
-        let ticket = match self.admit_attempt(&c.user, Instant::now()).await {
-            Ok(t) => t,
-            Err(next) => return next,
-        };
-        let Some(backend) = shared.auth.backend(c.backend).cloned() else {
-            shared.bans().refund(ticket, Instant::now());
-            return self.refuse_logon("Log on again").await;
-        };
-        let timeout = shared.auth.timeout;
-        let verdict = within(timeout, backend.answer(&c, answer, self.ip, timeout)).await;
-        match verdict {
-            Verdict::Accepted(identity) => {
-                shared.bans().settle_success(ticket, Instant::now());
-                shared.ban_points_changed(self.ip);
-                let method = self.method_of(&identity, "password+challenge");
-                self.open_session(identity, method).await
-            }
-            Verdict::Challenge(next) => {
-                // Another question (e.g. "new PIN"): no points either way.
-                shared.bans().refund(ticket, Instant::now());
-                self.ask_challenge(next).await
-            }
-            Verdict::Unavailable { why } => {
-                shared.bans().refund(ticket, Instant::now());
-                shared.stats.auth_backend_down(c.backend);
-                shared.stats.refuse(RefuseReason::Unavailable);
-                warn!(backend = c.backend.as_str(), user = %printable(&c.user), client = %self.ip, "authentication backend unavailable: {why}");
-                self.refuse_logon(crate::auth::unavailable_message(c.backend))
-                    .await
-            }
-            Verdict::Denied { why } => self.answer_refused(ticket, &c, &why).await,
-            Verdict::UnknownUser => self.answer_refused(ticket, &c, "unknown user").await,
-        }
-    }
-
-    async fn answer_refused(
-        &mut self,
-        ticket: crate::core::bans::Ticket,
-        c: &crate::auth::Challenge,
-        why: &str,
-    ) -> Next {
-        let banned = self.charge_failure(ticket);
-        warn!(backend = c.backend.as_str(), user = %printable(&c.user), client = %self.ip, banned, "second factor refused: {why}");
-        self.refuse_logon("Authentication failed").await
     }
 
     /// Open the session of an authenticated user (claiming its address in
@@ -1366,18 +986,5 @@ mod tests {
         assert_eq!(netmask_v4(28).to_string(), "255.255.255.240");
         assert_eq!(netmask_v4(0).to_string(), "0.0.0.0");
         assert_eq!(netmask_v4(32).to_string(), "255.255.255.255");
-    }
-
-    #[test]
-    fn hostile_names_are_escaped_and_bounded() {
-        assert_eq!(printable("a\nb"), "a\\nb");
-        assert!(printable(&"x".repeat(1000)).chars().count() <= 65);
-    }
-
-    #[test]
-    fn tokens_are_unique_hex() {
-        let a = new_token();
-        assert_eq!(a.len(), 64);
-        assert_ne!(a, new_token());
     }
 }
