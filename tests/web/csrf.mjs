@@ -19,7 +19,12 @@ run(async () => {
     const f = b.form;
     const fields = [...new FormData(f)].map(([k, v]) => [k, String(v)]);
     if (b.name) fields.push([b.name, b.value]);
-    return { action: f.action, method: f.method, fields };
+    // getAttribute: the form's controls named `action` shadow f.action.
+    return {
+      action: new URL(f.getAttribute('action') ?? '', location.href).href,
+      method: f.getAttribute('method'),
+      fields,
+    };
   });
   log('form', JSON.stringify(form));
   const has_csrf_field = form.fields.some(([k]) => k === '_csrf');

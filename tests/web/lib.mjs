@@ -41,17 +41,27 @@ export async function launch() {
   const dialogs = watchDialogs(page);
   page.on('console', (m) => log('console', m.type(), m.text()));
   page.on('pageerror', (e) => log('pageerror', String(e)));
+  // Every non-GET request and every failed answer, with headers (stderr).
+  page.on('request', async (r) => {
+    if (r.method() !== 'GET') log('request', r.method(), r.url(), JSON.stringify(await r.allHeaders()));
+  });
+  page.on('response', (r) => {
+    if (r.status() >= 400) log('response', r.status(), r.request().method(), r.url());
+  });
   return { browser, context, page, dialogs };
 }
 
-/** Record (and dismiss) every alert/confirm/prompt a page opens. */
+/**
+ * Record every alert/confirm/prompt a page opens; confirms are accepted
+ * (the user clicks OK; `accept_confirm: false` declines), others dismissed.
+ */
 export function watchDialogs(page) {
   const dialogs = [];
   page.on('dialog', async (d) => {
     dialogs.push({ type: d.type(), message: d.message() });
     log('dialog', d.type(), d.message());
     try {
-      if (arg.accept_confirm && d.type() === 'confirm') await d.accept();
+      if (arg.accept_confirm !== false && d.type() === 'confirm') await d.accept();
       else await d.dismiss();
     } catch (e) {
       log('dialog close failed', String(e));
