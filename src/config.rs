@@ -38,6 +38,7 @@ mod policies;
 mod pools;
 mod security;
 mod sessions;
+mod web;
 
 pub use auth::{AuthMethod, AuthSettings};
 pub use auth_cert::CertSettings;
@@ -53,6 +54,7 @@ pub use nat::NatSettings;
 pub use policies::{load_policies, LoadedPolicies, PolicyDefaults};
 pub use pools::{pool_overlap_warnings, PoolSpec};
 pub use sessions::SessionDefaults;
+pub use web::{ConsoleAt, WebSettings};
 
 use errors::{line_of, Ctx};
 // What the tests beside this file reach for.
@@ -94,6 +96,8 @@ struct RawConfig {
     cluster: Option<Spanned<cluster::RawCluster>>,
     #[serde(default)]
     auth: auth::RawAuth,
+    #[serde(default)]
+    web: web::RawWeb,
 }
 
 // ---------------------------------------------------------------------------
@@ -200,6 +204,8 @@ pub struct Config {
     /// `[auth]`: who checks passwords (the users file by default), LDAP,
     /// RADIUS, client certificates.
     pub auth: AuthSettings,
+    /// `[web]`: the user page, the administrator console, the REST API.
+    pub web: WebSettings,
 }
 
 /// Environment-variable / command-line overrides of common settings.
@@ -311,6 +317,7 @@ impl Config {
         let cluster =
             ClusterSettings::read(raw.cluster.as_ref(), ov.node.as_deref(), &base, &mut cx);
         let auth = AuthSettings::read(&raw.auth, &base, &mut cx);
+        let web = WebSettings::read(&raw.web, &mut cx);
 
         // The internal side: `[network] internal`, else the networks this
         // host is attached to (routes stay a full tunnel: nothing to narrow
@@ -396,6 +403,7 @@ impl Config {
             policies,
             cluster,
             auth,
+            web,
         })
     }
 }

@@ -516,11 +516,26 @@ pub async fn run_with(
         ));
     }
     tasks.spawn(crate::dataplane::tun_reader(shared.clone(), tun.clone()));
+    let web = crate::web::Web::new(shared.clone());
+    tasks.spawn(web.clone().sample_loop());
+    if let crate::config::ConsoleAt::Listen(addr) = config.web.console {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| RunError::Listen(addr, e))?;
+        info!(%addr, "administrator console and REST API at https://{addr}/console");
+        tasks.spawn(crate::tunnel::console_accept_loop(
+            shared.clone(),
+            l,
+            tokio_rustls::TlsAcceptor::from(tls.clone()),
+            web.clone(),
+        ));
+    }
     tasks.spawn(crate::tunnel::accept_loop(
         shared.clone(),
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
         tun.clone(),
+        web,
     ));
     tasks.spawn(crate::admin::serve(shared.clone(), ctl));
     if let Some((handler, listen)) = dns_task {

@@ -24,4 +24,5 @@ pub mod stats;
 pub mod tls;
 pub mod tunnel;
 pub mod users;
+pub mod web;
 pub use intragate_wire as wire;

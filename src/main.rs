@@ -76,6 +76,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: UserCmd,
     },
+    /// Manage the REST API's tokens (for automation; see README "Web interface").
+    ///
+    /// A token is printed once at creation; only its SHA-256 is kept, in
+    /// <state_dir>/api-tokens.json, which the running daemon re-reads.
+    Token {
+        #[command(subcommand)]
+        cmd: TokenCmd,
+    },
     /// Talk to the running daemon over its control socket (text, or --json).
     ///
     /// Every command prints text (a table, lines or one line) or, with
@@ -91,6 +99,29 @@ enum Cmd {
         json: bool,
         #[command(subcommand)]
         cmd: CtlCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token and print it (once: store it where the automation keeps secrets).
+    Create {
+        /// Its name: who or what uses it (letters, digits, -_.@).
+        name: String,
+        /// What it may do: viewer (read), operator (also disconnect, log off,
+        /// ban, unban) or admin (also reload, drain).
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+        /// It ends after this many days (default: when revoked).
+        #[arg(long)]
+        days: Option<u64>,
+    },
+    /// List the tokens: name, role, created, expires (never the tokens).
+    List,
+    /// Revoke a token by name (the API refuses it at once).
+    Revoke {
+        /// The token's name.
+        name: String,
     },
 }
 
@@ -246,6 +277,17 @@ enum CtlCmd {
     },
     /// Banned client addresses as a table: score, time left.
     Bans,
+    /// Ban a client address (an IPv6 address: its /64) for some minutes.
+    ///
+    /// An administrator's ban holds whatever the address's score; `ctl unban`
+    /// lifts it. Recorded in the address history with who did it.
+    Ban {
+        /// The address.
+        address: String,
+        /// How long (1 to 10080).
+        #[arg(long, default_value = "60")]
+        minutes: u64,
+    },
     /// Lift the ban of a client address; says whether there was one.
     Unban {
         /// The address.
@@ -293,6 +335,10 @@ impl CtlCmd {
             CtlCmd::Dns => Request::Dns,
             CtlCmd::Conntrack { user } => Request::Conntrack { user },
             CtlCmd::Bans => Request::Bans,
+            CtlCmd::Ban { address, minutes } => Request::Ban {
+                address,
+                minutes: Some(minutes),
+            },
             CtlCmd::Unban { address } => Request::Unban { address },
             CtlCmd::Reload => Request::Reload,
             CtlCmd::Drain { cancel, status, .. } => Request::Drain { cancel, status },
@@ -552,6 +598,46 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             )?;
             let cert = id.chain.first().context("no certificate")?;
             println!("{}", intragate::tls::pin_sha256(cert)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Token { cmd } => {
+            let c = load(&cli.config, &env_overrides())?;
+            let path = intragate::web::tokens::path(&c.state_dir);
+            match cmd {
+                TokenCmd::Create { name, role, days } => {
+                    let role = intragate::web::Role::parse(&role).context("unknown role")?;
+                    let token = intragate::web::tokens::create(&path, &name, role, days)?;
+                    eprintln!(
+                        "created token '{name}' ({}); it is shown only now:",
+                        role.as_str()
+                    );
+                    println!("{token}");
+                }
+                TokenCmd::List => {
+                    let list = intragate::web::tokens::load(&path)?;
+                    if list.is_empty() {
+                        println!("no tokens ({})", path.display());
+                    }
+                    for t in list {
+                        let expires = t
+                            .expires
+                            .map_or_else(|| "never".to_string(), |e| format!("unix {e}"));
+                        println!(
+                            "{:<24} {:<9} created unix {}  expires {expires}",
+                            t.name,
+                            t.role.as_str(),
+                            t.created
+                        );
+                    }
+                }
+                TokenCmd::Revoke { name } => {
+                    if intragate::web::tokens::revoke(&path, &name)? {
+                        println!("revoked token '{name}'");
+                    } else {
+                        anyhow::bail!("no token named '{name}'");
+                    }
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::User { cmd } => {

@@ -438,6 +438,25 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
                 .collect();
             Reply::Bans(BanList { bans })
         }
+        Request::Ban { address, minutes } => {
+            let Ok(ip) = address.trim().parse::<IpAddr>() else {
+                return Reply::error(format!("'{address}' is not an IP address"));
+            };
+            let minutes = minutes.unwrap_or(60);
+            if !(1..=10_080).contains(&minutes) {
+                return Reply::error("minutes must be 1 to 10080 (a week)");
+            }
+            let now = Instant::now();
+            let until = shared
+                .bans()
+                .ban(ip, now + Duration::from_secs(minutes * 60), now);
+            let remaining_s = until.saturating_duration_since(now).as_secs();
+            info!(address = %ip, minutes, "ctl ban");
+            Reply::Ban(protocol::Banned {
+                address: ip.to_string(),
+                remaining_s,
+            })
+        }
         Request::Unban { address } => {
             let Ok(ip) = address.parse::<IpAddr>() else {
                 return Reply::error(format!("'{address}' is not an IP address"));

@@ -41,6 +41,15 @@ pub enum Request {
     Dns,
     /// The banned client addresses.
     Bans,
+    /// Ban a client address for some minutes (an administrator's ban:
+    /// stays whatever its score; `unban` lifts it).
+    Ban {
+        /// The client address (checked by the daemon).
+        address: String,
+        /// How long (default 60, at most 10080 = a week).
+        #[serde(default)]
+        minutes: Option<u64>,
+    },
     /// Lift a ban.
     Unban {
         /// The client address (checked by the daemon).
@@ -114,7 +123,7 @@ pub enum RequestError {
 
 impl Request {
     /// Every `cmd`, as listed in the unknown-command error.
-    pub const COMMANDS: [&'static str; 13] = [
+    pub const COMMANDS: [&'static str; 14] = [
         "health",
         "stats",
         "sessions",
@@ -125,6 +134,7 @@ impl Request {
         "dns",
         "conntrack",
         "bans",
+        "ban",
         "unban",
         "reload",
         "drain",
@@ -171,6 +181,8 @@ pub enum Reply {
     Dns(DnsRecords),
     /// To [`Request::Bans`].
     Bans(BanList),
+    /// To [`Request::Ban`].
+    Ban(Banned),
     /// To [`Request::Unban`].
     Unban(Unbanned),
     /// To [`Request::Reload`].
@@ -388,6 +400,15 @@ pub struct Ban {
     pub remaining_s: u64,
 }
 
+/// `ban`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Banned {
+    /// The address whose key is banned (an IPv6 address bans its /64).
+    pub address: String,
+    /// Seconds until the ban ends (a longer ban in force stays).
+    pub remaining_s: u64,
+}
+
 /// `unban`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Unbanned {
@@ -528,6 +549,7 @@ impl Reply {
             Reply::Pools(b) => serde_json::to_value(b),
             Reply::Dns(b) => serde_json::to_value(b),
             Reply::Bans(b) => serde_json::to_value(b),
+            Reply::Ban(b) => serde_json::to_value(b),
             Reply::Unban(b) => serde_json::to_value(b),
             Reply::Reload(b) => serde_json::to_value(b),
             Reply::Conntrack(b) => serde_json::to_value(b),
@@ -568,6 +590,7 @@ impl Reply {
             Request::Pool => Reply::Pools(de(v)?),
             Request::Dns => Reply::Dns(de(v)?),
             Request::Bans => Reply::Bans(de(v)?),
+            Request::Ban { .. } => Reply::Ban(de(v)?),
             Request::Unban { .. } => Reply::Unban(de(v)?),
             Request::Reload => Reply::Reload(de(v)?),
             Request::Conntrack { .. } => Reply::Conntrack(de(v)?),
@@ -609,6 +632,10 @@ pub(crate) mod tests {
             Request::Pool,
             Request::Dns,
             Request::Bans,
+            Request::Ban {
+                address: "203.0.113.7".into(),
+                minutes: Some(5),
+            },
             Request::Unban {
                 address: "203.0.113.7".into(),
             },
@@ -689,7 +716,7 @@ pub(crate) mod tests {
         assert_eq!(
             e.to_string(),
             "unknown command 'shutdown' (health, stats, sessions, show, disconnect, logoff, \
-             pool, dns, conntrack, bans, unban, reload, drain)"
+             pool, dns, conntrack, bans, ban, unban, reload, drain)"
         );
 
         let e = Request::decode(r#"{"cmd":"unban"}"#).expect_err("no address");

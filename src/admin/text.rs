@@ -29,6 +29,7 @@ pub fn render(req: &Request, reply: &Reply) -> String {
         Reply::Pools(p) => pools(&p.pools),
         Reply::Dns(d) => dns(d),
         Reply::Bans(b) => bans(b),
+        Reply::Ban(b) => format!("banned {} for {}s\n", b.address, b.remaining_s),
         Reply::Unban(u) if u.was_banned => "unbanned\n".into(),
         Reply::Unban(_) => "was not banned\n".into(),
         Reply::Reload(r) => reload(&r.reloaded),

@@ -24,6 +24,7 @@ use crate::core::bans::ConnectionAdmission;
 use crate::fdlimit::{self, AcceptBackoff, FdSlot};
 use crate::shared::{Shared, UnauthSlot};
 use crate::stats::RefuseReason;
+use crate::web::Web;
 use crate::wire::http::{self, Limits, RequestHead};
 
 /// TLS handshake deadline.
@@ -53,6 +54,7 @@ pub async fn accept_loop(
     listener: TcpListener,
     tls: TlsAcceptor,
     tun: Arc<AsyncDevice>,
+    web: Arc<Web>,
 ) {
     let mut backoff = AcceptBackoff::new("TLS listener");
     loop {
@@ -85,7 +87,7 @@ pub async fn accept_loop(
         {
             // From a load balancer: the client's address is in the PROXY
             // header; everything per address waits for it.
-            let (shared, tls, tun) = (shared.clone(), tls.clone(), tun.clone());
+            let (shared, tls, tun, web) = (shared.clone(), tls.clone(), tun.clone(), web.clone());
             tokio::spawn(async move {
                 let mut tcp = tcp;
                 let client = match proxy_protocol::read_header(&mut tcp, PROXY_HEADER_TIMEOUT).await
@@ -104,7 +106,11 @@ pub async fn accept_loop(
                 };
                 if let Some(slot) = admit(&shared, client) {
                     let _ = tcp.set_nodelay(true);
-                    handle_connection(shared, tcp, client, tls, tun, slot, fd).await;
+                    let ends = Ends {
+                        tun,
+                        web: Some(web),
+                    };
+                    handle_connection(shared, tcp, client, tls, ends, slot, fd).await;
                 }
             });
             continue;
@@ -116,9 +122,12 @@ pub async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         let shared = shared.clone();
         let tls = tls.clone();
-        let tun = tun.clone();
+        let ends = Ends {
+            tun: tun.clone(),
+            web: Some(web.clone()),
+        };
         tokio::spawn(async move {
-            handle_connection(shared, tcp, ip, tls, tun, slot, fd).await;
+            handle_connection(shared, tcp, ip, tls, ends, slot, fd).await;
         });
     }
 }
@@ -145,12 +154,78 @@ fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Option<UnauthSlot> {
     slot
 }
 
+/// Where a connection may go after its first request: a tunnel (the TUN
+/// device), the web interface.
+struct Ends {
+    tun: Arc<AsyncDevice>,
+    web: Option<Arc<Web>>,
+}
+
+/// Accept connections for the administrator console's own listener
+/// (`[web] console = "IP:PORT"`): the same admission, bans and TLS as the
+/// main listener; every request goes to the console and the API.
+pub async fn console_accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    web: Arc<Web>,
+) {
+    let mut backoff = AcceptBackoff::new("console listener");
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    backoff.failed(&e, &shared.shutdown).await;
+                    continue;
+                }
+            },
+        };
+        backoff.succeeded();
+        let ip = client_ip(peer);
+        let fd = match fdlimit::budget().admit_client() {
+            fdlimit::Admission::Serve(fd) => fd,
+            fdlimit::Admission::RefuseOnly(fd) => {
+                drop(fd);
+                continue;
+            }
+            fdlimit::Admission::Close => {
+                shared.stats.refuse(RefuseReason::FdLimit);
+                continue;
+            }
+        };
+        let Some(slot) = admit(&shared, ip) else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let (shared, tls, web) = (shared.clone(), tls.clone(), web.clone());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    shared.stats.refuse(RefuseReason::TlsHandshake);
+                    info!(client = %ip, error = %e, "console: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    shared.stats.refuse(RefuseReason::TlsHandshake);
+                    return;
+                }
+            };
+            let info = crate::web::ConnInfo { ip, cert: None };
+            web.serve(stream, BytesMut::new(), info, true).await;
+            drop((slot, fd));
+        });
+    }
+}
+
 async fn handle_connection(
     shared: Arc<Shared>,
     tcp: TcpStream,
     ip: IpAddr,
     tls: TlsAcceptor,
-    tun: Arc<AsyncDevice>,
+    ends: Ends,
     slot: UnauthSlot,
     fd: FdSlot,
 ) {
@@ -207,7 +282,15 @@ async fn handle_connection(
         fd,
         peer_cert,
     };
-    conn.serve(tun, slot).await;
+    conn.serve(ends, slot).await;
+}
+
+/// A request read off the connection.
+enum Incoming {
+    /// For the OpenConnect exchange: the head and the body.
+    Http(RequestHead, Vec<u8>),
+    /// For the web interface: left unread in the buffer.
+    Web,
 }
 
 /// Why reading a request failed.
@@ -246,15 +329,37 @@ enum Next {
 }
 
 impl Conn {
-    async fn serve(mut self, tun: Arc<AsyncDevice>, slot: UnauthSlot) {
+    async fn serve(mut self, ends: Ends, slot: UnauthSlot) {
+        let Ends { tun, web } = ends;
         let limits = Limits::default();
         let mut deadline_each = self.shared.config.handshake_timeout;
         if self.fd.is_refusal() {
             deadline_each = deadline_each.min(fdlimit::REFUSAL_TIMEOUT);
         }
         for _ in 0..MAX_REQUESTS_PER_CONNECTION {
-            let req = match tokio::time::timeout(deadline_each, self.read_request(&limits)).await {
-                Ok(Ok(Some(r))) => r,
+            let web_ok = web.is_some() && !self.fd.is_refusal();
+            let req = match tokio::time::timeout(deadline_each, self.read_request(&limits, web_ok))
+                .await
+            {
+                Ok(Ok(Some(Incoming::Http(head, body)))) => (head, body),
+                Ok(Ok(Some(Incoming::Web))) => {
+                    let Some(web) = web else { return };
+                    let Conn {
+                        stream,
+                        buf,
+                        ip,
+                        peer_cert,
+                        fd,
+                        ..
+                    } = self;
+                    let info = crate::web::ConnInfo {
+                        ip,
+                        cert: peer_cert,
+                    };
+                    web.serve(stream, buf, info, false).await;
+                    drop((slot, fd));
+                    return;
+                }
                 Ok(Ok(None)) => return, // clean EOF between requests
                 Ok(Err(e)) => {
                     self.shared.stats.refuse(RefuseReason::Protocol);
@@ -298,10 +403,15 @@ impl Conn {
     async fn read_request(
         &mut self,
         limits: &Limits,
-    ) -> Result<Option<(RequestHead, Vec<u8>)>, ReadError> {
+        web_ok: bool,
+    ) -> Result<Option<Incoming>, ReadError> {
         loop {
             if !self.buf.is_empty() {
                 if let Some((head, len)) = http::parse_request_head(&self.buf, limits)? {
+                    if web_ok && crate::web::wants(&head) {
+                        // hyper reads it again, from the start.
+                        return Ok(Some(Incoming::Web));
+                    }
                     let _ = self.buf.split_to(len);
                     let want = head.content_length;
                     while self.buf.len() < want {
@@ -316,7 +426,7 @@ impl Conn {
                         }
                     }
                     let body = self.buf.split_to(want).to_vec();
-                    return Ok(Some((head, body)));
+                    return Ok(Some(Incoming::Http(head, body)));
                 }
             }
             self.buf.reserve(4096);

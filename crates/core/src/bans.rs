@@ -208,6 +208,9 @@ struct Ban {
     score: u32,
     /// Connections served during the ban only to be told why.
     explained: u32,
+    /// Set by an administrator: stays until it ends or is lifted, whatever
+    /// the score does.
+    manual: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -383,6 +386,7 @@ impl BanTable {
                 until,
                 score: prior,
                 explained: 0,
+                manual: false,
             });
             self.insert(key, entry);
             return Admit::Banned { until };
@@ -396,6 +400,7 @@ impl BanTable {
                 until: saturating_add(now, self.cfg.ban_time),
                 score,
                 explained: 0,
+                manual: false,
             });
         }
         let ticket = Ticket {
@@ -450,6 +455,37 @@ impl BanTable {
         };
         e.charged = e.charged.saturating_sub(1);
         self.put_back_after_refund(ticket.key, e);
+    }
+
+    /// Bans `ip`'s key until `until` (an administrator's decision, whatever
+    /// its score); a longer ban already in force stays. Returns the end of
+    /// the ban in force.
+    pub fn ban(&mut self, ip: IpAddr, until: Instant, now: Instant) -> Instant {
+        let key = ban_key(ip);
+        let mut e = match self.remove(key) {
+            Some(e) if self.is_live(&e, now) => e,
+            _ => {
+                self.make_room(now);
+                let generation = self.next_generation;
+                self.next_generation = self.next_generation.wrapping_add(1).max(1);
+                Entry {
+                    generation,
+                    charged: 0,
+                    last_failure: now,
+                    ban: None,
+                    failed_by_user: Vec::new(),
+                }
+            }
+        };
+        let until = e.ban.map_or(until, |b| b.until.max(until));
+        e.ban = Some(Ban {
+            until,
+            score: self.score(&e),
+            explained: 0,
+            manual: true,
+        });
+        self.insert(key, e);
+        until
     }
 
     /// Lifts the ban on `ip`'s key and forgets its score. Returns whether a
@@ -561,7 +597,7 @@ impl BanTable {
     /// Re-files an entry whose score went down: a ban its score no longer
     /// reaches is lifted, and an entry left with nothing is forgotten.
     fn put_back_after_refund(&mut self, key: IpAddr, mut e: Entry) {
-        if e.ban.is_some() && self.score(&e) < self.cfg.max_score {
+        if e.ban.is_some_and(|b| !b.manual) && self.score(&e) < self.cfg.max_score {
             e.ban = None;
         }
         if e.charged > 0 || e.ban.is_some() {
@@ -679,6 +715,32 @@ mod tests {
             Admit::Evaluate { ticket, .. } => ticket,
             Admit::Banned { .. } => panic!("refused as banned"),
         }
+    }
+
+    #[test]
+    fn an_administrators_ban_holds_until_it_ends_or_is_lifted() {
+        let t = Instant::now();
+        let mut b = table();
+        let a = ip("198.51.100.7");
+        // A ticket taken before the ban, refunded after: the ban stays.
+        let early = ticket(b.admit(a, "carol", t));
+        assert_eq!(b.ban(a, t + 600 * S, t), t + 600 * S);
+        b.refund(early, t + S);
+        assert_eq!(
+            b.check(a, t + 2 * S),
+            Admission::Banned { until: t + 600 * S }
+        );
+        assert!(matches!(
+            b.admit(a, "carol", t + 3 * S),
+            Admit::Banned { .. }
+        ));
+        assert_eq!(b.banned(t + 4 * S).len(), 1);
+        // A shorter ban does not cut a longer one.
+        assert_eq!(b.ban(a, t + 60 * S, t + 5 * S), t + 600 * S);
+        assert_eq!(b.check(a, t + 601 * S), Admission::Allowed);
+        b.ban(a, t + 1200 * S, t + 700 * S);
+        assert!(b.unban(a));
+        assert_eq!(b.check(a, t + 701 * S), Admission::Allowed);
     }
 
     #[test]
