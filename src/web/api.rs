@@ -2,8 +2,6 @@
 //! operations of `intragate ctl`, for automation (a token) and for the
 //! console's scripts (its cookie plus the `X-CSRF-Token` header).
 
-use std::time::Instant;
-
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, Response, StatusCode};
@@ -41,6 +39,15 @@ pub(super) fn routes() -> Router<WebRef> {
         .route("/api/v1/conntrack", get(conntrack))
         .route("/api/v1/history", get(history))
         .route("/api/v1/series", get(series))
+        .route(
+            "/api/v1/openapi.yaml",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/yaml; charset=utf-8")],
+                    include_str!("../../docs/openapi.yaml"),
+                )
+            }),
+        )
 }
 
 /// A handler's answer, boxed.
@@ -120,7 +127,7 @@ fn caller(
                 ));
             }
         }
-    } else if let Some(me) = web.sessions.get(Kind::Console, headers, Instant::now()) {
+    } else if let Some(me) = web.signed_in(Kind::Console, headers) {
         if method != Method::GET && method != Method::HEAD {
             let sent = headers
                 .get("x-csrf-token")

@@ -102,8 +102,7 @@ async fn login(
     };
     let signed = web.sessions.open(
         Kind::Console,
-        &identity.name,
-        identity.groups.clone(),
+        &identity,
         Some(role),
         method.clone(),
         Instant::now(),
@@ -127,8 +126,7 @@ async fn login(
 }
 
 fn signed_in(web: &Web, headers: &HeaderMap) -> Result<WebSession, Response<Body>> {
-    web.sessions
-        .get(Kind::Console, headers, Instant::now())
+    web.signed_in(Kind::Console, headers)
         .ok_or_else(|| redirect("/console/login"))
 }
 

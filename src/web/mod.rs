@@ -115,6 +115,31 @@ impl Web {
         })
     }
 
+    /// The live page session the request's cookie names, if its account is
+    /// still as it was at sign-in (a local user deleted, locked or given a
+    /// new password is signed out at the next request).
+    pub(crate) fn signed_in(
+        &self,
+        kind: session::Kind,
+        headers: &axum::http::HeaderMap,
+    ) -> Option<session::WebSession> {
+        let me = self
+            .sessions
+            .get(kind, headers, std::time::Instant::now())?;
+        if me.source == "local" && me.stamp != 0 {
+            let valid = matches!(
+                self.shared.users.account(&me.user),
+                Ok(crate::core::session::Account::Valid { stamp, .. }) if stamp == me.stamp
+            );
+            if !valid {
+                tracing::info!(user = %me.user, "web session ended: the account changed");
+                self.sessions.drop_current(kind, headers);
+                return None;
+            }
+        }
+        Some(me)
+    }
+
     /// Sample the charts' figures until shutdown (a gateway task).
     pub async fn sample_loop(self: Arc<Self>) {
         self.series.run(&self.shared).await;
@@ -221,7 +246,9 @@ fn secure_headers(h: &mut axum::http::HeaderMap) {
     set(h, header::CONTENT_SECURITY_POLICY, CSP);
     set(h, header::X_CONTENT_TYPE_OPTIONS, "nosniff");
     set(h, header::X_FRAME_OPTIONS, "DENY");
-    set(h, header::REFERRER_POLICY, "no-referrer");
+    // Not "no-referrer": with it Chromium sends `Origin: null` on our own
+    // form posts, which the CSRF check must refuse.
+    set(h, header::REFERRER_POLICY, "same-origin");
     set(h, header::CACHE_CONTROL, "no-store");
     set(h, header::STRICT_TRANSPORT_SECURITY, "max-age=31536000");
     set(
@@ -283,13 +310,6 @@ fn assets_routes() -> Router<WebRef> {
             get(asset(
                 "text/javascript; charset=utf-8",
                 include_str!("assets/workspace.js"),
-            )),
-        )
-        .route(
-            "/api/v1/openapi.yaml",
-            get(asset(
-                "application/yaml; charset=utf-8",
-                include_str!("../../docs/openapi.yaml"),
             )),
         )
 }

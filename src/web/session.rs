@@ -89,6 +89,10 @@ pub(crate) struct WebSession {
     pub role: Option<Role>,
     /// How the user authenticated (`password+totp`, …).
     pub method: String,
+    /// Which backend knows the user (`local`, `ldap`, …).
+    pub source: &'static str,
+    /// The users file's credential stamp at sign-in (local users).
+    pub stamp: u64,
     /// The token every state-changing request must carry.
     pub csrf: String,
     created: Instant,
@@ -123,23 +127,23 @@ impl Sessions {
     }
 
     /// Open a session; the `Set-Cookie` value to send.
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         &self,
         kind: Kind,
-        user: &str,
-        groups: Vec<String>,
+        who: &crate::auth::Identity,
         role: Option<Role>,
         method: String,
         now: Instant,
     ) -> SignedIn {
         let token = crate::logon::new_token();
         let s = WebSession {
-            user: user.to_string(),
-            groups,
+            user: who.name.clone(),
+            groups: who.groups.clone(),
             kind,
             role,
             method,
+            source: who.source,
+            stamp: who.stamp,
             csrf: crate::logon::new_token(),
             created: now,
             last_used: now,
@@ -175,6 +179,13 @@ impl Sessions {
         }
         s.last_used = now;
         Some(s.clone())
+    }
+
+    /// End the session named by the request's cookie (its account changed).
+    pub(crate) fn drop_current(&self, kind: Kind, headers: &HeaderMap) {
+        if let Some(token) = cookie_value(headers, cookie_name(kind)) {
+            self.lock().remove(token);
+        }
     }
 
     /// End the session named by the request's cookie; the cookie that
@@ -280,7 +291,11 @@ mod tests {
     fn sessions_expire_when_idle_and_at_sign_out() {
         let s = Sessions::new(Duration::from_secs(60), Duration::from_secs(600));
         let t0 = Instant::now();
-        let c = s.open(Kind::User, "alice", vec![], None, "password".into(), t0);
+        let alice = crate::auth::Identity {
+            name: "alice".into(),
+            ..Default::default()
+        };
+        let c = s.open(Kind::User, &alice, None, "password".into(), t0);
         let value = c.cookie.split(';').next().expect("pair").to_string();
         assert!(c.cookie.contains("HttpOnly") && c.cookie.contains("Secure"));
         assert!(c.cookie.contains("SameSite=Strict"));
@@ -299,7 +314,7 @@ mod tests {
         assert!(s
             .get(Kind::User, &h, t0 + Duration::from_secs(141))
             .is_none());
-        let c = s.open(Kind::User, "alice", vec![], None, "password".into(), t0);
+        let c = s.open(Kind::User, &alice, None, "password".into(), t0);
         let h = with_cookie(c.cookie.split(';').next().expect("pair"));
         let clear = s.close(Kind::User, &h);
         assert!(clear.contains("Max-Age=0"));

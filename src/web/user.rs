@@ -159,14 +159,9 @@ async fn login(
         Ok(x) => x,
         Err(page) => return page,
     };
-    let signed = web.sessions.open(
-        Kind::User,
-        &identity.name,
-        identity.groups.clone(),
-        None,
-        method.clone(),
-        Instant::now(),
-    );
+    let signed = web
+        .sessions
+        .open(Kind::User, &identity, None, method.clone(), Instant::now());
     info!(user = %identity.name, client = %info.ip, %method, "user page: signed in");
     super::record(
         &web,
@@ -187,8 +182,7 @@ async fn login(
 
 /// The signed-in user of the page, or the redirect to the logon page.
 fn signed_in(web: &Web, headers: &HeaderMap) -> Result<WebSession, Response<Body>> {
-    web.sessions
-        .get(Kind::User, headers, Instant::now())
+    web.signed_in(Kind::User, headers)
         .ok_or_else(|| redirect("/workspace/login"))
 }
 
@@ -407,7 +401,7 @@ pub(super) fn check_post(
             ),
         )
     };
-    let Some(me) = web.sessions.get(kind, headers, Instant::now()) else {
+    let Some(me) = web.signed_in(kind, headers) else {
         return Err(refuse(
             "You are not signed in (or your session expired). Sign in again.",
         ));
