@@ -8,8 +8,10 @@ usage: api_noauth.py OPENAPI.yaml BASE_URL
   BASE_URL: where the description's paths are rooted, e.g.
   https://198.18.19.1:4443/api/v1 (no trailing slash)
 
+Requests with a body carry a minimal valid one (the schema's required
+properties), and are sent once more with `{}`: credentials come first.
 Prints one JSON line per operation {"method", "path", "none", "bogus",
-"body_ok"} and a last line {"operations": N, "failures": [...]}.
+"body_ok", "empty_body"?} and a last line {"operations": N, "failures": [...]}.
 """
 import json
 import ssl
@@ -24,11 +26,32 @@ METHODS = ("get", "post", "put", "patch", "delete")
 PARAM_VALUES = {"address": "198.18.200.200", "user": "nobody", "id": "0"}
 
 
-def call(url, method, headers):
+def valid_body(op):
+    """A minimal body the operation's JSON schema accepts (its required
+    properties), or None when it takes no body."""
+    content = ((op.get("requestBody") or {}).get("content") or {}).get("application/json")
+    if not content:
+        return None
+    schema = content.get("schema") or {}
+    body = {}
+    for name in schema.get("required", []):
+        prop = (schema.get("properties") or {}).get(name, {})
+        if prop.get("type") == "integer":
+            body[name] = prop.get("minimum", 1)
+        elif name == "address":
+            body[name] = PARAM_VALUES["address"]
+        else:
+            body[name] = "x"
+    return body
+
+
+def call(url, method, headers, body=None):
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    data = b"{}" if method in ("post", "put", "patch") else None
+    data = None
+    if method in ("post", "put", "patch"):
+        data = json.dumps(body if body is not None else {}).encode()
     req = urllib.request.Request(url, data=data, method=method.upper(), headers=headers)
     if data is not None:
         req.add_header("Content-Type", "application/json")
@@ -55,10 +78,18 @@ def main():
                 a = concrete.index("{")
                 b = concrete.index("}", a)
                 concrete = concrete[:a] + "x" + concrete[b + 1 :]
-            st_none, body_none = call(base + concrete, method, {})
+            body = valid_body(item[method])
+            st_none, body_none = call(base + concrete, method, {}, body)
             st_bogus, _ = call(
-                base + concrete, method, {"Authorization": "Bearer igt_bogus0000000000000000"}
+                base + concrete,
+                method,
+                {"Authorization": "Bearer igt_bogus0000000000000000"},
+                body,
             )
+            # A malformed body must not be looked at before the credentials.
+            st_empty = None
+            if body:
+                st_empty, _ = call(base + concrete, method, {}, {})
             try:
                 body_ok = "error" in json.loads(body_none)
             except ValueError:
@@ -70,8 +101,10 @@ def main():
                 "bogus": st_bogus,
                 "body_ok": body_ok,
             }
+            if st_empty is not None:
+                rec["empty_body"] = st_empty
             print(json.dumps(rec), flush=True)
-            if st_none != 401 or st_bogus != 401 or not body_ok:
+            if st_none != 401 or st_bogus != 401 or not body_ok or st_empty not in (None, 401):
                 failures.append(rec)
     print(json.dumps({"operations": ops, "failures": failures}), flush=True)
 
