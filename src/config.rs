@@ -607,6 +607,47 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    #[test]
+    fn workspace_settings_parse_and_unknown_values_name_the_line() {
+        use crate::core::policy::{LogoffAction, ReconnectAtLogon, WorkspaceSetting};
+        let cfg = "[[pool]]\nname = \"default\"\ncidr = \"198.18.0.0/24\"\n";
+        let f = Fixture::new(
+            "wsok",
+            cfg,
+            "[[policy]]\nname = \"a\"\ngroups = [\"*\"]\nreconnect_at_logon = \"active-and-disconnected\"\n\
+             logoff_action = \"logoff\"\nusers_may_change = [\"logoff_action\"]\n",
+        );
+        let c = f.load(&[]).expect("config");
+        let p = &c.policies.policies()[0];
+        assert_eq!(
+            p.reconnect_at_logon,
+            ReconnectAtLogon::ActiveAndDisconnected
+        );
+        assert_eq!(p.logoff_action, LogoffAction::Logoff);
+        assert_eq!(p.users_may_change, vec![WorkspaceSetting::LogoffAction]);
+        // Defaults keep today's behaviour.
+        let f = Fixture::new("wsdefault", cfg, "");
+        let c = f.load(&[]).expect("config");
+        let p = &c.policies.policies()[0];
+        assert_eq!(p.reconnect_at_logon, ReconnectAtLogon::Off);
+        assert_eq!(p.logoff_action, LogoffAction::None);
+        assert!(p.users_may_change.is_empty());
+        let f = Fixture::new(
+            "wsbad",
+            cfg,
+            "[[policy]]\nname = \"a\"\ngroups = [\"*\"]\nreconnect_at_logon = \"always\"\n\
+             logoff_action = \"terminate\"\nusers_may_change = [\"reconnect_at_logon\", \"pool\"]\n",
+        );
+        assert_eq!(
+            f.errors(),
+            [
+                "policies/10-p.toml:4: policy 'a': reconnect_at_logon 'always': use off, disconnected or active-and-disconnected",
+                "policies/10-p.toml:5: policy 'a': logoff_action 'terminate': use none, disconnect or logoff",
+                "policies/10-p.toml:6: policy 'a': users_may_change: unknown setting 'pool': use reconnect_at_logon or logoff_action",
+            ]
+        );
+    }
+
     /// A config file and one policy file in a fresh directory; the errors
     /// as "FILE:LINE: message" with the directory left out.
     struct Fixture {

@@ -173,7 +173,24 @@ pub fn session_row(s: &Session, domain: &str, now: Instant) -> SessionRow {
         auth_server: s.auth.server.clone(),
         groups_from: s.auth.groups_from.clone(),
         traffic: None,
+        workspace: None,
     }
+}
+
+/// `reconnect at logon: disconnected (user's choice); logoff action: none`:
+/// the workspace settings in force for a session's user.
+pub fn workspace_text(
+    policy: &crate::core::policy::Policy,
+    prefs: &crate::core::policy::UserPrefs,
+) -> String {
+    let reconnect = policy.effective_reconnect_at_logon(prefs);
+    let logoff = policy.effective_logoff_action(prefs);
+    let whose = |own: bool| if own { " (user's choice)" } else { "" };
+    format!(
+        "reconnect at logon: {reconnect}{}; logoff action: {logoff}{}",
+        whose(reconnect != policy.reconnect_at_logon),
+        whose(logoff != policy.logoff_action)
+    )
 }
 
 /// `ldap (password)`: the account source and the factors.
@@ -227,6 +244,7 @@ pub fn remote_row(
         auth_server: None,
         groups_from: Vec::new(),
         traffic: None,
+        workspace: None,
     }
 }
 
@@ -381,6 +399,8 @@ pub fn respond(shared: &Shared, req: Request) -> Reply {
                         .filter_map(|i| core.session(*i))
                         .map(|s| {
                             let mut row = session_row(s, domain, now);
+                            row.workspace =
+                                Some(workspace_text(&s.policy, &core.user_prefs(&s.user)));
                             row.traffic = shared
                                 .data
                                 .routes
@@ -627,6 +647,43 @@ mod state_tests;
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn workspace_text_marks_the_users_choices() {
+        use crate::core::policy::{
+            GroupMatch, LogoffAction, Policy, ReconnectAtLogon, UserPrefs, WorkspaceSetting,
+        };
+        let mut p = Policy {
+            name: "p".into(),
+            matches: vec![GroupMatch::Any],
+            pool: "default".into(),
+            client_to_client: false,
+            routes: vec![],
+            max_sessions_per_user: 1,
+            idle_timeout: None,
+            session_timeout: None,
+            reconnect_window: std::time::Duration::from_secs(60),
+            inbound: vec![],
+            derived: vec![],
+            nat: false,
+            reconnect_at_logon: ReconnectAtLogon::Disconnected,
+            logoff_action: LogoffAction::None,
+            users_may_change: vec![WorkspaceSetting::LogoffAction],
+        };
+        let prefs = UserPrefs {
+            reconnect_at_logon: Some(ReconnectAtLogon::Off),
+            logoff_action: Some(LogoffAction::Logoff),
+        };
+        assert_eq!(
+            workspace_text(&p, &prefs),
+            "reconnect at logon: disconnected; logoff action: logoff (user's choice)"
+        );
+        p.users_may_change.clear();
+        assert_eq!(
+            workspace_text(&p, &prefs),
+            "reconnect at logon: disconnected; logoff action: none"
+        );
+    }
 
     /// A gateway's shared state over a temporary directory (no sockets).
     struct Gw {

@@ -318,6 +318,10 @@ pub struct SessionRow {
     /// The session's traffic (`ctl show` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic: Option<TrafficRow>,
+    /// The user's workspace settings in force (`ctl show` only), e.g.
+    /// `reconnect at logon: disconnected; logoff action: none`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workspace: Option<String>,
 }
 
 /// A session's traffic through the gateway: "in" is from the user.
@@ -750,6 +754,7 @@ pub(crate) mod tests {
             auth_server: Some("ldaps://dc1.example:636".into()),
             groups_from: vec!["staff: ldap memberOf cn=staff,ou=groups,dc=example".into()],
             traffic: None,
+            workspace: None,
         }
     }
 

@@ -213,6 +213,9 @@ fn show(list: &[SessionRow]) -> String {
         for (k, v) in lines {
             let _ = writeln!(out, "{:<10}{v}", format!("{k}:"));
         }
+        if let Some(w) = &s.workspace {
+            let _ = writeln!(out, "{:<10}{w}", "workspace:");
+        }
         for g in &s.groups_from {
             let _ = writeln!(out, "{:<10}{g}", "group:");
         }

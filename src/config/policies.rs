@@ -13,7 +13,9 @@ use toml::Spanned;
 use super::errors::{line_of, ConfigError, ConfigErrors, Ctx};
 use super::sessions::{nonzero_secs, SessionDefaults};
 use crate::core::conntrack::InboundRule;
-use crate::core::policy::{GroupMatch, Policy, PolicySet};
+use crate::core::policy::{
+    GroupMatch, LogoffAction, Policy, PolicySet, ReconnectAtLogon, WorkspaceSetting,
+};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,6 +43,10 @@ pub(super) struct RawPolicy {
     #[serde(default)]
     pub(super) derived: Vec<Spanned<RawDerived>>,
     nat: Option<bool>,
+    reconnect_at_logon: Option<Spanned<String>>,
+    logoff_action: Option<Spanned<String>>,
+    #[serde(default)]
+    users_may_change: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -306,6 +312,28 @@ fn read_policy(p: &Spanned<RawPolicy>, defaults: &PolicyDefaults, cx: &mut Ctx<'
             Err(e) => cx.err_at(r.span(), format!("policy '{name}': derived: {e}")),
         }
     }
+    let reconnect_at_logon = match &p.reconnect_at_logon {
+        Some(v) => v.get_ref().parse().unwrap_or_else(|e: String| {
+            cx.err_at(v.span(), format!("policy '{name}': {e}"));
+            ReconnectAtLogon::default()
+        }),
+        None => ReconnectAtLogon::default(),
+    };
+    let logoff_action = match &p.logoff_action {
+        Some(v) => v.get_ref().parse().unwrap_or_else(|e: String| {
+            cx.err_at(v.span(), format!("policy '{name}': {e}"));
+            LogoffAction::default()
+        }),
+        None => LogoffAction::default(),
+    };
+    let mut users_may_change = Vec::new();
+    for v in &p.users_may_change {
+        match v.get_ref().parse::<WorkspaceSetting>() {
+            Ok(w) if !users_may_change.contains(&w) => users_may_change.push(w),
+            Ok(_) => {}
+            Err(e) => cx.err_at(v.span(), format!("policy '{name}': {e}")),
+        }
+    }
     let groups = p
         .groups
         .iter()
@@ -343,6 +371,9 @@ fn read_policy(p: &Spanned<RawPolicy>, defaults: &PolicyDefaults, cx: &mut Ctx<'
         inbound,
         derived,
         nat: p.nat.unwrap_or(false),
+        reconnect_at_logon,
+        logoff_action,
+        users_may_change,
     }
 }
 
@@ -363,5 +394,8 @@ fn built_in(defaults: &PolicyDefaults) -> Policy {
         inbound: defaults.inbound(),
         derived: vec![],
         nat: false,
+        reconnect_at_logon: ReconnectAtLogon::Off,
+        logoff_action: LogoffAction::None,
+        users_may_change: vec![],
     }
 }

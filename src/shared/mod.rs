@@ -15,6 +15,7 @@ mod persist;
 #[cfg(test)]
 pub(crate) mod test_util;
 mod tunnels;
+mod workspace;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -42,6 +43,10 @@ pub use datapath::{DataPath, LockedNat, Port, PortRules, UserQueue};
 pub use failover::Resume;
 pub use persist::unix_now;
 pub use tunnels::{TunnelCtl, TunnelHandle, UnauthSlot};
+pub use workspace::{
+    LogoffAction, ReconnectAtLogon, UserPrefs, WorkspacePreference, WorkspaceSetting,
+    WorkspaceSettings, PREFS_FILE,
+};
 
 /// Everything the shells share.
 #[derive(Debug)]
@@ -98,6 +103,8 @@ pub struct Shared {
     pub users_error: Mutex<Option<String>>,
     /// The DNS handler (kept to reload zones), once the server runs.
     pub dns: std::sync::OnceLock<crate::dns::IntragateDns<SessionRecords>>,
+    /// Serializes writes of the users' workspace settings.
+    workspace_write: tokio::sync::Mutex<()>,
 }
 
 /// The session table's DNS records, as the DNS server reads them (one brief
@@ -226,6 +233,7 @@ impl Shared {
             dns: std::sync::OnceLock::new(),
             accounts_checked: AtomicU64::new(0),
             users_error: Mutex::new(None),
+            workspace_write: tokio::sync::Mutex::new(()),
             config,
         })
     }

@@ -20,6 +20,10 @@ impl Shared {
     /// refuses when the stored state is unusable, unless `discard`.
     pub async fn load_state(&self, discard: bool) -> Result<usize, StoreError> {
         let _serial = self.persist.write_lock.lock().await;
+        let prefs = self.load_workspace_prefs();
+        if prefs > 0 {
+            info!(users = prefs, "read the users' own workspace settings");
+        }
         if let Some(c) = self.cluster().cloned() {
             let (n, revision) = self.load_cluster_state(&c).await?;
             self.persist.set_loaded_from("etcd");

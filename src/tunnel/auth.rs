@@ -480,6 +480,16 @@ impl Conn {
                         return self.refuse_logon(crate::cluster::STORE_DOWN_MESSAGE).await;
                     }
                 },
+                Ok(LogonOutcome::Resumed(id)) => match shared.claim_session(id).await {
+                    Claim::Claimed => {
+                        info!(session = %id, user = %name, client = %self.ip, "logon resumed session {id} (reconnect at logon)");
+                        return self.complete(id, &name).await;
+                    }
+                    Claim::Lost | Claim::Unavailable(_) => {
+                        shared.stats.refuse(RefuseReason::Unavailable);
+                        return self.refuse_logon(crate::cluster::STORE_DOWN_MESSAGE).await;
+                    }
+                },
                 Ok(LogonOutcome::TransferOffered(offer)) => {
                     info!(user = %name, client = %self.ip, existing = offer.sessions.len(), "logon at the session limit: transfer offered");
                     shared.auth.offer_made(&offer.token, &identity);

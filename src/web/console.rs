@@ -393,11 +393,38 @@ async fn details(
         "<dt>Groups from</dt><dd>{}</dd>",
         esc(&join("groups_from"))
     );
-    let _ = write!(
-        b,
-        "<dt>Routes</dt><dd class=\"routes\">{}</dd>",
-        esc(&join("routes"))
-    );
+    // The policy in force, from the session table itself.
+    let sid = s(&v, "id");
+    let policy = sid
+        .strip_prefix('s')
+        .unwrap_or(&sid)
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| {
+            let core = web.shared.core();
+            core.session(crate::core::session::SessionId(n))
+                .map(|x| x.policy.clone())
+        });
+    if let Some(p) = policy {
+        let routes = if p.routes.is_empty() {
+            "full tunnel (all traffic)".to_string()
+        } else {
+            p.routes
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let _ = write!(
+            b,
+            "<dt>Routes</dt><dd class=\"routes\">{}</dd><dt>User to user</dt><dd>{}</dd><dt>Idle timeout</dt><dd>{}</dd><dt>Session timeout</dt><dd>{}</dd><dt>Inbound rules</dt><dd>{}</dd>",
+            esc(&routes),
+            if p.client_to_client { "allowed" } else { "denied" },
+            p.idle_timeout.map_or_else(|| "none".into(), |d| html::secs(d.as_secs())),
+            p.session_timeout.map_or_else(|| "none".into(), |d| html::secs(d.as_secs())),
+            p.inbound.len()
+        );
+    }
     let _ = write!(
         b,
         "<dt>Age / idle</dt><dd>{} / {}</dd>",

@@ -158,6 +158,9 @@ fn policy(max_per_user: u32, idle: Option<Duration>) -> Policy {
         inbound: vec![],
         derived: vec![],
         nat: false,
+        reconnect_at_logon: Default::default(),
+        logoff_action: Default::default(),
+        users_may_change: vec![],
     }
 }
 

@@ -16,7 +16,9 @@ use crate::policy::Policy;
 
 impl GatewayState {
     /// Authenticated user → new session with an intranet IP, or a transfer
-    /// offer when the user already holds the allowed number of sessions.
+    /// offer when the user already holds the allowed number of sessions,
+    /// or (reconnect at logon, see `workspace`) one of the user's sessions
+    /// resumed on the new device.
     pub fn handle_logon(
         &mut self,
         req: LogonRequest,
@@ -28,6 +30,9 @@ impl GatewayState {
             .cloned()
             .ok_or_else(|| LogonError::NoPolicy(req.user.clone()))?;
         let key = user_key(&req.user);
+        if let Some(id) = self.resumable(&key, &policy) {
+            return self.resume(id, req, now);
+        }
         if self.held_all(&key) >= policy.max_sessions_per_user as usize {
             // A session that authenticated but never brought a tunnel up
             // (e.g. `openconnect --authenticate`, or a client that died

@@ -20,9 +20,11 @@
 //! - `types`: sessions, settings, events, errors (the vocabulary);
 //! - `state`: [`GatewayState`] itself, its queries, attach/detach, closing
 //!   and the timers;
-//! - `logon`, `transfer`, `accounts`, `records`: the operations of
-//!   [`GatewayState`] that open sessions, answer transfer offers, follow
-//!   accounts and policies, and persist and restore.
+//! - `logon`, `transfer`, `workspace`, `accounts`, `records`: the
+//!   operations of [`GatewayState`] that open sessions, answer transfer
+//!   offers, resume sessions at logon (reconnect at logon) and keep the
+//!   users' own settings, follow accounts and policies, and persist and
+//!   restore.
 
 mod accounts;
 mod logon;
@@ -33,6 +35,7 @@ mod state;
 mod tests;
 mod transfer;
 mod types;
+mod workspace;
 
 pub use crate::ids::SessionId;
 pub use records::SessionRecord;
@@ -44,3 +47,4 @@ pub use types::{
     LogonOutcome, LogonRequest, PolicyReload, Reevaluation, Session, SessionSettings, SessionState,
     SessionSummary, TransferError, TransferOffer, NAT_POOL, NO_ADDRESS_MESSAGE,
 };
+pub use workspace::RESUMED_ELSEWHERE;

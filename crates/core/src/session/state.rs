@@ -54,6 +54,8 @@ pub struct GatewayState {
     /// Sessions restored with a hashed cookie (a cluster store keeps no
     /// cookie in clear): cookie lookups also try the hash while any is.
     pub(super) hashed_tokens: usize,
+    /// The users' own workspace settings, by user key (see `workspace`).
+    pub(super) prefs: HashMap<String, crate::policy::UserPrefs>,
 }
 
 impl GatewayState {
@@ -96,6 +98,7 @@ impl GatewayState {
             remote_by_token: HashMap::new(),
             remote_by_user: HashMap::new(),
             hashed_tokens: 0,
+            prefs: HashMap::new(),
         })
     }
 

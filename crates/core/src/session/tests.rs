@@ -1,10 +1,11 @@
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
 use super::*;
-use crate::policy::{GroupMatch, Policy, PolicySet};
+use crate::policy::{GroupMatch, Policy, PolicySet, ReconnectAtLogon, UserPrefs, WorkspaceSetting};
 use crate::pool::PoolConfig;
 
 fn policy(max_per_user: u32) -> Policy {
@@ -21,6 +22,9 @@ fn policy(max_per_user: u32) -> Policy {
         inbound: vec![],
         derived: vec![],
         nat: false,
+        reconnect_at_logon: Default::default(),
+        logoff_action: Default::default(),
+        users_may_change: vec![],
     }
 }
 
@@ -663,11 +667,12 @@ proptest! {
     /// belongs to a live session, DNS records equal the live sessions,
     /// and no user exceeds the session limit.
     #[test]
-    fn tables_stay_consistent(ops in proptest::collection::vec(op(), 1..100), limit in 1u32..3) {
+    fn tables_stay_consistent(ops in proptest::collection::vec(op(), 1..100), limit in 1u32..3, reconnect in 0usize..3) {
         let t0 = Instant::now();
         let mut now = t0;
         let mut p = policy(limit);
         p.idle_timeout = Some(Duration::from_secs(900));
+        p.reconnect_at_logon = ReconnectAtLogon::ALL[reconnect];
         let mut g = state_with("198.18.64.0/29", p);
         let mut tok = 0u32;
         let mut offers: Vec<String> = Vec::new();
@@ -681,8 +686,17 @@ proptest! {
             match op {
                 Op::Logon(u) => {
                     tok += 1;
-                    if let Ok(LogonOutcome::TransferOffered(o)) = g.handle_logon(req(&user(u), &format!("t{tok}")), now) {
-                        offers.push(o.token);
+                    let before: HashMap<SessionId, String> = g.sessions().map(|s| (s.id, s.token.clone())).collect();
+                    match g.handle_logon(req(&user(u), &format!("t{tok}")), now) {
+                        Ok(LogonOutcome::TransferOffered(o)) => offers.push(o.token),
+                        Ok(LogonOutcome::Resumed(id)) => {
+                            // The cookie rotated: the old device's is dead.
+                            prop_assert!(reconnect > 0, "resumed with reconnect at logon off");
+                            let old = before.get(&id).expect("resumed an existing session");
+                            prop_assert!(g.session_by_token(old).is_none(), "old cookie still works");
+                            prop_assert_eq!(g.session_by_token(&format!("t{tok}")).map(|s| s.id), Some(id));
+                        }
+                        _ => {}
                     }
                 }
                 Op::Answer(i, accept) => {
@@ -745,6 +759,11 @@ proptest! {
             }
             let per_user: usize = g.by_user.values().map(Vec::len).sum();
             prop_assert_eq!(per_user, g.len());
+            // The cookie index holds exactly the live sessions' cookies.
+            prop_assert_eq!(g.by_token.len(), g.len());
+            for (t, id) in &g.by_token {
+                prop_assert_eq!(g.session(*id).map(|s| s.token.as_str()), Some(t.as_str()));
+            }
         }
     }
 }
@@ -761,10 +780,12 @@ proptest! {
         idle in proptest::option::of(60u64..900),
         life in proptest::option::of(300u64..3000),
         window in 30u64..400,
+        reconnect in 0usize..3,
     ) {
         let t0 = Instant::now();
         let mut now = t0;
         let mut p = policy(2);
+        p.reconnect_at_logon = ReconnectAtLogon::ALL[reconnect];
         p.idle_timeout = idle.map(Duration::from_secs);
         p.session_timeout = life.map(Duration::from_secs);
         p.reconnect_window = Duration::from_secs(window);
@@ -1270,4 +1291,203 @@ fn a_directory_recheck_ends_or_reevaluates_only_its_own_sessions() {
         ["staff: ldap memberOf cn=staff"]
     );
     assert!(g.session(radius).unwrap().auth.groups_from.is_empty());
+}
+
+// --- Reconnect at logon (workspace control) ---
+
+fn ws_state(max_per_user: u32, reconnect: ReconnectAtLogon) -> GatewayState {
+    let mut p = policy(max_per_user);
+    p.reconnect_at_logon = reconnect;
+    state_with("198.18.64.0/28", p)
+}
+
+fn from(user: &str, token: &str, client: &str, method: &str) -> LogonRequest {
+    LogonRequest {
+        client_addr: Some(client.parse().expect("ip")),
+        auth: AuthInfo {
+            method: method.into(),
+            ..AuthInfo::default()
+        },
+        ..req(user, token)
+    }
+}
+
+#[test]
+fn reconnect_off_offers_a_transfer_as_before() {
+    let t0 = Instant::now();
+    let mut g = ws_state(1, ReconnectAtLogon::Off);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    g.handle_attach("a1", None, None, t0).expect("attach");
+    g.handle_detach(a, t0);
+    let r = g.handle_logon(req("alice", "a2"), t0);
+    assert!(matches!(r, Ok(LogonOutcome::TransferOffered(_))), "{r:?}");
+    assert!(g.session_by_token("a1").is_some());
+}
+
+#[test]
+fn reconnect_disconnected_resumes_a_disconnected_session_with_a_new_cookie() {
+    let t0 = Instant::now();
+    let mut g = ws_state(1, ReconnectAtLogon::Disconnected);
+    let a = opened(g.handle_logon(from("alice", "a1", "203.0.113.1", "password"), t0));
+    g.handle_attach("a1", Some("laptop".into()), None, t0)
+        .expect("attach");
+    let (addr, label) = {
+        let s = g.session(a).expect("a");
+        (s.addr, s.dns_label.clone())
+    };
+    let t1 = t0 + Duration::from_secs(30);
+    g.handle_detach(a, t1);
+    let _ = drain(&mut g);
+    let t2 = t1 + Duration::from_secs(170);
+    let r = g.handle_logon(from("Alice", "a2", "203.0.113.2", "password+totp"), t2);
+    assert_eq!(r, Ok(LogonOutcome::Resumed(a)));
+    // Nothing opened or closed: the same session, address and name.
+    assert_eq!(drain(&mut g), vec![]);
+    assert_eq!(g.len(), 1);
+    let s = g.session(a).expect("resumed");
+    assert_eq!((s.addr, s.dns_label.clone()), (addr, label.clone()));
+    assert_eq!(s.client_addr, Some("203.0.113.2".parse().expect("ip")));
+    assert_eq!(s.auth.method, "password+totp");
+    assert_eq!(s.device, None, "the new device names itself at CONNECT");
+    assert_eq!(g.dns().lookup("alice", false), Some(addr));
+    // The old device's cookie is dead; the new one resumes the tunnel.
+    assert!(g.session_by_token("a1").is_none());
+    assert_eq!(
+        g.handle_attach("a1", None, None, t2).map(|s| s.id),
+        Err(AttachError::UnknownToken)
+    );
+    // The reconnect window counts again from the logon (10 s were left).
+    g.handle_timeout(t2 + Duration::from_secs(60));
+    assert!(g.session(a).is_some(), "window restarted at logon");
+    let s = g
+        .handle_attach(
+            "a2",
+            Some("phone".into()),
+            None,
+            t2 + Duration::from_secs(60),
+        )
+        .expect("new cookie");
+    assert_eq!(
+        (s.id, s.state, s.device.as_deref()),
+        (a, SessionState::Active, Some("phone"))
+    );
+    assert_eq!(g.by_token.len(), 1);
+}
+
+#[test]
+fn reconnect_disconnected_leaves_active_sessions_alone() {
+    let t0 = Instant::now();
+    // At the limit: the transfer offer, as without the setting.
+    let mut g = ws_state(1, ReconnectAtLogon::Disconnected);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    g.handle_attach("a1", None, None, t0).expect("attach");
+    let r = g.handle_logon(req("alice", "a2"), t0);
+    assert!(matches!(r, Ok(LogonOutcome::TransferOffered(_))), "{r:?}");
+    assert_eq!(g.session(a).map(|s| s.state), Some(SessionState::Active));
+    // Under the limit: a second session.
+    let mut g = ws_state(2, ReconnectAtLogon::Disconnected);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    g.handle_attach("a1", None, None, t0).expect("attach");
+    let b = opened(g.handle_logon(req("alice", "a2"), t0));
+    assert_ne!(a, b);
+    assert!(!drain(&mut g)
+        .iter()
+        .any(|e| matches!(e, Event::Disconnected { .. })));
+    // A session still waiting for its first CONNECT is not resumed either.
+    let mut g = ws_state(2, ReconnectAtLogon::ActiveAndDisconnected);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    let b = opened(g.handle_logon(req("alice", "a2"), t0));
+    assert_ne!(a, b);
+}
+
+#[test]
+fn reconnect_active_and_disconnected_ends_the_old_tunnel_and_resumes() {
+    let t0 = Instant::now();
+    let mut g = ws_state(1, ReconnectAtLogon::ActiveAndDisconnected);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    g.handle_attach("a1", Some("laptop".into()), None, t0)
+        .expect("attach");
+    let addr = g.session(a).expect("a").addr;
+    let _ = drain(&mut g);
+    let r = g.handle_logon(req("alice", "a2"), t0 + Duration::from_secs(5));
+    assert_eq!(r, Ok(LogonOutcome::Resumed(a)));
+    assert_eq!(
+        drain(&mut g),
+        vec![Event::Disconnected {
+            id: a,
+            reason: RESUMED_ELSEWHERE.to_string()
+        }]
+    );
+    assert!(matches!(
+        g.session(a).map(|s| s.state),
+        Some(SessionState::Disconnected { .. })
+    ));
+    assert!(g.session_by_token("a1").is_none());
+    assert_eq!(
+        g.session_by_token("a2").map(|s| (s.id, s.addr)),
+        Some((a, addr))
+    );
+    // The old tunnel's end arriving late changes nothing.
+    g.handle_detach(a, t0 + Duration::from_secs(6));
+    assert!(g
+        .handle_attach("a2", None, None, t0 + Duration::from_secs(7))
+        .is_ok());
+}
+
+#[test]
+fn reconnect_picks_the_most_recently_active_session() {
+    let t0 = Instant::now();
+    let mut g = ws_state(3, ReconnectAtLogon::Disconnected);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    let b = opened(g.handle_logon(req("alice", "a2"), t0));
+    g.handle_attach("a1", None, None, t0).expect("attach");
+    g.handle_attach("a2", None, None, t0).expect("attach");
+    g.note_activity(a, t0 + Duration::from_secs(20));
+    g.note_activity(b, t0 + Duration::from_secs(10));
+    g.handle_detach(a, t0 + Duration::from_secs(30));
+    g.handle_detach(b, t0 + Duration::from_secs(30));
+    let r = g.handle_logon(req("alice", "a3"), t0 + Duration::from_secs(40));
+    assert_eq!(r, Ok(LogonOutcome::Resumed(a)));
+    // A cookie already in use is refused as for a new session.
+    let r = g.handle_logon(req("alice", "a2"), t0 + Duration::from_secs(41));
+    assert_eq!(r, Err(LogonError::TokenCollision));
+    assert_eq!(g.session_by_token("a2").map(|s| s.id), Some(b));
+}
+
+#[test]
+fn reconnect_follows_the_users_choice_only_where_allowed() {
+    let t0 = Instant::now();
+    let setup = |may: bool| {
+        let mut p = policy(1);
+        if may {
+            p.users_may_change = vec![WorkspaceSetting::ReconnectAtLogon];
+        }
+        let mut g = state_with("198.18.64.0/28", p);
+        g.set_user_prefs(
+            "ALICE",
+            UserPrefs {
+                reconnect_at_logon: Some(ReconnectAtLogon::Disconnected),
+                logoff_action: None,
+            },
+        );
+        let a = opened(g.handle_logon(req("alice", "a1"), t0));
+        g.handle_attach("a1", None, None, t0).expect("attach");
+        g.handle_detach(a, t0);
+        (g, a)
+    };
+    let (mut g, a) = setup(true);
+    assert_eq!(
+        g.user_prefs("alice").reconnect_at_logon,
+        Some(ReconnectAtLogon::Disconnected)
+    );
+    assert_eq!(
+        g.handle_logon(req("alice", "a2"), t0),
+        Ok(LogonOutcome::Resumed(a))
+    );
+    let (mut g, _) = setup(false);
+    let r = g.handle_logon(req("alice", "a2"), t0);
+    assert!(matches!(r, Ok(LogonOutcome::TransferOffered(_))), "{r:?}");
+    // Forgetting the choice.
+    g.set_user_prefs("alice", UserPrefs::default());
+    assert_eq!(g.all_user_prefs().count(), 0);
 }

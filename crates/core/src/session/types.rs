@@ -185,6 +185,10 @@ pub enum LogonOutcome {
     Opened(SessionId),
     /// The user is at the session limit: ask whether to transfer.
     TransferOffered(TransferOffer),
+    /// Reconnect at logon: the user's session on another device (its
+    /// tunnel down, or ended now) was handed to this logon, with a new
+    /// cookie; its address, name and queued packets are kept.
+    Resumed(SessionId),
 }
 
 /// A pending "transfer your session here?" question.
