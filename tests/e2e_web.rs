@@ -532,6 +532,7 @@ fn csrf_attempts_are_refused() {
     for k in ["no_token", "wrong_token", "foreign_origin"] {
         assert_eq!(r.get("results")[k]["status"], 403, "{k}: {r}");
     }
+    eprintln!("CSRF attempts: {}", r.get("results"));
     let cross = &r.get("results")["cross_site_form"];
     let st = cross["status"].as_u64().unwrap_or(0);
     assert!(
