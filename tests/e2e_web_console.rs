@@ -246,3 +246,156 @@ fn console_on_its_own_listener_tokens_bans_and_account_changes() {
     assert_eq!(code, 303, "a new password signs the page session out");
     drop(gw);
 }
+
+/// The user page's settings (issue 18 §2): what the policy lets the user
+/// change is changeable and remembered; the rest is refused; signing out
+/// of the page does what the "logoff action" says to the user's sessions.
+#[test]
+fn workspace_settings_and_what_signing_out_does() {
+    if !e2e_enabled() {
+        return;
+    }
+    let dir = TempDir::new("webset");
+    let topo = Topology::new(1);
+    let cfg = write_gateway_config(&dir.path, &GatewayOpts::default());
+    write_policy(
+        &dir.path,
+        "[[policy]]\nname = \"everyone\"\ngroups = [\"*\"]\nreconnect_at_logon = \"off\"\n\
+         logoff_action = \"disconnect\"\nusers_may_change = [\"reconnect_at_logon\"]\n",
+    );
+    add_user(&cfg, "alice", "staff", "alice-pw-1");
+    let gw = Gateway::start(&topo, &dir.path, cfg.clone());
+    let user = topo.user(0).to_string();
+    let main = topo.url();
+    let opts = ClientOpts {
+        user: "alice".into(),
+        password: "alice-pw-1".into(),
+        interface: "oc0".into(),
+        extra_args: vec!["--local-hostname=alice-pc".into()],
+    };
+    let mut client = Client::start(&topo, 0, &gw, &dir.path, opts);
+    client.wait_up(Duration::from_secs(25)).unwrap_or_else(|e| {
+        panic!("no tunnel: {e}\n{}", tail(&gw.log(), 4000));
+    });
+
+    let jar = dir.join("alice.jar");
+    let (code, _) = curl(
+        &user,
+        &[
+            "-d",
+            "username=alice&password=alice-pw-1",
+            &format!("{main}workspace/login"),
+        ],
+        Some(&jar),
+    );
+    assert_eq!(code, 303);
+    let (code, page) = curl(&user, &[&format!("{main}workspace")], Some(&jar));
+    assert_eq!(code, 200, "{page}");
+    assert!(page.contains("alice-pc"), "the session is listed: {page}");
+    assert!(
+        page.contains("data-this-device=\"true\""),
+        "opened from the device's own address: marked as this device: {page}"
+    );
+    assert!(
+        page.contains("<select id=\"logoff_action\" name=\"logoff_action\" disabled>"),
+        "the administrator does not let users change the logoff action: {page}"
+    );
+    let csrf = page
+        .split("name=\"_csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let (code, _) = curl(
+        &user,
+        &[
+            "-d",
+            &format!("_csrf={csrf}&reconnect_at_logon=disconnected"),
+            &format!("{main}workspace/settings"),
+        ],
+        Some(&jar),
+    );
+    assert_eq!(code, 303);
+    let (code, body) = curl(
+        &user,
+        &[
+            "-d",
+            &format!("_csrf={csrf}&logoff_action=logoff"),
+            &format!("{main}workspace/settings"),
+        ],
+        Some(&jar),
+    );
+    assert_eq!(code, 403, "not the user's to change: {body}");
+    // Remembered across a restart.
+    let mut gw = gw;
+    gw.proc.stop(Duration::from_secs(10));
+    let gw = Gateway::start_with_log(&topo, &dir.path, cfg.clone(), "gateway2.log");
+    let show = gw.ctl(&["show", "--user", "alice"]);
+    assert!(show.ok(), "{show}");
+    client.wait_up(Duration::from_secs(40)).ok();
+    let (code, page) = curl(&user, &[&format!("{main}workspace")], Some(&jar));
+    if code == 200 {
+        // (The page session is in memory: a restart signs it out.)
+        panic!("a page session survived a restart: {page}");
+    }
+    let (code, _) = curl(
+        &user,
+        &[
+            "-d",
+            "username=alice&password=alice-pw-1",
+            &format!("{main}workspace/login"),
+        ],
+        Some(&jar),
+    );
+    assert_eq!(code, 303);
+    let (_, page) = curl(&user, &[&format!("{main}workspace")], Some(&jar));
+    assert!(
+        page.contains("<option value=\"disconnected\" selected>"),
+        "the user's choice survived the restart: {page}"
+    );
+    // Signing out disconnects alice's sessions (the policy's logoff action).
+    assert!(
+        wait_until(Duration::from_secs(30), || gw
+            .sessions()
+            .iter()
+            .any(|s| s["state"] == "active")),
+        "the tunnel came back after the restart"
+    );
+    let csrf = page
+        .split("name=\"_csrf\" value=\"")
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .unwrap()
+        .to_string();
+    let before = gw
+        .sessions()
+        .first()
+        .and_then(|s| s["connects"].as_u64())
+        .unwrap_or(0);
+    let (code, _) = curl(
+        &user,
+        &[
+            "-d",
+            &format!("_csrf={csrf}"),
+            &format!("{main}workspace/logout"),
+        ],
+        Some(&jar),
+    );
+    assert_eq!(code, 303);
+    let (code, _) = curl(&user, &[&format!("{main}workspace")], Some(&jar));
+    assert_eq!(code, 303, "signed out");
+    // (openconnect reconnects a disconnected tunnel by itself: the
+    // session's connect count grows, or it is seen disconnected.)
+    let disconnected = wait_until(Duration::from_secs(10), || {
+        gw.sessions().iter().any(|s| {
+            s["user"] == "alice"
+                && (s["state"] == "disconnected" || s["connects"].as_u64() > Some(before))
+        })
+    });
+    assert!(
+        disconnected,
+        "signing out disconnected the session: {:?}",
+        gw.sessions()
+    );
+    drop(client);
+}

@@ -82,7 +82,6 @@ pub(crate) enum Kind {
 pub(crate) struct WebSession {
     pub user: String,
     /// The user's groups at sign-in (the settings the policy allows).
-    #[allow(dead_code)] // read by the settings form (issue 18 §2)
     pub groups: Vec<String>,
     pub kind: Kind,
     /// Console sessions only.

@@ -30,6 +30,7 @@ pub(super) fn routes() -> Router<WebRef> {
         .route("/workspace/", get(|| async { redirect("/workspace") }))
         .route("/workspace/login", get(login_page).post(login))
         .route("/workspace/action", post(action))
+        .route("/workspace/settings", post(settings))
         .route("/workspace/logout", post(logout))
 }
 
@@ -347,6 +348,7 @@ async fn workspace(
         );
     }
     b.push_str("</section>");
+    b.push_str(&settings_form(&web, &me, &csrf));
     let nav = format!(
         "<form class=\"signout\" method=\"post\" action=\"/workspace/logout\">{csrf}<button id=\"signout\">Sign out</button></form>"
     );
@@ -367,6 +369,112 @@ fn flash_text(code: &str) -> &'static str {
         "settings" => "Settings saved",
         _ => "",
     }
+}
+
+/// The settings the user may change (issue 18 §2).
+fn settings_form(web: &Web, me: &WebSession, csrf: &str) -> String {
+    let Ok(s) = web.shared.workspace_settings(&me.user, &me.groups) else {
+        return String::new();
+    };
+    use crate::core::policy::{LogoffAction, ReconnectAtLogon};
+    let opt = |value: &str, label: &str, selected: bool| {
+        format!(
+            "<option value=\"{}\"{}>{}</option>",
+            esc(value),
+            if selected { " selected" } else { "" },
+            esc(label)
+        )
+    };
+    let reconnect: String = [
+        ReconnectAtLogon::Off,
+        ReconnectAtLogon::Disconnected,
+        ReconnectAtLogon::ActiveAndDisconnected,
+    ]
+    .iter()
+    .map(|r| opt(r.as_str(), r.label(), *r == s.reconnect_at_logon))
+    .collect();
+    let logoff: String = [
+        LogoffAction::None,
+        LogoffAction::Disconnect,
+        LogoffAction::Logoff,
+    ]
+    .iter()
+    .map(|r| opt(r.as_str(), r.label(), *r == s.logoff_action))
+    .collect();
+    let dis = |may: bool| if may { "" } else { " disabled" };
+    let save = if s.may_change_reconnect || s.may_change_logoff_action {
+        "<button id=\"settings-save\">Save settings</button>"
+    } else {
+        "<button id=\"settings-save\" disabled>Save settings</button><p class=\"hint\">Your administrator sets these.</p>"
+    };
+    format!(
+        "<section aria-labelledby=\"settings-h\"><h2 id=\"settings-h\">Settings</h2>\
+<form id=\"settings-form\" method=\"post\" action=\"/workspace/settings\">{csrf}\
+<label for=\"reconnect_at_logon\">Reconnect at log on</label><select id=\"reconnect_at_logon\" name=\"reconnect_at_logon\"{d1}>{reconnect}</select>\
+<label for=\"logoff_action\">When I sign out of this page</label><select id=\"logoff_action\" name=\"logoff_action\"{d2}>{logoff}</select>\
+{save}</form></section>",
+        d1 = dis(s.may_change_reconnect),
+        d2 = dis(s.may_change_logoff_action),
+    )
+}
+
+#[derive(Deserialize, Default)]
+struct SettingsForm {
+    #[serde(default, rename = "_csrf")]
+    csrf: String,
+    #[serde(default)]
+    reconnect_at_logon: Option<String>,
+    #[serde(default)]
+    logoff_action: Option<String>,
+}
+
+async fn settings(
+    State(w): State<WebRef>,
+    headers: HeaderMap,
+    Form(f): Form<SettingsForm>,
+) -> Response<Body> {
+    let Some(web) = w.get() else { return gone() };
+    let me = match check_post(&web, Kind::User, &headers, &f.csrf) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let Ok(current) = web.shared.workspace_settings(&me.user, &me.groups) else {
+        return (StatusCode::CONFLICT, "no policy applies to you\n").into_response();
+    };
+    use crate::shared::WorkspacePreference as P;
+    let mut prefs = Vec::new();
+    if let Some(v) = f.reconnect_at_logon.as_deref() {
+        match v.parse() {
+            Ok(r) if r != current.reconnect_at_logon => prefs.push(P::ReconnectAtLogon(r)),
+            Ok(_) => {}
+            Err(_) => return (StatusCode::BAD_REQUEST, "unknown setting value\n").into_response(),
+        }
+    }
+    if let Some(v) = f.logoff_action.as_deref() {
+        match v.parse() {
+            Ok(r) if r != current.logoff_action => prefs.push(P::LogoffAction(r)),
+            Ok(_) => {}
+            Err(_) => return (StatusCode::BAD_REQUEST, "unknown setting value\n").into_response(),
+        }
+    }
+    for p in prefs {
+        if let Err(e) = web
+            .shared
+            .set_workspace_preference(&me.user, &me.groups, p)
+            .await
+        {
+            return html::respond(
+                StatusCode::FORBIDDEN,
+                html::page(
+                    "Refused",
+                    "",
+                    &format!("<h1>Refused</h1><p id=\"error\" role=\"alert\">{}</p><p><a href=\"/workspace\">Back</a></p>", esc(&e)),
+                    None,
+                ),
+            );
+        }
+    }
+    redirect("/workspace?done=settings")
 }
 
 #[derive(Deserialize, Default)]
@@ -523,6 +631,22 @@ async fn logout(
         Ok(m) => m,
         Err(r) => return r,
     };
+    // What signing out does to the user's sessions (the policy's
+    // "logoff action", or the user's choice where allowed).
+    if let Ok(s) = web.shared.workspace_settings(&me.user, &me.groups) {
+        use crate::core::policy::LogoffAction;
+        if s.logoff_action != LogoffAction::None {
+            let rows = sessions_of(&web, &me.user, info.ip);
+            let all: Vec<&Row> = rows.iter().collect();
+            let n = act(
+                &web,
+                &me.user,
+                &all,
+                s.logoff_action == LogoffAction::Logoff,
+            );
+            info!(user = %me.user, sessions = n, action = s.logoff_action.as_str(), "user page: sign-out ends sessions");
+        }
+    }
     let clear = web.sessions.close(Kind::User, &headers);
     super::record(
         &web,
