@@ -687,6 +687,7 @@ fn page_logon_costs_ban_points() {
         .get("banned_after")
         .as_u64()
         .unwrap_or_else(|| panic!("6 wrong passwords and no ban: {r}"));
+    eprintln!("the page banned the address after {n} wrong passwords");
     assert!(
         (3..=4).contains(&n),
         "banned after {n} wrong passwords (30 points / 10 each): {r}"
