@@ -809,9 +809,13 @@ fn api_requires_auth_and_matches_openapi() {
     assert!(token.starts_with("igt_"), "token: {t}");
     let auth = format!("Authorization: Bearer {token}");
     let report = dir.path.join("schemathesis");
+    // In the test's work dir: schemathesis keeps a cache in its cwd.
     let o = ns_run(
         topo.user(0),
         &[
+            "env",
+            "-C",
+            dir.path.to_str().unwrap(),
             &st,
             "run",
             spec.to_str().unwrap(),
