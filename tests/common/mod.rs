@@ -1518,6 +1518,7 @@ pub fn bulk_put(ns: &str, host: &str, port: &str, bytes: &str) -> Result<(), Str
     }
 }
 
+pub mod browser;
 pub mod cluster;
 pub mod plugin;
 pub mod work;
