@@ -418,7 +418,6 @@ pub(crate) enum Ev {
     /// A sign-out.
     WebLogoff { user: String, client: IpAddr },
     /// A user acting on their own sessions from the page.
-    #[allow(dead_code)] // until the user page records its actions
     UserAction {
         user: String,
         action: String,
