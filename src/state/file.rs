@@ -685,6 +685,8 @@ mod tests {
         // The group and its read bit of an existing file are kept (the
         // packaged users file: root:intragate 0640); the rest is `mode`.
         fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
+        // As root (the e2e machines): another group than the writer's.
+        let _ = std::os::unix::fs::chown(&p, None, Some(4242));
         let gid = fs::metadata(&p).expect("meta").gid();
         write_atomic_keep_group(&p, b"b\n", 0o600).expect("write");
         assert_eq!(mode(&p), 0o640, "g+r kept, o+r dropped");
@@ -696,6 +698,7 @@ mod tests {
         let fresh = p.with_extension("new");
         write_atomic_keep_group(&fresh, b"d\n", 0o600).expect("write");
         assert_eq!(mode(&fresh), 0o600);
+        fs::remove_file(&fresh).expect("rm");
         write_atomic(&p, b"b\n", 0o644).expect("rewrite");
         assert_eq!(
             (mode(&p), fs::read(&p).expect("read")),
