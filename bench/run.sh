@@ -65,12 +65,17 @@ for s in slapd freeradius; do service "$s" stop >/dev/null 2>&1 || true; done
 
 # BENCH_PROFILE=debug uses (and builds) the debug binaries instead: for a
 # smoke run in CI after `cargo test`, which has built them already.
-PROFILE=${BENCH_PROFILE:-release}
-case $PROFILE in release|debug) ;; *) echo "bench: BENCH_PROFILE is release or debug" >&2; exit 2;; esac
+# BENCH_PROFILE=profiling: the release build with line tables
+# ([profile.profiling] in Cargo.toml; the release profile has no debug info),
+# the default with --perf so that perf can name functions.
+default_profile=release
+for a in "$@"; do [ "$a" = --perf ] && default_profile=profiling; done
+PROFILE=${BENCH_PROFILE:-$default_profile}
+case $PROFILE in release|profiling|debug) ;; *) echo "bench: BENCH_PROFILE is release, profiling or debug" >&2; exit 2;; esac
 if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
-    if [ "$PROFILE" = release ]; then
-        echo "bench: cargo build --release" >&2
-        cargo build --release --bins >&2
+    if [ "$PROFILE" != debug ]; then
+        echo "bench: cargo build --profile $PROFILE" >&2
+        cargo build --profile "$PROFILE" --bins >&2
     else
         echo "bench: cargo build --bins (debug)" >&2
         cargo build --bins >&2

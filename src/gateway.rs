@@ -1,7 +1,8 @@
 //! The running gateway: `run(config, shutdown)` builds the shared handles
 //! (`crate::shared`), restores state, starts the shells (tunnel listener,
 //! TUN reader, DNS, control socket, metrics) and the background loops
-//! (timers, state writer, certificate renewal, SIGHUP), and stops them.
+//! (timers, state writer, certificate renewal, SIGHUP), tells systemd when
+//! it is ready (`crate::sdnotify`), and stops them.
 //! Nothing imports this module: the shells take their handles from
 //! `crate::shared`.
 //!
@@ -251,9 +252,11 @@ async fn reload_on_sighup(shared: Arc<Shared>) {
                 if r.is_none() {
                     return;
                 }
+                crate::sdnotify::reloading();
                 if let Err(e) = shared.reload() {
                     warn!("reload on SIGHUP refused: {e}");
                 }
+                crate::sdnotify::ready("running (reloaded)");
             }
         }
     }
@@ -567,6 +570,9 @@ pub async fn run_with(
         crate::fdlimit::monitor(&monitored.stats, monitored.shutdown.clone()).await
     });
 
+    // Everything is up (TLS listener, TUN, DNS, control socket, metrics):
+    // a `Type=notify` service is started now.
+    crate::sdnotify::ready(&format!("running on {}", config.listen));
     let mut asked_to_stop = false;
     tokio::select! {
         _ = shutdown => asked_to_stop = true,
@@ -577,6 +583,7 @@ pub async fn run_with(
             }
         }
     }
+    crate::sdnotify::notify("STOPPING=1");
     match shared.cluster().cloned() {
         Some(c) if asked_to_stop && c.settings.drain_on_stop && c.store_is_up() => {
             // In a cluster, users move to the other nodes first.

@@ -22,7 +22,14 @@ certificates: [auth] in the config, see the README's Authentication section.\n\n
 Quick start (as root):\n  \
 intragate user add alice --password-stdin <<< 'secret'\n  \
 intragate run\n  \
-# on a client: openconnect --protocol=anyconnect --servercert pin-sha256:... https://GATEWAY/"
+# on a client: openconnect --protocol=anyconnect --servercert pin-sha256:... https://GATEWAY/",
+    after_long_help = "Installed from the Debian package (scripts/package), the gateway runs as the \
+service intragate.service (systemctl enable --now intragate; journalctl -u intragate; \
+systemctl reload intragate = intragate ctl reload) under the user intragate with \
+CAP_NET_ADMIN and CAP_NET_BIND_SERVICE. Config: /etc/intragate/intragate.toml, users, \
+policies/, dns/. State, generated certificate and control socket: /var/lib/intragate.\n\n\
+Manual: man intragate (this page), man intragate-run, man intragate-ctl, ... one page per \
+command; man intragate-plugin for the client."
 )]
 struct Cli {
     /// Config file. Default: /etc/intragate/intragate.toml if it exists, else built-in defaults.
@@ -117,6 +124,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: CtlCmd,
     },
+    /// Write the man pages (section 8) into DIR (packaging; scripts/package).
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
+    /// Write the bash, zsh and fish completions under DIR (packaging).
+    #[command(hide = true)]
+    GenerateCompletions { dir: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -530,6 +543,24 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
+        Cmd::GenerateMan { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            for f in intragate::docgen::write_man_pages(cmd, "8", &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?
+            {
+                println!("{}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::GenerateCompletions { dir } => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            for f in intragate::docgen::write_completions(cmd, &dir)
+                .with_context(|| format!("writing completions under {}", dir.display()))?
+            {
+                println!("{}", f.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Run {
             listen,
             domain,

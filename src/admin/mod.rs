@@ -84,6 +84,15 @@ pub(crate) fn group_id(name: &str) -> Option<u32> {
 /// descriptor) forever.
 const CTL_IO_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `shared.reload()`, with systemd (Type=notify) told the unit is
+/// reloading meanwhile (RELOADING=1, then READY=1).
+fn reload_notifying(shared: &Shared) -> Result<serde_json::Value, String> {
+    crate::sdnotify::reloading();
+    let r = shared.reload();
+    crate::sdnotify::ready("running (reloaded)");
+    r
+}
+
 /// Serve control requests until shutdown.
 pub async fn serve(shared: Arc<Shared>, listener: UnixListener) {
     let mut backoff = AcceptBackoff::new("control socket");
@@ -584,7 +593,7 @@ fn respond_inner(shared: &Shared, req: Request, actor: &str) -> Reply {
             info!(address = %ip, was_banned = was, "ctl unban");
             Reply::Unban(Unbanned { was_banned: was })
         }
-        Request::Reload => match shared.reload() {
+        Request::Reload => match reload_notifying(shared) {
             Ok(summary) => match serde_json::from_value(summary) {
                 Ok(reloaded) => Reply::Reload(Reloaded { reloaded }),
                 Err(e) => Reply::error(format!(

@@ -67,6 +67,12 @@ struct Through {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Write the man pages (section 1) into DIR (packaging; scripts/package).
+    #[command(hide = true)]
+    GenerateMan { dir: PathBuf },
+    /// Write the bash, zsh and fish completions under DIR (packaging).
+    #[command(hide = true)]
+    GenerateCompletions { dir: PathBuf },
     /// Log on and run the tunnel in the foreground until Ctrl-C/SIGTERM.
     Connect {
         /// Gateway URL: https://HOST[:PORT][/PATH].
@@ -524,6 +530,15 @@ fn error_text(e: &anyhow::Error) -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::GenerateMan { dir } => generated(intragate::docgen::write_man_pages(
+            <Cli as clap::CommandFactory>::command(),
+            "1",
+            &dir,
+        )),
+        Cmd::GenerateCompletions { dir } => generated(intragate::docgen::write_completions(
+            <Cli as clap::CommandFactory>::command(),
+            &dir,
+        )),
         Cmd::Status {
             json,
             interface,
@@ -547,5 +562,21 @@ fn main() -> ExitCode {
                 }
             }
         }),
+    }
+}
+
+/// Print the files a generate-* command wrote (or the error).
+fn generated(r: std::io::Result<Vec<PathBuf>>) -> ExitCode {
+    match r {
+        Ok(files) => {
+            for f in files {
+                println!("{}", f.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("intragate-plugin: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

@@ -275,11 +275,42 @@ fn rotate_prev(dir: &Path) -> io::Result<()> {
     }
 }
 
+/// Like [`write_atomic`], but a file already at `path` keeps its group and
+/// its group-read bit (`mode` plus at most `g+r`): the packaged gateway runs
+/// as the user `intragate` and reads the users file as a member of the
+/// file's group (`root:intragate 0640`), while `intragate user ...` rewrites
+/// it as root. A new file gets `mode` and the writer's group.
+pub fn write_atomic_keep_group(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let keep = match fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => Some((m.gid(), m.mode() & 0o040)),
+        _ => None,
+    };
+    write_atomic_with(path, data, mode | keep.map_or(0, |k| k.1), |f| {
+        let Some((gid, _)) = keep else {
+            return Ok(());
+        };
+        if std::os::unix::fs::fchown(f, None, Some(gid)).is_err() {
+            // Not allowed to give it that group: no group access at all.
+            f.set_permissions(fs::Permissions::from_mode(mode & !0o077))?;
+        }
+        Ok(())
+    })
+}
+
 /// Replace `path` with `data` atomically (temp file beside it with
 /// `O_CREAT|O_EXCL|O_NOFOLLOW`, fsync, rename, fsync of the directory),
 /// file mode `mode`. On error the temp file is removed and `path` is
 /// unchanged.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_with(path, data, mode, |_| Ok(()))
+}
+
+fn write_atomic_with(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    prepare: impl FnOnce(&File) -> io::Result<()>,
+) -> io::Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -290,7 +321,8 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
         .to_string_lossy()
         .into_owned();
     let (tmp, f) = create_tmp(dir, &format!("{name}.tmp"), mode)?;
-    let res = write_sync(f, data)
+    let res = prepare(&f)
+        .and_then(|()| write_sync(f, data))
         .and_then(|()| fs::rename(&tmp, path))
         .and_then(|()| sync_dir(dir));
     if res.is_err() {
@@ -650,6 +682,23 @@ mod tests {
         let p = dir.join("users");
         write_atomic(&p, b"a\n", 0o600).expect("write");
         assert_eq!(mode(&p), 0o600);
+        // The group and its read bit of an existing file are kept (the
+        // packaged users file: root:intragate 0640); the rest is `mode`.
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).expect("chmod");
+        // As root (the e2e machines): another group than the writer's.
+        let _ = std::os::unix::fs::chown(&p, None, Some(4242));
+        let gid = fs::metadata(&p).expect("meta").gid();
+        write_atomic_keep_group(&p, b"b\n", 0o600).expect("write");
+        assert_eq!(mode(&p), 0o640, "g+r kept, o+r dropped");
+        assert_eq!(fs::metadata(&p).expect("meta").gid(), gid);
+        assert_eq!(fs::read(&p).expect("read"), b"b\n");
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).expect("chmod");
+        write_atomic_keep_group(&p, b"c\n", 0o600).expect("write");
+        assert_eq!(mode(&p), 0o600);
+        let fresh = p.with_extension("new");
+        write_atomic_keep_group(&fresh, b"d\n", 0o600).expect("write");
+        assert_eq!(mode(&fresh), 0o600);
+        fs::remove_file(&fresh).expect("rm");
         write_atomic(&p, b"b\n", 0o644).expect("rewrite");
         assert_eq!(
             (mode(&p), fs::read(&p).expect("read")),

@@ -274,7 +274,7 @@ pub fn write(path: &Path, users: &[User]) -> Result<(), UserError> {
     for u in users {
         text.push_str(&format!("{}:{}:{}\n", u.name, u.groups.join(","), u.hash));
     }
-    crate::state::file::write_atomic(path, text.as_bytes(), 0o600).map_err(io)
+    crate::state::file::write_atomic_keep_group(path, text.as_bytes(), 0o600).map_err(io)
 }
 
 /// Read the users file; a missing file is an empty database. Every hash

@@ -71,7 +71,7 @@ fn write_lines(path: &Path, lines: &[(String, String)]) -> Result<(), UserError>
     for (n, s) in lines {
         text.push_str(&format!("{n}:{s}\n"));
     }
-    crate::state::file::write_atomic(path, text.as_bytes(), 0o600).map_err(io(path))
+    crate::state::file::write_atomic_keep_group(path, text.as_bytes(), 0o600).map_err(io(path))
 }
 
 fn totp(secret: Vec<u8>) -> Result<TOTP, String> {
