@@ -3,6 +3,7 @@
 //! console's scripts (its cookie plus the `X-CSRF-Token` header).
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, Method, Response, StatusCode};
 use axum::response::IntoResponse;
@@ -58,7 +59,7 @@ fn plain(
     need: Role,
     cmd: &'static str,
 ) -> impl Fn(State<WebRef>, HeaderMap, Method) -> Answer + Clone + Send + Sync + 'static {
-    move |s, h, m| Box::pin(simple(s, h, m, need, json!({"cmd": cmd})))
+    move |s, h, m| Box::pin(simple(s, h, m, need, Ok(json!({"cmd": cmd}))))
 }
 
 /// A handler acting on the session in the path.
@@ -88,7 +89,7 @@ fn on_user(
             h,
             m,
             Role::Operator,
-            json!({"cmd": cmd, "user": user}),
+            Ok(json!({"cmd": cmd, "user": user})),
         ))
     }
 }
@@ -170,18 +171,29 @@ fn reply(v: Value) -> Response<Body> {
     }
 }
 
+/// A request the handler could not read (query string or body): a JSON
+/// 400, given only once the caller is known (credentials come first).
+type Parsed = Result<Value, String>;
+
+fn query<T>(q: Result<Query<T>, QueryRejection>, f: impl FnOnce(T) -> Value) -> Parsed {
+    q.map(|Query(t)| f(t)).map_err(|e| e.body_text())
+}
+
 async fn simple(
     State(w): State<WebRef>,
     headers: HeaderMap,
     method: Method,
     need: Role,
-    req: Value,
+    req: Parsed,
 ) -> Response<Body> {
     let Some(web) = w.get() else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "stopping");
     };
     match caller(&web, &headers, &method, need) {
-        Ok(actor) => reply(super::answer_as(&web.shared, &req, &actor)),
+        Ok(actor) => match req {
+            Ok(req) => reply(super::answer_as(&web.shared, &req, &actor)),
+            Err(msg) => error(StatusCode::BAD_REQUEST, &msg),
+        },
         Err(r) => r,
     }
 }
@@ -196,14 +208,14 @@ async fn sessions(
     s: State<WebRef>,
     headers: HeaderMap,
     method: Method,
-    Query(q): Query<UserQuery>,
+    q: Result<Query<UserQuery>, QueryRejection>,
 ) -> Response<Body> {
     simple(
         s,
         headers,
         method,
         Role::Viewer,
-        json!({"cmd": "sessions", "user": q.user}),
+        query(q, |q| json!({"cmd": "sessions", "user": q.user})),
     )
     .await
 }
@@ -212,14 +224,14 @@ async fn conntrack(
     s: State<WebRef>,
     headers: HeaderMap,
     method: Method,
-    Query(q): Query<UserQuery>,
+    q: Result<Query<UserQuery>, QueryRejection>,
 ) -> Response<Body> {
     simple(
         s,
         headers,
         method,
         Role::Viewer,
-        json!({"cmd": "conntrack", "user": q.user}),
+        query(q, |q| json!({"cmd": "conntrack", "user": q.user})),
     )
     .await
 }
@@ -279,20 +291,15 @@ async fn ban(
     method: Method,
     body: Result<Json<BanBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response<Body> {
-    let Ok(Json(b)) = body else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "body must be JSON: {\"address\": \"198.51.100.7\", \"minutes\": 60}",
-        );
+    let req = match body {
+        Ok(Json(b)) => {
+            Ok(json!({"cmd": "ban", "address": b.address, "minutes": b.minutes.unwrap_or(60)}))
+        }
+        Err(_) => {
+            Err("body must be JSON: {\"address\": \"198.51.100.7\", \"minutes\": 60}".to_string())
+        }
     };
-    simple(
-        s,
-        headers,
-        method,
-        Role::Operator,
-        json!({"cmd": "ban", "address": b.address, "minutes": b.minutes.unwrap_or(60)}),
-    )
-    .await
+    simple(s, headers, method, Role::Operator, req).await
 }
 
 async fn unban(
@@ -306,7 +313,7 @@ async fn unban(
         headers,
         method,
         Role::Operator,
-        json!({"cmd": "unban", "address": address}),
+        Ok(json!({"cmd": "unban", "address": address})),
     )
     .await
 }
@@ -321,14 +328,14 @@ async fn drain(
     s: State<WebRef>,
     headers: HeaderMap,
     method: Method,
-    Query(q): Query<DrainQuery>,
+    q: Result<Query<DrainQuery>, QueryRejection>,
 ) -> Response<Body> {
     simple(
         s,
         headers,
         method,
         Role::Admin,
-        json!({"cmd": "drain", "cancel": q.cancel}),
+        query(q, |q| json!({"cmd": "drain", "cancel": q.cancel})),
     )
     .await
 }
@@ -347,8 +354,11 @@ async fn history(
     s: State<WebRef>,
     headers: HeaderMap,
     method: Method,
-    Query(q): Query<HistoryQuery>,
+    q: Result<Query<HistoryQuery>, QueryRejection>,
 ) -> Response<Body> {
+    let Ok(Query(q)) = q else {
+        return simple(s, headers, method, Role::Viewer, query(q, |_| Value::Null)).await;
+    };
     let mut req = json!({"cmd": "history"});
     for (k, v) in [
         ("address", q.address),
@@ -364,7 +374,7 @@ async fn history(
     if let Some(l) = q.limit {
         req["limit"] = json!(l);
     }
-    simple(s, headers, method, Role::Viewer, req).await
+    simple(s, headers, method, Role::Viewer, Ok(req)).await
 }
 
 async fn series(s: State<WebRef>, headers: HeaderMap, method: Method) -> Response<Body> {
