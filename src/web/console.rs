@@ -173,6 +173,32 @@ fn error_of(v: &Value) -> Option<String> {
     })
 }
 
+/// An event's remaining fields as `key: value` pairs for people (the API
+/// keeps the JSON): empty values are left out, strings are unquoted.
+fn readable(detail: &Value) -> String {
+    let Some(o) = detail.as_object() else {
+        return detail.to_string();
+    };
+    o.iter()
+        .filter_map(|(k, v)| {
+            let v = match v {
+                Value::Null => return None,
+                Value::String(s) if s.is_empty() => return None,
+                Value::Array(a) if a.is_empty() => return None,
+                Value::String(s) => s.clone(),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_string))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                other => other.to_string(),
+            };
+            Some(format!("{k}: {v}"))
+        })
+        .collect::<Vec<_>>()
+        .join(" · ")
+}
+
 #[derive(Deserialize, Default)]
 struct Filter {
     #[serde(default)]
@@ -682,7 +708,7 @@ async fn history(
             esc(&s(e, "event")),
             esc(&user),
             esc(&addr),
-            esc(&detail.to_string())
+            esc(&readable(&detail))
         );
     }
     b.push_str("</tbody></table>");
@@ -790,4 +816,20 @@ async fn logout(
         r.headers_mut().insert(header::SET_COOKIE, v);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::readable;
+    use serde_json::json;
+
+    #[test]
+    fn history_detail_is_readable_and_drops_empty_fields() {
+        let d = json!({"client": "198.18.20.2", "node": null, "ok": true, "users": ["bob", "eve"], "device": ""});
+        assert_eq!(
+            readable(&d),
+            "client: 198.18.20.2 · ok: true · users: bob, eve"
+        );
+        assert_eq!(readable(&json!("x")), "\"x\"");
+    }
 }

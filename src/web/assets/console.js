@@ -8,6 +8,8 @@
     while (svg.firstChild) svg.removeChild(svg.firstChild);
     const w = 300, h = 80, pad = 2;
     const values = points.map((p) => Number(p[key]) || 0);
+    // One sample so far (the first 10 s): a flat line, not an empty box.
+    if (values.length === 1) values.push(values[0]);
     const max = Math.max(1, ...values);
     const n = Math.max(2, values.length);
     const coords = values.map((v, i) => {
