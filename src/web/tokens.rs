@@ -79,6 +79,23 @@ fn save(path: &Path, list: &[TokenEntry]) -> anyhow::Result<()> {
     f.write_all(&serde_json::to_vec_pretty(list)?)?;
     f.sync_all()?;
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+    // `intragate token create` runs as root while the packaged gateway runs
+    // as the user `intragate`, which owns the state directory: the file
+    // belongs to the directory's owner, or the gateway could not read it.
+    if let Some(dir) = path.parent() {
+        use std::os::unix::fs::MetadataExt;
+        let d = std::fs::metadata(dir)?;
+        let f = std::fs::metadata(&tmp)?;
+        if (d.uid(), d.gid()) != (f.uid(), f.gid()) {
+            std::os::unix::fs::chown(&tmp, Some(d.uid()), Some(d.gid())).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: cannot give it to the owner of {} ({e}); run this as root or as that user",
+                    tmp.display(),
+                    dir.display()
+                )
+            })?;
+        }
+    }
     std::fs::rename(&tmp, path)?;
     Ok(())
 }
@@ -187,6 +204,23 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_file_belongs_to_the_state_directorys_owner() {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return; // only root can give a file away (CI runs as root)
+        }
+        let dir = std::env::temp_dir().join(format!("ig-tokens-own-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::os::unix::fs::chown(&dir, Some(4242), Some(4343)).expect("chown dir");
+        let p = path(&dir);
+        create(&p, "ci-bot", Role::Viewer, None).expect("create");
+        let m = std::fs::metadata(&p).expect("file");
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (4242, 4343, 0o600));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn create_check_revoke() {
