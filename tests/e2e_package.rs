@@ -314,6 +314,47 @@ fn installed_package_runs_as_its_service_user_and_carries_a_tunnel() {
         "alice cannot ping {INTERNAL_IP} through the packaged gateway"
     );
 
+    // An API token created by root with the installed binary (as the README
+    // shows) is readable by the gateway running as the service user.
+    let o = run_cmd(
+        "env",
+        &[
+            &format!("INTRAGATE_STATE_DIR={}", state.display()),
+            INSTALLED_BIN,
+            "--config",
+            config.to_str().unwrap(),
+            "token",
+            "create",
+            "pkg-check",
+            "--role",
+            "viewer",
+        ],
+        None,
+        20 * S,
+    );
+    assert!(o.ok(), "token create failed: {o}");
+    let token = o.stdout.trim().to_string();
+    let health = ns_run(
+        topo.user(0),
+        &[
+            "curl",
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Authorization: Bearer {token}"),
+            &format!("https://{LISTEN_IP}/api/v1/health"),
+        ],
+        20 * S,
+    );
+    assert_eq!(
+        health.stdout.trim(),
+        "200",
+        "the packaged gateway refuses a token root created: {health}"
+    );
+
     // ExecReload as the service user: RELOADING=1, then READY=1 again.
     let reload = exec_argv(&one_value(&unit, "ExecReload"), &config);
     let mut rargv: Vec<String> = vec![
