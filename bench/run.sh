@@ -80,7 +80,9 @@ if [ "${BENCH_NO_BUILD:-0}" != 1 ]; then
         echo "bench: cargo build --bins (debug)" >&2
         cargo build --bins >&2
     fi
-    (cd bench/loadgen && cargo build --release >&2)
+    # loadgen is its own workspace; bench.py runs it from bench/loadgen/target
+    # whatever CARGO_TARGET_DIR says for the gateway.
+    (cd bench/loadgen && CARGO_TARGET_DIR=target cargo build --release >&2)
 fi
 export BENCH_PROFILE="$PROFILE"
 
