@@ -361,10 +361,12 @@ enum CtlCmd {
     /// per line, as in <state_dir>/history/history.jsonl.
     ///
     /// In a cluster the node asked answers with the events of every live
-    /// node, merged by time (each names its node); it waits at most 3 s
-    /// for the others and names the nodes whose events are missing (no
-    /// answer in time, or stopped since it started). --local: this
-    /// node's events only.
+    /// node, merged by time (a NODE column names each event's node); it
+    /// waits at most 3 s for the others and names the nodes whose events
+    /// are missing: no answer in time, or stopped (seen running since the
+    /// asked node started). With --json they are named on stderr. --local:
+    /// the asked node's events only. (ctl waits at least 10 s for this
+    /// reply, whatever --timeout says.)
     History {
         #[command(flatten)]
         q: HistoryQueryArgs,

@@ -591,7 +591,10 @@ mod tests {
         assert!(t.contains("TIME"), "{t}");
         // A cluster's answer: the node of each event, and whose are missing.
         assert!(t.contains("NODE"), "{t}");
-        assert!(t.contains("2026-12-04T14:00:00.000Z  gw1   logon  alice"), "{t}");
+        assert!(
+            t.contains("2026-12-04T14:00:00.000Z  gw1   logon  alice"),
+            "{t}"
+        );
         assert!(t.contains("missing: gw2"), "{t}");
     }
 
