@@ -333,7 +333,11 @@ impl Shared {
             info!(from = %ask.from, "dropping an address history question older than {} s", ASK_TTL_MS / 1000);
             return;
         }
-        if !rec.key.0.ends_with(&format!("/{}", ask.nonce)) || ask.from.contains('/') {
+        let well_formed = |s: &str| !s.is_empty() && !s.contains('/');
+        if !rec.key.0.ends_with(&format!("/{}", ask.nonce))
+            || !well_formed(&ask.from)
+            || !well_formed(&ask.nonce)
+        {
             c.history_bad_answers.fetch_add(1, Ordering::Relaxed);
             warn!(key = %rec.key, "dropping an address history question whose key does not match it");
             return;
@@ -343,9 +347,13 @@ impl Shared {
         };
         let c = c.clone();
         rt.spawn(async move {
-            let wait = Duration::from_millis(u64::try_from(ASK_TTL_MS).unwrap_or(30_000));
-            let Ok(Ok(_permit)) = tokio::time::timeout(wait, c.history_serving.acquire()).await
+            // Questions are answered one at a time; one that waited here
+            // longer than its asker waits is dropped (its answer would
+            // come too late).
+            let Ok(Ok(_permit)) =
+                tokio::time::timeout(HISTORY_WAIT, c.history_serving.acquire()).await
             else {
+                debug!(from = %ask.from, "dropping an address history question: busy answering others");
                 return;
             };
             let node = c.node().to_string();
@@ -379,6 +387,11 @@ impl Shared {
             match me.store.commit(vec![op], unix_now()).await {
                 Ok(_) => {
                     c.history_answered.fetch_add(1, Ordering::Relaxed);
+                }
+                // Answered already (the question came again with a reload
+                // of the replica).
+                Err(e @ crate::state::store::StoreError::Conflict { .. }) => {
+                    debug!(to = %from, error = %e, "address history answer already put");
                 }
                 Err(e) => {
                     warn!(to = %from, error = %e, "cannot put the address history answer");
