@@ -359,9 +359,21 @@ enum CtlCmd {
     /// (UTC unless an offset follows: "2026-12-04 15:05 +01:00"), or
     /// relative to now: -30m, -2h, -1d, -1w. With --json: one JSON object
     /// per line, as in <state_dir>/history/history.jsonl.
+    ///
+    /// In a cluster the node asked answers with the events of every live
+    /// node, merged by time (a NODE column names each event's node); it
+    /// waits at most 3 s for the others and names the nodes whose events
+    /// are missing: no answer in time, or stopped (seen running since the
+    /// asked node started). With --json they are named on stderr. --local:
+    /// the asked node's events only. (ctl waits at least 10 s for this
+    /// reply, whatever --timeout says.)
     History {
         #[command(flatten)]
         q: HistoryQueryArgs,
+        /// In a cluster: this node's events only (no question to the
+        /// other nodes).
+        #[arg(long)]
+        local: bool,
     },
 }
 
@@ -397,6 +409,7 @@ impl From<HistoryQueryArgs> for intragate::admin::protocol::HistoryArgs {
             until: a.until,
             user: a.user,
             limit: a.limit,
+            local: false,
         }
     }
 }
@@ -422,7 +435,9 @@ impl CtlCmd {
             CtlCmd::Unban { address } => Request::Unban { address },
             CtlCmd::Reload => Request::Reload,
             CtlCmd::Drain { cancel, status, .. } => Request::Drain { cancel, status },
-            CtlCmd::History { q } => Request::History(q.into()),
+            CtlCmd::History { q, local } => {
+                Request::History(intragate::admin::protocol::HistoryArgs { local, ..q.into() })
+            }
         }
     }
 }
@@ -718,6 +733,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                         holder: r.holder,
                         truncated: r.truncated,
                         skipped_lines: r.skipped_lines,
+                        nodes: None,
                     },
                 );
                 print!(
@@ -878,6 +894,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 _ => None,
             };
             let req = cmd.into_request();
+            // A cluster's history waits up to 3 s for the other nodes.
+            let timeout = if matches!(req, Request::History(_)) {
+                timeout.max(std::time::Duration::from_secs(10))
+            } else {
+                timeout
+            };
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -915,6 +937,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 (intragate::admin::protocol::Reply::History(h), true) => {
                     for e in &h.entries {
                         println!("{e}");
+                    }
+                    if let Some(n) = h.nodes.as_ref().filter(|n| !n.missing.is_empty()) {
+                        eprintln!(
+                            "intragate: events of node(s) {} are missing (no answer in time, or not running)",
+                            n.missing.join(", ")
+                        );
                     }
                 }
                 (_, true) => println!("{}", serde_json::to_string_pretty(&reply.to_value())?),

@@ -385,13 +385,29 @@ fn history(shared: &Shared, a: &protocol::HistoryArgs) -> Reply {
     }
     // What was recorded until now is on disk before it is read.
     shared.history.flush(Duration::from_secs(2));
-    let r = shared.history.query(&q);
+    // In a cluster: every live node's events (see `shared::history_exchange`).
+    let cluster = if a.local {
+        None
+    } else {
+        shared.cluster_history(&q)
+    };
+    let (r, nodes) = match cluster {
+        Some(ch) => (
+            ch.result,
+            Some(protocol::HistoryNodes {
+                answered: ch.answered,
+                missing: ch.missing,
+            }),
+        ),
+        None => (shared.history.query(&q), None),
+    };
     Reply::History(protocol::HistoryList {
         entries: r.entries,
         at: q.at.map(format_rfc3339_ms),
         holder: r.holder,
         truncated: r.truncated,
         skipped_lines: r.skipped_lines,
+        nodes,
     })
 }
 

@@ -102,6 +102,9 @@ pub struct HistoryArgs {
     /// Entries at most (default 1000, at most 100000; the newest kept).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// In a cluster: this node's events only (default: every live node's).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
 }
 
 /// Which sessions a request acts on: `session`, `address` or `user`, less
@@ -244,6 +247,20 @@ pub struct HistoryList {
     /// Unreadable lines skipped (a line cut short by a crash).
     #[serde(default)]
     pub skipped_lines: u64,
+    /// In a cluster: whose events these are (absent on one node, and with
+    /// `local`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<HistoryNodes>,
+}
+
+/// The nodes of a cluster a `history` answer heard from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryNodes {
+    /// Nodes whose events are in the answer (the asked node first).
+    pub answered: Vec<String>,
+    /// Nodes whose events are not: no answer within the wait (3 s), an
+    /// error, or gone (seen alive since the asked node started, not now).
+    pub missing: Vec<String>,
 }
 
 /// `drain`: where a drain stands.
@@ -964,7 +981,7 @@ pub(crate) mod tests {
                 Reply::History(HistoryList {
                     entries: vec![
                         json!({"ts": "2026-12-04T14:00:00.000Z", "unix_ms": 1_796_392_800_000_i64,
-                        "event": "logon", "node": null, "session": "s1", "user": "alice",
+                        "event": "logon", "node": "gw1", "session": "s1", "user": "alice",
                         "address": "198.18.128.7"}),
                     ],
                     at: Some("2026-12-04T14:05:00.000Z".into()),
@@ -981,6 +998,10 @@ pub(crate) mod tests {
                     }),
                     truncated: false,
                     skipped_lines: 0,
+                    nodes: Some(HistoryNodes {
+                        answered: vec!["gw1".into()],
+                        missing: vec!["gw2".into()],
+                    }),
                 }),
             ),
         ]

@@ -114,28 +114,45 @@ fn history(req: &Request, h: &HistoryList) -> String {
                     Some(a) => a.to_string(),
                     None => s(v, "user"),
                 };
-                vec![
+                let mut row = vec![
                     s(v, "ts"),
                     s(v, "event"),
                     who,
                     s(v, "session"),
                     s(v, "address"),
                     history_details(v),
-                ]
+                ];
+                // A cluster's answer: whose event each is.
+                if h.nodes.is_some() {
+                    row.insert(1, s(v, "node"));
+                }
+                row
             })
             .collect();
-        out.push_str(&table(
-            "",
-            &[
-                "TIME",
-                "EVENT",
-                "USER/ACTOR",
-                "SESSION",
-                "ADDRESS",
-                "DETAILS",
-            ],
-            &rows,
-        ));
+        let mut head = vec![
+            "TIME",
+            "EVENT",
+            "USER/ACTOR",
+            "SESSION",
+            "ADDRESS",
+            "DETAILS",
+        ];
+        if h.nodes.is_some() {
+            head.insert(1, "NODE");
+        }
+        out.push_str(&table("", &head, &rows));
+    }
+    if let Some(n) = &h.nodes {
+        if n.missing.is_empty() {
+            let _ = writeln!(out, "(nodes: {})", n.answered.join(", "));
+        } else {
+            let _ = writeln!(
+                out,
+                "(nodes: {}; missing: {}: their events are not shown)",
+                n.answered.join(", "),
+                n.missing.join(", ")
+            );
+        }
     }
     if h.truncated {
         out.push_str(
@@ -572,7 +589,13 @@ mod tests {
             "{t}"
         );
         assert!(t.contains("TIME"), "{t}");
-        assert!(t.contains("2026-12-04T14:00:00.000Z  logon  alice"), "{t}");
+        // A cluster's answer: the node of each event, and whose are missing.
+        assert!(t.contains("NODE"), "{t}");
+        assert!(
+            t.contains("2026-12-04T14:00:00.000Z  gw1   logon  alice"),
+            "{t}"
+        );
+        assert!(t.contains("missing: gw2"), "{t}");
     }
 
     #[test]

@@ -208,6 +208,18 @@ pub struct Cluster {
     /// Hand-over records not written yet (store unreachable): address →
     /// (record, the revision it replaces).
     pending_handoffs: Mutex<HashMap<IpAddr, (Vec<u8>, Revision)>>,
+    /// Every node seen alive since this one started (a history question
+    /// names those that are gone now as missing).
+    known_nodes: Mutex<std::collections::BTreeSet<String>>,
+    /// History questions this node is waiting on: nonce → where the
+    /// answers go (key, value, revision).
+    history_waiters: Mutex<HashMap<String, tokio::sync::mpsc::Sender<crate::state::store::Record>>>,
+    /// Answers history questions one at a time (each reads files).
+    pub history_serving: tokio::sync::Semaphore,
+    /// History questions of other nodes answered.
+    pub history_answered: AtomicU64,
+    /// Answers from other nodes that could not be used (unreadable, late).
+    pub history_bad_answers: AtomicU64,
 }
 
 /// Another node's session record, as last seen.
@@ -252,6 +264,11 @@ impl Cluster {
             fences: AtomicU64::new(0),
             orphans_ended: AtomicU64::new(0),
             pending_handoffs: Mutex::new(HashMap::new()),
+            known_nodes: Mutex::new(std::collections::BTreeSet::new()),
+            history_waiters: Mutex::new(HashMap::new()),
+            history_serving: tokio::sync::Semaphore::new(1),
+            history_answered: AtomicU64::new(0),
+            history_bad_answers: AtomicU64::new(0),
         }
     }
 
@@ -297,6 +314,7 @@ impl Cluster {
     pub fn set_node_alive(&self, name: &str, alive: bool) {
         let mut m = lock(&self.live_nodes);
         if alive {
+            lock(&self.known_nodes).insert(name.to_string());
             m.insert(name.to_string());
         } else {
             m.remove(name);
@@ -313,6 +331,42 @@ impl Cluster {
         let mut v: Vec<String> = lock(&self.live_nodes).iter().cloned().collect();
         v.sort();
         v
+    }
+
+    /// Every node seen alive since this one started, alive or not now.
+    pub fn known_nodes(&self) -> Vec<String> {
+        lock(&self.known_nodes).iter().cloned().collect()
+    }
+
+    /// Send the answers to history question `nonce` to `tx` (until
+    /// [`Self::history_done`]).
+    pub fn history_wait(
+        &self,
+        nonce: &str,
+        tx: tokio::sync::mpsc::Sender<crate::state::store::Record>,
+    ) {
+        lock(&self.history_waiters).insert(nonce.to_string(), tx);
+    }
+
+    /// Stop waiting for answers to `nonce`.
+    pub fn history_done(&self, nonce: &str) {
+        lock(&self.history_waiters).remove(nonce);
+    }
+
+    /// Hand an answer to the question `nonce` to its waiter; gives it back
+    /// when nobody waits (any more) or the waiter is full.
+    pub fn history_answer(
+        &self,
+        nonce: &str,
+        rec: crate::state::store::Record,
+    ) -> Result<(), crate::state::store::Record> {
+        match lock(&self.history_waiters).get(nonce) {
+            Some(tx) => tx.try_send(rec).map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(r)
+                | tokio::sync::mpsc::error::TrySendError::Closed(r) => r,
+            }),
+            None => Err(rec),
+        }
     }
 
     /// Records without a live holder, and since when this node has seen
@@ -515,6 +569,8 @@ impl Cluster {
             "taken_over": self.taken_over.load(Ordering::Relaxed),
             "fences": self.fences.load(Ordering::Relaxed),
             "orphans_ended": self.orphans_ended.load(Ordering::Relaxed),
+            "history_answered": self.history_answered.load(Ordering::Relaxed),
+            "history_bad_answers": self.history_bad_answers.load(Ordering::Relaxed),
         })
     }
 }

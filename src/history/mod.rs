@@ -19,6 +19,7 @@
 //! them.
 
 pub mod query;
+pub mod remote;
 pub mod time;
 pub mod writer;
 
@@ -32,7 +33,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
-pub use query::{parse_query, query, query_dirs, Holder, Query, QueryResult};
+pub use query::{around, merge, parse_query, query, query_dirs, Holder, Query, QueryResult};
 pub use time::{format_rfc3339_ms, parse_time, unix_ms_now, TimeError};
 
 /// Events waiting for the writer at most; more are dropped (and counted).

@@ -17,8 +17,10 @@ pub const DEFAULT_LIMIT: usize = 1000;
 /// Entries a query returns at most.
 pub const MAX_LIMIT: usize = 100_000;
 
-/// What to look for. Times are Unix milliseconds.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What to look for. Times are Unix milliseconds. Serialised as the
+/// nodes of a cluster pass it to each other (see [`super::remote`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Query {
     /// Events about this intranet address.
     pub address: Option<IpAddr>,
@@ -282,6 +284,101 @@ fn holder_at(dirs: &[PathBuf], addr: IpAddr, at: i64) -> QueryResult {
             events.push(v);
         }
     });
+    let (entries, holder) = holder_from(events, addr, at);
+    QueryResult {
+        entries,
+        holder,
+        truncated: false,
+        skipped_lines: skipped,
+    }
+}
+
+/// The events of `addr` around `at` in the files of `dirs`: the newest
+/// `n` at or before it and the oldest `n` after it, oldest first. What a
+/// node of a cluster sends for an `at` query: the asker finds the holder
+/// in every node's events together (a session that moved between nodes
+/// continues there). `truncated`: events were left out on either side.
+pub fn around(dirs: &[PathBuf], addr: IpAddr, at: i64, n: usize) -> QueryResult {
+    let n = n.clamp(1, MAX_LIMIT);
+    let mut before: Vec<VecDeque<Value>> = vec![VecDeque::new(); dirs.len()];
+    let mut after: Vec<Vec<Value>> = vec![Vec::new(); dirs.len()];
+    let mut truncated = false;
+    let skipped = scan(dirs, None, |i, v| {
+        if address_of(&v) != Some(addr) {
+            return;
+        }
+        if unix_ms(&v).unwrap_or(0) <= at {
+            let Some(b) = before.get_mut(i) else { return };
+            b.push_back(v);
+            if b.len() > n {
+                b.pop_front();
+                truncated = true;
+            }
+        } else if let Some(a) = after.get_mut(i) {
+            if a.len() < n {
+                a.push(v);
+            } else {
+                truncated = true;
+            }
+        }
+    });
+    let mut entries: Vec<Value> = before
+        .into_iter()
+        .flatten()
+        .chain(after.into_iter().flatten())
+        .collect();
+    entries.sort_by_key(|v| unix_ms(v).unwrap_or(0));
+    QueryResult {
+        entries,
+        holder: None,
+        truncated,
+        skipped_lines: skipped,
+    }
+}
+
+/// Merge what several sources (the nodes of a cluster) found for `q`
+/// into one answer: events by time (the newest `q.limit` kept); for an
+/// `at` query each part holds the address's events (see [`around`]) and
+/// the holder is found among all of them.
+pub fn merge(parts: Vec<QueryResult>, q: &Query) -> QueryResult {
+    let mut truncated = parts.iter().any(|p| p.truncated);
+    let skipped_lines = parts.iter().map(|p| p.skipped_lines).sum();
+    let mut events: Vec<Value> = parts.into_iter().flat_map(|p| p.entries).collect();
+    // Stable: lines of one node at the same millisecond keep their order.
+    events.sort_by_key(|v| unix_ms(v).unwrap_or(0));
+    match (q.at, q.address) {
+        (Some(at), Some(addr)) => {
+            let (entries, holder) = holder_from(events, addr, at);
+            QueryResult {
+                entries,
+                holder,
+                truncated,
+                skipped_lines,
+            }
+        }
+        _ => {
+            let limit = match q.limit {
+                0 => DEFAULT_LIMIT,
+                n => n.min(MAX_LIMIT),
+            };
+            if events.len() > limit {
+                events.drain(..events.len() - limit);
+                truncated = true;
+            }
+            QueryResult {
+                entries: events,
+                holder: None,
+                truncated,
+                skipped_lines,
+            }
+        }
+    }
+}
+
+/// Who held `addr` at `at` among `events` (the address's events, in any
+/// order): the holding's events up to `at` and the close that released
+/// it, and the holder.
+fn holder_from(mut events: Vec<Value>, addr: IpAddr, at: i64) -> (Vec<Value>, Option<Holder>) {
     events.sort_by_key(|v| unix_ms(v).unwrap_or(0));
     // The holding's events so far (its first opening first), and the
     // opening of the session holding it now (a restart or a move gives the
@@ -360,10 +457,5 @@ fn holder_at(dirs: &[PathBuf], addr: IpAddr, at: i64) -> QueryResult {
     });
     let mut entries = cur;
     entries.extend(end);
-    QueryResult {
-        entries,
-        holder,
-        truncated: false,
-        skipped_lines: skipped,
-    }
+    (entries, holder)
 }

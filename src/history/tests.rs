@@ -443,3 +443,62 @@ fn a_restart_continues_the_holding_under_a_new_session_id() {
     assert_eq!(holder(&h, a, T0 + 21 * MIN), None);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn merged_parts_are_in_time_order_and_keep_the_newest() {
+    use serde_json::json;
+    let ev = |ms: i64, node: &str| {
+        json!({"unix_ms": ms, "event": "logon", "node": node, "user": "alice",
+               "address": "198.18.64.2", "session": format!("s{ms}")})
+    };
+    let part = |entries: Vec<serde_json::Value>, truncated: bool| QueryResult {
+        entries,
+        holder: None,
+        truncated,
+        skipped_lines: 1,
+    };
+    let q = Query {
+        limit: 3,
+        ..Query::default()
+    };
+    let r = merge(
+        vec![
+            part(vec![ev(1, "gw1"), ev(4, "gw1")], false),
+            part(vec![ev(2, "gw2"), ev(3, "gw2"), ev(5, "gw2")], false),
+        ],
+        &q,
+    );
+    let got: Vec<(i64, &str)> = r
+        .entries
+        .iter()
+        .map(|v| {
+            (
+                v["unix_ms"].as_i64().unwrap_or(0),
+                v["node"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(got, [(3, "gw2"), (4, "gw1"), (5, "gw2")]);
+    assert!(r.truncated);
+    assert_eq!(r.skipped_lines, 2);
+    // A truncated part makes the whole truncated.
+    let r = merge(vec![part(vec![ev(1, "gw1")], true)], &q);
+    assert!(r.truncated && r.entries.len() == 1);
+    // `at`: the holder across nodes (a session restored on another node
+    // continues the holding).
+    let moved = json!({"unix_ms": 10, "event": "restored", "node": "gw2", "user": "alice",
+                       "address": "198.18.64.2", "session": "s9", "how": "moved_in"});
+    let q = Query {
+        address: Some("198.18.64.2".parse().expect("ip")),
+        at: Some(11),
+        ..Query::default()
+    };
+    let r = merge(
+        vec![part(vec![ev(1, "gw1")], false), part(vec![moved], false)],
+        &q,
+    );
+    let h = r.holder.expect("holder");
+    assert_eq!(h.node.as_deref(), Some("gw2"));
+    assert_eq!(h.session, "s9");
+    assert_eq!(r.entries.len(), 2);
+}

@@ -544,7 +544,11 @@ impl Shared {
         let now = Instant::now();
         match change {
             Change::Put(rec) => {
-                if rec.key.0.starts_with(&requests_prefix(c.node())) {
+                if Shared::is_history_key(&rec.key) {
+                    if let Some(arc) = self.cluster().cloned() {
+                        self.history_record(&arc, rec);
+                    }
+                } else if rec.key.0.starts_with(&requests_prefix(c.node())) {
                     self.serve_request(rec);
                 } else if let Some((node, key)) = ban_key_parts(&rec.key) {
                     if node != c.node() {
@@ -797,9 +801,16 @@ impl Shared {
             }
         }
         // Requests addressed to this node while it was away (stale ones are
-        // dropped); the other nodes' ban points.
+        // dropped); the other nodes' ban points; the history exchange's
+        // records left behind.
+        self.sweep_history_records(c, &snap.records);
+        let arc = self.cluster().cloned();
         for rec in snap.records {
-            if rec.key.0.starts_with(&requests_prefix(c.node())) {
+            if Shared::is_history_key(&rec.key) {
+                if let Some(arc) = &arc {
+                    self.history_record(arc, rec);
+                }
+            } else if rec.key.0.starts_with(&requests_prefix(c.node())) {
                 self.serve_request(rec);
             } else if let Some((node, key)) = ban_key_parts(&rec.key) {
                 if node == c.node() {
@@ -838,6 +849,7 @@ impl Shared {
                 || node_key_name(&rec.key).is_some()
                 || ban_key_parts(&rec.key).is_some()
                 || rec.key.0.starts_with(&requests_prefix(c.node()))
+                || Shared::is_history_key(&rec.key)
             {
                 self.apply_change(c, Change::Put(rec));
             }
@@ -1295,6 +1307,177 @@ mod tests {
             assert!(Instant::now() < deadline, "requests left behind");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    fn logon_event(user: &str, addr: &str) -> crate::history::HistoryEvent {
+        crate::history::HistoryEvent::Logon {
+            session: format!("s-{user}"),
+            user: user.into(),
+            address: addr.parse().expect("ip"),
+            client: None,
+            device: None,
+            auth: "local (password)".into(),
+            policy: "default".into(),
+            pool: "default".into(),
+        }
+    }
+
+    /// Ask `node` for `q` as the admin request does (off the runtime).
+    async fn ask(node: &Arc<Shared>, q: crate::history::Query) -> crate::shared::ClusterHistory {
+        let n = node.clone();
+        tokio::task::spawn_blocking(move || {
+            n.history.flush(Duration::from_secs(2));
+            n.cluster_history(&q)
+        })
+        .await
+        .expect("join")
+        .expect("a cluster")
+    }
+
+    async fn no_history_keys_left(store: &MemStore) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let snap = store.load(false).await.expect("load");
+            let left: Vec<String> = snap
+                .records
+                .iter()
+                .filter(|r| r.key.0.starts_with("history/"))
+                .map(|r| r.key.0.clone())
+                .collect();
+            if left.is_empty() {
+                return;
+            }
+            assert!(Instant::now() < deadline, "left behind: {left:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_history_question_is_answered_by_every_live_node() {
+        let store = Arc::new(MemStore::new());
+        let a = node(&store, "gw1").await;
+        let b = node(&store, "gw2").await;
+        let ca = a.cluster().expect("c").clone();
+        wait_for("gw2 alive at gw1", || ca.node_alive("gw2")).await;
+        let t0 = crate::history::unix_ms_now() - 10_000;
+        b.history.record_at(logon_event("bob", "198.18.70.9"), t0);
+        a.history
+            .record_at(logon_event("alice", "198.18.70.8"), t0 + 1);
+        b.history.record_at(
+            crate::history::HistoryEvent::Close {
+                session: "s-bob".into(),
+                user: "bob".into(),
+                address: "198.18.70.9".parse().expect("ip"),
+                reason: "logoff".into(),
+                detail: "logged off".into(),
+                released: true,
+            },
+            t0 + 2,
+        );
+        let since = crate::history::Query {
+            since: Some(t0 - 1),
+            ..Default::default()
+        };
+        let ch = ask(&a, since.clone()).await;
+        assert_eq!(ch.answered, ["gw1", "gw2"]);
+        assert!(ch.missing.is_empty(), "{:?}", ch.missing);
+        let got: Vec<(String, String)> = ch
+            .result
+            .entries
+            .iter()
+            .map(|v| {
+                (
+                    v["node"].as_str().unwrap_or("").to_string(),
+                    v["event"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect();
+        let want: Vec<(String, String)> = [("gw2", "logon"), ("gw1", "logon"), ("gw2", "close")]
+            .iter()
+            .map(|(n, e)| (n.to_string(), e.to_string()))
+            .collect();
+        assert_eq!(got, want);
+        // Who held bob's address: found in gw2's events, asked at gw1.
+        let at = crate::history::Query {
+            address: Some("198.18.70.9".parse().expect("ip")),
+            at: Some(t0 + 1),
+            ..Default::default()
+        };
+        let ch = ask(&a, at).await;
+        let h = ch.result.holder.expect("holder");
+        assert_eq!((h.user.as_str(), h.node.as_deref()), ("bob", Some("gw2")));
+        assert!(h.until.is_some(), "the release is found too");
+        // The limit holds across nodes (the newest kept).
+        let one = crate::history::Query {
+            limit: 1,
+            ..since.clone()
+        };
+        let ch = ask(&a, one).await;
+        assert_eq!(ch.result.entries.len(), 1);
+        assert_eq!(ch.result.entries[0]["event"], "close");
+        assert!(ch.result.truncated);
+        no_history_keys_left(&store).await;
+        assert!(
+            b.cluster()
+                .expect("c")
+                .history_answered
+                .load(Ordering::Relaxed)
+                >= 3
+        );
+
+        // A live node that does not answer (gw3 runs no watch): the answer
+        // comes after the wait, naming it.
+        set_alive(&store, "gw3", true).await;
+        wait_for("gw3 alive at gw1", || ca.node_alive("gw3")).await;
+        let t = Instant::now();
+        let ch = ask(&a, since.clone()).await;
+        assert!(t.elapsed() < crate::shared::HISTORY_WAIT + Duration::from_secs(2));
+        assert_eq!(ch.answered, ["gw1", "gw2"]);
+        assert_eq!(ch.missing, ["gw3"]);
+        assert_eq!(ch.result.entries.len(), 3);
+        // Its question is taken back.
+        no_history_keys_left(&store).await;
+
+        // A node that is gone is missing without a wait.
+        set_alive(&store, "gw3", false).await;
+        set_alive(&store, "gw2", false).await;
+        wait_for("gw2 gone at gw1", || !ca.node_alive("gw2")).await;
+        let t = Instant::now();
+        let ch = ask(&a, since).await;
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(ch.answered, ["gw1"]);
+        assert_eq!(ch.missing, ["gw2", "gw3"]);
+        assert_eq!(ch.result.entries.len(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn bad_history_records_are_skipped_and_deleted() {
+        let store = Arc::new(MemStore::new());
+        let a = node(&store, "gw1").await;
+        let b = node(&store, "gw2").await;
+        let cb = b.cluster().expect("c").clone();
+        wait_for("gw1 alive at gw2", || cb.node_alive("gw1")).await;
+        // An unreadable question for gw2, an answer nobody waits for at
+        // gw1: both deleted, nothing served.
+        let put = |k: &str, v: &[u8]| Op::Put {
+            key: Key::new(k),
+            value: v.to_vec(),
+            expect: Expect::Absent,
+        };
+        store
+            .commit(
+                vec![
+                    put("history/ask/gw2/00", b"not json"),
+                    put("history/reply/gw1/01/gw2", b"{\"node\": 5}"),
+                ],
+                unix_now(),
+            )
+            .await
+            .expect("commit");
+        no_history_keys_left(&store).await;
+        assert_eq!(cb.history_bad_answers.load(Ordering::Relaxed), 1);
+        assert_eq!(cb.history_answered.load(Ordering::Relaxed), 0);
+        drop(a);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,6 +12,7 @@ mod cluster;
 mod control;
 mod datapath;
 mod failover;
+mod history_exchange;
 mod persist;
 #[cfg(test)]
 pub(crate) mod test_util;
@@ -42,6 +43,7 @@ pub use cluster::Claim;
 pub use control::CoreGuard;
 pub use datapath::{DataPath, LockedNat, Port, PortRules, UserQueue};
 pub use failover::Resume;
+pub use history_exchange::{ClusterHistory, HISTORY_WAIT};
 pub use persist::unix_now;
 pub use tunnels::{TunnelCtl, TunnelHandle, UnauthSlot};
 pub use workspace::{

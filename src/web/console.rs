@@ -679,6 +679,13 @@ async fn history(
     if let Some(e) = error_of(&reply) {
         let _ = write!(b, "<p id=\"error\" role=\"alert\">{}</p>", esc(&e));
     }
+    if let Some(note) = missing_nodes_note(&reply) {
+        let _ = write!(
+            b,
+            "<p id=\"history-missing\" role=\"status\">{}</p>",
+            esc(&note)
+        );
+    }
     b.push_str("<table id=\"history\"><thead><tr><th scope=\"col\">Time (UTC)</th><th scope=\"col\">Event</th><th scope=\"col\">User</th><th scope=\"col\">Address</th><th scope=\"col\">Detail</th></tr></thead><tbody>");
     let entries = reply
         .get("entries")
@@ -713,6 +720,24 @@ async fn history(
     }
     b.push_str("</tbody></table>");
     html::respond(StatusCode::OK, html::page("History", &nav(&me), &b, None))
+}
+
+/// A cluster's history answer without some nodes' events: one line
+/// saying whose are missing.
+fn missing_nodes_note(reply: &Value) -> Option<String> {
+    let missing: Vec<&str> = reply
+        .get("nodes")?
+        .get("missing")?
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "Events of node(s) {} are not shown: they did not answer in time or are not running.",
+            missing.join(", ")
+        )
+    })
 }
 
 #[derive(Deserialize, Default)]
@@ -820,8 +845,24 @@ async fn logout(
 
 #[cfg(test)]
 mod tests {
-    use super::readable;
+    use super::{missing_nodes_note, readable};
     use serde_json::json;
+
+    #[test]
+    fn a_missing_node_gets_a_note() {
+        assert_eq!(
+            missing_nodes_note(&json!({"ok": true, "entries": []})),
+            None
+        );
+        assert_eq!(
+            missing_nodes_note(&json!({"nodes": {"answered": ["gw1"], "missing": []}})),
+            None
+        );
+        let n =
+            missing_nodes_note(&json!({"nodes": {"answered": ["gw1"], "missing": ["gw2", "gw3"]}}))
+                .expect("note");
+        assert!(n.contains("gw2, gw3"), "{n}");
+    }
 
     #[test]
     fn history_detail_is_readable_and_drops_empty_fields() {
