@@ -28,6 +28,9 @@ service intragate.service (systemctl enable --now intragate; journalctl -u intra
 systemctl reload intragate = intragate ctl reload) under the user intragate with \
 CAP_NET_ADMIN and CAP_NET_BIND_SERVICE. Config: /etc/intragate/intragate.toml, users, \
 policies/, dns/. State, generated certificate and control socket: /var/lib/intragate.\n\n\
+Web: users manage their sessions at https://GATEWAY/ (same listener); administrators use \
+https://GATEWAY/console and the REST API /api/v1 (roles by group: [web.console_roles]; \
+[web] console = \"IP:PORT\" puts both on an internal address; API tokens: intragate token).\n\n\
 Manual: man intragate (this page), man intragate-run, man intragate-ctl, ... one page per \
 command; man intragate-plugin for the client."
 )]
