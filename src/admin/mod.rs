@@ -201,7 +201,7 @@ pub fn session_row(s: &Session, domain: &str, now: Instant) -> SessionRow {
         age_s: now.saturating_duration_since(s.created).as_secs(),
         idle_s: now.saturating_duration_since(s.last_activity).as_secs(),
         node: None,
-        auth: auth_text(&s.auth),
+        auth: s.auth.describe(),
         auth_server: s.auth.server.clone(),
         groups_from: s.auth.groups_from.clone(),
         traffic: None,
@@ -223,21 +223,6 @@ pub fn workspace_text(
         whose(reconnect != policy.reconnect_at_logon),
         whose(logoff != policy.logoff_action)
     )
-}
-
-/// `ldap (password)`: the account source and the factors.
-pub fn auth_text(a: &crate::core::session::AuthInfo) -> String {
-    let source = if a.source.is_empty() {
-        "local"
-    } else {
-        a.source.as_str()
-    };
-    let method = if a.method.is_empty() {
-        "password"
-    } else {
-        a.method.as_str()
-    };
-    format!("{source} ({method})")
 }
 
 /// A session another node of the cluster holds, as `ctl sessions` lists

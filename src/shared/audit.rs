@@ -5,25 +5,10 @@
 
 use std::net::IpAddr;
 
-use crate::core::session::{AuthInfo, CloseReason, Event, GatewayState, SessionId};
+use crate::core::session::{CloseReason, Event, GatewayState, SessionId};
 use crate::history::HistoryEvent;
 
 use super::Shared;
-
-/// `ldap (password)`: the account source and the factors.
-fn auth_text(a: &AuthInfo) -> String {
-    let source = if a.source.is_empty() {
-        "local"
-    } else {
-        a.source.as_str()
-    };
-    let method = if a.method.is_empty() {
-        "password"
-    } else {
-        a.method.as_str()
-    };
-    format!("{source} ({method})")
-}
 
 impl Shared {
     /// The history's view of `events`, with the sessions' details read
@@ -50,7 +35,7 @@ impl Shared {
                     let client = s.and_then(|s| s.client_addr);
                     let device = s.and_then(|s| s.device.clone());
                     let pool = s.map(|s| s.pool.clone()).unwrap_or_default();
-                    let auth = s.map(|s| auth_text(&s.auth)).unwrap_or_default();
+                    let auth = s.map(|s| s.auth.describe()).unwrap_or_default();
                     out.push(match took_over {
                         Some(old) => HistoryEvent::Transfer {
                             session: id.to_string(),

@@ -79,7 +79,7 @@ async fn login(
         info!(user = %identity.name, client = %info.ip, "console: signed in but has no console role");
         super::record(
             &web,
-            super::Ev::WebLogon {
+            crate::history::HistoryEvent::WebLogon {
                 user: identity.name.clone(),
                 role: None,
                 client: info.ip,
@@ -110,7 +110,7 @@ async fn login(
     info!(user = %identity.name, client = %info.ip, role = role.as_str(), %method, "console: signed in");
     super::record(
         &web,
-        super::Ev::WebLogon {
+        crate::history::HistoryEvent::WebLogon {
             user: identity.name.clone(),
             role: Some(role.as_str().into()),
             client: info.ip,
@@ -831,7 +831,7 @@ async fn logout(
     let clear = web.sessions.close(Kind::Console, &headers);
     super::record(
         &web,
-        super::Ev::WebLogoff {
+        crate::history::HistoryEvent::WebLogoff {
             user: me.user.clone(),
             client: info.ip,
         },

@@ -362,6 +362,30 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
     }
 }
 
+/// Record a web event in the address history (never blocks).
+pub(crate) fn record(web: &Web, ev: crate::history::HistoryEvent) {
+    web.shared.history.record(ev);
+}
+
+/// Answer an administrative request (as `intragate ctl` would) on behalf
+/// of `actor`: recorded in the address history with the actor. A
+/// `history` request reads files: on the multi-threaded runtime it runs
+/// with `block_in_place` so the other tasks of this worker move on.
+pub(crate) fn answer_as(
+    shared: &Shared,
+    req: &serde_json::Value,
+    actor: &str,
+) -> serde_json::Value {
+    let reads_files = req.get("cmd").and_then(serde_json::Value::as_str) == Some("history");
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if reads_files && multi_thread {
+        tokio::task::block_in_place(|| crate::admin::answer_as(shared, req, actor))
+    } else {
+        crate::admin::answer_as(shared, req, actor)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,78 +425,5 @@ mod tests {
         assert!(!wants(&head("GET", "/", &[])));
         assert!(!wants(&head("CONNECT", "/CSCOSSLC/tunnel", &[])));
         assert!(!wants(&head("GET", "/healthz", &[])));
-    }
-}
-
-/// What the web interface adds to the address history.
-#[derive(Debug, Clone)]
-pub(crate) enum Ev {
-    /// A sign-in to the user page or the console, right or refused.
-    WebLogon {
-        user: String,
-        role: Option<String>,
-        client: IpAddr,
-        ok: bool,
-        reason: Option<String>,
-    },
-    /// A sign-out.
-    WebLogoff { user: String, client: IpAddr },
-    /// A user acting on their own sessions from the page.
-    UserAction {
-        user: String,
-        action: String,
-        target: String,
-        client: IpAddr,
-    },
-}
-
-/// Record a web event in the address history (never blocks).
-pub(crate) fn record(web: &Web, ev: Ev) {
-    use crate::history::HistoryEvent;
-    web.shared.history.record(match ev {
-        Ev::WebLogon {
-            user,
-            role,
-            client,
-            ok,
-            reason,
-        } => HistoryEvent::WebLogon {
-            user,
-            role,
-            client,
-            ok,
-            reason,
-        },
-        Ev::WebLogoff { user, client } => HistoryEvent::WebLogoff { user, client },
-        Ev::UserAction {
-            user,
-            action,
-            target,
-            client,
-        } => HistoryEvent::UserAction {
-            user,
-            action,
-            target,
-            client,
-        },
-    });
-}
-
-/// Answer an administrative request (as `intragate ctl` would) on behalf
-/// of `actor`: recorded in the address history with the actor. A
-/// `history` request reads files: on the multi-threaded runtime it runs
-/// with `block_in_place` so the other tasks of this worker move on.
-pub(crate) fn answer_as(
-    shared: &Shared,
-    req: &serde_json::Value,
-    actor: &str,
-) -> serde_json::Value {
-    let reads_files = req.get("cmd").and_then(serde_json::Value::as_str) == Some("history");
-    let multi_thread = tokio::runtime::Handle::try_current()
-        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
-    if reads_files && multi_thread {
-        tokio::task::block_in_place(|| crate::admin::answer_as(shared, req, actor))
-    } else {
-        crate::admin::answer_as(shared, req, actor)
     }
 }

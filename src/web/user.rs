@@ -106,7 +106,7 @@ pub(super) async fn authenticate(
         Step::Refused(reason) => {
             super::record(
                 web,
-                super::Ev::WebLogon {
+                crate::history::HistoryEvent::WebLogon {
                     user: form.username.trim().chars().take(256).collect(),
                     role: None,
                     client: info.ip,
@@ -166,7 +166,7 @@ async fn login(
     info!(user = %identity.name, client = %info.ip, %method, "user page: signed in");
     super::record(
         &web,
-        super::Ev::WebLogon {
+        crate::history::HistoryEvent::WebLogon {
             user: identity.name.clone(),
             role: None,
             client: info.ip,
@@ -564,7 +564,7 @@ async fn action(
     info!(user = %me.user, client = %info.ip, action = %f.action, target = %f.target, sessions = n, "user page: workspace control");
     super::record(
         &web,
-        super::Ev::UserAction {
+        crate::history::HistoryEvent::UserAction {
             user: me.user.clone(),
             action: f.action.clone(),
             target: f.target.chars().take(64).collect(),
@@ -650,7 +650,7 @@ async fn logout(
     let clear = web.sessions.close(Kind::User, &headers);
     super::record(
         &web,
-        super::Ev::WebLogoff {
+        crate::history::HistoryEvent::WebLogoff {
             user: me.user.clone(),
             client: info.ip,
         },

@@ -116,6 +116,22 @@ pub struct AuthInfo {
 }
 
 impl AuthInfo {
+    /// `ldap (password)`: the account source and the factors, as the
+    /// console, `ctl sessions` and the address history show them.
+    pub fn describe(&self) -> String {
+        let source = if self.source.is_empty() {
+            "local"
+        } else {
+            self.source.as_str()
+        };
+        let method = if self.method.is_empty() {
+            "password"
+        } else {
+            self.method.as_str()
+        };
+        format!("{source} ({method})")
+    }
+
     /// The users file vouches for this session's user: the account watcher
     /// applies that file's changes to it. Users from a directory, RADIUS
     /// or a certificate are not in it (their source decides at logon).
