@@ -43,6 +43,27 @@ fn client_ip(peer: SocketAddr) -> IpAddr {
     }
 }
 
+/// The next accepted connection, or `None` at shutdown. Accept errors
+/// (out of descriptors, buffers) pause with a growing delay.
+async fn next_connection(
+    shared: &Shared,
+    listener: &TcpListener,
+    backoff: &mut AcceptBackoff,
+) -> Option<(tokio::net::TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return None,
+            r = listener.accept() => match r {
+                Ok(x) => {
+                    backoff.succeeded();
+                    return Some(x);
+                }
+                Err(e) => backoff.failed(&e, &shared.shutdown).await,
+            },
+        }
+    }
+}
+
 /// Accept TCP connections until shutdown.
 ///
 /// Every connection takes a descriptor from the budget (`crate::fdlimit`):
@@ -57,18 +78,7 @@ pub async fn accept_loop(
     web: Arc<Web>,
 ) {
     let mut backoff = AcceptBackoff::new("TLS listener");
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    backoff.failed(&e, &shared.shutdown).await;
-                    continue;
-                }
-            },
-        };
-        backoff.succeeded();
+    while let Some((tcp, peer)) = next_connection(&shared, &listener, &mut backoff).await {
         let ip = client_ip(peer);
         let fd = match fdlimit::budget().admit_client() {
             fdlimit::Admission::Serve(fd) | fdlimit::Admission::RefuseOnly(fd) => fd,
@@ -171,18 +181,7 @@ pub async fn console_accept_loop(
     web: Arc<Web>,
 ) {
     let mut backoff = AcceptBackoff::new("console listener");
-    loop {
-        let (tcp, peer) = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    backoff.failed(&e, &shared.shutdown).await;
-                    continue;
-                }
-            },
-        };
-        backoff.succeeded();
+    while let Some((tcp, peer)) = next_connection(&shared, &listener, &mut backoff).await {
         let ip = client_ip(peer);
         let fd = match fdlimit::budget().admit_client() {
             fdlimit::Admission::Serve(fd) => fd,

@@ -25,7 +25,7 @@ pub(super) fn routes() -> Router<WebRef> {
         .route("/api/v1/bans/{address}", delete(unban))
         .route("/api/v1/reload", post(plain(Role::Admin, "reload")))
         .route("/api/v1/drain", post(drain))
-        .route("/api/v1/sessions", get(sessions))
+        .route("/api/v1/sessions", get(listing("sessions")))
         .route("/api/v1/sessions/{id}", get(session_show))
         .route(
             "/api/v1/sessions/{id}/disconnect",
@@ -37,7 +37,7 @@ pub(super) fn routes() -> Router<WebRef> {
             post(on_user("disconnect")),
         )
         .route("/api/v1/users/{user}/logoff", post(on_user("logoff")))
-        .route("/api/v1/conntrack", get(conntrack))
+        .route("/api/v1/conntrack", get(listing("conntrack")))
         .route("/api/v1/history", get(history))
         .route("/api/v1/series", get(series))
         .route(
@@ -74,6 +74,26 @@ fn on_session(
             m,
             Role::Operator,
             json!({"cmd": cmd, "session": id}),
+        ))
+    }
+}
+
+/// A handler listing, for viewers, what `{"cmd": cmd}` lists, of one
+/// user when the query string names one (`?user=alice`).
+fn listing(
+    cmd: &'static str,
+) -> impl Fn(State<WebRef>, HeaderMap, Method, Result<Query<UserQuery>, QueryRejection>) -> Answer
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    move |s, h, m, q| {
+        Box::pin(simple(
+            s,
+            h,
+            m,
+            Role::Viewer,
+            query(q, |q| json!({"cmd": cmd, "user": q.user})),
         ))
     }
 }
@@ -202,38 +222,6 @@ async fn simple(
 struct UserQuery {
     #[serde(default)]
     user: Option<String>,
-}
-
-async fn sessions(
-    s: State<WebRef>,
-    headers: HeaderMap,
-    method: Method,
-    q: Result<Query<UserQuery>, QueryRejection>,
-) -> Response<Body> {
-    simple(
-        s,
-        headers,
-        method,
-        Role::Viewer,
-        query(q, |q| json!({"cmd": "sessions", "user": q.user})),
-    )
-    .await
-}
-
-async fn conntrack(
-    s: State<WebRef>,
-    headers: HeaderMap,
-    method: Method,
-    q: Result<Query<UserQuery>, QueryRejection>,
-) -> Response<Body> {
-    simple(
-        s,
-        headers,
-        method,
-        Role::Viewer,
-        query(q, |q| json!({"cmd": "conntrack", "user": q.user})),
-    )
-    .await
 }
 
 async fn session_show(

@@ -4,6 +4,7 @@
 //! `intragate ctl` (`admin::answer_as`), with the administrator as actor.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
@@ -18,7 +19,7 @@ use tracing::info;
 
 use super::html::{self, esc};
 use super::session::{Kind, Role, WebSession};
-use super::user::{authenticate, check_post, LoginForm};
+use super::user::{authenticate, check_post, record_logon, sign_in, LoginForm};
 use super::{redirect, ConnInfo, Web, WebRef};
 
 pub(super) fn routes() -> Router<WebRef> {
@@ -77,15 +78,12 @@ async fn login(
     };
     let Some(role) = Role::of_groups(&identity.groups, &web.shared.config.web) else {
         info!(user = %identity.name, client = %info.ip, "console: signed in but has no console role");
-        super::record(
+        record_logon(
             &web,
-            crate::history::HistoryEvent::WebLogon {
-                user: identity.name.clone(),
-                role: None,
-                client: info.ip,
-                ok: false,
-                reason: Some("no console role".into()),
-            },
+            &identity.name,
+            None,
+            info.ip,
+            Some("no console role".into()),
         );
         let body = html::login_form(
             "Administrator console",
@@ -100,34 +98,38 @@ async fn login(
             html::page("Console log on", "", &body, None),
         );
     };
-    let signed = web.sessions.open(
+    info!(user = %identity.name, client = %info.ip, role = role.as_str(), %method, "console: signed in");
+    sign_in(
+        &web,
         Kind::Console,
         &identity,
         Some(role),
-        method.clone(),
-        Instant::now(),
-    );
-    info!(user = %identity.name, client = %info.ip, role = role.as_str(), %method, "console: signed in");
-    super::record(
-        &web,
-        crate::history::HistoryEvent::WebLogon {
-            user: identity.name.clone(),
-            role: Some(role.as_str().into()),
-            client: info.ip,
-            ok: true,
-            reason: None,
-        },
-    );
-    let mut r = redirect("/console");
-    if let Ok(v) = signed.cookie.parse() {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
+        method,
+        info.ip,
+        "/console",
+    )
 }
 
 fn signed_in(web: &Web, headers: &HeaderMap) -> Result<WebSession, Response<Body>> {
     web.signed_in(Kind::Console, headers)
         .ok_or_else(|| redirect("/console/login"))
+}
+
+/// The gateway and the console's signed-in administrator, or the answer
+/// instead (stopping, or the redirect to the logon page).
+fn open(w: &WebRef, headers: &HeaderMap) -> Result<(Arc<Web>, WebSession), Response<Body>> {
+    let web = w.get().ok_or_else(gone)?;
+    let me = signed_in(&web, headers)?;
+    Ok((web, me))
+}
+
+/// The array `key` of a daemon reply (empty when absent).
+fn list(reply: &Value, key: &str) -> Vec<Value> {
+    reply
+        .get(key)
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The console's navigation and sign-out.
@@ -224,17 +226,12 @@ async fn sessions(
     headers: HeaderMap,
     Query(f): Query<Filter>,
 ) -> Response<Body> {
-    let Some(web) = w.get() else { return gone() };
-    let me = match signed_in(&web, &headers) {
-        Ok(m) => m,
+    let (web, me) = match open(&w, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let reply = ask(&web, &me, json!({"cmd": "sessions"}));
-    let all = reply
-        .get("sessions")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let all = list(&reply, "sessions");
     let rows: Vec<&Value> = all
         .iter()
         .filter(|v| {
@@ -352,9 +349,8 @@ async fn details(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response<Body> {
-    let Some(web) = w.get() else { return gone() };
-    let me = match signed_in(&web, &headers) {
-        Ok(m) => m,
+    let (web, me) = match open(&w, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let reply = ask(&web, &me, json!({"cmd": "show", "session": id}));
@@ -526,17 +522,12 @@ fn table(
 }
 
 async fn pools(State(w): State<WebRef>, headers: HeaderMap) -> Response<Body> {
-    let Some(web) = w.get() else { return gone() };
-    let me = match signed_in(&web, &headers) {
-        Ok(m) => m,
+    let (web, me) = match open(&w, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let reply = ask(&web, &me, json!({"cmd": "pool"}));
-    let rows = reply
-        .get("pools")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let rows = list(&reply, "pools");
     let b = format!(
         "<h1>Address pools</h1>{}",
         table(
@@ -558,17 +549,12 @@ async fn pools(State(w): State<WebRef>, headers: HeaderMap) -> Response<Body> {
 }
 
 async fn dns(State(w): State<WebRef>, headers: HeaderMap) -> Response<Body> {
-    let Some(web) = w.get() else { return gone() };
-    let me = match signed_in(&web, &headers) {
-        Ok(m) => m,
+    let (web, me) = match open(&w, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let reply = ask(&web, &me, json!({"cmd": "dns"}));
-    let rows = reply
-        .get("records")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let rows = list(&reply, "records");
     let b = format!(
         "<h1>DNS records of the sessions</h1>{}",
         table(
@@ -586,17 +572,12 @@ async fn bans(
     headers: HeaderMap,
     Query(f): Query<Filter>,
 ) -> Response<Body> {
-    let Some(web) = w.get() else { return gone() };
-    let me = match signed_in(&web, &headers) {
-        Ok(m) => m,
+    let (web, me) = match open(&w, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let reply = ask(&web, &me, json!({"cmd": "bans"}));
-    let rows = reply
-        .get("bans")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let rows = list(&reply, "bans");
     let operator = me.role >= Some(Role::Operator);
     let csrf = html::csrf(&me.csrf);
     let mut b = String::from("<h1>Banned client addresses</h1>");
@@ -645,9 +626,8 @@ async fn history(
     headers: HeaderMap,
     Query(q): Query<HistoryQuery>,
 ) -> Response<Body> {
-    let Some(web) = w.get() else { return gone() };
-    let me = match signed_in(&web, &headers) {
-        Ok(m) => m,
+    let (web, me) = match open(&w, &headers) {
+        Ok(x) => x,
         Err(r) => return r,
     };
     let mut b = String::from("<h1>Address history</h1>");
@@ -687,12 +667,7 @@ async fn history(
         );
     }
     b.push_str("<table id=\"history\"><thead><tr><th scope=\"col\">Time (UTC)</th><th scope=\"col\">Event</th><th scope=\"col\">User</th><th scope=\"col\">Address</th><th scope=\"col\">Detail</th></tr></thead><tbody>");
-    let entries = reply
-        .get("entries")
-        .or_else(|| reply.get("events"))
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default();
+    let entries = list(&reply, "entries");
     for e in &entries {
         let mut detail = e.clone();
         if let Some(o) = detail.as_object_mut() {

@@ -104,15 +104,12 @@ pub(super) async fn authenticate(
     match step {
         Step::Done { identity, method } => Ok((identity, method)),
         Step::Refused(reason) => {
-            super::record(
+            record_logon(
                 web,
-                crate::history::HistoryEvent::WebLogon {
-                    user: form.username.trim().chars().take(256).collect(),
-                    role: None,
-                    client: info.ip,
-                    ok: false,
-                    reason: Some(reason.clone()),
-                },
+                form.username.trim(),
+                None,
+                info.ip,
+                Some(reason.clone()),
             );
             let body = html::login_form(title, action, Some(&reason), form.username.trim());
             Err(html::respond(
@@ -140,6 +137,49 @@ pub(super) async fn authenticate(
     }
 }
 
+/// Record a page sign-in in the address history: accepted, or refused
+/// with why (`user` as typed, at most 256 characters).
+pub(super) fn record_logon(
+    web: &Web,
+    user: &str,
+    role: Option<session::Role>,
+    client: IpAddr,
+    refused: Option<String>,
+) {
+    super::record(
+        web,
+        crate::history::HistoryEvent::WebLogon {
+            user: user.chars().take(256).collect(),
+            role: role.map(|r| r.as_str().into()),
+            client,
+            ok: refused.is_none(),
+            reason: refused,
+        },
+    );
+}
+
+/// Open a page session for `identity`, record the sign-in and send the
+/// browser to `home` with the session's cookie.
+pub(super) fn sign_in(
+    web: &Web,
+    kind: Kind,
+    identity: &crate::auth::Identity,
+    role: Option<session::Role>,
+    method: String,
+    client: IpAddr,
+    home: &str,
+) -> Response<Body> {
+    let signed = web
+        .sessions
+        .open(kind, identity, role, method, Instant::now());
+    record_logon(web, &identity.name, role, client, None);
+    let mut r = redirect(home);
+    if let Ok(v) = signed.cookie.parse() {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    r
+}
+
 async fn login(
     State(w): State<WebRef>,
     Extension(info): Extension<ConnInfo>,
@@ -160,25 +200,16 @@ async fn login(
         Ok(x) => x,
         Err(page) => return page,
     };
-    let signed = web
-        .sessions
-        .open(Kind::User, &identity, None, method.clone(), Instant::now());
     info!(user = %identity.name, client = %info.ip, %method, "user page: signed in");
-    super::record(
+    sign_in(
         &web,
-        crate::history::HistoryEvent::WebLogon {
-            user: identity.name.clone(),
-            role: None,
-            client: info.ip,
-            ok: true,
-            reason: None,
-        },
-    );
-    let mut r = redirect("/workspace");
-    if let Ok(v) = signed.cookie.parse() {
-        r.headers_mut().insert(header::SET_COOKIE, v);
-    }
-    r
+        Kind::User,
+        &identity,
+        None,
+        method,
+        info.ip,
+        "/workspace",
+    )
 }
 
 /// The signed-in user of the page, or the redirect to the logon page.

@@ -362,16 +362,7 @@ impl BanTable {
                         delay: Duration::ZERO,
                     };
                 }
-                self.make_room(now);
-                let generation = self.next_generation;
-                self.next_generation = self.next_generation.wrapping_add(1).max(1);
-                Entry {
-                    generation,
-                    charged: 0,
-                    last_failure: now,
-                    ban: None,
-                    failed_by_user: Vec::new(),
-                }
+                self.fresh_entry(now)
             }
         };
         // Other gateways' attempts may have reached the threshold already:
@@ -457,6 +448,20 @@ impl BanTable {
         self.put_back_after_refund(ticket.key, e);
     }
 
+    /// A new, clean entry (room made for it; a generation of its own).
+    fn fresh_entry(&mut self, now: Instant) -> Entry {
+        self.make_room(now);
+        let generation = self.next_generation;
+        self.next_generation = self.next_generation.wrapping_add(1).max(1);
+        Entry {
+            generation,
+            charged: 0,
+            last_failure: now,
+            ban: None,
+            failed_by_user: Vec::new(),
+        }
+    }
+
     /// Bans `ip`'s key until `until` (an administrator's decision, whatever
     /// its score); a longer ban already in force stays. Returns the end of
     /// the ban in force.
@@ -464,18 +469,7 @@ impl BanTable {
         let key = ban_key(ip);
         let mut e = match self.remove(key) {
             Some(e) if self.is_live(&e, now) => e,
-            _ => {
-                self.make_room(now);
-                let generation = self.next_generation;
-                self.next_generation = self.next_generation.wrapping_add(1).max(1);
-                Entry {
-                    generation,
-                    charged: 0,
-                    last_failure: now,
-                    ban: None,
-                    failed_by_user: Vec::new(),
-                }
-            }
+            _ => self.fresh_entry(now),
         };
         let until = e.ban.map_or(until, |b| b.until.max(until));
         e.ban = Some(Ban {
