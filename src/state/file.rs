@@ -305,6 +305,25 @@ pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
     write_atomic_with(path, data, mode, |_| Ok(()))
 }
 
+/// Like [`write_atomic`], but the file belongs to the owner of its
+/// directory: an admin command run as root (`intragate token create`)
+/// writes into the state directory of the packaged gateway, which runs as
+/// the user `intragate` and must read the file.
+pub fn write_atomic_dir_owner(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let owner = fs::metadata(dir)?;
+    write_atomic_with(path, data, mode, |f| {
+        let m = f.metadata()?;
+        if (m.uid(), m.gid()) != (owner.uid(), owner.gid()) {
+            std::os::unix::fs::fchown(f, Some(owner.uid()), Some(owner.gid()))?;
+        }
+        Ok(())
+    })
+}
+
 fn write_atomic_with(
     path: &Path,
     data: &[u8],

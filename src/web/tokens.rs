@@ -3,8 +3,6 @@
 //! `<state_dir>/api-tokens.json` (mode 0600), which the daemon re-reads
 //! when it changes. `Authorization: Bearer igt_…` on the REST API.
 
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -69,35 +67,13 @@ fn save(path: &Path, list: &[TokenEntry]) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let tmp = path.with_extension("json.tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(list)?)?;
-    f.sync_all()?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-    // `intragate token create` runs as root while the packaged gateway runs
-    // as the user `intragate`, which owns the state directory: the file
-    // belongs to the directory's owner, or the gateway could not read it.
-    if let Some(dir) = path.parent() {
-        use std::os::unix::fs::MetadataExt;
-        let d = std::fs::metadata(dir)?;
-        let f = std::fs::metadata(&tmp)?;
-        if (d.uid(), d.gid()) != (f.uid(), f.gid()) {
-            std::os::unix::fs::chown(&tmp, Some(d.uid()), Some(d.gid())).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: cannot give it to the owner of {} ({e}); run this as root or as that user",
-                    tmp.display(),
-                    dir.display()
-                )
-            })?;
-        }
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    crate::state::file::write_atomic_dir_owner(path, &serde_json::to_vec_pretty(list)?, 0o600)
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e} (it must belong to the state directory's owner: run this as root or as that user)",
+                path.display()
+            )
+        })
 }
 
 /// A token name: letters, digits, `-_.@`, 1–64 characters.
@@ -204,6 +180,7 @@ impl Tokens {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn the_file_belongs_to_the_state_directorys_owner() {
