@@ -5,17 +5,24 @@
 //! TLS connection that answers DPD and sends keepalives.
 //!
 //! ```text
-//! intragate-loadgen logon --server IP:PORT --count N --concurrency C [common]
+//! intragate-loadgen logon --server IP:PORT --count N --concurrency C [--keep 1] [common]
 //!     N logons (users PREFIX{first}..), each: TCP connect, TLS, POST init,
 //!     answer every form, CONNECT with the cookie, then DISCONNECT (0xb0,
 //!     a clean logoff) and close. Prints one JSON object: rate, per-logon
-//!     protocol time (TCP connect -> CONNECT reply) and its phases.
+//!     protocol time (TCP connect -> CONNECT reply) and its phases, and the
+//!     addresses the CONNECT replies assigned (X-CSTP-Address) with the
+//!     number of duplicates. --keep 1: every session stays up (answering
+//!     DPD) until all N logons are done, then all are logged off, so that
+//!     a duplicate is two live sessions with one address (without it an
+//!     address freed by a logoff may rightly be given again).
 //! intragate-loadgen hold --server IP:PORT --targets 1,100,1000 --concurrency C [common]
 //!     Opens sessions until TARGET are up, prints {"event":"reached",..} and
 //!     waits for a line on stdin ("next"); EOF or "quit" logs all off and
 //!     prints {"event":"done",..}. Sessions answer DPD-REQ and send a
 //!     keepalive every X-CSTP-Keepalive seconds, so they stay up.
-//! common: --user-prefix u --first 0 --password PW --bind IP --timeout SECS
+//! common: --user-prefix u --first 0 --password PW --bind IP[,IP..] --timeout SECS
+//!     --bind: source addresses, taken round-robin by successive connections
+//!     (one address gives ~64,000 connections to one server port).
 //! ```
 //!
 //! Both gateways are driven alike: any text input whose name starts with
@@ -25,6 +32,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -63,7 +71,10 @@ struct Opts {
     user_prefix: String,
     first: usize,
     password: String,
-    bind: Option<IpAddr>,
+    /// Source addresses, round-robin (empty: the kernel chooses).
+    bind: Vec<IpAddr>,
+    /// logon: hold every session until all logons are done.
+    keep: bool,
     timeout: Duration,
     concurrency: usize,
     count: usize,
@@ -81,8 +92,8 @@ fn usage() -> ! {
     eprintln!(
         "usage: intragate-loadgen logon|hold --server IP:PORT [--count N] [--targets A,B,..]\n\
          \x20      [--concurrency C] [--user-prefix u] [--first 0] [--password PW]\n\
-         \x20      [--bind IP] [--timeout SECS] [--retries R] [--step-timeout SECS]\n\
-         \x20      [--min-avail-mib MIB] [--logoff-rate PER_S]"
+         \x20      [--bind IP[,IP..]] [--timeout SECS] [--retries R] [--step-timeout SECS]\n\
+         \x20      [--min-avail-mib MIB] [--logoff-rate PER_S] [--keep 0|1]"
     );
     std::process::exit(2)
 }
@@ -133,6 +144,7 @@ fn parse_opts(args: &[String]) -> Res<Opts> {
         "step-timeout",
         "min-avail-mib",
         "logoff-rate",
+        "keep",
     ];
     if let Some(k) = kv.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(format!("unknown option --{k}"));
@@ -144,8 +156,12 @@ fn parse_opts(args: &[String]) -> Res<Opts> {
         first: num("first", 0)?,
         password: get("password").unwrap_or_else(|| "bench-Secret-1".into()),
         bind: get("bind")
-            .map(|b| b.parse().map_err(|e| format!("--bind: {e}")))
-            .transpose()?,
+            .unwrap_or_default()
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+            .map(|b| b.trim().parse().map_err(|e| format!("--bind: {b}: {e}")))
+            .collect::<Res<Vec<IpAddr>>>()?,
+        keep: matches!(get("keep").as_deref(), Some("1" | "true" | "yes")),
         timeout: Duration::from_secs_f64(num("timeout", 60)? as f64),
         concurrency: num("concurrency", 1)?.max(1),
         count: num("count", 1)?,
@@ -551,6 +567,8 @@ struct Timings {
     total: Duration,
     forms: usize,
     transfers: usize,
+    /// X-CSTP-Address of the CONNECT reply (empty when there was none).
+    address: String,
 }
 
 struct Tunnel {
@@ -568,9 +586,11 @@ async fn logon(opts: &Opts, tls: &TlsConnector, user: &str) -> Res<(Tunnel, Timi
         TcpSocket::new_v6()
     }
     .map_err(|e| format!("socket: {e}"))?;
-    if let Some(b) = opts.bind {
+    if !opts.bind.is_empty() {
+        let b = opts.bind[BIND_NEXT.fetch_add(1, Ordering::Relaxed) % opts.bind.len()];
+        bind_no_port(&sock);
         sock.bind(SocketAddr::new(b, 0))
-            .map_err(|e| format!("bind: {e}"))?;
+            .map_err(|e| format!("bind {b}: {e}"))?;
     }
     let tcp = sock
         .connect(opts.server)
@@ -675,12 +695,34 @@ async fn logon(opts: &Opts, tls: &TlsConnector, user: &str) -> Res<(Tunnel, Timi
             .filter(|s| *s > 0)
             .map_or(Duration::from_secs(d), Duration::from_secs)
     };
+    t.address = h("x-cstp-address").unwrap_or_default();
     let tunnel = Tunnel {
         keepalive: secs("x-cstp-keepalive", 20),
         dpd: secs("x-cstp-dpd", 30),
         conn,
     };
     Ok((tunnel, t))
+}
+
+/// The next source address of `--bind` (round-robin over all connections).
+static BIND_NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// IP_BIND_ADDRESS_NO_PORT: a bound source address gets its port at
+/// connect(), unique per 4-tuple, instead of at bind(), unique per address
+/// (best effort: without it bind() still works, with fewer ports).
+fn bind_no_port(sock: &TcpSocket) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt on a socket we own, with a pointer to a local c_int
+    // and its size.
+    unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
 }
 
 fn frame(typ: u8, payload: &[u8]) -> Vec<u8> {
@@ -801,6 +843,7 @@ fn summary(mut v: Vec<f64>) -> Value {
         "median": percentile(&v, 0.5),
         "p10": percentile(&v, 0.1),
         "p90": percentile(&v, 0.9),
+        "p99": percentile(&v, 0.99),
         "min": v.first().copied().unwrap_or(f64::NAN),
         "max": v.last().copied().unwrap_or(f64::NAN),
         "mean": mean,
@@ -828,6 +871,10 @@ async fn cmd_logon(opts: Opts) -> Res<Value> {
     let next = Arc::new(AtomicUsize::new(0));
     let samples = Arc::new(std::sync::Mutex::new(Vec::<Timings>::new()));
     let errors = Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
+    // --keep: sessions held until every logon is done (then `stop` is raised).
+    let (stop_tx, stop_rx) = watch::channel(0usize);
+    let alive = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..opts.concurrency.min(opts.count.max(1)) {
@@ -838,6 +885,7 @@ async fn cmd_logon(opts: Opts) -> Res<Value> {
             samples.clone(),
             errors.clone(),
         );
+        let (stop_rx, alive, ended) = (stop_rx.clone(), alive.clone(), ended.clone());
         workers.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -847,9 +895,22 @@ async fn cmd_logon(opts: Opts) -> Res<Value> {
                 let user = format!("{}{}", opts.user_prefix, opts.first + i);
                 match tokio::time::timeout(opts.timeout, logon(&opts, &tls, &user)).await {
                     Ok(Ok((mut tun, t))) => {
-                        logoff(&mut tun.conn).await;
                         if let Ok(mut s) = samples.lock() {
                             s.push(t);
+                        }
+                        if opts.keep {
+                            alive.fetch_add(1, Ordering::Relaxed);
+                            let (alive, ended, stop) =
+                                (alive.clone(), ended.clone(), stop_rx.clone());
+                            tokio::spawn(async move {
+                                let why = hold(tun, stop, i, i as u64 * 7919).await;
+                                alive.fetch_sub(1, Ordering::Relaxed);
+                                if let Ok(mut m) = ended.lock() {
+                                    *m.entry(why.to_string()).or_default() += 1;
+                                }
+                            });
+                        } else {
+                            logoff(&mut tun.conn).await;
                         }
                     }
                     Ok(Err(e)) => count_error(&errors, &e),
@@ -861,7 +922,12 @@ async fn cmd_logon(opts: Opts) -> Res<Value> {
     for w in workers {
         let _ = w.await;
     }
+    // Every logon has ended (a CONNECT reply, an error or the timeout).
     let wall = start.elapsed();
+    let alive_at_end = alive.load(Ordering::Relaxed);
+    if opts.keep {
+        log_off_all(&stop_tx, &alive, opts.count, opts.logoff_rate).await;
+    }
     let s = samples.lock().map(|s| s.clone()).unwrap_or_default();
     let errs = errors.lock().map(|e| e.clone()).unwrap_or_default();
     let ok = s.len();
@@ -884,8 +950,61 @@ async fn cmd_logon(opts: Opts) -> Res<Value> {
         "connect_ms": col(|t| t.connect),
         "forms": s.first().map_or(0, |t| t.forms),
         "transfers": s.iter().map(|t| t.transfers).sum::<usize>(),
+        "kept": opts.keep,
+        "alive_at_end": alive_at_end,
+        "ended": ended.lock().map(|e| e.clone()).unwrap_or_default(),
+        "addresses": address_report(s.iter().map(|t| t.address.as_str())),
         "protocol_ms_samples": s.iter().map(|t| ms(t.total)).collect::<Vec<_>>(),
     }))
+}
+
+/// The addresses CONNECT replies assigned: how many, how many distinct,
+/// duplicates (sessions beyond the first with an address) and a few of them.
+fn address_report<'a>(addrs: impl Iterator<Item = &'a str>) -> Value {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut missing = 0usize;
+    for a in addrs {
+        if a.is_empty() {
+            missing += 1;
+        } else {
+            *seen.entry(a).or_default() += 1;
+        }
+    }
+    let assigned: usize = seen.values().sum();
+    let dups: Vec<(&str, usize)> = seen
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(a, n)| (*a, *n))
+        .collect();
+    json!({
+        "assigned": assigned,
+        "distinct": seen.len(),
+        "duplicates": assigned - seen.len(),
+        "missing": missing,
+        "duplicate_examples": dups.iter().take(5).map(|(a, n)| json!({"address": a, "sessions": n})).collect::<Vec<_>>(),
+    })
+}
+
+/// Log off every held session (`hold` tasks watching `stop`), at most
+/// `rate` per second, and wait (at most 30 s) until all have counted
+/// themselves out of `alive`.
+async fn log_off_all(
+    stop_tx: &watch::Sender<usize>,
+    alive: &AtomicUsize,
+    total: usize,
+    rate: usize,
+) {
+    let step = (rate / 20).max(1);
+    let mut below = 0usize;
+    while below <= total {
+        below += step;
+        let _ = stop_tx.send(below);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while alive.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 fn emit(v: &Value) {
@@ -914,7 +1033,9 @@ async fn cmd_hold(opts: Opts) -> Res<Value> {
         let give_up = Arc::new(std::sync::Mutex::new(None::<String>));
         // Open sessions until `target` are alive (retrying failed users).
         while alive.load(Ordering::Relaxed) < target {
-            let want = target - alive.load(Ordering::Relaxed);
+            let alive_before = alive.load(Ordering::Relaxed);
+            let opened_before = up_total.load(Ordering::Relaxed);
+            let want = target - alive_before;
             let batch: Vec<usize> = (next_user..next_user + want).collect();
             next_user += want;
             let cursor = Arc::new(AtomicUsize::new(0));
@@ -988,7 +1109,17 @@ async fn cmd_hold(opts: Opts) -> Res<Value> {
             if give_up.lock().map(|g| g.is_some()).unwrap_or(true) {
                 break;
             }
-            // Give up on this target when a whole batch made no progress.
+            // Give up on this target when a whole round added no session
+            // (e.g. the gateway at its connection limit refuses every new
+            // logon), or when too many logons failed overall.
+            if up_total.load(Ordering::Relaxed) == opened_before {
+                if let Ok(mut g) = give_up.lock() {
+                    g.get_or_insert(format!(
+                        "a round of {want} logons added no session (at {alive_before})"
+                    ));
+                }
+                break;
+            }
             if failed.load(Ordering::Relaxed) - fail_before > (target + 10) * (opts.retries + 1) {
                 if let Ok(mut g) = give_up.lock() {
                     g.get_or_insert("too many failed logons".into());
@@ -1030,20 +1161,10 @@ async fn cmd_hold(opts: Opts) -> Res<Value> {
         }
     }
     let alive_at_end = alive.load(Ordering::Relaxed);
-    // Log off at most `logoff_rate` sessions per second.
+    // Log off at most `logoff_rate` sessions per second; every holder logs
+    // off and counts itself out.
     let total = up_total.load(Ordering::Relaxed);
-    let step = (opts.logoff_rate / 20).max(1);
-    let mut below = 0usize;
-    while below <= total {
-        below += step;
-        let _ = stop_tx.send(below);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Every holder logs off and counts itself out.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while alive.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    log_off_all(&stop_tx, &alive, total, opts.logoff_rate).await;
     Ok(json!({
         "event": "done",
         "alive_at_end": alive_at_end,
