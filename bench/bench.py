@@ -6,12 +6,15 @@ cleans up). This script builds the namespaces, runs each gateway in turn and
 measures; see bench/README.md for what and how.
 
     user ns (u0)  198.18.20.2 ─┐
+    users u1.. 198.18.22.4k+2/30 ┤
     loadgen ns (lg) 198.18.21.2 ┼─ gw ns: listen 198.18.19.1:4443 (lo) ── 198.18.1.1 ── internal ns 198.18.1.2
     plain ns (pl) 198.18.30.2 ─┘   TUN: pool 198.19.0.0/16 (gateway 198.19.0.1)
 
 The user and loadgen namespaces reach only the gateway's listen address; the
 internal network only through a tunnel. The plain namespace is routed to the
-internal host by the gw namespace's kernel (no VPN): the ceiling.
+internal host by the gw namespace's kernel (no VPN): the ceiling. User
+namespace u<k> logs on as client<k> and has iperf3 server port 5201 + k on
+the internal host.
 """
 
 import argparse
@@ -153,35 +156,60 @@ DNSMASQ_PORT = 5353
 PASSWORD = "bench-Secret-1"
 CLIENT_USER = "client0"
 VPNC_SCRIPT = "/usr/share/vpnc-scripts/vpnc-script"
+IPERF_PORT = 5201  # iperf3 server of u0 (u<k>: 5201 + k)
+USERS_NET_BASE = int(ipaddress.ip_address("198.18.22.0"))  # u1..: a /30 each
 # RLIMIT_NOFILE for the gateways and the load generator: the hard limit (root
 # without CAP_SYS_RESOURCE, e.g. in a container, cannot go above it).
 import resource
 NOFILE = str(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
 HZ = os.sysconf("SC_CLK_TCK")
 
+# ping_count pings ping_interval s apart (idle, and under load while another
+# session carries a bulk iperf3); multi_users sessions (namespaces u0..) run
+# iperf3 at once; storm_count logons with storm_concurrency in parallel, all
+# held until the last is done; hold_max: the last plateau of idle sessions
+# (intragate only), at most the open-file hard limit - 200 (0: none),
+# hold_per_proc sessions per load generator process (0: hard limit - 100),
+# hold_per_addr per source address of the load generator; the gateway's CPU is
+# measured over idle_cpu_secs while that plateau is held.
 PARAMS = {
-    "full": dict(iperf_secs=5, iperf_runs=3, ping_count=50, oc_logons=5, proto_logons=20,
-                 rate_runs=3, rate_count=300, rate_concurrency=32, hold_targets=[1, 100, 1000, 10000],
+    "full": dict(iperf_secs=5, iperf_runs=3, ping_count=200, ping_interval=0.02, oc_logons=5,
+                 proto_logons=20, rate_runs=3, rate_count=300, rate_concurrency=32,
+                 multi_users=16, storm_count=1000, storm_concurrency=1000,
+                 hold_targets=[1, 100, 1000, 10000], hold_max=100000, hold_per_proc=0,
+                 hold_per_addr=25000, idle_cpu_secs=30.0,
                  hold_concurrency=32, hold_settle=3.0, hold_step_timeout=420, dns_names=100000,
                  dns_secs=5, dns_runs=3, wait_idle=True),
-    "smoke": dict(iperf_secs=1, iperf_runs=1, ping_count=5, oc_logons=1, proto_logons=5,
-                  rate_runs=1, rate_count=5, rate_concurrency=5, hold_targets=[1, 10],
+    "smoke": dict(iperf_secs=1, iperf_runs=1, ping_count=10, ping_interval=0.02, oc_logons=1,
+                  proto_logons=5, rate_runs=1, rate_count=5, rate_concurrency=5,
+                  multi_users=2, storm_count=20, storm_concurrency=20,
+                  hold_targets=[1, 10], hold_max=20, hold_per_proc=10, hold_per_addr=10,
+                  idle_cpu_secs=2.0,
                   hold_concurrency=5, hold_settle=0.5, hold_step_timeout=60, dns_names=1000,
                   dns_secs=1, dns_runs=1, wait_idle=False),
 }
 
-# Targets of issue 8 (ratios in one run).
+# Targets of issues 8 and 19 (ratios in one run).
 TARGETS = {
     "cpu_per_gbit": "≤ 0.2× ocserv",
     "throughput_oc": "≥ 1.5× ocserv",
-    "throughput_plugin": "≥ 2 Gbit/s",
-    "mem_per_session": "≤ 64 KiB",
+    "throughput_plugin": "≥ 8 Gbit/s",
+    "mem_per_session": "≤ 32 KiB",
     "sessions": "10,000 held",
+    "sessions_max": "100,000 held",
+    "idle_cpu": "≤ 2 % of a core",
+    "ping": "≤ ocserv",
     "logon_time": "≤ 10 ms",
     "logon_rate": "≥ 500/s",
+    "storm": "all succeed, no duplicates",
     "dns_a": "≥ 1.2× dnsmasq",
     "dns_ptr": "≥ 10× dnsmasq",
 }
+# Issue 19's targets for the largest plateau (number and figures).
+SESSIONS_MAX_TARGET = 100000
+MEM_PER_SESSION_KIB = 32
+IDLE_CPU_PCT = 2.0
+PLUGIN_MBIT = 8000
 
 
 def log(*a):
@@ -381,6 +409,24 @@ def ratio(a, b):
     return a / b
 
 
+def percentile(xs, p):
+    """Nearest rank on the sorted samples (index round((n-1)·p)), as the load
+    generator computes its p50/p99; None without samples."""
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    return xs[min(len(xs) - 1, int(round((len(xs) - 1) * p)))]
+
+
+def jain(xs):
+    """Jain's fairness index (Σx)² / (n·Σx²): 1 = equal shares, 1/n = one takes all."""
+    xs = [x for x in xs if x is not None]
+    sq = sum(x * x for x in xs)
+    if not xs or sq == 0:
+        return None
+    return sum(xs) ** 2 / (len(xs) * sq)
+
+
 # ---------------------------------------------------------------------------
 # The bench
 # ---------------------------------------------------------------------------
@@ -514,20 +560,47 @@ class Bench:
             ip("-n", nsn, "addr", "add", "198.18.%d.2/24" % net, "dev", "vg")
             ip("-n", nsn, "link", "set", "vg", "up")
             ip("-n", nsn, "route", "add", "198.18.19.0/24", "via", "198.18.%d.1" % net)
+        # more users (the ping under load, the parallel iperf3 runs): u1.. with
+        # a /30 each from 198.18.22.0/24, like u0 reaching only the gateway
+        self.users = [self.u0]
+        for k in range(1, self.n_user_ns):
+            nsn = self.netns("u%d" % k)
+            side = "vu%d" % k
+            gw_ip, user_ip = USERS_NET_BASE + 4 * k + 1, USERS_NET_BASE + 4 * k + 2
+            ip("-n", self.gw, "link", "add", side, "type", "veth", "peer", "name", "vg", "netns", nsn)
+            ip("-n", self.gw, "addr", "add", "%s/30" % ipaddress.ip_address(gw_ip), "dev", side)
+            ip("-n", self.gw, "link", "set", side, "up")
+            ip("-n", nsn, "addr", "add", "%s/30" % ipaddress.ip_address(user_ip), "dev", "vg")
+            ip("-n", nsn, "link", "set", "vg", "up")
+            ip("-n", nsn, "route", "add", "198.18.19.0/24", "via", str(ipaddress.ip_address(gw_ip)))
+            self.users.append(nsn)
         # plain routing (no VPN): pl <-> internal through the gw namespace
         ip("-n", self.pl, "route", "add", INT_NET, "via", "198.18.30.1")
         ip("-n", self.inn, "route", "add", "198.18.30.0/24", "via", GW_INT_IP)
-        # the load generator opens thousands of connections
+        # the load generator opens thousands of connections: ~64,000 ports
+        # per source address (198.18.21.2, and .3.. for the largest plateau)
         ns(self.lg, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65000")
         ns(self.lg, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1")
+        self.lg_addrs = ["198.18.21.%d" % (2 + i) for i in range(self.n_lg_addrs)]
+        for a in self.lg_addrs[1:]:
+            ip("-n", self.lg, "addr", "add", a + "/24", "dev", "vg")
         # DNS of the namespaces stays inside them (vpnc-script, plug-in)
-        for n in (self.u0,):
+        for n in self.users:
             d = Path("/etc/netns") / n
             d.mkdir(parents=True, exist_ok=True)
             (d / "resolv.conf").write_text("# bench namespace\n")
-        self.iperf_srv = self.spawn("iperf3-server", ["ip", "netns", "exec", self.inn, "iperf3", "-s", "-B", INT_IP])
-        if not wait_until(10, lambda: ns(self.inn, "ss", "-Hltn", "sport = :5201", check=False).stdout.strip()):
-            raise HarnessError("iperf3 server did not start: " + self.iperf_srv.log_text())
+        # one iperf3 server per user namespace (a server runs one test at a
+        # time): u<k> uses port 5201 + k
+        self.iperf_srvs = []
+        for k in range(self.n_user_ns):
+            port = IPERF_PORT + k
+            self.iperf_srvs.append(self.spawn("iperf3-server-%d" % port, [
+                "ip", "netns", "exec", self.inn, "iperf3", "-s", "-B", INT_IP, "-p", port]))
+        self.iperf_srv = self.iperf_srvs[0]
+        listening = lambda: len(ns(self.inn, "ss", "-Hltn", "sport >= :%d and sport < :%d" % (
+            IPERF_PORT, IPERF_PORT + self.n_user_ns), check=False).stdout.splitlines()) >= self.n_user_ns
+        if not wait_until(10, listening):
+            raise HarnessError("iperf3 servers did not start: " + "".join(p.log_text() for p in self.iperf_srvs))
 
     def spawn(self, name, args, **kw):
         p = Proc(name, args, self.work / ("%s.log" % name.replace("/", "_")), **kw)
@@ -583,12 +656,54 @@ class Bench:
         os.chmod(d / "key.pem", 0o644)  # ocserv reads it as root before dropping privileges
 
     def user_ranges(self):
-        """Usernames: client0 (openconnect / plug-in), u0.. for the load generator."""
+        """Usernames: client0.. (openconnect / plug-in, one per user
+        namespace), u0.. for the load generator: the logon time, rate, storm
+        and memory blocks each have their own range; the largest plateau's
+        users (intragate only) come last."""
         P = self.P
+        if not 0 <= P["multi_users"] <= 64:
+            sys.exit("bench: multi_users is 0..64 (u1.. get a /30 each from 198.18.22.0/24)")
+        self.n_user_ns = max(2, P["multi_users"])
+        self.clients = ["client%d" % k for k in range(self.n_user_ns)]
         self.proto_first = 0
         self.rate_first = P["proto_logons"]
-        self.hold_first = self.rate_first + P["rate_runs"] * P["rate_count"]
+        self.storm_first = self.rate_first + P["rate_runs"] * P["rate_count"]
+        self.hold_first = self.storm_first + P["storm_count"]
         self.n_users = self.hold_first + max(P["hold_targets"]) + 100
+        self.plan = self.hold_plan()
+        self.n_lg_addrs = self.plan["addresses"] if self.plan else 1
+        self.n_users_ig = max(self.n_users, self.plan["users_end"] if self.plan else 0)
+
+    def hold_plan(self):
+        """The largest plateau of idle sessions (intragate only): how many,
+        what capped it, and how the load generator's processes and source
+        addresses share it. None when hold_max is 0 or not above the other
+        plateaus."""
+        P = self.P
+        want = P["hold_max"]
+        fd_cap = int(NOFILE) - 200  # one gateway process: one descriptor per session
+        total = min(want, fd_cap)
+        if total <= max(P["hold_targets"]):
+            return None
+        per_proc = P["hold_per_proc"] or int(NOFILE) - 100  # and one per session in the generator
+        share0 = max(min(total, per_proc), max(P["hold_targets"]))
+        shares = [share0]
+        rest = total - share0
+        n_extra = -(-rest // per_proc) if rest > 0 else 0
+        if n_extra:
+            base, r = divmod(rest, n_extra)
+            shares += [base + (1 if j < r else 0) for j in range(n_extra)]
+        # users: each process its own range, with slack for failed logons
+        firsts, first = [], self.hold_first
+        for sh in shares:
+            firsts.append(first)
+            first += sh + max(100, sh // 20)
+        addresses = max(1, -(-total // max(1, P["hold_per_addr"])))
+        if addresses > 200:
+            sys.exit("bench: hold_max / hold_per_addr needs %d source addresses (at most 200)" % addresses)
+        return {"target": total, "requested": want, "fd_hard_limit": int(NOFILE), "fd_cap": fd_cap,
+                "capped_by_fd_limit": want > fd_cap, "shares": shares, "firsts": firsts,
+                "users_end": first, "addresses": addresses}
 
     # -- gateways ---------------------------------------------------------------
 
@@ -665,8 +780,8 @@ cidr = "{pool}"
         default hash instead. One hash string for every user (hashing is slow)."""
         h = self.argon2_hash(cfg) if scheme == "argon2id" else self.ocpasswd_hash()
         users = cfg.parent / "users"
-        lines = ["%s:staff:%s" % (CLIENT_USER, h)]
-        lines += ["u%d:staff:%s" % (i, h) for i in range(self.n_users)]
+        lines = ["%s:staff:%s" % (c, h) for c in self.clients]
+        lines += ["u%d:staff:%s" % (i, h) for i in range(self.n_users_ig)]
         tmp = cfg.parent / "users.tmp"
         tmp.write_text("\n".join(lines) + "\n")
         os.chmod(tmp, 0o600)
@@ -677,7 +792,8 @@ cidr = "{pool}"
         run(["ocpasswd", "-c", f, CLIENT_USER], input="%s\n%s\n" % (PASSWORD, PASSWORD))
         line = next(l for l in f.read_text().splitlines() if l.startswith(CLIENT_USER + ":"))
         name, group, h = line.split(":", 2)
-        lines = [line] + ["u%d:%s:%s" % (i, group, h) for i in range(self.n_users)]
+        lines = [line] + ["%s:%s:%s" % (c, group, h) for c in self.clients[1:]]
+        lines += ["u%d:%s:%s" % (i, group, h) for i in range(self.n_users)]
         f.write_text("\n".join(lines) + "\n")
         return f
 
@@ -777,10 +893,11 @@ cisco-client-compat = true
 
     # -- openconnect and the plug-in ---------------------------------------------
 
-    def wrapper(self):
-        """vpnc-script wrapper: keep DNS in the namespace, stamp the end of 'connect'."""
-        w = self.work / "vpnc-wrapper.sh"
-        self.stamp = self.work / "connect-done.txt"
+    def wrapper(self, k):
+        """vpnc-script wrapper of user namespace u<k>: keep DNS in the
+        namespace, stamp the end of 'connect' (in a file of its own)."""
+        w = self.work / ("vpnc-wrapper-u%d.sh" % k)
+        stamp = self.work / ("connect-done-u%d.txt" % k)
         w.write_text("""#!/bin/sh
 # bench wrapper: DNS stays inside the namespace (never the host's resolv.conf);
 # the time when the stock script has finished 'connect' is appended to a file.
@@ -792,44 +909,48 @@ unset INTERNAL_IP4_DNS INTERNAL_IP6_DNS CISCO_DEF_DOMAIN CISCO_SPLIT_DNS
 rc=$?
 if [ "$reason" = connect ]; then date +%s.%N >> '{stamp}'; fi
 exit $rc
-""".format(ns=self.u0, script=VPNC_SCRIPT, stamp=self.stamp))
+""".format(ns=self.users[k], script=VPNC_SCRIPT, stamp=stamp))
         os.chmod(w, 0o755)
-        return w
+        return w, stamp
 
-    def iface_addr(self, ifname):
-        o = ns(self.u0, "ip", "-4", "-o", "addr", "show", "dev", ifname, check=False).stdout
+    def iface_addr(self, ifname, nsn=None):
+        o = ns(nsn or self.u0, "ip", "-4", "-o", "addr", "show", "dev", ifname, check=False).stdout
         m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)", o)
         return m.group(1) if m else None
 
-    def iface_mtu(self, ifname):
-        o = ns(self.u0, "ip", "-o", "link", "show", "dev", ifname, check=False).stdout
+    def iface_mtu(self, ifname, nsn=None):
+        o = ns(nsn or self.u0, "ip", "-o", "link", "show", "dev", ifname, check=False).stdout
         m = re.search(r"mtu (\d+)", o)
         return int(m.group(1)) if m else None
 
-    def start_openconnect(self, tag):
+    def start_openconnect(self, tag, k=0):
+        """openconnect as client<k> in user namespace u<k> (TUN oc0 there)."""
+        nsn, user = self.users[k], self.clients[k]
+        script, stamp = self.wrappers[k]
         pwfile = self.work / "password.txt"
         pwfile.write_text(PASSWORD + "\n")
-        n0 = len(self.stamp.read_text().split()) if self.stamp.exists() else 0
-        args = ["ip", "netns", "exec", self.u0, "sh", "-c",
+        n0 = len(stamp.read_text().split()) if stamp.exists() else 0
+        args = ["ip", "netns", "exec", nsn, "sh", "-c",
                 'mount -t tmpfs -o size=1m,mode=755 bench-run /run && exec "$@"', "sh",
-                "openconnect", "--protocol=anyconnect", "--no-dtls", "--user=" + CLIENT_USER,
+                "openconnect", "--protocol=anyconnect", "--no-dtls", "--user=" + user,
                 "--passwd-on-stdin", "--non-inter", "--servercert", self.pin, "--interface", "oc0",
-                "--script", self.wrapper_path, "--reconnect-timeout", "30",
+                "--script", script, "--reconnect-timeout", "30",
                 "https://%s:%d/" % (LISTEN_IP, PORT)]
         t0 = time.time()
         p = self.spawn("openconnect-" + tag, args, stdin=open(pwfile))
+        p.nsn = nsn
         ok = wait_until(30, lambda: not p.alive() or
-                        (self.stamp.exists() and len(self.stamp.read_text().split()) > n0), step=0.005)
+                        (stamp.exists() and len(stamp.read_text().split()) > n0), step=0.005)
         if not ok or not p.alive():
             raise HarnessError("openconnect did not come up (%s):\n%s" % (tag, p.log_text()[-4000:]))
-        done = float(self.stamp.read_text().split()[-1])
-        addr = self.iface_addr("oc0")
+        done = float(stamp.read_text().split()[-1])
+        addr = self.iface_addr("oc0", nsn)
         if not addr:
             raise HarnessError("openconnect: no address on oc0:\n" + p.log_text()[-3000:])
         text = p.log_text()
         m = re.search(r"ciphersuite (\S+)", text)
         return p, {"total_logon_ms": round((done - t0) * 1000, 1), "address": addr,
-                   "mtu": self.iface_mtu("oc0"), "cipher": m.group(1) if m else None}
+                   "mtu": self.iface_mtu("oc0", nsn), "cipher": m.group(1) if m else None}
 
     def stop_client(self, p):
         p.signal(signal.SIGTERM)
@@ -838,7 +959,7 @@ exit $rc
         except subprocess.TimeoutExpired:
             p.signal(signal.SIGKILL)
             p.p.wait(5)
-        wait_until(5, lambda: self.iface_addr(p.ifname if hasattr(p, "ifname") else "oc0") is None)
+        wait_until(5, lambda: self.iface_addr(getattr(p, "ifname", "oc0"), getattr(p, "nsn", None)) is None)
 
     def plugin_usable(self):
         """intragate-plugin counts when `--help` lists `connect`."""
@@ -1020,25 +1141,146 @@ exit $rc
         return out
 
     def ping(self, src_ns):
-        o = ns(src_ns, "ping", "-n", "-c", self.P["ping_count"], "-i", "0.05", "-W", "2", INT_IP,
-               timeout=60, check=False)
+        """ping_count pings ping_interval s apart to the internal host (root
+        may go below 0.2 s); every reply's time= gives p50 and p99."""
+        count, interval = self.P["ping_count"], self.P["ping_interval"]
+        o = ns(src_ns, "ping", "-n", "-c", count, "-i", interval, "-W", "2", INT_IP,
+               timeout=count * interval + 30, check=False)
         rtts = [float(x) for x in re.findall(r"time=([\d.]+) ms", o.stdout)]
         if not rtts:
             raise HarnessError("ping through %s got no reply:\n%s" % (src_ns, o.stdout + o.stderr))
-        return {"median_ms": median(rtts), "min_ms": min(rtts), "max_ms": max(rtts), "rtts_ms": rtts,
-                "received": len(rtts), "sent": self.P["ping_count"]}
+        return {"p50_ms": percentile(rtts, 0.5), "p99_ms": percentile(rtts, 0.99), "median_ms": median(rtts),
+                "min_ms": min(rtts), "max_ms": max(rtts), "rtts_ms": rtts, "received": len(rtts), "sent": count,
+                "interval_s": interval}
 
-    def loadgen_logon(self, count, concurrency, first):
+    def iperf_json(self, path, what):
+        """sum_received of an iperf3 -J output file: Mbit/s and gigabits, or an error."""
+        try:
+            text = Path(path).read_text(errors="replace")
+        except OSError:
+            text = ""
+        j = None
+        try:
+            j = json.loads(text)
+            recv = j["end"]["sum_received"]
+            return {"mbit_s": recv["bits_per_second"] / 1e6, "gbit": recv["bytes"] * 8 / 1e9}
+        except (ValueError, KeyError, TypeError):
+            err = j.get("error") if isinstance(j, dict) else None
+            return {"mbit_s": None, "error": "%s: %s" % (what, err or text[-300:] or "no output")}
+
+    def ping_under_load(self, kind):
+        """Pings from u0 through its tunnel while u1's session (client1,
+        already up) carries a bulk iperf3 to the internal host's second server,
+        down (-R: internal -> u1) and then up."""
+        P = self.P
+        ping_s = P["ping_count"] * P["ping_interval"]
+        bulk_s = int(ping_s + 3.5)  # 1 s ramp before the pings, 2.5 s after
+        out = {}
+        for d in ("down", "up"):
+            jf = self.work / ("bulk-%s-%s.json" % (kind, d))
+            args = ["ip", "netns", "exec", self.users[1], "iperf3", "-c", INT_IP, "-p", IPERF_PORT + 1,
+                    "-t", bulk_s, "-J"] + (["-R"] if d == "down" else [])
+            bulk = self.spawn("bulk-%s-%s" % (kind, d), args, stdout=open(jf, "w"))
+            time.sleep(1.0)
+            if not bulk.alive():
+                raise HarnessError("bulk iperf3 in %s ended early: %s" % (self.users[1], jf.read_text()[-1000:]))
+            ping = self.ping(self.u0)
+            try:
+                bulk.p.wait(bulk_s + 30)
+            except subprocess.TimeoutExpired:
+                bulk.stop(5)
+            b = self.iperf_json(jf, "bulk iperf3 %s" % d)
+            if b["mbit_s"] is None:
+                raise HarnessError("ping under load: %s" % b["error"])
+            out[d] = {"ping": ping, "bulk_mbit_s": b["mbit_s"], "bulk_secs": bulk_s}
+            log("%s: ping RTT under load (bulk %s %s Mbit/s in %s): p50 %s ms, p99 %s ms" % (
+                kind, d, fmt(b["mbit_s"]), self.clients[1], fmt(ping["p50_ms"], 3), fmt(ping["p99_ms"], 3)))
+            time.sleep(1)  # the server ends its test
+        return out
+
+    def multi_iperf(self, kind, gw_pids_fn):
+        """multi_users sessions (u0.., one openconnect each, all up) run
+        iperf3 at once for iperf_secs, each to its own server port; up, then
+        down (-R). Aggregate, Jain's fairness index, min and max per user."""
+        n, secs = self.P["multi_users"], self.P["iperf_secs"]
+        out = {"users": n}
+        for d in ("up", "down"):
+            for attempt in range(2):
+                files, procs = [], []
+                pids = gw_pids_fn()
+                c0, m0, t0 = cpu_ticks(pids), cpu_times(), time.time()
+                for k in range(n):
+                    jf = self.work / ("multi-%s-%s-u%d.json" % (kind, d, k))
+                    args = ["ip", "netns", "exec", self.users[k], "iperf3", "-c", INT_IP, "-p", IPERF_PORT + k,
+                            "-t", secs, "-J"] + (["-R"] if d == "down" else [])
+                    files.append(jf)
+                    procs.append(self.spawn("multi-%s-%s-u%d" % (kind, d, k), args, stdout=open(jf, "w")))
+                for p in procs:
+                    try:
+                        p.p.wait(max(1.0, t0 + secs + 40 - time.time()))
+                    except subprocess.TimeoutExpired:
+                        p.stop(5)
+                wall = time.time() - t0
+                c1, m1 = cpu_ticks(pids), cpu_times()
+                res = [self.iperf_json(f, "u%d" % k) for k, f in enumerate(files)]
+                failed = [r["error"] for r in res if r["mbit_s"] is None]
+                if not failed or attempt == 1:
+                    break
+                log("%s: %d users %s: %d iperf3 failed (%s); once more" % (kind, n, d, len(failed), failed[0]))
+                time.sleep(2)
+            if len(failed) == n:
+                raise HarnessError("%d users %s: every iperf3 failed: %s" % (n, d, failed[:3]))
+            per = [r["mbit_s"] or 0.0 for r in res]
+            gbit = sum(r.get("gbit") or 0.0 for r in res)
+            gw_cpu = (c1 - c0) / HZ
+            out[d] = {"per_user_mbit_s": per, "aggregate_mbit_s": sum(per), "jain": jain(per),
+                      "min_mbit_s": min(per), "max_mbit_s": max(per), "failed": failed,
+                      "gw_cpu_s_per_gbit": gw_cpu / gbit if gbit > 0 and pids else None,
+                      "machine_busy_pct": round(100.0 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 1),
+                      "wall_s": round(wall, 2)}
+            log("%s: %d users %s: aggregate %s Mbit/s, Jain %s, min %s, max %s%s" % (
+                kind, n, d, fmt(sum(per)), fmt(out[d]["jain"], 3), fmt(min(per)), fmt(max(per)),
+                ", %d failed" % len(failed) if failed else ""))
+            time.sleep(1)
+        return out
+
+    def loadgen_logon(self, count, concurrency, first, keep=False, require_ok=True):
         o = ns(self.lg, "prlimit", "--nofile=%s:%s" % (NOFILE, NOFILE), self.loadgen, "logon",
                "--server", "%s:%d" % (LISTEN_IP, PORT), "--count", count, "--concurrency", concurrency,
-               "--first", first, "--password", PASSWORD, "--timeout", 60, timeout=900, check=False)
+               "--first", first, "--password", PASSWORD, "--timeout", 60, "--keep", 1 if keep else 0,
+               "--logoff-rate", 1000, timeout=900, check=False)
         try:
             j = json.loads(o.stdout.strip().splitlines()[-1])
         except (ValueError, IndexError):
             raise HarnessError("loadgen logon failed: %s\n%s" % (o.stdout[-2000:], o.stderr[-2000:]))
-        if j["ok"] == 0:
+        if j["ok"] == 0 and require_ok:
             raise HarnessError("loadgen: no logon succeeded: %s" % json.dumps(j["errors"]))
         return j
+
+    def storm(self, kind, gw_pids_fn):
+        """storm_count logons with storm_concurrency in parallel (all at once
+        in the full run), every session held until the last logon is done,
+        then all logged off: successes, duplicate addresses among the live
+        sessions, protocol-part p50/p99 and the wall time. Failed logons are
+        reported, not fatal (ocserv may refuse some)."""
+        P = self.P
+        self.wait_idle(kind + ": logon storm")
+        c0 = cpu_ticks(gw_pids_fn())
+        j = self.loadgen_logon(P["storm_count"], P["storm_concurrency"], self.storm_first, keep=True,
+                               require_ok=False)
+        j["gw_cpu_s"] = (cpu_ticks(gw_pids_fn()) - c0) / HZ  # ocserv workers come and go: lower bound
+        j.pop("protocol_ms_samples", None)
+        addrs = j.get("addresses") or {}
+        out = {"count": P["storm_count"], "concurrency": P["storm_concurrency"], "ok": j["ok"],
+               "failed": j["failed"], "errors": j["errors"], "duplicates": addrs.get("duplicates"),
+               "addresses_missing": addrs.get("missing"), "p50_ms": g(j, "protocol_ms", "median") if j["ok"] else None,
+               "p99_ms": g(j, "protocol_ms", "p99") if j["ok"] else None, "wall_s": j["wall_s"], "loadgen": j}
+        log("%s: logon storm: %d of %d succeeded (%d in parallel), %s duplicate addresses, protocol part p50 %s ms, "
+            "p99 %s ms, wall %s s%s" % (kind, j["ok"], P["storm_count"], P["storm_concurrency"],
+                                         addrs.get("duplicates"), fmt(out["p50_ms"], 1), fmt(out["p99_ms"], 1),
+                                         fmt(j["wall_s"], 2), "; errors: %s" % json.dumps(j["errors"])
+                                         if j["errors"] else ""))
+        return out
 
     def logons(self, kind, gw_pids_fn, perf=True):
         P = self.P
@@ -1072,76 +1314,181 @@ exit $rc
             P["rate_concurrency"], out["rate_failed"]))
         return out
 
-    def memory(self, kind, gw_pids_fn, ctl_cfg=None):
+    def hold_proc(self, kind, j, targets, first, bind):
+        """One `intragate-loadgen hold` process (j: its number) and a queue
+        of its stdout lines (JSON events)."""
+        P = self.P
+        args = ["ip", "netns", "exec", self.lg, "prlimit", "--nofile=%s:%s" % (NOFILE, NOFILE), self.loadgen,
+                "hold", "--server", "%s:%d" % (LISTEN_IP, PORT), "--targets", ",".join(map(str, targets)),
+                "--concurrency", P["hold_concurrency"], "--first", first, "--password", PASSWORD,
+                "--timeout", 60, "--step-timeout", P["hold_step_timeout"], "--min-avail-mib", 3072,
+                "--logoff-rate", 1000]
+        if bind:
+            args += ["--bind", ",".join(bind)]
+        p = self.spawn("loadgen-hold-%s-%d" % (kind, j), args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l) for l in p.p.stdout], daemon=True).start()
+        return p, lines
+
+    def next_event(self, kind, p, lines):
+        try:
+            return json.loads(lines.get(timeout=self.P["hold_step_timeout"] + 120))
+        except queue.Empty:
+            raise HarnessError("loadgen hold: no progress for %s:\n%s" % (kind, p.log_text()[-3000:]))
+        except ValueError as e:
+            raise HarnessError("loadgen hold: bad output for %s (%s):\n%s" % (kind, e, p.log_text()[-3000:]))
+
+    @staticmethod
+    def say(p, line):
+        try:
+            p.p.stdin.write(line + "\n")
+            p.p.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def memory(self, kind, gw_pids_fn, ctl_cfg=None, plan=None):
+        """Memory at each plateau of idle sessions (hold_targets); with
+        `plan` (intragate), then the largest plateau: the first generator
+        goes on to its share and further generators (each its own users)
+        open the rest, from the source addresses of the plan; there the
+        gateway's CPU is measured over idle_cpu_secs."""
         P = self.P
         self.wait_idle(kind + ": memory")
         points = []
         time.sleep(P["hold_settle"])
         points.append(dict(sessions=0, alive=0, **memory_kib(gw_pids_fn())))
-        args = ["ip", "netns", "exec", self.lg, "prlimit", "--nofile=%s:%s" % (NOFILE, NOFILE), self.loadgen,
-                "hold", "--server", "%s:%d" % (LISTEN_IP, PORT), "--targets",
-                ",".join(map(str, P["hold_targets"])), "--concurrency", P["hold_concurrency"],
-                "--first", self.hold_first, "--password", PASSWORD, "--timeout", 60,
-                "--step-timeout", P["hold_step_timeout"], "--min-avail-mib", 3072, "--logoff-rate", 1000]
-        p = self.spawn("loadgen-hold-" + kind, args, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        lines = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(l) for l in p.p.stdout], daemon=True).start()
-        done = None
+        bind = self.lg_addrs[:plan["addresses"]] if plan and plan["addresses"] > 1 else None
+        targets0 = list(P["hold_targets"])
+        if plan and plan["shares"][0] > max(targets0):
+            targets0.append(plan["shares"][0])
+        main, lines = self.hold_proc(kind, 0, targets0, self.hold_first, bind)
+        gens = [(main, lines)]
+        done = []
+        plateau = None
         try:
+            gave_up = None
             for target in P["hold_targets"]:
-                try:
-                    ev = json.loads(lines.get(timeout=P["hold_step_timeout"] + 120))
-                except queue.Empty:
-                    raise HarnessError("loadgen hold: no progress for %s:\n%s" % (kind, p.log_text()[-3000:]))
+                ev = self.next_event(kind, main, lines)
                 time.sleep(P["hold_settle"])
-                pids = gw_pids_fn()
-                try:
-                    main_fds = len(os.listdir("/proc/%d/fd" % pids[0]))
-                except OSError:
-                    main_fds = None
-                pt = dict(sessions=target, alive=ev["alive"], step_s=round(ev["step_s"], 1), main_fds=main_fds,
-                          mem_available_mib=mem_available_mib(),
-                          gave_up=ev.get("gave_up"), errors=ev["errors"], ended=ev["ended"],
-                          protocol_ms_median=ev["protocol_ms"]["median"], **memory_kib(pids))
-                if ctl_cfg:
-                    st = run([self.bin, "ctl", "--config", ctl_cfg, "stats", "--json"], check=False)
-                    try:
-                        pt["gateway_stats"] = json.loads(st.stdout)
-                    except ValueError:
-                        pt["gateway_stats"] = None
+                pt = self.plateau_point(target, ev["alive"], gw_pids_fn, ctl_cfg, ev=ev)
                 if ctl_cfg and target == max(P["hold_targets"]):
                     pt["session_dns"] = self.session_dns(ctl_cfg)
                 points.append(pt)
-                log("%s: %d sessions alive (target %d, %.0f s): %s MiB RSS, %s MiB PSS, %d processes" % (
-                    kind, ev["alive"], target, ev["step_s"], fmt(pt["rss_kib"] / 1024),
-                    fmt(pt["pss_kib"] / 1024), pt["processes"]))
-                p.p.stdin.write("next\n")
-                p.p.stdin.flush()
+                self.say(main, "next")
                 if ev.get("gave_up"):
+                    gave_up = ev["gave_up"]
                     log("%s: load generator gave up at target %d: %s" % (kind, target, ev["gave_up"]))
                     break
-            p.p.stdin.write("quit\n")
-            p.p.stdin.flush()
-            try:
-                while True:
-                    l = lines.get(timeout=60)
-                    j = json.loads(l)
-                    if j.get("event") == "done":
-                        done = j
-                        break
-            except queue.Empty:
-                pass
+            if plan and not gave_up:
+                plateau = self.largest_plateau(kind, plan, gw_pids_fn, ctl_cfg, gens, bind, targets0,
+                                               points[-1]["alive"])
+                points.append(plateau.pop("point"))
+            for p, _ in gens:
+                self.say(p, "quit")
+            for p, q in gens:
+                try:
+                    end = time.time() + 120
+                    while time.time() < end:
+                        j = json.loads(q.get(timeout=max(1, end - time.time())))
+                        if j.get("event") == "done":
+                            done.append(j)
+                            break
+                except (queue.Empty, ValueError):
+                    pass
         finally:
-            p.stop(10)
+            for p, _ in gens:
+                p.stop(10)
         if not points or len(points) < 2:
             raise HarnessError("memory: no plateau measured")
-        return {"points": points, "done": done}
+        return {"points": points, "done": done, "plateau": plateau}
+
+    def plateau_point(self, target, alive, gw_pids_fn, ctl_cfg, ev=None):
+        pids = gw_pids_fn()
+        try:
+            main_fds = len(os.listdir("/proc/%d/fd" % pids[0]))
+        except OSError:
+            main_fds = None
+        pt = dict(sessions=target, alive=alive, main_fds=main_fds, mem_available_mib=mem_available_mib(),
+                  **memory_kib(pids))
+        if ev:
+            pt.update(step_s=round(ev["step_s"], 1), gave_up=ev.get("gave_up"), errors=ev["errors"],
+                      ended=ev["ended"], protocol_ms_median=ev["protocol_ms"]["median"])
+        if ctl_cfg:
+            st = run([self.bin, "ctl", "--config", ctl_cfg, "stats", "--json"], check=False)
+            try:
+                pt["gateway_stats"] = json.loads(st.stdout)
+            except ValueError:
+                pt["gateway_stats"] = None
+        log("%s sessions alive (target %d): %s MiB RSS, %s MiB PSS, %d processes" % (
+            "{:,}".format(alive), target, fmt(pt["rss_kib"] / 1024), fmt(pt["pss_kib"] / 1024), pt["processes"]))
+        return pt
+
+    def largest_plateau(self, kind, plan, gw_pids_fn, ctl_cfg, gens, bind, targets0, main_alive):
+        """Open the rest of the plan's sessions and hold them: memory, then
+        the gateway's CPU while they only send keepalives and answer DPD.
+        `main_alive`: the first generator's sessions at its last plateau
+        (its figure when the plan gives it nothing more to open)."""
+        P = self.P
+        t0 = time.time()
+        main, lines = gens[0]
+        # the other generators ramp while the first one opens its share
+        for j, (share, first) in enumerate(zip(plan["shares"][1:], plan["firsts"][1:]), 1):
+            gens.append(self.hold_proc(kind, j, [share], first, bind))
+        evs = []
+        if targets0[-1] > max(P["hold_targets"]):
+            evs.append(self.next_event(kind, main, lines))  # its own share
+        else:
+            evs.append({"alive": main_alive, "errors": {}, "gave_up": None})
+        for p, q in gens[1:]:
+            evs.append(self.next_event(kind, p, q))
+        for p, _ in gens:
+            self.say(p, "next")  # after its last target a generator holds until "quit"
+        alive = sum(e["alive"] for e in evs)
+        ramp_s = time.time() - t0
+        time.sleep(P["hold_settle"])
+        pt = self.plateau_point(plan["target"], alive, gw_pids_fn, ctl_cfg)
+        pt.update(plateau=True, ramp_s=round(ramp_s, 1), generators=len(gens),
+                  source_addresses=plan["addresses"], gave_up=[e.get("gave_up") for e in evs if e.get("gave_up")],
+                  errors=[e["errors"] for e in evs if e["errors"]])
+        # idle CPU: the gateway (and, for the record, the generators) over idle_cpu_secs
+        self.wait_idle(kind + ": idle CPU at %s sessions" % "{:,}".format(alive))
+        pids = gw_pids_fn()
+        lg_pids = [q for p, _ in gens for q in proc_tree(p.pid)]
+        c0, l0, m0, w0 = cpu_ticks(pids), cpu_ticks(lg_pids), cpu_times(), time.time()
+        time.sleep(P["idle_cpu_secs"])
+        c1, l1, m1, w1 = cpu_ticks(pids), cpu_ticks(lg_pids), cpu_times(), time.time()
+        wall = w1 - w0
+        est = ns(self.gw, "ss", "-Htn", "state", "established", "sport = :%d" % PORT, check=False, timeout=60)
+        # the generators' connections by source address
+        by_src = {}
+        lo = ns(self.lg, "ss", "-Htn", "state", "established", "dst %s:%d" % (LISTEN_IP, PORT), check=False,
+                timeout=60).stdout
+        for line in lo.splitlines():
+            w = line.split()
+            if len(w) >= 4:  # Recv-Q Send-Q Local:Port Peer:Port
+                a = w[2].rsplit(":", 1)[0]
+                by_src[a] = by_src.get(a, 0) + 1
+        out = {"point": pt, "target": plan["target"], "alive": alive, "requested": plan["requested"],
+               "capped_by_fd_limit": plan["capped_by_fd_limit"], "fd_hard_limit": plan["fd_hard_limit"],
+               "fd_cap": plan["fd_cap"], "generators": len(gens), "source_addresses": plan["addresses"],
+               "ramp_s": round(ramp_s, 1), "idle_cpu_secs": round(wall, 1),
+               "idle_cpu_pct": 100.0 * (c1 - c0) / HZ / wall,
+               "loadgen_cpu_pct": 100.0 * (l1 - l0) / HZ / wall,
+               "machine_busy_pct": round(100.0 * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]), 1),
+               "established_after": len(est.stdout.splitlines()), "connections_by_source": by_src}
+        log("%s: %s idle sessions (plateau target %s%s): gateway CPU %s %% of a core over %.0f s "
+            "(load generators %s %%); %d established after" % (
+                kind, "{:,}".format(alive), "{:,}".format(plan["target"]),
+                ", capped by the open-file limit" if plan["capped_by_fd_limit"] else "",
+                fmt(out["idle_cpu_pct"], 2), wall, fmt(out["loadgen_cpu_pct"], 1), out["established_after"]))
+        return out
 
     @staticmethod
     def mem_summary(mem, field):
         """(per session from 0 to the top plateau, marginal between the two
-        largest plateaus), KiB."""
-        pts = (mem or {}).get("points") or []
+        largest plateaus), KiB; over hold_targets (the plateaus both gateways
+        hold), not intragate's largest plateau."""
+        pts = [p for p in (mem or {}).get("points") or [] if not p.get("plateau")]
         if len(pts) < 2:
             return None, None
         base = pts[0][field]
@@ -1323,10 +1670,29 @@ exit $rc
         # each iperf3 run records packets per call.
         self.io_fn = (lambda: self.ctl_io(cfg)) if kind == "intragate" else None
         ping = self.ping(self.u0)  # on the idle tunnel, before any bulk traffic
+        log("%s: ping RTT idle: p50 %s ms, p99 %s ms" % (kind, fmt(ping["p50_ms"], 3), fmt(ping["p99_ms"], 3)))
         R["openconnect"] = self.throughput(kind + "/openconnect", self.u0, pids_fn, client_pid=oc.pid,
                                            perf_tag=kind + "-openconnect")
         R["openconnect"]["ping"] = ping
-        self.stop_client(oc)
+        self.io_fn = None
+        # ping under load: a second user (client1 in u1) carries a bulk iperf3
+        clients = [oc]
+        try:
+            oc1, _ = self.start_openconnect(kind + "-u1", 1)
+            clients.append(oc1)
+            self.wait_idle(kind + ": ping under load")
+            R["ping_load"] = self.ping_under_load(kind)
+            # multi_users users (u0.., one session each) run iperf3 at once
+            if self.P["multi_users"]:
+                for k in range(2, self.P["multi_users"]):
+                    clients.append(self.start_openconnect("%s-u%d" % (kind, k), k)[0])
+                self.wait_idle(kind + ": %d users x iperf3" % self.P["multi_users"])
+                R["multi"] = self.multi_iperf(kind, pids_fn)
+        finally:
+            for c in clients:
+                c.signal(signal.SIGTERM)
+            for c in clients:
+                self.stop_client(c)
 
         if kind == "intragate":
             usable, why = self.plugin_usable()
@@ -1345,6 +1711,8 @@ exit $rc
 
         self.io_fn = None
         R["logon"] = self.logons(kind, pids_fn)
+        if self.P["storm_count"]:
+            R["storm"] = self.storm(kind, pids_fn)
         if kind == "intragate":
             # The same with intragate's default hash (Argon2id): what a new
             # install pays per logon.
@@ -1359,7 +1727,8 @@ exit $rc
             (d / "state").mkdir()
         gw = self.start_gateway(kind, "2", cfg)
         pids_fn = (lambda: [gw.pid]) if kind == "intragate" else (lambda: proc_tree(gw.pid))
-        R["memory"] = self.memory(kind, pids_fn, ctl_cfg=cfg if kind == "intragate" else None)
+        R["memory"] = self.memory(kind, pids_fn, ctl_cfg=cfg if kind == "intragate" else None,
+                                  plan=self.plan if kind == "intragate" else None)
         self.stop_gateway(gw)
         return R
 
@@ -1393,7 +1762,7 @@ access to * by * read
 """.format(d=d, suffix=self.LDAP_SUFFIX, pw=self.LDAP_ADMIN_PW))
         entries = ["dn: %s\nobjectClass: dcObject\nobjectClass: organization\ndc: bench\no: bench\n" % self.LDAP_SUFFIX,
                    "dn: ou=people,%s\nobjectClass: organizationalUnit\nou: people\n" % self.LDAP_SUFFIX]
-        for name in [CLIENT_USER] + ["u%d" % i for i in range(self.n_users)]:
+        for name in self.clients + ["u%d" % i for i in range(self.n_users)]:
             entries.append("dn: uid=%s,ou=people,%s\nobjectClass: inetOrgPerson\nuid: %s\ncn: %s\nsn: %s\n"
                            "userPassword: %s\n" % (name, self.LDAP_SUFFIX, name, name, name, PASSWORD))
         (d / "users.ldif").write_text("\n".join(entries))
@@ -1472,7 +1841,7 @@ secret_file = "{secret}"
         self.certificate()
         self.user_ranges()
         self.topology()
-        self.wrapper_path = self.wrapper()
+        self.wrappers = [self.wrapper(k) for k in range(self.n_user_ns)]
         # the ceiling: plain routing through the gw namespace, no VPN
         only = set(self.args.only.split(",")) if self.args.only else {"plain", "intragate", "ocserv", "dns", "auth"}
         if "plain" in only:
@@ -1499,8 +1868,12 @@ secret_file = "{secret}"
 
         def row(what, a, b, r, target, ok, unit="", digits=0, rdigits=2):
             rows.append("| %s | %s | %s | %s | %s | %s |" % (
-                what, fmt(a, digits, unit), fmt(b, digits, unit), fmt(r, rdigits, "×") if r is not None else "–",
-                target, "–" if ok is None else ("yes" if ok else "**no**")))
+                what, a if isinstance(a, str) else fmt(a, digits, unit),
+                b if isinstance(b, str) else fmt(b, digits, unit), fmt(r, rdigits, "×") if r is not None else "–",
+                target, ok if isinstance(ok, str) else "–" if ok is None else ("yes" if ok else "**no**")))
+
+        def le(a, b):
+            return None if a is None or b is None else a <= b
 
         for d, lab in (("up", "TCP up (user → internal), openconnect"), ("down", "TCP down (internal → user), openconnect")):
             a, b = g(ig, "openconnect", d + "_mbit_s"), g(oc, "openconnect", d + "_mbit_s")
@@ -1515,13 +1888,32 @@ secret_file = "{secret}"
             a = g(ig, "plugin", d + "_mbit_s")
             row("TCP %s, intragate-plugin%s" % (d, "" if a is not None else " (n/a: %s)" % (
                 g(ig, "plugin", "n/a") or "not run")), a, None, None, TARGETS["throughput_plugin"],
-                None if a is None else a >= 2000, " Mbit/s")
+                None if a is None else a >= PLUGIN_MBIT, " Mbit/s")
         for d in ("up", "down"):
             a = g(R, "plain", d + "_mbit_s")
             row("plain routing %s, no VPN (the ceiling)" % d, a, a, None, "–", None, " Mbit/s")
-        a, b = g(ig, "openconnect", "ping", "median_ms"), g(oc, "openconnect", "ping", "median_ms")
-        row("ping RTT through the tunnel, median (plain: %s)" % fmt(g(R, "plain", "ping", "median_ms"), 3, " ms"),
-            a, b, ratio(a, b), "–", None, " ms", 3)
+        n_ping = self.P["ping_count"]
+        for q in ("p50", "p99"):
+            a, b = g(ig, "openconnect", "ping", q + "_ms"), g(oc, "openconnect", "ping", q + "_ms")
+            row("ping RTT idle, %s of %d, openconnect (plain: %s)" % (q, n_ping, fmt(g(R, "plain", "ping", q + "_ms"),
+                                                                                      3, " ms")),
+                a, b, ratio(a, b), TARGETS["ping"], le(a, b), " ms", 3)
+        for d, lab in (("down", "bulk iperf3 down (-R)"), ("up", "bulk iperf3 up")):
+            for q in ("p50", "p99"):
+                a, b = g(ig, "ping_load", d, "ping", q + "_ms"), g(oc, "ping_load", d, "ping", q + "_ms")
+                row("ping RTT under load, %s (%s in another session: %s / %s Mbit/s)" % (
+                    q, lab, fmt(g(ig, "ping_load", d, "bulk_mbit_s")), fmt(g(oc, "ping_load", d, "bulk_mbit_s"))),
+                    a, b, ratio(a, b), TARGETS["ping"], le(a, b), " ms", 3)
+        nu = self.P["multi_users"]
+        for d in ("up", "down") if nu else ():
+            m_i, m_o = g(ig, "multi", d) or {}, g(oc, "multi", d) or {}
+            a, b = m_i.get("aggregate_mbit_s"), m_o.get("aggregate_mbit_s")
+            row("%d users × iperf3 %s in parallel, aggregate" % (nu, d), a, b, ratio(a, b), "–", None, " Mbit/s")
+            a, b = m_i.get("jain"), m_o.get("jain")
+            row("… Jain's fairness index (1 = equal shares)", a, b, ratio(a, b), "–", None, "", 3)
+            mm = lambda m: "n/a" if not m else "%s / %s Mbit/s" % (fmt(m["min_mbit_s"]), fmt(m["max_mbit_s"]))
+            row("… min / max per user", mm(m_i), mm(m_o), ratio(m_i.get("min_mbit_s"), m_o.get("min_mbit_s")),
+                "–", None)
         a, b = g(ig, "logon", "protocol_ms"), g(oc, "logon", "protocol_ms")
         row("logon, protocol part (TCP connect → CONNECT reply), median", a, b, ratio(a, b), TARGETS["logon_time"],
             None if a is None else a <= 10, " ms", 1)
@@ -1532,6 +1924,22 @@ secret_file = "{secret}"
         a, b = g(ig, "logon", "rate_per_s"), g(oc, "logon", "rate_per_s")
         row("logons per second, %d clients in parallel" % self.P["rate_concurrency"], a, b, ratio(a, b),
             TARGETS["logon_rate"], None if a is None else a >= 500, "/s", 1)
+        if self.P["storm_count"]:
+            st_i, st_o = ig.get("storm") or {}, oc.get("storm") or {}
+            okf = lambda st: "n/a" if not st else "%s of %s" % ("{:,}".format(st["ok"]), "{:,}".format(st["count"]))
+            met = None if not st_i else (st_i["ok"] == st_i["count"] and st_i["duplicates"] == 0
+                                         and not st_i["addresses_missing"])
+            row("logon storm: %s logons, %s in parallel, all held: succeeded" % (
+                "{:,}".format(self.P["storm_count"]), "{:,}".format(self.P["storm_concurrency"])),
+                okf(st_i), okf(st_o), None, TARGETS["storm"], met)
+            a, b = st_i.get("duplicates"), st_o.get("duplicates")
+            row("… duplicate addresses (X-CSTP-Address) among the live sessions", a, b, None, "none",
+                None if a is None else (a == 0 and not st_i["addresses_missing"]))
+            for q in ("p50", "p99"):
+                a, b = st_i.get(q + "_ms"), st_o.get(q + "_ms")
+                row("… protocol part, %s" % q, a, b, ratio(a, b), "–", None, " ms", 1)
+            a, b = st_i.get("wall_s"), st_o.get("wall_s")
+            row("… wall time (first connect → last CONNECT reply or failure)", a, b, ratio(a, b), "–", None, " s", 3)
         a = g(ig, "logon_argon2id", "protocol_ms")
         row("… logon protocol part with intragate's default Argon2id users file", a, None, None, "–", None,
             " ms", 1)
@@ -1540,12 +1948,14 @@ secret_file = "{secret}"
             "/s", 1)
         ig_per, ig_marg = self.mem_summary(ig.get("memory"), "rss_kib")
         oc_per, oc_marg = self.mem_summary(oc.get("memory"), "pss_kib")
-        row("memory per idle session, 0 → top plateau (intragate RSS, ocserv PSS sum)", ig_per, oc_per,
-            ratio(ig_per, oc_per), TARGETS["mem_per_session"], None if ig_per is None else ig_per <= 64, " KiB", 1)
+        row("memory per idle session, 0 → %s sessions (intragate RSS, ocserv PSS sum)" % "{:,}".format(top_n),
+            ig_per, oc_per,
+            ratio(ig_per, oc_per), TARGETS["mem_per_session"],
+            None if ig_per is None else ig_per <= MEM_PER_SESSION_KIB, " KiB", 1)
         row("… marginal, between the two largest plateaus", ig_marg, oc_marg, ratio(ig_marg, oc_marg),
-            TARGETS["mem_per_session"], None if ig_marg is None else ig_marg <= 64, " KiB", 1)
-        pis = g(ig, "memory", "points") or []
-        pos = g(oc, "memory", "points") or []
+            TARGETS["mem_per_session"], None if ig_marg is None else ig_marg <= MEM_PER_SESSION_KIB, " KiB", 1)
+        pis = [p for p in g(ig, "memory", "points") or [] if not p.get("plateau")]
+        pos = [p for p in g(oc, "memory", "points") or [] if not p.get("plateau")]
         for i, n in enumerate([0] + self.P["hold_targets"]):
             pi = pis[i] if i < len(pis) else None
             po = pos[i] if i < len(pos) else None
@@ -1555,6 +1965,28 @@ secret_file = "{secret}"
             row("gateway memory at %s session%s (%s)" % ("{:,}".format(n), "" if n == 1 else "s", held), a, b,
                 ratio(a, b), TARGETS["sessions"] if n == top_n else "–",
                 (pi["alive"] >= n) if (pi and n == top_n) else None, " MiB", 1)
+        pl = g(ig, "memory", "plateau")
+        if pl:
+            base = (g(ig, "memory", "points") or [{}])[0].get("rss_kib")
+            top = next((p for p in ig["memory"]["points"] if p.get("plateau")), None)
+            held = pl["alive"]
+            if pl["capped_by_fd_limit"]:
+                why = ("capped by this machine's open-file hard limit of %s (one descriptor per session in "
+                       "the one gateway process), not by the gateway; held %s" % (
+                           "{:,}".format(pl["fd_hard_limit"]), "{:,}".format(held)))
+            else:
+                why = "held %s" % "{:,}".format(held)
+            full = held >= SESSIONS_MAX_TARGET
+            row("largest plateau: %s idle sessions — %s" % ("{:,}".format(pl["target"]), why),
+                top["rss_kib"] / 1024 if top else None, "n/a", None, TARGETS["sessions_max"],
+                "yes" if full else ("– (fd limit)" if pl["capped_by_fd_limit"] and held >= pl["target"] else "**no**"),
+                " MiB", 1)
+            per = (top["rss_kib"] - base) / held if top and base is not None and held else None
+            row("… memory per idle session there, 0 → %s" % "{:,}".format(held), per, "n/a", None,
+                TARGETS["mem_per_session"], None if per is None else per <= MEM_PER_SESSION_KIB, " KiB", 1)
+            row("… gateway CPU with %s idle sessions (keepalives, DPD), %% of one core over %.0f s" % (
+                "{:,}".format(held), pl["idle_cpu_secs"]), pl["idle_cpu_pct"], "n/a", None, TARGETS["idle_cpu"],
+                pl["idle_cpu_pct"] <= IDLE_CPU_PCT, " %", 2)
         for q, t, lim in (("a", "dns_a", 1.2), ("ptr", "dns_ptr", 10)):
             a, b = D.get("intragate_%s_qps" % q), D.get("dnsmasq_%s_qps" % q)
             r = ratio(a, b)
@@ -1570,7 +2002,7 @@ secret_file = "{secret}"
         pts = g(self.R, "intragate", "memory", "points")
         if not pts:
             return "- DNS over live session names: not measured."
-        top = max(pts, key=lambda p: p["alive"])
+        top = max((p for p in pts if not p.get("plateau")), key=lambda p: p["alive"])
         sd = top.get("session_dns") or {}
         if "a" not in sd:
             return "- DNS over live session names: not measured (%s)." % sd.get("error", "no plateau")
@@ -1608,6 +2040,42 @@ secret_file = "{secret}"
             "- CPU per Gbit: utime+stime of the gateway's processes over the iperf3 run (the kernel's "
             "softirq work on their behalf is not charged to them, alike for both).",
         ]
+        P = self.P
+        if ig.get("ping_load") or oc.get("ping_load"):
+            lines.append("- Ping: %d pings %s s apart from u0 through its openconnect tunnel; under load while the "
+                         "session of a second user (client1 in u1) carries a bulk iperf3 to its own server port "
+                         "(down: -R, then up)." % (P["ping_count"], P["ping_interval"]))
+        if ig.get("multi") or oc.get("multi"):
+            lines.append("- %d users: namespaces u0..u%d, one openconnect session (client0..) each, iperf3 -t %d "
+                         "from all at once, each to its own server port (5201..); aggregate = sum of the users' "
+                         "rates, Jain = (Σx)²/(n·Σx²)." % (P["multi_users"], P["multi_users"] - 1, P["iperf_secs"]))
+            for kind, X in (("intragate", ig), ("ocserv", oc)):
+                for d in ("up", "down"):
+                    f = g(X, "multi", d, "failed")
+                    if f:
+                        lines.append("- %d users %s, %s: %d iperf3 failed (counted as 0): %s" % (
+                            P["multi_users"], d, kind, len(f), "; ".join(f[:3])))
+        for kind, X in (("intragate", ig), ("ocserv", oc)):
+            st = X.get("storm")
+            if st and (st["failed"] or st["duplicates"] or st["addresses_missing"]):
+                lines.append("- Logon storm, %s: %d failed (%s); %s duplicate addresses; %s CONNECT replies "
+                             "without an address." % (kind, st["failed"], json.dumps(st["errors"])[:600],
+                                                      st["duplicates"], st["addresses_missing"]))
+        pl = g(ig, "memory", "plateau")
+        if pl:
+            lines.append("- Largest plateau (intragate): %s sessions asked%s; %s held, opened in %.0f s by %d load "
+                         "generator process(es) from %d source address(es); gateway CPU %s %% and load generators "
+                         "%s %% of one core over %.0f s; %s TCP connections established at the end (by source "
+                         "address: %s)." % (
+                             "{:,}".format(pl["requested"]),
+                             " (capped at %s: open-file hard limit %s − 200)" % (
+                                 "{:,}".format(pl["target"]), "{:,}".format(pl["fd_hard_limit"]))
+                             if pl["capped_by_fd_limit"] else "",
+                             "{:,}".format(pl["alive"]), pl["ramp_s"], pl["generators"], pl["source_addresses"],
+                             fmt(pl["idle_cpu_pct"], 2), fmt(pl["loadgen_cpu_pct"], 1), pl["idle_cpu_secs"],
+                             "{:,}".format(pl["established_after"]),
+                             ", ".join("%s %s" % (a, "{:,}".format(n))
+                                       for a, n in sorted((pl.get("connections_by_source") or {}).items()))))
         if R.get("dns"):
             lines.append("- DNS: intragate serves the names from %s; dnsmasq from an --addn-hosts file." %
                          R["dns"]["intragate_source"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # intragate vs ocserv benchmark (issue 8). One command, as root:
 #
-#   sudo bench/run.sh            # full run (~15-20 min): prints the table,
+#   sudo bench/run.sh            # full run (~20 min): prints the table,
 #                                # writes bench/results/<time>.json and latest.md
 #   sudo bench/run.sh --smoke    # every code path, tiny and fast (< 2 min);
 #                                # exits non-zero only if the harness breaks
