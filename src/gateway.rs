@@ -468,9 +468,10 @@ pub async fn run_with(
     // now (a user deleted while the gateway was down loses them).
     shared.check_accounts();
 
-    let tun = crate::dataplane::create_tun(&shared)
+    let queues = crate::dataplane::create_tun(&shared, crate::dataplane::plane::default_threads())
         .map_err(|e| RunError::Tun(config.tun_name.clone(), e))?;
-    let tun = Arc::new(tun);
+    let plane = crate::dataplane::plane::DataPlane::start(&shared, queues)
+        .map_err(|e| RunError::Setup(format!("cannot start the data-plane threads: {e}")))?;
     crate::dataplane::check_forwarding();
 
     let dns_task = if config.dns_server.enabled {
@@ -518,7 +519,6 @@ pub async fn run_with(
             names,
         ));
     }
-    tasks.spawn(crate::dataplane::tun_reader(shared.clone(), tun.clone()));
     let web = crate::web::Web::new(shared.clone());
     tasks.spawn(web.clone().sample_loop());
     if let crate::config::ConsoleAt::Listen(addr) = config.web.console {
@@ -537,7 +537,7 @@ pub async fn run_with(
         shared.clone(),
         listener,
         tokio_rustls::TlsAcceptor::from(tls),
-        tun.clone(),
+        plane.clone(),
         web,
     ));
     tasks.spawn(crate::admin::serve(shared.clone(), ctl));
@@ -625,6 +625,8 @@ pub async fn run_with(
             r = tasks.join_next() => if r.is_none() { break },
         }
     }
+    let stopping = plane.clone();
+    let _ = tokio::task::spawn_blocking(move || stopping.join(Duration::from_secs(5))).await;
     let _ = shared.save_state(true).await;
     // The address history's last events on disk before the process ends.
     let flushed = shared.clone();

@@ -1,6 +1,8 @@
 //! The TUN side: the gateway's `intragate0` device and the loop that reads
 //! packets from the internal network and hands them to users' tunnels.
 
+pub mod plane;
+
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use tracing::{debug, error, warn};
-use tun_rs::{AsyncDevice, DeviceBuilder, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+use tun_rs::{AsyncDevice, DeviceBuilder, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use crate::core::conntrack::Outcome;
 use crate::core::nat::NatPortTable;
@@ -21,12 +23,14 @@ use crate::wire::ip;
 const MAX_PACKET: usize = 65535;
 
 /// Create the TUN device with the gateway's own address in each pool, so
-/// the kernel routes every pool to it. With `tun_offload` the device is
-/// opened with a virtio-net header and TCP (and, from Linux 6.2, UDP)
-/// segmentation offload: the kernel hands over super-packets of up to
-/// 64 KiB that [`tun_reader`] splits, and takes the coalesced batches the
-/// tunnels write. A kernel that refuses gets a plain device (and a warning).
-pub fn create_tun(shared: &Shared) -> std::io::Result<AsyncDevice> {
+/// the kernel routes every pool to it: one queue per data-plane worker
+/// (`IFF_MULTI_QUEUE` when there are several; see [`plane`]). With
+/// `tun_offload` the device is opened with a virtio-net header and TCP
+/// (and, from Linux 6.2, UDP) segmentation offload: the kernel hands over
+/// super-packets of up to 64 KiB that [`tun_reader`] splits, and takes the
+/// coalesced batches the tunnels write. A kernel that refuses gets a plain
+/// device (and a warning); one that refuses several queues gets one.
+pub fn create_tun(shared: &Shared, queues: usize) -> std::io::Result<Vec<SyncDevice>> {
     let cfg = &shared.config;
     let core = shared.core();
     let pools: Vec<(IpAddr, u8)> = core
@@ -35,21 +39,25 @@ pub fn create_tun(shared: &Shared) -> std::io::Result<AsyncDevice> {
         .collect();
     drop(core);
     let first_v4 = pools.iter().find(|(a, _)| a.is_ipv4()).copied();
-    let build = |offload: bool| {
+    let build = |offload: bool, multi: bool| {
         let mut builder = DeviceBuilder::new()
             .name(cfg.tun_name.clone())
             .mtu(cfg.mtu)
-            .offload(offload);
+            .offload(offload)
+            .multi_queue(multi);
         if let Some((IpAddr::V4(a), prefix)) = first_v4 {
             builder = builder.ipv4(a, prefix, None);
         }
-        builder.build_async()
+        builder.build_sync()
     };
-    let dev = match build(cfg.tun_offload) {
+    let multi = queues > 1;
+    let mut offload = cfg.tun_offload;
+    let dev = match build(offload, multi) {
         Ok(d) => d,
-        Err(e) if cfg.tun_offload => {
+        Err(e) if offload => {
             warn!(error = %e, "TUN offload (GSO/GRO) refused by the kernel; using plain packets (slower)");
-            build(false)?
+            offload = false;
+            build(false, multi)?
         }
         Err(e) => return Err(e),
     };
@@ -60,7 +68,19 @@ pub fn create_tun(shared: &Shared) -> std::io::Result<AsyncDevice> {
             _ => {}
         }
     }
-    Ok(dev)
+    let mut all = vec![dev];
+    while multi && all.len() < queues {
+        match all.first().map(SyncDevice::try_clone) {
+            Some(Ok(q)) => all.push(q),
+            Some(Err(e)) => {
+                warn!(error = %e, queues = all.len(), wanted = queues, "the kernel refused another TUN queue; fewer data-plane threads");
+                break;
+            }
+            None => break,
+        }
+    }
+    debug!(queues = all.len(), offload, "TUN device created");
+    Ok(all)
 }
 
 /// Warn when the kernel will not forward between the TUN and the internal

@@ -62,6 +62,10 @@ pub struct DataPath {
     /// Entries in `remote_peers`: one load on the packet path answers
     /// "none" for a single gateway (`DashMap::is_empty` locks every shard).
     pub(super) remote_peer_count: std::sync::atomic::AtomicUsize,
+    /// Sessions with traffic since the timer last looked: a tunnel adds
+    /// its port when its [`Port::activity`] goes from 0 (read) to a time,
+    /// so the timer visits only sessions that had traffic, not all.
+    pub(super) active: Mutex<Vec<Arc<Port>>>,
 }
 
 impl DataPath {
@@ -188,6 +192,18 @@ pub struct UserQueue {
 }
 
 impl Port {
+    /// Traffic from the user at `now_ms` (see [`DataPath::ms_at`]): one
+    /// atomic swap per batch of frames; the first since the timer looked
+    /// puts the port on the timer's list.
+    pub fn note_activity(self: &Arc<Self>, data: &DataPath, now_ms: u64) {
+        if self.activity.swap(now_ms, Ordering::Relaxed) == 0 {
+            data.active
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(self.clone());
+        }
+    }
+
     /// The session's flow table.
     pub fn flows(&self) -> MutexGuard<'_, SessionFlows> {
         self.flows.lock().unwrap_or_else(|p| p.into_inner())
@@ -442,11 +458,11 @@ impl Shared {
     }
 
     /// Feed the traffic timestamps the tunnels recorded to the core (once a
-    /// tick, not per packet).
+    /// tick, not per packet; only the sessions that had traffic).
     pub(crate) fn sync_activity(&self) {
-        let seen: Vec<(SessionId, u64)> = self
-            .data
-            .routes
+        let ports =
+            std::mem::take(&mut *self.data.active.lock().unwrap_or_else(|p| p.into_inner()));
+        let seen: Vec<(SessionId, u64)> = ports
             .iter()
             .filter_map(|p| {
                 let ms = p.activity.swap(0, Ordering::Relaxed);

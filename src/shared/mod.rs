@@ -220,6 +220,7 @@ impl Shared {
                 flow_timers: Mutex::new(Default::default()),
                 remote_peers: DashMap::new(),
                 remote_peer_count: std::sync::atomic::AtomicUsize::new(0),
+                active: Mutex::new(Vec::new()),
             },
             tunnels: Mutex::new(HashMap::new()),
             stats: Stats::default(),

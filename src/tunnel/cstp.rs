@@ -59,6 +59,8 @@ use crate::core::link::{LinkAction, TunnelLink};
 use crate::core::replay::shows_client_alive;
 use crate::core::route::{self, DropReason, UserView, Verdict};
 use crate::core::session::{CloseReason, SessionId};
+use crate::dataplane::plane::{DataPlane, Job};
+use crate::fdlimit::FdSlot;
 use crate::shared::{LockedNat, Port, Shared, TunnelCtl, UserQueue};
 use crate::tls::SyncTcp;
 use crate::wire::cstp::{self, FrameType, LOGOFF_CODE};
@@ -106,15 +108,79 @@ enum End {
     Dropped(String),
 }
 
-/// Run the tunnel until it ends, then update the session.
-pub(crate) async fn run_tunnel(
+/// Move an accepted CONNECT's connection to a data-plane thread (the one
+/// with the fewest tunnels) and run the tunnel there, in a task of its
+/// own: the logon's state (request buffers, the authentication's futures)
+/// is freed here, and the tunnel keeps only what it needs.
+pub(crate) fn hand_off(
+    plane: &DataPlane,
     shared: Arc<Shared>,
     stream: Stream,
     leftover: BytesMut,
     start: TunnelStart,
+    fd: FdSlot,
+    client: IpAddr,
+) {
+    let (tcp, tls) = stream.into_inner();
+    // Deregistered from this runtime; registered again on the thread's.
+    let tcp = match tcp.into_std() {
+        Ok(t) => t,
+        Err(e) => {
+            let why = format!("cannot move the tunnel to a data-plane thread: {e}");
+            warn!(session = %start.id, %client, error = %e, "{why}");
+            let TunnelStart {
+                id,
+                generation,
+                user,
+                addr,
+                ..
+            } = start;
+            ended(&shared, id, generation, &user, addr, End::Dropped(why));
+            return;
+        }
+    };
+    // The request buffer is sized for HTTP; the tunnel's grows as needed.
+    let leftover = if leftover.is_empty() {
+        BytesMut::new()
+    } else {
+        BytesMut::from(&leftover[..])
+    };
+    let (id, cancel) = (start.id, start.cancel.clone());
+    let job: Job = Box::new(move |tun| {
+        Box::pin(async move {
+            match TcpStream::from_std(tcp) {
+                Ok(tcp) => run_tunnel(shared, tcp, tls, leftover, start, tun).await,
+                Err(e) => {
+                    let why = format!("cannot register the tunnel's socket: {e}");
+                    warn!(session = %start.id, error = %e, "{why}");
+                    let TunnelStart {
+                        id,
+                        generation,
+                        user,
+                        addr,
+                        ..
+                    } = start;
+                    ended(&shared, id, generation, &user, addr, End::Dropped(why));
+                }
+            }
+            drop(fd);
+        })
+    });
+    if !plane.spawn(job) {
+        debug!(session = %id, "data plane stopped; tunnel not started");
+        cancel.cancel();
+    }
+}
+
+/// Run the tunnel until it ends, then update the session.
+async fn run_tunnel(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    mut tls: ServerConnection,
+    leftover: BytesMut,
+    start: TunnelStart,
     tun: Arc<AsyncDevice>,
 ) {
-    let (tcp, mut tls) = stream.into_inner();
     tls.set_buffer_limit(None);
     let TunnelStart {
         id,
@@ -156,6 +222,12 @@ pub(crate) async fn run_tunnel(
     drop(t);
     port.up.store(false, Relaxed);
     drop(queue);
+    ended(&shared, id, generation, &user, addr, end);
+}
+
+/// After a tunnel (`generation` of session `id`): out of the tunnel table
+/// if it is still the current one, and the session told how it ended.
+fn ended(shared: &Shared, id: SessionId, generation: u64, user: &str, addr: IpAddr, end: End) {
     let now = Instant::now();
     let current = {
         let mut t = shared.tunnel_table();
@@ -179,7 +251,7 @@ pub(crate) async fn run_tunnel(
             let mut core = shared.core();
             core.handle_detach(id, now);
             drop(core);
-            shared.note_tunnel_dropped(id, &user, addr, &why.to_string());
+            shared.note_tunnel_dropped(id, user, addr, &why.to_string());
         }
         End::Dropped(why) => debug!(session = %id, reason = %why, "superseded tunnel ended"),
     }
@@ -270,7 +342,7 @@ enum Read {
 /// One tunnel's state, owned by its task.
 struct Tunnel<'a> {
     shared: &'a Shared,
-    port: &'a Port,
+    port: &'a Arc<Port>,
     /// The user's tunnel address.
     addr: IpAddr,
     mtu: usize,
@@ -672,10 +744,16 @@ impl Tunnel<'_> {
     /// Handles every whole frame in `plain`.
     fn decode(&mut self, batch: &mut TunBatch, tun: &AsyncDevice, now: Instant) -> Result<(), End> {
         let now_ms = self.shared.data.ms_at(now);
+        let mut forwarded = false;
         loop {
             let (ty, range, total) = match cstp::decode(&self.plain, usize::from(u16::MAX)) {
                 Ok(Some(x)) => x,
-                Ok(None) => return Ok(()),
+                Ok(None) => {
+                    if forwarded {
+                        self.port.note_activity(&self.shared.data, now_ms);
+                    }
+                    return Ok(());
+                }
                 Err(e) => {
                     self.shared.stats.cstp_errors.fetch_add(1, Relaxed);
                     warn!(addr = %self.addr, error = %e, "bad CSTP frame; closing the tunnel");
@@ -697,7 +775,7 @@ impl Tunnel<'_> {
                     // Only forwarded traffic counts as activity (not the
                     // client's IPv6 chatter, which is dropped).
                     if fate == Fate::Forwarded {
-                        self.port.activity.store(now_ms, Relaxed);
+                        forwarded = true;
                     }
                     if batch.len >= IDEAL_BATCH_SIZE {
                         self.flush_tun(batch, tun);

@@ -13,12 +13,12 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::dataplane::plane::DataPlane;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
-use tun_rs::AsyncDevice;
 
 use crate::core::bans::ConnectionAdmission;
 use crate::fdlimit::{self, AcceptBackoff, FdSlot};
@@ -74,7 +74,7 @@ pub async fn accept_loop(
     shared: Arc<Shared>,
     listener: TcpListener,
     tls: TlsAcceptor,
-    tun: Arc<AsyncDevice>,
+    plane: Arc<DataPlane>,
     web: Arc<Web>,
 ) {
     let mut backoff = AcceptBackoff::new("TLS listener");
@@ -97,7 +97,8 @@ pub async fn accept_loop(
         {
             // From a load balancer: the client's address is in the PROXY
             // header; everything per address waits for it.
-            let (shared, tls, tun, web) = (shared.clone(), tls.clone(), tun.clone(), web.clone());
+            let (shared, tls, plane, web) =
+                (shared.clone(), tls.clone(), plane.clone(), web.clone());
             tokio::spawn(async move {
                 let mut tcp = tcp;
                 let client = match proxy_protocol::read_header(&mut tcp, PROXY_HEADER_TIMEOUT).await
@@ -117,7 +118,7 @@ pub async fn accept_loop(
                 if let Some(slot) = admit(&shared, client) {
                     let _ = tcp.set_nodelay(true);
                     let ends = Ends {
-                        tun,
+                        plane,
                         web: Some(web),
                     };
                     handle_connection(shared, tcp, client, tls, ends, slot, fd).await;
@@ -133,7 +134,7 @@ pub async fn accept_loop(
         let shared = shared.clone();
         let tls = tls.clone();
         let ends = Ends {
-            tun: tun.clone(),
+            plane: plane.clone(),
             web: Some(web.clone()),
         };
         tokio::spawn(async move {
@@ -167,7 +168,7 @@ fn admit(shared: &Arc<Shared>, ip: IpAddr) -> Option<UnauthSlot> {
 /// Where a connection may go after its first request: a tunnel (the TUN
 /// device), the web interface.
 struct Ends {
-    tun: Arc<AsyncDevice>,
+    plane: Arc<DataPlane>,
     web: Option<Arc<Web>>,
 }
 
@@ -329,7 +330,7 @@ enum Next {
 
 impl Conn {
     async fn serve(mut self, ends: Ends, slot: UnauthSlot) {
-        let Ends { tun, web } = ends;
+        let Ends { plane, web } = ends;
         let limits = Limits::default();
         let mut deadline_each = self.shared.config.handshake_timeout;
         if self.fd.is_refusal() {
@@ -388,10 +389,10 @@ impl Conn {
                         stream,
                         buf,
                         fd,
+                        ip,
                         ..
                     } = self;
-                    cstp::run_tunnel(shared, stream, buf, start, tun).await;
-                    drop(fd);
+                    cstp::hand_off(&plane, shared, stream, buf, start, fd, ip);
                     return;
                 }
             }
