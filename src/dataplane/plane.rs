@@ -100,16 +100,13 @@ impl DataPlane {
         if n == 0 {
             return false;
         }
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % n;
-        let pick = (0..n)
-            .map(|k| (start + k) % n)
-            .min_by_key(|&i| {
-                self.workers
-                    .get(i)
-                    .map_or(usize::MAX, |w| w.tunnels.load(Ordering::Relaxed))
-            })
-            .unwrap_or(0);
-        let Some(w) = self.workers.get(pick) else {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let loads: Vec<usize> = self
+            .workers
+            .iter()
+            .map(|w| w.tunnels.load(Ordering::Relaxed))
+            .collect();
+        let Some(w) = self.workers.get(least_loaded(&loads, start)) else {
             return false;
         };
         let count = w.tunnels.clone();
@@ -142,6 +139,16 @@ impl DataPlane {
             }
         }
     }
+}
+
+/// The thread with the fewest tunnels; among equals, the first from
+/// `start` (round-robin between equally loaded threads).
+fn least_loaded(loads: &[usize], start: usize) -> usize {
+    let n = loads.len().max(1);
+    (0..n)
+        .map(|k| (start + k) % n)
+        .min_by_key(|&i| loads.get(i).copied().unwrap_or(usize::MAX))
+        .unwrap_or(0)
 }
 
 /// Counts a tunnel off its thread when it ends (or is dropped unrun).
@@ -207,4 +214,29 @@ fn run_worker(
         tunnels.abort_all();
         reader.abort();
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tunnels_go_to_the_least_loaded_thread_and_ties_rotate() {
+        assert_eq!(least_loaded(&[3, 1, 2], 0), 1);
+        assert_eq!(least_loaded(&[3, 1, 2], 2), 1);
+        // Equal loads: the start decides, so successive tunnels alternate.
+        assert_eq!(least_loaded(&[2, 2], 0), 0);
+        assert_eq!(least_loaded(&[2, 2], 1), 1);
+        assert_eq!(least_loaded(&[0, 0, 0], 5), 2);
+        // One thread, or none yet.
+        assert_eq!(least_loaded(&[7], 9), 0);
+        assert_eq!(least_loaded(&[], 3), 0);
+    }
+
+    #[test]
+    fn a_finished_or_dropped_tunnel_is_counted_off() {
+        let count = Arc::new(AtomicUsize::new(2));
+        drop(Decrement(count.clone()));
+        assert_eq!(count.load(Ordering::Relaxed), 1);
+    }
 }
