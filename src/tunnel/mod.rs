@@ -13,7 +13,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::dataplane::plane::DataPlane;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -21,6 +20,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use crate::core::bans::ConnectionAdmission;
+use crate::dataplane::plane::DataPlane;
 use crate::fdlimit::{self, AcceptBackoff, FdSlot};
 use crate::shared::{Shared, UnauthSlot};
 use crate::stats::RefuseReason;
