@@ -126,16 +126,12 @@ pub(crate) fn hand_off(
     let tcp = match tcp.into_std() {
         Ok(t) => t,
         Err(e) => {
-            let why = format!("cannot move the tunnel to a data-plane thread: {e}");
-            warn!(session = %start.id, %client, error = %e, "{why}");
-            let TunnelStart {
-                id,
-                generation,
-                user,
-                addr,
-                ..
-            } = start;
-            ended(&shared, id, generation, &user, addr, End::Dropped(why));
+            warn!(session = %start.id, %client, error = %e, "cannot move the tunnel to a data-plane thread");
+            never_started(
+                &shared,
+                start,
+                format!("cannot move the tunnel to a data-plane thread: {e}"),
+            );
             return;
         }
     };
@@ -151,16 +147,12 @@ pub(crate) fn hand_off(
             match TcpStream::from_std(tcp) {
                 Ok(tcp) => run_tunnel(shared, tcp, tls, leftover, start, tun).await,
                 Err(e) => {
-                    let why = format!("cannot register the tunnel's socket: {e}");
-                    warn!(session = %start.id, error = %e, "{why}");
-                    let TunnelStart {
-                        id,
-                        generation,
-                        user,
-                        addr,
-                        ..
-                    } = start;
-                    ended(&shared, id, generation, &user, addr, End::Dropped(why));
+                    warn!(session = %start.id, error = %e, "cannot register the tunnel's socket");
+                    never_started(
+                        &shared,
+                        start,
+                        format!("cannot register the tunnel's socket: {e}"),
+                    );
                 }
             }
             drop(fd);
@@ -170,6 +162,18 @@ pub(crate) fn hand_off(
         debug!(session = %id, "data plane stopped; tunnel not started");
         cancel.cancel();
     }
+}
+
+/// A tunnel that could not start: the session is told it dropped.
+fn never_started(shared: &Shared, start: TunnelStart, why: String) {
+    let TunnelStart {
+        id,
+        generation,
+        user,
+        addr,
+        ..
+    } = start;
+    ended(shared, id, generation, &user, addr, End::Dropped(why));
 }
 
 /// Run the tunnel until it ends, then update the session.

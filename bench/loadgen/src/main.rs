@@ -752,6 +752,26 @@ async fn logoff(conn: &mut Conn) {
 /// `stop` carries "log off every session opened before this many": raised
 /// step by step at the end, so that the gateway is not asked to tear down
 /// thousands of sessions in the same millisecond.
+/// Hold `tun` in a task of its own; when it ends, one fewer alive and its
+/// reason counted in `ended`.
+fn spawn_held(
+    tun: Tunnel,
+    stop: watch::Receiver<usize>,
+    seq: usize,
+    seed: u64,
+    alive: &Arc<AtomicUsize>,
+    ended: &Arc<std::sync::Mutex<BTreeMap<String, usize>>>,
+) {
+    let (alive, ended) = (alive.clone(), ended.clone());
+    tokio::spawn(async move {
+        let why = hold(tun, stop, seq, seed).await;
+        alive.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut m) = ended.lock() {
+            *m.entry(why.to_string()).or_default() += 1;
+        }
+    });
+}
+
 async fn hold(
     mut tun: Tunnel,
     mut stop: watch::Receiver<usize>,
@@ -900,15 +920,7 @@ async fn cmd_logon(opts: Opts) -> Res<Value> {
                         }
                         if opts.keep {
                             alive.fetch_add(1, Ordering::Relaxed);
-                            let (alive, ended, stop) =
-                                (alive.clone(), ended.clone(), stop_rx.clone());
-                            tokio::spawn(async move {
-                                let why = hold(tun, stop, i, i as u64 * 7919).await;
-                                alive.fetch_sub(1, Ordering::Relaxed);
-                                if let Ok(mut m) = ended.lock() {
-                                    *m.entry(why.to_string()).or_default() += 1;
-                                }
-                            });
+                            spawn_held(tun, stop_rx.clone(), i, i as u64 * 7919, &alive, &ended);
                         } else {
                             logoff(&mut tun.conn).await;
                         }
@@ -1079,16 +1091,15 @@ async fn cmd_hold(opts: Opts) -> Res<Value> {
                                     keepalive_s.store(tun.keepalive.as_secs(), Ordering::Relaxed);
                                     alive.fetch_add(1, Ordering::Relaxed);
                                     let seq = up_total.fetch_add(1, Ordering::Relaxed);
-                                    let (alive, ended, stop) =
-                                        (alive.clone(), ended.clone(), stop_rx.clone());
                                     // Held from now on (keepalives must start at once).
-                                    tokio::spawn(async move {
-                                        let why = hold(tun, stop, seq, idx as u64 * 7919).await;
-                                        alive.fetch_sub(1, Ordering::Relaxed);
-                                        if let Ok(mut m) = ended.lock() {
-                                            *m.entry(why.to_string()).or_default() += 1;
-                                        }
-                                    });
+                                    spawn_held(
+                                        tun,
+                                        stop_rx.clone(),
+                                        seq,
+                                        idx as u64 * 7919,
+                                        &alive,
+                                        &ended,
+                                    );
                                     break;
                                 }
                                 Ok(Err(e)) => count_error(&errors, &e),
