@@ -19,6 +19,7 @@ pub mod history;
 pub mod listener;
 pub mod logon;
 pub mod netif;
+pub mod offload;
 pub mod plugin;
 pub mod sdnotify;
 pub mod shared;

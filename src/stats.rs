@@ -157,6 +157,15 @@ pub struct IoStats {
     pub socket_writes: AtomicU64,
     /// CSTP frames (TLS records) written to tunnels.
     pub frames_out: AtomicU64,
+    /// TCP super-packets from users written to the TUN device whole
+    /// (GSO frames, [`crate::wire::gso`]).
+    pub gso_in: AtomicU64,
+    /// TCP super-packets from the TUN device queued whole for users that
+    /// negotiated GSO.
+    pub gso_out: AtomicU64,
+    /// Super-packets cut into segments instead (NAT, FTP, toward another
+    /// user, or a tunnel without GSO).
+    pub gso_split: AtomicU64,
 }
 
 impl IoStats {
@@ -169,6 +178,9 @@ impl IoStats {
             "socket_reads": self.socket_reads.load(Relaxed),
             "socket_writes": self.socket_writes.load(Relaxed),
             "frames_out": self.frames_out.load(Relaxed),
+            "gso_in": self.gso_in.load(Relaxed),
+            "gso_out": self.gso_out.load(Relaxed),
+            "gso_split": self.gso_split.load(Relaxed),
         })
     }
 }
@@ -283,7 +295,12 @@ impl Traffic {
     /// Count one packet from the user.
     #[inline]
     pub fn from_user(&self, len: u64) {
-        self.packets_from_user.fetch_add(1, Relaxed);
+        self.from_user_packets(1, len);
+    }
+
+    /// `packets` from the user of `len` bytes in all.
+    pub fn from_user_packets(&self, packets: u64, len: u64) {
+        self.packets_from_user.fetch_add(packets, Relaxed);
         self.bytes_from_user.fetch_add(len, Relaxed);
     }
 }

@@ -406,6 +406,11 @@ fn hostile_gateway_gives_clear_errors() {
         ("noaddr", &[], "no X-CSTP-Address"),
         ("cookie401", &[], "refused the session cookie"),
         ("unknownframe", &[], "CSTP frame of unknown type 42"),
+        (
+            "gsounasked",
+            &[],
+            "GSO frame although GSO was not negotiated",
+        ),
         ("badmagic", &[], "invalid CSTP frame: bad CSTP magic"),
         (
             "disconnect",
@@ -948,9 +953,13 @@ fn dev_rx_packets(ns: &str, dev: &str) -> u64 {
     o.stdout.trim().parse().unwrap_or(u64::MAX)
 }
 
-/// 32 MiB each way through the plug-in arrive intact; with offload (on by
-/// default) the plug-in hands its TUN device the download GRO-coalesced:
-/// fewer packets on the device than the gateway sent.
+/// 32 MiB each way through the plug-in arrive intact, with and without
+/// offload. With offload (on by default) the plug-in and the gateway
+/// negotiate TCP super-packets (`X-Intragate-GSO`): the gateway queues the
+/// download whole and writes the upload whole (its `io.gso_out` /
+/// `io.gso_in` count them), and the plug-in hands its TUN device far fewer
+/// packets than MTU-sized segments. Without offload nothing is negotiated
+/// and every packet travels on its own.
 #[test]
 fn plugin_bulk_tcp_intact_and_coalesced() {
     if !e2e_enabled() {
@@ -959,44 +968,126 @@ fn plugin_bulk_tcp_intact_and_coalesced() {
     const N: &str = "33554432";
     let (dir, topo, gw) = setup(&[("alice", PW_ALICE)]);
     let ns = topo.user(0).to_string();
-    let mut p = Plugin::start(
-        &ns,
+    let srv = start_server(
+        topo.internal.name.as_str(),
+        &dir.path,
+        "bulk7011",
+        &["bulk-serve", INTERNAL_IP, "7011", "4", "120"],
+    );
+    let io = |key: &str| gw.stats().unwrap()["io"][key].as_u64().unwrap();
+    for offload in [true, false] {
+        let extra: &[&str] = if offload { &[] } else { &["--no-offload"] };
+        let mut p = Plugin::start(
+            &ns,
+            &topo.url(),
+            &gw.pin,
+            &dir.path,
+            opts("alice", PW_ALICE, "igp0", extra),
+        );
+        let st = p
+            .wait_up(Duration::from_secs(20))
+            .unwrap_or_else(|e| panic!("plug-in did not come up: {e}\n{}", gw.log()));
+        // This kernel offers TUN offload (the gateway's own test asks the same).
+        assert_eq!(st["offload"], offload, "offload {offload}: {st}");
+
+        let (out_before, in_before) = (io("gso_out"), io("gso_in"));
+        let rx_before = dev_rx_packets(&ns, "igp0");
+        let got = bulk_get(&ns, &srv, INTERNAL_IP, "7011", N);
+        let rx = dev_rx_packets(&ns, "igp0") - rx_before;
+        if let Err(e) = got {
+            panic!("offload {offload}: {e}\n{}", p.log());
+        }
+        let whole_down = io("gso_out") - out_before;
+        // 32 MiB in segments of at most 1,400 bytes.
+        let segments = 33_554_432 / 1400;
+        eprintln!(
+            "offload {offload}: download reached igp0 as {rx} packets ({segments}+ segments), \
+             {whole_down} queued whole by the gateway"
+        );
+        if let Err(e) = bulk_put(&ns, INTERNAL_IP, "7011", N) {
+            panic!("offload {offload}: {e}\n{}", p.log());
+        }
+        let whole_up = io("gso_in") - in_before;
+        eprintln!("offload {offload}: upload: {whole_up} super-packets written whole");
+        if offload {
+            assert!(
+                whole_down > 0 && whole_up > 0,
+                "offload on, but no super-packet travelled whole (down {whole_down}, up {whole_up}): \
+                 {}",
+                gw.stats().unwrap()["io"]
+            );
+            assert!(
+                rx * 4 <= segments,
+                "offload on, but the download reached igp0 as {rx} packets (~{segments} segments)"
+            );
+        } else {
+            assert_eq!(
+                (whole_down, whole_up),
+                (0, 0),
+                "GSO without offload on the plug-in"
+            );
+        }
+        let st = p.logoff(10 * S);
+        assert!(st.is_some_and(|s| s.success()), "exit {st:?}\n{}", p.log());
+    }
+}
+
+/// Super-packets that cannot travel whole are cut by the gateway: between
+/// two plug-ins (both negotiated GSO) alice's upload to bob and his answer
+/// reach the other user's queue as segments (`io.gso_split`), intact.
+#[test]
+fn plugin_to_plugin_bulk_is_cut_into_segments_intact() {
+    if !e2e_enabled() {
+        return;
+    }
+    const N: &str = "8388608";
+    let dir = TempDir::new("plugin-c2c");
+    let topo = Topology::new(2);
+    let cfg = write_gateway_config(&dir.path, &GatewayOpts::default());
+    add_user(&cfg, "alice", "staff", PW_ALICE);
+    add_user(&cfg, "bob", "staff", PW_BOB);
+    let gw = Gateway::start(&topo, &dir.path, cfg);
+    let (na, nb) = (topo.user(0).to_string(), topo.user(1).to_string());
+    let mut a = Plugin::start(
+        &na,
         &topo.url(),
         &gw.pin,
         &dir.path,
         opts("alice", PW_ALICE, "igp0", &[]),
     );
-    let st = p
-        .wait_up(Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("plug-in did not come up: {e}\n{}", gw.log()));
-    let srv = start_server(
-        topo.internal.name.as_str(),
+    let mut b = Plugin::start(
+        &nb,
+        &topo.url(),
+        &gw.pin,
         &dir.path,
-        "bulk7011",
-        &["bulk-serve", INTERNAL_IP, "7011", "2", "60"],
+        opts("bob", PW_BOB, "igp1", &[]),
     );
-
-    let frames_before = gw.stats().unwrap()["io"]["frames_out"].as_u64().unwrap();
-    let rx_before = dev_rx_packets(&ns, "igp0");
-    let got = bulk_get(&ns, &srv, INTERNAL_IP, "7011", N);
-    let rx = dev_rx_packets(&ns, "igp0") - rx_before;
-    let frames = gw.stats().unwrap()["io"]["frames_out"].as_u64().unwrap() - frames_before;
-    if let Err(e) = got {
-        panic!("{e}\n{}", p.log());
+    a.wait_up(20 * S)
+        .unwrap_or_else(|e| panic!("alice: {e}\n{}", gw.log()));
+    let sb = b
+        .wait_up(20 * S)
+        .unwrap_or_else(|e| panic!("bob: {e}\n{}", gw.log()));
+    let bob = Plugin::address(&sb);
+    let srv = start_server(
+        &nb,
+        &dir.path,
+        "bulkbob",
+        &["bulk-serve", &bob, "7012", "2", "60"],
+    );
+    let split_before = gw.stats().unwrap()["io"]["gso_split"].as_u64().unwrap();
+    if let Err(e) = bulk_put(&na, &bob, "7012", N) {
+        panic!("{e}\n--- alice ---\n{}\n--- bob ---\n{}", a.log(), b.log());
     }
-    eprintln!("download: {frames} frames from the gateway reached igp0 as {rx} packets");
-    // This kernel offers TUN offload (the gateway's own test asks the same).
-    assert_eq!(
-        st["offload"], true,
-        "the plug-in runs without offload: {st}"
-    );
-    assert!(
-        rx * 2 <= frames,
-        "offload on, but {frames} frames reached igp0 as {rx} packets (GRO did not coalesce)"
-    );
-
-    if let Err(e) = bulk_put(&ns, INTERNAL_IP, "7011", N) {
-        panic!("{e}\n{}", p.log());
+    if let Err(e) = bulk_get(&na, &srv, &bob, "7012", N) {
+        panic!("{e}\n--- alice ---\n{}\n--- bob ---\n{}", a.log(), b.log());
+    }
+    let io = &gw.stats().unwrap()["io"];
+    let split = io["gso_split"].as_u64().unwrap() - split_before;
+    eprintln!("user to user: {split} super-packets cut by the gateway; io {io}");
+    assert!(split > 0, "no super-packet was cut between the users: {io}");
+    for p in [&mut a, &mut b] {
+        let st = p.logoff(10 * S);
+        assert!(st.is_some_and(|s| s.success()), "exit {st:?}\n{}", p.log());
     }
 }
 

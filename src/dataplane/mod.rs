@@ -16,6 +16,7 @@ use tun_rs::{AsyncDevice, DeviceBuilder, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NE
 use crate::core::conntrack::Outcome;
 use crate::core::nat::NatPortTable;
 use crate::core::route::{self, DropReason};
+use crate::offload;
 use crate::shared::{LockedNat, Shared};
 use crate::wire::ip;
 
@@ -79,7 +80,9 @@ pub fn create_tun(shared: &Shared, queues: usize) -> std::io::Result<Vec<SyncDev
             None => break,
         }
     }
-    debug!(queues = all.len(), offload, "TUN device created");
+    let gso = offload && all.first().is_some_and(|d| d.tcp_gso());
+    shared.data.tun_gso.store(gso, Relaxed);
+    debug!(queues = all.len(), offload, gso, "TUN device created");
     Ok(all)
 }
 
@@ -98,20 +101,54 @@ pub fn check_forwarding() {
 
 /// Read packets from the TUN device and queue each to its user's tunnel.
 ///
-/// One read returns one packet, or with offload a TCP/UDP super-packet that
-/// tun-rs splits into MTU-sized segments (one syscall for up to 64 KiB).
-/// Segments are cut from one zeroed slab and handed on without copying.
+/// One read returns one packet, or with offload a TCP/UDP super-packet
+/// (one syscall for up to 64 KiB). A TCP super-packet for a user whose
+/// tunnel negotiated GSO ([`crate::wire::gso`]) is queued whole
+/// ([`whole_to_user`]); anything else is split into MTU-sized segments,
+/// cut from one zeroed slab and handed on without copying.
 pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
     let seg = usize::from(shared.config.mtu).max(1500) + 64;
+    let mtu = usize::from(shared.config.mtu);
     let mut slab = Slab::new(seg);
     let mut orig = vec![0u8; VIRTIO_NET_HDR_LEN + MAX_PACKET];
     let mut bufs: Vec<BytesMut> = (0..IDEAL_BATCH_SIZE).map(|_| slab.take()).collect();
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     let mut scratch = Vec::with_capacity(MAX_PACKET);
+    let gso = shared.data.tun_gso.load(Relaxed);
+    // With GSO: raw reads (virtio-net header + packet) into one buffer
+    // whose front is handed on when a super-packet is queued whole.
+    let mut raw = BytesMut::new();
     loop {
-        let r = tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            r = tun.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) => r,
+        let r = if gso {
+            if raw.len() < RAW_READ {
+                // Zeroes only what the last whole super-packet took.
+                raw.resize(RAW_READ, 0);
+            }
+            let r = tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                r = tun.recv(&mut raw[..]) => r,
+            };
+            r.and_then(|n| {
+                shared.stats.io.tun_reads.fetch_add(1, Relaxed);
+                let read = raw.get_mut(..n).unwrap_or(&mut []);
+                let hdr = offload::read_header(read)?;
+                if let Some(g) = offload::super_packet(&hdr, &read[VIRTIO_NET_HDR_LEN..], mtu) {
+                    if whole_to_user(&shared, &mut raw, n, &g, &mut scratch) {
+                        return Ok(0);
+                    }
+                }
+                let read = raw.get_mut(VIRTIO_NET_HDR_LEN..n).unwrap_or(&mut []);
+                offload::split(hdr, read, &mut bufs, &mut sizes, 0)
+            })
+        } else {
+            let r = tokio::select! {
+                _ = shared.shutdown.cancelled() => return,
+                r = tun.recv_multiple(&mut orig, &mut bufs, &mut sizes, 0) => r,
+            };
+            if r.is_ok() {
+                shared.stats.io.tun_reads.fetch_add(1, Relaxed);
+            }
+            r
         };
         let n = match r {
             Ok(n) => n,
@@ -122,14 +159,13 @@ pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
                 return;
             }
             Err(e) => {
-                // A super-packet tun-rs could not split (bad header from
+                // A super-packet that could not be split (bad header from
                 // the kernel): dropped, counted.
                 shared.stats.drop(DropReason::Malformed);
                 debug!(error = %e, "dropped an unusable packet from the TUN device");
                 continue;
             }
         };
-        shared.stats.io.tun_reads.fetch_add(1, Relaxed);
         shared
             .stats
             .io
@@ -141,6 +177,67 @@ pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
             from_network(&shared, &mut pkt, &mut scratch);
         }
     }
+}
+
+/// A raw TUN read: the virtio-net header and the largest packet.
+const RAW_READ: usize = VIRTIO_NET_HDR_LEN + MAX_PACKET;
+
+/// A super-packet is queued whole only while its user's queue holds fewer
+/// than `buffer_packets / QUEUE_SHARE` entries: whole super-packets (up to
+/// ~48 segments each) then take no more memory than a full queue of single
+/// packets would.
+const QUEUE_SHARE: usize = 64;
+
+/// Queues the TCP super-packet `g` of a raw read (`raw[..n]`) whole for its
+/// user, if that user's tunnel takes GSO frames and nothing on the way
+/// rewrites it (NAT, the FTP ALG): the packet's front becomes the GSO
+/// header and `raw[..n]` is handed on. `false`: split it instead.
+fn whole_to_user(
+    shared: &Shared,
+    raw: &mut BytesMut,
+    n: usize,
+    g: &crate::wire::gso::Gso,
+    scratch: &mut Vec<u8>,
+) -> bool {
+    let Some(pkt) = raw.get(VIRTIO_NET_HDR_LEN..n) else {
+        return false;
+    };
+    let Ok(info) = ip::parse(pkt) else {
+        return false;
+    };
+    let ftp = &shared.config.nat.ftp_ports;
+    if shared.config.nat.address == Some(info.dst)
+        || shared.data.is_remote_peer(info.src)
+        || info
+            .ports
+            .is_none_or(|(s, d)| ftp.contains(&s) || ftp.contains(&d))
+    {
+        return false;
+    }
+    let eligible = shared.data.routes.get(&info.dst).is_some_and(|p| {
+        let queued = p.tx.max_capacity() - p.tx.capacity();
+        p.gso.load(Relaxed) && p.nat.is_none() && queued * QUEUE_SHARE < p.tx.max_capacity()
+    });
+    if !eligible {
+        return false;
+    }
+    let pkt = raw.get_mut(VIRTIO_NET_HDR_LEN..n).unwrap_or(&mut []);
+    let Some((port, rewritten)) = admit_inbound(shared, pkt, scratch) else {
+        // Dropped (counted): handled.
+        return true;
+    };
+    if rewritten {
+        // The ALG is excluded above; should conntrack ever rewrite a
+        // super-packet's length, it is not sent.
+        shared.stats.drop(DropReason::Malformed);
+        return true;
+    }
+    let at = VIRTIO_NET_HDR_LEN - crate::wire::gso::HEADER_LEN;
+    raw[at..VIRTIO_NET_HDR_LEN].copy_from_slice(&g.header());
+    let entry = raw.split_to(n).split_off(at).freeze();
+    shared.stats.io.gso_out.fetch_add(1, Relaxed);
+    shared.deliver(&port, entry);
+    true
 }
 
 /// Zeroed packet buffers cut from large allocations: one allocation (and
@@ -174,13 +271,29 @@ impl Slab {
 /// or by NAT port for packets to the NAT address), let conntrack decide
 /// (replies, inbound rules, expectations; NAT translated back), queue it.
 fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
+    match admit_inbound(shared, pkt, scratch) {
+        Some((port, false)) => shared.deliver(&port, std::mem::take(pkt).freeze()),
+        // Rare (the FTP ALG changed the length): one copy.
+        Some((port, true)) => shared.deliver(&port, Bytes::copy_from_slice(scratch)),
+        None => {}
+    }
+}
+
+/// Which session a packet from the internal network goes to, after
+/// conntrack (which may rewrite it in place, or into `scratch`: then the
+/// flag is true). `None`: dropped, counted.
+fn admit_inbound(
+    shared: &Shared,
+    pkt: &mut [u8],
+    scratch: &mut Vec<u8>,
+) -> Option<(Arc<crate::shared::Port>, bool)> {
     let Ok(info) = ip::parse(pkt) else {
         shared.stats.drop(DropReason::Malformed);
-        return;
+        return None;
     };
     if route::is_link_scoped(&info) {
         shared.stats.drop(DropReason::LinkLocal);
-        return;
+        return None;
     }
     let nat_addr = shared.config.nat.address;
     let user_addr = if nat_addr == Some(info.dst) {
@@ -191,7 +304,7 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
             Some(o) => o.addr,
             None => {
                 shared.stats.drop(DropReason::NoNatMapping);
-                return;
+                return None;
             }
         }
     } else {
@@ -204,18 +317,17 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         .map(|p| p.value().clone())
     else {
         shared.stats.drop(DropReason::NoSession);
-        return;
+        return None;
     };
     if shared.data.is_remote_peer(info.src) && port.nat.is_none() {
         // From a user on another node (its node checked its side): as
         // between two local sessions, untracked, if this user may talk to
         // other users.
         if port.client_to_client() {
-            shared.deliver(&port, std::mem::take(pkt).freeze());
-        } else {
-            shared.stats.drop(DropReason::ClientToClientDenied);
+            return Some((port, false));
         }
-        return;
+        shared.stats.drop(DropReason::ClientToClientDenied);
+        return None;
     }
     let rules = port.rules.load();
     let mut ctx = port.ctx(&rules, user_addr, true, &shared.config.nat.ftp_ports);
@@ -233,17 +345,14 @@ fn from_network(shared: &Shared, pkt: &mut BytesMut, scratch: &mut Vec<u8>) {
         o
     };
     match outcome {
-        Ok(Outcome::Forward) => {
-            let out = std::mem::take(pkt).freeze();
-            shared.deliver(&port, out);
-        }
-        // Rare (the FTP ALG changed the length): one copy.
-        Ok(Outcome::ForwardScratch) => shared.deliver(&port, Bytes::copy_from_slice(scratch)),
+        Ok(Outcome::Forward) => Some((port, false)),
+        Ok(Outcome::ForwardScratch) => Some((port, true)),
         Err(d) => {
             shared.stats.drop(d);
             if d == DropReason::InboundDenied {
                 shared.log_inbound_denied(&info, user_addr, &port, &rules.policy);
             }
+            None
         }
     }
 }

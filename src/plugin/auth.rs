@@ -502,6 +502,9 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> HttpsConn<IO> {
         if let Some(a) = v6.as_deref() {
             headers.push(("X-CSTP-Address-IP6", a));
         }
+        if req.gso {
+            headers.push((crate::wire::gso::NEGOTIATE_HEADER, "1"));
+        }
         let head = http::request_head(
             "CONNECT",
             "/CSCOSSLC/tunnel",
@@ -557,6 +560,9 @@ pub struct ConnectRequest {
     pub previous_ipv4: Option<std::net::Ipv4Addr>,
     /// `X-CSTP-Address-IP6` on reconnect.
     pub previous_ipv6: Option<std::net::Ipv6Addr>,
+    /// Ask for TCP super-packets ([`crate::wire::gso`], `X-Intragate-GSO`):
+    /// when our TUN device has offload.
+    pub gso: bool,
 }
 
 /// A successful logon.
@@ -830,6 +836,7 @@ mod tests {
             device_name: "laptop".into(),
             base_mtu: 1500,
             mtu: 1390,
+            gso: false,
             previous_ipv4: None,
             previous_ipv6: None,
         };

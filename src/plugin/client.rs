@@ -227,6 +227,10 @@ pub async fn run_tunnel(
         mtu: base_mtu.saturating_sub(TUNNEL_OVERHEAD).max(576),
         previous_ipv4: None,
         previous_ipv6: None,
+        // Asked before the TUN exists; from the next CONNECT on only if
+        // its offload is on. A tunnel granted GSO on a TUN without offload
+        // cuts the gateway's super-packets itself.
+        gso: opts.offload,
     };
     let params = tokio::select! {
         _ = shutdown.cancelled() => return Ok(Outcome::Interrupted),
@@ -264,7 +268,8 @@ pub async fn run_tunnel(
         offload: opts.offload,
     };
     let (tun, ifname, offload) = netcfg::create_tun(&spec)?;
-    info!(interface = %ifname, mtu, offload, "TUN device up");
+    info!(interface = %ifname, mtu, offload, gso = params.gso, "TUN device up");
+    req.gso = offload;
     let mut applied = Applied::default();
     let plan = netcfg::plan_routes(&params, gateway);
     let setup = applied
@@ -429,7 +434,12 @@ async fn drive(
     let state_dir = ctx.opts.state_dir.clone();
     loop {
         let mut timers = timers_for(ctx.opts, &params);
-        debug!(dpd_s = timers.dpd().as_secs(), "tunnel running");
+        path.set_offload(params.gso, state.offload);
+        debug!(
+            dpd_s = timers.dpd().as_secs(),
+            gso = params.gso,
+            "tunnel running"
+        );
         let end = {
             let mut on_status = |c: &Counters| {
                 update_counters(state, c);

@@ -35,8 +35,14 @@ use tracing::{debug, trace};
 use tun_rs::{AsyncDevice, GROTable, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 
 use super::timers::{LinkAction, LinkTimers};
+use crate::offload;
 use crate::tls::SyncTcp;
 use crate::wire::cstp::{self, FrameType, HEADER_LEN, LOGOFF_CODE, MAX_PAYLOAD};
+use crate::wire::gso;
+
+/// Room in front of a raw TUN read: with the virtio-net header's 10 bytes,
+/// the CSTP header and the GSO header fit in front of the packet.
+const UP_ROOM: usize = HEADER_LEN + gso::HEADER_LEN - VIRTIO_NET_HDR_LEN;
 
 /// Bytes read from the socket at once.
 const SOCKET_READ: usize = 256 * 1024;
@@ -69,6 +75,10 @@ pub struct Counters {
     /// Packets that could not be written to the TUN device, or read packets
     /// that could not be framed.
     pub dropped: u64,
+    /// TCP super-packets received whole (GSO frames).
+    pub gso_in: u64,
+    /// TCP super-packets sent whole (GSO frames).
+    pub gso_out: u64,
 }
 
 /// How a tunnel ended.
@@ -115,6 +125,19 @@ pub struct DataPath {
     /// Whole frames decoded since the last check (DPD counts frames, not
     /// bytes: a peer trickling bytes is not alive).
     frames_seen: bool,
+    /// The tunnel MTU (segments of a super-packet must fit it).
+    mtu: usize,
+    /// TCP super-packets negotiated on this tunnel ([`crate::wire::gso`]).
+    gso: bool,
+    /// The TUN device has offload (reads and takes super-packets).
+    tun_offload: bool,
+    /// A GSO frame decoded and waiting for its TUN write, after the batch
+    /// before it: the checked super-packet and where its packet lies in
+    /// `plain`.
+    pending_super: Option<(gso::Gso, std::ops::Range<usize>)>,
+    /// Segments of a super-packet cut here (a TUN without offload).
+    split_bufs: Vec<Vec<u8>>,
+    split_sizes: Vec<usize>,
     /// Counters (read by the status callback).
     pub counters: Counters,
 }
@@ -136,7 +159,7 @@ impl DataPath {
             plain: vec![0; PLAIN_BUF],
             plain_start: 0,
             plain_end: 0,
-            up_orig: vec![0; VIRTIO_NET_HDR_LEN + 65535],
+            up_orig: vec![0; UP_ROOM + VIRTIO_NET_HDR_LEN + 65535],
             up_bufs: vec![vec![0; HEADER_LEN + packet]; IDEAL_BATCH_SIZE],
             up_sizes: vec![0; IDEAL_BATCH_SIZE],
             // GRO appends a TCP flow's segments to the first one's buffer
@@ -150,8 +173,23 @@ impl DataPath {
             queued: 0,
             frame: Vec::with_capacity(HEADER_LEN + 256),
             frames_seen: false,
+            mtu: usize::from(mtu),
+            gso: false,
+            tun_offload: false,
+            pending_super: None,
+            split_bufs: Vec::new(),
+            split_sizes: Vec::new(),
             counters: Counters::default(),
         }
+    }
+
+    /// What the next tunnel does with TCP super-packets: `gso` if its
+    /// CONNECT negotiated them, `tun_offload` if the TUN device has
+    /// offload. Super-packets travel whole only with both; a GSO frame
+    /// from the gateway on a TUN without offload is cut here.
+    pub fn set_offload(&mut self, gso: bool, tun_offload: bool) {
+        self.gso = gso;
+        self.tun_offload = tun_offload;
     }
 
     /// Runs the tunnel until it ends. `leftover` holds plaintext already read
@@ -171,6 +209,7 @@ impl DataPath {
         self.plain_end = 0;
         self.queued = 0;
         self.down_count = 0;
+        self.pending_super = None;
         let start = self.start(link, leftover, tun, timers).await;
         let end = match start {
             Err(end) => end,
@@ -229,8 +268,11 @@ impl DataPath {
     ) -> Result<(), LinkEnd> {
         loop {
             let r = self.decode_frames(link, timers);
-            if self.down_count >= IDEAL_BATCH_SIZE || r.is_err() {
+            if self.down_count >= IDEAL_BATCH_SIZE || self.pending_super.is_some() || r.is_err() {
                 self.flush_tun(tun).await?;
+            }
+            if let Some((g, range)) = self.pending_super.take() {
+                self.write_super(tun, &g, range)?;
             }
             if !r? {
                 return Ok(());
@@ -359,12 +401,17 @@ impl DataPath {
     ) -> Result<(), LinkEnd> {
         let mut sent = false;
         for _ in 0..TUN_READS_PER_WAKE {
-            let n = match tun.try_recv_multiple(
-                &mut self.up_orig,
-                &mut self.up_bufs,
-                &mut self.up_sizes,
-                HEADER_LEN,
-            ) {
+            let r = if self.gso && self.tun_offload {
+                self.read_tun_raw(link, tun, &mut sent)
+            } else {
+                tun.try_recv_multiple(
+                    &mut self.up_orig,
+                    &mut self.up_bufs,
+                    &mut self.up_sizes,
+                    HEADER_LEN,
+                )
+            };
+            let n = match r {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -408,6 +455,111 @@ impl DataPath {
             timers.handle_tx(Instant::now());
         }
         self.flush(link)
+    }
+
+    /// One raw TUN read (virtio-net header + packet): a TCP super-packet
+    /// goes to rustls as one GSO frame, built in place in front of it
+    /// (`Ok(0)`); anything else is cut into `up_bufs` as
+    /// `try_recv_multiple` would, for the caller to frame.
+    fn read_tun_raw(
+        &mut self,
+        link: &mut Link,
+        tun: &AsyncDevice,
+        sent: &mut bool,
+    ) -> io::Result<usize> {
+        let len = tun.try_recv(self.up_orig.get_mut(UP_ROOM..).unwrap_or(&mut []))?;
+        let raw = self
+            .up_orig
+            .get_mut(UP_ROOM..UP_ROOM + len)
+            .unwrap_or(&mut []);
+        let hdr = offload::read_header(raw)?;
+        let (_, pkt) = raw.split_at_mut(VIRTIO_NET_HDR_LEN);
+        let Some(g) = offload::super_packet(&hdr, pkt, self.mtu) else {
+            return offload::split(hdr, pkt, &mut self.up_bufs, &mut self.up_sizes, HEADER_LEN);
+        };
+        // CSTP header, GSO header, packet: contiguous from offset 0.
+        let payload = gso::HEADER_LEN + pkt.len();
+        let Ok(plen) = u16::try_from(payload) else {
+            return Ok(0); // super_packet() keeps it within a frame
+        };
+        let frame = self
+            .up_orig
+            .get_mut(..HEADER_LEN + payload)
+            .unwrap_or(&mut []);
+        frame[..HEADER_LEN].copy_from_slice(&cstp::encode_header(FrameType::Gso, plen));
+        frame[HEADER_LEN..HEADER_LEN + gso::HEADER_LEN].copy_from_slice(&g.header());
+        link.tls.writer().write_all(frame).map_err(|e| {
+            io::Error::new(io::ErrorKind::BrokenPipe, format!("TLS write failed: {e}"))
+        })?;
+        self.queued += frame.len();
+        self.counters.packets_out += g.segments() as u64;
+        self.counters.bytes_out += g.segment_bytes() as u64;
+        self.counters.gso_out += 1;
+        *sent = true;
+        Ok(0)
+    }
+
+    /// Writes a super-packet from the gateway (`plain[range]`) to the TUN:
+    /// whole with offload (the kernel segments it), else cut into the batch.
+    fn write_super(
+        &mut self,
+        tun: &AsyncDevice,
+        g: &gso::Gso,
+        range: std::ops::Range<usize>,
+    ) -> Result<(), LinkEnd> {
+        self.counters.packets_in += g.segments() as u64;
+        self.counters.bytes_in += g.segment_bytes() as u64;
+        self.counters.gso_in += 1;
+        let Some(pkt) = self.plain.get_mut(range) else {
+            self.counters.dropped += 1;
+            return Ok(());
+        };
+        if self.tun_offload {
+            return match offload::write_super(tun, g, pkt) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EBADFD) => {
+                    Err(LinkEnd::TunFailed(format!("TUN write failed: {e}")))
+                }
+                Err(e) => {
+                    self.counters.dropped += 1;
+                    trace!(error = %e, "TUN write of a super-packet failed");
+                    Ok(())
+                }
+            };
+        }
+        let seg = self.mtu.max(g.header_len + usize::from(g.gso_size));
+        if self.split_bufs.len() < gso::MAX_SEGMENTS
+            || self.split_bufs.first().is_some_and(|b| b.len() < seg)
+        {
+            self.split_bufs = vec![vec![0; seg]; gso::MAX_SEGMENTS];
+            self.split_sizes = vec![0; gso::MAX_SEGMENTS];
+        }
+        let n = match offload::split(
+            offload::split_header(g),
+            pkt,
+            &mut self.split_bufs,
+            &mut self.split_sizes,
+            0,
+        ) {
+            Ok(n) => n,
+            Err(e) => {
+                self.counters.dropped += 1;
+                debug!(error = %e, "dropped a super-packet that cannot be cut");
+                return Ok(());
+            }
+        };
+        // The batch was written before; the segments fit a fresh one.
+        for (b, &size) in self.split_bufs.iter().zip(&self.split_sizes).take(n) {
+            if let Some(buf) = self.down_bufs.get_mut(self.down_count) {
+                buf.clear();
+                buf.resize(VIRTIO_NET_HDR_LEN, 0);
+                buf.extend_from_slice(b.get(..size).unwrap_or(&[]));
+                self.down_count += 1;
+            } else {
+                self.counters.dropped += 1;
+            }
+        }
+        Ok(())
     }
 
     /// Socket → rustls → frames → TUN.
@@ -507,7 +659,8 @@ impl DataPath {
 
     /// Decodes complete frames in `plain`: DATA goes to the TUN batch,
     /// control frames are answered. `Ok(true)` when it stopped because the
-    /// batch is full (write it to the TUN and call again).
+    /// batch is full or a super-packet waits in `pending_super` (write the
+    /// batch, then the super-packet, to the TUN and call again).
     fn decode_frames(&mut self, link: &mut Link, timers: &mut LinkTimers) -> Result<bool, LinkEnd> {
         loop {
             let window = self
@@ -528,7 +681,7 @@ impl DataPath {
                     )))
                 }
             };
-            let payload = window.get(range).unwrap_or(&[]);
+            let payload = window.get(range.clone()).unwrap_or(&[]);
             self.frames_seen = true;
             match ty {
                 FrameType::Data => {
@@ -544,6 +697,26 @@ impl DataPath {
                             self.counters.dropped += 1;
                         }
                     }
+                }
+                FrameType::Gso if self.gso => {
+                    let at = self.plain_start + range.start;
+                    match gso::parse(payload, self.mtu) {
+                        Ok(g) => {
+                            let pkt = at + gso::HEADER_LEN..at + payload.len();
+                            self.pending_super = Some((g, pkt));
+                            self.plain_start += consumed;
+                            return Ok(true);
+                        }
+                        Err(e) => {
+                            self.counters.dropped += 1;
+                            debug!(error = %e, "dropped a GSO frame from the gateway");
+                        }
+                    }
+                }
+                FrameType::Gso => {
+                    return Err(LinkEnd::Protocol(
+                        "the gateway sent a GSO frame although GSO was not negotiated".into(),
+                    ))
                 }
                 FrameType::DpdReq => {
                     debug!("< DPD-REQ, > DPD-RESP");

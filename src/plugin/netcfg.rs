@@ -721,6 +721,7 @@ mod tests {
             disconnected_timeout: None,
             rekey_method: None,
             rekey_time: None,
+            gso: false,
             banner: None,
             notes: vec![],
         }

@@ -91,6 +91,9 @@ pub struct TunnelParams {
     pub disconnected_timeout: Option<Duration>,
     /// `X-CSTP-Rekey-Method` (`none`, `new-tunnel`, `ssl`).
     pub rekey_method: Option<String>,
+    /// `X-Intragate-GSO: 1`: the gateway takes and sends TCP super-packets
+    /// ([`crate::wire::gso`]) on this tunnel.
+    pub gso: bool,
     /// `X-CSTP-Rekey-Time`.
     pub rekey_time: Option<Duration>,
     /// `X-CSTP-Banner`, escaped.
@@ -313,6 +316,9 @@ pub fn parse_connect_reply(head: &ResponseHead) -> Result<TunnelParams, ConnectR
             .header("x-cstp-rekey-method")
             .map(|m| super::printable(m, 20).to_ascii_lowercase()),
         rekey_time: seconds(head, "x-cstp-rekey-time", &mut notes),
+        gso: head
+            .header(crate::wire::gso::NEGOTIATE_HEADER)
+            .is_some_and(|v| v.trim() == "1"),
         banner,
         notes,
     })
@@ -411,6 +417,12 @@ X-CSTP-Base-MTU: 1390\r\n\r\n";
             p.addresses(),
             vec!["198.18.64.2".parse::<IpAddr>().unwrap()]
         );
+        // GSO only when the gateway grants it.
+        assert!(!p.gso);
+        let granted = INTRAGATE.replace("\r\n\r\n", "\r\nX-Intragate-GSO: 1\r\n\r\n");
+        assert!(parse_connect_reply(&head(&granted)).unwrap().gso);
+        let other = INTRAGATE.replace("\r\n\r\n", "\r\nx-intragate-gso: yes\r\n\r\n");
+        assert!(!parse_connect_reply(&head(&other)).unwrap().gso);
     }
 
     #[test]

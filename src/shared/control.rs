@@ -114,6 +114,7 @@ impl Shared {
                             derived: derived.clone(),
                         }),
                         up: AtomicBool::new(false),
+                        gso: AtomicBool::new(false),
                         activity: AtomicU64::new(0),
                         flows: std::sync::Mutex::new(SessionFlows::new(
                             *id,

@@ -62,6 +62,9 @@ pub struct DataPath {
     /// Entries in `remote_peers`: one load on the packet path answers
     /// "none" for a single gateway (`DashMap::is_empty` locks every shard).
     pub(super) remote_peer_count: std::sync::atomic::AtomicUsize,
+    /// The TUN device hands over and takes TCP super-packets (offload on):
+    /// tunnels may then negotiate [`crate::wire::gso`] with the plug-in.
+    pub tun_gso: AtomicBool,
     /// Sessions with traffic since the timer last looked: a tunnel adds
     /// its port when its [`Port::activity`] goes from 0 (read) to a time,
     /// so the timer visits only sessions that had traffic, not all.
@@ -146,6 +149,9 @@ pub struct Port {
     pub rules: ArcSwap<PortRules>,
     /// Is a tunnel up?
     pub up: AtomicBool,
+    /// Does the live tunnel take TCP super-packets (`FrameType::Gso`,
+    /// negotiated on CONNECT)? Set by the tunnel while it runs.
+    pub gso: AtomicBool,
     /// Last traffic from the user, in ms since `Shared::epoch` (0 = none).
     pub activity: AtomicU64,
     /// The session's tracked connections (its own lock: no global lock on

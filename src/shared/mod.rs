@@ -21,7 +21,7 @@ mod workspace;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -220,6 +220,7 @@ impl Shared {
                 flow_timers: Mutex::new(Default::default()),
                 remote_peers: DashMap::new(),
                 remote_peer_count: std::sync::atomic::AtomicUsize::new(0),
+                tun_gso: AtomicBool::new(false),
                 active: Mutex::new(Vec::new()),
             },
             tunnels: Mutex::new(HashMap::new()),

@@ -749,6 +749,12 @@ impl Conn {
             .header("x-cstp-mtu")
             .and_then(|v| v.trim().parse().ok())
             .filter(|m| *m >= 576);
+        // intragate's plug-in asks for TCP super-packets (wire::gso) when
+        // its TUN has offload; granted when ours has too.
+        let gso = head
+            .header(crate::wire::gso::NEGOTIATE_HEADER)
+            .is_some_and(|v| v.trim() == "1")
+            && shared.data.tun_gso.load(Ordering::Relaxed);
         // The account may have been deleted, locked or changed since the
         // last check: a revoked session is closed here and its cookie is
         // refused below.
@@ -913,6 +919,9 @@ impl Conn {
             ("X-CSTP-MTU".into(), mtu.to_string()),
             ("X-CSTP-Base-MTU".into(), mtu.to_string()),
         ]);
+        if gso {
+            headers.push((crate::wire::gso::NEGOTIATE_HEADER.into(), "1".into()));
+        }
 
         // The session's port exists since logon; take over its queue (a
         // previous tunnel of this session, if any, is ended first, and puts
@@ -983,6 +992,7 @@ impl Conn {
             cancel,
             mtu: usize::from(mtu),
             dead_after,
+            gso,
         })
     }
 }

@@ -39,7 +39,7 @@
 //! share every field.
 
 use std::collections::VecDeque;
-use std::io::{Read as _, Write as _};
+use std::io::{BufRead as _, Write as _};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -61,9 +61,11 @@ use crate::core::route::{self, DropReason, UserView, Verdict};
 use crate::core::session::{CloseReason, SessionId};
 use crate::dataplane::plane::{DataPlane, Job};
 use crate::fdlimit::FdSlot;
+use crate::offload;
 use crate::shared::{LockedNat, Port, Shared, TunnelCtl, UserQueue};
 use crate::tls::SyncTcp;
 use crate::wire::cstp::{self, FrameType, LOGOFF_CODE};
+use crate::wire::gso;
 
 /// Packets taken from the queue and written to rustls before the records
 /// go to the socket.
@@ -95,6 +97,8 @@ pub(crate) struct TunnelStart {
     pub(crate) cancel: tokio_util::sync::CancellationToken,
     pub(crate) mtu: usize,
     pub(crate) dead_after: Duration,
+    /// The client takes and sends TCP super-packets ([`crate::wire::gso`]).
+    pub(crate) gso: bool,
 }
 
 /// How a tunnel ended.
@@ -197,7 +201,9 @@ async fn run_tunnel(
         cancel,
         mtu,
         dead_after,
+        gso,
     } = start;
+    port.gso.store(gso, Relaxed);
     port.up.store(true, Relaxed);
     let started = Instant::now();
     let mut t = Tunnel {
@@ -205,6 +211,7 @@ async fn run_tunnel(
         port: &port,
         addr,
         mtu,
+        gso,
         tcp,
         tls,
         plain: leftover,
@@ -224,6 +231,7 @@ async fn run_tunnel(
         t.give_back_unconfirmed(&mut queue);
     }
     drop(t);
+    port.gso.store(false, Relaxed);
     port.up.store(false, Relaxed);
     drop(queue);
     ended(&shared, id, generation, &user, addr, end);
@@ -333,6 +341,54 @@ enum Fate {
     Dropped,
 }
 
+/// Where [`Tunnel::admit`] sends a packet from the user.
+enum Admit {
+    /// To another session of this node.
+    Peer(Arc<Port>),
+    /// To a session on another node of the cluster (untracked, through the
+    /// TUN device).
+    Remote,
+    /// To the TUN device, as it is (possibly rewritten in place).
+    Tun,
+    /// To the TUN device, as written into the tunnel's scratch buffer.
+    TunScratch,
+    /// Nowhere more: dropped (counted) or otherwise done.
+    Done(Fate),
+}
+
+/// Cutting TCP super-packets into segments, one per thread (used without
+/// an await in between; allocated the first time a thread needs it).
+#[derive(Default)]
+struct Split {
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    /// A copy of a queued super-packet (queued bytes are shared).
+    input: Vec<u8>,
+}
+
+impl Split {
+    /// Cuts `pkt` (the packet of checked super-packet `g`) into segments
+    /// of at most `mtu` bytes; how many.
+    fn cut(&mut self, g: &gso::Gso, pkt: &mut [u8], mtu: usize) -> std::io::Result<usize> {
+        let seg = mtu.max(g.header_len + usize::from(g.gso_size));
+        if self.bufs.len() < gso::MAX_SEGMENTS || self.bufs.first().is_some_and(|b| b.len() < seg) {
+            self.bufs = vec![vec![0; seg]; gso::MAX_SEGMENTS];
+            self.sizes = vec![0; gso::MAX_SEGMENTS];
+        }
+        offload::split(
+            offload::split_header(g),
+            pkt,
+            &mut self.bufs,
+            &mut self.sizes,
+            0,
+        )
+    }
+}
+
+thread_local! {
+    static SPLIT: std::cell::RefCell<Split> = std::cell::RefCell::new(Split::default());
+}
+
 /// Outcome of one socket read.
 enum Read {
     /// Bytes were read and fed to rustls; `true` if the client closed TLS.
@@ -350,6 +406,8 @@ struct Tunnel<'a> {
     /// The user's tunnel address.
     addr: IpAddr,
     mtu: usize,
+    /// TCP super-packets negotiated ([`FrameType::Gso`] both ways).
+    gso: bool,
     tcp: TcpStream,
     tls: ServerConnection,
     /// Decrypted bytes not yet decoded (frames are split off it; the
@@ -511,14 +569,20 @@ impl Tunnel<'_> {
         let Ok(len) = u16::try_from(payload.len()) else {
             return Ok(()); // cannot be framed; never produced by the TUN (MTU)
         };
-        self.out.clear();
-        self.out.extend_from_slice(&cstp::encode_header(ty, len));
-        self.out.extend_from_slice(payload);
-        self.tls
-            .writer()
-            .write_all(&self.out)
-            .map_err(|e| End::Dropped(format!("TLS write failed: {e}")))?;
-        self.queued += self.out.len();
+        let header = cstp::encode_header(ty, len);
+        let r = if ty == FrameType::Gso {
+            // Only our plug-in gets these: it reassembles frames across
+            // records, so the payload is not copied behind the header.
+            let mut w = self.tls.writer();
+            w.write_all(&header).and_then(|()| w.write_all(payload))
+        } else {
+            self.out.clear();
+            self.out.extend_from_slice(&header);
+            self.out.extend_from_slice(payload);
+            self.tls.writer().write_all(&self.out)
+        };
+        r.map_err(|e| End::Dropped(format!("TLS write failed: {e}")))?;
+        self.queued += header.len() + payload.len();
         self.shared.stats.io.frames_out.fetch_add(1, Relaxed);
         Ok(())
     }
@@ -526,6 +590,9 @@ impl Tunnel<'_> {
     /// A packet toward the user; it stays in the ring until the client
     /// confirms it. On failure the packet is handed back.
     fn write_data(&mut self, pkt: Bytes) -> Result<(), (End, Bytes)> {
+        if gso::is_gso_payload(&pkt) {
+            return self.write_super(pkt);
+        }
         match self.write_frame(FrameType::Data, &pkt) {
             Ok(()) => {
                 self.link.push(pkt);
@@ -533,6 +600,69 @@ impl Tunnel<'_> {
             }
             Err(end) => Err((end, pkt)),
         }
+    }
+
+    /// A TCP super-packet toward the user (queued by the TUN reader for a
+    /// tunnel that negotiated GSO): one GSO frame, or, on a tunnel without
+    /// GSO (the session reconnected with another client), its segments.
+    /// It stays in the ring as one entry weighing its segments.
+    fn write_super(&mut self, pkt: Bytes) -> Result<(), (End, Bytes)> {
+        let g = match gso::parse(&pkt, cstp::MAX_PAYLOAD) {
+            Ok(g) => g,
+            Err(e) => {
+                // Built by our TUN reader: cannot happen; dropped, counted.
+                self.shared.stats.drop(DropReason::Malformed);
+                debug!(error = %e, "dropped a malformed queued super-packet");
+                return Ok(());
+            }
+        };
+        let r = if self.gso {
+            self.write_frame(FrameType::Gso, &pkt)
+        } else {
+            self.write_segments(&g, &pkt)
+        };
+        match r {
+            Ok(()) => {
+                self.link.push_weighted(pkt, g.segments());
+                Ok(())
+            }
+            Err(end) => Err((end, pkt)),
+        }
+    }
+
+    /// The segments of a super-packet (GSO payload `pkt`), one DATA frame
+    /// each.
+    fn write_segments(&mut self, g: &gso::Gso, pkt: &[u8]) -> Result<(), End> {
+        SPLIT.with(|b| {
+            let split = &mut b.borrow_mut();
+            let mut copy = std::mem::take(&mut split.input);
+            copy.clear();
+            copy.extend_from_slice(pkt.get(gso::HEADER_LEN..).unwrap_or(&[]));
+            let r = match split.cut(
+                g,
+                &mut copy,
+                self.mtu.max(g.header_len + usize::from(g.gso_size)),
+            ) {
+                Ok(n) => {
+                    self.shared.stats.io.gso_split.fetch_add(1, Relaxed);
+                    let mut r = Ok(());
+                    for (buf, &size) in split.bufs.iter().zip(&split.sizes).take(n) {
+                        r = self.write_frame(FrameType::Data, buf.get(..size).unwrap_or(&[]));
+                        if r.is_err() {
+                            break;
+                        }
+                    }
+                    r
+                }
+                Err(e) => {
+                    self.shared.stats.drop(DropReason::Malformed);
+                    debug!(error = %e, "dropped a queued super-packet that cannot be cut");
+                    Ok(())
+                }
+            };
+            split.input = copy;
+            r
+        })
     }
 
     /// The packets that go before the queue (given back by an ended
@@ -714,35 +844,32 @@ impl Tunnel<'_> {
         Ok(closed)
     }
 
-    /// Moves the decrypted bytes rustls holds into `plain` (zeroing only
-    /// the room they need).
+    /// Moves the decrypted bytes rustls holds into `plain`: one copy per
+    /// chunk, straight from rustls' buffer (`BufRead`), without zeroing room
+    /// for them first.
     fn drain_plaintext(&mut self, available: usize) -> Result<(), End> {
         if available == 0 {
             return Ok(());
         }
-        let len = self.plain.len();
-        if self.plain.capacity() - len < available {
-            self.plain.reserve(available.max(PLAIN_CHUNK));
+        let Self { tls, plain, .. } = self;
+        if plain.capacity() - plain.len() < available {
+            plain.reserve(available.max(PLAIN_CHUNK));
         }
-        self.plain.resize(len + available, 0);
-        let mut got = 0;
-        let r = loop {
-            match self.tls.reader().read(&mut self.plain[len + got..]) {
-                Ok(0) => break Ok(()),
-                Ok(k) => {
-                    got += k;
-                    if len + got == self.plain.len() {
-                        break Ok(());
-                    }
+        let mut reader = tls.reader();
+        loop {
+            match reader.fill_buf() {
+                Ok([]) => return Ok(()),
+                Ok(chunk) => {
+                    let n = chunk.len();
+                    plain.extend_from_slice(chunk);
+                    reader.consume(n);
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(()),
                 // A close without close_notify shows as EOF on the socket.
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break Ok(()),
-                Err(e) => break Err(End::Dropped(format!("TLS read failed: {e}"))),
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(End::Dropped(format!("TLS read failed: {e}"))),
             }
-        };
-        self.plain.truncate(len + got);
-        r
+        }
     }
 
     /// Handles every whole frame in `plain`.
@@ -765,17 +892,29 @@ impl Tunnel<'_> {
                 }
             };
             let mut frame = self.plain.split_to(total);
-            frame.advance(range.start);
-            frame.truncate(range.len());
             let fate = match ty {
-                FrameType::Data => self.forward(frame, batch, now),
+                FrameType::Data => {
+                    frame.advance(range.start);
+                    self.forward(frame, batch, now)
+                }
+                FrameType::Gso if self.gso => {
+                    // Room for the virtio-net header in front of the packet:
+                    // the end of the CSTP header and the GSO header.
+                    frame.advance(range.start + gso::HEADER_LEN - VIRTIO_NET_HDR_LEN);
+                    self.forward_super(frame, batch, tun, now)
+                }
                 _ => Fate::Dropped,
             };
             if shows_client_alive(ty, fate == Fate::LinkLocal) {
                 self.link.handle_alive(now);
             }
             match ty {
-                FrameType::Data => {
+                FrameType::Gso if !self.gso => {
+                    self.shared.stats.cstp_errors.fetch_add(1, Relaxed);
+                    warn!(addr = %self.addr, "GSO frame, but GSO was not negotiated; closing the tunnel");
+                    return Err(End::Dropped("GSO frame without negotiation".into()));
+                }
+                FrameType::Data | FrameType::Gso => {
                     // Only forwarded traffic counts as activity (not the
                     // client's IPv6 chatter, which is dropped).
                     if fate == Fate::Forwarded {
@@ -812,6 +951,27 @@ impl Tunnel<'_> {
     /// User-to-user packets go straight to the peer's queue.
     fn forward(&mut self, mut pkt: BytesMut, batch: &mut TunBatch, now: Instant) -> Fate {
         let shared = self.shared;
+        match self.admit(&mut pkt, self.mtu, now) {
+            Admit::Peer(peer) => {
+                shared.stats.packets_from_users.fetch_add(1, Relaxed);
+                let len = pkt.len() as u64;
+                shared.stats.bytes_from_users.fetch_add(len, Relaxed);
+                self.port.traffic.from_user(len);
+                shared.deliver(&peer, pkt.freeze());
+                Fate::Forwarded
+            }
+            Admit::Remote => self.to_tun_untracked(&pkt, batch),
+            Admit::Tun => queue_for_tun(shared, self.port, &pkt, batch),
+            Admit::TunScratch => queue_for_tun(shared, self.port, &self.scratch, batch),
+            Admit::Done(fate) => fate,
+        }
+    }
+
+    /// Routing, policy and connection tracking for one packet (of at most
+    /// `mtu` bytes) from the user: where it goes. Tracked packets may be
+    /// rewritten in place, or into `scratch` ([`Admit::TunScratch`]).
+    fn admit(&mut self, pkt: &mut [u8], mtu: usize, now: Instant) -> Admit {
+        let shared = self.shared;
         // The rules in force now (a reload or a group change swaps them).
         let port = self.port;
         let rules = port.rules.load();
@@ -820,7 +980,7 @@ impl Tunnel<'_> {
             client_to_client: rules.client_to_client,
             routes: &rules.routes,
         };
-        let verdict = route::from_user(&pkt, self.mtu, &view, &shared.data.gateway_addrs, |dst| {
+        let verdict = route::from_user(pkt, mtu, &view, &shared.data.gateway_addrs, |dst| {
             shared
                 .data
                 .routes
@@ -832,22 +992,17 @@ impl Tunnel<'_> {
         let authorized = match verdict {
             Verdict::ToSession(dst) => {
                 let peer = shared.data.routes.get(&dst).map(|p| p.value().clone());
-                let Some(peer) = peer else {
-                    if shared.data.is_remote_peer(dst) {
-                        // To the node that holds it, through the kernel (an
-                        // on-link route on the inside segment), untracked
-                        // like any user-to-user packet.
-                        return self.to_tun_untracked(&pkt, batch);
+                return match peer {
+                    Some(peer) => Admit::Peer(peer),
+                    // To the node that holds it, through the kernel (an
+                    // on-link route on the inside segment), untracked like
+                    // any user-to-user packet.
+                    None if shared.data.is_remote_peer(dst) => Admit::Remote,
+                    None => {
+                        shared.stats.drop(DropReason::NoSession);
+                        Admit::Done(Fate::Dropped)
                     }
-                    shared.stats.drop(DropReason::NoSession);
-                    return Fate::Dropped;
                 };
-                shared.stats.packets_from_users.fetch_add(1, Relaxed);
-                let len = pkt.len() as u64;
-                shared.stats.bytes_from_users.fetch_add(len, Relaxed);
-                port.traffic.from_user(len);
-                shared.deliver(&peer, pkt.freeze());
-                return Fate::Forwarded;
             }
             Verdict::ToTun => true,
             // Not routed by the policy: only an existing flow or an
@@ -858,11 +1013,11 @@ impl Tunnel<'_> {
                 if r == DropReason::SpoofedSource {
                     debug!(addr = %self.addr, "dropped a packet with a spoofed source address");
                 }
-                return if r == DropReason::LinkLocal {
+                return Admit::Done(if r == DropReason::LinkLocal {
                     Fate::LinkLocal
                 } else {
                     Fate::Dropped
-                };
+                });
             }
         };
         let ctx = port.ctx(&rules, self.addr, authorized, &shared.config.nat.ftp_ports);
@@ -870,7 +1025,7 @@ impl Tunnel<'_> {
             let mut flows = self.port.flows();
             let o = flows.outbound(
                 &ctx,
-                &mut pkt,
+                pkt,
                 &mut self.scratch,
                 &mut LockedNat(&shared.data.nat_ports),
                 now,
@@ -878,15 +1033,107 @@ impl Tunnel<'_> {
             shared.data.after_track(self.addr, port, &mut flows);
             o
         };
-        let out: &[u8] = match outcome {
-            Ok(Outcome::Forward) => &pkt,
-            Ok(Outcome::ForwardScratch) => &self.scratch,
+        match outcome {
+            Ok(Outcome::Forward) => Admit::Tun,
+            Ok(Outcome::ForwardScratch) => Admit::TunScratch,
             Err(d) => {
                 shared.stats.drop(d);
+                Admit::Done(Fate::Dropped)
+            }
+        }
+    }
+
+    /// A TCP super-packet from the user (`frame`: [`VIRTIO_NET_HDR_LEN`]
+    /// bytes of room whose last four are the GSO header, then the packet).
+    ///
+    /// It goes to the TUN device whole, segmented by the kernel, when
+    /// nothing on the way rewrites it: the user is not behind NAT (address
+    /// and port rewriting would need the partial checksum redone), neither
+    /// port is an FTP port (the ALG edits payloads), and it is bound for
+    /// the internal network. Anything else is cut into packets here and
+    /// each takes the usual path.
+    fn forward_super(
+        &mut self,
+        mut frame: BytesMut,
+        batch: &mut TunBatch,
+        tun: &AsyncDevice,
+        now: Instant,
+    ) -> Fate {
+        let shared = self.shared;
+        let room = VIRTIO_NET_HDR_LEN - gso::HEADER_LEN;
+        let g = match gso::parse(frame.get(room..).unwrap_or(&[]), self.mtu) {
+            Ok(g) => g,
+            Err(e) => {
+                shared.stats.drop(DropReason::Malformed);
+                debug!(addr = %self.addr, error = %e, "dropped a GSO frame");
                 return Fate::Dropped;
             }
         };
-        queue_for_tun(shared, port, out, batch)
+        let ports = crate::wire::ip::parse(&frame[VIRTIO_NET_HDR_LEN..])
+            .ok()
+            .and_then(|i| i.ports);
+        let ftp = &shared.config.nat.ftp_ports;
+        let whole = self.port.nat.is_none()
+            && ports.is_some_and(|(s, d)| !ftp.contains(&s) && !ftp.contains(&d));
+        if whole {
+            let pkt = &mut frame[VIRTIO_NET_HDR_LEN..];
+            match self.admit(pkt, cstp::MAX_PAYLOAD, now) {
+                Admit::Tun => {
+                    self.flush_tun(batch, tun);
+                    return match offload::write_super(tun, &g, &frame[VIRTIO_NET_HDR_LEN..]) {
+                        Ok(()) => {
+                            let io = &shared.stats.io;
+                            io.gso_in.fetch_add(1, Relaxed);
+                            io.tun_write_batches.fetch_add(1, Relaxed);
+                            io.tun_write_packets.fetch_add(1, Relaxed);
+                            let (n, bytes) = (g.segments() as u64, g.segment_bytes() as u64);
+                            shared.stats.packets_from_users.fetch_add(n, Relaxed);
+                            shared.stats.bytes_from_users.fetch_add(bytes, Relaxed);
+                            self.port.traffic.from_user_packets(n, bytes);
+                            Fate::Forwarded
+                        }
+                        Err(e) => {
+                            shared.stats.drop(DropReason::TunWriteFailed);
+                            debug!(error = %e, "TUN write of a super-packet failed");
+                            Fate::Dropped
+                        }
+                    };
+                }
+                Admit::Done(fate) => return fate,
+                // Conntrack does not rewrite outside NAT and the ALG, both
+                // excluded above; should it ever, the packet is not sent.
+                Admit::TunScratch => {
+                    shared.stats.drop(DropReason::Malformed);
+                    return Fate::Dropped;
+                }
+                // Another user (here or on another node): segments.
+                Admit::Peer(_) | Admit::Remote => {}
+            }
+        }
+        let mut fate = Fate::Dropped;
+        SPLIT.with(|b| {
+            let split = &mut b.borrow_mut();
+            let pkt = &mut frame[VIRTIO_NET_HDR_LEN..];
+            let n = match split.cut(&g, pkt, self.mtu) {
+                Ok(n) => n,
+                Err(e) => {
+                    shared.stats.drop(DropReason::Malformed);
+                    debug!(addr = %self.addr, error = %e, "dropped a GSO frame that cannot be cut");
+                    return;
+                }
+            };
+            shared.stats.io.gso_split.fetch_add(1, Relaxed);
+            for (buf, &size) in split.bufs.iter().zip(&split.sizes).take(n) {
+                let seg = BytesMut::from(buf.get(..size).unwrap_or(&[]));
+                if self.forward(seg, batch, now) == Fate::Forwarded {
+                    fate = Fate::Forwarded;
+                }
+                if batch.len >= IDEAL_BATCH_SIZE {
+                    self.flush_tun(batch, tun);
+                }
+            }
+        });
+        fate
     }
 
     /// Queue `pkt` for the TUN device as it is (no connection tracking).

@@ -3,6 +3,7 @@
 (`https://127.0.0.1:PORT/MODE`): the init POST goes to `/MODE`, forms post
 to `/MODE/auth`, the session token is `MODE`, so CONNECT knows it too.
 Modes: `garbage`, `unauth`, `hang`, `noaddr`, `cookie401`, `unknownframe`,
+`gsounasked`,
 `badmagic`, `disconnect`, `transfer`, `echo` (pings the client through the
 tunnel and checks one frame per TLS record), `newaddr` and `gone` (drop the
 first tunnel; the reconnect gets another address, or 401), `ok`.
@@ -151,6 +152,10 @@ def do_connect(s, mode):
     time.sleep(1.0)
     if mode == "unknownframe":
         s.sendall(frame(42))
+    elif mode == "gsounasked":
+        # A GSO frame (intragate's extension) although the reply above did
+        # not grant X-Intragate-GSO.
+        s.sendall(frame(0x40, b"\x00\x00\x05\x00"))
     elif mode == "badmagic":
         s.sendall(b"XXXX\x00\x04\x00\x00abcd")
     elif mode == "disconnect":

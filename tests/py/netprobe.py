@@ -319,10 +319,83 @@ def h_half_open(host, port, n, release_file, hold_max):
         s.close()
     result("half_open_1000", True, "connected=%d failed=%d closed_by_server=%d (all closed by us now)" % (len(connected), failed, closed_by_server))
 
+def cstp_frame(ty, payload=b""):
+    return b"STF\x01" + len(payload).to_bytes(2, "big") + bytes([ty, 0]) + payload
+
+def tcp_super(payload_len, proto=6):
+    """An IPv4 TCP packet of payload_len bytes (a super-packet's shape)."""
+    total = 40 + payload_len
+    ip = bytes([0x45, 0]) + total.to_bytes(2, "big") + b"\x00\x00\x40\x00\x40" + bytes([proto]) + \
+        b"\x00\x00" + bytes([198, 19, 250, 250]) + bytes([198, 18, 1, 2])
+    tcp = (40000).to_bytes(2, "big") + (9).to_bytes(2, "big") + b"\x00" * 8 + b"\x50\x18" + b"\x00" * 6
+    return ip + tcp + b"x" * payload_len
+
+def h_gso(host, port, cookie):
+    """GSO frames (intragate's extension, X-Intragate-GSO): hostile ones on a
+    tunnel that negotiated GSO are dropped and the tunnel stays up (a DPD-REQ
+    after them is answered); one on a tunnel that did not negotiate it
+    closes that tunnel."""
+    if "webvpn=" not in cookie:
+        cookie = "webvpn=" + cookie
+    def connect(gso):
+        s = tls_connect(host, port)
+        req = ("CONNECT /CSCOSSLC/tunnel HTTP/1.1\r\nHost: %s\r\nUser-Agent: intragate-plugin\r\n"
+               "Cookie: %s\r\nX-CSTP-Version: 1\r\nX-CSTP-Hostname: mallory-box\r\n"
+               "X-CSTP-Base-MTU: 1500\r\nX-CSTP-MTU: 1400\r\n%s\r\n") % (
+                   host, cookie, "X-Intragate-GSO: 1\r\n" if gso else "")
+        s.sendall(req.encode())
+        data, _how = read_response(s, 5)
+        return s, data
+    try:
+        s, data = connect(True)
+    except Exception as e:
+        result("gso_hostile", False, "TLS connect failed: %r" % e); return
+    if status_of(data) != 200 or b"x-intragate-gso: 1" not in data.lower():
+        result("gso_hostile", False, "CONNECT asking for GSO got %r" % data[:600]); return
+    hostile = [
+        b"\x00\x00\x00\x00" + tcp_super(3000),          # gso_size 0
+        b"\x00\x00\x00\x0a" + tcp_super(3000),          # 300 segments
+        b"\x00\x00\x05\x00" + tcp_super(3000)[:-1],     # IP length disagrees
+        b"\xff\x00\x05\x00" + tcp_super(3000),          # reserved bits
+        b"\x00\x00",                                     # truncated
+        b"\x00\x00\x05\x00" + tcp_super(3000, 17),      # not TCP
+        b"\x00\x00\xff\xff" + tcp_super(3000),          # segments above the MTU
+        b"\x00\x00\x05\x00" + b"\x45" + b"\x00" * 30,   # garbage IP
+    ]
+    for p in hostile:
+        s.sendall(cstp_frame(0x40, p))
+    s.sendall(cstp_frame(3))
+    s.settimeout(5)
+    got, end = b"", time.time() + 5
+    try:
+        while b"STF\x01\x00\x00\x04\x00" not in got and time.time() < end:
+            d = s.recv(65536)
+            if not d:
+                break
+            got += d
+    except (socket.timeout, TimeoutError, ssl.SSLError, OSError):
+        pass
+    result("gso_hostile", b"STF\x01\x00\x00\x04\x00" in got,
+           "after %d hostile GSO frames the tunnel answered DPD: %s" % (
+               len(hostile), b"STF\x01\x00\x00\x04\x00" in got))
+    s.close()
+    try:
+        s, data = connect(False)
+    except Exception as e:
+        result("gso_unasked", False, "TLS connect failed: %r" % e); return
+    if status_of(data) != 200 or b"intragate-gso" in data.lower():
+        result("gso_unasked", False, "CONNECT without GSO got %r" % data[:600]); return
+    s.sendall(cstp_frame(0x40, b"\x00\x00\x05\x00" + tcp_super(3000)))
+    t0 = time.time()
+    r = wait_closed(s, 8)
+    result("gso_unasked", r != "open", "after a GSO frame that was not negotiated the server: %s after %.1fs"
+           % (r, time.time() - t0))
+
 def hostile(host, port, cookie, release_file):
     port = int(port)
     steps = [
         lambda: h_bad_magic(host, port, cookie),
+        lambda: h_gso(host, port, cookie),
         lambda: h_garbage(host, port),
         lambda: h_truncated_hello(host, port),
         lambda: h_huge_header(host, port),

@@ -158,6 +158,14 @@ impl<T> TunnelLink<T> {
         self.ring.push(pkt);
     }
 
+    /// As [`TunnelLink::push`] for an entry standing for `weight` packets
+    /// (a TCP super-packet: its segments), see [`ReplayRing::push_weighted`].
+    ///
+    /// [`ReplayRing::push_weighted`]: crate::replay::ReplayRing::push_weighted
+    pub fn push_weighted(&mut self, pkt: T, weight: usize) {
+        self.ring.push_weighted(pkt, weight);
+    }
+
     /// A DPD-REQ went out (after the packets pushed so far).
     pub fn handle_probe_sent(&mut self, now: Instant) {
         self.ring.handle_probe_sent(now);

@@ -45,8 +45,14 @@ pub const PROBE_INTERVAL: Duration = Duration::from_millis(50);
 /// Packets written toward a client and not yet confirmed by it.
 #[derive(Debug)]
 pub struct ReplayRing<T> {
-    /// Unconfirmed packets, oldest first (numbered from `first`).
-    entries: VecDeque<T>,
+    /// Unconfirmed packets, oldest first (numbered from `first`), each with
+    /// its weight: the packets it stands for (a TCP super-packet counts its
+    /// segments, so the cap bounds bytes, not entries).
+    entries: VecDeque<(T, usize)>,
+    /// Sum of the entries' weights.
+    units: usize,
+    /// Sum of the weights of every packet ever pushed.
+    pushed_units: u64,
     /// Number of `entries[0]` (packets are numbered from 0 in the order
     /// written).
     first: u64,
@@ -54,11 +60,11 @@ pub struct ReplayRing<T> {
     confirmed: u64,
     /// The outstanding probe: the packets before it, and when it was sent.
     probe: Option<(u64, Instant)>,
-    /// The last probe sent: the packets before it, and when.
+    /// The last probe sent: the weight pushed before it, and when.
     last_probe: Option<(u64, Instant)>,
-    /// Most packets kept (the session's buffer limit).
+    /// Most weight kept (the session's buffer limit, in packets).
     cap: usize,
-    /// Packets written since the last probe that call for another one.
+    /// Weight written since the last probe that calls for another one.
     probe_every: u64,
 }
 
@@ -77,6 +83,8 @@ impl<T> ReplayRing<T> {
         let cap = cap.max(4);
         Self {
             entries: VecDeque::new(),
+            units: 0,
+            pushed_units: 0,
             first: 0,
             confirmed: 0,
             probe: None,
@@ -95,10 +103,24 @@ impl<T> ReplayRing<T> {
     /// packet is forgotten (lost if the connection dies before the client
     /// confirms it).
     pub fn push(&mut self, pkt: T) {
-        if self.entries.len() >= self.cap && self.entries.pop_front().is_some() {
+        self.push_weighted(pkt, 1);
+    }
+
+    /// As [`ReplayRing::push`], for an entry that stands for `weight`
+    /// packets (a TCP super-packet: its segments). The oldest entries are
+    /// forgotten until the weight fits the cap (the newest is always kept).
+    pub fn push_weighted(&mut self, pkt: T, weight: usize) {
+        let weight = weight.max(1);
+        while self.units + weight > self.cap {
+            let Some((_, w)) = self.entries.pop_front() else {
+                break;
+            };
+            self.units -= w;
             self.first += 1;
         }
-        self.entries.push_back(pkt);
+        self.entries.push_back((pkt, weight));
+        self.units += weight;
+        self.pushed_units += weight as u64;
     }
 
     /// Unconfirmed packets held.
@@ -124,8 +146,8 @@ impl<T> ReplayRing<T> {
         }
         match self.last_probe {
             None => true,
-            Some((at_packet, at)) => {
-                self.next() >= at_packet + self.probe_every || now >= at + PROBE_INTERVAL
+            Some((at_units, at)) => {
+                self.pushed_units >= at_units + self.probe_every || now >= at + PROBE_INTERVAL
             }
         }
     }
@@ -143,9 +165,8 @@ impl<T> ReplayRing<T> {
     /// A DPD-REQ went out after the packets written so far (also one the
     /// hold after silence sends: it confirms the same way).
     pub fn handle_probe_sent(&mut self, now: Instant) {
-        let p = (self.next(), now);
-        self.probe = Some(p);
-        self.last_probe = Some(p);
+        self.probe = Some((self.next(), now));
+        self.last_probe = Some((self.pushed_units, now));
     }
 
     /// A DPD-RESP came: the outstanding probe's packets are confirmed.
@@ -154,7 +175,11 @@ impl<T> ReplayRing<T> {
     pub fn handle_probe_answered(&mut self) -> Option<Instant> {
         let (upto, sent_at) = self.probe.take()?;
         self.confirmed = self.confirmed.max(upto);
-        while self.first < self.confirmed && self.entries.pop_front().is_some() {
+        while self.first < self.confirmed {
+            let Some((_, w)) = self.entries.pop_front() else {
+                break;
+            };
+            self.units -= w;
             self.first += 1;
         }
         Some(sent_at)
@@ -174,8 +199,12 @@ impl<T> ReplayRing<T> {
         self.first += self.entries.len() as u64;
         self.confirmed = self.first;
         self.probe = None;
+        self.units = 0;
         Unconfirmed {
-            packets: std::mem::take(&mut self.entries).into(),
+            packets: std::mem::take(&mut self.entries)
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect(),
             lost,
         }
     }
@@ -190,7 +219,7 @@ impl<T> ReplayRing<T> {
 /// connection proves nothing.
 pub fn shows_client_alive(ty: FrameType, link_scoped: bool) -> bool {
     match ty {
-        FrameType::Data => !link_scoped,
+        FrameType::Data | FrameType::Gso => !link_scoped,
         FrameType::DpdReq | FrameType::DpdResp | FrameType::Keepalive => true,
         FrameType::Disconnect | FrameType::Terminate | FrameType::Compressed => false,
     }
@@ -310,6 +339,39 @@ mod tests {
         r.handle_probe_answered();
         let u = r.take_unconfirmed();
         assert_eq!((u.packets, u.lost), (vec![4, 5, 6, 7], 0));
+    }
+
+    /// A super-packet weighs its segments: the cap bounds what is held,
+    /// and bulk probes come after a quarter of the cap's weight.
+    #[test]
+    fn weighted_entries_count_their_packets() {
+        let t0 = Instant::now();
+        let mut r = ReplayRing::new(100);
+        r.push(0);
+        r.handle_probe_sent(t0);
+        r.handle_probe_answered();
+        r.push_weighted(1, 24);
+        assert!(!r.poll_probe(t0), "24 of the 25 that call for a probe");
+        r.push(2);
+        assert!(
+            r.poll_probe(t0),
+            "a quarter of the cap's weight was written"
+        );
+        for i in 3..6 {
+            r.push_weighted(i, 40);
+        }
+        // 24 + 1 + 3 x 40 > 100: the oldest went until the weight fit.
+        let u = r.take_unconfirmed();
+        assert_eq!((u.packets, u.lost), (vec![4, 5], 3));
+        // One entry heavier than the cap is still kept.
+        r.push_weighted(6, 1000);
+        assert_eq!(r.len(), 1);
+        r.handle_probe_sent(t0);
+        r.handle_probe_answered();
+        assert!(r.is_empty());
+        r.push_weighted(7, 60);
+        r.push_weighted(8, 60);
+        assert_eq!(r.take_unconfirmed().packets, vec![8]);
     }
 
     #[test]

@@ -99,6 +99,10 @@ pub enum FrameType {
     Compressed = 8,
     /// Server-side termination: the client exits without reconnecting.
     Terminate = 9,
+    /// A TCP super-packet ([`crate::gso`]): intragate's extension, only on a
+    /// tunnel whose CONNECT negotiated it (`X-Intragate-GSO`); a stock
+    /// client never sends or receives it.
+    Gso = 0x40,
 }
 
 impl TryFrom<u8> for FrameType {
@@ -113,6 +117,7 @@ impl TryFrom<u8> for FrameType {
             7 => Self::Keepalive,
             8 => Self::Compressed,
             9 => Self::Terminate,
+            0x40 => Self::Gso,
             other => return Err(CstpError::UnknownType(other)),
         })
     }
@@ -407,7 +412,7 @@ mod tests {
                 Ok(ty) => assert_eq!(u8::from(ty), raw),
                 Err(e) => {
                     assert_eq!(e, CstpError::UnknownType(raw));
-                    assert!(matches!(raw, 1 | 2 | 6 | 10..=255));
+                    assert!(matches!(raw, 1 | 2 | 6 | 10..=0x3f | 0x41..=255));
                 }
             }
         }

@@ -24,6 +24,7 @@
 pub mod auth_xml;
 pub mod cstp;
 pub mod ftp_cmd;
+pub mod gso;
 pub mod http;
 pub mod ip;
 pub mod l4;
