@@ -989,6 +989,7 @@ fn plugin_bulk_tcp_intact_and_coalesced() {
             .unwrap_or_else(|e| panic!("plug-in did not come up: {e}\n{}", gw.log()));
         // This kernel offers TUN offload (the gateway's own test asks the same).
         assert_eq!(st["offload"], offload, "offload {offload}: {st}");
+        assert_eq!(st["gso"], offload, "super-packets negotiated: {st}");
 
         let (out_before, in_before) = (io("gso_out"), io("gso_in"));
         let rx_before = dev_rx_packets(&ns, "igp0");

@@ -125,7 +125,8 @@ enum Cmd {
         /// Directory for the state file `status` reads.
         #[arg(long, env = "INTRAGATE_PLUGIN_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
-        /// Do not use TUN offload (GSO/GRO), even where the kernel offers it.
+        /// Do not use TUN offload (GSO/GRO), even where the kernel offers it;
+        /// TCP super-packets then do not cross the tunnel whole either.
         #[arg(long)]
         no_offload: bool,
         /// Log the protocol exchange (never passwords or cookies).

@@ -327,6 +327,7 @@ pub async fn run_tunnel(
         session_since: now_unix,
         connected_since: now_unix,
         offload,
+        gso: params.gso && offload,
         ..ConnectionState::default()
     };
     let state_dir = opts.state_dir.clone();
@@ -435,6 +436,7 @@ async fn drive(
     loop {
         let mut timers = timers_for(ctx.opts, &params);
         path.set_offload(params.gso, state.offload);
+        state.gso = params.gso && state.offload;
         debug!(
             dpd_s = timers.dpd().as_secs(),
             gso = params.gso,

@@ -71,6 +71,10 @@ pub struct ConnectionState {
     pub updated: u64,
     /// TUN offload (GSO/GRO) in use.
     pub offload: bool,
+    /// TCP super-packets cross the tunnel whole (negotiated with the
+    /// gateway on the last CONNECT; needs `offload`).
+    #[serde(default)]
+    pub gso: bool,
     /// Why the last tunnel dropped, while reconnecting.
     pub last_error: Option<String>,
 }
