@@ -1092,6 +1092,94 @@ fn plugin_to_plugin_bulk_is_cut_into_segments_intact() {
     }
 }
 
+/// A plug-in user behind spillover NAT: the gateway rewrites addresses and
+/// ports, so it cuts every super-packet (both ways) and translates the
+/// segments one by one; 8 MiB each way arrive intact, none queued whole.
+#[test]
+fn plugin_behind_nat_bulk_is_cut_and_translated_intact() {
+    if !e2e_enabled() {
+        return;
+    }
+    const N: &str = "8388608";
+    let dir = TempDir::new("plugin-nat");
+    let topo = Topology::new(2);
+    // A /29 with three addresses excluded: .1 the gateway, .6 the NAT
+    // address, .2 the only user address: the second user spills over.
+    let opts_nat = GatewayOpts {
+        pool_cidr: "198.18.64.0/29".into(),
+        extra: "mode = \"spillover\"\nexclude = [\"198.18.64.3\", \"198.18.64.4\", \"198.18.64.5\"]\n\n\
+                [nat]\ntunnel_pool = \"198.19.250.0/24\"\n"
+            .into(),
+        ..GatewayOpts::default()
+    };
+    let cfg = write_gateway_config(&dir.path, &opts_nat);
+    add_user(&cfg, "alice", "staff", PW_ALICE);
+    add_user(&cfg, "bob", "staff", PW_BOB);
+    let gw = Gateway::start(&topo, &dir.path, cfg);
+    let (na, nb) = (topo.user(0).to_string(), topo.user(1).to_string());
+    let mut a = Plugin::start(
+        &na,
+        &topo.url(),
+        &gw.pin,
+        &dir.path,
+        opts("alice", PW_ALICE, "igp0", &[]),
+    );
+    a.wait_up(20 * S)
+        .unwrap_or_else(|e| panic!("alice: {e}\n{}", gw.log()));
+    let mut b = Plugin::start(
+        &nb,
+        &topo.url(),
+        &gw.pin,
+        &dir.path,
+        opts("bob", PW_BOB, "igp1", &[]),
+    );
+    let sb = b
+        .wait_up(20 * S)
+        .unwrap_or_else(|e| panic!("bob: {e}\n{}", gw.log()));
+    assert!(
+        Plugin::address(&sb).starts_with("198.19.250."),
+        "bob is not behind NAT: {sb}"
+    );
+    assert_eq!(sb["gso"], true, "{sb}");
+    let srv = start_server(
+        topo.internal.name.as_str(),
+        &dir.path,
+        "bulknat",
+        &["bulk-serve", INTERNAL_IP, "7013", "2", "60"],
+    );
+    let io0 = gw.stats().unwrap()["io"].clone();
+    if let Err(e) = bulk_put(&nb, INTERNAL_IP, "7013", N) {
+        panic!(
+            "{e}\n--- bob ---\n{}\n--- gateway ---\n{}",
+            b.log(),
+            tail(&gw.log(), 4000)
+        );
+    }
+    if let Err(e) = bulk_get(&nb, &srv, INTERNAL_IP, "7013", N) {
+        panic!(
+            "{e}\n--- bob ---\n{}\n--- gateway ---\n{}",
+            b.log(),
+            tail(&gw.log(), 4000)
+        );
+    }
+    let io1 = gw.stats().unwrap()["io"].clone();
+    let d = |k: &str| io1[k].as_u64().unwrap() - io0[k].as_u64().unwrap();
+    eprintln!("behind NAT: io before {io0}, after {io1}");
+    assert!(
+        d("gso_split") > 0,
+        "bob's super-packets were not cut: {io1}"
+    );
+    assert_eq!(
+        (d("gso_in"), d("gso_out")),
+        (0, 0),
+        "a NAT user's super-packet travelled whole"
+    );
+    for p in [&mut a, &mut b] {
+        let st = p.logoff(10 * S);
+        assert!(st.is_some_and(|s| s.success()), "exit {st:?}\n{}", p.log());
+    }
+}
+
 /// Issue 13 §2 with the plug-in: the internal host streams 100 numbered
 /// datagrams, 20 ms apart, to bob's intranet IP; his link is cut after the
 /// first 10 arrive and restored after `cut`; then his plug-in's connection
