@@ -115,18 +115,19 @@ pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     let mut scratch = Vec::with_capacity(MAX_PACKET);
     let gso = shared.data.tun_gso.load(Relaxed);
-    // With GSO: raw reads (virtio-net header + packet) into one buffer
-    // whose front is handed on when a super-packet is queued whole.
+    // With GSO: raw reads (virtio-net header + packet) into the front of a
+    // zeroed chunk; a super-packet queued whole is cut off that front, and
+    // a new chunk is taken when what is left cannot hold another read
+    // (each byte zeroed once, nothing copied).
     let mut raw = BytesMut::new();
     loop {
         let r = if gso {
             if raw.len() < RAW_READ {
-                // Zeroes only what the last whole super-packet took.
-                raw.resize(RAW_READ, 0);
+                raw = BytesMut::zeroed(RAW_CHUNK);
             }
             let r = tokio::select! {
                 _ = shared.shutdown.cancelled() => return,
-                r = tun.recv(&mut raw[..]) => r,
+                r = tun.recv(&mut raw[..RAW_READ]) => r,
             };
             r.and_then(|n| {
                 shared.stats.io.tun_reads.fetch_add(1, Relaxed);
@@ -181,6 +182,10 @@ pub async fn tun_reader(shared: Arc<Shared>, tun: Arc<AsyncDevice>) {
 
 /// A raw TUN read: the virtio-net header and the largest packet.
 const RAW_READ: usize = VIRTIO_NET_HDR_LEN + MAX_PACKET;
+
+/// Raw reads are made into chunks of this size (room for several whole
+/// super-packets).
+const RAW_CHUNK: usize = 4 * RAW_READ;
 
 /// A super-packet is queued whole only while its user's queue holds fewer
 /// than `buffer_packets / QUEUE_SHARE` entries: whole super-packets (up to
