@@ -301,6 +301,11 @@ fn failed_write_is_retried_and_reported() {
     let _fs = Tmpfs::mount(&state, "256k");
     let mut gw = start_gw(&topo, &dir.path, &cfg, "gateway.log", &[]);
     assert!(gw.ctl(&["health"]).ok(), "healthy at start");
+    // A commit that fits in the journal's last allocated block is written
+    // (and durable) even on a full disk. With the journal gone (still open
+    // in the gateway, so its block stays taken), the next write is the
+    // whole state into new blocks, which a full disk refuses.
+    fs::remove_file(state.join("state.journal")).unwrap();
     let filler = fill(&state);
 
     let t0 = Instant::now();

@@ -524,39 +524,54 @@ impl Inner {
         c.compacting = false;
         c.compact_after = 0;
         let snap_base = base.unwrap_or(0);
-        if settle && (found || !c.map.is_empty()) {
-            // Fold the journal into a new state.json, then start a new
-            // journal (a crash in between replays nothing: the old
-            // journal's records are all in the snapshot).
-            let bytes = document(&c.map, c.written_at_unix, c.revision);
-            file::save(dir, &bytes)?;
-            *last_written = c.revision;
-            c.snapshot_rev = c.revision;
-            c.snapshot_bytes = bytes.len() as u64;
-            if c.revision > snap_base {
-                info!(
-                    revision = c.revision,
-                    bytes = bytes.len(),
-                    "folded the state journal into state.json"
-                );
-            }
-        } else {
-            c.snapshot_rev = snap_base;
-            c.snapshot_bytes = fs::metadata(dir.join(file::CURRENT)).map_or(0, |m| m.len());
-        }
+        c.snapshot_rev = snap_base;
+        c.snapshot_bytes = fs::metadata(dir.join(file::CURRENT)).map_or(0, |m| m.len());
         c.journal = None;
-        c.journal = Some(match keep_current {
-            Some(j) => journal::Writer::open(dir, j.base, j.good_len)?,
-            None => {
-                // The journal replaced keeps the previous snapshot
-                // rebuildable (when it is whole and continued it).
-                let cur = dir.join(JOURNAL);
-                if settle && fs::symlink_metadata(&cur).is_ok() {
-                    fs::rename(&cur, dir.join(JOURNAL_PREV))?;
+        let fold = settle && (found || !c.map.is_empty());
+        let files = (|| -> std::io::Result<journal::Writer> {
+            if fold {
+                // Fold the journal into a new state.json, then start a new
+                // journal (a crash in between replays nothing: the old
+                // journal's records are all in the snapshot).
+                let bytes = document(&c.map, c.written_at_unix, c.revision);
+                file::save(dir, &bytes)?;
+                *last_written = c.revision;
+                c.snapshot_rev = c.revision;
+                c.snapshot_bytes = bytes.len() as u64;
+                if c.revision > snap_base {
+                    info!(
+                        revision = c.revision,
+                        bytes = bytes.len(),
+                        "folded the state journal into state.json"
+                    );
                 }
-                journal::Writer::create(dir, c.snapshot_rev)?
             }
-        });
+            match keep_current {
+                Some(j) => journal::Writer::open(dir, j.base, j.good_len),
+                None => {
+                    // The journal replaced keeps the previous snapshot
+                    // rebuildable (when it is whole and continued it).
+                    let cur = dir.join(JOURNAL);
+                    if settle && fs::symlink_metadata(&cur).is_ok() {
+                        fs::rename(&cur, dir.join(JOURNAL_PREV))?;
+                    }
+                    journal::Writer::create(dir, c.snapshot_rev)
+                }
+            }
+        })();
+        match files {
+            Ok(j) => c.journal = Some(j),
+            // A full or read-only state directory does not stop the start
+            // (it never did): what was read stays on disk as it was, and
+            // the first write tries again (the whole state, then a new
+            // journal), failing and retrying like any write.
+            Err(e) => warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot fold the state journal or start a new one at start; the first state write \
+                 writes the whole state instead"
+            ),
+        }
         drop(last_written);
         Ok(Snapshot {
             revision: c.revision,
@@ -1100,6 +1115,11 @@ mod tests {
         s
     }
 
+    /// The bytes in `dir`'s journal (0: none).
+    fn journal_len(dir: &Path) -> u64 {
+        std::fs::metadata(dir.join(JOURNAL)).map_or(0, |m| m.len())
+    }
+
     /// A process that dies without its clean stop (no fold at drop).
     fn crash(s: FileStore) {
         std::mem::forget(s);
@@ -1135,8 +1155,7 @@ mod tests {
         remove(&s, 4);
         // Nothing but the journal was written.
         assert!(!dir.join(file::CURRENT).exists());
-        let journal_len = std::fs::metadata(dir.join(JOURNAL)).expect("journal").len();
-        assert!(journal_len > journal::HEADER_LEN);
+        assert!(journal_len(&dir) > journal::HEADER_LEN);
         crash(s);
         let s = FileStore::new(&dir);
         let snap = s.inner.load(false).expect("reload");
@@ -1147,10 +1166,7 @@ mod tests {
         assert_eq!(snap.written_at_unix, 2_000);
         // The load folded the journal into state.json and started afresh.
         assert!(dir.join(file::CURRENT).exists());
-        assert_eq!(
-            std::fs::metadata(dir.join(JOURNAL)).expect("journal").len(),
-            journal::HEADER_LEN
-        );
+        assert_eq!(journal_len(&dir), journal::HEADER_LEN);
         // Revisions stay ahead of everything on disk: a commit after the
         // reload replays after the next one too.
         upsert(&s, 9, 1);
@@ -1168,9 +1184,9 @@ mod tests {
         for i in 0..3 {
             upsert(&s, i, 1);
         }
-        let before = std::fs::metadata(dir.join(JOURNAL)).expect("journal").len();
+        let before = journal_len(&dir);
         upsert(&s, 3, 1);
-        let after = std::fs::metadata(dir.join(JOURNAL)).expect("journal").len();
+        let after = journal_len(&dir);
         crash(s);
         let bytes = std::fs::read(dir.join(JOURNAL)).expect("read");
         assert!(after - before < 512, "one small record");
@@ -1199,9 +1215,9 @@ mod tests {
     fn a_damaged_record_before_valid_ones_refuses_unless_discarding() {
         let dir = temp_dir("middle");
         let s = open(&dir);
-        let start = std::fs::metadata(dir.join(JOURNAL)).expect("journal").len() as usize;
+        let start = journal_len(&dir) as usize;
         upsert(&s, 0, 1);
-        let second = std::fs::metadata(dir.join(JOURNAL)).expect("journal").len() as usize;
+        let second = journal_len(&dir) as usize;
         upsert(&s, 1, 1);
         upsert(&s, 2, 1);
         crash(s);
@@ -1362,7 +1378,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert!(dir.join(JOURNAL_PREV).exists());
-        let j = std::fs::metadata(dir.join(JOURNAL)).expect("journal").len();
+        let j = journal_len(&dir);
         assert!(j < COMPACT_FLOOR, "a fresh journal: {j} bytes");
         upsert(&s, 1000, 1);
         crash(s);
@@ -1485,7 +1501,6 @@ mod tests {
             let mut model: BTreeMap<u32, u32> = BTreeMap::new();
             // (model before the last commit, journal length before and after it)
             let mut last: Option<(BTreeMap<u32, u32>, u64, u64)> = None;
-            let journal_len = |d: &Path| std::fs::metadata(d.join(JOURNAL)).map_or(0, |m| m.len());
             for a in actions {
                 match a {
                     Action::Upsert(i, n) => {
