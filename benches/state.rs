@@ -9,7 +9,11 @@
 //!   as `complete()` does) against the real saver loop, and without waiting:
 //!   32 tasks log on and off 300 times (the logon benchmark's shape minus TLS
 //!   and the password check); `INTRAGATE_MEASURE_BASE=N` adds N other
-//!   sessions to every file.
+//!   sessions to every file;
+//! - one logon's write (`save_state` after one more logon: the core's
+//!   records, their digests, the pool document and the store's commit)
+//!   with 17,000 and 100,000 sessions logged on
+//!   (`INTRAGATE_MEASURE_SIZES=N,M` to change).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::path::{Path, PathBuf};
@@ -22,11 +26,18 @@ use intragate::shared::Shared;
 
 /// A gateway (`Shared`, no sockets) whose state directory is `dir/state`.
 fn shared_in(dir: &Path) -> Shared {
+    shared_with_pool(dir, "198.18.64.0/18")
+}
+
+/// [`shared_in`] with a pool of `cidr` and no session limit to speak of.
+fn shared_with_pool(dir: &Path, cidr: &str) -> Shared {
     let cfg = dir.join("intragate.toml");
     std::fs::write(
         &cfg,
-        "[gateway]\nstate_dir = \"state\"\nusers_file = \"users\"\npolicies_dir = \"policies\"\n\
-         [[pool]]\nname = \"default\"\ncidr = \"198.18.64.0/18\"\n",
+        format!(
+            "[gateway]\nstate_dir = \"state\"\nusers_file = \"users\"\npolicies_dir = \"policies\"\n\
+             [sessions]\nmax_sessions = 1000000\n[[pool]]\nname = \"default\"\ncidr = \"{cidr}\"\n"
+        ),
     )
     .expect("config");
     let config = intragate::config::Config::load(Some(&cfg), &Default::default()).expect("config");
@@ -149,7 +160,44 @@ fn logon_rate() {
     }
 }
 
+/// `save_state` after one more logon, with `n` sessions logged on.
+fn write_at_scale(rt: &tokio::runtime::Runtime, n: usize) -> Vec<std::time::Duration> {
+    let dir = temp_dir("scale");
+    let shared = shared_with_pool(&dir, "10.0.0.0/12");
+    rt.block_on(shared.load_state(false)).expect("load");
+    for i in 0..n {
+        logon(&shared, &format!("base{i:06}"));
+    }
+    rt.block_on(shared.save_state(true)).expect("seed");
+    let mut times = Vec::with_capacity(21);
+    for i in 0..21 {
+        logon(&shared, &format!("more{i:02}"));
+        let t = Instant::now();
+        rt.block_on(shared.save_state(false)).expect("save");
+        times.push(t.elapsed());
+    }
+    drop(shared);
+    let _ = std::fs::remove_dir_all(&dir);
+    times.sort();
+    times
+}
+
 fn main() {
     write_time();
     logon_rate();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sizes: Vec<usize> = std::env::var("INTRAGATE_MEASURE_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![17_000, 100_000]);
+    for n in sizes {
+        let t = write_at_scale(&rt, n);
+        println!(
+            "one logon's write with {n} sessions: min {:?}, median {:?}, max {:?} (21 writes)",
+            t[0], t[10], t[20]
+        );
+    }
 }

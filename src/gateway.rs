@@ -290,7 +290,9 @@ pub enum RunError {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RunOptions {
     /// When neither `state.json` nor `state.json.prev` is usable, move them
-    /// aside and start with empty pools instead of refusing to start.
+    /// aside and start with empty pools instead of refusing to start; when
+    /// the journal is damaged before its end, keep the commits before the
+    /// damage and move it aside.
     pub discard_state: bool,
 }
 
@@ -610,6 +612,7 @@ pub async fn run_with(
     // Save first: tunnels ending below would mark their sessions
     // disconnected; the saved state keeps them resumable either way.
     let _ = shared.save_state(true).await;
+    shared.checkpoint_state().await;
     // Close every live tunnel without DISCONNECT: clients keep retrying and
     // resume with their cookies when the gateway is back.
     let handles: Vec<TunnelHandle> = shared.tunnel_table().values().cloned().collect();
@@ -628,6 +631,7 @@ pub async fn run_with(
     let stopping = plane.clone();
     let _ = tokio::task::spawn_blocking(move || stopping.join(Duration::from_secs(5))).await;
     let _ = shared.save_state(true).await;
+    shared.checkpoint_state().await;
     // The address history's last events on disk before the process ends.
     let flushed = shared.clone();
     let _ =

@@ -55,7 +55,8 @@ enum Cmd {
         /// Replace the configured pools with one pool of this CIDR.
         #[arg(long, env = "INTRAGATE_POOL")]
         pool: Option<String>,
-        /// State directory (state.json: leases and sessions; the generated certificate; ctl.sock).
+        /// State directory (state.json and state.journal: leases and sessions, back
+        /// them up together; the generated certificate; ctl.sock).
         #[arg(long, env = "INTRAGATE_STATE_DIR")]
         state_dir: Option<String>,
         /// This node's name in a cluster (overrides [cluster] node; the config
@@ -69,8 +70,10 @@ enum Cmd {
         #[arg(long, env = "INTRAGATE_LOG_TARGET", default_value = "stderr", value_parser = ["stdout", "stderr"])]
         log_target: String,
         /// Start even when neither state.json nor state.json.prev can be read: move
-        /// them aside (state.json.corrupt-TIME) and start with empty pools. Without
-        /// it the gateway refuses to start rather than lose every sticky address.
+        /// them aside (state.json.corrupt-TIME) and start with empty pools; when the
+        /// journal (state.journal) is damaged before its end, keep the commits before
+        /// the damage and move it aside. Without it the gateway refuses to start
+        /// rather than lose sticky addresses.
         #[arg(long)]
         discard_state: bool,
     },

@@ -96,6 +96,27 @@ pub enum LoadError {
         /// What is wrong with `state.json.prev`.
         previous: String,
     },
+    /// The journal (`state.journal`, or `state.journal.prev` when it is
+    /// needed) is damaged before its end: the commits after the damage
+    /// cannot be replayed.
+    #[error(
+        "the state journal {} is damaged at byte {offset} ({reason}); {kept} commit(s) before \
+         the damage are readable, the ones after it are not. The files are left as they are: \
+         restore the state directory from a backup, or start with \
+         `intragate run --discard-state` to keep the readable commits, move the journal aside \
+         and lose the commits after the damage",
+        path.display()
+    )]
+    Journal {
+        /// The journal file.
+        path: PathBuf,
+        /// Where the damage starts.
+        offset: u64,
+        /// What is wrong there.
+        reason: String,
+        /// How many commits before it are readable.
+        kept: usize,
+    },
     /// A file could not be moved aside (the directory is not writable?).
     #[error("cannot move the unusable state file {} aside: {source}", path.display())]
     MoveAside {
@@ -189,6 +210,12 @@ pub fn load<T: DeserializeOwned>(dir: &Path, discard: bool) -> Result<Loaded<T>,
 /// Rename `path` to `state.json.corrupt-<UTC time>[-n]` in its directory,
 /// never replacing a file.
 fn move_aside(path: &Path) -> Result<PathBuf, LoadError> {
+    move_aside_as(path, CORRUPT_PREFIX)
+}
+
+/// Rename `path` to `<prefix><UTC time>[-n]` in its directory, never
+/// replacing a file.
+pub fn move_aside_as(path: &Path, prefix: &str) -> Result<PathBuf, LoadError> {
     let err = |source| LoadError::MoveAside {
         path: path.to_path_buf(),
         source,
@@ -197,9 +224,9 @@ fn move_aside(path: &Path) -> Result<PathBuf, LoadError> {
     let stamp = utc_stamp(unix_now());
     for n in 0..1000u32 {
         let name = if n == 0 {
-            format!("{CORRUPT_PREFIX}{stamp}")
+            format!("{prefix}{stamp}")
         } else {
-            format!("{CORRUPT_PREFIX}{stamp}-{n}")
+            format!("{prefix}{stamp}-{n}")
         };
         let target = dir.join(name);
         // link + unlink: never replaces an existing file (rename would).
@@ -348,6 +375,25 @@ fn write_atomic_with(
         let _ = fs::remove_file(&tmp);
     }
     res
+}
+
+/// Create `dir/name` holding `data` atomically (temp file `state.json.tmp.*`
+/// with mode 0600, fsync, rename over any file there, fsync of the
+/// directory) and return it open for writing.
+pub fn create_durable(dir: &Path, name: &str, data: &[u8]) -> io::Result<File> {
+    let (tmp, mut f) = create_tmp(dir, TMP_PREFIX, 0o600)?;
+    let res = f
+        .write_all(data)
+        .and_then(|()| f.sync_all())
+        .and_then(|()| fs::rename(&tmp, dir.join(name)))
+        .and_then(|()| sync_dir(dir));
+    match res {
+        Ok(()) => Ok(f),
+        Err(e) => {
+            let _ = fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
 }
 
 fn write_sync(mut f: File, data: &[u8]) -> io::Result<()> {

@@ -1,7 +1,8 @@
-//! Durable state. [`file`] is the embedded store (one atomic JSON file with
-//! its previous version); [`SaveTracker`] is what the gateway knows about
-//! its writes: which version of the state is on disk, failures, and the
-//! signal logons use to have their session saved before they are answered.
+//! Durable state. [`file`] is the embedded store's snapshot (one atomic
+//! JSON file with its previous version), [`journal`] its write-ahead log;
+//! [`SaveTracker`] is what the gateway knows about its writes: which
+//! version of the state is on disk, failures, and the signal logons use to
+//! have their session saved before they are answered.
 //!
 //! [`StateStore`] is the interface every store implements (versioned
 //! records, compare-and-swap commits, watches; the consistency contract
@@ -17,6 +18,7 @@ pub mod etcd_store;
 pub mod etcd_test_util;
 pub mod file;
 pub mod file_store;
+pub mod journal;
 pub mod mem_store;
 pub mod store;
 

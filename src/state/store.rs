@@ -238,7 +238,8 @@ pub struct Snapshot {
     /// gateway was down from here.
     pub written_at_unix: u64,
     /// Where the snapshot came from, for logs and `ctl stats` (the file
-    /// store: `state.json`, `state.json.prev`, `none`, `discarded`;
+    /// store: `state.json`, `state.json.prev`, `state.journal` (no
+    /// snapshot yet), `none`, `discarded`;
     /// `memory`; `etcd`).
     pub source: &'static str,
 }
@@ -358,8 +359,8 @@ pub enum StoreError {
 ///   [`WatchEvent::Lost`] and closes (or the receiver is dropped).
 ///
 /// The embedded [`FileStore`](super::file_store::FileStore) has one
-/// writer (the gateway owning the state directory) and writes the whole
-/// document atomically per commit; a remote store (etcd) maps `Expect` to
+/// writer (the gateway owning the state directory) and appends each commit
+/// to a journal beside its snapshot; a remote store (etcd) maps `Expect` to
 /// transaction compares on each key's mod revision.
 #[async_trait]
 pub trait StateStore: Send + Sync + fmt::Debug {
@@ -389,6 +390,15 @@ pub trait StateStore: Send + Sync + fmt::Debug {
             "{} does not support watching",
             self.describe()
         )))
+    }
+
+    /// Fold whatever the store keeps for fast commits into its base form,
+    /// for a clean stop: the file store writes `state.json` with every
+    /// commit and starts an empty journal, so an older intragate (or a
+    /// backup of `state.json` alone) finds everything. Stores without such
+    /// a form do nothing.
+    async fn checkpoint(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     /// The most ops one commit may hold (`None`: no limit). etcd refuses
