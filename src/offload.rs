@@ -167,6 +167,43 @@ pub fn split<B: AsRef<[u8]> + AsMut<[u8]>>(
     gso_split(pkt, hdr, bufs, sizes, offset, is_v6)
 }
 
+/// Buffers for the segments of a checked super-packet, allocated the first
+/// time one is cut (and again for a larger segment size).
+#[derive(Debug, Default)]
+pub struct Segments {
+    bufs: Vec<Vec<u8>>,
+    sizes: Vec<usize>,
+    count: usize,
+}
+
+impl Segments {
+    /// Cuts `pkt` (the packet of checked super-packet `g`) into segments of
+    /// at most `mtu` bytes (or the super-packet's own segment size, if
+    /// larger); read them with [`Segments::iter`].
+    ///
+    /// # Errors
+    /// As [`split`].
+    pub fn cut(&mut self, g: &Gso, pkt: &mut [u8], mtu: usize) -> io::Result<usize> {
+        self.count = 0;
+        let seg = mtu.max(g.header_len + usize::from(g.gso_size));
+        if self.bufs.len() < gso::MAX_SEGMENTS || self.bufs.first().is_some_and(|b| b.len() < seg) {
+            self.bufs = vec![vec![0; seg]; gso::MAX_SEGMENTS];
+            self.sizes = vec![0; gso::MAX_SEGMENTS];
+        }
+        self.count = split(split_header(g), pkt, &mut self.bufs, &mut self.sizes, 0)?;
+        Ok(self.count)
+    }
+
+    /// The segments of the last [`Segments::cut`].
+    pub fn iter(&self) -> impl Iterator<Item = &[u8]> {
+        self.bufs
+            .iter()
+            .zip(&self.sizes)
+            .take(self.count)
+            .map(|(b, &n)| b.get(..n).unwrap_or(&[]))
+    }
+}
+
 /// Completes a partial checksum (the kernel's `CHECKSUM_PARTIAL` on a single
 /// packet): the pseudo-header sum in the field plus the sum from `start`.
 fn complete_checksum(pkt: &mut [u8], start: u16, offset: u16) -> io::Result<()> {
@@ -240,6 +277,12 @@ mod tests {
             ),
             (NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4, 40, 1360, 20, 16)
         );
+        // Cut here instead: ten packets of the MTU.
+        let mut segs = Segments::default();
+        let mut copy = pkt.clone();
+        assert_eq!(segs.cut(&g, &mut copy, 1400).unwrap(), 10);
+        assert!(segs.iter().all(|p| p.len() == 1400));
+        assert_eq!(segs.iter().count(), 10);
         // Segments above the MTU, a complete checksum, UDP: split instead.
         assert!(super_packet(&hdr, &pkt, 1399).is_none());
         let mut plain = hdr;

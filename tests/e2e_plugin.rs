@@ -1033,6 +1033,60 @@ fn plugin_bulk_tcp_intact_and_coalesced() {
     }
 }
 
+/// A gateway configured by `o` with alice and bob, each logged on with the
+/// plug-in in a user namespace of their own (alice first). Fields drop in
+/// order: the plug-ins, then the gateway, the topology, the directory.
+struct TwoPlugins {
+    a: Plugin,
+    b: Plugin,
+    /// Bob's status once up.
+    bob: serde_json::Value,
+    gw: Gateway,
+    topo: Topology,
+    dir: TempDir,
+}
+
+fn two_plugins(name: &str, o: &GatewayOpts) -> TwoPlugins {
+    let dir = TempDir::new(name);
+    let topo = Topology::new(2);
+    let cfg = write_gateway_config(&dir.path, o);
+    add_user(&cfg, "alice", "staff", PW_ALICE);
+    add_user(&cfg, "bob", "staff", PW_BOB);
+    let gw = Gateway::start(&topo, &dir.path, cfg);
+    let start = |i: usize, user: &str, pw: &str, ifname: &str| {
+        let mut p = Plugin::start(
+            topo.user(i),
+            &topo.url(),
+            &gw.pin,
+            &dir.path,
+            opts(user, pw, ifname, &[]),
+        );
+        let st = p
+            .wait_up(20 * S)
+            .unwrap_or_else(|e| panic!("{user}: {e}\n{}", gw.log()));
+        (p, st)
+    };
+    let (a, _) = start(0, "alice", PW_ALICE, "igp0");
+    let (b, bob) = start(1, "bob", PW_BOB, "igp1");
+    TwoPlugins {
+        a,
+        b,
+        bob,
+        gw,
+        topo,
+        dir,
+    }
+}
+
+impl TwoPlugins {
+    fn logoff(&mut self) {
+        for p in [&mut self.a, &mut self.b] {
+            let st = p.logoff(10 * S);
+            assert!(st.is_some_and(|s| s.success()), "exit {st:?}\n{}", p.log());
+        }
+    }
+}
+
 /// Super-packets that cannot travel whole are cut by the gateway: between
 /// two plug-ins (both negotiated GSO) alice's upload to bob and his answer
 /// reach the other user's queue as segments (`io.gso_split`), intact.
@@ -1042,54 +1096,29 @@ fn plugin_to_plugin_bulk_is_cut_into_segments_intact() {
         return;
     }
     const N: &str = "8388608";
-    let dir = TempDir::new("plugin-c2c");
-    let topo = Topology::new(2);
-    let cfg = write_gateway_config(&dir.path, &GatewayOpts::default());
-    add_user(&cfg, "alice", "staff", PW_ALICE);
-    add_user(&cfg, "bob", "staff", PW_BOB);
-    let gw = Gateway::start(&topo, &dir.path, cfg);
-    let (na, nb) = (topo.user(0).to_string(), topo.user(1).to_string());
-    let mut a = Plugin::start(
-        &na,
-        &topo.url(),
-        &gw.pin,
-        &dir.path,
-        opts("alice", PW_ALICE, "igp0", &[]),
-    );
-    let mut b = Plugin::start(
-        &nb,
-        &topo.url(),
-        &gw.pin,
-        &dir.path,
-        opts("bob", PW_BOB, "igp1", &[]),
-    );
-    a.wait_up(20 * S)
-        .unwrap_or_else(|e| panic!("alice: {e}\n{}", gw.log()));
-    let sb = b
-        .wait_up(20 * S)
-        .unwrap_or_else(|e| panic!("bob: {e}\n{}", gw.log()));
-    let bob = Plugin::address(&sb);
+    let mut t = two_plugins("plugin-c2c", &GatewayOpts::default());
+    let (na, nb) = (t.topo.user(0).to_string(), t.topo.user(1).to_string());
+    let bob = Plugin::address(&t.bob);
     let srv = start_server(
         &nb,
-        &dir.path,
+        &t.dir.path,
         "bulkbob",
         &["bulk-serve", &bob, "7012", "2", "60"],
     );
-    let split_before = gw.stats().unwrap()["io"]["gso_split"].as_u64().unwrap();
-    if let Err(e) = bulk_put(&na, &bob, "7012", N) {
-        panic!("{e}\n--- alice ---\n{}\n--- bob ---\n{}", a.log(), b.log());
+    let split_before = t.gw.stats().unwrap()["io"]["gso_split"].as_u64().unwrap();
+    let moved = bulk_put(&na, &bob, "7012", N).and_then(|()| bulk_get(&na, &srv, &bob, "7012", N));
+    if let Err(e) = moved {
+        panic!(
+            "{e}\n--- alice ---\n{}\n--- bob ---\n{}",
+            t.a.log(),
+            t.b.log()
+        );
     }
-    if let Err(e) = bulk_get(&na, &srv, &bob, "7012", N) {
-        panic!("{e}\n--- alice ---\n{}\n--- bob ---\n{}", a.log(), b.log());
-    }
-    let io = &gw.stats().unwrap()["io"];
+    let io = &t.gw.stats().unwrap()["io"];
     let split = io["gso_split"].as_u64().unwrap() - split_before;
     eprintln!("user to user: {split} super-packets cut by the gateway; io {io}");
     assert!(split > 0, "no super-packet was cut between the users: {io}");
-    for p in [&mut a, &mut b] {
-        let st = p.logoff(10 * S);
-        assert!(st.is_some_and(|s| s.success()), "exit {st:?}\n{}", p.log());
-    }
+    t.logoff();
 }
 
 /// A plug-in user behind spillover NAT: the gateway rewrites addresses and
@@ -1101,10 +1130,8 @@ fn plugin_behind_nat_bulk_is_cut_and_translated_intact() {
         return;
     }
     const N: &str = "8388608";
-    let dir = TempDir::new("plugin-nat");
-    let topo = Topology::new(2);
     // A /29 with three addresses excluded: .1 the gateway, .6 the NAT
-    // address, .2 the only user address: the second user spills over.
+    // address, .2 the only user address: bob, second, spills over.
     let opts_nat = GatewayOpts {
         pool_cidr: "198.18.64.0/29".into(),
         extra: "mode = \"spillover\"\nexclude = [\"198.18.64.3\", \"198.18.64.4\", \"198.18.64.5\"]\n\n\
@@ -1112,57 +1139,31 @@ fn plugin_behind_nat_bulk_is_cut_and_translated_intact() {
             .into(),
         ..GatewayOpts::default()
     };
-    let cfg = write_gateway_config(&dir.path, &opts_nat);
-    add_user(&cfg, "alice", "staff", PW_ALICE);
-    add_user(&cfg, "bob", "staff", PW_BOB);
-    let gw = Gateway::start(&topo, &dir.path, cfg);
-    let (na, nb) = (topo.user(0).to_string(), topo.user(1).to_string());
-    let mut a = Plugin::start(
-        &na,
-        &topo.url(),
-        &gw.pin,
-        &dir.path,
-        opts("alice", PW_ALICE, "igp0", &[]),
-    );
-    a.wait_up(20 * S)
-        .unwrap_or_else(|e| panic!("alice: {e}\n{}", gw.log()));
-    let mut b = Plugin::start(
-        &nb,
-        &topo.url(),
-        &gw.pin,
-        &dir.path,
-        opts("bob", PW_BOB, "igp1", &[]),
-    );
-    let sb = b
-        .wait_up(20 * S)
-        .unwrap_or_else(|e| panic!("bob: {e}\n{}", gw.log()));
+    let mut t = two_plugins("plugin-nat", &opts_nat);
+    let nb = t.topo.user(1).to_string();
     assert!(
-        Plugin::address(&sb).starts_with("198.19.250."),
-        "bob is not behind NAT: {sb}"
+        Plugin::address(&t.bob).starts_with("198.19.250."),
+        "bob is not behind NAT: {}",
+        t.bob
     );
-    assert_eq!(sb["gso"], true, "{sb}");
+    assert_eq!(t.bob["gso"], true, "{}", t.bob);
     let srv = start_server(
-        topo.internal.name.as_str(),
-        &dir.path,
+        t.topo.internal.name.as_str(),
+        &t.dir.path,
         "bulknat",
         &["bulk-serve", INTERNAL_IP, "7013", "2", "60"],
     );
-    let io0 = gw.stats().unwrap()["io"].clone();
-    if let Err(e) = bulk_put(&nb, INTERNAL_IP, "7013", N) {
+    let io0 = t.gw.stats().unwrap()["io"].clone();
+    let moved = bulk_put(&nb, INTERNAL_IP, "7013", N)
+        .and_then(|()| bulk_get(&nb, &srv, INTERNAL_IP, "7013", N));
+    if let Err(e) = moved {
         panic!(
             "{e}\n--- bob ---\n{}\n--- gateway ---\n{}",
-            b.log(),
-            tail(&gw.log(), 4000)
+            t.b.log(),
+            tail(&t.gw.log(), 4000)
         );
     }
-    if let Err(e) = bulk_get(&nb, &srv, INTERNAL_IP, "7013", N) {
-        panic!(
-            "{e}\n--- bob ---\n{}\n--- gateway ---\n{}",
-            b.log(),
-            tail(&gw.log(), 4000)
-        );
-    }
-    let io1 = gw.stats().unwrap()["io"].clone();
+    let io1 = t.gw.stats().unwrap()["io"].clone();
     let d = |k: &str| io1[k].as_u64().unwrap() - io0[k].as_u64().unwrap();
     eprintln!("behind NAT: io before {io0}, after {io1}");
     assert!(
@@ -1174,10 +1175,7 @@ fn plugin_behind_nat_bulk_is_cut_and_translated_intact() {
         (0, 0),
         "a NAT user's super-packet travelled whole"
     );
-    for p in [&mut a, &mut b] {
-        let st = p.logoff(10 * S);
-        assert!(st.is_some_and(|s| s.success()), "exit {st:?}\n{}", p.log());
-    }
+    t.logoff();
 }
 
 /// Issue 13 §2 with the plug-in: the internal host streams 100 numbered

@@ -136,8 +136,7 @@ pub struct DataPath {
     /// `plain`.
     pending_super: Option<(gso::Gso, std::ops::Range<usize>)>,
     /// Segments of a super-packet cut here (a TUN without offload).
-    split_bufs: Vec<Vec<u8>>,
-    split_sizes: Vec<usize>,
+    segments: offload::Segments,
     /// Counters (read by the status callback).
     pub counters: Counters,
 }
@@ -177,8 +176,7 @@ impl DataPath {
             gso: false,
             tun_offload: false,
             pending_super: None,
-            split_bufs: Vec::new(),
-            split_sizes: Vec::new(),
+            segments: offload::Segments::default(),
             counters: Counters::default(),
         }
     }
@@ -527,21 +525,8 @@ impl DataPath {
                 }
             };
         }
-        let seg = self.mtu.max(g.header_len + usize::from(g.gso_size));
-        if self.split_bufs.len() < gso::MAX_SEGMENTS
-            || self.split_bufs.first().is_some_and(|b| b.len() < seg)
-        {
-            self.split_bufs = vec![vec![0; seg]; gso::MAX_SEGMENTS];
-            self.split_sizes = vec![0; gso::MAX_SEGMENTS];
-        }
-        let n = match offload::split(
-            offload::split_header(g),
-            pkt,
-            &mut self.split_bufs,
-            &mut self.split_sizes,
-            0,
-        ) {
-            Ok(n) => n,
+        match self.segments.cut(g, pkt, self.mtu) {
+            Ok(_) => {}
             Err(e) => {
                 self.counters.dropped += 1;
                 debug!(error = %e, "dropped a super-packet that cannot be cut");
@@ -549,11 +534,11 @@ impl DataPath {
             }
         };
         // The batch was written before; the segments fit a fresh one.
-        for (b, &size) in self.split_bufs.iter().zip(&self.split_sizes).take(n) {
+        for seg in self.segments.iter() {
             if let Some(buf) = self.down_bufs.get_mut(self.down_count) {
                 buf.clear();
                 buf.resize(VIRTIO_NET_HDR_LEN, 0);
-                buf.extend_from_slice(b.get(..size).unwrap_or(&[]));
+                buf.extend_from_slice(seg);
                 self.down_count += 1;
             } else {
                 self.counters.dropped += 1;

@@ -360,29 +360,9 @@ enum Admit {
 /// an await in between; allocated the first time a thread needs it).
 #[derive(Default)]
 struct Split {
-    bufs: Vec<Vec<u8>>,
-    sizes: Vec<usize>,
+    segments: offload::Segments,
     /// A copy of a queued super-packet (queued bytes are shared).
     input: Vec<u8>,
-}
-
-impl Split {
-    /// Cuts `pkt` (the packet of checked super-packet `g`) into segments
-    /// of at most `mtu` bytes; how many.
-    fn cut(&mut self, g: &gso::Gso, pkt: &mut [u8], mtu: usize) -> std::io::Result<usize> {
-        let seg = mtu.max(g.header_len + usize::from(g.gso_size));
-        if self.bufs.len() < gso::MAX_SEGMENTS || self.bufs.first().is_some_and(|b| b.len() < seg) {
-            self.bufs = vec![vec![0; seg]; gso::MAX_SEGMENTS];
-            self.sizes = vec![0; gso::MAX_SEGMENTS];
-        }
-        offload::split(
-            offload::split_header(g),
-            pkt,
-            &mut self.bufs,
-            &mut self.sizes,
-            0,
-        )
-    }
 }
 
 thread_local! {
@@ -638,7 +618,7 @@ impl Tunnel<'_> {
             let mut copy = std::mem::take(&mut split.input);
             copy.clear();
             copy.extend_from_slice(pkt.get(gso::HEADER_LEN..).unwrap_or(&[]));
-            let r = match split.cut(
+            let r = match split.segments.cut(
                 g,
                 &mut copy,
                 self.mtu.max(g.header_len + usize::from(g.gso_size)),
@@ -646,8 +626,8 @@ impl Tunnel<'_> {
                 Ok(n) => {
                     self.shared.stats.io.gso_split.fetch_add(1, Relaxed);
                     let mut r = Ok(());
-                    for (buf, &size) in split.bufs.iter().zip(&split.sizes).take(n) {
-                        r = self.write_frame(FrameType::Data, buf.get(..size).unwrap_or(&[]));
+                    for seg in split.segments.iter().take(n) {
+                        r = self.write_frame(FrameType::Data, seg);
                         if r.is_err() {
                             break;
                         }
@@ -1114,7 +1094,7 @@ impl Tunnel<'_> {
         SPLIT.with(|b| {
             let split = &mut b.borrow_mut();
             let pkt = &mut frame[VIRTIO_NET_HDR_LEN..];
-            let n = match split.cut(&g, pkt, self.mtu) {
+            let n = match split.segments.cut(&g, pkt, self.mtu) {
                 Ok(n) => n,
                 Err(e) => {
                     shared.stats.drop(DropReason::Malformed);
@@ -1123,8 +1103,8 @@ impl Tunnel<'_> {
                 }
             };
             shared.stats.io.gso_split.fetch_add(1, Relaxed);
-            for (buf, &size) in split.bufs.iter().zip(&split.sizes).take(n) {
-                let seg = BytesMut::from(buf.get(..size).unwrap_or(&[]));
+            for seg in split.segments.iter().take(n) {
+                let seg = BytesMut::from(seg);
                 if self.forward(seg, batch, now) == Fate::Forwarded {
                     fate = Fate::Forwarded;
                 }
