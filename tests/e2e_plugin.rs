@@ -992,6 +992,8 @@ fn plugin_bulk_tcp_intact_and_coalesced() {
         assert_eq!(st["gso"], offload, "super-packets negotiated: {st}");
 
         let (out_before, in_before) = (io("gso_out"), io("gso_in"));
+        let to_users = || gw.stats().unwrap()["packets_to_users"].as_u64().unwrap();
+        let to_users_before = to_users();
         let rx_before = dev_rx_packets(&ns, "igp0");
         let got = bulk_get(&ns, &srv, INTERNAL_IP, "7011", N);
         let rx = dev_rx_packets(&ns, "igp0") - rx_before;
@@ -1001,6 +1003,12 @@ fn plugin_bulk_tcp_intact_and_coalesced() {
         let whole_down = io("gso_out") - out_before;
         // 32 MiB in segments of at most 1,400 bytes.
         let segments = 33_554_432 / 1400;
+        // A super-packet counts as its segments (accounting, `ctl show`).
+        let counted = to_users() - to_users_before;
+        assert!(
+            counted >= segments,
+            "offload {offload}: {counted} packets counted toward the user for ~{segments} segments"
+        );
         eprintln!(
             "offload {offload}: download reached igp0 as {rx} packets ({segments}+ segments), \
              {whole_down} queued whole by the gateway"

@@ -306,7 +306,15 @@ impl Shared {
     /// Queue a packet toward a session's user, counting the outcome.
     pub fn deliver(&self, port: &Port, pkt: Bytes) {
         use tokio::sync::mpsc::error::TrySendError;
-        let len = pkt.len() as u64;
+        // A TCP super-packet counts as the segments the user receives
+        // (accounting, `ctl show`), not as one packet.
+        let (packets, len) = match crate::wire::gso::is_gso_payload(&pkt) {
+            true => crate::wire::gso::parse(&pkt, crate::wire::cstp::MAX_PAYLOAD)
+                .map_or((1, pkt.len() as u64), |g| {
+                    (g.segments() as u64, g.segment_bytes() as u64)
+                }),
+            false => (1, pkt.len() as u64),
+        };
         // A packet that waits for a reconnect gets its own allocation
         // instead of pinning the shared read buffer it was cut from.
         let pkt = if port.up.load(Ordering::Relaxed) {
@@ -316,9 +324,13 @@ impl Shared {
         };
         match port.tx.try_send(pkt) {
             Ok(()) => {
-                self.stats.packets_to_users.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .packets_to_users
+                    .fetch_add(packets, Ordering::Relaxed);
                 self.stats.bytes_to_users.fetch_add(len, Ordering::Relaxed);
-                port.traffic.packets_to_user.fetch_add(1, Ordering::Relaxed);
+                port.traffic
+                    .packets_to_user
+                    .fetch_add(packets, Ordering::Relaxed);
                 port.traffic.bytes_to_user.fetch_add(len, Ordering::Relaxed);
             }
             Err(TrySendError::Full(_)) if port.up.load(Ordering::Relaxed) => {
