@@ -535,14 +535,8 @@ impl DataPath {
         };
         // The batch was written before; the segments fit a fresh one.
         for seg in self.segments.iter() {
-            if let Some(buf) = self.down_bufs.get_mut(self.down_count) {
-                buf.clear();
-                buf.resize(VIRTIO_NET_HDR_LEN, 0);
-                buf.extend_from_slice(seg);
-                self.down_count += 1;
-            } else {
-                self.counters.dropped += 1;
-            }
+            let (bufs, count) = (&mut self.down_bufs, &mut self.down_count);
+            queue_down(bufs, count, &mut self.counters, seg);
         }
         Ok(())
     }
@@ -673,14 +667,8 @@ impl DataPath {
                     if !payload.is_empty() {
                         self.counters.packets_in += 1;
                         self.counters.bytes_in += payload.len() as u64;
-                        if let Some(buf) = self.down_bufs.get_mut(self.down_count) {
-                            buf.clear();
-                            buf.resize(VIRTIO_NET_HDR_LEN, 0);
-                            buf.extend_from_slice(payload);
-                            self.down_count += 1;
-                        } else {
-                            self.counters.dropped += 1;
-                        }
+                        let (bufs, count) = (&mut self.down_bufs, &mut self.down_count);
+                        queue_down(bufs, count, &mut self.counters, payload);
                     }
                 }
                 FrameType::Gso if self.gso => {
@@ -795,4 +783,17 @@ impl DataPath {
             }
         }
     }
+}
+
+/// Puts `pkt` into the next buffer of the TUN batch (`bufs[*count]`, behind
+/// room for the virtio-net header); a full batch drops it (counted).
+fn queue_down(bufs: &mut [Vec<u8>], count: &mut usize, counters: &mut Counters, pkt: &[u8]) {
+    let Some(buf) = bufs.get_mut(*count) else {
+        counters.dropped += 1;
+        return;
+    };
+    buf.clear();
+    buf.resize(VIRTIO_NET_HDR_LEN, 0);
+    buf.extend_from_slice(pkt);
+    *count += 1;
 }
