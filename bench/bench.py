@@ -1465,6 +1465,11 @@ exit $rc
         time.sleep(P["idle_cpu_secs"])
         c1, l1, m1, w1 = cpu_ticks(pids), cpu_ticks(lg_pids), cpu_times(), time.time()
         wall = w1 - w0
+        # --perf: then a profile of the same plateau (not counted above)
+        h = self.perf_start("%s-idle-%d" % (kind, alive), pids)
+        if h:
+            time.sleep(P["idle_cpu_secs"])
+            self.perf_stop(h)
         est = ns(self.gw, "ss", "-Htn", "state", "established", "sport = :%d" % PORT, check=False, timeout=60)
         # the generators' connections by source address
         by_src = {}
