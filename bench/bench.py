@@ -466,6 +466,7 @@ class Bench:
             "machine": self.machine(),
             "params": self.P,
             "intragate_env": args.intragate_env or [],
+            "plugin_env": args.plugin_env or [],
             "intragate_profile": self.profile,
             "idle_waits": [],
             "notes": [],
@@ -977,6 +978,7 @@ exit $rc
         help_ = self.plugin_help
         args = ["ip", "netns", "exec", self.u0, "sh", "-c",
                 'mount -t tmpfs -o size=1m,mode=755 bench-run /run && exec "$@"', "sh",
+                *(["env", *self.args.plugin_env] if self.args.plugin_env else []),
                 self.plugin, "connect", "https://%s:%d/" % (LISTEN_IP, PORT), "--user", CLIENT_USER,
                 "--password-stdin", "--servercert", self.pin]
         for flag, extra in (("--interface", ["igp0"]), ("--non-inter", []), ("--no-dns", []),
@@ -1131,8 +1133,11 @@ exit $rc
         if perf_tag and gw_pids_fn:
             for d in ("up", "down"):
                 h = self.perf_start("%s-iperf-%s" % (perf_tag, d), gw_pids_fn())
+                # and the client (openconnect, intragate-plugin) on its own
+                hc = self.perf_start("%s-iperf-%s-client" % (perf_tag, d), [client_pid]) if client_pid else None
                 out["profiled_" + d] = self.iperf(src_ns, gw_pids_fn, client_pid, reverse=(d == "down"))
                 self.perf_stop(h, gbit=out["profiled_" + d]["gbit"])
+                self.perf_stop(hc, gbit=out["profiled_" + d]["gbit"])
         for d in ("up", "down"):
             out[d + "_mbit_s"] = median([r["mbit_s"] for r in runs[d]])
             out[d + "_cpu_s_per_gbit"] = median([r["gw_cpu_s_per_gbit"] for r in runs[d]])
@@ -2102,6 +2107,8 @@ secret_file = "{secret}"
                              self.P["rate_concurrency"], "; ".join(parts)))
         if R.get("intragate_env"):
             lines.append("- intragate ran with the environment %s." % " ".join(R["intragate_env"]))
+        if R.get("plugin_env"):
+            lines.append("- intragate-plugin ran with the environment %s." % " ".join(R["plugin_env"]))
         if R.get("iperf_retries"):
             lines.append("- iperf3 runs retried after a transient failure (server busy, control connection "
                          "reset before the test): %d (raw errors in the JSON, iperf_retries)."
@@ -2129,6 +2136,8 @@ def main():
     ap.add_argument("--intragate-env", action="append", metavar="KEY=VALUE",
                     help="environment for the intragate process (experiments, e.g. "
                          "GLIBC_TUNABLES=glibc.malloc.mmap_threshold=1048576); recorded in the results")
+    ap.add_argument("--plugin-env", action="append", metavar="KEY=VALUE",
+                    help="environment for intragate-plugin (experiments); recorded in the results")
     ap.add_argument("--idle-max", type=float, default=600, help="longest wait for an idle machine per block (s)")
     ap.add_argument("--idle-budget", type=float, default=420,
                     help="total waiting for idleness over the run (s); afterwards blocks wait at most 10 s")
@@ -2165,7 +2174,7 @@ def main():
             return 1
         print(md)
         (RESULTS / ("%s.md" % name)).write_text(md)
-        if (b.mode == "full" and not args.only and not args.set and not args.intragate_env
+        if (b.mode == "full" and not args.only and not args.set and not args.intragate_env and not args.plugin_env
                 and b.profile == "release"):
             (RESULTS / "latest.md").write_text(md)
             (RESULTS / "latest.json").write_text(json.dumps(b.R, indent=1, default=str) + "\n")

@@ -554,15 +554,18 @@ fn main() -> ExitCode {
             except_this_device,
             through,
         } => workspace_main(Action::LogoffAll, except_this_device, false, through),
-        cmd @ Cmd::Connect { .. } => run_async(async move {
-            match connect(cmd).await {
-                Ok(code) => code,
-                Err(e) => {
-                    eprintln!("intragate-plugin: {}", error_text(&e));
-                    ExitCode::FAILURE
+        cmd @ Cmd::Connect { .. } => {
+            intragate::plugin::link::keep_freed_memory();
+            run_async(async move {
+                match connect(cmd).await {
+                    Ok(code) => code,
+                    Err(e) => {
+                        eprintln!("intragate-plugin: {}", error_text(&e));
+                        ExitCode::FAILURE
+                    }
                 }
-            }
-        }),
+            })
+        }
     }
 }
 

