@@ -10,10 +10,12 @@
 //!   32 tasks log on and off 300 times (the logon benchmark's shape minus TLS
 //!   and the password check); `INTRAGATE_MEASURE_BASE=N` adds N other
 //!   sessions to every file;
-//! - one logon's write (`save_state` after one more logon: the core's
-//!   records, their digests, the pool document and the store's commit)
-//!   with 17,000 and 100,000 sessions logged on
-//!   (`INTRAGATE_MEASURE_SIZES=N,M` to change).
+//! - one logon's write (`save_state` after one more logon: the records
+//!   the core reports changed, their digests, the pool document and the
+//!   store's commit) with 17,000 and 100,000 sessions logged on
+//!   (`INTRAGATE_MEASURE_SIZES=N,M` to change), and what the pool
+//!   document alone costs at that size (snapshot, JSON, SHA-256; its
+//!   commit comes on top, see `state_commit`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)]
 
 use std::path::{Path, PathBuf};
@@ -160,6 +162,28 @@ fn logon_rate() {
     }
 }
 
+/// What the pool document alone costs a write at this size: the
+/// snapshot under the core lock, its JSON and its SHA-256 (the store's
+/// commit of it comes on top: `cargo bench --bench state_commit`).
+fn pool_document(shared: &Shared) -> (Vec<std::time::Duration>, usize) {
+    use sha2::Digest as _;
+    let mut times = Vec::with_capacity(21);
+    let mut bytes = 0;
+    for _ in 0..21 {
+        let t = Instant::now();
+        let snap = shared
+            .core()
+            .pool_snapshot("default", Instant::now())
+            .expect("pool");
+        let json = serde_json::to_vec(&snap).expect("json");
+        let _ = sha2::Sha256::digest(&json);
+        times.push(t.elapsed());
+        bytes = json.len();
+    }
+    times.sort();
+    (times, bytes)
+}
+
 /// `save_state` after one more logon, with `n` sessions logged on.
 fn write_at_scale(rt: &tokio::runtime::Runtime, n: usize) -> Vec<std::time::Duration> {
     let dir = temp_dir("scale");
@@ -176,6 +200,11 @@ fn write_at_scale(rt: &tokio::runtime::Runtime, n: usize) -> Vec<std::time::Dura
         rt.block_on(shared.save_state(false)).expect("save");
         times.push(t.elapsed());
     }
+    let (pool, bytes) = pool_document(&shared);
+    println!(
+        "  of which the pool document ({bytes} bytes: snapshot, JSON, SHA-256) with {n} sessions: min {:?}, median {:?}, max {:?}",
+        pool[0], pool[10], pool[20]
+    );
     drop(shared);
     let _ = std::fs::remove_dir_all(&dir);
     times.sort();

@@ -333,6 +333,12 @@ pub fn render(shared: &Shared) -> String {
         "Successful writes of the state file.",
         &st["writes"],
     );
+    counter(
+        &mut out,
+        "intragate_state_missed_changes_total",
+        "Changed records the change tracking did not report, found by the periodic full comparison (should stay 0).",
+        &st["missed_changes"],
+    );
     let _ = writeln!(out, "# HELP intragate_state_write_failing 1 while the last write of the state file failed.\n# TYPE intragate_state_write_failing gauge\nintragate_state_write_failing {}", u8::from(st["consecutive_failures"].as_u64().unwrap_or(0) > 0));
     let _ = writeln!(out, "# HELP intragate_state_unsaved 1 while changes (leases, sessions) are not yet on disk.\n# TYPE intragate_state_unsaved gauge\nintragate_state_unsaved {}", u8::from(st["unsaved_changes"].as_bool().unwrap_or(false)));
     let _ = writeln!(out, "# HELP intragate_state_last_success_timestamp_seconds When the state file was last written.\n# TYPE intragate_state_last_success_timestamp_seconds gauge\nintragate_state_last_success_timestamp_seconds {}", st["last_success_unix"].as_u64().unwrap_or(0));

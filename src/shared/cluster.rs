@@ -761,6 +761,7 @@ impl Shared {
                         leases: leases.remove(&name).unwrap_or_default(),
                         released: released.remove(&name).unwrap_or_default(),
                         sticky: sticky.remove(&name).unwrap_or_default(),
+                        saved_at_unix: None,
                     };
                     (name, snap)
                 })

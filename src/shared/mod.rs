@@ -96,6 +96,9 @@ pub struct Shared {
     me: std::sync::OnceLock<std::sync::Weak<Shared>>,
     /// What the store holds, as last read or committed.
     mirror: Mutex<persist::Mirror>,
+    /// Changes taken from the core and not yet committed, and when every
+    /// record was last compared (see `persist::Tracking`).
+    tracking: Mutex<persist::Tracking>,
     /// Stops everything.
     pub shutdown: CancellationToken,
     /// DNS counters.
@@ -236,6 +239,7 @@ impl Shared {
             cluster: std::sync::OnceLock::new(),
             me: std::sync::OnceLock::new(),
             mirror: Mutex::new(persist::Mirror::default()),
+            tracking: Mutex::new(persist::Tracking::default()),
             shutdown,
             dns_stats: Arc::new(crate::dns::DnsStats::default()),
             dns: std::sync::OnceLock::new(),

@@ -4,6 +4,33 @@ use super::Shared;
 
 /// A gateway (`Shared`, no sockets) whose state directory is `dir/state`.
 pub(crate) fn shared_in(dir: &std::path::Path, cidr: &str) -> Shared {
+    let config = config_in(dir, cidr);
+    Shared::new(
+        config,
+        "pin".into(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .expect("shared")
+}
+
+/// [`shared_in`] writing its state to `store` instead of the state file.
+pub(crate) fn shared_with_store(
+    dir: &std::path::Path,
+    cidr: &str,
+    store: std::sync::Arc<dyn crate::state::StateStore>,
+) -> Shared {
+    let config = config_in(dir, cidr);
+    Shared::with_store(
+        config,
+        "pin".into(),
+        tokio_util::sync::CancellationToken::new(),
+        store,
+    )
+    .expect("shared")
+}
+
+/// The configuration of [`shared_in`]: one pool, `cidr`.
+fn config_in(dir: &std::path::Path, cidr: &str) -> crate::config::Config {
     let cfg = dir.join("intragate.toml");
     std::fs::write(
         &cfg,
@@ -16,12 +43,7 @@ pub(crate) fn shared_in(dir: &std::path::Path, cidr: &str) -> Shared {
     let config = crate::config::Config::load(Some(&cfg), &crate::config::Overrides::default())
         .expect("config");
     std::fs::create_dir_all(&config.state_dir).expect("state dir");
-    Shared::new(
-        config,
-        "pin".into(),
-        tokio_util::sync::CancellationToken::new(),
-    )
-    .expect("shared")
+    config
 }
 
 pub(crate) fn logon(shared: &Shared, user: &str) {

@@ -70,6 +70,8 @@ struct Status {
     last_write: Option<Duration>,
     last_bytes: usize,
     loaded_from: &'static str,
+    full_compares: u64,
+    missed_changes: u64,
 }
 
 /// The state store's write status, shared by the saver, logons and `ctl`.
@@ -152,6 +154,18 @@ impl SaveTracker {
             .send_modify(|p| p.saved = p.saved.max(version));
     }
 
+    /// A write compared every record with the store (forced, after a
+    /// restore or a conflict, or the periodic check of the change
+    /// tracking) and found `missed` records changed that the tracking had
+    /// not reported (0 unless the core forgot to report a change).
+    pub fn record_full_compare(&self, missed: usize) {
+        let mut s = self.status();
+        s.full_compares += 1;
+        s.missed_changes = s
+            .missed_changes
+            .saturating_add(u64::try_from(missed).unwrap_or(u64::MAX));
+    }
+
     /// A write failed; returns the failures in a row.
     pub fn record_failure(&self, error: &str, now_unix: u64) -> u32 {
         let n = {
@@ -223,6 +237,8 @@ impl SaveTracker {
             "last_bytes": s.last_bytes,
             "unsaved_changes": dirty,
             "loaded_from": s.loaded_from,
+            "full_compares": s.full_compares,
+            "missed_changes": s.missed_changes,
         })
     }
 }

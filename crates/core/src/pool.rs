@@ -129,6 +129,13 @@ pub struct PoolSnapshot {
     /// Sticky addresses, by owner.
     #[serde(default)]
     pub sticky: Vec<SnapshotSticky>,
+    /// When this document was written (Unix seconds; set by the shell
+    /// that stores it, which rewrites the document only when the pool
+    /// changed): `quarantine_remaining_ms` counts from then. Absent in
+    /// older files (from the whole file's time). [`IpPool::restore`]
+    /// ignores it: the shell applies it to `elapsed_since_snapshot`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_at_unix: Option<u64>,
 }
 
 /// State of an address that was handed out at least once.
@@ -512,6 +519,7 @@ impl IpPool {
             leases,
             released,
             sticky,
+            saved_at_unix: None,
         }
     }
 
@@ -1214,6 +1222,7 @@ mod tests {
                     addr: ip("10.0.0.8"),
                 },
             ],
+            saved_at_unix: None,
         };
         assert_eq!(p.restore(&snap, t, Duration::ZERO), 7);
         assert_eq!(p.holder(ip("10.0.0.5")), Some("a"));

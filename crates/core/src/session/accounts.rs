@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use super::records::Change;
 use super::state::GatewayState;
 use super::types::{
     user_key, Account, AccountOutcome, CloseReason, Event, PolicyReload, Reevaluation,
@@ -141,7 +142,7 @@ impl GatewayState {
                         // No credential stamps at this source.
                     } else if s.account == 0 {
                         s.account = *stamp;
-                        self.version += 1;
+                        self.tracker.note(Change::Session(s.addr));
                     } else if s.account != *stamp {
                         let why = "the password was changed; log on again".to_string();
                         self.close(id, CloseReason::Revoked(why), now, true);
@@ -150,7 +151,7 @@ impl GatewayState {
                     }
                     if s.groups != *groups {
                         s.groups.clone_from(groups);
-                        self.version += 1;
+                        self.tracker.note(Change::Session(s.addr));
                         match self.reevaluate(id, now) {
                             Reevaluation::Unchanged => {}
                             Reevaluation::Changed { .. } => out.reevaluated += 1,
@@ -172,7 +173,7 @@ impl GatewayState {
             if let Some(s) = self.sessions.get_mut(&id) {
                 if s.auth.source == source && s.auth.groups_from != groups_from {
                     s.auth.groups_from = groups_from.to_vec();
-                    self.version += 1;
+                    self.tracker.note(Change::Session(s.addr));
                 }
             }
         }

@@ -5,6 +5,7 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
+use super::records::Change;
 use super::state::GatewayState;
 use super::types::{
     user_key, CloseReason, Event, LogonError, LogonOutcome, LogonRequest, Session, SessionState,
@@ -132,7 +133,12 @@ impl GatewayState {
             }
         };
         let nat = pool_name == NAT_POOL;
-        self.version += 1;
+        if took_over.is_some() {
+            // The address was leased to this user already.
+            self.tracker.note(Change::Session(addr));
+        } else {
+            self.tracker.note(Change::Lease(addr, &pool_name));
+        }
         let id = SessionId(self.next_id);
         self.next_id += 1;
         // Users behind NAT cannot be reached: no DNS name.

@@ -38,7 +38,7 @@ mod types;
 mod workspace;
 
 pub use crate::ids::SessionId;
-pub use records::SessionRecord;
+pub use records::{PersistChanges, SessionRecord};
 
 pub use state::GatewayState;
 pub use types::{token_hash, AdoptError, RemoteConflict, RemoteSession, TOKEN_HASH_PREFIX};

@@ -13,7 +13,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::records::SessionRecord;
+use super::records::{Change, SessionRecord};
 use super::state::GatewayState;
 use super::types::{
     token_hash, user_key, AdoptError, CloseReason, RemoteConflict, RemoteEntry, RemoteSession,
@@ -173,7 +173,7 @@ impl GatewayState {
         r.node = None;
         match self.restore_one(&r, now, Duration::ZERO, true) {
             Some(id) => {
-                self.version += 1;
+                self.tracker.note(Change::Session(rec.addr));
                 Ok(id)
             }
             None => {

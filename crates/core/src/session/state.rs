@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
+use super::records::Change;
 use super::types::{
     user_key, AttachError, CloseReason, Event, PendingOffer, Session, SessionSettings,
     SessionState, SessionSummary, NAT_POOL,
@@ -39,8 +40,9 @@ pub struct GatewayState {
     pub(super) offer_timers: DeadlineQueue<String>,
     pub(super) next_id: u64,
     pub(super) events: VecDeque<Event>,
-    /// Bumped on every change worth persisting (see `state_version`).
-    pub(super) version: u64,
+    /// The persisted state's version and what changed (see
+    /// `state_version`, `take_persist_changes`).
+    pub(super) tracker: super::records::PersistTracker,
     pub(super) dns: DnsRecords,
     /// Sessions other nodes of the cluster hold, by address (their leases
     /// are in `pools`, their names in `dns`).
@@ -92,7 +94,7 @@ impl GatewayState {
             offer_timers: DeadlineQueue::default(),
             next_id: 1,
             events: VecDeque::new(),
-            version: 0,
+            tracker: Default::default(),
             dns: DnsRecords::default(),
             remote: HashMap::new(),
             remote_by_token: HashMap::new(),
@@ -171,7 +173,7 @@ impl GatewayState {
         if client_addr.is_some() {
             s.client_addr = client_addr;
         }
-        self.version += 1;
+        self.tracker.note(Change::Session(s.addr));
         self.reschedule(id);
         self.sessions.get(&id).ok_or(AttachError::UnknownToken)
     }
@@ -253,8 +255,12 @@ impl GatewayState {
                 // The address is ours: release cannot fail for it.
                 let _ = pool.release(s.addr, now);
             }
+            self.tracker.note(Change::Lease(s.addr, &s.pool));
+        } else {
+            // The address stays leased (a transfer's new session or
+            // another node takes it).
+            self.tracker.note(Change::Session(s.addr));
         }
-        self.version += 1;
         self.events.push_back(Event::Closed {
             id,
             user: s.user,

@@ -963,6 +963,7 @@ fn hashed_cookies_resume_only_with_the_cookie() {
         }],
         released: vec![],
         sticky: vec![],
+        saved_at_unix: None,
     };
     let snaps = [("p".to_string(), snap)].into_iter().collect();
     assert_eq!(
@@ -1490,4 +1491,228 @@ fn reconnect_follows_the_users_choice_only_where_allowed() {
     // Forgetting the choice.
     g.set_user_prefs("alice", UserPrefs::default());
     assert_eq!(g.all_user_prefs().count(), 0);
+}
+
+/// `changes` names exactly these addresses and pools (and not "all").
+fn assert_changes(changes: PersistChanges, addrs: &[IpAddr], pools: &[&str], what: &str) {
+    assert_eq!(
+        changes,
+        PersistChanges {
+            sessions: addrs.iter().copied().collect(),
+            pools: pools.iter().map(|p| p.to_string()).collect(),
+            all: false,
+        },
+        "{what}"
+    );
+}
+
+#[test]
+fn each_persisted_change_names_its_address_and_pool() {
+    let t0 = Instant::now();
+    let mut g = state_groups();
+    assert!(g.take_persist_changes().is_empty(), "a new gateway");
+    let a = opened(g.handle_logon(req_in("alice", "a1", &["staff"]), t0));
+    let addr = g.session(a).expect("a").addr;
+    assert_changes(g.take_persist_changes(), &[addr], &["p"], "logon");
+    let _ = (g.pool_snapshots(t0), g.session_records(t0));
+    assert!(g.take_persist_changes().is_empty(), "reading");
+    g.handle_attach("a1", Some("laptop".into()), None, t0)
+        .expect("attach");
+    assert_changes(g.take_persist_changes(), &[addr], &[], "attach");
+    // The record says "had a tunnel" either way: nothing to write.
+    g.handle_detach(a, t0);
+    g.handle_disconnect(a, "test", t0);
+    g.note_activity(a, t0 + Duration::from_secs(1));
+    assert!(g.take_persist_changes().is_empty(), "detach, activity");
+    // Other groups, same pool: re-evaluated in place.
+    g.handle_account("alice", &valid(7, &["guests"]), t0);
+    assert_eq!(g.len(), 1);
+    assert_changes(g.take_persist_changes(), &[addr], &[], "groups");
+    g.set_groups_from("", "alice", &["cn=guests".to_string()]);
+    assert_changes(g.take_persist_changes(), &[addr], &[], "groups from");
+    // Groups whose policy needs pool q: closed, released in p.
+    g.handle_account("alice", &valid(7, &["contractors"]), t0);
+    assert!(g.is_empty());
+    assert_changes(
+        g.take_persist_changes(),
+        &[addr],
+        &["p"],
+        "closed by groups",
+    );
+    // A logon in q, several changes before one take: merged.
+    let c = opened(g.handle_logon(req_in("carol", "c1", &["contractors"]), t0));
+    let caddr = g.session(c).expect("c").addr;
+    let b = opened(g.handle_logon(req_in("bob", "b1", &["staff"]), t0));
+    let baddr = g.session(b).expect("b").addr;
+    g.handle_account("carol", &valid(0, &["contractors"]), t0);
+    g.handle_logoff(b, CloseReason::Logoff, t0);
+    assert_changes(
+        g.take_persist_changes(),
+        &[caddr, baddr],
+        &["p", "q"],
+        "two logons, a logoff",
+    );
+    // Revoked: closed and released.
+    g.handle_account("carol", &Account::Revoked("gone".into()), t0);
+    assert_changes(g.take_persist_changes(), &[caddr], &["q"], "revoked");
+    // A timeout closes and releases.
+    let d = opened(g.handle_logon(req_in("dave", "d1", &["staff"]), t0));
+    let daddr = g.session(d).expect("d").addr;
+    let _ = g.take_persist_changes();
+    g.handle_timeout(t0 + Duration::from_secs(3600));
+    assert!(g.session(d).is_none(), "never connected");
+    assert_changes(g.take_persist_changes(), &[daddr], &["p"], "timeout");
+    // A restore may change anything.
+    let records = g.session_records(t0);
+    let pools = g.pool_snapshots(t0);
+    g.restore(&pools, &records, t0, Duration::ZERO);
+    assert!(g.take_persist_changes().all, "restore");
+}
+
+#[test]
+fn transfers_and_resumes_name_the_address_kept() {
+    let t0 = Instant::now();
+    // A transfer: the old session closes, the new one takes its address;
+    // the lease stays the user's (the pool document does not change).
+    let mut g = state("198.18.64.0/28", 1);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    let addr = g.session(a).expect("a").addr;
+    g.handle_attach("a1", None, None, t0).expect("attach");
+    let before = g.pool_snapshots(t0);
+    let _ = g.take_persist_changes();
+    let offer = match g.handle_logon(req("alice", "a2"), t0) {
+        Ok(LogonOutcome::TransferOffered(o)) => o.token,
+        other => panic!("{other:?}"),
+    };
+    assert!(g.take_persist_changes().is_empty(), "an offer");
+    let n = g.handle_transfer(&offer, true, t0).expect("transfer");
+    assert_eq!(g.session(n).map(|s| s.addr), Some(addr));
+    assert_changes(g.take_persist_changes(), &[addr], &[], "transfer");
+    assert_eq!(g.pool_snapshots(t0), before);
+    // Reconnect at logon: the session gets the new logon's cookie.
+    let mut g = ws_state(1, ReconnectAtLogon::Disconnected);
+    let a = opened(g.handle_logon(req("alice", "a1"), t0));
+    let addr = g.session(a).expect("a").addr;
+    g.handle_attach("a1", None, None, t0).expect("attach");
+    g.handle_detach(a, t0);
+    let _ = g.take_persist_changes();
+    assert_eq!(
+        g.handle_logon(req("alice", "a2"), t0),
+        Ok(LogonOutcome::Resumed(a))
+    );
+    assert_changes(g.take_persist_changes(), &[addr], &[], "resume");
+}
+
+/// What a write compares, leaving out what changes by itself (ages,
+/// quarantine left).
+fn persisted(
+    g: &GatewayState,
+    now: Instant,
+) -> (
+    HashMap<IpAddr, SessionRecord>,
+    BTreeMap<String, crate::pool::PoolSnapshot>,
+) {
+    let sessions = g
+        .session_records(now)
+        .into_iter()
+        .map(|mut r| {
+            r.age_secs = 0;
+            (r.addr, r)
+        })
+        .collect();
+    let pools = g
+        .pool_snapshots(now)
+        .into_iter()
+        .map(|(k, mut p)| {
+            for r in &mut p.released {
+                r.quarantine_remaining_ms = 0;
+            }
+            (k, p)
+        })
+        .collect();
+    (sessions, pools)
+}
+
+use std::collections::BTreeMap;
+
+proptest! {
+    /// Reference model for the change tracking: after every step, every
+    /// session record and pool snapshot that differs from before the step
+    /// is named in `take_persist_changes` (the shell rewrites only those).
+    #[test]
+    fn persist_changes_name_every_changed_record(
+        ops in proptest::collection::vec(op(), 1..100),
+        limit in 1u32..3,
+        reconnect in 0usize..3,
+    ) {
+        let t0 = Instant::now();
+        let mut now = t0;
+        let mut p = policy(limit);
+        p.idle_timeout = Some(Duration::from_secs(900));
+        p.reconnect_at_logon = ReconnectAtLogon::ALL[reconnect];
+        let mut g = state_with("198.18.64.0/29", p);
+        let mut tok = 0u32;
+        let mut offers: Vec<String> = Vec::new();
+        let user = |u: u8| format!("u{u}");
+        let find = |g: &GatewayState, u: u8| {
+            let mut v: Vec<&Session> = g.sessions().filter(|s| s.user == user(u)).collect();
+            v.sort_by_key(|s| s.id);
+            v.last().map(|s| (s.id, s.token.clone()))
+        };
+        let mut before = persisted(&g, now);
+        for op in ops {
+            let version = g.state_version();
+            match op {
+                Op::Logon(u) => {
+                    tok += 1;
+                    if let Ok(LogonOutcome::TransferOffered(o)) = g.handle_logon(req(&user(u), &format!("t{tok}")), now) {
+                        offers.push(o.token);
+                    }
+                }
+                Op::Answer(i, accept) => {
+                    if let Some(t) = offers.get(usize::from(i)).cloned() {
+                        let _ = g.handle_transfer(&t, accept, now);
+                    }
+                }
+                Op::Attach(u) => {
+                    if let Some((_, t)) = find(&g, u) { let _ = g.handle_attach(&t, Some(format!("d{u}")), None, now); }
+                }
+                Op::Detach(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_detach(id, now); }
+                }
+                Op::Disconnect(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_disconnect(id, "test", now); }
+                }
+                Op::Logoff(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.handle_logoff(id, CloseReason::Logoff, now); }
+                }
+                Op::Activity(u) => {
+                    if let Some((id, _)) = find(&g, u) { g.note_activity(id, now); }
+                }
+                Op::Advance(s) => {
+                    now += Duration::from_secs(u64::from(s));
+                    g.handle_timeout(now);
+                }
+            }
+            let _ = drain(&mut g);
+            let changes = g.take_persist_changes();
+            let after = persisted(&g, now);
+            prop_assert!(!changes.all);
+            let addrs: std::collections::BTreeSet<IpAddr> =
+                before.0.keys().chain(after.0.keys()).copied().collect();
+            for a in addrs {
+                if before.0.get(&a) != after.0.get(&a) {
+                    prop_assert!(changes.sessions.contains(&a), "record of {} changed unreported ({:?})", a, changes);
+                }
+            }
+            for (name, p) in &after.1 {
+                if before.1.get(name) != Some(p) {
+                    prop_assert!(changes.pools.contains(name), "pool {} changed unreported", name);
+                }
+            }
+            // A change moves the version; no change, no version.
+            prop_assert_eq!(changes.is_empty(), g.state_version() == version);
+            before = after;
+        }
+    }
 }

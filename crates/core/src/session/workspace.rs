@@ -10,6 +10,7 @@
 
 use std::time::Instant;
 
+use super::records::Change;
 use super::state::GatewayState;
 use super::types::{user_key, Event, LogonError, LogonOutcome, LogonRequest, SessionState};
 use crate::ids::SessionId;
@@ -93,6 +94,7 @@ impl GatewayState {
             return Err(LogonError::NoPolicy(req.user));
         };
         let was_active = s.state == SessionState::Active;
+        let addr = s.addr;
         let old = std::mem::replace(&mut s.token, req.token.clone());
         s.state = SessionState::Disconnected { since: now };
         s.last_activity = now;
@@ -111,7 +113,7 @@ impl GatewayState {
             self.hashed_tokens = self.hashed_tokens.saturating_sub(1);
         }
         self.by_token.insert(req.token, id);
-        self.version += 1;
+        self.tracker.note(Change::Session(addr));
         self.reschedule(id);
         if was_active {
             self.events.push_back(Event::Disconnected {
