@@ -646,6 +646,54 @@ enum Op {
     Advance(u16),
 }
 
+/// The newest session of user `u{u}`: its id and cookie.
+fn latest_of(g: &GatewayState, u: u8) -> Option<(SessionId, String)> {
+    let name = format!("u{u}");
+    let mut v: Vec<&Session> = g.sessions().filter(|s| s.user == name).collect();
+    v.sort_by_key(|s| s.id);
+    v.last().map(|s| (s.id, s.token.clone()))
+}
+
+/// Applies an op on an existing session or offer (not `Logon` or
+/// `Advance`, which each model checks its own way) to `g`; `device`:
+/// attach with a device name.
+fn session_op(g: &mut GatewayState, op: &Op, offers: &[String], now: Instant, device: bool) {
+    match *op {
+        Op::Answer(i, accept) => {
+            if let Some(t) = offers.get(usize::from(i)) {
+                let _ = g.handle_transfer(t, accept, now);
+            }
+        }
+        Op::Attach(u) => {
+            if let Some((_, t)) = latest_of(g, u) {
+                let name = device.then(|| format!("d{u}"));
+                let _ = g.handle_attach(&t, name, None, now);
+            }
+        }
+        Op::Detach(u) => {
+            if let Some((id, _)) = latest_of(g, u) {
+                g.handle_detach(id, now);
+            }
+        }
+        Op::Disconnect(u) => {
+            if let Some((id, _)) = latest_of(g, u) {
+                g.handle_disconnect(id, "test", now);
+            }
+        }
+        Op::Logoff(u) => {
+            if let Some((id, _)) = latest_of(g, u) {
+                g.handle_logoff(id, CloseReason::Logoff, now);
+            }
+        }
+        Op::Activity(u) => {
+            if let Some((id, _)) = latest_of(g, u) {
+                g.note_activity(id, now);
+            }
+        }
+        Op::Logon(_) | Op::Advance(_) => {}
+    }
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0u8..5).prop_map(Op::Logon),
@@ -677,11 +725,6 @@ proptest! {
         let mut tok = 0u32;
         let mut offers: Vec<String> = Vec::new();
         let user = |u: u8| format!("u{u}");
-        let find = |g: &GatewayState, u: u8| {
-            let mut v: Vec<&Session> = g.sessions().filter(|s| s.user == user(u)).collect();
-            v.sort_by_key(|s| s.id);
-            v.last().map(|s| (s.id, s.token.clone()))
-        };
         for op in ops {
             match op {
                 Op::Logon(u) => {
@@ -699,26 +742,8 @@ proptest! {
                         _ => {}
                     }
                 }
-                Op::Answer(i, accept) => {
-                    if let Some(t) = offers.get(usize::from(i)).cloned() {
-                        let _ = g.handle_transfer(&t, accept, now);
-                    }
-                }
-                Op::Attach(u) => {
-                    if let Some((_, t)) = find(&g, u) { let _ = g.handle_attach(&t, None, None, now); }
-                }
-                Op::Detach(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_detach(id, now); }
-                }
-                Op::Disconnect(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_disconnect(id, "test", now); }
-                }
-                Op::Logoff(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_logoff(id, CloseReason::Logoff, now); }
-                }
-                Op::Activity(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.note_activity(id, now); }
-                }
+                other @ (Op::Answer(..) | Op::Attach(_) | Op::Detach(_) | Op::Disconnect(_) | Op::Logoff(_)
+                | Op::Activity(_)) => session_op(&mut g, &other, &offers, now, false),
                 Op::Advance(s) => {
                     now += Duration::from_secs(u64::from(s));
                     g.handle_timeout(now);
@@ -793,11 +818,6 @@ proptest! {
         let mut tok = 0u32;
         let mut offers: Vec<String> = Vec::new();
         let user = |u: u8| format!("u{u}");
-        let find = |g: &GatewayState, u: u8| {
-            let mut v: Vec<&Session> = g.sessions().filter(|s| s.user == user(u)).collect();
-            v.sort_by_key(|s| s.id);
-            v.last().map(|s| (s.id, s.token.clone()))
-        };
         for op in ops {
             match op {
                 Op::Logon(u) => {
@@ -806,26 +826,8 @@ proptest! {
                         offers.push(o.token);
                     }
                 }
-                Op::Answer(i, accept) => {
-                    if let Some(t) = offers.get(usize::from(i)).cloned() {
-                        let _ = g.handle_transfer(&t, accept, now);
-                    }
-                }
-                Op::Attach(u) => {
-                    if let Some((_, t)) = find(&g, u) { let _ = g.handle_attach(&t, None, None, now); }
-                }
-                Op::Detach(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_detach(id, now); }
-                }
-                Op::Disconnect(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_disconnect(id, "test", now); }
-                }
-                Op::Logoff(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_logoff(id, CloseReason::Logoff, now); }
-                }
-                Op::Activity(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.note_activity(id, now); }
-                }
+                other @ (Op::Answer(..) | Op::Attach(_) | Op::Detach(_) | Op::Disconnect(_) | Op::Logoff(_)
+                | Op::Activity(_)) => session_op(&mut g, &other, &offers, now, false),
                 Op::Advance(s) => {
                     now += Duration::from_secs(u64::from(s));
                     let due: std::collections::BTreeSet<SessionId> = g
@@ -1654,11 +1656,6 @@ proptest! {
         let mut tok = 0u32;
         let mut offers: Vec<String> = Vec::new();
         let user = |u: u8| format!("u{u}");
-        let find = |g: &GatewayState, u: u8| {
-            let mut v: Vec<&Session> = g.sessions().filter(|s| s.user == user(u)).collect();
-            v.sort_by_key(|s| s.id);
-            v.last().map(|s| (s.id, s.token.clone()))
-        };
         let mut before = persisted(&g, now);
         for op in ops {
             let version = g.state_version();
@@ -1669,26 +1666,8 @@ proptest! {
                         offers.push(o.token);
                     }
                 }
-                Op::Answer(i, accept) => {
-                    if let Some(t) = offers.get(usize::from(i)).cloned() {
-                        let _ = g.handle_transfer(&t, accept, now);
-                    }
-                }
-                Op::Attach(u) => {
-                    if let Some((_, t)) = find(&g, u) { let _ = g.handle_attach(&t, Some(format!("d{u}")), None, now); }
-                }
-                Op::Detach(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_detach(id, now); }
-                }
-                Op::Disconnect(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_disconnect(id, "test", now); }
-                }
-                Op::Logoff(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.handle_logoff(id, CloseReason::Logoff, now); }
-                }
-                Op::Activity(u) => {
-                    if let Some((id, _)) = find(&g, u) { g.note_activity(id, now); }
-                }
+                other @ (Op::Answer(..) | Op::Attach(_) | Op::Detach(_) | Op::Disconnect(_) | Op::Logoff(_)
+                | Op::Activity(_)) => session_op(&mut g, &other, &offers, now, true),
                 Op::Advance(s) => {
                     now += Duration::from_secs(u64::from(s));
                     g.handle_timeout(now);
