@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use super::records::Change;
+use super::changes::Change;
 use super::state::GatewayState;
 use super::types::{
     user_key, Account, AccountOutcome, CloseReason, Event, PolicyReload, Reevaluation,

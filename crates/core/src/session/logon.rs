@@ -5,7 +5,7 @@
 use std::net::IpAddr;
 use std::time::Instant;
 
-use super::records::Change;
+use super::changes::Change;
 use super::state::GatewayState;
 use super::types::{
     user_key, CloseReason, Event, LogonError, LogonOutcome, LogonRequest, Session, SessionState,

@@ -27,6 +27,7 @@
 //!   restore.
 
 mod accounts;
+mod changes;
 mod logon;
 mod records;
 mod remote;
@@ -38,7 +39,8 @@ mod types;
 mod workspace;
 
 pub use crate::ids::SessionId;
-pub use records::{PersistChanges, SessionRecord};
+pub use changes::PersistChanges;
+pub use records::SessionRecord;
 
 pub use state::GatewayState;
 pub use types::{token_hash, AdoptError, RemoteConflict, RemoteSession, TOKEN_HASH_PREFIX};

@@ -13,7 +13,8 @@
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::records::{Change, SessionRecord};
+use super::changes::Change;
+use super::records::SessionRecord;
 use super::state::GatewayState;
 use super::types::{
     token_hash, user_key, AdoptError, CloseReason, RemoteConflict, RemoteEntry, RemoteSession,

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use super::records::Change;
+use super::changes::Change;
 use super::types::{
     user_key, AttachError, CloseReason, Event, PendingOffer, Session, SessionSettings,
     SessionState, SessionSummary, NAT_POOL,
@@ -42,7 +42,7 @@ pub struct GatewayState {
     pub(super) events: VecDeque<Event>,
     /// The persisted state's version and what changed (see
     /// `state_version`, `take_persist_changes`).
-    pub(super) tracker: super::records::PersistTracker,
+    pub(super) tracker: super::changes::PersistTracker,
     pub(super) dns: DnsRecords,
     /// Sessions other nodes of the cluster hold, by address (their leases
     /// are in `pools`, their names in `dns`).

@@ -10,7 +10,7 @@
 
 use std::time::Instant;
 
-use super::records::Change;
+use super::changes::Change;
 use super::state::GatewayState;
 use super::types::{user_key, Event, LogonError, LogonOutcome, LogonRequest, SessionState};
 use crate::ids::SessionId;
