@@ -654,6 +654,16 @@ fn latest_of(g: &GatewayState, u: u8) -> Option<(SessionId, String)> {
     v.last().map(|s| (s.id, s.token.clone()))
 }
 
+/// `Op::Logon(u)` with the next cookie; a transfer offer goes to `offers`.
+fn plain_logon(g: &mut GatewayState, u: u8, tok: &mut u32, offers: &mut Vec<String>, now: Instant) {
+    *tok += 1;
+    if let Ok(LogonOutcome::TransferOffered(o)) =
+        g.handle_logon(req(&format!("u{u}"), &format!("t{tok}")), now)
+    {
+        offers.push(o.token);
+    }
+}
+
 /// Applies an op on an existing session or offer (not `Logon` or
 /// `Advance`, which each model checks its own way) to `g`; `device`:
 /// attach with a device name.
@@ -817,15 +827,9 @@ proptest! {
         let mut g = state_with("198.18.64.0/28", p);
         let mut tok = 0u32;
         let mut offers: Vec<String> = Vec::new();
-        let user = |u: u8| format!("u{u}");
         for op in ops {
             match op {
-                Op::Logon(u) => {
-                    tok += 1;
-                    if let Ok(LogonOutcome::TransferOffered(o)) = g.handle_logon(req(&user(u), &format!("t{tok}")), now) {
-                        offers.push(o.token);
-                    }
-                }
+                Op::Logon(u) => plain_logon(&mut g, u, &mut tok, &mut offers, now),
                 other @ (Op::Answer(..) | Op::Attach(_) | Op::Detach(_) | Op::Disconnect(_) | Op::Logoff(_)
                 | Op::Activity(_)) => session_op(&mut g, &other, &offers, now, false),
                 Op::Advance(s) => {
@@ -1655,17 +1659,11 @@ proptest! {
         let mut g = state_with("198.18.64.0/29", p);
         let mut tok = 0u32;
         let mut offers: Vec<String> = Vec::new();
-        let user = |u: u8| format!("u{u}");
         let mut before = persisted(&g, now);
         for op in ops {
             let version = g.state_version();
             match op {
-                Op::Logon(u) => {
-                    tok += 1;
-                    if let Ok(LogonOutcome::TransferOffered(o)) = g.handle_logon(req(&user(u), &format!("t{tok}")), now) {
-                        offers.push(o.token);
-                    }
-                }
+                Op::Logon(u) => plain_logon(&mut g, u, &mut tok, &mut offers, now),
                 other @ (Op::Answer(..) | Op::Attach(_) | Op::Detach(_) | Op::Disconnect(_) | Op::Logoff(_)
                 | Op::Activity(_)) => session_op(&mut g, &other, &offers, now, true),
                 Op::Advance(s) => {
