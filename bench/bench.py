@@ -173,14 +173,14 @@ HZ = os.sysconf("SC_CLK_TCK")
 # hold_per_addr per source address of the load generator; the gateway's CPU is
 # measured over idle_cpu_secs while that plateau is held.
 PARAMS = {
-    "full": dict(iperf_secs=5, iperf_runs=3, ping_count=200, ping_interval=0.02, oc_logons=5,
+    "full": dict(iperf_secs=5, iperf_runs=3, ping_count=500, ping_interval=0.01, ping_load_mbit=400, oc_logons=5,
                  proto_logons=20, rate_runs=3, rate_count=300, rate_concurrency=32,
                  multi_users=16, storm_count=1000, storm_concurrency=1000,
                  hold_targets=[1, 100, 1000, 10000], hold_max=100000, hold_per_proc=0,
                  hold_per_addr=25000, idle_cpu_secs=30.0,
                  hold_concurrency=32, hold_settle=3.0, hold_step_timeout=420, dns_names=100000,
                  dns_secs=5, dns_runs=3, wait_idle=True),
-    "smoke": dict(iperf_secs=1, iperf_runs=1, ping_count=10, ping_interval=0.02, oc_logons=1,
+    "smoke": dict(iperf_secs=1, iperf_runs=1, ping_count=10, ping_interval=0.02, ping_load_mbit=100, oc_logons=1,
                   proto_logons=5, rate_runs=1, rate_count=5, rate_concurrency=5,
                   multi_users=2, storm_count=20, storm_concurrency=20,
                   hold_targets=[1, 10], hold_max=20, hold_per_proc=10, hold_per_addr=10,
@@ -1183,16 +1183,25 @@ exit $rc
     def ping_under_load(self, kind):
         """Pings from u0 through its tunnel while u1's session (client1,
         already up) carries a bulk iperf3 to the internal host's second server,
-        down (-R: internal -> u1) and then up."""
+        down (-R: internal -> u1) and then up: first as fast as it goes (each
+        gateway carries what it can, so the loads differ), then paced at
+        ping_load_mbit (-b), a load both carry, so the RTTs compare at equal
+        load (keys "down-paced", "up-paced")."""
         P = self.P
         ping_s = P["ping_count"] * P["ping_interval"]
         bulk_s = int(ping_s + 3.5)  # 1 s ramp before the pings, 2.5 s after
         out = {}
-        for d in ("down", "up"):
-            jf = self.work / ("bulk-%s-%s.json" % (kind, d))
+        runs = [(d, None) for d in ("down", "up")]
+        if P.get("ping_load_mbit"):
+            runs += [(d, P["ping_load_mbit"]) for d in ("down", "up")]
+        for d, rate in runs:
+            key = d if rate is None else d + "-paced"
+            jf = self.work / ("bulk-%s-%s.json" % (kind, key))
             args = ["ip", "netns", "exec", self.users[1], "iperf3", "-c", INT_IP, "-p", IPERF_PORT + 1,
                     "-t", bulk_s, "-J"] + (["-R"] if d == "down" else [])
-            bulk = self.spawn("bulk-%s-%s" % (kind, d), args, stdout=open(jf, "w"))
+            if rate is not None:
+                args += ["-b", "%dM" % rate]
+            bulk = self.spawn("bulk-%s-%s" % (kind, key), args, stdout=open(jf, "w"))
             time.sleep(1.0)
             if not bulk.alive():
                 raise HarnessError("bulk iperf3 in %s ended early: %s" % (self.users[1], jf.read_text()[-1000:]))
@@ -1204,9 +1213,9 @@ exit $rc
             b = self.iperf_json(jf, "bulk iperf3 %s" % d)
             if b["mbit_s"] is None:
                 raise HarnessError("ping under load: %s" % b["error"])
-            out[d] = {"ping": ping, "bulk_mbit_s": b["mbit_s"], "bulk_secs": bulk_s}
+            out[key] = {"ping": ping, "bulk_mbit_s": b["mbit_s"], "bulk_secs": bulk_s, "paced_mbit": rate}
             log("%s: ping RTT under load (bulk %s %s Mbit/s in %s): p50 %s ms, p99 %s ms" % (
-                kind, d, fmt(b["mbit_s"]), self.clients[1], fmt(ping["p50_ms"], 3), fmt(ping["p99_ms"], 3)))
+                kind, key, fmt(b["mbit_s"]), self.clients[1], fmt(ping["p50_ms"], 3), fmt(ping["p99_ms"], 3)))
             time.sleep(1)  # the server ends its test
         return out
 
@@ -1915,7 +1924,12 @@ secret_file = "{secret}"
             row("ping RTT idle, %s of %d, openconnect (plain: %s)" % (q, n_ping, fmt(g(R, "plain", "ping", q + "_ms"),
                                                                                       3, " ms")),
                 a, b, ratio(a, b), TARGETS["ping"], le(a, b), " ms", 3)
-        for d, lab in (("down", "bulk iperf3 down (-R)"), ("up", "bulk iperf3 up")):
+        paced = self.P.get("ping_load_mbit")
+        for d, lab in (("down", "bulk iperf3 down (-R)"), ("up", "bulk iperf3 up"),
+                       ("down-paced", "iperf3 down (-R) paced at %s Mbit/s" % paced),
+                       ("up-paced", "iperf3 up paced at %s Mbit/s" % paced)):
+            if g(ig, "ping_load", d) is None and g(oc, "ping_load", d) is None:
+                continue
             for q in ("p50", "p99"):
                 a, b = g(ig, "ping_load", d, "ping", q + "_ms"), g(oc, "ping_load", d, "ping", q + "_ms")
                 row("ping RTT under load, %s (%s in another session: %s / %s Mbit/s)" % (
@@ -2061,7 +2075,9 @@ secret_file = "{secret}"
         if ig.get("ping_load") or oc.get("ping_load"):
             lines.append("- Ping: %d pings %s s apart from u0 through its openconnect tunnel; under load while the "
                          "session of a second user (client1 in u1) carries a bulk iperf3 to its own server port "
-                         "(down: -R, then up)." % (P["ping_count"], P["ping_interval"]))
+                         "(down: -R, then up), first unpaced (each gateway carries what it can, so the loads "
+                         "differ), then paced with -b %sM, a load both carry (the RTTs at equal load)."
+                         % (P["ping_count"], P["ping_interval"], P.get("ping_load_mbit")))
         if ig.get("multi") or oc.get("multi"):
             lines.append("- %d users: namespaces u0..u%d, one openconnect session (client0..) each, iperf3 -t %d "
                          "from all at once, each to its own server port (5201..); aggregate = sum of the users' "
