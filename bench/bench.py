@@ -1148,8 +1148,9 @@ exit $rc
             io = runs[d][-1].get("io")
             if io:
                 log("%s %s: packets per TUN read %s, per TUN write batch %s; frames per socket write %s; "
-                    "socket reads %s" % (label, d, io["packets_per_tun_read"], io["packets_per_tun_batch"],
-                                         io["frames_per_socket_write"], io.get("socket_reads")))
+                    "socket reads %s; receive batching started %s times" % (
+                        label, d, io["packets_per_tun_read"], io["packets_per_tun_batch"],
+                        io["frames_per_socket_write"], io.get("socket_reads"), io.get("rx_batching")))
         return out
 
     def ping(self, src_ns):

@@ -166,6 +166,9 @@ pub struct IoStats {
     /// Super-packets cut into segments instead (NAT, FTP, toward another
     /// user, or a tunnel without GSO).
     pub gso_split: AtomicU64,
+    /// Times a tunnel carrying a bulk upload raised its socket's receive
+    /// low-water mark (receive batching, `core::rx_batch`).
+    pub rx_batching: AtomicU64,
 }
 
 impl IoStats {
@@ -181,6 +184,7 @@ impl IoStats {
             "gso_in": self.gso_in.load(Relaxed),
             "gso_out": self.gso_out.load(Relaxed),
             "gso_split": self.gso_split.load(Relaxed),
+            "rx_batching": self.rx_batching.load(Relaxed),
         })
     }
 }

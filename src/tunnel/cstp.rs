@@ -58,6 +58,7 @@ use crate::core::conntrack::Outcome;
 use crate::core::link::{LinkAction, TunnelLink};
 use crate::core::replay::shows_client_alive;
 use crate::core::route::{self, DropReason, UserView, Verdict};
+use crate::core::rx_batch::RxBatching;
 use crate::core::session::{CloseReason, SessionId};
 use crate::dataplane::plane::{DataPlane, Job};
 use crate::fdlimit::FdSlot;
@@ -225,6 +226,7 @@ async fn run_tunnel(
         queued: 0,
         scratch: Vec::new(),
         link: TunnelLink::new(shared.config.buffer_packets, dead_after, started),
+        rx_batch: RxBatching::new(started),
     };
     let end = tokio::select! {
         e = t.run(&mut queue, ctl_rx, &tun, started) => e,
@@ -336,6 +338,28 @@ fn read_draining(tcp: &TcpStream, buf: &mut [u8], drained: &mut bool) -> std::io
     r
 }
 
+/// `SO_RCVLOWAT` on a TCP socket (see [`Tunnel::set_rx_mark`]).
+fn set_rcvlowat(tcp: &TcpStream, bytes: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket descriptor (borrowed for the call) and a
+    // c_int option value of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            tcp.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            std::ptr::from_ref(&v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// What became of one packet from the user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fate {
@@ -408,6 +432,8 @@ struct Tunnel<'a> {
     /// Hold, probes, dead peer and trimming, with the packets written
     /// toward the user and not yet confirmed by the client.
     link: TunnelLink<Bytes>,
+    /// The socket's receive low-water mark during a bulk upload.
+    rx_batch: RxBatching,
 }
 
 /// What woke the tunnel's loop (handled after the one clock read).
@@ -417,6 +443,8 @@ enum Wake {
     Writable(std::io::Result<()>),
     Packet(Option<Bytes>),
     Timer,
+    /// The receive-batching flush deadline ([`RxBatching::poll_flush`]).
+    Flush,
 }
 
 impl Tunnel<'_> {
@@ -441,6 +469,12 @@ impl Tunnel<'_> {
         let housekeeping = tokio::time::sleep_until(self.link.poll_timeout().0.into());
         tokio::pin!(housekeeping);
         let mut fired = false;
+        // The receive-batching flush, armed when batching starts and
+        // re-armed when it fires early (the deadline only moves later while
+        // batching: no timer-wheel work per read).
+        let flush = tokio::time::sleep_until(tokio::time::Instant::from_std(started));
+        tokio::pin!(flush);
+        let mut flush_armed = false;
         loop {
             let waiting = !q.first.is_empty() || !q.rx.is_empty();
             if !self.link.poll_hold(now, waiting) {
@@ -462,6 +496,14 @@ impl Tunnel<'_> {
             if std::mem::take(&mut fired) || at < housekeeping.deadline() {
                 housekeeping.as_mut().reset(at);
             }
+            match self.rx_batch.poll_flush() {
+                Some(at) if !flush_armed => {
+                    flush.as_mut().reset(tokio::time::Instant::from_std(at));
+                    flush_armed = true;
+                }
+                None => flush_armed = false,
+                Some(_) => {}
+            }
             let want_write = self.tls.wants_write();
             let wake = tokio::select! {
                 biased;
@@ -470,6 +512,7 @@ impl Tunnel<'_> {
                 r = self.tcp.writable(), if want_write => Wake::Writable(r),
                 p = q.rx.recv(), if !want_write && q.first.is_empty() => Wake::Packet(p),
                 () = &mut housekeeping => Wake::Timer,
+                () = &mut flush, if flush_armed => Wake::Flush,
             };
             now = Instant::now();
             let step = match wake {
@@ -499,6 +542,14 @@ impl Tunnel<'_> {
                     }
                 }
                 Wake::Packet(None) => return End::Closed,
+                Wake::Flush => {
+                    // Early (reads moved the deadline): re-armed at the top.
+                    flush_armed = false;
+                    if let Some(mark) = self.rx_batch.handle_flush_timeout(now) {
+                        self.set_rx_mark(mark);
+                    }
+                    Ok(())
+                }
                 Wake::Timer => {
                     // Re-armed at the top of the loop, after a probe that
                     // fell due has gone out.
@@ -760,6 +811,7 @@ impl Tunnel<'_> {
     /// the per-thread buffers are used without an await in between.
     fn on_readable(&mut self, tun: &AsyncDevice, now: Instant) -> Result<(), End> {
         let mut heard = false;
+        let mut bytes = 0;
         let result = TUN_BATCH.with(|b| {
             let batch = &mut b.borrow_mut();
             let mut result = Ok(());
@@ -771,6 +823,7 @@ impl Tunnel<'_> {
                         Ok(0) => Read::End(End::Dropped("connection closed".into())),
                         Ok(n) => {
                             self.shared.stats.io.socket_reads.fetch_add(1, Relaxed);
+                            bytes += n;
                             match self.feed(raw.get(..n).unwrap_or(&[])) {
                                 Ok(closed) => Read::Fed(closed),
                                 Err(end) => Read::End(end),
@@ -808,7 +861,28 @@ impl Tunnel<'_> {
         if heard {
             self.link.handle_received(now);
         }
+        if result.is_ok() {
+            if let Some(mark) = self.rx_batch.handle_read(now, bytes) {
+                if self.rx_batch.is_on() {
+                    self.shared.stats.io.rx_batching.fetch_add(1, Relaxed);
+                }
+                self.set_rx_mark(mark);
+            }
+        }
         result
+    }
+
+    /// Sets the socket's receive low-water mark (`SO_RCVLOWAT`): the kernel
+    /// reports the socket readable once that many bytes wait (or at a FIN,
+    /// an error, or memory pressure); lowering it reports what waits. A
+    /// refusal only costs the batching.
+    fn set_rx_mark(&mut self, mark: usize) {
+        if let Err(e) = set_rcvlowat(&self.tcp, mark) {
+            debug!(addr = %self.addr, error = %e, "SO_RCVLOWAT refused; no receive batching");
+            if mark != crate::core::rx_batch::NO_BATCH {
+                let _ = set_rcvlowat(&self.tcp, crate::core::rx_batch::NO_BATCH);
+            }
+        }
     }
 
     /// Feeds socket bytes to rustls and moves the plaintext to `plain`.
@@ -1180,6 +1254,58 @@ mod tests {
         let a = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let (b, _) = l.accept().await.unwrap();
         (a, b)
+    }
+
+    /// The receive low-water mark as receive batching relies on it: bytes
+    /// below the mark do not wake the reader, reaching it does, and
+    /// lowering the mark reports what waits (no read is needed to notice).
+    #[tokio::test]
+    async fn the_receive_mark_holds_small_reads_and_lowering_it_reports_them() {
+        use crate::core::rx_batch::{BATCH_BYTES, NO_BATCH};
+        let (mut tx, rx) = pair().await;
+        let mut buf = vec![0u8; 64 * 1024];
+        // tokio reports a new socket readable once: a read clears it.
+        let e = rx.try_read(&mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock);
+        set_rcvlowat(&rx, BATCH_BYTES).unwrap();
+        tx.write_all(&[1; 100]).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), rx.readable())
+                .await
+                .is_err(),
+            "100 bytes below the mark woke the reader"
+        );
+        set_rcvlowat(&rx, NO_BATCH).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.readable())
+            .await
+            .expect("lowering the mark reports the waiting bytes")
+            .unwrap();
+        let mut drained = false;
+        assert_eq!(read_draining(&rx, &mut buf, &mut drained).unwrap(), 100);
+
+        // Reaching the mark wakes the reader.
+        set_rcvlowat(&rx, BATCH_BYTES).unwrap();
+        tx.write_all(&vec![2; BATCH_BYTES - 1]).await.unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), rx.readable())
+                .await
+                .is_err(),
+            "one byte short of the mark woke the reader"
+        );
+        tx.write_all(&[3]).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), rx.readable())
+            .await
+            .expect("reaching the mark wakes the reader")
+            .unwrap();
+        let mut got = 0;
+        for _ in 0..10 {
+            match read_draining(&rx, &mut buf, &mut drained) {
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(got, BATCH_BYTES);
     }
 
     /// A short read reports the socket drained; a full read does not; data

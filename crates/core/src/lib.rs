@@ -22,4 +22,5 @@ pub mod policy;
 pub mod pool;
 pub mod replay;
 pub mod route;
+pub mod rx_batch;
 pub mod session;
