@@ -413,6 +413,15 @@ impl Netns {
         ip(&["netns", "add", &name]);
         let ns = Netns { name };
         ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
+        // No IPv6 duplicate address detection on the links that come later:
+        // otherwise each link-local address turns from tentative to valid
+        // 1-2 s after the link is up, and a browser (chromium) started in
+        // that window sees a network change and aborts its navigation
+        // (net::ERR_NETWORK_CHANGED). The tests use IPv4 only.
+        for key in ["all", "default"] {
+            let kv = format!("net.ipv6.conf.{key}.accept_dad=0");
+            ns_run(&ns.name, &["sysctl", "-qw", &kv], Duration::from_secs(5)).expect_ok();
+        }
         ns
     }
 
