@@ -23,6 +23,7 @@ pub mod offload;
 pub mod plugin;
 pub mod sdnotify;
 pub mod shared;
+mod sockopt;
 pub mod state;
 pub mod stats;
 pub mod tls;

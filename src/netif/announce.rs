@@ -43,7 +43,7 @@ use std::fmt;
 use std::io;
 use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -534,23 +534,7 @@ impl Netlink {
 
 /// Turns a `SOL_NETLINK` option on.
 fn enable_netlink_option(fd: &OwnedFd, option: libc::c_int) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads size_of::<c_int>() bytes from `one`, which
-    // outlives the call; `fd` is an open socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_NETLINK,
-            option,
-            (&one as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    crate::sockopt::set_int(fd.as_fd(), libc::SOL_NETLINK, option, 1)
 }
 
 // ---------------------------------------------------------------------------

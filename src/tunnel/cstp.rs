@@ -340,24 +340,9 @@ fn read_draining(tcp: &TcpStream, buf: &mut [u8], drained: &mut bool) -> std::io
 
 /// `SO_RCVLOWAT` on a TCP socket (see [`Tunnel::set_rx_mark`]).
 fn set_rcvlowat(tcp: &TcpStream, bytes: usize) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::AsFd;
     let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    // SAFETY: a valid socket descriptor (borrowed for the call) and a
-    // c_int option value of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            tcp.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVLOWAT,
-            std::ptr::from_ref(&v).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    crate::sockopt::set_int(tcp.as_fd(), libc::SOL_SOCKET, libc::SO_RCVLOWAT, v)
 }
 
 /// What became of one packet from the user.

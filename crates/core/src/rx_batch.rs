@@ -136,6 +136,14 @@ mod tests {
 
     const REC: usize = 1_400;
 
+    /// Batching since `t0`: ON_BYTES came in one read.
+    fn batching() -> (Instant, RxBatching) {
+        let t0 = Instant::now();
+        let mut b = RxBatching::new(t0);
+        assert_eq!(b.handle_read(t0, ON_BYTES), Some(BATCH_BYTES));
+        (t0, b)
+    }
+
     /// Interactive traffic, keepalives and a download's ACK stream never
     /// raise the mark: one record per wake-up, even many per millisecond.
     #[test]
@@ -184,9 +192,7 @@ mod tests {
     /// flush deadline comes down the mark; batching can start again later.
     #[test]
     fn a_slowing_stream_lowers_the_mark_at_the_flush_deadline() {
-        let t0 = Instant::now();
-        let mut b = RxBatching::new(t0);
-        assert_eq!(b.handle_read(t0, ON_BYTES), Some(BATCH_BYTES));
+        let (t0, mut b) = batching();
         let t1 = t0 + Duration::from_micros(300);
         assert_eq!(b.handle_read(t1, BATCH_BYTES), None);
         let due = b.poll_flush().expect("batching");
@@ -208,9 +214,7 @@ mod tests {
     /// Mbit/s) stops batching at that read.
     #[test]
     fn a_mark_filling_slowly_stops_batching() {
-        let t0 = Instant::now();
-        let mut b = RxBatching::new(t0);
-        assert_eq!(b.handle_read(t0, ON_BYTES), Some(BATCH_BYTES));
+        let (t0, mut b) = batching();
         let t1 = t0 + SLOW_FILL;
         assert_eq!(b.handle_read(t1, BATCH_BYTES), None, "just in time");
         let t2 = t1 + SLOW_FILL + Duration::from_micros(1);
@@ -223,9 +227,7 @@ mod tests {
     /// does not push the deadline out.
     #[test]
     fn empty_reads_do_not_postpone_the_flush() {
-        let t0 = Instant::now();
-        let mut b = RxBatching::new(t0);
-        assert_eq!(b.handle_read(t0, ON_BYTES), Some(BATCH_BYTES));
+        let (t0, mut b) = batching();
         assert_eq!(b.handle_read(t0 + Duration::from_micros(900), 0), None);
         assert_eq!(b.poll_flush(), Some(t0 + FLUSH_AFTER));
     }
