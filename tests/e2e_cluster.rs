@@ -462,13 +462,15 @@ fn internal_host_reaches_users_on_every_node() {
             topo.node_logs()
         );
         let mac = node.inside_mac();
-        assert_eq!(
-            topo.internal_neighbour(addr).as_deref(),
-            Some(mac.as_str()),
-            "the internal host reached {addr} through the wrong node: {} holds {u}'s session, \
-             so it (inside MAC {mac}) must answer ARP for it, and no other node",
-            node.name
-        );
+        if let Err(e) = topo.wait_neighbour(addr, &mac, 5 * S) {
+            panic!(
+                "the internal host reached {addr} through the wrong node: {} holds {u}'s \
+                 session, so it (inside MAC {mac}) must answer ARP for it, and no other node: \
+                 {e}\n{}",
+                node.name,
+                topo.neighbour_report(addr)
+            );
+        }
         topo.tcp_from_internal(i, addr, "3389")
             .unwrap_or_else(|e| panic!("{u} on {}: {e}", node.name));
     }

@@ -724,11 +724,14 @@ fn transfer_across_nodes() {
         topo.node_logs()
     );
     let mac = topo.node(1).inside_mac();
-    assert_eq!(
-        topo.internal_neighbour(&addr).as_deref(),
-        Some(mac.as_str()),
-        "the internal host reaches {addr} through another node than gw2 (MAC {mac})"
-    );
+    if let Err(e) = topo.wait_neighbour(&addr, &mac, 5 * S) {
+        panic!(
+            "the internal host reaches {addr} through another node than gw2 (MAC {mac}): \
+             {e}\n{}\n{}",
+            topo.neighbour_report(&addr),
+            topo.node_logs()
+        );
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1513,11 +1516,14 @@ fn a_reconnect_through_haproxy_may_land_on_any_node() {
         topo.node_logs()
     );
     let mac = topo.node(now_on).inside_mac();
-    assert_eq!(
-        topo.internal_neighbour(&addr).as_deref(),
-        Some(mac.as_str()),
-        "the internal host reaches {addr} through another node than {now_name}"
-    );
+    if let Err(e) = topo.wait_neighbour(&addr, &mac, 5 * S) {
+        panic!(
+            "the internal host reaches {addr} through another node than {now_name} \
+             (MAC {mac}): {e}\n{}\n{}",
+            topo.neighbour_report(&addr),
+            topo.node_logs()
+        );
+    }
     logons.assert_no_new_logon(&topo, "after the reconnects");
 }
 

@@ -1390,6 +1390,59 @@ impl ClusterTopology {
         ping_ok(&self.internal.name, addr, timeout)
     }
 
+    /// Waits until the internal host's neighbour entry for `addr` carries
+    /// `mac` (one ping to `addr` a round, so that a stale or incomplete
+    /// entry is resolved), at most `timeout`. Err: the entry last seen.
+    pub fn wait_neighbour(&self, addr: &str, mac: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let got = self.internal_neighbour(addr);
+            if got.as_deref() == Some(mac) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(format!("{got:?} after {timeout:?}"));
+            }
+            let _ = self.ping_from_internal(addr);
+        }
+    }
+
+    /// For a failure message: the internal host's neighbour entry for
+    /// `addr` (naming the node whose MAC it is) and, on every node, its
+    /// routes to other nodes' users and how it routes `addr`.
+    pub fn neighbour_report(&self, addr: &str) -> String {
+        let o = self.internal.exec(
+            &["ip", "neigh", "show", addr, "dev", "vi"],
+            Duration::from_secs(5),
+        );
+        let mut out = format!("internal host: neighbour {addr}: {}", o.stdout.trim());
+        for n in &self.nodes {
+            let mac = n.inside_mac();
+            let owner = if o.stdout.contains(&mac) {
+                " <- this MAC"
+            } else {
+                ""
+            };
+            let routes = ns_run(
+                &n.ns.name,
+                &["ip", "-4", "route", "show", "proto", "201"],
+                Duration::from_secs(5),
+            );
+            let get = ns_run(
+                &n.ns.name,
+                &["ip", "-4", "route", "get", addr],
+                Duration::from_secs(5),
+            );
+            out.push_str(&format!(
+                "\n{} (inside MAC {mac}){owner}: route get {addr}: {}; intragate routes: [{}]",
+                n.name,
+                get.stdout.trim(),
+                routes.stdout.trim().replace('\n', "; ")
+            ));
+        }
+        out
+    }
+
     /// The MAC address the internal host has learnt for `addr` (its
     /// neighbour table), if any.
     pub fn internal_neighbour(&self, addr: &str) -> Option<String> {
