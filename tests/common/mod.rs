@@ -1488,16 +1488,28 @@ pub fn judge_stream(got: &[u32], n: u32) -> Result<usize, String> {
 /// `bulk-client GET`: fetch `bytes` from a `bulk-serve` server `srv` and
 /// check that what arrived is what it sent (length and SHA-256).
 pub fn bulk_get(ns: &str, srv: &Proc, host: &str, port: &str, bytes: &str) -> Result<(), String> {
+    let sent_lines = || -> Vec<String> {
+        srv.log_text()
+            .lines()
+            .filter_map(|l| l.strip_prefix("SENT ").map(str::to_owned))
+            .collect()
+    };
+    let before = sent_lines().len();
     let o = probe(
         ns,
         &["bulk-client", host, port, "GET", bytes, "60"],
         Duration::from_secs(90),
     );
-    let sent = srv
-        .log_text()
-        .lines()
-        .rev()
-        .find_map(|l| l.strip_prefix("SENT ").map(str::to_owned));
+    // The server prints its line once `sendall` returns, which on a busy
+    // machine can be after the client has read the last byte and exited:
+    // wait a little for this transfer's line (not an earlier one's).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut lines = sent_lines();
+    while o.ok() && lines.len() <= before && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        lines = sent_lines();
+    }
+    let sent = lines.get(before).cloned();
     let got = o.stdout.lines().find_map(|l| l.strip_prefix("GOT "));
     if o.ok() && sent.is_some() && got == sent.as_deref() {
         Ok(())
