@@ -1394,16 +1394,19 @@ impl ClusterTopology {
     /// `mac` (one ping to `addr` a round, so that a stale or incomplete
     /// entry is resolved), at most `timeout`. Err: the entry last seen.
     pub fn wait_neighbour(&self, addr: &str, mac: &str, timeout: Duration) -> Result<(), String> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            let got = self.internal_neighbour(addr);
+        let mut got = None;
+        let ok = wait_until(timeout, || {
+            got = self.internal_neighbour(addr);
             if got.as_deref() == Some(mac) {
-                return Ok(());
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(format!("{got:?} after {timeout:?}"));
+                return true;
             }
             let _ = self.ping_from_internal(addr);
+            false
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(format!("{got:?} after {timeout:?}"))
         }
     }
 

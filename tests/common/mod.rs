@@ -1503,11 +1503,12 @@ pub fn bulk_get(ns: &str, srv: &Proc, host: &str, port: &str, bytes: &str) -> Re
     // The server prints its line once `sendall` returns, which on a busy
     // machine can be after the client has read the last byte and exited:
     // wait a little for this transfer's line (not an earlier one's).
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut lines = sent_lines();
-    while o.ok() && lines.len() <= before && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        lines = sent_lines();
+    if o.ok() && lines.len() <= before {
+        wait_until(Duration::from_secs(5), || {
+            lines = sent_lines();
+            lines.len() > before
+        });
     }
     let sent = lines.get(before).cloned();
     let got = o.stdout.lines().find_map(|l| l.strip_prefix("GOT "));
